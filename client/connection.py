@@ -1,0 +1,135 @@
+"""A device's WebSocket connection to its home node (docs/protocol.md §5)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from federation import frames as F
+from federation.errors import HavenError, RemoteProtocolError, TransportError
+from federation.wire import Envelope
+
+CLIENT_PATH = "/haven/v1/client"
+
+
+class NodeConnection:
+    """Request/answer matching by ``rid``; pushed envelopes arrive on :attr:`deliveries`."""
+
+    def __init__(self, url: str, *, timeout_s: float = 30) -> None:
+        self.url = url.rstrip("/") + CLIENT_PATH
+        self.timeout_s = timeout_s
+        self.deliveries: asyncio.Queue[list[Envelope]] = asyncio.Queue()
+        self.challenge: F.Challenge | None = None
+        self._rid = itertools.count(1)
+        self._waiters: dict[int, asyncio.Future[F.Frame]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._closed_exc: BaseException | None = None
+
+    async def __aenter__(self) -> NodeConnection:
+        self._session = aiohttp.ClientSession()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                self._ws = await self._session.ws_connect(self.url, max_msg_size=F.MAX_FRAME,
+                                                          heartbeat=30)
+                msg = await self._ws.receive()
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                raise TransportError("node did not send a challenge")
+            first = F.decode_frame(msg.data)
+            if not isinstance(first, F.Challenge):
+                raise RemoteProtocolError("expected a challenge")
+            self.challenge = first
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            await self._session.close()
+            raise TransportError(f"cannot reach node: {type(exc).__name__}") from exc
+        except BaseException:
+            await self._session.close()
+            raise
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self._ws is not None:
+            await self._ws.close()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _read(self) -> None:
+        assert self._ws is not None  # noqa: S101 - set in __aenter__
+        try:
+            async for msg in self._ws:
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    break
+                frame = F.decode_frame(msg.data)
+                if isinstance(frame, F.Deliver):
+                    self.deliveries.put_nowait(list(frame.envs))
+                    continue
+                rid = getattr(frame, "rid", 0)
+                fut = self._waiters.pop(rid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(frame)
+        except (HavenError, aiohttp.ClientError) as exc:
+            self._closed_exc = exc
+        finally:
+            err = TransportError("connection to node closed")
+            for fut in self._waiters.values():
+                if not fut.done():
+                    fut.set_exception(err)
+            self._waiters.clear()
+
+    def next_rid(self) -> int:
+        return next(self._rid)
+
+    async def request(self, frame: F.Frame) -> F.Frame:
+        """Send a request frame and wait for the answer with the same ``rid``.
+
+        Raises:
+            RemoteProtocolError: the node answered with an ``error`` frame (``code`` kept).
+            TransportError: the connection failed.
+        """
+        if self._ws is None or self._ws.closed:
+            raise TransportError("not connected")
+        rid: int = getattr(frame, "rid")  # noqa: B009
+        fut: asyncio.Future[F.Frame] = asyncio.get_running_loop().create_future()
+        self._waiters[rid] = fut
+        try:
+            await self._ws.send_bytes(frame.encode())
+            async with asyncio.timeout(self.timeout_s):
+                answer = await fut
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise TransportError(f"request failed: {type(exc).__name__}") from exc
+        finally:
+            self._waiters.pop(rid, None)
+        if isinstance(answer, F.Error):
+            raise RemoteProtocolError(answer.message, code=answer.code)
+        return answer
+
+    async def send_raw(self, data: bytes) -> None:
+        if self._ws is None:
+            raise TransportError("not connected")
+        await self._ws.send_bytes(data)
+
+    async def ack(self, ids: list[bytes]) -> None:
+        if ids:
+            await self.send_raw(F.Ack(tuple(ids)).encode())
+
+    async def send_frame(self, frame: F.Frame) -> None:
+        await self.send_raw(frame.encode())
+
+
+def expect(frame: F.Frame, cls: type[Any]) -> Any:
+    if not isinstance(frame, cls):
+        raise RemoteProtocolError(f"unexpected answer {frame.T}")
+    return frame

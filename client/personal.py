@@ -1,0 +1,53 @@
+"""``haven node init --owner NAME --device-home DIR``: a personal node in one step."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+from federation.clock import parse_duration
+from federation.errors import HavenError, LocalProtocolError
+
+from .device import Device
+
+
+async def _join_owner(home: str, owner: str, device_home: str) -> str:
+    from node.app import build
+    from node.cli import create_invite
+
+    invite = await create_invite(home, owner, 600_000)
+    node = build(home)
+    stop = asyncio.Event()
+    task = asyncio.create_task(node.run(stop))
+    ready = asyncio.create_task(node.ready.wait())
+    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # raises the start-up error
+    dev = Device(device_home)
+    try:
+        return await dev.join(invite)
+    finally:
+        dev.close()
+        stop.set()
+        await task
+
+
+def init_personal(args: argparse.Namespace) -> int:
+    from node.cli import init_node
+
+    try:
+        if not args.device_home:
+            raise LocalProtocolError("--owner needs --device-home DIR for the owner's device")
+        lan = True if args.lan is None else args.lan
+        config = init_node(args.home, args.public_url, args.listen, parse_duration(args.ttl), lan)
+        address = asyncio.run(_join_owner(args.home, args.owner, args.device_home))
+    except (HavenError, ValueError) as exc:
+        print(f"error: {exc} ({getattr(exc, 'code', 'bad_argument')})")
+        return 2
+    if args.json:
+        print(json.dumps({"public_url": config.public_url, "address": address}))
+    else:
+        print(f"personal node ready in {args.home}; your device is in {args.device_home}")
+        print(address)
+    return 0

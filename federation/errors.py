@@ -1,0 +1,119 @@
+"""Typed errors with stable string codes (docs/protocol.md §7).
+
+``RemoteProtocolError``: the other side sent bad data. ``LocalProtocolError``: we misused an API.
+Library exceptions are translated into these where they enter our code; only the API layer turns
+codes into HTTP or WebSocket answers.
+"""
+
+from __future__ import annotations
+
+
+class HavenError(Exception):
+    """Root of every Haven error. ``code`` is stable and goes on the wire."""
+
+    code = "internal"
+
+    def __init__(self, message: str = "", *, code: str | None = None) -> None:
+        super().__init__(message or self.code)
+        if code is not None:
+            self.code = code
+
+
+class RemoteProtocolError(HavenError):
+    code = "protocol_error"
+
+
+class MalformedEnvelope(RemoteProtocolError):
+    code = "malformed"
+
+
+class MalformedFrame(RemoteProtocolError):
+    code = "malformed"
+
+
+class UnknownFrame(RemoteProtocolError):
+    code = "unknown_frame"
+
+
+class BadSignature(RemoteProtocolError):
+    code = "bad_signature"
+
+
+class Replay(RemoteProtocolError):
+    code = "replay"
+
+
+class Expired(RemoteProtocolError):
+    code = "expired"
+
+
+class ClockSkew(RemoteProtocolError):
+    code = "clock_skew"
+
+
+class TooLarge(RemoteProtocolError):
+    code = "too_large"
+
+
+class UnsupportedVersion(RemoteProtocolError):
+    code = "unsupported_version"
+
+
+class WrongDestination(RemoteProtocolError):
+    code = "wrong_destination"
+
+
+class RateLimited(RemoteProtocolError):
+    code = "rate_limited"
+
+
+class KeyChanged(RemoteProtocolError):
+    """A peer presented a node key different from the pinned one, with no valid rotation."""
+
+    code = "key_changed"
+
+
+class Unauthorized(RemoteProtocolError):
+    """Bad credential *or* unknown mailbox: one answer, so there is no oracle (ARCHITECTURE §4)."""
+
+    code = "unauthorized"
+
+
+class InvalidInvite(RemoteProtocolError):
+    code = "invalid_invite"
+
+
+class NotFound(RemoteProtocolError):
+    code = "not_found"
+
+
+class KeysExhausted(RemoteProtocolError):
+    code = "keys_exhausted"
+
+
+class QuotaExceeded(RemoteProtocolError):
+    code = "quota_exceeded"
+
+
+class LocalProtocolError(HavenError):
+    code = "local_error"
+
+
+class TransportError(HavenError):
+    code = "unreachable"
+
+
+class StorageError(HavenError):
+    code = "storage_error"
+
+
+class KeysUnavailable(HavenError):
+    """A contact's keys could not be fetched (node unreachable, unknown user)."""
+
+    code = "keys_unavailable"
+
+
+class UntrustedKey(HavenError):
+    """A contact's identity key or device list failed verification against the pinned one."""
+
+    code = "untrusted_key"

@@ -1,0 +1,265 @@
+"""Signed federation requests, responses, descriptors and key rotations (docs/protocol.md §4).
+
+Each HTTP request between nodes is signed **when sent** by the origin node over canonical bytes:
+a domain tag, then a msgpack array ``[version, method, path, origin, destination, created, nonce,
+blake2b-256(body)]``. Fixed field order and types make the encoding canonical. Responses are signed
+too (``[responder, requester, request nonce, blake2b-256(body)]``), so a man in the middle on plain
+HTTP cannot fake an acceptance and make the sender drop its outbox copy.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import nacl.exceptions
+import nacl.signing
+
+from .errors import BadSignature, MalformedFrame, UnsupportedVersion
+from .ids import key_from_node_id, node_id_from_key
+from .wire import PROTOCOL_VERSION, packb, unpackb
+
+REQ_TAG = b"haven-fed-req-v1\x00"
+RESP_TAG = b"haven-fed-resp-v1\x00"
+DESC_TAG = b"haven-descriptor-v1\x00"
+ROT_TAG = b"haven-rotate-v1\x00"
+AUTH_TAG = b"haven-device-auth-v1\x00"
+NONCE_LEN = 16
+
+H_VERSION = "Haven-Version"
+H_ORIGIN = "Haven-Origin"
+H_DEST = "Haven-Destination"
+H_CREATED = "Haven-Created"
+H_NONCE = "Haven-Nonce"
+H_SIG = "Haven-Signature"
+
+
+def b64e(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def b64d(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, TypeError) as exc:
+        raise MalformedFrame("bad base64") from exc
+
+
+def body_hash(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=32).digest()
+
+
+def verify_detached(public_key: bytes, message: bytes, signature: bytes) -> None:
+    """Raise BadSignature unless ``signature`` is a valid Ed25519 signature by ``public_key``."""
+    try:
+        nacl.signing.VerifyKey(public_key).verify(message, signature)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, TypeError) as exc:
+        raise BadSignature("signature does not verify") from exc
+
+
+class NodeKey:
+    """A node's Ed25519 identity key."""
+
+    def __init__(self, seed: bytes) -> None:
+        self._sk = nacl.signing.SigningKey(seed)
+        self.public_key = bytes(self._sk.verify_key)
+        self.node_id = node_id_from_key(self.public_key)
+
+    @classmethod
+    def generate(cls) -> NodeKey:
+        return cls(os.urandom(32))
+
+    @property
+    def seed(self) -> bytes:
+        return bytes(self._sk)
+
+    def sign(self, message: bytes) -> bytes:
+        return self._sk.sign(message).signature
+
+
+@dataclass(frozen=True, slots=True)
+class SignedRequest:
+    """The signature headers of one federation request, parsed but not yet verified."""
+
+    version: int
+    origin: str
+    destination: str
+    created: int
+    nonce: bytes
+    signature: bytes
+
+    @classmethod
+    def from_headers(cls, headers: Any) -> SignedRequest:
+        """Parse from a case-insensitive mapping. Raises MalformedFrame / UnsupportedVersion."""
+        try:
+            version = int(headers[H_VERSION])
+            origin = str(headers[H_ORIGIN])
+            destination = str(headers[H_DEST])
+            created = int(headers[H_CREATED])
+            nonce = b64d(str(headers[H_NONCE]))
+            signature = b64d(str(headers[H_SIG]))
+        except (KeyError, ValueError) as exc:
+            raise MalformedFrame("missing or malformed signature headers") from exc
+        if version != PROTOCOL_VERSION:
+            raise UnsupportedVersion(f"federation version {version}")
+        if len(nonce) != NONCE_LEN or len(signature) != 64:
+            raise MalformedFrame("bad nonce or signature length")
+        key_from_node_id(origin)  # shape check only; raises MalformedFrame
+        return cls(version, origin, destination, created, nonce, signature)
+
+    def to_headers(self) -> dict[str, str]:
+        return {
+            H_VERSION: str(self.version),
+            H_ORIGIN: self.origin,
+            H_DEST: self.destination,
+            H_CREATED: str(self.created),
+            H_NONCE: b64e(self.nonce),
+            H_SIG: b64e(self.signature),
+        }
+
+
+def _request_bytes(
+    version: int, method: str, path: str, origin: str, dest: str, created: int, nonce: bytes,
+    body: bytes,
+) -> bytes:
+    fields = [version, method.upper(), path, origin, dest, created, nonce, body_hash(body)]
+    return REQ_TAG + packb(fields)
+
+
+def sign_request(
+    key: NodeKey, method: str, path: str, destination: str, body: bytes, created: int
+) -> SignedRequest:
+    """Sign one outgoing request; ``created`` is in the *destination's* clock (see §4.3)."""
+    nonce = os.urandom(NONCE_LEN)
+    msg = _request_bytes(
+        PROTOCOL_VERSION, method, path, key.node_id, destination, created, nonce, body
+    )
+    return SignedRequest(PROTOCOL_VERSION, key.node_id, destination, created, nonce, key.sign(msg))
+
+
+def verify_request(req: SignedRequest, method: str, path: str, body: bytes) -> None:
+    """Check the request signature against the origin's key (the node id *is* the key)."""
+    msg = _request_bytes(
+        req.version, method, path, req.origin, req.destination, req.created, req.nonce, body
+    )
+    verify_detached(key_from_node_id(req.origin), msg, req.signature)
+
+
+def sign_response(key: NodeKey, requester: str, nonce: bytes, body: bytes) -> str:
+    msg = RESP_TAG + packb([key.node_id, requester, nonce, body_hash(body)])
+    return b64e(key.sign(msg))
+
+
+def verify_response(responder: str, requester: str, nonce: bytes, body: bytes, sig: str) -> None:
+    msg = RESP_TAG + packb([responder, requester, nonce, body_hash(body)])
+    verify_detached(key_from_node_id(responder), msg, b64d(sig))
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """A statement, signed by the old node key, that the node now uses ``new_id``."""
+
+    old_id: str
+    new_id: str
+    created: int
+    signature: bytes
+
+    @classmethod
+    def make(cls, old: NodeKey, new_id: str, created: int) -> Rotation:
+        msg = ROT_TAG + packb([old.node_id, new_id, created])
+        return cls(old.node_id, new_id, created, old.sign(msg))
+
+    def verify(self) -> None:
+        msg = ROT_TAG + packb([self.old_id, self.new_id, self.created])
+        verify_detached(key_from_node_id(self.old_id), msg, self.signature)
+
+    def to_wire(self) -> list[Any]:
+        return [self.old_id, self.new_id, self.created, self.signature]
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Rotation:
+        if (
+            not isinstance(obj, list)
+            or len(obj) != 4
+            or not isinstance(obj[0], str)
+            or not isinstance(obj[1], str)
+            or not isinstance(obj[2], int)
+            or not isinstance(obj[3], bytes)
+        ):
+            raise MalformedFrame("bad rotation statement")
+        return cls(obj[0], obj[1], obj[2], obj[3])
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """The signed node descriptor served at ``GET /.well-known/haven/node`` (§4.1)."""
+
+    node_id: str
+    public_url: str
+    version: int
+    now: int
+    limits: dict[str, int]
+    rotations: tuple[Rotation, ...] = ()
+
+    def sign(self, key: NodeKey) -> bytes:
+        inner = packb(
+            {
+                "node_id": self.node_id,
+                "public_url": self.public_url,
+                "version": self.version,
+                "now": self.now,
+                "limits": self.limits,
+                "rotations": [r.to_wire() for r in self.rotations],
+            }
+        )
+        return packb({"d": inner, "sig": key.sign(DESC_TAG + inner)})
+
+    @classmethod
+    def verify_decode(cls, data: bytes) -> Descriptor:
+        """Decode and verify a descriptor against the key its own node id names."""
+        outer = unpackb(data, max_len=64 * 1024)
+        if not isinstance(outer, dict) or not isinstance(outer.get("d"), bytes):
+            raise MalformedFrame("bad descriptor")
+        inner_bytes, sig = outer["d"], outer.get("sig")
+        if not isinstance(sig, bytes):
+            raise MalformedFrame("bad descriptor signature")
+        d = unpackb(inner_bytes, max_len=64 * 1024)
+        if not isinstance(d, dict):
+            raise MalformedFrame("bad descriptor")
+        try:
+            desc = cls(
+                node_id=str(d["node_id"]),
+                public_url=str(d["public_url"]),
+                version=int(d["version"]),
+                now=int(d["now"]),
+                limits={str(k): int(v) for k, v in dict(d.get("limits", {})).items()},
+                rotations=tuple(Rotation.from_wire(r) for r in d.get("rotations", [])),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MalformedFrame("bad descriptor fields") from exc
+        verify_detached(key_from_node_id(desc.node_id), DESC_TAG + inner_bytes, sig)
+        return desc
+
+
+def rotation_chain_allows(pinned_id: str, new_id: str, rotations: tuple[Rotation, ...]) -> bool:
+    """True when ``rotations`` holds a valid signed chain from ``pinned_id`` to ``new_id``."""
+    by_old = {r.old_id: r for r in rotations}
+    current, hops = pinned_id, 0
+    while current != new_id and hops < 16:
+        rot = by_old.get(current)
+        if rot is None:
+            return False
+        try:
+            rot.verify()
+        except BadSignature:
+            return False
+        current, hops = rot.new_id, hops + 1
+    return current == new_id
+
+
+def device_auth_message(node_id: str, challenge: bytes, mailbox: bytes) -> bytes:
+    """Bytes a device signs to prove it owns ``mailbox`` on node ``node_id`` (§5.2)."""
+    return AUTH_TAG + packb([node_id, challenge, mailbox])

@@ -1,0 +1,120 @@
+"""Thin asyncio shell: signed federation requests over aiohttp (docs/protocol.md §4).
+
+It only moves bytes: builds signed requests with :mod:`federation.signing`, checks signed
+responses, and translates aiohttp and protocol failures into :mod:`federation.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from .errors import (
+    ClockSkew,
+    HavenError,
+    MalformedFrame,
+    RemoteProtocolError,
+    TransportError,
+)
+from .signing import H_SIG, Descriptor, NodeKey, sign_request, verify_response
+from .wire import MAX_BATCH_BYTES, Batch, BatchResult, packb, unpackb
+
+BATCH_PATH = "/haven/v1/federation/batch"
+KEYS_PATH = "/haven/v1/federation/keys"
+DESCRIPTOR_PATH = "/.well-known/haven/node"
+CONTENT_TYPE = "application/msgpack"
+
+
+class RemoteError(RemoteProtocolError):
+    """The peer answered with a protocol error; ``code`` is the peer's stable code."""
+
+    def __init__(self, code: str, message: str, peer_now: int | None = None) -> None:
+        super().__init__(message, code=code)
+        self.peer_now = peer_now
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedDescriptor:
+    descriptor: Descriptor
+    offset_ms: int  # peer clock minus our clock, at the midpoint of the request
+
+
+class PeerTransport:
+    """Signed requests from this node to peer nodes, over one shared aiohttp session."""
+
+    def __init__(self, key: NodeKey, session: aiohttp.ClientSession, timeout_s: float = 10) -> None:
+        self.key = key
+        self.session = session
+        self.timeout_s = timeout_s
+
+    async def fetch_descriptor(self, base_url: str, now_ms: Any) -> FetchedDescriptor:
+        """GET the signed descriptor. ``now_ms`` is a callable giving our clock."""
+        t0 = now_ms()
+        data = await self._request("GET", base_url + DESCRIPTOR_PATH, None, {})
+        t1 = now_ms()
+        desc = Descriptor.verify_decode(data)
+        return FetchedDescriptor(desc, desc.now - (t0 + t1) // 2)
+
+    async def post_batch(
+        self, base_url: str, dest: str, created: int, batch: Batch
+    ) -> BatchResult:
+        body = batch.encode()
+        data = await self._signed_post(base_url, BATCH_PATH, dest, created, body)
+        return BatchResult.decode(data)
+
+    async def query_keys(
+        self, base_url: str, dest: str, created: int, name: str, claim: bool
+    ) -> dict[str, Any]:
+        body = packb({"name": name, "claim": claim})
+        data = await self._signed_post(base_url, KEYS_PATH, dest, created, body)
+        obj = unpackb(data, max_len=256 * 1024)
+        if not isinstance(obj, dict):
+            raise MalformedFrame("bad keys answer")
+        return obj
+
+    async def _signed_post(
+        self, base_url: str, path: str, dest: str, created: int, body: bytes
+    ) -> bytes:
+        req = sign_request(self.key, "POST", path, dest, body, created)
+        headers = req.to_headers() | {"Content-Type": CONTENT_TYPE}
+        data, resp_sig = await self._request_with_sig("POST", base_url + path, body, headers)
+        if resp_sig is None:
+            raise MalformedFrame("unsigned response")
+        verify_response(dest, self.key.node_id, req.nonce, data, resp_sig)
+        return data
+
+    async def _request(self, method: str, url: str, body: bytes | None, headers: Any) -> bytes:
+        data, _ = await self._request_with_sig(method, url, body, headers)
+        return data
+
+    async def _request_with_sig(
+        self, method: str, url: str, body: bytes | None, headers: Any
+    ) -> tuple[bytes, str | None]:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async with self.session.request(method, url, data=body, headers=headers) as resp:
+                    data = await resp.content.read(MAX_BATCH_BYTES + 1)
+                    if len(data) > MAX_BATCH_BYTES:
+                        raise MalformedFrame("response too large")
+                    if resp.status >= 400:
+                        raise _remote_error(resp.status, data)
+                    return data, resp.headers.get(H_SIG)
+        except HavenError:
+            raise
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            raise TransportError(f"peer unreachable: {type(exc).__name__}") from exc
+
+
+def _remote_error(status: int, data: bytes) -> HavenError:
+    try:
+        obj = unpackb(data, max_len=64 * 1024)
+        code, message = str(obj["code"]), str(obj.get("message", ""))
+        peer_now = obj.get("now")
+    except (HavenError, KeyError, TypeError):
+        return TransportError(f"peer answered HTTP {status}")
+    if code == ClockSkew.code:
+        return RemoteError(code, message, int(peer_now) if isinstance(peer_now, int) else None)
+    return RemoteError(code, message)

@@ -1,0 +1,285 @@
+"""Composition root of one node process: builds every part explicitly and owns every task."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from federation.clock import Clock, SystemClock
+from federation.devicelist import SignedDeviceList
+from federation.errors import HavenError, KeyChanged, LocalProtocolError, NotFound, TransportError
+from federation.ids import Address
+from federation.replay import NonceWindow, TokenBucket
+from federation.signing import Descriptor, NodeKey, Rotation
+from federation.transport import PeerTransport, RemoteError
+from federation.wire import MAX_BATCH_BYTES, PROTOCOL_VERSION, Envelope, packb, unpackb
+
+from . import client_api, federation_api
+from .atrest import EpochKeys
+from .config import DB_NAME, EPOCH_KEYS_NAME, KEY_NAME, NodeConfig
+from .mailbox import Mailboxes
+from .metrics import Metrics
+from .outbox import OutboxSender
+from .peers import PeerDirectory
+from .sqlite_store import SqliteStore
+from .store import Store
+from .sweeper import Sweeper
+
+log = logging.getLogger("haven.node")
+ROTATIONS_NAME = "rotations.bin"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_frame: int = 4 * 1024 * 1024
+    max_batch_bytes: int = MAX_BATCH_BYTES
+
+
+class Rates:
+    """Token buckets by purpose (``purpose:key``)."""
+
+    def __init__(self) -> None:
+        self.buckets = {
+            "send": TokenBucket(rate=50_000, burst=100_000),
+            "keys": TokenBucket(rate=20, burst=200),
+            "fed": TokenBucket(rate=500, burst=2000),
+            "fedkeys": TokenBucket(rate=20, burst=200),
+        }
+
+    def take(self, key: str, now: int, cost: float = 1.0) -> bool:
+        purpose = key.split(":", 1)[0]
+        return self.buckets[purpose].take(key, now, cost)
+
+
+def load_node_key(home: str) -> NodeKey:
+    with open(os.path.join(home, KEY_NAME), "rb") as f:
+        return NodeKey(f.read(32))
+
+
+def load_rotations(home: str) -> tuple[Rotation, ...]:
+    path = os.path.join(home, ROTATIONS_NAME)
+    if not os.path.exists(path):
+        return ()
+    with open(path, "rb") as f:
+        return tuple(Rotation.from_wire(r) for r in unpackb(f.read(), max_len=1 << 20))
+
+
+def open_store(home: str, config: NodeConfig) -> SqliteStore:
+    keys = EpochKeys(os.path.join(home, EPOCH_KEYS_NAME), config.epoch_ms)
+    return SqliteStore(os.path.join(home, DB_NAME), keys)
+
+
+class Node:
+    """One running node. Build with :func:`build`; run with :meth:`run`."""
+
+    def __init__(self, home: str, config: NodeConfig, key: NodeKey, clock: Clock,
+                 store: Store) -> None:
+        self.home = home
+        self.config = config
+        self.key = key
+        self.clock = clock
+        self.store = store
+        self.limits = Limits()
+        self.metrics = Metrics()
+        self.nonces = NonceWindow()
+        self.rates = Rates()
+        self.rotations = load_rotations(home)
+        self.known_mailboxes: set[bytes] = set()
+        self.known_peers: set[str] = set()
+        self.mailboxes = Mailboxes(store, clock, on_outbox=self._outbox_ready)
+        self.sweeper = Sweeper(store, self.mailboxes, clock)
+        self.session: aiohttp.ClientSession | None = None
+        self.transport: PeerTransport | None = None
+        self._peers: PeerDirectory | None = None
+        self._outbox: OutboxSender | None = None
+        self.runner: web.AppRunner | None = None
+        self.port = config.listen_port
+        self.ready = asyncio.Event()
+
+    # parts that need the HTTP client session exist only while running
+    @property
+    def peers(self) -> PeerDirectory:
+        if self._peers is None:
+            raise LocalProtocolError("node is not running")
+        return self._peers
+
+    @property
+    def outbox(self) -> OutboxSender:
+        if self._outbox is None:
+            raise LocalProtocolError("node is not running")
+        return self._outbox
+
+    def _outbox_ready(self, dest: str) -> None:
+        if self._outbox is not None:
+            self._outbox.wake(dest)
+
+    def _peer_seen(self, node_id: str) -> None:
+        if self._outbox is not None:
+            self._outbox.peer_seen(node_id)
+
+    # ---- helpers used by the APIs ------------------------------------------------------------
+
+    def envelope_problem(self, env: Envelope, now: int) -> str | None:
+        """A stable code if this envelope must be refused, else None."""
+        if env.expires <= now:
+            return "expired"
+        if env.expires > now + self.config.max_ttl_ms + 60_000:
+            return "ttl_too_long"
+        return None
+
+    def descriptor_bytes(self) -> bytes:
+        return Descriptor(
+            node_id=self.key.node_id,
+            public_url=self.config.public_url,
+            version=PROTOCOL_VERSION,
+            now=self.clock.now_ms(),
+            limits={
+                "max_batch_bytes": self.limits.max_batch_bytes,
+                "max_frame": self.limits.max_frame,
+                "max_ttl_ms": self.config.max_ttl_ms,
+            },
+            rotations=self.rotations,
+        ).sign(self.key)
+
+    async def local_keys(
+        self, name: str, claim: bool
+    ) -> tuple[SignedDeviceList, dict[str, tuple[str, str]]]:
+        raw = await self.store.get_device_list(name)
+        if raw is None:
+            raise NotFound("no such user")
+        dl = SignedDeviceList(*raw)
+        claimed: dict[str, tuple[str, str]] = {}
+        if claim:
+            for dev in dl.open().devices:
+                if dev.mailbox in self.known_mailboxes:
+                    got = await self.store.claim_otk(dev.mailbox)
+                    if got is not None:
+                        claimed[dev.device_id] = got
+        return dl, claimed
+
+    async def remote_keys(
+        self, address: Address, claim: bool
+    ) -> tuple[str, SignedDeviceList, dict[str, tuple[str, str]]]:
+        peer = await self.peers.resolve_host(address.host)
+        self.known_peers.add(peer.node_id)
+        url = await self.peers.url_for(peer.node_id) or peer.url
+        try:
+            obj = await self.transport_or_fail().query_keys(
+                url, peer.node_id, self.peers.stamp(peer.node_id), address.name, claim)
+        except RemoteError as exc:
+            if exc.code != "clock_skew" or exc.peer_now is None:
+                raise
+            self.peers.correct_clock(peer.node_id, exc.peer_now)
+            obj = await self.transport_or_fail().query_keys(
+                url, peer.node_id, self.peers.stamp(peer.node_id), address.name, claim)
+        try:
+            dl = SignedDeviceList.from_wire(obj["device_list"])
+            claimed = {str(k): (str(v[0]), str(v[1])) for k, v in dict(obj["claimed"]).items()}
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise TransportError("malformed key answer") from exc
+        return peer.node_id, dl, claimed
+
+    def transport_or_fail(self) -> PeerTransport:
+        if self.transport is None:
+            raise LocalProtocolError("node is not running")
+        return self.transport
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def web_app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BATCH_BYTES + 1024)
+        app.router.add_get("/.well-known/haven/node",
+                           lambda r: federation_api.descriptor(self, r))
+        app.router.add_post("/haven/v1/federation/batch", lambda r: federation_api.batch(self, r))
+        app.router.add_post("/haven/v1/federation/keys", lambda r: federation_api.keys(self, r))
+        app.router.add_get("/haven/v1/client", lambda r: client_api.client_ws(self, r))
+        app.router.add_get("/haven/v1/stats", self._stats)
+        return app
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        # Aggregate counters only: no ids, no addresses. Served to loopback callers only.
+        if request.remote not in ("127.0.0.1", "::1"):
+            raise web.HTTPNotFound()
+        body = packb(self.metrics.snapshot() | {"counts": await self.store.counts()})
+        return web.Response(body=body, content_type="application/msgpack")
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        if not self.config.tls_cert:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return ctx
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set; then shut down cleanly (nothing acked is lost)."""
+        await self.store.open()
+        try:
+            self.known_mailboxes = set(await self.store.all_mailboxes())
+            self.known_peers = {p.node_id for p in await self.store.all_peers()}
+            async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=15)
+            ) as session:
+                self.session = session
+                self.transport = PeerTransport(self.key, session)
+                self._peers = PeerDirectory(self.store, self.transport, self.clock,
+                                            self.metrics, self._peer_seen)
+                self._outbox = OutboxSender(self.store, self.mailboxes, self._peers,
+                                            self.transport, self.clock, self.metrics)
+                self.runner = web.AppRunner(self.web_app(), access_log=None,
+                                            handle_signals=False, shutdown_timeout=2)
+                await self.runner.setup()
+                site = web.TCPSite(self.runner, self.config.listen_host, self.config.listen_port,
+                                   ssl_context=self._ssl())
+                await site.start()
+                self.port = _bound_port(site) or self.config.listen_port
+                try:
+                    await self._serve(stop)
+                finally:
+                    await self.runner.cleanup()
+        finally:
+            await self.store.close()
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self.mailboxes.run()),
+                    tg.create_task(self.outbox.run()),
+                    tg.create_task(self.sweeper.run()),
+                ]
+                self.ready.set()
+                log.info("node %s serving", self.key.node_id)
+                await stop.wait()
+                for t in tasks:
+                    t.cancel()
+        except* asyncio.CancelledError:
+            pass
+        except* HavenError as eg:
+            for exc in eg.exceptions:
+                log.error("background task failed: %s", getattr(exc, "code", "internal"))
+            raise
+
+
+def _bound_port(site: web.TCPSite) -> int | None:
+    server = site._server  # noqa: SLF001 - aiohttp exposes no public accessor
+    sockets = getattr(server, "sockets", None)
+    if sockets:
+        return int(sockets[0].getsockname()[1])
+    return None
+
+
+def build(home: str, clock: Clock | None = None) -> Node:
+    config = NodeConfig.load(home)
+    return Node(home, config, load_node_key(home), clock or SystemClock(),
+                open_store(home, config))
+
+
+__all__ = ["KeyChanged", "Node", "build"]

@@ -1,0 +1,323 @@
+"""Device API: WebSocket ``/haven/v1/client`` with msgpack frames (docs/protocol.md §5).
+
+The node sends a challenge; the device answers with ``auth`` (a signature over the challenge by
+the Ed25519 key listed for its mailbox) or ``register`` (an invite plus the same proof). A missing
+mailbox and a bad signature get the same ``unauthorized`` answer. Afterwards the device may
+publish keys, query keys (remote ones are fetched by this node over federation), send envelopes
+(answered ``accepted`` once durable) and ack pushed envelopes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from aiohttp import WSMsgType, web
+
+from federation import frames as F
+from federation.devicelist import DeviceList
+from federation.errors import (
+    Expired,
+    HavenError,
+    KeysUnavailable,
+    MalformedFrame,
+    NotFound,
+    QuotaExceeded,
+    RemoteProtocolError,
+    TooLarge,
+    Unauthorized,
+)
+from federation.ids import Address
+from federation.signing import device_auth_message, verify_detached
+from federation.wire import PROTOCOL_VERSION, Envelope
+
+from .mailbox import DELIVERY_WINDOW
+
+if TYPE_CHECKING:
+    from .app import Node
+
+log = logging.getLogger("haven.client_api")
+
+OTK_LOW_WATER = 10
+
+
+def invite_hash(token: bytes) -> bytes:
+    return hashlib.blake2b(token, digest_size=32, person=b"haven-invite").digest()
+
+
+def ed25519_from_b64(text: str) -> bytes:
+    import base64
+
+    try:
+        raw = base64.b64decode(text + "=" * (-len(text) % 4))
+    except ValueError as exc:
+        raise MalformedFrame("bad key encoding") from exc
+    if len(raw) != 32:
+        raise MalformedFrame("bad key length")
+    return raw
+
+
+class ClientSession:
+    """One device connection: authentication state, delivery window, frame dispatch."""
+
+    def __init__(self, node: Node, ws: web.WebSocketResponse) -> None:
+        self.node = node
+        self.ws = ws
+        self.mailbox = b""
+        self.account = ""
+        self.challenge = os.urandom(32)
+        self.inflight: set[bytes] = set()
+        self.acked: set[bytes] = set()
+        self.backlog = False
+        self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    # ---- DeviceLink --------------------------------------------------------------------------
+
+    def push(self, envs: list[Envelope]) -> None:
+        fresh = [e for e in envs if e.id not in self.inflight and e.id not in self.acked]
+        room = DELIVERY_WINDOW - len(self.inflight)
+        if len(fresh) > room:
+            fresh, self.backlog = fresh[: max(room, 0)], True
+        if fresh:
+            self.inflight.update(e.id for e in fresh)
+            self.out.put_nowait(F.Deliver(tuple(fresh)).encode())
+
+    async def refill(self) -> None:
+        rows = await self.node.store.pending_for(self.mailbox, DELIVERY_WINDOW)
+        self.backlog = len(rows) >= DELIVERY_WINDOW
+        rows += self.node.mailboxes.uncommitted_for(self.mailbox)
+        self.push(rows)
+
+    # ---- loop --------------------------------------------------------------------------------
+
+    async def writer(self) -> None:
+        while (data := await self.out.get()) is not None:
+            await self.ws.send_bytes(data)
+
+    def send(self, frame: F.Frame) -> None:
+        self.out.put_nowait(frame.encode())
+
+    def error(self, rid: int, exc: HavenError) -> None:
+        self.node.metrics.error("client", exc.code)
+        self.send(F.Error(rid, exc.code, str(exc)[:200]))
+
+    async def serve(self) -> None:
+        self.send(F.Challenge(self.node.key.node_id, self.challenge, PROTOCOL_VERSION,
+                              self.node.clock.now_ms()))
+        writer = asyncio.create_task(self.writer())
+        try:
+            async for msg in self.ws:
+                if msg.type != WSMsgType.BINARY:
+                    if msg.type == WSMsgType.ERROR:
+                        break
+                    self.error(0, MalformedFrame("frames must be binary msgpack"))
+                    continue
+                await self.handle(msg.data)
+        finally:
+            if self.mailbox and self.node.mailboxes.links.get(self.mailbox) is self:
+                del self.node.mailboxes.links[self.mailbox]
+            self.out.put_nowait(None)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer, 5)
+            writer.cancel()
+
+    async def handle(self, data: bytes) -> None:
+        rid = 0
+        try:
+            frame = F.decode_frame(data, self.node.limits.max_frame)
+            rid = int(getattr(frame, "rid", 0))
+            if not self.mailbox and not isinstance(frame, (F.Auth, F.Register)):
+                raise Unauthorized("authenticate first")
+            await self.dispatch(frame)
+        except HavenError as exc:
+            self.error(rid, exc)
+            if isinstance(exc, Unauthorized):
+                self.out.put_nowait(None)
+                await self.ws.close()
+
+    async def dispatch(self, frame: F.Frame) -> None:
+        match frame:
+            case F.Auth():
+                await self.on_auth(frame)
+            case F.Register():
+                await self.on_register(frame)
+            case F.Send():
+                await self.on_send(frame)
+            case F.Ack():
+                await self.on_ack(frame)
+            case F.PublishKeys():
+                await self.on_publish(frame)
+            case F.QueryKeys():
+                await self.on_query(frame)
+            case _:
+                raise MalformedFrame("frame not allowed from a device")
+
+    # ---- handlers ----------------------------------------------------------------------------
+
+    def _check_proof(self, key: bytes, mailbox: bytes, sig: bytes) -> None:
+        msg = device_auth_message(self.node.key.node_id, self.challenge, mailbox)
+        try:
+            verify_detached(key, msg, sig)
+        except HavenError as exc:
+            raise Unauthorized("unauthorized") from exc
+
+    async def _attach(self, account: str, mailbox: bytes) -> None:
+        self.mailbox, self.account = mailbox, account
+        old = self.node.mailboxes.links.get(mailbox)
+        self.node.mailboxes.links[mailbox] = self
+        if old is not None and isinstance(old, ClientSession):
+            await old.ws.close()
+        await self.refill()
+
+    async def on_auth(self, f: F.Auth) -> None:
+        if self.mailbox:
+            raise MalformedFrame("already authenticated")
+        dev = await self.node.store.get_device(f.mailbox)
+        # Same answer for a missing mailbox and a bad signature: no oracle.
+        key = dev.auth_key if dev else os.urandom(32)
+        self._check_proof(key, f.mailbox, f.sig)
+        if dev is None:
+            raise Unauthorized("unauthorized")
+        count = await self.node.store.count_otks(f.mailbox)
+        self.send(F.AuthOk(f.rid, f"{dev.account}@{self.node.config.public_host}", count))
+        await self._attach(dev.account, f.mailbox)
+
+    async def on_register(self, f: F.Register) -> None:
+        if self.mailbox:
+            raise MalformedFrame("already authenticated")
+        self._check_proof(f.auth_key, f.mailbox, f.sig)
+        account = await self.node.store.redeem_invite(invite_hash(f.invite),
+                                                      self.node.clock.now_ms())
+        if account is None:
+            from federation.errors import InvalidInvite
+
+            raise InvalidInvite("invite is invalid, expired or already used")
+        address = f"{account}@{self.node.config.public_host}"
+        dl = self._check_list(f.device_list, address, must_have=(f.mailbox, f.auth_key))
+        await self.node.store.add_device(account, f.mailbox, f.auth_key)
+        await self.node.store.set_device_list(account, dl.version, f.device_list.blob,
+                                              f.device_list.signature)
+        self.node.known_mailboxes.add(f.mailbox)
+        self.send(F.Registered(f.rid, address))
+        await self._attach(account, f.mailbox)
+
+    def _check_list(self, signed: object, address: str, must_have: tuple[bytes, bytes]) -> DeviceList:
+        from federation.devicelist import SignedDeviceList
+
+        assert isinstance(signed, SignedDeviceList)  # noqa: S101 - typed by the frame decoder
+        dl = signed.open(expected_address=address)
+        mailbox, auth_key = must_have
+        if not any(d.mailbox == mailbox and ed25519_from_b64(d.ed25519) == auth_key
+                   for d in dl.devices):
+            raise MalformedFrame("device list does not list this device")
+        return dl
+
+    async def on_publish(self, f: F.PublishKeys) -> None:
+        store = self.node.store
+        if f.device_list is not None:
+            address = f"{self.account}@{self.node.config.public_host}"
+            dev = await store.get_device(self.mailbox)
+            if dev is None:
+                raise Unauthorized("unauthorized")
+            current = await store.get_device_list(self.account)
+            dl = self._check_list(f.device_list, address, must_have=(self.mailbox, dev.auth_key))
+            if current is not None:
+                from federation.devicelist import SignedDeviceList
+
+                old = SignedDeviceList(*current).open()
+                if old.identity_key != dl.identity_key:
+                    raise Unauthorized("device list signed by a different identity key")
+            if not await store.set_device_list(self.account, dl.version, f.device_list.blob,
+                                               f.device_list.signature):
+                raise MalformedFrame("device list version must not go backwards")
+        count = await store.count_otks(self.mailbox)
+        if f.otks:
+            if count + len(f.otks) > 200:
+                raise QuotaExceeded("too many one-time keys")
+            count = await store.add_otks(self.mailbox, list(f.otks))
+        if f.fallback:
+            await store.set_fallback(self.mailbox, *f.fallback[0])
+        self.send(F.Ok(f.rid, count))
+
+    async def on_query(self, f: F.QueryKeys) -> None:
+        try:
+            address = Address.parse(f.address)
+        except ValueError as exc:
+            raise MalformedFrame("bad address") from exc
+        if not self.node.rates.take("keys:" + self.account, self.node.clock.now_ms()):
+            from federation.errors import RateLimited
+
+            raise RateLimited("too many key queries")
+        if address.host == self.node.config.public_host:
+            node_id = self.node.key.node_id
+            dl_wire, claimed = await self.node.local_keys(address.name, f.claim)
+        else:
+            try:
+                node_id, dl_wire, claimed = await self.node.remote_keys(address, f.claim)
+            except (NotFound, KeysUnavailable) as exc:
+                raise KeysUnavailable(str(exc)) from exc
+            except HavenError as exc:
+                raise KeysUnavailable(f"keys unavailable ({exc.code})") from exc
+        self.send(F.Keys(f.rid, node_id, dl_wire, claimed))
+
+    async def on_send(self, f: F.Send) -> None:
+        node = self.node
+        now = node.clock.now_ms()
+        if not node.rates.take("send:" + self.account, now, cost=len(f.items)):
+            from federation.errors import RateLimited
+
+            raise RateLimited("sending too fast")
+        local: list[Envelope] = []
+        remote: list[tuple[str, Envelope]] = []
+        rejected: list[tuple[bytes, str]] = []
+        for dest, env in f.items:
+            code = node.envelope_problem(env, now)
+            if code is None and dest == node.key.node_id:
+                if env.to in node.known_mailboxes:
+                    local.append(env)
+                else:
+                    code = NotFound.code
+            elif code is None:
+                if dest in node.known_peers:
+                    remote.append((dest, env))
+                else:
+                    code = "unknown_destination"
+            if code is not None:
+                node.metrics.error("client", code)
+                rejected.append((env.id, code))
+        futs = node.mailboxes.submit_local(local) + node.mailboxes.submit_outbox(remote)
+        ids = [e.id for e in local] + [e.id for _, e in remote]
+        accepted: list[bytes] = []
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        for eid, res in zip(ids, results, strict=True):
+            if isinstance(res, BaseException):
+                rejected.append((eid, res.code if isinstance(res, HavenError) else "internal"))
+            else:
+                accepted.append(eid)
+        self.send(F.Accepted(f.rid, tuple(accepted), tuple(rejected)))
+
+    async def on_ack(self, f: F.Ack) -> None:
+        mine = [i for i in f.ids if i in self.inflight]
+        for i in mine:
+            self.inflight.discard(i)
+            self.acked.add(i)
+        if len(self.acked) > 4 * DELIVERY_WINDOW:
+            self.acked = set(list(self.acked)[-2 * DELIVERY_WINDOW:])
+        self.node.mailboxes.acked(mine)
+        if self.backlog and len(self.inflight) < DELIVERY_WINDOW // 2:
+            await self.refill()
+
+
+async def client_ws(node: Node, request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(max_msg_size=node.limits.max_frame, heartbeat=30)
+    await ws.prepare(request)
+    session = ClientSession(node, ws)
+    try:
+        await session.serve()
+    except (ConnectionError, RemoteProtocolError, TooLarge, Expired) as exc:
+        log.info("device connection closed: %s", type(exc).__name__)
+    return ws

@@ -1,0 +1,125 @@
+"""Federation API: signed descriptor, envelope batches and key queries (docs/protocol.md §4).
+
+Checks run cheapest first and all before anything is stored: size, version, destination,
+clock skew (against *our* clock; the sender stamps requests in our clock), rate, origin key,
+signature, nonce. Every refusal has a stable code, is counted, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from federation.errors import (
+    HavenError,
+    MalformedFrame,
+    NotFound,
+    RateLimited,
+    TooLarge,
+    WrongDestination,
+)
+from federation.signing import H_SIG, SignedRequest, sign_response, verify_request
+from federation.wire import MAX_BATCH_BYTES, Batch, BatchResult, Envelope, packb, unpackb
+
+if TYPE_CHECKING:
+    from .app import Node
+
+log = logging.getLogger("haven.federation")
+
+STATUS = {
+    "too_large": 413,
+    "rate_limited": 429,
+    "bad_signature": 401,
+    "replay": 401,
+    "clock_skew": 401,
+    "wrong_destination": 421,
+    "not_found": 404,
+    "unsupported_version": 400,
+    "malformed": 400,
+    "storage_error": 503,
+}
+
+
+def error_response(node: Node, exc: HavenError) -> web.Response:
+    node.metrics.error("federation", exc.code)
+    body = packb({"code": exc.code, "message": str(exc)[:200], "now": node.clock.now_ms()})
+    return web.Response(status=STATUS.get(exc.code, 400), body=body,
+                        content_type="application/msgpack")
+
+
+async def authenticate(node: Node, request: web.Request, max_len: int) -> tuple[SignedRequest, bytes]:
+    """Run every pre-storage check on a signed request; return it with its body."""
+    if request.content_length is not None and request.content_length > max_len:
+        raise TooLarge("request body too large")
+    req = SignedRequest.from_headers(request.headers)  # version + shape
+    if req.destination != node.key.node_id:
+        raise WrongDestination("request is for another node")
+    now = node.clock.now_ms()
+    node.nonces.check_fresh(req.created, now)
+    if not node.rates.take("fed:" + req.origin, now):
+        raise RateLimited("too many requests from this peer")
+    body = await request.content.read(max_len + 1)
+    if len(body) > max_len:
+        raise TooLarge("request body too large")
+    verify_request(req, request.method, request.path, body)
+    node.nonces.check_and_remember(req.origin, req.nonce, req.created, now)
+    return req, body
+
+
+def signed(node: Node, req: SignedRequest, body: bytes) -> web.Response:
+    sig = sign_response(node.key, req.origin, req.nonce, body)
+    return web.Response(body=body, content_type="application/msgpack", headers={H_SIG: sig})
+
+
+async def descriptor(node: Node, request: web.Request) -> web.Response:
+    return web.Response(body=node.descriptor_bytes(), content_type="application/msgpack")
+
+
+async def batch(node: Node, request: web.Request) -> web.Response:
+    try:
+        req, body = await authenticate(node, request, MAX_BATCH_BYTES)
+        decoded = Batch.decode(body)
+    except HavenError as exc:
+        return error_response(node, exc)
+    await node.peers.seen(req.origin)
+    now = node.clock.now_ms()
+    good: list[Envelope] = []
+    rejected: list[tuple[bytes, str]] = []
+    for env in decoded.envelopes:
+        code = node.envelope_problem(env, now)
+        if code is None and env.to not in node.known_mailboxes:
+            code = NotFound.code
+        if code is None:
+            good.append(env)
+        else:
+            node.metrics.error("federation", code)
+            rejected.append((env.id, code))
+    results = await asyncio.gather(*node.mailboxes.submit_local(good), return_exceptions=True)
+    accepted = []
+    for env, res in zip(good, results, strict=True):
+        if isinstance(res, BaseException):
+            rejected.append((env.id, getattr(res, "code", "internal")))
+        else:
+            accepted.append(env.id)
+    node.metrics.event("federation.envelopes_in", len(accepted))
+    return signed(node, req, BatchResult(tuple(accepted), tuple(rejected)).encode())
+
+
+async def keys(node: Node, request: web.Request) -> web.Response:
+    try:
+        req, body = await authenticate(node, request, 4096)
+        obj = unpackb(body, max_len=4096)
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) \
+                or not isinstance(obj.get("claim"), bool):
+            raise MalformedFrame("bad key query")
+        if not node.rates.take("fedkeys:" + req.origin, node.clock.now_ms()):
+            raise RateLimited("too many key queries from this peer")
+        await node.peers.seen(req.origin)
+        dl, claimed = await node.local_keys(obj["name"], obj["claim"])
+    except HavenError as exc:
+        return error_response(node, exc)
+    answer = packb({"device_list": dl.to_wire(), "claimed": {k: list(v) for k, v in claimed.items()}})
+    return signed(node, req, answer)

@@ -1,0 +1,190 @@
+"""Mailboxes: group commit, the delivery fast path, and acks (ARCHITECTURE §4).
+
+* Envelopes from devices and peers are queued in memory and written by one committer task,
+  many per transaction (``synchronous=FULL``); each submitter's future resolves when its
+  transaction commits. Only then is ``accepted`` sent.
+* If the recipient device is connected, the envelope is pushed at once. If the device acks it
+  before the commit, the row is dropped from the pending write and never touches the disk; the
+  sender's future resolves then (acked by the recipient device counts as durable).
+* An ack from a device deletes only envelopes pushed to *that* connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from federation.clock import Clock
+from federation.errors import StorageError
+from federation.wire import Envelope
+
+from .store import Store, WriteBatch
+
+log = logging.getLogger("haven.mailbox")
+
+MAX_TX_ROWS = 1000
+DELIVERY_WINDOW = 2000
+
+
+class DeviceLink(Protocol):
+    """A connected device, as the mailbox sees it."""
+
+    mailbox: bytes
+
+    def push(self, envs: list[Envelope]) -> None: ...
+
+
+@dataclass
+class _Pending:
+    env: Envelope
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+class Mailboxes:
+    """The committer and the registry of connected devices."""
+
+    def __init__(self, store: Store, clock: Clock, on_outbox: Callable[[str], None]) -> None:
+        self.store = store
+        self.clock = clock
+        self.on_outbox = on_outbox
+        self.links: dict[bytes, DeviceLink] = {}
+        self._env: dict[bytes, _Pending] = {}
+        self._out: dict[bytes, tuple[str, _Pending]] = {}
+        self._del_env: set[bytes] = set()
+        self._del_out: set[bytes] = set()
+        self._del_waiters: list[asyncio.Future[None]] = []
+        self._inflight: set[bytes] = set()
+        self._wake = asyncio.Event()
+        self.last_write_ms = 0
+        self.writes_since_checkpoint = 0
+
+    # ---- submission --------------------------------------------------------------------------
+
+    def submit_local(self, envs: list[Envelope]) -> list[asyncio.Future[None]]:
+        """Queue envelopes for local mailboxes; push to connected devices at once."""
+        futs = []
+        pushes: dict[bytes, list[Envelope]] = {}
+        for env in envs:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            futs.append(fut)
+            p = self._env.get(env.id)
+            if p is not None:  # duplicate of a not-yet-committed envelope
+                p.waiters.append(fut)
+                continue
+            self._env[env.id] = _Pending(env, [fut])
+            if env.to in self.links:
+                pushes.setdefault(env.to, []).append(env)
+        for mailbox, batch in pushes.items():
+            self.links[mailbox].push(batch)
+        self._wake.set()
+        return futs
+
+    def submit_outbox(self, items: list[tuple[str, Envelope]]) -> list[asyncio.Future[None]]:
+        futs = []
+        for dest, env in items:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            futs.append(fut)
+            if env.id in self._out:
+                self._out[env.id][1].waiters.append(fut)
+            else:
+                self._out[env.id] = (dest, _Pending(env, [fut]))
+        self._wake.set()
+        return futs
+
+    def pending_ids(self) -> set[bytes]:
+        return set(self._env) | self._inflight
+
+    def uncommitted_for(self, mailbox: bytes) -> list[Envelope]:
+        return [p.env for p in self._env.values() if p.env.to == mailbox]
+
+    # ---- acks and deletions ------------------------------------------------------------------
+
+    def acked(self, ids: list[bytes]) -> None:
+        """The device holds these now. Drop uncommitted copies; delete committed rows."""
+        for eid in ids:
+            p = self._env.pop(eid, None)
+            if p is not None:
+                for fut in p.waiters:
+                    if not fut.done():
+                        fut.set_result(None)
+            else:
+                self._del_env.add(eid)
+        self._wake.set()
+
+    def delete_outbox(self, ids: list[bytes]) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._del_out.update(ids)
+        self._del_waiters.append(fut)
+        self._wake.set()
+        return fut
+
+    # ---- the committer -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Commit loop: one transaction at a time, up to :data:`MAX_TX_ROWS` rows each."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._env or self._out or self._del_env or self._del_out:
+                await self._commit_once()
+
+    async def _commit_once(self) -> None:
+        env_items = list(self._env.items())[:MAX_TX_ROWS]
+        out_items = list(self._out.items())[: max(0, MAX_TX_ROWS - len(env_items))]
+        del_env, self._del_env = self._del_env, set()
+        del_out, self._del_out = self._del_out, set()
+        del_waiters, self._del_waiters = self._del_waiters, []
+        for eid, _ in env_items:
+            del self._env[eid]
+            self._inflight.add(eid)
+        for eid, _ in out_items:
+            del self._out[eid]
+        batch = WriteBatch(
+            envelopes=tuple(p.env for _, p in env_items),
+            outbox=tuple((dest, p.env) for _, (dest, p) in out_items),
+            delete_envelopes=tuple(del_env),
+            delete_outbox=tuple(del_out),
+        )
+        try:
+            await self.store.write(batch, self.clock.now_ms())
+        except StorageError as exc:
+            log.error("group commit failed (%s); %d envelopes refused", exc.code,
+                      len(env_items) + len(out_items))
+            err = StorageError("store write failed")
+            for _, p in env_items:
+                _fail(p.waiters, err)
+            for _, (_, p) in out_items:
+                _fail(p.waiters, err)
+            _fail(del_waiters, err)
+            self._del_env |= del_env  # retry deletions next time
+            self._del_out |= del_out
+            self._inflight.difference_update(eid for eid, _ in env_items)
+            await asyncio.sleep(0.05)  # back off so a full disk doesn't spin the loop
+            return
+        self.last_write_ms = self.clock.now_ms()
+        self.writes_since_checkpoint += 1
+        for eid, p in env_items:
+            self._inflight.discard(eid)
+            _ok(p.waiters)
+        dests = set()
+        for _, (dest, p) in out_items:
+            _ok(p.waiters)
+            dests.add(dest)
+        _ok(del_waiters)
+        for dest in dests:
+            self.on_outbox(dest)
+
+
+def _ok(futs: list[asyncio.Future[None]]) -> None:
+    for fut in futs:
+        if not fut.done():
+            fut.set_result(None)
+
+
+def _fail(futs: list[asyncio.Future[None]], exc: BaseException) -> None:
+    for fut in futs:
+        if not fut.done():
+            fut.set_exception(exc)

@@ -1,0 +1,125 @@
+"""Per-destination federation sender (ARCHITECTURE §4 "Federation sender").
+
+One worker per destination node: it reads committed outbox rows in bounded batches, posts one
+signed request at a time, and deletes rows only once the peer has durably accepted them (or
+refused them for good). Failures back off exponentially with jitter, capped at 5 minutes; the
+backoff resets as soon as the peer is seen again (:meth:`OutboxSender.peer_seen`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from federation.backoff import Backoff
+from federation.clock import Clock
+from federation.errors import ClockSkew, HavenError, TransportError
+from federation.transport import PeerTransport, RemoteError
+from federation.wire import Batch
+
+from .mailbox import Mailboxes
+from .metrics import Metrics
+from .peers import PeerDirectory
+from .store import Store
+
+log = logging.getLogger("haven.outbox")
+
+BATCH_SIZE = 200
+# Refusals that will never succeed: drop those envelopes from the outbox.
+PERMANENT = {"not_found", "expired", "malformed", "too_large", "unsupported_version"}
+
+
+@dataclass
+class _Dest:
+    backoff: Backoff = field(default_factory=Backoff)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class OutboxSender:
+    def __init__(
+        self,
+        store: Store,
+        mailboxes: Mailboxes,
+        peers: PeerDirectory,
+        transport: PeerTransport,
+        clock: Clock,
+        metrics: Metrics,
+    ) -> None:
+        self.store = store
+        self.mailboxes = mailboxes
+        self.peers = peers
+        self.transport = transport
+        self.clock = clock
+        self.metrics = metrics
+        self.dests: dict[str, _Dest] = {}
+        self._tg: asyncio.TaskGroup | None = None
+
+    def wake(self, dest: str) -> None:
+        """New committed rows for ``dest``: start or nudge its worker."""
+        d = self.dests.get(dest)
+        if d is None:
+            d = self.dests[dest] = _Dest()
+            if self._tg is not None:
+                self._tg.create_task(self._worker(dest, d))
+        d.wake.set()
+
+    def peer_seen(self, dest: str) -> None:
+        d = self.dests.get(dest)
+        if d is not None:
+            d.backoff.reset()
+            d.wake.set()
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            for dest in await self.store.outbox_destinations():
+                self.wake(dest)
+            await asyncio.Event().wait()  # run until cancelled with the node
+
+    async def _worker(self, dest: str, d: _Dest) -> None:
+        while True:
+            d.wake.clear()
+            envs = await self.store.outbox_batch(dest, BATCH_SIZE)
+            if not envs:
+                await d.wake.wait()
+                continue
+            try:
+                await self._send(dest, envs)
+                d.backoff.succeeded()
+                self.peers.mark(dest, True)
+            except HavenError as exc:
+                delay = d.backoff.failed(self.clock.now_ms())
+                self.peers.mark(dest, False)
+                self.metrics.error("outbox", exc.code)
+                log.info("delivery to %s failed (%s); retry in %.1f s", dest, exc.code,
+                         delay / 1000)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay / 1000):
+                        d.wake.clear()
+                        await d.wake.wait()
+
+    async def _send(self, dest: str, envs: list) -> None:  # type: ignore[type-arg]
+        await self.peers.ensure_measured(dest)
+        url = await self.peers.url_for(dest)
+        if url is None:
+            raise TransportError("no locator for peer")
+        try:
+            result = await self.transport.post_batch(url, dest, self.peers.stamp(dest),
+                                                     Batch(tuple(envs)))
+        except RemoteError as exc:
+            if exc.code == ClockSkew.code and exc.peer_now is not None:
+                self.peers.correct_clock(dest, exc.peer_now)  # re-measured; retry at once
+                result = await self.transport.post_batch(url, dest, self.peers.stamp(dest),
+                                                         Batch(tuple(envs)))
+            else:
+                raise
+        done = list(result.accepted) + [i for i, code in result.rejected if code in PERMANENT]
+        for _, code in result.rejected:
+            self.metrics.error("outbox_rejected", code)
+        if done:
+            await self.mailboxes.delete_outbox(done)
+        self.metrics.event("federation.envelopes_out", len(result.accepted))
+        if len(done) < len(envs):
+            raise TransportError("peer refused part of the batch for now")

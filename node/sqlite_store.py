@@ -1,0 +1,385 @@
+"""SQLite backend of :class:`node.store.Store` (the embedded default).
+
+Settings follow the measured remnant study (docs/threat-model.md): WAL, ``synchronous=FULL``
+(nothing acknowledged is lost on power loss), ``secure_delete=ON`` (not FAST),
+``temp_store=MEMORY``, and ``wal_checkpoint(TRUNCATE)`` driven by the sweeper's idle timer rather
+than per delete. Envelope bodies are sealed under epoch keys (:mod:`node.atrest`).
+
+The schema is versioned: :data:`MIGRATIONS` holds one entry per version, applied in order.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import aiosqlite
+
+from federation.errors import StorageError
+from federation.wire import Envelope
+
+from .atrest import EpochKeys
+from .store import DeviceRecord, PeerRecord, WriteBatch
+
+MIGRATIONS: list[str] = [
+    # version 1
+    """
+    CREATE TABLE accounts (name TEXT PRIMARY KEY, created INTEGER NOT NULL);
+    CREATE TABLE invites (token_hash BLOB PRIMARY KEY, name TEXT NOT NULL, expires INTEGER NOT NULL);
+    CREATE TABLE devices (mailbox BLOB PRIMARY KEY, account TEXT NOT NULL, auth_key BLOB NOT NULL);
+    CREATE INDEX devices_account ON devices(account);
+    CREATE TABLE device_lists (account TEXT PRIMARY KEY, version INTEGER NOT NULL,
+                               blob BLOB NOT NULL, sig BLOB NOT NULL);
+    CREATE TABLE otks (mailbox BLOB NOT NULL, key_id TEXT NOT NULL, key TEXT NOT NULL,
+                       PRIMARY KEY (mailbox, key_id));
+    CREATE TABLE fallback (mailbox BLOB PRIMARY KEY, key_id TEXT NOT NULL, key TEXT NOT NULL);
+    CREATE TABLE envelopes (id BLOB NOT NULL UNIQUE, mailbox BLOB NOT NULL,
+                            expires INTEGER NOT NULL, epoch INTEGER NOT NULL, sealed BLOB NOT NULL);
+    CREATE INDEX envelopes_mailbox ON envelopes(mailbox);
+    CREATE INDEX envelopes_expires ON envelopes(expires);
+    CREATE TABLE outbox (id BLOB NOT NULL UNIQUE, dest TEXT NOT NULL, mailbox BLOB NOT NULL,
+                         expires INTEGER NOT NULL, epoch INTEGER NOT NULL, sealed BLOB NOT NULL);
+    CREATE INDEX outbox_dest ON outbox(dest);
+    CREATE INDEX outbox_expires ON outbox(expires);
+    CREATE TABLE peers (node_id TEXT PRIMARY KEY, url TEXT NOT NULL, host TEXT NOT NULL,
+                        last_seen INTEGER NOT NULL);
+    CREATE INDEX peers_host ON peers(host);
+    """,
+]
+
+
+class SqliteStore:
+    """Store on one aiosqlite connection (one writer thread; the event loop never blocks)."""
+
+    def __init__(self, path: str, keys: EpochKeys) -> None:
+        self.path = path
+        self.keys = keys
+        self._db: aiosqlite.Connection | None = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StorageError("store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        try:
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            for pragma in (
+                "PRAGMA journal_mode=WAL",
+                "PRAGMA synchronous=FULL",
+                "PRAGMA secure_delete=ON",
+                "PRAGMA temp_store=MEMORY",
+                "PRAGMA foreign_keys=ON",
+            ):
+                await self.db.execute(pragma)
+            await self._migrate()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open store: {exc}") from exc
+
+    async def _migrate(self) -> None:
+        async with self.db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(MIGRATIONS):
+            raise StorageError(f"store schema {version} is newer than this software")
+        for i in range(version, len(MIGRATIONS)):
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in MIGRATIONS[i].split(";"):
+                    if stmt.strip():
+                        await self.db.execute(stmt)
+                await self.db.execute(f"PRAGMA user_version={i + 1}")
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    async def close(self) -> None:
+        if self._db is not None:
+            try:
+                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                await self._db.close()
+                self._db = None
+
+    async def _tx(self, statements: list[tuple[str, list[tuple[object, ...]]]]) -> None:
+        """Run ``executemany`` statements in one IMMEDIATE transaction."""
+        try:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, rows in statements:
+                    if rows:
+                        await self.db.executemany(sql, rows)
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StorageError(f"write failed: {exc}") from exc
+
+    async def _one(self, sql: str, args: tuple[object, ...] = ()) -> tuple[object, ...] | None:
+        try:
+            async with self.db.execute(sql, args) as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"read failed: {exc}") from exc
+        return tuple(row) if row is not None else None
+
+    async def _all(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        try:
+            async with self.db.execute(sql, args) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"read failed: {exc}") from exc
+        return [tuple(r) for r in rows]
+
+    async def _exec(self, sql: str, args: tuple[object, ...] = ()) -> int:
+        try:
+            cur = await self.db.execute(sql, args)
+            return int(cur.rowcount)
+        except sqlite3.Error as exc:
+            raise StorageError(f"write failed: {exc}") from exc
+
+    # ---- accounts, invites, devices ----------------------------------------------------------
+
+    async def create_account(self, name: str, now: int) -> bool:
+        n = await self._exec("INSERT OR IGNORE INTO accounts VALUES (?, ?)", (name, now))
+        return n == 1
+
+    async def account_exists(self, name: str) -> bool:
+        return await self._one("SELECT 1 FROM accounts WHERE name=?", (name,)) is not None
+
+    async def remove_account(self, name: str) -> int:
+        rows = await self._all("SELECT mailbox FROM devices WHERE account=?", (name,))
+        mbs = [(r[0],) for r in rows]
+        await self._tx(
+            [
+                ("DELETE FROM envelopes WHERE mailbox=?", mbs),
+                ("DELETE FROM otks WHERE mailbox=?", mbs),
+                ("DELETE FROM fallback WHERE mailbox=?", mbs),
+                ("DELETE FROM devices WHERE mailbox=?", mbs),
+                ("DELETE FROM device_lists WHERE account=?", [(name,)]),
+                ("DELETE FROM invites WHERE name=?", [(name,)]),
+                ("DELETE FROM accounts WHERE name=?", [(name,)]),
+            ]
+        )
+        return len(mbs)
+
+    async def add_invite(self, token_hash: bytes, name: str, expires: int) -> None:
+        await self._exec("INSERT INTO invites VALUES (?, ?, ?)", (token_hash, name, expires))
+
+    async def redeem_invite(self, token_hash: bytes, now: int) -> str | None:
+        # DELETE ... RETURNING makes redemption atomic: a token works once.
+        row = await self._one(
+            "DELETE FROM invites WHERE token_hash=? RETURNING name, expires", (token_hash,)
+        )
+        if row is None or int(row[1]) <= now:  # type: ignore[call-overload]
+            return None
+        return str(row[0])
+
+    async def add_device(self, account: str, mailbox: bytes, auth_key: bytes) -> None:
+        await self._exec("INSERT INTO devices VALUES (?, ?, ?)", (mailbox, account, auth_key))
+
+    async def get_device(self, mailbox: bytes) -> DeviceRecord | None:
+        row = await self._one("SELECT account, auth_key FROM devices WHERE mailbox=?", (mailbox,))
+        return None if row is None else DeviceRecord(str(row[0]), mailbox, bytes(row[1]))  # type: ignore[arg-type]
+
+    async def remove_device(self, mailbox: bytes) -> None:
+        mb = [(mailbox,)]
+        await self._tx(
+            [
+                ("DELETE FROM envelopes WHERE mailbox=?", mb),
+                ("DELETE FROM otks WHERE mailbox=?", mb),
+                ("DELETE FROM fallback WHERE mailbox=?", mb),
+                ("DELETE FROM devices WHERE mailbox=?", mb),
+            ]
+        )
+
+    async def set_device_list(self, account: str, version: int, blob: bytes, sig: bytes) -> bool:
+        """Store a newer signed list; refuse a version rollback."""
+        n = await self._exec(
+            "INSERT INTO device_lists VALUES (?, ?, ?, ?) ON CONFLICT(account) DO UPDATE SET "
+            "version=excluded.version, blob=excluded.blob, sig=excluded.sig "
+            "WHERE excluded.version >= device_lists.version",
+            (account, version, blob, sig),
+        )
+        return n == 1
+
+    async def get_device_list(self, account: str) -> tuple[bytes, bytes] | None:
+        row = await self._one("SELECT blob, sig FROM device_lists WHERE account=?", (account,))
+        return None if row is None else (bytes(row[0]), bytes(row[1]))  # type: ignore[arg-type]
+
+    # ---- keys --------------------------------------------------------------------------------
+
+    async def add_otks(self, mailbox: bytes, keys: list[tuple[str, str]]) -> int:
+        await self._tx(
+            [("INSERT OR IGNORE INTO otks VALUES (?, ?, ?)", [(mailbox, k, v) for k, v in keys])]
+        )
+        return await self.count_otks(mailbox)
+
+    async def set_fallback(self, mailbox: bytes, key_id: str, key: str) -> None:
+        await self._exec("INSERT OR REPLACE INTO fallback VALUES (?, ?, ?)", (mailbox, key_id, key))
+
+    async def claim_otk(self, mailbox: bytes) -> tuple[str, str] | None:
+        # One statement, so two concurrent claims can never get the same key.
+        row = await self._one(
+            "DELETE FROM otks WHERE rowid = (SELECT rowid FROM otks WHERE mailbox=? LIMIT 1) "
+            "RETURNING key_id, key",
+            (mailbox,),
+        )
+        if row is None:
+            row = await self._one("SELECT key_id, key FROM fallback WHERE mailbox=?", (mailbox,))
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    async def count_otks(self, mailbox: bytes) -> int:
+        row = await self._one("SELECT count(*) FROM otks WHERE mailbox=?", (mailbox,))
+        return int(row[0]) if row else 0  # type: ignore[call-overload]
+
+    # ---- envelopes and outbox ----------------------------------------------------------------
+
+    async def write(self, batch: WriteBatch, now: int) -> None:
+        """One group-commit transaction (fsynced: synchronous=FULL)."""
+        epoch = self.keys.current(now)
+        seal = self.keys.seal
+        await self._tx(
+            [
+                (
+                    "INSERT OR IGNORE INTO envelopes VALUES (?, ?, ?, ?, ?)",
+                    [(e.id, e.to, e.expires, epoch, seal(epoch, e.body)) for e in batch.envelopes],
+                ),
+                (
+                    "INSERT OR IGNORE INTO outbox VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (e.id, dest, e.to, e.expires, epoch, seal(epoch, e.body))
+                        for dest, e in batch.outbox
+                    ],
+                ),
+                ("DELETE FROM envelopes WHERE id=?", [(i,) for i in batch.delete_envelopes]),
+                ("DELETE FROM outbox WHERE id=?", [(i,) for i in batch.delete_outbox]),
+            ]
+        )
+
+    async def existing_ids(self, ids: list[bytes]) -> set[bytes]:
+        if not ids:
+            return set()
+        found: set[bytes] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = await self._all(f"SELECT id FROM envelopes WHERE id IN ({marks})", tuple(chunk))
+            found.update(bytes(r[0]) for r in rows)  # type: ignore[arg-type]
+        return found
+
+    def _open_rows(self, rows: list[tuple[object, ...]]) -> list[Envelope]:
+        out = []
+        for eid, to, expires, epoch, sealed in rows:
+            body = self.keys.open(int(epoch), bytes(sealed))  # type: ignore[call-overload, arg-type]
+            out.append(Envelope(bytes(eid), bytes(to), int(expires), body))  # type: ignore[arg-type, call-overload]
+        return out
+
+    async def pending_for(self, mailbox: bytes, limit: int) -> list[Envelope]:
+        rows = await self._all(
+            "SELECT id, mailbox, expires, epoch, sealed FROM envelopes WHERE mailbox=? "
+            "ORDER BY rowid LIMIT ?",
+            (mailbox, limit),
+        )
+        return self._open_rows(rows)
+
+    async def outbox_batch(self, dest: str, limit: int) -> list[Envelope]:
+        rows = await self._all(
+            "SELECT id, mailbox, expires, epoch, sealed FROM outbox WHERE dest=? "
+            "ORDER BY rowid LIMIT ?",
+            (dest, limit),
+        )
+        return self._open_rows(rows)
+
+    async def outbox_destinations(self) -> list[str]:
+        return [str(r[0]) for r in await self._all("SELECT DISTINCT dest FROM outbox")]
+
+    async def sweep_expired(self, now: int) -> int:
+        a = await self._exec("DELETE FROM envelopes WHERE expires <= ?", (now,))
+        b = await self._exec("DELETE FROM outbox WHERE expires <= ?", (now,))
+        c = await self._exec("DELETE FROM invites WHERE expires <= ?", (now,))
+        del c
+        return a + b
+
+    async def rotate_epochs(self, now: int) -> int:
+        """Re-seal rows of older epochs under the current key, then destroy the old keys."""
+        current = self.keys.current(now)
+        old = [e for e in self.keys.epochs if e != current]
+        if not old:
+            return 0
+        moved = 0
+        for table in ("envelopes", "outbox"):
+            rows = await self._all(
+                f"SELECT rowid, epoch, sealed FROM {table} WHERE epoch != ?", (current,)
+            )
+            updates = [
+                (current, self.keys.seal(current, self.keys.open(int(ep), bytes(s))), rid)  # type: ignore[call-overload, arg-type]
+                for rid, ep, s in rows
+            ]
+            await self._tx([(f"UPDATE {table} SET epoch=?, sealed=? WHERE rowid=?", updates)])
+            moved += len(updates)
+        # The old ciphertexts may survive in the WAL until a TRUNCATE checkpoint; destroying the
+        # key makes every such remnant unreadable regardless.
+        await self.checkpoint()
+        for epoch in old:
+            self.keys.destroy(epoch)
+        return moved
+
+    async def checkpoint(self) -> None:
+        try:
+            await self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise StorageError(f"checkpoint failed: {exc}") from exc
+
+    # ---- peers -------------------------------------------------------------------------------
+
+    async def get_peer(self, node_id: str) -> PeerRecord | None:
+        row = await self._one("SELECT node_id, url, host, last_seen FROM peers WHERE node_id=?",
+                              (node_id,))
+        return None if row is None else PeerRecord(str(row[0]), str(row[1]), str(row[2]),
+                                                   int(row[3]))  # type: ignore[call-overload]
+
+    async def peer_by_host(self, host: str) -> PeerRecord | None:
+        row = await self._one("SELECT node_id, url, host, last_seen FROM peers WHERE host=?",
+                              (host,))
+        return None if row is None else PeerRecord(str(row[0]), str(row[1]), str(row[2]),
+                                                   int(row[3]))  # type: ignore[call-overload]
+
+    async def upsert_peer(self, peer: PeerRecord) -> None:
+        await self._exec(
+            "INSERT INTO peers VALUES (?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET "
+            "url=excluded.url, host=excluded.host, last_seen=excluded.last_seen",
+            (peer.node_id, peer.url, peer.host, peer.last_seen),
+        )
+
+    async def rename_peer(self, old_id: str, new: PeerRecord) -> None:
+        """Follow a signed key rotation: move the pin and the queued envelopes to the new id."""
+        await self._tx(
+            [
+                ("DELETE FROM peers WHERE node_id=?", [(old_id,)]),
+                ("INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?)",
+                 [(new.node_id, new.url, new.host, new.last_seen)]),
+                ("UPDATE outbox SET dest=? WHERE dest=?", [(new.node_id, old_id)]),
+            ]
+        )
+
+    async def all_mailboxes(self) -> list[bytes]:
+        return [bytes(r[0]) for r in await self._all("SELECT mailbox FROM devices")]  # type: ignore[arg-type]
+
+    async def all_peers(self) -> list[PeerRecord]:
+        rows = await self._all("SELECT node_id, url, host, last_seen FROM peers")
+        return [PeerRecord(str(a), str(b), str(c), int(d)) for a, b, c, d in rows]  # type: ignore[call-overload]
+
+    async def counts(self) -> dict[str, int]:
+        out = {}
+        for key, sql in (
+            ("accounts", "SELECT count(*) FROM accounts"),
+            ("pending_envelopes", "SELECT count(*) FROM envelopes"),
+            ("outbox_envelopes", "SELECT count(*) FROM outbox"),
+            ("peers", "SELECT count(*) FROM peers"),
+        ):
+            row = await self._one(sql)
+            out[key] = int(row[0]) if row else 0  # type: ignore[call-overload]
+        return out
