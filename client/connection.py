@@ -77,6 +77,13 @@ class NodeConnection:
                     self.deliveries.put_nowait(list(frame.envs))
                     continue
                 rid = getattr(frame, "rid", 0)
+                if isinstance(frame, F.Error) and rid == 0:
+                    # The node could not tell which request failed (e.g. undecodable frame).
+                    err = RemoteProtocolError(frame.message, code=frame.code)
+                    for fut in list(self._waiters.values()):
+                        if not fut.done():
+                            fut.set_exception(err)
+                    continue
                 fut = self._waiters.pop(rid, None)
                 if fut is not None and not fut.done():
                     fut.set_result(frame)

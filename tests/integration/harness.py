@@ -1,0 +1,151 @@
+"""Start real nodes (subprocesses of ``haven node serve``) on 127.0.0.1 with free ports.
+
+Used by every integration test. Nodes are real processes: they can be stopped with SIGTERM,
+killed with SIGKILL and restarted on the same home and port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def haven(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the ``haven`` CLI in a subprocess (the same interpreter as the tests)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "client.cli", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"haven {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def wait_until(pred: Any, timeout: float = 20, what: str = "condition") -> Any:
+    """Poll ``pred`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+async def async_wait_until(pred: Any, timeout: float = 20, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class NodeProc:
+    """A node home directory plus (while running) its ``haven node serve`` process."""
+
+    home: Path
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.home.parent / f"{self.home.name}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @classmethod
+    def create(cls, base: Path, name: str, *extra: str) -> NodeProc:
+        port = free_port()
+        home = base / name
+        haven("node", "init", "--home", str(home), "--public-url", f"http://127.0.0.1:{port}",
+              "--listen", f"127.0.0.1:{port}", *extra)
+        return cls(home, port)
+
+    def start(self) -> NodeProc:
+        logf = open(self.log, "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "client.cli", "node", "serve", "--home", str(self.home)],
+            stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
+            env=os.environ | {"PYTHONPATH": str(ROOT)},
+        )
+        logf.close()
+        wait_until(self._listening, 20, f"node {self.home.name} to listen")
+        return self
+
+    def _listening(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"node exited early:\n{self.log.read_text()}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=20)
+        self.proc = None
+
+    def invite(self, name: str) -> str:
+        return haven("node", "invite", "--home", str(self.home), name).stdout.strip().splitlines()[-1]
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(haven("node", "status", "--home", str(self.home), "--json").stdout)
+
+    def stats(self) -> dict[str, Any]:
+        """Aggregate counters from the running node (``GET /haven/v1/stats``, loopback only)."""
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + "/haven/v1/stats", timeout=10) as r:
+            return msgpack.unpackb(r.read())  # type: ignore[no-any-return]
+
+    def error_count(self, key: str) -> int:
+        return int(self.stats()["errors"].get(key, 0))
+
+
+def join(node: NodeProc, base: Path, name: str) -> tuple[Path, str]:
+    """Create a device for ``name`` on ``node``; returns (device home, address)."""
+    home = base / f"dev-{name}"
+    out = haven("join", node.invite(name), "--home", str(home)).stdout.strip().splitlines()[-1]
+    return home, out
+
+
+def recv(home: Path, wait: float = 1.0) -> list[dict[str, Any]]:
+    out = haven("recv", "--home", str(home), "--wait", str(wait), "--json").stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
