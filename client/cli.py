@@ -44,9 +44,16 @@ async def cmd_send(args: argparse.Namespace) -> int:
     finally:
         dev.close()
     if args.json:
-        print(json.dumps({"msg_id": res.msg_id.hex(), "to": args.address,
-                          "devices": {args.address: {"total": res.devices, "verified": 0}},
-                          "envelopes": res.envelopes}))
+        print(
+            json.dumps(
+                {
+                    "msg_id": res.msg_id.hex(),
+                    "to": args.address,
+                    "devices": {args.address: {"total": res.devices, "verified": 0}},
+                    "envelopes": res.envelopes,
+                }
+            )
+        )
     else:
         print(f"sent to {args.address} ({res.envelopes} device(s))")
     return 0
@@ -54,8 +61,12 @@ async def cmd_send(args: argparse.Namespace) -> int:
 
 def _print_msg(m: ReceivedMessage, as_json: bool) -> None:
     if as_json:
-        print(json.dumps({"from": m.sender, "text": m.text, "sent_at": m.sent_at,
-                          "msg_id": m.msg_id.hex()}), flush=True)
+        print(
+            json.dumps(
+                {"from": m.sender, "text": m.text, "sent_at": m.sent_at, "msg_id": m.msg_id.hex()}
+            ),
+            flush=True,
+        )
     else:
         print(f"{m.sender}: {m.text}", flush=True)
 
@@ -81,8 +92,17 @@ async def cmd_history(args: argparse.Namespace) -> int:
         dev.close()
     for r in rows:
         if args.json:
-            print(json.dumps({"from": r.sender, "text": r.text, "sent_at": r.sent_at,
-                              "outgoing": r.outgoing, "msg_id": r.msg_id.hex()}))
+            print(
+                json.dumps(
+                    {
+                        "from": r.sender,
+                        "text": r.text,
+                        "sent_at": r.sent_at,
+                        "outgoing": r.outgoing,
+                        "msg_id": r.msg_id.hex(),
+                    }
+                )
+            )
         else:
             print(f"{'>' if r.outgoing else '<'} {r.sender}: {r.text}")
     return 0
@@ -91,8 +111,11 @@ async def cmd_history(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from node.cli import add_commands
 
-    p = argparse.ArgumentParser(prog="haven", description="Haven: federated, end-to-end "
-                                "encrypted messaging that keeps nothing after delivery.")
+    p = argparse.ArgumentParser(
+        prog="haven",
+        description="Haven: federated, end-to-end "
+        "encrypted messaging that keeps nothing after delivery.",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     add_commands(sub)
 
@@ -110,8 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recv", help="receive new messages")
     r.add_argument("--home", required=True)
-    r.add_argument("--wait", type=float, default=2.0,
-                   help="return once this many seconds pass with nothing new (default 2)")
+    r.add_argument(
+        "--wait",
+        type=float,
+        default=2.0,
+        help="return once this many seconds pass with nothing new (default 2)",
+    )
     r.add_argument("--json", action="store_true")
 
     h = sub.add_parser("history", help="show the local conversation with a contact")
@@ -124,8 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS: dict[str, Any] = {"join": cmd_join, "send": cmd_send, "recv": cmd_recv,
-                            "history": cmd_history}
+COMMANDS: dict[str, Any] = {
+    "join": cmd_join,
+    "send": cmd_send,
+    "recv": cmd_recv,
+    "history": cmd_history,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return init_personal(args)
         return run_command(args)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         if args.cmd == "demo":
             from .demo import run_demo

@@ -36,8 +36,9 @@ class NodeConnection:
         self._session = aiohttp.ClientSession()
         try:
             async with asyncio.timeout(self.timeout_s):
-                self._ws = await self._session.ws_connect(self.url, max_msg_size=F.MAX_FRAME,
-                                                          heartbeat=30)
+                self._ws = await self._session.ws_connect(
+                    self.url, max_msg_size=F.MAX_FRAME, heartbeat=30
+                )
                 msg = await self._ws.receive()
             if msg.type != aiohttp.WSMsgType.BINARY:
                 raise TransportError("node did not send a challenge")
@@ -67,7 +68,7 @@ class NodeConnection:
             await self._session.close()
 
     async def _read(self) -> None:
-        assert self._ws is not None  # noqa: S101 - set in __aenter__
+        assert self._ws is not None
         try:
             async for msg in self._ws:
                 if msg.type != aiohttp.WSMsgType.BINARY:
@@ -79,14 +80,14 @@ class NodeConnection:
                 rid = getattr(frame, "rid", 0)
                 if isinstance(frame, F.Error) and rid == 0:
                     # The node could not tell which request failed (e.g. undecodable frame).
-                    err = RemoteProtocolError(frame.message, code=frame.code)
+                    remote = RemoteProtocolError(frame.message, code=frame.code)
                     for fut in list(self._waiters.values()):
                         if not fut.done():
-                            fut.set_exception(err)
+                            fut.set_exception(remote)
                     continue
-                fut = self._waiters.pop(rid, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(frame)
+                waiter = self._waiters.pop(rid, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(frame)
         except (HavenError, aiohttp.ClientError) as exc:
             self._closed_exc = exc
         finally:

@@ -67,9 +67,13 @@ def parse_invite(text: str) -> dict[str, Any]:
     if not text.startswith(prefix):
         raise LocalProtocolError("not a Haven invite")
     try:
-        obj = unpackb(b64d(text[len(prefix):].strip()), max_len=4096)
-        return {"url": str(obj["url"]), "node": str(obj["node"]), "name": str(obj["name"]),
-                "t": bytes(obj["t"])}
+        obj = unpackb(b64d(text[len(prefix) :].strip()), max_len=4096)
+        return {
+            "url": str(obj["url"]),
+            "node": str(obj["node"]),
+            "name": str(obj["name"]),
+            "t": bytes(obj["t"]),
+        }
     except (HavenError, KeyError, TypeError) as exc:
         raise LocalProtocolError("malformed invite") from exc
 
@@ -124,8 +128,7 @@ class Device:
     @property
     def account(self) -> vz.Account:
         if self._account is None:
-            self._account = vz.Account.from_pickle(self._get_str("account"),
-                                                    self.state.storage_key)
+            self._account = vz.Account.from_pickle(self._get_str("account"), self.state.storage_key)
         return self._account
 
     @property
@@ -153,7 +156,7 @@ class Device:
     # ---- joining -----------------------------------------------------------------------------
 
     async def join(self, invite: str) -> str:
-        """Redeem an invite: create keys, register this device, publish keys. Returns the address."""
+        """Redeem an invite: create keys, register, publish keys. Returns the address."""
         if self.joined:
             raise LocalProtocolError(f"{self.home} already holds a joined device")
         inv = parse_invite(invite)
@@ -164,18 +167,27 @@ class Device:
         self._account = account
         async with NodeConnection(inv["url"]) as conn:
             ch = conn.challenge
-            assert ch is not None  # noqa: S101 - set by the connection
+            assert ch is not None
             if ch.node_id != inv["node"]:
                 raise UntrustedKey("the node does not hold the key named in the invite")
             host = inv["url"].split("://", 1)[1].lower()
             address = f"{inv['name']}@{host}"
-            dev = DeviceInfo(self.curve_key, str(account.ed25519_key.to_base64()),
-                             bytes(sealing.public_key), mailbox, self.clock.now_ms())
+            dev = DeviceInfo(
+                self.curve_key,
+                str(account.ed25519_key.to_base64()),
+                bytes(sealing.public_key),
+                mailbox,
+                self.clock.now_ms(),
+            )
             signed = DeviceList(address, bytes(identity.verify_key), 1, (dev,)).sign(identity)
             auth_key = _raw(dev.ed25519)
             sig = self._sign(device_auth_message(ch.node_id, ch.nonce, mailbox))
-            reg = expect(await conn.request(F.Register(conn.next_rid(), inv["t"], mailbox,
-                                                        auth_key, sig, signed)), F.Registered)
+            reg = expect(
+                await conn.request(
+                    F.Register(conn.next_rid(), inv["t"], mailbox, auth_key, sig, signed)
+                ),
+                F.Registered,
+            )
             address = reg.address
             with self.state.tx() as db:
                 self.state.put(db, "identity_seed", bytes(identity))
@@ -191,24 +203,28 @@ class Device:
 
     async def _top_up(self, conn: NodeConnection, count: int) -> None:
         """Publish one-time keys when the node holds fewer than :data:`OTK_LOW`, and a fallback."""
-        acct = self.account
-        if count >= OTK_LOW and acct.fallback_key:
+        acct: Any = self.account  # the type stubs lack the fallback-key methods
+        need_fallback = self.state.get("fallback_published") is None
+        if count >= OTK_LOW and not need_fallback:
             return
-        acct.generate_one_time_keys(OTK_BATCH)
+        if count < OTK_LOW:
+            acct.generate_one_time_keys(OTK_BATCH)
         otks = tuple((k, v.to_base64()) for k, v in acct.one_time_keys.items())
-        if not acct.fallback_key:
-            acct.generate_fallback_key()
-        fb = tuple((k, v.to_base64()) for k, v in acct.fallback_key.items())[:1]
+        fb: tuple[tuple[str, str], ...] = ()
+        if need_fallback:
+            if not acct.fallback_key:
+                acct.generate_fallback_key()
+            fb = tuple((k, v.to_base64()) for k, v in acct.fallback_key.items())[:1]
         # Persist the account (with the new private keys) before the public halves leave.
         with self.state.tx() as db:
             self._save_account(db)
-        for i in range(0, len(otks), F.MAX_OTKS_PER_FRAME):
-            expect(await conn.request(F.PublishKeys(conn.next_rid(),
-                                                    otks[i:i + F.MAX_OTKS_PER_FRAME], fb, None)),
-                   F.Ok)
+        for i in range(0, max(len(otks), 1), F.MAX_OTKS_PER_FRAME):
+            batch = otks[i : i + F.MAX_OTKS_PER_FRAME]
+            expect(await conn.request(F.PublishKeys(conn.next_rid(), batch, fb, None)), F.Ok)
         acct.mark_keys_as_published()
         with self.state.tx() as db:
             self._save_account(db)
+            self.state.put(db, "fallback_published", b"1")
 
     async def connect(self) -> NodeConnection:
         """Open and authenticate a connection to the home node (caller closes it)."""
@@ -216,7 +232,7 @@ class Device:
         await conn.__aenter__()
         try:
             ch = conn.challenge
-            assert ch is not None  # noqa: S101
+            assert ch is not None
             if ch.node_id != self.node_id:
                 raise UntrustedKey("home node key changed; refusing to talk to it")
             sig = self._sign(device_auth_message(ch.node_id, ch.nonce, self.mailbox))
@@ -229,8 +245,9 @@ class Device:
 
     # ---- contacts and keys -------------------------------------------------------------------
 
-    async def _fetch_contact(self, conn: NodeConnection, address: str, claim: bool
-                             ) -> tuple[Contact, DeviceList, dict[str, tuple[str, str]]]:
+    async def _fetch_contact(
+        self, conn: NodeConnection, address: str, claim: bool
+    ) -> tuple[Contact, DeviceList, dict[str, tuple[str, str]]]:
         """Query, verify and pin a contact's device list (TOFU on the identity key)."""
         try:
             keys = expect(await conn.request(F.QueryKeys(conn.next_rid(), address, claim)), F.Keys)
@@ -244,16 +261,27 @@ class Device:
             old = SignedDeviceList(pinned.device_list, pinned.sig).open()
             if dl.version < old.version:
                 raise UntrustedKey(f"device list of {address} rolled back")
-        contact = Contact(address, dl.identity_key, keys.node_id, keys.device_list.blob,
-                          keys.device_list.signature)
+        contact = Contact(
+            address,
+            dl.identity_key,
+            keys.node_id,
+            keys.device_list.blob,
+            keys.device_list.signature,
+        )
         with self.state.tx() as db:
             self.state.save_contact(db, contact)
         return contact, dl, dict(keys.claimed)
 
     # ---- sending -----------------------------------------------------------------------------
 
-    async def send(self, address: str, text: str, *, ttl_ms: int = DEFAULT_TTL_MS,
-                   conn: NodeConnection | None = None) -> SendResult:
+    async def send(
+        self,
+        address: str,
+        text: str,
+        *,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        conn: NodeConnection | None = None,
+    ) -> SendResult:
         """Encrypt ``text`` to every device of ``address`` and hand it to the home node.
 
         Returns once the home node has durably accepted every envelope.
@@ -278,8 +306,16 @@ class Device:
                 dl = dl2
         now = self.clock.now_ms()
         msg_id = os.urandom(16)
-        payload = packb({"v": PAYLOAD_VERSION, "id": msg_id, "kind": "text", "text": text,
-                         "sent_at": now, "to": address})
+        payload = packb(
+            {
+                "v": PAYLOAD_VERSION,
+                "id": msg_id,
+                "kind": "text",
+                "text": text,
+                "sent_at": now,
+                "to": address,
+            }
+        )
         items: list[tuple[str, Envelope]] = []
         with self.state.tx() as db:
             for dev in dl.devices:
@@ -288,22 +324,24 @@ class Device:
                     log.warning("no session and no one-time key for a device of the contact")
                     continue
                 body = seal(dev.sealing, SealedContent(self.address, self.curve_key, *olm))
-                items.append((contact.node_id,
-                              Envelope(new_envelope_id(), dev.mailbox, now + ttl_ms, body)))
+                items.append(
+                    (contact.node_id, Envelope(new_envelope_id(), dev.mailbox, now + ttl_ms, body))
+                )
             if not items:
                 raise KeysUnavailable(f"no device of {address} can be reached")
-            self.state.add_history(db, HistoryRow(msg_id, address, True, self.address, text,
-                                                  now, now))
+            self.state.add_history(
+                db, HistoryRow(msg_id, address, True, self.address, text, now, now)
+            )
         # Sessions were committed above, before any ciphertext leaves this device.
         ans = expect(await conn.request(F.Send(conn.next_rid(), tuple(items))), F.Accepted)
         if ans.rejected:
             codes = sorted({c for _, c in ans.rejected})
-            raise RemoteProtocolError(f"node refused envelopes: {', '.join(codes)}",
-                                      code=codes[0])
+            raise RemoteProtocolError(f"node refused envelopes: {', '.join(codes)}", code=codes[0])
         return SendResult(msg_id, len(dl.devices), len(items))
 
-    async def _contact_for_send(self, conn: NodeConnection, address: str
-                                ) -> tuple[Contact, DeviceList]:
+    async def _contact_for_send(
+        self, conn: NodeConnection, address: str
+    ) -> tuple[Contact, DeviceList]:
         try:
             contact, dl, _ = await self._fetch_contact(conn, address, claim=False)
             return contact, dl
@@ -317,27 +355,30 @@ class Device:
                 return known, dl
             raise
 
-    def _encrypt_for(self, db: Any, dev: DeviceInfo, otk: tuple[str, str] | None,
-                     payload: bytes, now: int) -> tuple[int, bytes] | None:
+    def _encrypt_for(
+        self, db: Any, dev: DeviceInfo, otk: tuple[str, str] | None, payload: bytes, now: int
+    ) -> tuple[int, bytes] | None:
         sessions = self.state.sessions(dev.device_id)
         if sessions:
             session = vz.Session.from_pickle(sessions[0][1], self.state.storage_key)
         elif otk is not None:
             session = self.account.create_outbound_session(
                 vz.Curve25519PublicKey.from_base64(dev.device_id),
-                vz.Curve25519PublicKey.from_base64(otk[1]))
+                vz.Curve25519PublicKey.from_base64(otk[1]),
+            )
         else:
             return None
         msg_type, body = session.encrypt(payload).to_parts()
-        self.state.save_session(db, dev.device_id, session.session_id,
-                                session.pickle(self.state.storage_key), now)
+        self.state.save_session(
+            db, dev.device_id, session.session_id, session.pickle(self.state.storage_key), now
+        )
         return int(msg_type), bytes(body)
 
     # ---- receiving ---------------------------------------------------------------------------
 
-    async def receive(self, wait_s: float = 2.0,
-                      on_message: Callable[[ReceivedMessage], None] | None = None
-                      ) -> list[ReceivedMessage]:
+    async def receive(
+        self, wait_s: float = 2.0, on_message: Callable[[ReceivedMessage], None] | None = None
+    ) -> list[ReceivedMessage]:
         """Receive until ``wait_s`` seconds pass with nothing new; return new messages."""
         import asyncio
 
@@ -394,44 +435,53 @@ class Device:
         payload_bytes, save = self._decrypt(sc)
         payload = unpackb(payload_bytes, max_len=len(payload_bytes))
         try:
-            msg_id, text, sent_at, to = (bytes(payload["id"]), str(payload["text"]),
-                                         int(payload["sent_at"]), str(payload["to"]))
+            msg_id, text, sent_at, to = (
+                bytes(payload["id"]),
+                str(payload["text"]),
+                int(payload["sent_at"]),
+                str(payload["to"]),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedEnvelope("bad payload") from exc
         if to != self.address:
             raise UntrustedKey("message was addressed to someone else")
         with self.state.tx() as db:
             save(db, now)
-            fresh = self.state.add_history(db, HistoryRow(msg_id, sc.sender, False, sc.sender,
-                                                          text, sent_at, now))
+            fresh = self.state.add_history(
+                db, HistoryRow(msg_id, sc.sender, False, sc.sender, text, sent_at, now)
+            )
         return ReceivedMessage(sc.sender, text, sent_at, msg_id) if fresh else None
 
     def _decrypt(self, sc: SealedContent) -> tuple[bytes, Callable[[Any, int], None]]:
         key = self.state.storage_key
         msg = vz.AnyOlmMessage.from_parts(sc.olm_type, sc.olm_body)
+        pre_key = msg.to_pre_key() if sc.olm_type == 0 else None
         for _sid, pickle in self.state.sessions(sc.sender_device):
             session = vz.Session.from_pickle(pickle, key)
-            if sc.olm_type == 0 and not session.session_matches(msg.to_pre_key()):
+            if pre_key is not None and not session.session_matches(pre_key):
                 continue
             try:
                 plain = session.decrypt(msg)
-            except Exception:  # noqa: BLE001 - vodozemac raises its own types; try the next
+            except Exception:
                 continue
             return bytes(plain), self._saver(sc.sender_device, session, False)
-        if sc.olm_type != 0:
+        if pre_key is None:
             raise MalformedEnvelope("no session decrypts this message (replay or forgery)")
         try:
             session, plain = self.account.create_inbound_session(
-                vz.Curve25519PublicKey.from_base64(sc.sender_device), msg.to_pre_key())
-        except Exception as exc:  # noqa: BLE001
+                vz.Curve25519PublicKey.from_base64(sc.sender_device), pre_key
+            )
+        except Exception as exc:
             raise MalformedEnvelope("cannot open pre-key message (replay or forgery)") from exc
         return bytes(plain), self._saver(sc.sender_device, session, True)
 
-    def _saver(self, peer: str, session: vz.Session, account_changed: bool
-               ) -> Callable[[Any, int], None]:
+    def _saver(
+        self, peer: str, session: vz.Session, account_changed: bool
+    ) -> Callable[[Any, int], None]:
         def save(db: Any, now: int) -> None:
-            self.state.save_session(db, peer, session.session_id,
-                                    session.pickle(self.state.storage_key), now)
+            self.state.save_session(
+                db, peer, session.session_id, session.pickle(self.state.storage_key), now
+            )
             if account_changed:
                 self._save_account(db)
 

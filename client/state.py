@@ -113,8 +113,10 @@ class DeviceState:
         return None if row is None else Contact(*row)
 
     def save_contact(self, db: sqlite3.Connection, c: Contact) -> None:
-        db.execute("INSERT OR REPLACE INTO contacts VALUES (?, ?, ?, ?, ?)",
-                   (c.address, c.identity_key, c.node_id, c.device_list, c.sig))
+        db.execute(
+            "INSERT OR REPLACE INTO contacts VALUES (?, ?, ?, ?, ?)",
+            (c.address, c.identity_key, c.node_id, c.device_list, c.sig),
+        )
 
     # ---- sessions ----------------------------------------------------------------------------
 
@@ -126,22 +128,35 @@ class DeviceState:
         ).fetchall()
         return [(r[0], self.open(r[1]).decode()) for r in rows]
 
-    def save_session(self, db: sqlite3.Connection, peer_key: str, session_id: str, pickle: str,
-                     now: int) -> None:
-        db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)",
-                   (peer_key, session_id, self.seal(pickle.encode()), now))
+    def save_session(
+        self, db: sqlite3.Connection, peer_key: str, session_id: str, pickle: str, now: int
+    ) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)",
+            (peer_key, session_id, self.seal(pickle.encode()), now),
+        )
 
     # ---- history -----------------------------------------------------------------------------
 
     def has_message(self, msg_id: bytes) -> bool:
-        return self.db.execute("SELECT 1 FROM history WHERE msg_id=?", (msg_id,)).fetchone() is not None
+        return (
+            self.db.execute("SELECT 1 FROM history WHERE msg_id=?", (msg_id,)).fetchone()
+            is not None
+        )
 
     def add_history(self, db: sqlite3.Connection, row: HistoryRow) -> bool:
         cur = db.execute(
             "INSERT OR IGNORE INTO history (msg_id, peer, outgoing, sender, text, sent_at, "
             "received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (row.msg_id, row.peer, int(row.outgoing), row.sender, self.seal(row.text.encode()),
-             row.sent_at, row.received_at),
+            (
+                row.msg_id,
+                row.peer,
+                int(row.outgoing),
+                row.sender,
+                self.seal(row.text.encode()),
+                row.sent_at,
+                row.received_at,
+            ),
         )
         return cur.rowcount == 1
 
@@ -151,5 +166,7 @@ class DeviceState:
             "WHERE peer=? ORDER BY seq",
             (peer,),
         ).fetchall()
-        return [HistoryRow(r[0], r[1], bool(r[2]), r[3], self.open(r[4]).decode(), r[5], r[6])
-                for r in rows]
+        return [
+            HistoryRow(r[0], r[1], bool(r[2]), r[3], self.open(r[4]).decode(), r[5], r[6])
+            for r in rows
+        ]

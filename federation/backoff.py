@@ -28,7 +28,7 @@ class Backoff:
         self.failures += 1
         ceiling = min(self.cap_ms, self.base_ms * (2 ** min(self.failures, 20)))
         # "equal jitter": at least half the ceiling, so a dead peer isn't hammered.
-        delay = ceiling // 2 + self.rng.randint(0, ceiling // 2)
+        delay = int(ceiling // 2 + self.rng.randint(0, ceiling // 2))
         self.next_attempt = now + delay
         return delay
 

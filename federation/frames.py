@@ -102,8 +102,9 @@ class Challenge(Frame):
 
     @classmethod
     def from_map(cls, m: dict[str, Any]) -> Challenge:
-        return cls(_req(m, "node_id", str), _req(m, "nonce", bytes), _req(m, "v", int),
-                   _req(m, "now", int))
+        return cls(
+            _req(m, "node_id", str), _req(m, "nonce", bytes), _req(m, "v", int), _req(m, "now", int)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +160,12 @@ class Keys(Frame):
             if not isinstance(k, str):
                 raise MalformedFrame("bad claimed key")
             out[k] = pairs[0]
-        return cls(_rid(m), _req(m, "node_id", str),
-                   SignedDeviceList.from_wire(_req(m, "device_list", list)), out)
+        return cls(
+            _rid(m),
+            _req(m, "node_id", str),
+            SignedDeviceList.from_wire(_req(m, "device_list", list)),
+            out,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,8 +183,12 @@ class Accepted(Frame):
             raise MalformedFrame("bad ids")
         out = []
         for r in rej:
-            if not isinstance(r, list) or len(r) != 2 or not isinstance(r[0], bytes) \
-                    or not isinstance(r[1], str):
+            if (
+                not isinstance(r, list)
+                or len(r) != 2
+                or not isinstance(r[0], bytes)
+                or not isinstance(r[1], str)
+            ):
                 raise MalformedFrame("bad rejected entry")
             out.append((r[0], r[1]))
         return cls(_rid(m), tuple(ids), tuple(out))
@@ -250,8 +259,14 @@ class Register(Frame):
         sig = _req(m, "sig", bytes)
         if len(invite) > 64 or len(auth_key) != 32 or len(sig) != 64:
             raise MalformedFrame("bad register fields")
-        return cls(_rid(m), invite, _mailbox(m), auth_key, sig,
-                   SignedDeviceList.from_wire(_req(m, "device_list", list)))
+        return cls(
+            _rid(m),
+            invite,
+            _mailbox(m),
+            auth_key,
+            sig,
+            SignedDeviceList.from_wire(_req(m, "device_list", list)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,8 +316,7 @@ class Send(Frame):
     items: tuple[tuple[str, Envelope], ...]
 
     def to_map(self) -> dict[str, Any]:
-        return {"t": self.T, "rid": self.rid,
-                "items": [[n, e.to_wire()] for n, e in self.items]}
+        return {"t": self.T, "rid": self.rid, "items": [[n, e.to_wire()] for n, e in self.items]}
 
     @classmethod
     def from_map(cls, m: dict[str, Any]) -> Send:
@@ -336,8 +350,22 @@ class Ack(Frame):
 
 FRAME_TYPES: dict[str, type[Frame]] = {
     c.T: c
-    for c in (Challenge, AuthOk, Registered, Ok, Keys, Accepted, Deliver, Error, Auth, Register,
-              PublishKeys, QueryKeys, Send, Ack)
+    for c in (
+        Challenge,
+        AuthOk,
+        Registered,
+        Ok,
+        Keys,
+        Accepted,
+        Deliver,
+        Error,
+        Auth,
+        Register,
+        PublishKeys,
+        QueryKeys,
+        Send,
+        Ack,
+    )
 }
 
 

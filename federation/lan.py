@@ -55,6 +55,7 @@ from .lanid import LAN_VERSION, LanCandidate, parse_txt, txt_record
 
 SERVICE_TYPE = "_haven._tcp.local."
 DEFAULT_TTL_S = 120
+MAX_SERVICES = 256  # services tracked per browser; more on one LAN is a flood, not a LAN
 _REGISTER_ATTEMPTS = 3
 
 log = logging.getLogger(__name__)
@@ -350,7 +351,7 @@ class LanBrowser:
         try:
             if state_change is ServiceStateChange.Removed:
                 self._forget(name)
-            else:
+            elif name in self._seen or len(self._seen) < MAX_SERVICES:
                 self._seen.setdefault(name, _Seen())
                 self._resolve_soon(name, restart=True)
         except Exception:  # a raise here would break zeroconf's dispatch

@@ -41,7 +41,7 @@ def unpad(data: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class SealedContent:
-    """What only the recipient device sees: who sent it, from which device key, and the Olm message."""
+    """What only the recipient device sees: sender, sender device key, Olm message."""
 
     sender: str  # address name@host
     sender_device: str  # sender device's Curve25519 identity key, base64 (vodozemac form)
@@ -49,7 +49,9 @@ class SealedContent:
     olm_body: bytes
 
     def encode(self) -> bytes:
-        return packb([SEALED_VERSION, self.sender, self.sender_device, self.olm_type, self.olm_body])
+        return packb(
+            [SEALED_VERSION, self.sender, self.sender_device, self.olm_type, self.olm_body]
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> SealedContent:

@@ -122,7 +122,13 @@ class SignedRequest:
 
 
 def _request_bytes(
-    version: int, method: str, path: str, origin: str, dest: str, created: int, nonce: bytes,
+    version: int,
+    method: str,
+    path: str,
+    origin: str,
+    dest: str,
+    created: int,
+    nonce: bytes,
     body: bytes,
 ) -> bytes:
     fields = [version, method.upper(), path, origin, dest, created, nonce, body_hash(body)]

@@ -58,9 +58,7 @@ class PeerTransport:
         desc = Descriptor.verify_decode(data)
         return FetchedDescriptor(desc, desc.now - (t0 + t1) // 2)
 
-    async def post_batch(
-        self, base_url: str, dest: str, created: int, batch: Batch
-    ) -> BatchResult:
+    async def post_batch(self, base_url: str, dest: str, created: int, batch: Batch) -> BatchResult:
         body = batch.encode()
         data = await self._signed_post(base_url, BATCH_PATH, dest, created, body)
         return BatchResult.decode(data)

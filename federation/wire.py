@@ -112,7 +112,9 @@ class BatchResult:
     rejected: tuple[tuple[bytes, str], ...] = ()
 
     def encode(self) -> bytes:
-        return packb({"accepted": list(self.accepted), "rejected": [list(r) for r in self.rejected]})
+        return packb(
+            {"accepted": list(self.accepted), "rejected": [list(r) for r in self.rejected]}
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> BatchResult:
@@ -124,7 +126,10 @@ class BatchResult:
         if not isinstance(acc, list) or not all(isinstance(i, bytes) for i in acc):
             raise MalformedEnvelope("bad accepted list")
         if not isinstance(rej, list) or not all(
-            isinstance(r, list) and len(r) == 2 and isinstance(r[0], bytes) and isinstance(r[1], str)
+            isinstance(r, list)
+            and len(r) == 2
+            and isinstance(r[0], bytes)
+            and isinstance(r[1], str)
             for r in rej
         ):
             raise MalformedEnvelope("bad rejected list")

@@ -78,8 +78,9 @@ def open_store(home: str, config: NodeConfig) -> SqliteStore:
 class Node:
     """One running node. Build with :func:`build`; run with :meth:`run`."""
 
-    def __init__(self, home: str, config: NodeConfig, key: NodeKey, clock: Clock,
-                 store: Store) -> None:
+    def __init__(
+        self, home: str, config: NodeConfig, key: NodeKey, clock: Clock, store: Store
+    ) -> None:
         self.home = home
         self.config = config
         self.key = key
@@ -171,13 +172,15 @@ class Node:
         url = await self.peers.url_for(peer.node_id) or peer.url
         try:
             obj = await self.transport_or_fail().query_keys(
-                url, peer.node_id, self.peers.stamp(peer.node_id), address.name, claim)
+                url, peer.node_id, self.peers.stamp(peer.node_id), address.name, claim
+            )
         except RemoteError as exc:
             if exc.code != "clock_skew" or exc.peer_now is None:
                 raise
             self.peers.correct_clock(peer.node_id, exc.peer_now)
             obj = await self.transport_or_fail().query_keys(
-                url, peer.node_id, self.peers.stamp(peer.node_id), address.name, claim)
+                url, peer.node_id, self.peers.stamp(peer.node_id), address.name, claim
+            )
         try:
             dl = SignedDeviceList.from_wire(obj["device_list"])
             claimed = {str(k): (str(v[0]), str(v[1])) for k, v in dict(obj["claimed"]).items()}
@@ -194,8 +197,7 @@ class Node:
 
     def web_app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BATCH_BYTES + 1024)
-        app.router.add_get("/.well-known/haven/node",
-                           lambda r: federation_api.descriptor(self, r))
+        app.router.add_get("/.well-known/haven/node", lambda r: federation_api.descriptor(self, r))
         app.router.add_post("/haven/v1/federation/batch", lambda r: federation_api.batch(self, r))
         app.router.add_post("/haven/v1/federation/keys", lambda r: federation_api.keys(self, r))
         app.router.add_get("/haven/v1/client", lambda r: client_api.client_ws(self, r))
@@ -223,20 +225,30 @@ class Node:
         try:
             self.known_mailboxes = set(await self.store.all_mailboxes())
             self.known_peers = {p.node_id for p in await self.store.all_peers()}
-            async with aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=15)
-            ) as session:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
                 self.session = session
                 self.transport = PeerTransport(self.key, session)
-                self._peers = PeerDirectory(self.store, self.transport, self.clock,
-                                            self.metrics, self._peer_seen)
-                self._outbox = OutboxSender(self.store, self.mailboxes, self._peers,
-                                            self.transport, self.clock, self.metrics)
-                self.runner = web.AppRunner(self.web_app(), access_log=None,
-                                            handle_signals=False, shutdown_timeout=2)
+                self._peers = PeerDirectory(
+                    self.store, self.transport, self.clock, self.metrics, self._peer_seen
+                )
+                self._outbox = OutboxSender(
+                    self.store,
+                    self.mailboxes,
+                    self._peers,
+                    self.transport,
+                    self.clock,
+                    self.metrics,
+                )
+                self.runner = web.AppRunner(
+                    self.web_app(), access_log=None, handle_signals=False, shutdown_timeout=2
+                )
                 await self.runner.setup()
-                site = web.TCPSite(self.runner, self.config.listen_host, self.config.listen_port,
-                                   ssl_context=self._ssl())
+                site = web.TCPSite(
+                    self.runner,
+                    self.config.listen_host,
+                    self.config.listen_port,
+                    ssl_context=self._ssl(),
+                )
                 await site.start()
                 self.port = _bound_port(site) or self.config.listen_port
                 try:
@@ -269,7 +281,7 @@ class Node:
 
 
 def _bound_port(site: web.TCPSite) -> int | None:
-    server = site._server  # noqa: SLF001 - aiohttp exposes no public accessor
+    server = site._server
     sockets = getattr(server, "sockets", None)
     if sockets:
         return int(sockets[0].getsockname()[1])
@@ -278,8 +290,7 @@ def _bound_port(site: web.TCPSite) -> int | None:
 
 def build(home: str, clock: Clock | None = None) -> Node:
     config = NodeConfig.load(home)
-    return Node(home, config, load_node_key(home), clock or SystemClock(),
-                open_store(home, config))
+    return Node(home, config, load_node_key(home), clock or SystemClock(), open_store(home, config))
 
 
 __all__ = ["KeyChanged", "Node", "build"]

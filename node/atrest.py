@@ -1,4 +1,6 @@
-"""Sealing stored rows at rest under short-lived epoch keys (ARCHITECTURE §4 "Nothing left to recover").
+"""Sealing stored rows at rest under short-lived epoch keys.
+
+Implements ARCHITECTURE §4 "Nothing left to recover".
 
 Epoch keys live in their own small file of fixed-size slots, overwritten in place and fsynced;
 nothing else on disk can open a sealed row. When an epoch ends, still-pending rows are re-sealed

@@ -17,7 +17,7 @@ from federation.ids import valid_name
 from federation.signing import NodeKey, b64e
 from federation.wire import packb
 
-from .app import build, open_store
+from .app import build
 from .client_api import invite_hash
 from .config import KEY_NAME, MAX_TTL_MS, NodeConfig, validate_public_url
 
@@ -37,8 +37,13 @@ def init_node(home: str, public_url: str, listen: str, ttl_ms: int, lan: bool) -
         raise LocalProtocolError("--listen must be HOST:PORT")
     if ttl_ms > MAX_TTL_MS:
         raise LocalProtocolError("--ttl may be at most 14d")
-    config = NodeConfig(public_url=validate_public_url(public_url), listen_host=host,
-                        listen_port=int(port), ttl_ms=ttl_ms, lan=lan)
+    config = NodeConfig(
+        public_url=validate_public_url(public_url),
+        listen_host=host,
+        listen_port=int(port),
+        ttl_ms=ttl_ms,
+        lan=lan,
+    )
     key = NodeKey.generate()
     fd = os.open(os.path.join(home, KEY_NAME), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -46,14 +51,7 @@ def init_node(home: str, public_url: str, listen: str, ttl_ms: int, lan: bool) -
         f.flush()
         os.fsync(f.fileno())
     config.save(home)
-
-    async def create() -> None:
-        store = open_store(home, config)
-        await store.open()
-        await store.close()
-
-    asyncio.run(create())
-    return config
+    return config  # the store is created (and migrated) on first open
 
 
 async def create_invite(home: str, name: str, expires_ms: int) -> str:
@@ -106,8 +104,11 @@ async def serve(home: str, announce: bool = True) -> None:
     ready = asyncio.create_task(node.ready.wait())
     await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
     if node.ready.is_set() and announce:
-        print(f"haven node {node.key.node_id} listening on "
-              f"{node.config.listen_host}:{node.port} as {node.config.public_url}", flush=True)
+        print(
+            f"haven node {node.key.node_id} listening on "
+            f"{node.config.listen_host}:{node.port} as {node.config.public_url}",
+            flush=True,
+        )
     ready.cancel()
     await task
 
@@ -118,12 +119,24 @@ def add_commands(sub: Any) -> None:
 
     i = nsub.add_parser("init", help="create a node: identity key, config and store")
     i.add_argument("--home", required=True, help="node home directory")
-    i.add_argument("--public-url", required=True, help="URL peers and devices reach, e.g. https://haven.example.org")
-    i.add_argument("--listen", default="127.0.0.1:8765", help="HOST:PORT to bind (default 127.0.0.1:8765)")
-    i.add_argument("--ttl", default="7d", help="how long undelivered envelopes are kept (default 7d, max 14d)")
-    i.add_argument("--owner", help="also create this user's account and first device (personal node)")
+    i.add_argument(
+        "--public-url",
+        required=True,
+        help="URL peers and devices reach, e.g. https://haven.example.org",
+    )
+    i.add_argument(
+        "--listen", default="127.0.0.1:8765", help="HOST:PORT to bind (default 127.0.0.1:8765)"
+    )
+    i.add_argument(
+        "--ttl", default="7d", help="how long undelivered envelopes are kept (default 7d, max 14d)"
+    )
+    i.add_argument(
+        "--owner", help="also create this user's account and first device (personal node)"
+    )
     i.add_argument("--device-home", help="device home directory for --owner")
-    i.add_argument("--lan", dest="lan", action="store_true", default=None, help="announce on the LAN")
+    i.add_argument(
+        "--lan", dest="lan", action="store_true", default=None, help="announce on the LAN"
+    )
     i.add_argument("--no-lan", dest="lan", action="store_false")
     i.add_argument("--json", action="store_true")
 
@@ -147,8 +160,11 @@ def add_commands(sub: Any) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("aiohttp.access").disabled = True
     try:
         return _run(args)
@@ -188,7 +204,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if cmd == "remove-account":
         n = asyncio.run(remove_account(args.home, args.name))
-        print(json.dumps({"removed": args.name, "mailboxes": n}) if args.json
-              else f"removed {args.name} and {n} mailbox(es)")
+        print(
+            json.dumps({"removed": args.name, "mailboxes": n})
+            if args.json
+            else f"removed {args.name} and {n} mailbox(es)"
+        )
         return 0
     raise LocalProtocolError(f"unknown command {cmd}")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from aiohttp import WSMsgType, web
 
 from federation import frames as F
-from federation.devicelist import DeviceList
+from federation.devicelist import DeviceList, SignedDeviceList
 from federation.errors import (
     Expired,
     HavenError,
@@ -106,8 +106,11 @@ class ClientSession:
         self.send(F.Error(rid, exc.code, str(exc)[:200]))
 
     async def serve(self) -> None:
-        self.send(F.Challenge(self.node.key.node_id, self.challenge, PROTOCOL_VERSION,
-                              self.node.clock.now_ms()))
+        self.send(
+            F.Challenge(
+                self.node.key.node_id, self.challenge, PROTOCOL_VERSION, self.node.clock.now_ms()
+            )
+        )
         writer = asyncio.create_task(self.writer())
         try:
             async for msg in self.ws:
@@ -190,8 +193,9 @@ class ClientSession:
         if self.mailbox:
             raise MalformedFrame("already authenticated")
         self._check_proof(f.auth_key, f.mailbox, f.sig)
-        account = await self.node.store.redeem_invite(invite_hash(f.invite),
-                                                      self.node.clock.now_ms())
+        account = await self.node.store.redeem_invite(
+            invite_hash(f.invite), self.node.clock.now_ms()
+        )
         if account is None:
             from federation.errors import InvalidInvite
 
@@ -199,20 +203,21 @@ class ClientSession:
         address = f"{account}@{self.node.config.public_host}"
         dl = self._check_list(f.device_list, address, must_have=(f.mailbox, f.auth_key))
         await self.node.store.add_device(account, f.mailbox, f.auth_key)
-        await self.node.store.set_device_list(account, dl.version, f.device_list.blob,
-                                              f.device_list.signature)
+        await self.node.store.set_device_list(
+            account, dl.version, f.device_list.blob, f.device_list.signature
+        )
         self.node.known_mailboxes.add(f.mailbox)
         self.send(F.Registered(f.rid, address))
         await self._attach(account, f.mailbox)
 
-    def _check_list(self, signed: object, address: str, must_have: tuple[bytes, bytes]) -> DeviceList:
-        from federation.devicelist import SignedDeviceList
-
-        assert isinstance(signed, SignedDeviceList)  # noqa: S101 - typed by the frame decoder
+    def _check_list(
+        self, signed: SignedDeviceList, address: str, must_have: tuple[bytes, bytes]
+    ) -> DeviceList:
         dl = signed.open(expected_address=address)
         mailbox, auth_key = must_have
-        if not any(d.mailbox == mailbox and ed25519_from_b64(d.ed25519) == auth_key
-                   for d in dl.devices):
+        if not any(
+            d.mailbox == mailbox and ed25519_from_b64(d.ed25519) == auth_key for d in dl.devices
+        ):
             raise MalformedFrame("device list does not list this device")
         return dl
 
@@ -226,13 +231,12 @@ class ClientSession:
             current = await store.get_device_list(self.account)
             dl = self._check_list(f.device_list, address, must_have=(self.mailbox, dev.auth_key))
             if current is not None:
-                from federation.devicelist import SignedDeviceList
-
                 old = SignedDeviceList(*current).open()
                 if old.identity_key != dl.identity_key:
                     raise Unauthorized("device list signed by a different identity key")
-            if not await store.set_device_list(self.account, dl.version, f.device_list.blob,
-                                               f.device_list.signature):
+            if not await store.set_device_list(
+                self.account, dl.version, f.device_list.blob, f.device_list.signature
+            ):
                 raise MalformedFrame("device list version must not go backwards")
         count = await store.count_otks(self.mailbox)
         if f.otks:
@@ -306,7 +310,7 @@ class ClientSession:
             self.inflight.discard(i)
             self.acked.add(i)
         if len(self.acked) > 4 * DELIVERY_WINDOW:
-            self.acked = set(list(self.acked)[-2 * DELIVERY_WINDOW:])
+            self.acked = set(list(self.acked)[-2 * DELIVERY_WINDOW :])
         self.node.mailboxes.acked(mine)
         if self.backlog and len(self.inflight) < DELIVERY_WINDOW // 2:
             await self.refill()

@@ -46,11 +46,14 @@ STATUS = {
 def error_response(node: Node, exc: HavenError) -> web.Response:
     node.metrics.error("federation", exc.code)
     body = packb({"code": exc.code, "message": str(exc)[:200], "now": node.clock.now_ms()})
-    return web.Response(status=STATUS.get(exc.code, 400), body=body,
-                        content_type="application/msgpack")
+    return web.Response(
+        status=STATUS.get(exc.code, 400), body=body, content_type="application/msgpack"
+    )
 
 
-async def authenticate(node: Node, request: web.Request, max_len: int) -> tuple[SignedRequest, bytes]:
+async def authenticate(
+    node: Node, request: web.Request, max_len: int
+) -> tuple[SignedRequest, bytes]:
     """Run every pre-storage check on a signed request; return it with its body."""
     if request.content_length is not None and request.content_length > max_len:
         raise TooLarge("request body too large")
@@ -112,8 +115,11 @@ async def keys(node: Node, request: web.Request) -> web.Response:
     try:
         req, body = await authenticate(node, request, 4096)
         obj = unpackb(body, max_len=4096)
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) \
-                or not isinstance(obj.get("claim"), bool):
+        if (
+            not isinstance(obj, dict)
+            or not isinstance(obj.get("name"), str)
+            or not isinstance(obj.get("claim"), bool)
+        ):
             raise MalformedFrame("bad key query")
         if not node.rates.take("fedkeys:" + req.origin, node.clock.now_ms()):
             raise RateLimited("too many key queries from this peer")
@@ -121,5 +127,7 @@ async def keys(node: Node, request: web.Request) -> web.Response:
         dl, claimed = await node.local_keys(obj["name"], obj["claim"])
     except HavenError as exc:
         return error_response(node, exc)
-    answer = packb({"device_list": dl.to_wire(), "claimed": {k: list(v) for k, v in claimed.items()}})
+    answer = packb(
+        {"device_list": dl.to_wire(), "claimed": {k: list(v) for k, v in claimed.items()}}
+    )
     return signed(node, req, answer)

@@ -151,8 +151,11 @@ class Mailboxes:
         try:
             await self.store.write(batch, self.clock.now_ms())
         except StorageError as exc:
-            log.error("group commit failed (%s); %d envelopes refused", exc.code,
-                      len(env_items) + len(out_items))
+            log.error(
+                "group commit failed (%s); %d envelopes refused",
+                str(exc),
+                len(env_items) + len(out_items),
+            )
             err = StorageError("store write failed")
             for _, p in env_items:
                 _fail(p.waiters, err)

@@ -93,8 +93,9 @@ class OutboxSender:
                 delay = d.backoff.failed(self.clock.now_ms())
                 self.peers.mark(dest, False)
                 self.metrics.error("outbox", exc.code)
-                log.info("delivery to %s failed (%s); retry in %.1f s", dest, exc.code,
-                         delay / 1000)
+                log.info(
+                    "delivery to %s failed (%s); retry in %.1f s", dest, exc.code, delay / 1000
+                )
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay / 1000):
                         d.wake.clear()
@@ -106,13 +107,15 @@ class OutboxSender:
         if url is None:
             raise TransportError("no locator for peer")
         try:
-            result = await self.transport.post_batch(url, dest, self.peers.stamp(dest),
-                                                     Batch(tuple(envs)))
+            result = await self.transport.post_batch(
+                url, dest, self.peers.stamp(dest), Batch(tuple(envs))
+            )
         except RemoteError as exc:
             if exc.code == ClockSkew.code and exc.peer_now is not None:
                 self.peers.correct_clock(dest, exc.peer_now)  # re-measured; retry at once
-                result = await self.transport.post_batch(url, dest, self.peers.stamp(dest),
-                                                         Batch(tuple(envs)))
+                result = await self.transport.post_batch(
+                    url, dest, self.peers.stamp(dest), Batch(tuple(envs))
+                )
             else:
                 raise
         done = list(result.accepted) + [i for i, code in result.rejected if code in PERMANENT]

@@ -108,8 +108,10 @@ class PeerDirectory:
         if pinned is not None and pinned.node_id != desc.node_id:
             if not rotation_chain_allows(pinned.node_id, desc.node_id, desc.rotations):
                 self.metrics.error("peers", KeyChanged.code)
-                log.warning("peer %s presented a different key with no signed rotation; refused",
-                            pinned.node_id)
+                log.warning(
+                    "peer %s presented a different key with no signed rotation; refused",
+                    pinned.node_id,
+                )
                 raise KeyChanged("peer node key changed without a signed rotation")
             log.info("peer %s rotated its key to %s", pinned.node_id, desc.node_id)
             await self.store.rename_peer(pinned.node_id, record)

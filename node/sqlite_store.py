@@ -11,6 +11,7 @@ The schema is versioned: :data:`MIGRATIONS` holds one entry per version, applied
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 import aiosqlite
 
@@ -24,8 +25,10 @@ MIGRATIONS: list[str] = [
     # version 1
     """
     CREATE TABLE accounts (name TEXT PRIMARY KEY, created INTEGER NOT NULL);
-    CREATE TABLE invites (token_hash BLOB PRIMARY KEY, name TEXT NOT NULL, expires INTEGER NOT NULL);
-    CREATE TABLE devices (mailbox BLOB PRIMARY KEY, account TEXT NOT NULL, auth_key BLOB NOT NULL);
+    CREATE TABLE invites (token_hash BLOB PRIMARY KEY, name TEXT NOT NULL,
+                          expires INTEGER NOT NULL);
+    CREATE TABLE devices (mailbox BLOB PRIMARY KEY, account TEXT NOT NULL,
+                          auth_key BLOB NOT NULL);
     CREATE INDEX devices_account ON devices(account);
     CREATE TABLE device_lists (account TEXT PRIMARY KEY, version INTEGER NOT NULL,
                                blob BLOB NOT NULL, sig BLOB NOT NULL);
@@ -102,7 +105,7 @@ class SqliteStore:
                 await self._db.close()
                 self._db = None
 
-    async def _tx(self, statements: list[tuple[str, list[tuple[object, ...]]]]) -> None:
+    async def _tx(self, statements: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
         """Run ``executemany`` statements in one IMMEDIATE transaction."""
         try:
             await self.db.execute("BEGIN IMMEDIATE")
@@ -117,7 +120,7 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StorageError(f"write failed: {exc}") from exc
 
-    async def _one(self, sql: str, args: tuple[object, ...] = ()) -> tuple[object, ...] | None:
+    async def _one(self, sql: str, args: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
         try:
             async with self.db.execute(sql, args) as cur:
                 row = await cur.fetchone()
@@ -125,7 +128,7 @@ class SqliteStore:
             raise StorageError(f"read failed: {exc}") from exc
         return tuple(row) if row is not None else None
 
-    async def _all(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    async def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         try:
             async with self.db.execute(sql, args) as cur:
                 rows = await cur.fetchall()
@@ -133,7 +136,7 @@ class SqliteStore:
             raise StorageError(f"read failed: {exc}") from exc
         return [tuple(r) for r in rows]
 
-    async def _exec(self, sql: str, args: tuple[object, ...] = ()) -> int:
+    async def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> int:
         try:
             cur = await self.db.execute(sql, args)
             return int(cur.rowcount)
@@ -173,7 +176,7 @@ class SqliteStore:
         row = await self._one(
             "DELETE FROM invites WHERE token_hash=? RETURNING name, expires", (token_hash,)
         )
-        if row is None or int(row[1]) <= now:  # type: ignore[call-overload]
+        if row is None or int(row[1]) <= now:
             return None
         return str(row[0])
 
@@ -182,7 +185,7 @@ class SqliteStore:
 
     async def get_device(self, mailbox: bytes) -> DeviceRecord | None:
         row = await self._one("SELECT account, auth_key FROM devices WHERE mailbox=?", (mailbox,))
-        return None if row is None else DeviceRecord(str(row[0]), mailbox, bytes(row[1]))  # type: ignore[arg-type]
+        return None if row is None else DeviceRecord(str(row[0]), mailbox, bytes(row[1]))
 
     async def remove_device(self, mailbox: bytes) -> None:
         mb = [(mailbox,)]
@@ -207,7 +210,7 @@ class SqliteStore:
 
     async def get_device_list(self, account: str) -> tuple[bytes, bytes] | None:
         row = await self._one("SELECT blob, sig FROM device_lists WHERE account=?", (account,))
-        return None if row is None else (bytes(row[0]), bytes(row[1]))  # type: ignore[arg-type]
+        return None if row is None else (bytes(row[0]), bytes(row[1]))
 
     # ---- keys --------------------------------------------------------------------------------
 
@@ -233,7 +236,7 @@ class SqliteStore:
 
     async def count_otks(self, mailbox: bytes) -> int:
         row = await self._one("SELECT count(*) FROM otks WHERE mailbox=?", (mailbox,))
-        return int(row[0]) if row else 0  # type: ignore[call-overload]
+        return int(row[0]) if row else 0
 
     # ---- envelopes and outbox ----------------------------------------------------------------
 
@@ -267,14 +270,14 @@ class SqliteStore:
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             rows = await self._all(f"SELECT id FROM envelopes WHERE id IN ({marks})", tuple(chunk))
-            found.update(bytes(r[0]) for r in rows)  # type: ignore[arg-type]
+            found.update(bytes(r[0]) for r in rows)
         return found
 
-    def _open_rows(self, rows: list[tuple[object, ...]]) -> list[Envelope]:
+    def _open_rows(self, rows: list[tuple[Any, ...]]) -> list[Envelope]:
         out = []
         for eid, to, expires, epoch, sealed in rows:
-            body = self.keys.open(int(epoch), bytes(sealed))  # type: ignore[call-overload, arg-type]
-            out.append(Envelope(bytes(eid), bytes(to), int(expires), body))  # type: ignore[arg-type, call-overload]
+            body = self.keys.open(int(epoch), bytes(sealed))
+            out.append(Envelope(bytes(eid), bytes(to), int(expires), body))
         return out
 
     async def pending_for(self, mailbox: bytes, limit: int) -> list[Envelope]:
@@ -315,7 +318,7 @@ class SqliteStore:
                 f"SELECT rowid, epoch, sealed FROM {table} WHERE epoch != ?", (current,)
             )
             updates = [
-                (current, self.keys.seal(current, self.keys.open(int(ep), bytes(s))), rid)  # type: ignore[call-overload, arg-type]
+                (current, self.keys.seal(current, self.keys.open(int(ep), bytes(s))), rid)
                 for rid, ep, s in rows
             ]
             await self._tx([(f"UPDATE {table} SET epoch=?, sealed=? WHERE rowid=?", updates)])
@@ -336,16 +339,20 @@ class SqliteStore:
     # ---- peers -------------------------------------------------------------------------------
 
     async def get_peer(self, node_id: str) -> PeerRecord | None:
-        row = await self._one("SELECT node_id, url, host, last_seen FROM peers WHERE node_id=?",
-                              (node_id,))
-        return None if row is None else PeerRecord(str(row[0]), str(row[1]), str(row[2]),
-                                                   int(row[3]))  # type: ignore[call-overload]
+        row = await self._one(
+            "SELECT node_id, url, host, last_seen FROM peers WHERE node_id=?", (node_id,)
+        )
+        return (
+            None if row is None else PeerRecord(str(row[0]), str(row[1]), str(row[2]), int(row[3]))
+        )
 
     async def peer_by_host(self, host: str) -> PeerRecord | None:
-        row = await self._one("SELECT node_id, url, host, last_seen FROM peers WHERE host=?",
-                              (host,))
-        return None if row is None else PeerRecord(str(row[0]), str(row[1]), str(row[2]),
-                                                   int(row[3]))  # type: ignore[call-overload]
+        row = await self._one(
+            "SELECT node_id, url, host, last_seen FROM peers WHERE host=?", (host,)
+        )
+        return (
+            None if row is None else PeerRecord(str(row[0]), str(row[1]), str(row[2]), int(row[3]))
+        )
 
     async def upsert_peer(self, peer: PeerRecord) -> None:
         await self._exec(
@@ -359,18 +366,20 @@ class SqliteStore:
         await self._tx(
             [
                 ("DELETE FROM peers WHERE node_id=?", [(old_id,)]),
-                ("INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?)",
-                 [(new.node_id, new.url, new.host, new.last_seen)]),
+                (
+                    "INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?)",
+                    [(new.node_id, new.url, new.host, new.last_seen)],
+                ),
                 ("UPDATE outbox SET dest=? WHERE dest=?", [(new.node_id, old_id)]),
             ]
         )
 
     async def all_mailboxes(self) -> list[bytes]:
-        return [bytes(r[0]) for r in await self._all("SELECT mailbox FROM devices")]  # type: ignore[arg-type]
+        return [bytes(r[0]) for r in await self._all("SELECT mailbox FROM devices")]
 
     async def all_peers(self) -> list[PeerRecord]:
         rows = await self._all("SELECT node_id, url, host, last_seen FROM peers")
-        return [PeerRecord(str(a), str(b), str(c), int(d)) for a, b, c, d in rows]  # type: ignore[call-overload]
+        return [PeerRecord(str(a), str(b), str(c), int(d)) for a, b, c, d in rows]
 
     async def counts(self) -> dict[str, int]:
         out = {}
@@ -381,5 +390,5 @@ class SqliteStore:
             ("peers", "SELECT count(*) FROM peers"),
         ):
             row = await self._one(sql)
-            out[key] = int(row[0]) if row else 0  # type: ignore[call-overload]
+            out[key] = int(row[0]) if row else 0
         return out

@@ -46,7 +46,10 @@ class Sweeper:
             if out["expired"]:
                 log.info("expired %d envelopes", out["expired"])
                 self.mailboxes.writes_since_checkpoint += 1
-        if self.mailboxes.writes_since_checkpoint and now - self.mailboxes.last_write_ms >= self.idle_ms:
+        if (
+            self.mailboxes.writes_since_checkpoint
+            and now - self.mailboxes.last_write_ms >= self.idle_ms
+        ):
             self.mailboxes.writes_since_checkpoint = 0
             await self.store.checkpoint()
             out["checkpointed"] = 1

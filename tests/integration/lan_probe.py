@@ -51,6 +51,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ttl", type=int, default=120, help="announced record TTL, seconds")
     p.add_argument("--recheck", type=float, default=30.0, help="browser recheck interval, s")
     p.add_argument("--resolve-timeout", type=float, default=3.0)
+    p.add_argument("--iface", action="append", help="restrict to this interface (repeatable)")
     p.add_argument("--garbage", action="store_true", help="also announce a malformed service")
     return p.parse_args(argv)
 
@@ -92,11 +93,16 @@ async def main(argv: list[str]) -> int:
         on_removed=lambda blinded: emit("removed", blinded=blinded),
         recheck_interval_s=args.recheck,
         resolve_timeout_s=args.resolve_timeout,
+        interfaces=args.iface,
     )
     announcer = None
     if args.key:
         announcer = LanAnnouncer(
-            public_key=bytes.fromhex(args.key), port=args.port, clock=clock, ttl_s=args.ttl
+            public_key=bytes.fromhex(args.key),
+            port=args.port,
+            clock=clock,
+            ttl_s=args.ttl,
+            interfaces=args.iface,
         )
     garbage = await _register_garbage() if args.garbage else None
     commands = await _commands()

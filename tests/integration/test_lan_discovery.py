@@ -128,7 +128,10 @@ def test_lan_peers_discover_each_other_and_notice_departures(lan: NetnsLan) -> N
     ports = {"n0": 7100, "n1": 7101}
     probes = [
         Probe(lan, 0, ["--key", keys["n0"].hex(), "--port", "7100", *PROBE_TIMING]),
-        Probe(lan, 1, ["--key", keys["n1"].hex(), "--port", "7101", *PROBE_TIMING]),
+        # Host 1 restricts itself to eth0 by name; host 0 uses every interface.
+        Probe(
+            lan, 1, ["--key", keys["n1"].hex(), "--port", "7101", "--iface", "eth0", *PROBE_TIMING]
+        ),
         Probe(lan, 2, ["--garbage", *PROBE_TIMING]),
     ]
     p0, p1, p2 = probes

@@ -1,0 +1,145 @@
+"""Two real nodes on 127.0.0.1: federated exchange, offline delivery, restarts, kill -9, seizure."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from client.device import Device
+from federation.errors import HavenError
+
+from .harness import NodeProc, haven, join, recv, wait_until
+
+
+@pytest.fixture
+def pair(tmp_path: Path, nodes: list[NodeProc]) -> tuple[NodeProc, NodeProc]:
+    a = NodeProc.create(tmp_path, "A").start()
+    b = NodeProc.create(tmp_path, "B").start()
+    nodes += [a, b]
+    return a, b
+
+
+def test_exchange_both_ways_offline_and_drained(tmp_path: Path, pair: tuple[NodeProc, NodeProc]) -> None:
+    a, b = pair
+    alice, alice_addr = join(a, tmp_path, "alice")
+    bob, bob_addr = join(b, tmp_path, "bob")
+    assert alice_addr == f"alice@{a.host}" and bob_addr == f"bob@{b.host}"
+
+    # bob is offline: B holds the envelopes until he connects.
+    texts = [f"message {i} from alice" for i in range(5)]
+    for t in texts:
+        haven("send", "--home", str(alice), bob_addr, t)
+    wait_until(lambda: b.status()["pending_envelopes"] == 5, what="B to hold 5 envelopes")
+    assert a.status()["outbox_envelopes"] == 0
+
+    got = recv(bob)
+    assert [m["text"] for m in got] == texts  # all shown once, in order
+    assert {m["from"] for m in got} == {alice_addr}
+    assert all(isinstance(m["sent_at"], int) for m in got)
+    assert recv(bob, wait=0.5) == []  # nothing shown twice
+
+    haven("send", "--home", str(bob), alice_addr, "hello back")
+    assert [m["text"] for m in recv(alice)] == ["hello back"]
+
+    hist = haven("history", "--home", str(bob), alice_addr, "--json").stdout.splitlines()
+    assert len(hist) == 6
+
+    for n in (a, b):
+        wait_until(lambda n=n: n.status()["pending_envelopes"] == 0, what="pending drained")
+        st = n.status()
+        assert st["outbox_envelopes"] == 0 and st["accounts"] == 1 and st["peers"] == 1
+
+
+def test_unreachable_contact_is_keys_unavailable_then_known_contact_queues(
+    tmp_path: Path, pair: tuple[NodeProc, NodeProc]
+) -> None:
+    a, b = pair
+    alice, _ = join(a, tmp_path, "alice")
+    bob, bob_addr = join(b, tmp_path, "bob")
+    unknown = haven("send", "--home", str(alice), f"nobody@{b.host}", "hi", check=False)
+    assert unknown.returncode != 0 and "keys_unavailable" in unknown.stderr
+
+    haven("send", "--home", str(alice), bob_addr, "first")
+    assert [m["text"] for m in recv(bob)] == ["first"]
+    b.stop()
+    # bob's node is down: alice's node queues for a known contact.
+    haven("send", "--home", str(alice), bob_addr, "while you were away")
+    assert a.status()["outbox_envelopes"] == 1
+    b.start()
+    wait_until(lambda: a.status()["outbox_envelopes"] == 0, timeout=60, what="outbox drained")
+    assert [m["text"] for m in recv(bob)] == ["while you were away"]
+
+
+async def _send_all(dev: Device, to: str, texts: list[str]) -> list[str]:
+    done = []
+    for t in texts:
+        try:
+            await dev.send(to, t)
+            done.append(t)
+        except HavenError:
+            pass
+    return done
+
+
+async def test_kill9_and_restart_lose_nothing_acked(tmp_path: Path, pair: tuple[NodeProc, NodeProc]) -> None:
+    a, b = pair
+    alice_home, _ = join(a, tmp_path, "alice")
+    bob_home, bob_addr = join(b, tmp_path, "bob")
+    alice, bob = Device(str(alice_home)), Device(str(bob_home))
+    try:
+        accepted = await _send_all(alice, bob_addr, [f"m{i}" for i in range(10)])
+        b.kill()  # recipient node dies mid-stream
+        accepted += await _send_all(alice, bob_addr, [f"m{i}" for i in range(10, 20)])
+        a.kill()  # sender node dies with envelopes in its outbox
+        a.start()
+        b.start()
+        accepted += await _send_all(alice, bob_addr, [f"m{i}" for i in range(20, 25)])
+        b.stop()  # clean restart as well
+        b.start()
+        wait_until(lambda: a.status()["outbox_envelopes"] == 0, timeout=60, what="outbox drained")
+        received: list[str] = []
+        for _ in range(3):
+            received += [m.text for m in await bob.receive(wait_s=1.0)]
+        assert len(accepted) == 25  # the node was up for every send
+        assert received == accepted  # none lost, none twice, in order
+        b.kill()  # kill again after delivery: nothing comes back
+        b.start()
+        assert await bob.receive(wait_s=0.5) == []
+        assert b.status()["pending_envelopes"] == 0
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_seizure_reveals_no_text_sender_or_recipient(tmp_path: Path, pair: tuple[NodeProc, NodeProc]) -> None:
+    a, b = pair
+    alice, alice_addr = join(a, tmp_path, "alicezq")
+    bob, bob_addr = join(b, tmp_path, "bobxw")
+    secret_ab = "SECRET-canary-from-alice-7d1f"
+    secret_ba = "SECRET-canary-from-bob-93ac"
+    for _ in range(3):
+        haven("send", "--home", str(alice), bob_addr, secret_ab)
+    assert {m["text"] for m in recv(bob)} == {secret_ab}
+    haven("send", "--home", str(bob), alice_addr, secret_ba)
+    assert [m["text"] for m in recv(alice)] == [secret_ba]
+    for n in (a, b):
+        wait_until(lambda n=n: n.status()["pending_envelopes"] == 0, what="delivery")
+    # The idle checkpoint truncates the WAL; wait for it rather than sleeping.
+    for n in (a, b):
+        wal = n.home / "store.db-wal"
+        wait_until(lambda wal=wal: not wal.exists() or wal.stat().st_size == 0,
+                   what="idle WAL checkpoint")
+    forbidden = {
+        b: [secret_ab.encode(), secret_ba.encode(), b"alicezq"],
+        a: [secret_ab.encode(), secret_ba.encode(), b"bobxw"],
+    }
+    for node, needles in forbidden.items():
+        files = [p for p in node.home.rglob("*") if p.is_file()] + [node.log]
+        assert len(files) >= 4
+        for path in files:
+            data = path.read_bytes()
+            for needle in needles:
+                assert needle not in data, f"{needle!r} found in {path.name}"
+    assert os.stat(a.home / "node.key").st_mode & 0o077 == 0
