@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import ssl
+from functools import partial
 from dataclasses import dataclass
 
 import aiohttp
@@ -197,10 +198,10 @@ class Node:
 
     def web_app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BATCH_BYTES + 1024)
-        app.router.add_get("/.well-known/haven/node", lambda r: federation_api.descriptor(self, r))
-        app.router.add_post("/haven/v1/federation/batch", lambda r: federation_api.batch(self, r))
-        app.router.add_post("/haven/v1/federation/keys", lambda r: federation_api.keys(self, r))
-        app.router.add_get("/haven/v1/client", lambda r: client_api.client_ws(self, r))
+        app.router.add_get("/.well-known/haven/node", partial(federation_api.descriptor, self))
+        app.router.add_post("/haven/v1/federation/batch", partial(federation_api.batch, self))
+        app.router.add_post("/haven/v1/federation/keys", partial(federation_api.keys, self))
+        app.router.add_get("/haven/v1/client", partial(client_api.client_ws, self))
         app.router.add_get("/haven/v1/stats", self._stats)
         return app
 
