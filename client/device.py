@@ -68,11 +68,13 @@ def parse_invite(text: str) -> dict[str, Any]:
         raise LocalProtocolError("not a Haven invite")
     try:
         obj = unpackb(b64d(text[len(prefix) :].strip()), max_len=4096)
+        url = str(obj["url"])
         return {
-            "url": str(obj["url"]),
+            "url": url,
             "node": str(obj["node"]),
             "name": str(obj["name"]),
             "t": bytes(obj["t"]),
+            "host": str(obj.get("host") or url.split("://", 1)[1]).lower(),
         }
     except (HavenError, KeyError, TypeError) as exc:
         raise LocalProtocolError("malformed invite") from exc
@@ -170,8 +172,7 @@ class Device:
             assert ch is not None
             if ch.node_id != inv["node"]:
                 raise UntrustedKey("the node does not hold the key named in the invite")
-            host = inv["url"].split("://", 1)[1].lower()
-            address = f"{inv['name']}@{host}"
+            address = f"{inv['name']}@{inv['host']}"
             dev = DeviceInfo(
                 self.curve_key,
                 str(account.ed25519_key.to_base64()),

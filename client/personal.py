@@ -18,6 +18,7 @@ async def _join_owner(home: str, owner: str, device_home: str) -> str:
 
     invite = await create_invite(home, owner, 600_000)
     node = build(home)
+    node.lan_enabled = False  # only the owner's device joins over loopback here
     stop = asyncio.Event()
     task = asyncio.create_task(node.run(stop))
     ready = asyncio.create_task(node.ready.wait())
@@ -40,7 +41,16 @@ def init_personal(args: argparse.Namespace) -> int:
         if not args.device_home:
             raise LocalProtocolError("--owner needs --device-home DIR for the owner's device")
         lan = True if args.lan is None else args.lan
-        config = init_node(args.home, args.public_url, args.listen, parse_duration(args.ttl), lan)
+        config = init_node(
+            args.home,
+            args.public_url,
+            args.listen,
+            parse_duration(args.ttl),
+            lan,
+            owner=args.owner,
+            client_url=args.client_url,
+            interfaces=args.interface,
+        )
         address = asyncio.run(_join_owner(args.home, args.owner, args.device_home))
     except (HavenError, ValueError) as exc:
         print(f"error: {exc} ({getattr(exc, 'code', 'bad_argument')})")

@@ -209,6 +209,7 @@ class Descriptor:
     now: int
     limits: dict[str, int]
     rotations: tuple[Rotation, ...] = ()
+    challenge: bytes = b""  # echoed from ``?c=``: proves the key holder answered *now*
 
     def sign(self, key: NodeKey) -> bytes:
         inner = packb(
@@ -219,6 +220,7 @@ class Descriptor:
                 "now": self.now,
                 "limits": self.limits,
                 "rotations": [r.to_wire() for r in self.rotations],
+                "challenge": self.challenge,
             }
         )
         return packb({"d": inner, "sig": key.sign(DESC_TAG + inner)})
@@ -243,6 +245,7 @@ class Descriptor:
                 now=int(d["now"]),
                 limits={str(k): int(v) for k, v in dict(d.get("limits", {})).items()},
                 rotations=tuple(Rotation.from_wire(r) for r in d.get("rotations", [])),
+                challenge=bytes(d.get("challenge", b"")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedFrame("bad descriptor fields") from exc

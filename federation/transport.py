@@ -7,19 +7,21 @@ responses, and translates aiohttp and protocol failures into :mod:`federation.er
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from .errors import (
+    BadSignature,
     ClockSkew,
     HavenError,
     MalformedFrame,
     RemoteProtocolError,
     TransportError,
 )
-from .signing import H_SIG, Descriptor, NodeKey, sign_request, verify_response
+from .signing import H_SIG, Descriptor, NodeKey, b64e, sign_request, verify_response
 from .wire import MAX_BATCH_BYTES, Batch, BatchResult, packb, unpackb
 
 BATCH_PATH = "/haven/v1/federation/batch"
@@ -51,11 +53,19 @@ class PeerTransport:
         self.timeout_s = timeout_s
 
     async def fetch_descriptor(self, base_url: str, now_ms: Any) -> FetchedDescriptor:
-        """GET the signed descriptor. ``now_ms`` is a callable giving our clock."""
+        """GET the signed descriptor with a fresh challenge; measure the peer's clock offset.
+
+        ``now_ms`` is a callable giving our clock. The descriptor must echo the challenge, so a
+        recorded descriptor replayed by someone else (e.g. a LAN spoofer) is refused.
+        """
+        challenge = os.urandom(16)
         t0 = now_ms()
-        data = await self._request("GET", base_url + DESCRIPTOR_PATH, None, {})
+        url = f"{base_url}{DESCRIPTOR_PATH}?c={b64e(challenge)}"
+        data = await self._request("GET", url, None, {})
         t1 = now_ms()
         desc = Descriptor.verify_decode(data)
+        if desc.challenge != challenge:
+            raise BadSignature("descriptor does not answer our challenge")
         return FetchedDescriptor(desc, desc.now - (t0 + t1) // 2)
 
     async def post_batch(self, base_url: str, dest: str, created: int, batch: Batch) -> BatchResult:
@@ -93,7 +103,10 @@ class PeerTransport:
     ) -> tuple[bytes, str | None]:
         try:
             async with asyncio.timeout(self.timeout_s):
-                async with self.session.request(method, url, data=body, headers=headers) as resp:
+                timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=3)
+                async with self.session.request(
+                    method, url, data=body, headers=headers, timeout=timeout
+                ) as resp:
                     data = await resp.content.read(MAX_BATCH_BYTES + 1)
                     if len(data) > MAX_BATCH_BYTES:
                         raise MalformedFrame("response too large")

@@ -6,8 +6,9 @@ import asyncio
 import logging
 import os
 import ssl
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -24,6 +25,7 @@ from federation.wire import MAX_BATCH_BYTES, PROTOCOL_VERSION, Envelope, packb, 
 from . import client_api, federation_api
 from .atrest import EpochKeys
 from .config import DB_NAME, EPOCH_KEYS_NAME, KEY_NAME, NodeConfig
+from .lan import LanService
 from .mailbox import Mailboxes
 from .metrics import Metrics
 from .outbox import OutboxSender
@@ -103,6 +105,7 @@ class Node:
         self.runner: web.AppRunner | None = None
         self.port = config.listen_port
         self.ready = asyncio.Event()
+        self.lan_enabled = config.lan
 
     # parts that need the HTTP client session exist only while running
     @property
@@ -116,6 +119,23 @@ class Node:
         if self._outbox is None:
             raise LocalProtocolError("node is not running")
         return self._outbox
+
+    async def _run_lan(self) -> None:
+        try:
+            await self._lan().run()
+        except HavenError as exc:
+            log.error("LAN discovery unavailable (%s); serving without it", exc.code)
+
+    def _lan(self) -> LanService:
+        return LanService(
+            public_key=self.key.public_key,
+            port=self.port,
+            clock=self.clock,
+            store=self.store,
+            peers=self.peers,
+            transport=self.transport_or_fail(),
+            interfaces=self.config.interfaces,
+        )
 
     def _outbox_ready(self, dest: str) -> None:
         if self._outbox is not None:
@@ -135,7 +155,7 @@ class Node:
             return "ttl_too_long"
         return None
 
-    def descriptor_bytes(self) -> bytes:
+    def descriptor_bytes(self, challenge: bytes = b"") -> bytes:
         return Descriptor(
             node_id=self.key.node_id,
             public_url=self.config.public_url,
@@ -147,6 +167,7 @@ class Node:
                 "max_ttl_ms": self.config.max_ttl_ms,
             },
             rotations=self.rotations,
+            challenge=challenge,
         ).sign(self.key)
 
     async def local_keys(
@@ -168,20 +189,26 @@ class Node:
     async def remote_keys(
         self, address: Address, claim: bool
     ) -> tuple[str, SignedDeviceList, dict[str, tuple[str, str]]]:
+        """Fetch a remote user's signed device list (and claimed keys) over federation."""
         peer = await self.peers.resolve_host(address.host)
         self.known_peers.add(peer.node_id)
-        url = await self.peers.url_for(peer.node_id) or peer.url
+        transport = self.transport_or_fail()
+
+        async def query(url: str) -> dict[str, Any]:
+            stamp = self.peers.stamp(peer.node_id)
+            return await transport.query_keys(url, peer.node_id, stamp, address.name, claim)
+
         try:
-            obj = await self.transport_or_fail().query_keys(
-                url, peer.node_id, self.peers.stamp(peer.node_id), address.name, claim
-            )
+            obj = await self.peers.call(peer.node_id, query)
         except RemoteError as exc:
-            if exc.code != "clock_skew" or exc.peer_now is None:
+            if exc.code == "clock_skew" and exc.peer_now is not None:
+                self.peers.correct_clock(peer.node_id, exc.peer_now)
+            elif exc.code == "wrong_destination":
+                self.peers.invalidate(peer.node_id)
+                peer = await self.peers.resolve_host(address.host)  # KeyChanged if not rotated
+            else:
                 raise
-            self.peers.correct_clock(peer.node_id, exc.peer_now)
-            obj = await self.transport_or_fail().query_keys(
-                url, peer.node_id, self.peers.stamp(peer.node_id), address.name, claim
-            )
+            obj = await self.peers.call(peer.node_id, query)
         try:
             dl = SignedDeviceList.from_wire(obj["device_list"])
             claimed = {str(k): (str(v[0]), str(v[1])) for k, v in dict(obj["claimed"]).items()}
@@ -203,7 +230,15 @@ class Node:
         app.router.add_post("/haven/v1/federation/keys", partial(federation_api.keys, self))
         app.router.add_get("/haven/v1/client", partial(client_api.client_ws, self))
         app.router.add_get("/haven/v1/stats", self._stats)
+        app.router.add_get("/haven/v1/peers", self._peers_view)
         return app
+
+    async def _peers_view(self, request: web.Request) -> web.Response:
+        if request.remote not in ("127.0.0.1", "::1"):
+            raise web.HTTPNotFound()
+        return web.Response(
+            body=packb(await self.peers.describe()), content_type="application/msgpack"
+        )
 
     async def _stats(self, request: web.Request) -> web.Response:
         # Aggregate counters only: no ids, no addresses. Served to loopback callers only.
@@ -268,6 +303,8 @@ class Node:
                     tg.create_task(self.outbox.run()),
                     tg.create_task(self.sweeper.run()),
                 ]
+                if self.lan_enabled:
+                    tasks.append(tg.create_task(self._run_lan()))
                 self.ready.set()
                 log.info("node %s serving", self.key.node_id)
                 await stop.wait()

@@ -9,25 +9,40 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from federation.clock import SystemClock, parse_duration
-from federation.errors import HavenError, LocalProtocolError
-from federation.ids import valid_name
-from federation.signing import NodeKey, b64e
-from federation.wire import packb
+from federation.errors import HavenError, KeyChanged, LocalProtocolError
+from federation.ids import key_from_node_id, valid_name
+from federation.signing import NodeKey, b64d, b64e
+from federation.wire import packb, unpackb
 
 from .app import build
 from .client_api import invite_hash
 from .config import KEY_NAME, MAX_TTL_MS, NodeConfig, validate_public_url
+from .store import PeerRecord
 
 
-def make_invite(url: str, node_id: str, name: str, token: bytes) -> str:
-    """The invite string a device redeems: carries the node URL and id, so the device pins it."""
-    return "haven:invite:" + b64e(packb({"url": url, "node": node_id, "name": name, "t": token}))
+def make_invite(url: str, node_id: str, name: str, token: bytes, host: str) -> str:
+    """The invite a device redeems: the URL to reach the node, its id (so the device pins it),
+    the account name and the public host that forms the user's address."""
+    body = {"url": url, "node": node_id, "name": name, "t": token, "host": host}
+    return "haven:invite:" + b64e(packb(body))
 
 
-def init_node(home: str, public_url: str, listen: str, ttl_ms: int, lan: bool) -> NodeConfig:
+def init_node(
+    home: str,
+    public_url: str,
+    listen: str,
+    ttl_ms: int,
+    lan: bool,
+    *,
+    owner: str = "",
+    client_url: str = "",
+    interfaces: str = "",
+) -> NodeConfig:
     """Create the node identity, config and store in ``home``."""
     os.makedirs(home, mode=0o700, exist_ok=True)
     if os.path.exists(os.path.join(home, KEY_NAME)):
@@ -43,6 +58,9 @@ def init_node(home: str, public_url: str, listen: str, ttl_ms: int, lan: bool) -
         listen_port=int(port),
         ttl_ms=ttl_ms,
         lan=lan,
+        owner=owner,
+        client_url=validate_public_url(client_url) if client_url else "",
+        lan_interfaces=interfaces,
     )
     key = NodeKey.generate()
     fd = os.open(os.path.join(home, KEY_NAME), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -68,7 +86,7 @@ async def create_invite(home: str, name: str, expires_ms: int) -> str:
         await store.add_invite(invite_hash(token), name, now + expires_ms)
     finally:
         await store.close()
-    return make_invite(config.public_url, node.key.node_id, name, token)
+    return make_invite(config.device_url, node.key.node_id, name, token, config.public_host)
 
 
 async def node_status(home: str) -> dict[str, Any]:
@@ -94,8 +112,14 @@ async def remove_account(home: str, name: str) -> int:
         await node.store.close()
 
 
-async def serve(home: str, announce: bool = True) -> None:
-    node = build(home)
+async def serve(
+    home: str, lan: bool | None = None, interfaces: str = "", clock_offset_ms: int = 0
+) -> None:
+    node = build(home, SystemClock(clock_offset_ms) if clock_offset_ms else None)
+    if lan is not None:
+        node.lan_enabled = lan
+    if interfaces:
+        node.config = replace(node.config, lan_interfaces=interfaces)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -103,7 +127,7 @@ async def serve(home: str, announce: bool = True) -> None:
     task = asyncio.create_task(node.run(stop))
     ready = asyncio.create_task(node.ready.wait())
     await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-    if node.ready.is_set() and announce:
+    if node.ready.is_set():
         print(
             f"haven node {node.key.node_id} listening on "
             f"{node.config.listen_host}:{node.port} as {node.config.public_url}",
@@ -111,6 +135,84 @@ async def serve(home: str, announce: bool = True) -> None:
         )
     ready.cancel()
     await task
+
+
+CARD_PREFIX = "haven:card:"
+
+
+async def contact_card(home: str) -> str:
+    """A contact card: node id, public URL and the owner's address, for pinning on the spot."""
+    node = build(home)
+    owner = f"{node.config.owner}@{node.config.public_host}" if node.config.owner else ""
+    body = {"node": node.key.node_id, "url": node.config.public_url, "owner": owner}
+    return CARD_PREFIX + b64e(packb(body))
+
+
+def parse_card(card: str) -> tuple[str, str]:
+    if not card.startswith(CARD_PREFIX):
+        raise LocalProtocolError("not a Haven contact card")
+    try:
+        obj = unpackb(b64d(card[len(CARD_PREFIX) :].strip()), max_len=4096)
+        node_id, url = str(obj["node"]), validate_public_url(str(obj["url"]))
+        key_from_node_id(node_id)
+    except (HavenError, KeyError, TypeError) as exc:
+        raise LocalProtocolError("malformed contact card") from exc
+    return node_id, url
+
+
+async def pin_card(home: str, card: str) -> str:
+    """Pin a peer node from its card. A host already pinned to another key is refused."""
+    node_id, url = parse_card(card)
+    host = urlsplit(url).netloc.lower()
+    node = build(home)
+    await node.store.open()
+    try:
+        existing = await node.store.peer_by_host(host)
+        if existing is not None and existing.node_id != node_id:
+            raise KeyChanged("that host is pinned to a different node key")
+        await node.store.upsert_peer(PeerRecord(node_id, url, host, 0))
+    finally:
+        await node.store.close()
+    return node_id
+
+
+async def list_peers(home: str) -> list[dict[str, Any]]:
+    """Live view from the running node (loopback admin endpoint), else what the store knows."""
+    import aiohttp
+
+    config = NodeConfig.load(home)
+    url = f"http://127.0.0.1:{config.listen_port}/haven/v1/peers"
+    try:
+        async with aiohttp.ClientSession() as s, s.get(url, timeout=aiohttp.ClientTimeout(5)) as r:
+            if r.status == 200:
+                return list(unpackb(await r.read(), max_len=1 << 22))
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        pass
+    node = build(home)
+    await node.store.open()
+    try:
+        return [
+            {
+                "node_id": p.node_id,
+                "host": p.host,
+                "reachable": "unreachable",
+                "lan": False,
+                "last_seen": p.last_seen,
+                "spoofed": 0,
+            }
+            for p in await node.store.all_peers()
+        ]
+    finally:
+        await node.store.close()
+
+
+def print_qr(text: str) -> None:
+    try:
+        import segno
+
+        segno.make(text, error="l").terminal(compact=True)
+    except Exception:
+        pass
 
 
 def add_commands(sub: Any) -> None:
@@ -135,13 +237,52 @@ def add_commands(sub: Any) -> None:
     )
     i.add_argument("--device-home", help="device home directory for --owner")
     i.add_argument(
-        "--lan", dest="lan", action="store_true", default=None, help="announce on the LAN"
+        "--client-url",
+        default="",
+        help="URL this node's devices use to reach it (default: the public URL)",
+    )
+    i.add_argument("--interface", default="", help="interfaces for LAN discovery (default all)")
+    i.add_argument(
+        "--lan",
+        dest="lan",
+        action="store_true",
+        default=None,
+        help="announce and discover peers on the LAN (default: on with --owner)",
     )
     i.add_argument("--no-lan", dest="lan", action="store_false")
     i.add_argument("--json", action="store_true")
 
     s = nsub.add_parser("serve", help="run the node until SIGINT/SIGTERM")
     s.add_argument("--home", required=True)
+    s.add_argument(
+        "--lan",
+        dest="lan",
+        action="store_true",
+        default=None,
+        help="announce and discover peers on the LAN (overrides the config)",
+    )
+    s.add_argument("--no-lan", dest="lan", action="store_false")
+    s.add_argument(
+        "--interface",
+        default="",
+        help="comma-separated interfaces (names or IPv4 addresses) for LAN discovery",
+    )
+    s.add_argument(
+        "--clock-offset", default="", help=argparse.SUPPRESS
+    )  # tests only: refused unless HAVEN_TEST_CLOCK=1
+
+    pe = nsub.add_parser("peers", help="list peer nodes and how each is reachable")
+    pe.add_argument("--home", required=True)
+    pe.add_argument("--json", action="store_true")
+
+    li = nsub.add_parser("lan-invite", help="print a contact card (text and QR) for pinning")
+    li.add_argument("--home", required=True)
+    li.add_argument("--json", action="store_true")
+
+    pn = nsub.add_parser("pin", help="pin a peer node from its contact card")
+    pn.add_argument("--home", required=True)
+    pn.add_argument("card")
+    pn.add_argument("--json", action="store_true")
 
     v = nsub.add_parser("invite", help="create an account (if new) and print a single-use invite")
     v.add_argument("--home", required=True)
@@ -178,13 +319,48 @@ def _run(args: argparse.Namespace) -> int:
     cmd = args.node_cmd
     if cmd == "init":
         lan = args.lan if args.lan is not None else bool(args.owner)
-        config = init_node(args.home, args.public_url, args.listen, parse_duration(args.ttl), lan)
+        config = init_node(
+            args.home,
+            args.public_url,
+            args.listen,
+            parse_duration(args.ttl),
+            lan,
+            client_url=args.client_url,
+            interfaces=args.interface,
+        )
         node_id = NodeKey(open(os.path.join(args.home, KEY_NAME), "rb").read()).node_id
         out = {"node_id": node_id, "public_url": config.public_url, "home": args.home}
         print(json.dumps(out) if args.json else f"created node {node_id} in {args.home}")
         return 0
     if cmd == "serve":
-        asyncio.run(serve(args.home))
+        offset = 0
+        if args.clock_offset:
+            if os.environ.get("HAVEN_TEST_CLOCK") != "1":
+                raise LocalProtocolError("--clock-offset is a test-only switch")
+            sign = -1 if args.clock_offset.startswith("-") else 1
+            offset = sign * parse_duration(args.clock_offset.lstrip("+-"))
+        asyncio.run(serve(args.home, args.lan, args.interface, offset))
+        return 0
+    if cmd == "peers":
+        peers = asyncio.run(list_peers(args.home))
+        if args.json:
+            print(json.dumps(peers))
+        else:
+            for p in peers:
+                print(f"{p['node_id']}  {p['host']}  {p['reachable']}  spoofed={p['spoofed']}")
+        return 0
+    if cmd == "lan-invite":
+        card = asyncio.run(contact_card(args.home))
+        if args.json:
+            print(json.dumps({"card": card}))
+        else:
+            if sys.stdout.isatty():
+                print_qr(card)
+            print(card)
+        return 0
+    if cmd == "pin":
+        node_id = asyncio.run(pin_card(args.home, args.card))
+        print(json.dumps({"pinned": node_id}) if args.json else f"pinned {node_id}")
         return 0
     if cmd == "invite":
         invite = asyncio.run(create_invite(args.home, args.name, parse_duration(args.expires)))

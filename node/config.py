@@ -25,10 +25,22 @@ class NodeConfig:
     ttl_ms: int = DEFAULT_TTL_MS
     max_ttl_ms: int = MAX_TTL_MS
     lan: bool = False
+    lan_interfaces: str = ""  # comma-separated interface names or IPv4 addresses; "" = all
+    owner: str = ""  # personal node: the owner's account name (shown on LAN contact cards)
+    client_url: str = ""  # URL devices use to reach this node; "" = public_url
     tls_cert: str = ""
     tls_key: str = ""
     max_pending_per_mailbox: int = 10_000
     epoch_ms: int = 3_600_000
+
+    @property
+    def device_url(self) -> str:
+        return self.client_url or self.public_url
+
+    @property
+    def interfaces(self) -> list[str] | None:
+        names = [i.strip() for i in self.lan_interfaces.split(",") if i.strip()]
+        return names or None
 
     @property
     def public_host(self) -> str:

@@ -21,7 +21,7 @@ from federation.errors import (
     TooLarge,
     WrongDestination,
 )
-from federation.signing import H_SIG, SignedRequest, sign_response, verify_request
+from federation.signing import H_SIG, SignedRequest, b64d, sign_response, verify_request
 from federation.wire import MAX_BATCH_BYTES, Batch, BatchResult, Envelope, packb, unpackb
 
 if TYPE_CHECKING:
@@ -78,7 +78,15 @@ def signed(node: Node, req: SignedRequest, body: bytes) -> web.Response:
 
 
 async def descriptor(node: Node, request: web.Request) -> web.Response:
-    return web.Response(body=node.descriptor_bytes(), content_type="application/msgpack")
+    challenge = b""
+    raw = request.query.get("c", "")
+    if raw:
+        try:
+            challenge = b64d(raw[:64])[:32]
+        except HavenError as exc:
+            return error_response(node, exc)
+    body = node.descriptor_bytes(challenge)
+    return web.Response(body=body, content_type="application/msgpack")
 
 
 async def batch(node: Node, request: web.Request) -> web.Response:

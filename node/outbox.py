@@ -17,7 +17,7 @@ from federation.backoff import Backoff
 from federation.clock import Clock
 from federation.errors import ClockSkew, HavenError, TransportError
 from federation.transport import PeerTransport, RemoteError
-from federation.wire import Batch
+from federation.wire import Batch, BatchResult, Envelope
 
 from .mailbox import Mailboxes
 from .metrics import Metrics
@@ -88,10 +88,8 @@ class OutboxSender:
             try:
                 await self._send(dest, envs)
                 d.backoff.succeeded()
-                self.peers.mark(dest, True)
             except HavenError as exc:
                 delay = d.backoff.failed(self.clock.now_ms())
-                self.peers.mark(dest, False)
                 self.metrics.error("outbox", exc.code)
                 log.info(
                     "delivery to %s failed (%s); retry in %.1f s", dest, exc.code, delay / 1000
@@ -101,22 +99,21 @@ class OutboxSender:
                         d.wake.clear()
                         await d.wake.wait()
 
-    async def _send(self, dest: str, envs: list) -> None:  # type: ignore[type-arg]
-        await self.peers.ensure_measured(dest)
-        url = await self.peers.url_for(dest)
-        if url is None:
-            raise TransportError("no locator for peer")
+    async def _send(self, dest: str, envs: list[Envelope]) -> None:
+        batch = Batch(tuple(envs))
+
+        async def post(url: str) -> BatchResult:
+            return await self.transport.post_batch(url, dest, self.peers.stamp(dest), batch)
+
         try:
-            result = await self.transport.post_batch(
-                url, dest, self.peers.stamp(dest), Batch(tuple(envs))
-            )
+            result = await self.peers.call(dest, post)
         except RemoteError as exc:
             if exc.code == ClockSkew.code and exc.peer_now is not None:
                 self.peers.correct_clock(dest, exc.peer_now)  # re-measured; retry at once
-                result = await self.transport.post_batch(
-                    url, dest, self.peers.stamp(dest), Batch(tuple(envs))
-                )
+                result = await self.peers.call(dest, post)
             else:
+                if exc.code == "wrong_destination":
+                    self.peers.invalidate(dest)  # someone else answers there: re-check the key
                 raise
         done = list(result.accepted) + [i for i, code in result.rejected if code in PERMANENT]
         for _, code in result.rejected:

@@ -1,20 +1,24 @@
 """Peer directory: which node serves a host, its pinned key, its clock, how to reach it.
 
-Machines route by node id. A host named in an address is resolved once by fetching the signed
-descriptor; the node id (which *is* the node key) is then pinned to that host (TOFU, or from an
-invite). A later descriptor with a different id is accepted only with a rotation chain signed by
-the pinned key; otherwise it is refused (``key_changed``), counted and logged with node ids only.
+Machines route by node id. A host named in an address is resolved by fetching the signed
+descriptor (with a fresh challenge); the node id (which *is* the node key) is then pinned to that
+host (TOFU, or from an invite or contact card). A later descriptor with a different id is accepted
+only with a rotation chain signed by the pinned key; otherwise it is refused (``key_changed``),
+counted and logged with node ids only.
 
-Each peer's clock offset is measured at this handshake; requests to it are stamped in *its*
-clock (docs/protocol.md §4.3), so nodes whose clocks disagree still interoperate.
+A peer has *locators*: verified LAN addresses (held in memory only, never written to disk) and
+its public URL. Requests try them in that order. Each peer's clock offset is measured at the
+descriptor handshake; requests to it are stamped in *its* clock (docs/protocol.md §4.3), so nodes
+whose clocks disagree by minutes still interoperate.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from federation.clock import Clock
 from federation.errors import KeyChanged, RemoteProtocolError, TransportError
@@ -25,6 +29,7 @@ from .metrics import Metrics
 from .store import PeerRecord, Store
 
 log = logging.getLogger("haven.peers")
+T = TypeVar("T")
 
 
 def candidate_urls(host: str) -> list[str]:
@@ -42,14 +47,19 @@ def candidate_urls(host: str) -> list[str]:
 
 @dataclass
 class PeerState:
+    """What this process knows about a peer right now (memory only)."""
+
     offset_ms: int = 0
     measured: bool = False
-    reachable: bool = True
     lan_urls: list[str] = field(default_factory=list)
+    last_ok: str = ""  # "lan" or "public": the locator kind that last worked
+    reachable: bool = False
+    last_seen: int = 0
+    spoofed: int = 0
 
 
 class PeerDirectory:
-    """Resolves hosts to pinned node ids and tracks per-peer clock offsets and locators."""
+    """Resolves hosts to pinned node ids and tracks per-peer clocks and locators."""
 
     def __init__(
         self,
@@ -66,16 +76,48 @@ class PeerDirectory:
         self.on_seen = on_seen
         self.state: dict[str, PeerState] = {}
 
-    def _st(self, node_id: str) -> PeerState:
+    def st(self, node_id: str) -> PeerState:
         return self.state.setdefault(node_id, PeerState())
 
     def stamp(self, node_id: str) -> int:
         """``created`` for a request to ``node_id``, in that peer's clock."""
-        return self.clock.now_ms() + self._st(node_id).offset_ms
+        return self.clock.now_ms() + self.st(node_id).offset_ms
 
     def correct_clock(self, node_id: str, peer_now: int) -> None:
-        st = self._st(node_id)
+        st = self.st(node_id)
         st.offset_ms, st.measured = peer_now - self.clock.now_ms(), True
+
+    def invalidate(self, node_id: str) -> None:
+        """Forget the measurement: the next request re-fetches the descriptor (and re-checks
+        the key), e.g. after the peer answered ``wrong_destination``."""
+        self.st(node_id).measured = False
+
+    async def locators(self, node_id: str) -> list[tuple[str, str]]:
+        """``(kind, base URL)`` to try, verified LAN addresses first."""
+        out = [("lan", u) for u in self.st(node_id).lan_urls]
+        rec = await self.store.get_peer(node_id)
+        if rec is not None:
+            out.append(("public", rec.url))
+        return out
+
+    async def call(self, node_id: str, fn: Callable[[str], Awaitable[T]]) -> T:
+        """Run ``fn(base_url)`` against each locator of ``node_id`` until one is reachable."""
+        await self.ensure_measured(node_id)
+        last: Exception | None = None
+        for kind, url in await self.locators(node_id):
+            try:
+                result = await fn(url)
+            except TransportError as exc:
+                last = exc
+                continue
+            self._ok(node_id, kind)
+            return result
+        self.st(node_id).reachable = False
+        raise TransportError("peer unreachable") from last
+
+    def _ok(self, node_id: str, kind: str) -> None:
+        st = self.st(node_id)
+        st.reachable, st.last_ok, st.last_seen = True, kind, self.clock.now_ms()
 
     async def resolve_host(self, host: str) -> PeerRecord:
         """Node record for ``host``, fetching and pinning its descriptor on first contact.
@@ -85,8 +127,12 @@ class PeerDirectory:
             KeyChanged: the host now presents a different key with no signed rotation.
         """
         pinned = await self.store.peer_by_host(host)
-        if pinned is not None and self._st(pinned.node_id).measured:
-            return pinned
+        if pinned is not None:
+            try:
+                await self.ensure_measured(pinned.node_id)
+                return await self.store.get_peer(pinned.node_id) or pinned
+            except TransportError:
+                pass  # maybe it moved: ask the host itself below
         fetched = await self._fetch(host, pinned.url if pinned else None)
         return await self._pin(host, pinned, fetched)
 
@@ -117,38 +163,82 @@ class PeerDirectory:
             await self.store.rename_peer(pinned.node_id, record)
         else:
             await self.store.upsert_peer(record)
-        st = self._st(desc.node_id)
-        st.offset_ms, st.measured, st.reachable = fetched.offset_ms, True, True
+        st = self.st(desc.node_id)
+        st.offset_ms, st.measured = fetched.offset_ms, True
+        self._ok(desc.node_id, "public")
         return record
 
-    async def url_for(self, node_id: str) -> str | None:
-        st = self._st(node_id)
-        if st.lan_urls:
-            return st.lan_urls[0]
-        rec = await self.store.get_peer(node_id)
-        return rec.url if rec else None
-
     async def ensure_measured(self, node_id: str) -> None:
-        """Measure a known peer's clock (after a restart) before the first request to it."""
-        st = self._st(node_id)
+        """Fetch a peer's descriptor (clock, key check) before the first request to it."""
+        st = self.st(node_id)
         if st.measured:
             return
-        url = await self.url_for(node_id)
-        if url is None:
-            raise TransportError("no locator for peer")
-        fetched = await self.transport.fetch_descriptor(url, self.clock.now_ms)
-        if fetched.descriptor.node_id != node_id:
-            rec = await self.store.get_peer(node_id)
-            await self._pin(rec.host if rec else url, rec, fetched)
-            raise TransportError("peer identity changed; queue moved")
-        st.offset_ms, st.measured = fetched.offset_ms, True
-
-    def mark(self, node_id: str, reachable: bool) -> None:
-        self._st(node_id).reachable = reachable
+        last: Exception | None = None
+        for kind, url in await self.locators(node_id):
+            try:
+                fetched = await self.transport.fetch_descriptor(url, self.clock.now_ms)
+            except (TransportError, RemoteProtocolError) as exc:
+                last = exc
+                continue
+            if fetched.descriptor.node_id != node_id:
+                rec = await self.store.get_peer(node_id)
+                if rec is None or kind == "lan":
+                    continue  # a LAN address now answers for someone else: not this peer
+                await self._pin(rec.host, rec, fetched)  # raises KeyChanged unless rotated
+                raise TransportError("peer identity rotated; queue moved")
+            st.offset_ms, st.measured = fetched.offset_ms, True
+            self._ok(node_id, kind)
+            return
+        st.reachable = False
+        raise TransportError("peer unreachable") from last
 
     async def seen(self, node_id: str) -> None:
         """A peer contacted us: note it and let its outbox drain at once."""
         rec = await self.store.get_peer(node_id)
         if rec is not None:
-            self._st(node_id).reachable = True
+            st = self.st(node_id)
+            st.reachable, st.last_seen = True, self.clock.now_ms()
             self.on_seen(node_id)
+
+    # ---- LAN ---------------------------------------------------------------------------------
+
+    def lan_verified(self, node_id: str, url: str, offset_ms: int) -> None:
+        """A LAN address proved ``node_id``'s key: use it first, drain the outbox now."""
+        st = self.st(node_id)
+        if url not in st.lan_urls:
+            st.lan_urls.insert(0, url)
+        st.offset_ms, st.measured = offset_ms, True
+        self._ok(node_id, "lan")
+        self.on_seen(node_id)
+
+    def lan_lost(self, node_id: str) -> None:
+        st = self.st(node_id)
+        st.lan_urls.clear()
+        if st.last_ok == "lan":
+            st.reachable = False
+
+    def spoofed(self, node_id: str) -> None:
+        self.st(node_id).spoofed += 1
+        self.metrics.error("lan", "spoofed")
+        log.warning("a LAN host announced peer %s but could not prove its key", node_id)
+
+    async def describe(self) -> list[dict[str, object]]:
+        """The ``haven node peers --json`` view."""
+        out = []
+        for rec in await self.store.all_peers():
+            st = self.st(rec.node_id)
+            if st.reachable:
+                how = st.last_ok or "public"
+            else:
+                how = "unreachable"
+            out.append(
+                {
+                    "node_id": rec.node_id,
+                    "host": rec.host,
+                    "reachable": how,
+                    "lan": bool(st.lan_urls),
+                    "last_seen": st.last_seen or rec.last_seen,
+                    "spoofed": st.spoofed,
+                }
+            )
+        return out

@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 from federation.clock import Clock
+from federation.errors import StorageError
 
 from .mailbox import Mailboxes
 from .store import Store
@@ -57,5 +58,8 @@ class Sweeper:
 
     async def run(self) -> None:
         while True:
-            await self.tick()
+            try:
+                await self.tick()
+            except StorageError as exc:  # e.g. disk full: keep serving, retry next tick
+                log.error("sweeper: %s", exc.code)
             await asyncio.sleep(self.interval_s)

@@ -202,6 +202,8 @@ def stop_children() -> None:
 class Profiler:
     """``py-spy record --format raw`` attached to one pid; stopped with SIGINT."""
 
+    flags: list[str] = []
+
     def __init__(self, out_dir: Path | None, name: str, pid: int) -> None:
         self.path = out_dir / f"{name}.txt" if out_dir else None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -216,7 +218,7 @@ class Profiler:
             return
         self.proc = subprocess.Popen(
             [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
-             "--nonblocking", "--threads", "-o", str(self.path)],
+             "--nonblocking", "--threads", *self.flags, "-o", str(self.path)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
@@ -237,11 +239,39 @@ class Profiler:
         return summarize_profile(self.path)
 
 
+# Where node time goes, by the deepest frame on the stack that matches (first match wins).
+CATEGORIES: list[tuple[str, str]] = [
+    ("sqlite worker thread", "_connection_worker_thread"),
+    ("at-rest sealing (EpochKeys.seal)", "EpochKeys.seal"),
+    ("store.write rows", "SqliteStore.write"),
+    ("aiosqlite calls (loop side)", "aiosqlite/core.py"),
+    ("committer bookkeeping", "Mailboxes._commit_once"),
+    ("frame decode (unpackb, Envelope.from_wire)", "decode_frame"),
+    ("push + Deliver encode", "ClientSession.push"),
+    ("submit_local (futures, dicts)", "Mailboxes.submit_local"),
+    ("acks (on_ack, Mailboxes.acked)", "ClientSession.on_ack"),
+    ("on_send rest (gather, Accepted)", "ClientSession.on_send"),
+    ("key queries", "ClientSession.on_query"),
+    ("ws writer (send_bytes)", "ClientSession.writer"),
+    ("federation inbound (batch handler)", "federation_api"),
+    ("federation outbound (outbox)", "node/outbox.py"),
+    ("aiohttp websocket reader", "aiohttp/_websocket"),
+    ("aiohttp http protocol", "aiohttp/"),
+    ("client connection other", "ClientSession."),
+    ("socket write", "_SelectorSocketTransport.write"),
+    ("socket read", "_read_ready"),
+    ("epoll wait", "EpollSelector.select"),
+    ("event loop (callbacks, futures)", "asyncio/"),
+]
+_BORING = ("asyncio/", "threading.py", "<frozen", "client/cli.py", "node/cli.py", "selectors.py")
+
+
 def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
-    """Self time by leaf frame, and inclusive time of a few frames, per thread group."""
+    """Self time by leaf frame, inclusive time of project/library frames, and categories."""
     leaf: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     threads: Counter[str] = Counter()
+    cats: Counter[str] = Counter()
     total = 0
     for line in path.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
@@ -250,17 +280,33 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
         count = int(n)
         frames = stack.split(";")
         total += count
-        threads[frames[0].split(" ")[0] if frames else "?"] += count
-        leaf[_short(frames[-1])] += count
-        for fr in set(_short(f) for f in frames[1:]):
-            incl[fr] += count
-    pct = lambda c: round(100.0 * c / total, 1) if total else 0.0  # noqa: E731
+        threads[frames[0].split(": ", 1)[-1]] += count
+        short = [_short(f) for f in frames[1:]]
+        if short:
+            leaf[short[-1]] += count
+        for fr in set(short):
+            if not any(b in fr for b in _BORING):
+                incl[fr] += count
+        label = "other"
+        for fr in reversed(frames):
+            hit = next((lab for lab, sub in CATEGORIES if sub in fr), None)
+            if hit is not None:
+                label = hit
+                break
+        if "_connection_worker_thread" in stack:
+            label = CATEGORIES[0][0]
+        cats[label] += count
+
+    def pct(c: int) -> float:
+        return round(100.0 * c / total, 1) if total else 0.0
+
     return {
         "file": str(path),
         "samples": total,
         "threads_pct": {k: pct(v) for k, v in threads.most_common(6)},
+        "categories_pct": {k: pct(v) for k, v in cats.most_common()},
         "self_pct": {k: pct(v) for k, v in leaf.most_common(top)},
-        "inclusive_pct": {k: pct(v) for k, v in incl.most_common(top * 2)},
+        "inclusive_pct": {k: pct(v) for k, v in incl.most_common(top)},
     }
 
 
@@ -392,18 +438,26 @@ class Sender:
 
 
 async def unpaced(
-    snd: Sender, rcv: Receiver, n: int, batch: int, max_s: float, track_every: int = 10
+    snds: list[Sender],
+    rcv: Receiver,
+    n: int,
+    batch: int,
+    max_s: float,
+    track_every: int = 10,
 ) -> dict[str, Any]:
-    """Send ``n`` envelopes as fast as the window allows; wait until all are delivered."""
+    """Send ``n`` envelopes as fast as the windows allow (frames round-robin over the sender
+    connections); wait until all are delivered."""
     expires = int(time.time() * 1000) + DAY_MS
     rcv.received, rcv.lat_ms, rcv.sent_at = 0, [], {}
     rcv.target, rcv.done = n, asyncio.Event()
-    acc0 = snd.accepted
+    acc0 = sum(s.accepted for s in snds)
+    rej0 = sum((s.rejected for s in snds), Counter())
     t0 = time.perf_counter()
     deadline = t0 + max_s
     sent = 0
     while sent < n and time.perf_counter() < deadline:
         k = min(batch, n - sent)
+        snd = snds[(sent // batch) % len(snds)]
         envs = snd.envelopes(k, expires)
         now = time.perf_counter()
         for e in envs[::track_every]:
@@ -414,15 +468,16 @@ async def unpaced(
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(max(1.0, deadline - time.perf_counter()) + 10):
             await rcv.done.wait()
-    await snd.drain(15)
+    for snd in snds:
+        await snd.drain(15)
     t_end = max(rcv.last_rx, t_sent)
     wall = t_end - t0
     return {
         "n": n,
         "sent": sent,
         "delivered": rcv.received,
-        "accepted": snd.accepted - acc0,
-        "rejected": dict(snd.rejected),
+        "accepted": sum(s.accepted for s in snds) - acc0,
+        "rejected": dict(sum((s.rejected for s in snds), Counter()) - rej0),
         "wall_s": round(wall, 3),
         "msgs_per_s": round(rcv.received / wall, 1) if wall > 0 else None,
         "complete": rcv.received >= n,
@@ -470,37 +525,44 @@ async def paced(snd: Sender, rcv: Receiver, rate: float, seconds: float) -> dict
 
 async def bench_node_only(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     node = NodeProc.create(base, "node-only")
-    inv_s, inv_r = node.invite("sender"), node.invite("receiver")
+    names = [f"sender{i}" for i in range(args.senders)]
+    invites = [node.invite(nm) for nm in names]
+    inv_r = node.invite("receiver")
     node.start()
     try:
-        sender, receiver = Device(str(base / "dev-sender")), Device(str(base / "dev-receiver"))
-        await sender.join(inv_s)
+        senders = [Device(str(base / f"dev-{nm}")) for nm in names]
+        receiver = Device(str(base / "dev-receiver"))
+        for dev, inv in zip(senders, invites, strict=True):
+            await dev.join(inv)
         await receiver.join(inv_r)
-        sconn = await sender.connect()
+        sconns = [await dev.connect() for dev in senders]
         rconn = await receiver.connect()
         rcv = Receiver(rconn)
         rtask = asyncio.create_task(rcv.run())
-        snd = Sender(sconn, node.node_id, receiver.mailbox, args.inflight)
+        snds = [Sender(c, node.node_id, receiver.mailbox, args.inflight) for c in sconns]
         try:
             log(f"node_only: warm-up {args.warmup} envelopes")
-            await unpaced(snd, rcv, args.warmup, args.batch, 30)
-            log(f"node_only: unpaced run, n={args.n}, batch={args.batch}, inflight={args.inflight}")
+            await unpaced(snds, rcv, args.warmup, args.batch, 30)
+            log(
+                f"node_only: unpaced run, n={args.n}, batch={args.batch}, "
+                f"inflight={args.inflight}, senders={args.senders}"
+            )
             prof = Profiler(args.profile, "node_only", node.pid)
             c0, p0, w0 = node.cpu(), time.process_time(), time.perf_counter()
-            thr = await unpaced(snd, rcv, args.n, args.batch, args.max_seconds)
+            thr = await unpaced(snds, rcv, args.n, args.batch, args.max_seconds)
             c1, p1, w1 = node.cpu(), time.process_time(), time.perf_counter()
             profile = prof.stop()
             await asyncio.sleep(1.5)  # let the node commit the last deletions
             log(f"node_only: paced run at {args.rate}/s for {args.paced_seconds}s")
-            lat = await paced(snd, rcv, args.rate, args.paced_seconds)
+            lat = await paced(snds[0], rcv, args.rate, args.paced_seconds)
             await asyncio.sleep(1.5)
             counts = node.stats().get("counts", {})
         finally:
             rtask.cancel()
-            await sconn.__aexit__(None, None, None)
-            await rconn.__aexit__(None, None, None)
-            sender.close()
-            receiver.close()
+            for c in [*sconns, rconn]:
+                await c.__aexit__(None, None, None)
+            for dev in [*senders, receiver]:
+                dev.close()
         delivered = max(thr["delivered"], 1)
         out: dict[str, Any] = {
             "msgs_per_s": thr["msgs_per_s"],
@@ -510,6 +572,7 @@ async def bench_node_only(args: argparse.Namespace, base: Path) -> dict[str, Any
             "n": thr["n"],
             "batch": args.batch,
             "inflight_frames": args.inflight,
+            "sender_connections": args.senders,
             "body_bytes": 1024,
             "throughput_run": thr,
             "node_cpu_s": round(c1 - c0, 2),
@@ -825,6 +888,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3000, help="node_only warm-up envelopes")
     p.add_argument("--batch", type=int, default=100, help="envelopes per Send frame (<=256)")
     p.add_argument("--inflight", type=int, default=8, help="Send frames outstanding")
+    p.add_argument(
+        "--senders", type=int, default=1, help="node_only sender devices, one connection each"
+    )
     p.add_argument("--rate", type=float, default=1000.0, help="offered rate of the paced runs")
     p.add_argument("--paced-seconds", type=float, default=5.0)
     p.add_argument(
@@ -855,6 +921,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="attach py-spy to the nodes during throughput runs; raw stacks in DIR",
     )
+    p.add_argument(
+        "--profile-flags", default="", help="extra py-spy record flags, e.g. '--gil' or '--idle'"
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)  # fmt: skip
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -869,6 +938,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.profile is not None:
+        Profiler.flags = args.profile_flags.split()
         args.profile.mkdir(parents=True, exist_ok=True)
         args.profile = args.profile.resolve()
 

@@ -1,27 +1,36 @@
 """A malicious peer node and a malicious device, for tests that feed a real node bad input.
 
 :class:`RawPeer` holds its own :class:`NodeKey`, signs federation requests with
-:mod:`federation.signing` and lets a test bend any part of the request (version, origin,
+:mod:`federation.signing` and lets a test bend any part of a request (version, origin,
 destination, time, nonce, signature, body) before it goes out as raw HTTP. :class:`RawDevice`
-speaks the client WebSocket protocol frame by frame and can send arbitrary bytes.
-Nothing here retries or repairs: every answer comes back exactly as the node sent it.
+speaks the client WebSocket protocol frame by frame and can send arbitrary bytes;
+:class:`RawIdentity` is a device's key material, so a test can register and publish keys exactly
+as it likes (for example one-time keys and no fallback key). :func:`ws_declare_oversized` talks
+WebSocket over a bare TCP stream, to announce a frame larger than the node accepts without
+sending its payload. Nothing here retries or repairs: every answer comes back as the node sent it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import msgpack
+import nacl.public
+import nacl.signing
+import vodozemac as vz
 
 from federation import frames as F
+from federation.devicelist import DeviceInfo, DeviceList, SignedDeviceList
 from federation.signing import (
     H_SIG,
-    H_VERSION,
+    Descriptor,
     NodeKey,
     SignedRequest,
     device_auth_message,
@@ -29,31 +38,53 @@ from federation.signing import (
     verify_response,
 )
 from federation.transport import BATCH_PATH, CONTENT_TYPE, DESCRIPTOR_PATH, KEYS_PATH
-from federation.signing import Descriptor
 from federation.wire import Batch, Envelope, packb
 
-__all__ = ["BATCH_PATH", "KEYS_PATH", "Answer", "RawDevice", "RawPeer", "envelope", "stats"]
+__all__ = [
+    "BATCH_PATH",
+    "KEYS_PATH",
+    "Answer",
+    "RawDevice",
+    "RawIdentity",
+    "RawPeer",
+    "envelope",
+    "now_ms",
+    "stats",
+    "ws_declare_oversized",
+]
 
 DEADLINE_S = 20.0
 STATS_PATH = "/haven/v1/stats"
+CLIENT_PATH = "/haven/v1/client"
 
 
 def now_ms() -> int:
-    return int(time.time() * 1000)
+    """The wall clock exactly as the node's ``SystemClock`` reads it."""
+    return time.time_ns() // 1_000_000
 
 
-def envelope(to: bytes, *, body: bytes = b"\x00" * 64, ttl_ms: int = 3_600_000,
-             eid: bytes | None = None, expires: int | None = None) -> Envelope:
-    """An envelope with an opaque body (never opened by the node)."""
-    return Envelope(eid or os.urandom(16), to, expires if expires is not None else now_ms() + ttl_ms,
-                    body)
+def envelope(
+    to: bytes,
+    *,
+    body: bytes = b"\x00" * 64,
+    ttl_ms: int = 3_600_000,
+    eid: bytes | None = None,
+    expires: int | None = None,
+) -> Envelope:
+    """An envelope with an opaque body (the node never opens bodies)."""
+    exp = expires if expires is not None else now_ms() + ttl_ms
+    return Envelope(eid or os.urandom(16), to, exp, body)
 
 
 async def stats(http: aiohttp.ClientSession, base_url: str) -> dict[str, Any]:
-    """The node's loopback-only aggregate counters."""
-    async with http.get(base_url + STATS_PATH) as resp:
-        assert resp.status == 200, resp.status
-        return msgpack.unpackb(await resp.read())  # type: ignore[no-any-return]
+    """The node's loopback-only aggregate counters: ``{"errors", "events", "counts"}``."""
+    async with asyncio.timeout(DEADLINE_S):
+        async with http.get(base_url + STATS_PATH) as resp:
+            assert resp.status == 200, resp.status
+            return msgpack.unpackb(await resp.read())  # type: ignore[no-any-return]
+
+
+# ---- federation peer ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -84,8 +115,9 @@ class RawPeer:
     async def handshake(self) -> Descriptor:
         """Fetch the node's descriptor: learn its id and clock offset (as a real peer does)."""
         t0 = now_ms()
-        async with self.http.get(self.base_url + DESCRIPTOR_PATH) as resp:
-            data = await resp.read()
+        async with asyncio.timeout(DEADLINE_S):
+            async with self.http.get(self.base_url + DESCRIPTOR_PATH) as resp:
+                data = await resp.read()
         t1 = now_ms()
         desc = Descriptor.verify_decode(data)
         self.dest, self.offset_ms = desc.node_id, desc.now - (t0 + t1) // 2
@@ -94,24 +126,34 @@ class RawPeer:
     def node_now(self) -> int:
         return now_ms() + self.offset_ms
 
-    def sign(self, path: str, body: bytes, *, signer: NodeKey | None = None,
-             dest: str | None = None, created: int | None = None) -> SignedRequest:
-        return sign_request(signer or self.key, "POST", path, dest or self.dest, body,
-                            self.node_now() if created is None else created)
+    def sign(
+        self,
+        path: str,
+        body: bytes,
+        *,
+        signer: NodeKey | None = None,
+        dest: str | None = None,
+        created: int | None = None,
+    ) -> SignedRequest:
+        when = self.node_now() if created is None else created
+        return sign_request(signer or self.key, "POST", path, dest or self.dest, body, when)
 
-    def headers(self, req: SignedRequest, **override: str) -> dict[str, str]:
-        """Signature headers for ``req``; ``override`` replaces (or, with "", drops) headers."""
+    @staticmethod
+    def headers(req: SignedRequest, **override: str | None) -> dict[str, str]:
+        """Signature headers for ``req``; ``Haven_Origin="x"`` replaces one, ``=None`` drops it."""
         h = req.to_headers() | {"Content-Type": CONTENT_TYPE}
         for name, value in override.items():
             name = name.replace("_", "-")
-            if value == "":
+            if value is None:
                 h.pop(name, None)
             else:
                 h[name] = value
         return h
 
-    async def post_raw(self, path: str, body: Any, headers: dict[str, str],
-                       req: SignedRequest | None = None) -> Answer:
+    async def post_raw(
+        self, path: str, body: Any, headers: dict[str, str], req: SignedRequest | None = None
+    ) -> Answer:
+        """POST exactly these headers and body (bytes, or an async iterator for chunked)."""
         async with asyncio.timeout(DEADLINE_S):
             async with self.http.post(self.base_url + path, data=body, headers=headers) as resp:
                 raw = await resp.read()
@@ -134,8 +176,52 @@ class RawPeer:
     def check_signed(self, answer: Answer) -> None:
         """The node signs every successful answer to the requesting peer (protocol §4)."""
         assert answer.request is not None
-        verify_response(self.dest, self.key.node_id, answer.request.nonce, answer.raw,
-                        answer.headers[H_SIG])
+        verify_response(
+            self.dest, self.key.node_id, answer.request.nonce, answer.raw, answer.headers[H_SIG]
+        )
+
+
+# ---- device ------------------------------------------------------------------------------------
+
+
+def _raw_b64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass
+class RawIdentity:
+    """A device's keys held by the test: Olm account, identity key, sealing key, mailbox."""
+
+    account: vz.Account = field(default_factory=vz.Account)
+    identity: nacl.signing.SigningKey = field(default_factory=nacl.signing.SigningKey.generate)
+    sealing: nacl.public.PrivateKey = field(default_factory=nacl.public.PrivateKey.generate)
+    mailbox: bytes = field(default_factory=lambda: os.urandom(16))
+    address: str = ""
+
+    @property
+    def auth_key(self) -> bytes:
+        return _raw_b64(self.account.ed25519_key.to_base64())
+
+    def sign(self, message: bytes) -> bytes:
+        return _raw_b64(self.account.sign(message).to_base64())
+
+    def device_list(self, address: str, version: int = 1) -> SignedDeviceList:
+        dev = DeviceInfo(
+            self.account.curve25519_key.to_base64(),
+            self.account.ed25519_key.to_base64(),
+            bytes(self.sealing.public_key),
+            self.mailbox,
+            now_ms(),
+        )
+        return DeviceList(address, bytes(self.identity.verify_key), version, (dev,)).sign(
+            self.identity
+        )
+
+    def one_time_keys(self, n: int) -> tuple[tuple[str, str], ...]:
+        self.account.generate_one_time_keys(n)
+        keys = tuple((k, v.to_base64()) for k, v in self.account.one_time_keys.items())
+        self.account.mark_keys_as_published()
+        return keys
 
 
 class RawDevice:
@@ -148,7 +234,8 @@ class RawDevice:
 
     @classmethod
     async def connect(cls, http: aiohttp.ClientSession, base_url: str) -> RawDevice:
-        ws = await http.ws_connect(base_url + "/haven/v1/client", max_msg_size=F.MAX_FRAME * 2)
+        async with asyncio.timeout(DEADLINE_S):
+            ws = await http.ws_connect(base_url + CLIENT_PATH, max_msg_size=2 * F.MAX_FRAME)
         first = await cls._recv_on(ws)
         assert isinstance(first, F.Challenge), first
         return cls(ws, first)
@@ -162,17 +249,17 @@ class RawDevice:
         async with asyncio.timeout(DEADLINE_S):
             msg = await ws.receive()
         assert msg.type == aiohttp.WSMsgType.BINARY, (msg.type, msg.data)
-        return F.decode_frame(msg.data)
+        return F.decode_frame(msg.data, 2 * F.MAX_FRAME)
 
     async def recv(self) -> F.Frame:
-        """Next frame that is not a pushed delivery."""
+        """The next frame that is not a pushed delivery."""
         while True:
             frame = await self._recv_on(self.ws)
             if not isinstance(frame, F.Deliver):
                 return frame
 
     async def recv_msg(self) -> aiohttp.WSMessage:
-        """Next raw WebSocket message (to observe closes)."""
+        """The next raw WebSocket message (to observe a close)."""
         async with asyncio.timeout(DEADLINE_S):
             return await self.ws.receive()
 
@@ -184,16 +271,82 @@ class RawDevice:
         await self.ws.send_bytes(data)
         return await self.recv()
 
-    def proof(self, sign: Any, mailbox: bytes) -> bytes:
-        """``sign`` signs bytes with the device's Ed25519 key."""
-        return bytes(sign(device_auth_message(self.challenge.node_id, self.challenge.nonce,
-                                              mailbox)))
+    def proof(self, ident: RawIdentity, mailbox: bytes | None = None) -> bytes:
+        """``ident``'s signature over this connection's challenge, for ``mailbox``."""
+        mb = ident.mailbox if mailbox is None else mailbox
+        return ident.sign(device_auth_message(self.challenge.node_id, self.challenge.nonce, mb))
 
-    async def auth(self, mailbox: bytes, sig: bytes) -> F.Frame:
-        return await self.request(F.Auth(self.next_rid(), mailbox, sig))
+    async def auth(self, ident: RawIdentity) -> F.Frame:
+        return await self.request(F.Auth(self.next_rid(), ident.mailbox, self.proof(ident)))
+
+    async def register(self, ident: RawIdentity, token: bytes, address: str) -> F.Frame:
+        return await self.request(
+            F.Register(
+                self.next_rid(),
+                token,
+                ident.mailbox,
+                ident.auth_key,
+                self.proof(ident),
+                ident.device_list(address),
+            )
+        )
 
     async def close(self) -> None:
         await self.ws.close()
 
 
-__all__ += ["H_VERSION", "now_ms"]
+# ---- WebSocket over a bare stream ----------------------------------------------------------------
+
+
+async def _read_ws_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    b0, b1 = await reader.readexactly(2)
+    n = b1 & 0x7F
+    if n == 126:
+        (n,) = struct.unpack(">H", await reader.readexactly(2))
+    elif n == 127:
+        (n,) = struct.unpack(">Q", await reader.readexactly(8))
+    return b0 & 0x0F, await reader.readexactly(n)
+
+
+async def ws_declare_oversized(host: str, port: int, declared: int) -> tuple[F.Frame, int | None]:
+    """Open a WebSocket by hand and send only the header of a ``declared``-byte binary frame.
+
+    Returns the node's first frame (its challenge) and the close code the node answers with
+    (None if it closed without a close frame). Sending no payload keeps the close clean: the
+    node has nothing unread, so it cannot reset the connection before its close frame arrives.
+    """
+    async with asyncio.timeout(DEADLINE_S):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            key = base64.b64encode(os.urandom(16)).decode()
+            writer.write(
+                (
+                    f"GET {CLIENT_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                ).encode()
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101"), head[:80]
+            opcode, payload = await _read_ws_frame(reader)
+            assert opcode == 0x2, opcode
+            challenge = F.decode_frame(payload)
+            # FIN + binary; masked, 64-bit length; a mask; no payload bytes.
+            writer.write(bytes([0x82, 0x80 | 127]) + struct.pack(">Q", declared) + os.urandom(4))
+            await writer.drain()
+            code: int | None = None
+            while True:
+                try:
+                    opcode, payload = await _read_ws_frame(reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                if opcode == 0x8:
+                    code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else None
+                    break
+            return challenge, code
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except ConnectionError:
+                pass
