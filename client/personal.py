@@ -50,6 +50,8 @@ def init_personal(args: argparse.Namespace) -> int:
             owner=args.owner,
             client_url=args.client_url,
             interfaces=args.interface,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         )
         address = asyncio.run(_join_owner(args.home, args.owner, args.device_home))
     except (HavenError, ValueError) as exc:

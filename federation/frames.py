@@ -250,7 +250,7 @@ class Register(Frame):
     mailbox: bytes
     auth_key: bytes
     sig: bytes
-    device_list: SignedDeviceList
+    device_list: SignedDeviceList | None  # None when redeeming a device-link token
 
     @classmethod
     def from_map(cls, m: dict[str, Any]) -> Register:
@@ -259,14 +259,39 @@ class Register(Frame):
         sig = _req(m, "sig", bytes)
         if len(invite) > 64 or len(auth_key) != 32 or len(sig) != 64:
             raise MalformedFrame("bad register fields")
+        dl = m.get("device_list")
         return cls(
             _rid(m),
             invite,
             _mailbox(m),
             auth_key,
             sig,
-            SignedDeviceList.from_wire(_req(m, "device_list", list)),
+            None if dl is None else SignedDeviceList.from_wire(dl),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class MintLink(Frame):
+    """Ask the node for a single-use token that registers another device on this account."""
+
+    T: ClassVar[str] = "mint_link"
+    rid: int
+
+    @classmethod
+    def from_map(cls, m: dict[str, Any]) -> MintLink:
+        return cls(_rid(m))
+
+
+@dataclass(frozen=True, slots=True)
+class LinkToken(Frame):
+    T: ClassVar[str] = "link_token"
+    rid: int
+    token: bytes
+    expires: int
+
+    @classmethod
+    def from_map(cls, m: dict[str, Any]) -> LinkToken:
+        return cls(_rid(m), _req(m, "token", bytes), _req(m, "expires", int))
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +386,8 @@ FRAME_TYPES: dict[str, type[Frame]] = {
         Error,
         Auth,
         Register,
+        MintLink,
+        LinkToken,
         PublishKeys,
         QueryKeys,
         Send,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import ssl
@@ -120,6 +121,16 @@ class Node:
             raise LocalProtocolError("node is not running")
         return self._outbox
 
+    async def _refresh_caches(self) -> None:
+        """Pick up accounts removed or peers pinned by offline CLI commands while running."""
+        while True:
+            await asyncio.sleep(5)
+            try:
+                self.known_mailboxes = set(await self.store.all_mailboxes())
+                self.known_peers |= {p.node_id for p in await self.store.all_peers()}
+            except HavenError as exc:
+                log.error("cache refresh failed (%s)", exc.code)
+
     async def _run_lan(self) -> None:
         try:
             await self._lan().run()
@@ -147,13 +158,15 @@ class Node:
 
     # ---- helpers used by the APIs ------------------------------------------------------------
 
-    def envelope_problem(self, env: Envelope, now: int) -> str | None:
-        """A stable code if this envelope must be refused, else None."""
+    def admit(self, env: Envelope, now: int) -> tuple[Envelope, str | None]:
+        """Check an incoming envelope: a stable refusal code, or the envelope to store with
+        its expiry capped at this node's TTL (the operator-set maximum)."""
         if env.expires <= now:
-            return "expired"
-        if env.expires > now + self.config.max_ttl_ms + 60_000:
-            return "ttl_too_long"
-        return None
+            return env, "expired"
+        cap = now + min(self.config.ttl_ms, self.config.max_ttl_ms)
+        if env.expires > cap:
+            env = dataclasses.replace(env, expires=cap)
+        return env, None
 
     def descriptor_bytes(self, challenge: bytes = b"") -> bytes:
         return Descriptor(
@@ -303,6 +316,7 @@ class Node:
                     tg.create_task(self.outbox.run()),
                     tg.create_task(self.sweeper.run()),
                 ]
+                tasks.append(tg.create_task(self._refresh_caches()))
                 if self.lan_enabled:
                     tasks.append(tg.create_task(self._run_lan()))
                 self.ready.set()

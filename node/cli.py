@@ -42,6 +42,8 @@ def init_node(
     owner: str = "",
     client_url: str = "",
     interfaces: str = "",
+    tls_cert: str = "",
+    tls_key: str = "",
 ) -> NodeConfig:
     """Create the node identity, config and store in ``home``."""
     os.makedirs(home, mode=0o700, exist_ok=True)
@@ -61,7 +63,11 @@ def init_node(
         owner=owner,
         client_url=validate_public_url(client_url) if client_url else "",
         lan_interfaces=interfaces,
+        tls_cert=os.path.abspath(tls_cert) if tls_cert else "",
+        tls_key=os.path.abspath(tls_key) if tls_key else "",
     )
+    if bool(tls_cert) != bool(tls_key):
+        raise LocalProtocolError("--tls-cert and --tls-key go together")
     key = NodeKey.generate()
     fd = os.open(os.path.join(home, KEY_NAME), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -242,6 +248,8 @@ def add_commands(sub: Any) -> None:
         help="URL this node's devices use to reach it (default: the public URL)",
     )
     i.add_argument("--interface", default="", help="interfaces for LAN discovery (default all)")
+    i.add_argument("--tls-cert", default="", help="PEM certificate chain: serve HTTPS directly")
+    i.add_argument("--tls-key", default="", help="PEM private key for --tls-cert")
     i.add_argument(
         "--lan",
         dest="lan",
@@ -327,6 +335,8 @@ def _run(args: argparse.Namespace) -> int:
             lan,
             client_url=args.client_url,
             interfaces=args.interface,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         )
         node_id = NodeKey(open(os.path.join(args.home, KEY_NAME), "rb").read()).node_id
         out = {"node_id": node_id, "public_url": config.public_url, "home": args.home}

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING
 from aiohttp import WSMsgType, web
 
 from federation import frames as F
-from federation.devicelist import DeviceList, SignedDeviceList
+from federation.devicelist import MAX_DEVICES, DeviceList, SignedDeviceList
 from federation.errors import (
     Expired,
     HavenError,
+    InvalidInvite,
     KeysUnavailable,
     MalformedFrame,
     NotFound,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("haven.client_api")
 
 OTK_LOW_WATER = 10
+LINK_TTL_MS = 5 * 60_000
 
 
 def invite_hash(token: bytes) -> bytes:
@@ -152,6 +154,8 @@ class ClientSession:
                 await self.on_send(frame)
             case F.Ack():
                 await self.on_ack(frame)
+            case F.MintLink():
+                await self.on_mint_link(frame)
             case F.PublishKeys():
                 await self.on_publish(frame)
             case F.QueryKeys():
@@ -190,25 +194,40 @@ class ClientSession:
         await self._attach(dev.account, f.mailbox)
 
     async def on_register(self, f: F.Register) -> None:
+        """Redeem an invite (new account, with its first signed list) or a link token
+        (another device of an existing account; the list is re-signed by the linking device)."""
         if self.mailbox:
             raise MalformedFrame("already authenticated")
         self._check_proof(f.auth_key, f.mailbox, f.sig)
-        account = await self.node.store.redeem_invite(
-            invite_hash(f.invite), self.node.clock.now_ms()
-        )
-        if account is None:
-            from federation.errors import InvalidInvite
-
+        store, now = self.node.store, self.node.clock.now_ms()
+        redeemed = await store.redeem_invite(invite_hash(f.invite), now)
+        if redeemed is None or (redeemed[1] == "link") != (f.device_list is None):
             raise InvalidInvite("invite is invalid, expired or already used")
+        account = redeemed[0]
         address = f"{account}@{self.node.config.public_host}"
-        dl = self._check_list(f.device_list, address, must_have=(f.mailbox, f.auth_key))
-        await self.node.store.add_device(account, f.mailbox, f.auth_key)
-        await self.node.store.set_device_list(
-            account, dl.version, f.device_list.blob, f.device_list.signature
-        )
+        if f.device_list is not None:
+            dl = self._check_list(f.device_list, address, must_have=(f.mailbox, f.auth_key))
+            current = await store.get_device_list(account)
+            if current is not None and SignedDeviceList(*current).open().identity_key != (
+                dl.identity_key
+            ):
+                raise InvalidInvite("account already belongs to another identity")
+            await store.set_device_list(
+                account, dl.version, f.device_list.blob, f.device_list.signature
+            )
+        elif len(await store.devices_of(account)) >= MAX_DEVICES:
+            raise QuotaExceeded("too many devices on this account")
+        await store.add_device(account, f.mailbox, f.auth_key)
         self.node.known_mailboxes.add(f.mailbox)
         self.send(F.Registered(f.rid, address))
         await self._attach(account, f.mailbox)
+
+    async def on_mint_link(self, f: F.MintLink) -> None:
+        """A signed-in device asks for a single-use token to link another device (5 minutes)."""
+        token = os.urandom(24)
+        expires = self.node.clock.now_ms() + LINK_TTL_MS
+        await self.node.store.add_invite(invite_hash(token), self.account, expires, kind="link")
+        self.send(F.LinkToken(f.rid, token, expires))
 
     def _check_list(
         self, signed: SignedDeviceList, address: str, must_have: tuple[bytes, bytes]
@@ -238,6 +257,8 @@ class ClientSession:
                 self.account, dl.version, f.device_list.blob, f.device_list.signature
             ):
                 raise MalformedFrame("device list version must not go backwards")
+            if current is not None:
+                await self._purge_removed(SignedDeviceList(*current).open(), dl)
         count = await store.count_otks(self.mailbox)
         if f.otks:
             if count + len(f.otks) > 200:
@@ -246,6 +267,18 @@ class ClientSession:
         if f.fallback:
             await store.set_fallback(self.mailbox, *f.fallback[0])
         self.send(F.Ok(f.rid, count))
+
+    async def _purge_removed(self, old: DeviceList, new: DeviceList) -> None:
+        """Devices dropped from the signed list lose their mailbox (and its envelopes) at once."""
+        kept = {d.mailbox for d in new.devices}
+        mine = set(await self.node.store.devices_of(self.account))
+        for d in old.devices:
+            if d.mailbox not in kept and d.mailbox in mine and d.mailbox != self.mailbox:
+                await self.node.store.remove_device(d.mailbox)
+                self.node.known_mailboxes.discard(d.mailbox)
+                link = self.node.mailboxes.links.pop(d.mailbox, None)
+                if isinstance(link, ClientSession):
+                    await link.ws.close()
 
     async def on_query(self, f: F.QueryKeys) -> None:
         try:
@@ -279,7 +312,7 @@ class ClientSession:
         remote: list[tuple[str, Envelope]] = []
         rejected: list[tuple[bytes, str]] = []
         for dest, env in f.items:
-            code = node.envelope_problem(env, now)
+            env, code = node.admit(env, now)
             if code is None and dest == node.key.node_id:
                 if env.to in node.known_mailboxes:
                     local.append(env)

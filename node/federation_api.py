@@ -100,7 +100,7 @@ async def batch(node: Node, request: web.Request) -> web.Response:
     good: list[Envelope] = []
     rejected: list[tuple[bytes, str]] = []
     for env in decoded.envelopes:
-        code = node.envelope_problem(env, now)
+        env, code = node.admit(env, now)
         if code is None and env.to not in node.known_mailboxes:
             code = NotFound.code
         if code is None:

@@ -47,6 +47,10 @@ MIGRATIONS: list[str] = [
                         last_seen INTEGER NOT NULL);
     CREATE INDEX peers_host ON peers(host);
     """,
+    # version 2: invites minted by a signed-in device to link another device ("link" kind)
+    """
+    ALTER TABLE invites ADD COLUMN kind TEXT NOT NULL DEFAULT 'invite';
+    """,
 ]
 
 
@@ -168,17 +172,22 @@ class SqliteStore:
         )
         return len(mbs)
 
-    async def add_invite(self, token_hash: bytes, name: str, expires: int) -> None:
-        await self._exec("INSERT INTO invites VALUES (?, ?, ?)", (token_hash, name, expires))
+    async def add_invite(
+        self, token_hash: bytes, name: str, expires: int, kind: str = "invite"
+    ) -> None:
+        await self._exec(
+            "INSERT INTO invites (token_hash, name, expires, kind) VALUES (?, ?, ?, ?)",
+            (token_hash, name, expires, kind),
+        )
 
-    async def redeem_invite(self, token_hash: bytes, now: int) -> str | None:
-        # DELETE ... RETURNING makes redemption atomic: a token works once.
+    async def redeem_invite(self, token_hash: bytes, now: int) -> tuple[str, str] | None:
+        """Atomically consume a token: ``(account, kind)``, or None if unknown or expired."""
         row = await self._one(
-            "DELETE FROM invites WHERE token_hash=? RETURNING name, expires", (token_hash,)
+            "DELETE FROM invites WHERE token_hash=? RETURNING name, expires, kind", (token_hash,)
         )
         if row is None or int(row[1]) <= now:
             return None
-        return str(row[0])
+        return str(row[0]), str(row[2])
 
     async def add_device(self, account: str, mailbox: bytes, auth_key: bytes) -> None:
         await self._exec("INSERT INTO devices VALUES (?, ?, ?)", (mailbox, account, auth_key))
@@ -186,6 +195,10 @@ class SqliteStore:
     async def get_device(self, mailbox: bytes) -> DeviceRecord | None:
         row = await self._one("SELECT account, auth_key FROM devices WHERE mailbox=?", (mailbox,))
         return None if row is None else DeviceRecord(str(row[0]), mailbox, bytes(row[1]))
+
+    async def devices_of(self, account: str) -> list[bytes]:
+        rows = await self._all("SELECT mailbox FROM devices WHERE account=?", (account,))
+        return [bytes(r[0]) for r in rows]
 
     async def remove_device(self, mailbox: bytes) -> None:
         mb = [(mailbox,)]

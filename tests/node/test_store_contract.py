@@ -68,7 +68,7 @@ async def test_invites_single_use_and_expiring(store: Store) -> None:
     await store.create_account("alice", 1)
     await store.add_invite(b"h1", "alice", 1000)
     await store.add_invite(b"h2", "alice", 1000)
-    assert await store.redeem_invite(b"h1", 10) == "alice"
+    assert await store.redeem_invite(b"h1", 10) == ("alice", "invite")
     assert await store.redeem_invite(b"h1", 10) is None
     assert await store.redeem_invite(b"h2", 2000) is None  # expired
     assert await store.redeem_invite(b"nope", 10) is None
