@@ -59,11 +59,18 @@ async def run_demo() -> int:
             await asyncio.sleep(0.05)
         print(f"   node A: {await counts('A')}   node B: {await counts('B')}")
 
-        for m in await bob.receive(wait_s=0.5):
-            print(f"4. bob received from {m.sender}: {m.text!r}")
+        for m in await bob.receive(wait_s=1.0):
+            if m.kind == "text":
+                print(f"4. bob received from {m.sender}: {m.text!r}")
         await bob.send(a_addr, "Got both. Nice to see nothing is kept.")
-        for m in await alice.receive(wait_s=0.5):
-            print(f"5. alice received from {m.sender}: {m.text!r}")
+        for m in await alice.receive(wait_s=1.0):
+            if m.kind == "text":
+                print(f"5. alice received from {m.sender}: {m.text!r}")
+        await bob.receive(wait_s=1.0)  # picks up alice's delivered receipt
+        for row in bob.history(a_addr):
+            if row.outgoing:
+                status = ["sent", "delivered", "read"][row.status]
+                print(f"   bob's history: {row.text!r} is {status} (an end-to-end receipt)")
         print(f"6. after delivery  node A: {await counts('A')}   node B: {await counts('B')}")
         alice.close()
         bob.close()

@@ -1,19 +1,25 @@
 """The device Python API: join a node, send and receive end-to-end encrypted messages.
 
-Layers (docs/protocol.md §3): a payload (message id, kind, text, sent time, recipient) is
-encrypted with Olm (vodozemac) per recipient device; the Olm message plus the sender's address
-and device key is sealed to the recipient device's sealing key and padded (sealed sender); the
-result is the body of one envelope per recipient device. A message is accepted as *from alice*
-only if the Olm sender key is in alice's signed device list, under alice's pinned identity key.
+Layers (docs/protocol.md §3): a :class:`client.payload.Payload` is encrypted with Olm (vodozemac)
+per recipient device; the Olm message plus the sender's address and device key is sealed to the
+recipient device's sealing key and padded (sealed sender); the result is the body of one envelope
+per recipient device. A message is accepted as *from alice* only if the Olm sender key is in
+alice's signed device list, under alice's pinned identity key.
+
+Every message fans out to each device on the recipient's signed list **and** to this user's own
+other devices, so they show what was sent. Receipts, edits, deletes and disappearing timers are
+payloads like any other: nodes cannot read or forge them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import os
+import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nacl.public
@@ -25,6 +31,7 @@ from federation.clock import Clock, SystemClock
 from federation.devicelist import DeviceInfo, DeviceList, SignedDeviceList
 from federation.errors import (
     HavenError,
+    IdentityChanged,
     KeysUnavailable,
     LocalProtocolError,
     MalformedEnvelope,
@@ -34,17 +41,23 @@ from federation.errors import (
 from federation.ids import Address, new_envelope_id, new_mailbox_id
 from federation.sealing import SealedContent, seal, unseal
 from federation.signing import b64d, device_auth_message
-from federation.wire import Envelope, packb, unpackb
+from federation.wire import Envelope, unpackb
 
 from .connection import NodeConnection, expect
-from .state import Contact, DeviceState, HistoryRow
+from .payload import Payload
+from .state import (
+    STATUS_DELIVERED,
+    STATUS_READ,
+    Contact,
+    DeviceState,
+    HistoryRow,
+)
 
 log = logging.getLogger("haven.device")
 
 OTK_BATCH = 50
 OTK_LOW = 20
 DEFAULT_TTL_MS = 7 * 86_400_000
-PAYLOAD_VERSION = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,30 +66,51 @@ class ReceivedMessage:
     text: str
     sent_at: int
     msg_id: bytes
+    kind: str = "text"
+    peer: str = ""
+    target: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
 class SendResult:
     msg_id: bytes
-    devices: int
+    devices: dict[str, dict[str, int]]  # address -> {"total", "verified"} that can read it
     envelopes: int
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass
+class _Fanout:
+    """Recipients of one payload: per address, the verified list and its routing node."""
+
+    targets: list[tuple[str, DeviceList, str, dict[str, tuple[str, str]]]] = field(
+        default_factory=list
+    )
+    warnings: list[str] = field(default_factory=list)
 
 
 def parse_invite(text: str) -> dict[str, Any]:
-    prefix = "haven:invite:"
-    if not text.startswith(prefix):
-        raise LocalProtocolError("not a Haven invite")
+    """Decode an invite (``haven:invite:``) or a device-link code (``haven:link:``)."""
+    for prefix in ("haven:invite:", "haven:link:"):
+        if text.startswith(prefix):
+            break
+    else:
+        raise LocalProtocolError("not a Haven invite or link code")
     try:
         obj = unpackb(b64d(text[len(prefix) :].strip()), max_len=4096)
         url = str(obj["url"])
-        return {
+        out = {
             "url": url,
             "node": str(obj["node"]),
             "name": str(obj["name"]),
             "t": bytes(obj["t"]),
             "host": str(obj.get("host") or url.split("://", 1)[1]).lower(),
+            "link": prefix == "haven:link:",
         }
-    except (HavenError, KeyError, TypeError) as exc:
+        if out["link"]:
+            out["k"], out["mb"] = bytes(obj["k"]), bytes(obj["mb"])
+        return out
+    except (HavenError, KeyError, TypeError, ValueError) as exc:
         raise LocalProtocolError("malformed invite") from exc
 
 
@@ -87,11 +121,16 @@ def _raw(b64: str) -> bytes:
 class Device:
     """One device's identity and state, stored in ``home``."""
 
-    def __init__(self, home: str, clock: Clock | None = None) -> None:
+    def __init__(
+        self, home: str, clock: Clock | None = None, passphrase: str | None = None
+    ) -> None:
         self.home = home
         self.clock = clock or SystemClock()
-        self.state = DeviceState(home)
+        if passphrase is None:
+            passphrase = os.environ.get("HAVEN_PASSPHRASE") or None
+        self.state = DeviceState(home, passphrase)
         self._account: vz.Account | None = None
+        self.state.purge_expired(self.clock.now_ms())
 
     def close(self) -> None:
         self.state.close()
@@ -106,7 +145,7 @@ class Device:
 
     @property
     def joined(self) -> bool:
-        return self.state.get("address") is not None
+        return self.state.get("identity_seed") is not None
 
     @property
     def address(self) -> str:
@@ -137,7 +176,7 @@ class Device:
     def curve_key(self) -> str:
         return str(self.account.curve25519_key.to_base64())
 
-    def _identity(self) -> nacl.signing.SigningKey:
+    def identity(self) -> nacl.signing.SigningKey:
         seed = self.state.get("identity_seed")
         if seed is None:
             raise LocalProtocolError("not joined")
@@ -149,58 +188,110 @@ class Device:
             raise LocalProtocolError("not joined")
         return v
 
-    def _save_account(self, db: Any) -> None:
+    def _save_account(self, db: sqlite3.Connection) -> None:
         self.state.put(db, "account", self.account.pickle(self.state.storage_key).encode())
 
     def _sign(self, message: bytes) -> bytes:
         return _raw(self.account.sign(message).to_base64())
 
+    def setting(self, key: str, default: str) -> str:
+        v = self.state.get("setting:" + key)
+        return default if v is None else v.decode()
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self.state.tx() as db:
+            self.state.put(db, "setting:" + key, value.encode())
+
     # ---- joining -----------------------------------------------------------------------------
 
-    async def join(self, invite: str) -> str:
-        """Redeem an invite: create keys, register, publish keys. Returns the address."""
-        if self.joined:
-            raise LocalProtocolError(f"{self.home} already holds a joined device")
-        inv = parse_invite(invite)
-        identity = nacl.signing.SigningKey.generate()
-        account = vz.Account()
+    def _new_device_keys(self) -> tuple[DeviceInfo, bytes]:
+        """Create this device's Olm account, sealing key and mailbox (kept until registered)."""
+        if self.state.get("mailbox") is not None:
+            raise LocalProtocolError(f"{self.home} already holds a device")
+        self._account = vz.Account()
         sealing = nacl.public.PrivateKey.generate()
         mailbox = new_mailbox_id()
-        self._account = account
+        info = DeviceInfo(
+            self.curve_key,
+            str(self._account.ed25519_key.to_base64()),
+            bytes(sealing.public_key),
+            mailbox,
+            self.clock.now_ms(),
+        )
+        return info, bytes(sealing)
+
+    async def _register(
+        self,
+        conn: NodeConnection,
+        inv: dict[str, Any],
+        info: DeviceInfo,
+        sealing: bytes,
+        signed: SignedDeviceList | None,
+    ) -> str:
+        ch = conn.challenge
+        if ch is None or ch.node_id != inv["node"]:
+            raise UntrustedKey("the node does not hold the key named in the invite")
+        sig = self._sign(device_auth_message(ch.node_id, ch.nonce, info.mailbox))
+        frame = F.Register(conn.next_rid(), inv["t"], info.mailbox, _raw(info.ed25519), sig, signed)
+        reg = expect(await conn.request(frame), F.Registered)
+        with self.state.tx() as db:
+            self.state.put(db, "sealing_key", sealing)
+            self.state.put(db, "mailbox", info.mailbox)
+            self.state.put(db, "node_url", inv["url"].encode())
+            self.state.put(db, "node_id", ch.node_id.encode())
+            self.state.put(db, "address", reg.address.encode())
+            self._save_account(db)
+        return str(reg.address)
+
+    async def join(self, invite: str, name: str = "") -> str:
+        """Redeem an invite (new account) or a link code (another device of an account).
+
+        Returns the address ``name@host``.
+        """
+        inv = parse_invite(invite)
+        if inv["link"]:
+            from .linking import join_link
+
+            return await join_link(self, inv, name or "device")
+        identity = nacl.signing.SigningKey.generate()
+        info, sealing = self._new_device_keys()
+        address = f"{inv['name']}@{inv['host']}"
+        signed = DeviceList(address, bytes(identity.verify_key), 1, (info,)).sign(identity)
         async with NodeConnection(inv["url"]) as conn:
-            ch = conn.challenge
-            assert ch is not None
-            if ch.node_id != inv["node"]:
-                raise UntrustedKey("the node does not hold the key named in the invite")
-            address = f"{inv['name']}@{inv['host']}"
-            dev = DeviceInfo(
-                self.curve_key,
-                str(account.ed25519_key.to_base64()),
-                bytes(sealing.public_key),
-                mailbox,
-                self.clock.now_ms(),
+            address = await self._register(conn, inv, info, sealing, signed)
+            self.adopt_identity(
+                bytes(identity),
+                address,
+                inv["node"],
+                signed,
+                {info.device_id: name or "this device"},
             )
-            signed = DeviceList(address, bytes(identity.verify_key), 1, (dev,)).sign(identity)
-            auth_key = _raw(dev.ed25519)
-            sig = self._sign(device_auth_message(ch.node_id, ch.nonce, mailbox))
-            reg = expect(
-                await conn.request(
-                    F.Register(conn.next_rid(), inv["t"], mailbox, auth_key, sig, signed)
-                ),
-                F.Registered,
-            )
-            address = reg.address
-            with self.state.tx() as db:
-                self.state.put(db, "identity_seed", bytes(identity))
-                self.state.put(db, "sealing_key", bytes(sealing))
-                self.state.put(db, "mailbox", mailbox)
-                self.state.put(db, "node_url", inv["url"].encode())
-                self.state.put(db, "node_id", ch.node_id.encode())
-                self.state.put(db, "address", address.encode())
-                self.state.put(db, "list_version", b"1")
-                self._save_account(db)
             await self._top_up(conn, 0)
-        return str(address)
+        return address
+
+    def adopt_identity(
+        self,
+        seed: bytes,
+        address: str,
+        node_id: str,
+        signed: SignedDeviceList,
+        names: dict[str, str],
+    ) -> None:
+        """Store the user identity key and pin our own signed list (as a contact of ourselves)."""
+        dl = signed.open(expected_address=address)
+        with self.state.tx() as db:
+            self.state.put(db, "identity_seed", seed)
+            self.state.save_contact(
+                db,
+                Contact(
+                    address, dl.identity_key, node_id, signed.blob, signed.signature, verified=True
+                ),
+            )
+            for dev_id, dev_name in names.items():
+                db.execute(
+                    "INSERT OR REPLACE INTO device_names VALUES (?, ?)",
+                    (dev_id, self.state.seal(dev_name.encode())),
+                )
 
     async def _top_up(self, conn: NodeConnection, count: int) -> None:
         """Publish one-time keys when the node holds fewer than :data:`OTK_LOW`, and a fallback."""
@@ -233,8 +324,7 @@ class Device:
         await conn.__aenter__()
         try:
             ch = conn.challenge
-            assert ch is not None
-            if ch.node_id != self.node_id:
+            if ch is None or ch.node_id != self.node_id:
                 raise UntrustedKey("home node key changed; refusing to talk to it")
             sig = self._sign(device_auth_message(ch.node_id, ch.nonce, self.mailbox))
             ok = expect(await conn.request(F.Auth(conn.next_rid(), self.mailbox, sig)), F.AuthOk)
@@ -246,19 +336,31 @@ class Device:
 
     # ---- contacts and keys -------------------------------------------------------------------
 
-    async def _fetch_contact(
-        self, conn: NodeConnection, address: str, claim: bool
+    async def fetch_contact(
+        self, conn: NodeConnection, address: str, claim: bool, *, accept_new_key: bool = False
     ) -> tuple[Contact, DeviceList, dict[str, tuple[str, str]]]:
-        """Query, verify and pin a contact's device list (TOFU on the identity key)."""
+        """Query, verify and pin a contact's device list (TOFU on the identity key).
+
+        Raises:
+            KeysUnavailable: the node could not fetch the keys.
+            IdentityChanged: the identity key differs from the pinned one.
+            UntrustedKey: the list does not verify under its identity key.
+        """
         try:
             keys = expect(await conn.request(F.QueryKeys(conn.next_rid(), address, claim)), F.Keys)
         except RemoteProtocolError as exc:
             raise KeysUnavailable(f"keys for {address} unavailable ({exc.code})") from exc
         dl = keys.device_list.open(expected_address=address)
         pinned = self.state.contact(address)
+        verified, timer = (pinned.verified, pinned.timer_ms) if pinned else (False, 0)
         if pinned is not None and pinned.identity_key != dl.identity_key:
-            raise UntrustedKey(f"identity key of {address} changed; not trusting the new one")
-        if pinned is not None:
+            if not accept_new_key:
+                raise IdentityChanged(
+                    f"the identity key of {address} changed: check the safety number, then "
+                    f"`haven verify {address} --accept-new-key`"
+                )
+            verified = False
+        elif pinned is not None:
             old = SignedDeviceList(pinned.device_list, pinned.sig).open()
             if dl.version < old.version:
                 raise UntrustedKey(f"device list of {address} rolled back")
@@ -268,10 +370,37 @@ class Device:
             keys.node_id,
             keys.device_list.blob,
             keys.device_list.signature,
+            verified,
+            timer,
         )
         with self.state.tx() as db:
             self.state.save_contact(db, contact)
         return contact, dl, dict(keys.claimed)
+
+    async def _list_for(
+        self, conn: NodeConnection, address: str, fan: _Fanout
+    ) -> tuple[Contact, DeviceList]:
+        """The verified list to encrypt to; falls back to the pinned list when the node serves
+        one that does not verify, or cannot be reached."""
+        try:
+            contact, dl, _ = await self.fetch_contact(conn, address, claim=False)
+            return contact, dl
+        except IdentityChanged:
+            raise
+        except (KeysUnavailable, UntrustedKey) as exc:
+            known = self.state.contact(address)
+            if known is None:
+                raise
+            dl = SignedDeviceList(known.device_list, known.sig).open(expected_address=address)
+            if isinstance(exc, UntrustedKey):
+                fan.warnings.append(
+                    f"the node served a device list for {address} that is not signed by "
+                    "its identity key; refused it and used the last verified list"
+                )
+                log.warning("refused an unsigned device list for a contact")
+            elif not all(self.state.has_session(d.device_id) for d in dl.devices):
+                raise
+            return known, dl
 
     # ---- sending -----------------------------------------------------------------------------
 
@@ -282,79 +411,128 @@ class Device:
         *,
         ttl_ms: int = DEFAULT_TTL_MS,
         conn: NodeConnection | None = None,
+        expires_in: int | None = None,
     ) -> SendResult:
-        """Encrypt ``text`` to every device of ``address`` and hand it to the home node.
+        """Encrypt ``text`` to every device of ``address`` (and our other devices).
 
-        Returns once the home node has durably accepted every envelope.
+        Returns once the home node has durably accepted every envelope. ``expires_in`` (ms)
+        makes it disappear; by default the conversation's timer applies.
 
         Raises:
             KeysUnavailable: the contact's keys can't be fetched and aren't known.
-            UntrustedKey: the contact's identity key changed or the list doesn't verify.
+            IdentityChanged: the contact's identity key changed (accept it first).
         """
         Address.parse(address)
+        if expires_in is None:
+            c = self.state.contact(address)
+            expires_in = c.timer_ms if c else 0
+        now = self.clock.now_ms()
+        payload = Payload(os.urandom(16), "text", address, now, text=text, expires_in=expires_in)
+        return await self.send_payload(address, payload, ttl_ms=ttl_ms, conn=conn, record=text)
+
+    async def send_payload(
+        self,
+        address: str,
+        payload: Payload,
+        *,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        conn: NodeConnection | None = None,
+        include_self: bool = True,
+        record: str | None = None,
+    ) -> SendResult:
+        """Fan ``payload`` out to ``address``'s devices and our own other devices."""
         if conn is None:
             c = await self.connect()
             try:
-                return await self.send(address, text, ttl_ms=ttl_ms, conn=c)
+                return await self.send_payload(
+                    address,
+                    payload,
+                    ttl_ms=ttl_ms,
+                    conn=c,
+                    include_self=include_self,
+                    record=record,
+                )
             finally:
                 await c.__aexit__(None, None, None)
-        contact, dl = await self._contact_for_send(conn, address)
-        need = [d for d in dl.devices if not self.state.sessions(d.device_id)]
-        claimed: dict[str, tuple[str, str]] = {}
-        if need:
-            _, dl2, claimed = await self._fetch_contact(conn, address, claim=True)
-            if dl2.version >= dl.version:
-                dl = dl2
-        now = self.clock.now_ms()
-        msg_id = os.urandom(16)
-        payload = packb(
-            {
-                "v": PAYLOAD_VERSION,
-                "id": msg_id,
-                "kind": "text",
-                "text": text,
-                "sent_at": now,
-                "to": address,
-            }
-        )
-        items: list[tuple[str, Envelope]] = []
-        with self.state.tx() as db:
-            for dev in dl.devices:
-                olm = self._encrypt_for(db, dev, claimed.get(dev.device_id), payload, now)
-                if olm is None:
-                    log.warning("no session and no one-time key for a device of the contact")
-                    continue
-                body = seal(dev.sealing, SealedContent(self.address, self.curve_key, *olm))
-                items.append(
-                    (contact.node_id, Envelope(new_envelope_id(), dev.mailbox, now + ttl_ms, body))
-                )
-            if not items:
-                raise KeysUnavailable(f"no device of {address} can be reached")
-            self.state.add_history(
-                db, HistoryRow(msg_id, address, True, self.address, text, now, now)
-            )
-        # Sessions were committed above, before any ciphertext leaves this device.
-        ans = expect(await conn.request(F.Send(conn.next_rid(), tuple(items))), F.Accepted)
-        if ans.rejected:
-            codes = sorted({c for _, c in ans.rejected})
-            raise RemoteProtocolError(f"node refused envelopes: {', '.join(codes)}", code=codes[0])
-        return SendResult(msg_id, len(dl.devices), len(items))
+        fan = _Fanout()
+        for addr in [address] + (
+            [self.address] if include_self and address != self.address else []
+        ):
+            contact, dl = await self._list_for(conn, addr, fan)
+            devices = [d for d in dl.devices if d.device_id != self.curve_key]
+            claimed: dict[str, tuple[str, str]] = {}
+            if any(not self.state.has_session(d.device_id) for d in devices):
+                try:
+                    _, dl2, claimed = await self.fetch_contact(conn, addr, claim=True)
+                    if dl2.identity_key == dl.identity_key and dl2.version == dl.version:
+                        devices = [d for d in dl2.devices if d.device_id != self.curve_key]
+                except (KeysUnavailable, UntrustedKey):
+                    pass
+            dl = DeviceList(dl.address, dl.identity_key, dl.version, tuple(devices))
+            fan.targets.append((addr, dl, contact.node_id, claimed))
+        return await self._encrypt_and_send(conn, payload, fan, ttl_ms, record)
 
-    async def _contact_for_send(
-        self, conn: NodeConnection, address: str
-    ) -> tuple[Contact, DeviceList]:
-        try:
-            contact, dl, _ = await self._fetch_contact(conn, address, claim=False)
-            return contact, dl
-        except KeysUnavailable:
-            known = self.state.contact(address)
-            if known is None:
-                raise
-            # A known contact whose node is unreachable: our node queues the envelopes.
-            dl = SignedDeviceList(known.device_list, known.sig).open(expected_address=address)
-            if all(self.state.sessions(d.device_id) for d in dl.devices):
-                return known, dl
-            raise
+    async def _encrypt_and_send(
+        self,
+        conn: NodeConnection,
+        payload: Payload,
+        fan: _Fanout,
+        ttl_ms: int,
+        record: str | None,
+    ) -> SendResult:
+        now = self.clock.now_ms()
+        data = payload.encode()
+        items: list[tuple[str, Envelope]] = []
+        counts: dict[str, dict[str, int]] = {}
+        with self.state.tx() as db:
+            for addr, dl, node_id, claimed in fan.targets:
+                contact = self.state.contact(addr)
+                reached = 0
+                for dev in dl.devices:
+                    olm = self._encrypt_for(db, dev, claimed.get(dev.device_id), data, now)
+                    if olm is None:
+                        fan.warnings.append(f"a device of {addr} has no keys left; skipped")
+                        continue
+                    body = seal(dev.sealing, SealedContent(self.address, self.curve_key, *olm))
+                    env = Envelope(new_envelope_id(), dev.mailbox, now + ttl_ms, body)
+                    items.append((node_id, env))
+                    reached += 1
+                if addr != self.address:
+                    verified = reached if contact is not None and contact.verified else 0
+                    counts[addr] = {"total": reached, "verified": verified}
+                else:
+                    counts[addr] = {"total": reached, "verified": reached}
+            peer_counts = counts.get(payload.to, {"total": 0, "verified": 0})
+            if payload.to in counts and peer_counts["total"] == 0 and payload.to != self.address:
+                raise KeysUnavailable(f"no device of {payload.to} can be reached")
+            if record is not None:
+                self.state.add_history(
+                    db,
+                    HistoryRow(
+                        payload.id,
+                        payload.to,
+                        True,
+                        self.address,
+                        record,
+                        now,
+                        now,
+                        read=True,
+                        expires_in=payload.expires_in,
+                        expire_at=now + payload.expires_in if payload.expires_in else None,
+                        devices_total=peer_counts["total"],
+                        devices_verified=peer_counts["verified"],
+                    ),
+                )
+        # Sessions were committed above, before any ciphertext leaves this device.
+        for start in range(0, len(items), 200):
+            chunk = tuple(items[start : start + 200])
+            ans = expect(await conn.request(F.Send(conn.next_rid(), chunk)), F.Accepted)
+            if ans.rejected:
+                codes = sorted({c for _, c in ans.rejected})
+                raise RemoteProtocolError(
+                    f"node refused envelopes: {', '.join(codes)}", code=codes[0]
+                )
+        return SendResult(payload.id, counts, len(items), tuple(fan.warnings))
 
     def _encrypt_for(
         self, db: Any, dev: DeviceInfo, otk: tuple[str, str] | None, payload: bytes, now: int
@@ -375,14 +553,38 @@ class Device:
         )
         return int(msg_type), bytes(body)
 
+    async def edit(self, address: str, msg_id: bytes, text: str) -> SendResult:
+        """Edit one of our own earlier messages on every device that has it."""
+        row = self.state.message(msg_id)
+        if row is None or not row.outgoing or row.peer != address:
+            raise LocalProtocolError("no such message of yours in that conversation")
+        p = Payload(os.urandom(16), "edit", address, self.clock.now_ms(), text=text, target=msg_id)
+        res = await self.send_payload(address, p)
+        with self.state.tx() as db:
+            db.execute(
+                "UPDATE history SET text=?, edited=1 WHERE msg_id=?",
+                (self.state.seal(text.encode()), msg_id),
+            )
+        return res
+
+    async def delete(self, address: str, msg_id: bytes) -> SendResult:
+        """Delete one of our own messages for everyone (every device applies it)."""
+        row = self.state.message(msg_id)
+        if row is None or not row.outgoing or row.peer != address:
+            raise LocalProtocolError("no such message of yours in that conversation")
+        p = Payload(os.urandom(16), "delete", address, self.clock.now_ms(), target=msg_id)
+        res = await self.send_payload(address, p)
+        with self.state.tx() as db:
+            db.execute("DELETE FROM history WHERE msg_id=?", (msg_id,))
+        self.state.scrub()
+        return res
+
     # ---- receiving ---------------------------------------------------------------------------
 
     async def receive(
         self, wait_s: float = 2.0, on_message: Callable[[ReceivedMessage], None] | None = None
     ) -> list[ReceivedMessage]:
         """Receive until ``wait_s`` seconds pass with nothing new; return new messages."""
-        import asyncio
-
         out: list[ReceivedMessage] = []
         conn = await self.connect()
         try:
@@ -399,10 +601,14 @@ class Device:
                 out.extend(new)
         finally:
             await conn.__aexit__(None, None, None)
+        self.state.purge_expired(self.clock.now_ms())
         return out
 
     async def process(self, conn: NodeConnection, envs: list[Envelope]) -> list[ReceivedMessage]:
-        """Open, verify, store and ack one delivered batch. Bad envelopes are dropped (acked)."""
+        """Open, verify, store and ack one delivered batch; send delivered receipts.
+
+        Bad envelopes (forgeries, replays, undecryptable) are dropped with a warning and acked.
+        """
         new: list[ReceivedMessage] = []
         ack: list[bytes] = []
         for env in envs:
@@ -415,7 +621,20 @@ class Device:
             ack.append(env.id)
         await conn.ack(ack)
         new.sort(key=lambda m: (m.sender, m.sent_at))
+        await self._send_receipts(conn, new)
         return new
+
+    async def _send_receipts(self, conn: NodeConnection, new: list[ReceivedMessage]) -> None:
+        by_sender: dict[str, list[bytes]] = {}
+        for m in new:
+            if m.kind == "text" and m.sender != self.address:
+                by_sender.setdefault(m.sender, []).append(m.msg_id)
+        for sender, ids in by_sender.items():
+            p = Payload(os.urandom(16), "delivered", sender, self.clock.now_ms(), ids=tuple(ids))
+            try:
+                await self.send_payload(sender, p, conn=conn, include_self=False)
+            except HavenError as exc:
+                log.warning("delivered receipt not sent (%s)", exc.code)
 
     async def _sender_list(self, conn: NodeConnection, sender: str, device_key: str) -> DeviceList:
         known = self.state.contact(sender)
@@ -423,35 +642,71 @@ class Device:
             dl = SignedDeviceList(known.device_list, known.sig).open(expected_address=sender)
             if any(d.device_id == device_key for d in dl.devices):
                 return dl
-        _, dl, _ = await self._fetch_contact(conn, sender, claim=False)
+        _, dl, _ = await self.fetch_contact(conn, sender, claim=False)
         return dl
 
     async def _open(self, conn: NodeConnection, env: Envelope) -> ReceivedMessage | None:
+        if env.body.startswith(b"HVLK"):
+            raise MalformedEnvelope("device-link message outside a link session")
         sc = unseal(self._sealing(), env.body)
         Address.parse(sc.sender)
         dl = await self._sender_list(conn, sc.sender, sc.sender_device)
         if not any(d.device_id == sc.sender_device for d in dl.devices):
             raise UntrustedKey("sender key is not in the sender's signed device list")
-        now = self.clock.now_ms()
         payload_bytes, save = self._decrypt(sc)
-        payload = unpackb(payload_bytes, max_len=len(payload_bytes))
-        try:
-            msg_id, text, sent_at, to = (
-                bytes(payload["id"]),
-                str(payload["text"]),
-                int(payload["sent_at"]),
-                str(payload["to"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MalformedEnvelope("bad payload") from exc
-        if to != self.address:
+        p = Payload.decode(payload_bytes)
+        own = sc.sender == self.address
+        if not own and p.to != self.address:
             raise UntrustedKey("message was addressed to someone else")
+        now = self.clock.now_ms()
         with self.state.tx() as db:
             save(db, now)
-            fresh = self.state.add_history(
-                db, HistoryRow(msg_id, sc.sender, False, sc.sender, text, sent_at, now)
+            return self._apply(db, sc.sender, own, p, now)
+
+    def _apply(
+        self, db: sqlite3.Connection, sender: str, own: bool, p: Payload, now: int
+    ) -> ReceivedMessage | None:
+        """Apply one verified payload to local history (inside the session's transaction)."""
+        peer = p.to if own else sender
+        if p.kind == "text":
+            start = p.sent_at if own else now  # sender's devices: timer starts at sending
+            row = HistoryRow(
+                p.id,
+                peer,
+                own,
+                sender,
+                p.text,
+                p.sent_at,
+                now,
+                read=own,
+                expires_in=p.expires_in,
+                expire_at=start + p.expires_in if p.expires_in else None,
             )
-        return ReceivedMessage(sc.sender, text, sent_at, msg_id) if fresh else None
+            if not self.state.add_history(db, row):
+                return None  # a duplicate (e.g. a re-delivered pre-key message)
+        elif p.kind in ("edit", "delete"):
+            target = self.state.message(p.target)
+            if target is None or target.sender != sender:
+                raise UntrustedKey("edit or delete of someone else's message")
+            if p.kind == "edit":
+                db.execute(
+                    "UPDATE history SET text=?, edited=1 WHERE msg_id=?",
+                    (self.state.seal(p.text.encode()), p.target),
+                )
+            else:
+                db.execute("DELETE FROM history WHERE msg_id=?", (p.target,))
+        else:  # delivered / read receipts
+            status = STATUS_DELIVERED if p.kind == "delivered" else STATUS_READ
+            for mid in p.ids:
+                if own and p.kind == "read":  # we read it on another device
+                    db.execute("UPDATE history SET read=1 WHERE msg_id=? AND outgoing=0", (mid,))
+                else:
+                    db.execute(
+                        "UPDATE history SET status=max(status, ?) "
+                        "WHERE msg_id=? AND outgoing=1 AND peer=?",
+                        (status, mid, sender),
+                    )
+        return ReceivedMessage(sender, p.text, p.sent_at, p.id, p.kind, peer, p.target)
 
     def _decrypt(self, sc: SealedContent) -> tuple[bytes, Callable[[Any, int], None]]:
         key = self.state.storage_key
@@ -488,7 +743,41 @@ class Device:
 
         return save
 
-    # ---- history -----------------------------------------------------------------------------
+    # ---- history, read state, timers ---------------------------------------------------------
 
     def history(self, address: str) -> list[HistoryRow]:
+        self.state.purge_expired(self.clock.now_ms())
         return self.state.history(address)
+
+    def chats(self) -> list[dict[str, Any]]:
+        self.state.purge_expired(self.clock.now_ms())
+        return [
+            {"address": p, "messages": n, "unread": int(u or 0), "last_at": last}
+            for p, n, u, last in self.state.chats()
+        ]
+
+    async def mark_read(self, address: str) -> int:
+        """Mark a conversation read here; tell the sender (unless read receipts are off) and
+        our other devices. Returns how many messages became read."""
+        unread = [r.msg_id for r in self.state.history(address) if not r.outgoing and not r.read]
+        if not unread:
+            return 0
+        with self.state.tx() as db:
+            db.executemany("UPDATE history SET read=1 WHERE msg_id=?", [(m,) for m in unread])
+        p = Payload(os.urandom(16), "read", address, self.clock.now_ms(), ids=tuple(unread))
+        if self.setting("read_receipts", "on") == "on":
+            await self.send_payload(address, p)
+        else:
+            await self.send_payload(self.address, p, include_self=False)
+        return len(unread)
+
+    def set_timer(self, address: str, ms: int) -> None:
+        """Default disappearing timer for new messages in a conversation (0 = off)."""
+        c = self.state.contact(address)
+        if c is None:
+            raise LocalProtocolError(f"{address} is not a contact yet")
+        with self.state.tx() as db:
+            self.state.save_contact(
+                db,
+                Contact(c.address, c.identity_key, c.node_id, c.device_list, c.sig, c.verified, ms),
+            )

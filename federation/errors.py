@@ -117,3 +117,9 @@ class UntrustedKey(HavenError):
     """A contact's identity key or device list failed verification against the pinned one."""
 
     code = "untrusted_key"
+
+
+class IdentityChanged(UntrustedKey):
+    """A contact's identity key differs from the pinned one: sending stops until accepted."""
+
+    code = "identity_changed"

@@ -10,6 +10,7 @@ The schema is versioned: :data:`MIGRATIONS` holds one entry per version, applied
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from typing import Any
 
@@ -61,6 +62,9 @@ class SqliteStore:
         self.path = path
         self.keys = keys
         self._db: aiosqlite.Connection | None = None
+        # One aiosqlite connection is shared by every coroutine: writes must not interleave
+        # inside another coroutine's open transaction.
+        self._write_lock = asyncio.Lock()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -111,6 +115,10 @@ class SqliteStore:
 
     async def _tx(self, statements: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
         """Run ``executemany`` statements in one IMMEDIATE transaction."""
+        async with self._write_lock:
+            await self._tx_locked(statements)
+
+    async def _tx_locked(self, statements: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
         try:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -140,12 +148,18 @@ class SqliteStore:
             raise StorageError(f"read failed: {exc}") from exc
         return [tuple(r) for r in rows]
 
+    async def _write_one(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """A single write statement with RETURNING (atomic claim/redeem), under the lock."""
+        async with self._write_lock:
+            return await self._one(sql, args)
+
     async def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> int:
-        try:
-            cur = await self.db.execute(sql, args)
-            return int(cur.rowcount)
-        except sqlite3.Error as exc:
-            raise StorageError(f"write failed: {exc}") from exc
+        async with self._write_lock:
+            try:
+                cur = await self.db.execute(sql, args)
+                return int(cur.rowcount)
+            except sqlite3.Error as exc:
+                raise StorageError(f"write failed: {exc}") from exc
 
     # ---- accounts, invites, devices ----------------------------------------------------------
 
@@ -182,7 +196,7 @@ class SqliteStore:
 
     async def redeem_invite(self, token_hash: bytes, now: int) -> tuple[str, str] | None:
         """Atomically consume a token: ``(account, kind)``, or None if unknown or expired."""
-        row = await self._one(
+        row = await self._write_one(
             "DELETE FROM invites WHERE token_hash=? RETURNING name, expires, kind", (token_hash,)
         )
         if row is None or int(row[1]) <= now:
@@ -238,7 +252,7 @@ class SqliteStore:
 
     async def claim_otk(self, mailbox: bytes) -> tuple[str, str] | None:
         # One statement, so two concurrent claims can never get the same key.
-        row = await self._one(
+        row = await self._write_one(
             "DELETE FROM otks WHERE rowid = (SELECT rowid FROM otks WHERE mailbox=? LIMIT 1) "
             "RETURNING key_id, key",
             (mailbox,),
@@ -344,10 +358,11 @@ class SqliteStore:
         return moved
 
     async def checkpoint(self) -> None:
-        try:
-            await self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
-            raise StorageError(f"checkpoint failed: {exc}") from exc
+        async with self._write_lock:
+            try:
+                await self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                raise StorageError(f"checkpoint failed: {exc}") from exc
 
     # ---- peers -------------------------------------------------------------------------------
 

@@ -84,7 +84,7 @@ async def stats(http: aiohttp.ClientSession, base_url: str) -> dict[str, Any]:
             return msgpack.unpackb(await resp.read())  # type: ignore[no-any-return]
 
 
-# ---- federation peer ---------------------------------------------------------------------------
+# ---- federation peer -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -181,7 +181,7 @@ class RawPeer:
         )
 
 
-# ---- device ------------------------------------------------------------------------------------
+# ---- device --------------------------------------------------------------------------------------
 
 
 def _raw_b64(text: str) -> bytes:

@@ -46,6 +46,9 @@ def test_exchange_both_ways_offline_and_drained(tmp_path: Path, pair: tuple[Node
     hist = haven("history", "--home", str(bob), alice_addr, "--json").stdout.splitlines()
     assert len(hist) == 6
 
+    # receipts are end-to-end messages too: once both devices have picked them up,
+    # neither node holds anything
+    assert recv(alice) == [] and recv(bob) == []
     for n in (a, b):
         wait_until(lambda n=n: n.status()["pending_envelopes"] == 0, what="pending drained")
         st = n.status()
@@ -124,6 +127,7 @@ def test_seizure_reveals_no_text_sender_or_recipient(tmp_path: Path, pair: tuple
     assert {m["text"] for m in recv(bob)} == {secret_ab}
     haven("send", "--home", str(bob), alice_addr, secret_ba)
     assert [m["text"] for m in recv(alice)] == [secret_ba]
+    assert recv(bob) == []  # picks up alice's delivered receipt
     for n in (a, b):
         wait_until(lambda n=n: n.status()["pending_envelopes"] == 0, what="delivery")
     # The idle checkpoint truncates the WAL; wait for it rather than sleeping.

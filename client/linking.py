@@ -1,0 +1,207 @@
+"""Linking a new device to an account, end to end encrypted (no readable copy on any node).
+
+1. The linking device (signed in) asks its node for a single-use link token and prints a code:
+   node URL and id, the account, the token, its own mailbox and a fresh 32-byte secret ``k``.
+2. The new device redeems the token (the node creates its mailbox; it is not yet on the signed
+   list) and sends its public device entry to the linking device, sealed with ``k``.
+3. The linking device re-signs the device list with the new entry, publishes it, and sends the
+   identity key material back, sealed with ``k``. Only holders of the code can read either
+   message; the node relays two opaque envelopes. History is not copied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import nacl.exceptions
+import nacl.secret
+
+from federation import frames as F
+from federation.devicelist import DeviceInfo, DeviceList, SignedDeviceList
+from federation.errors import HavenError, LocalProtocolError, MalformedEnvelope
+from federation.ids import new_envelope_id
+from federation.sealing import pad, unpad
+from federation.signing import b64e
+from federation.wire import Envelope, packb, unpackb
+
+from .connection import NodeConnection, expect
+from .device import Device
+
+LINK_TAG = b"HVLK"
+LINK_TTL_MS = 10 * 60_000
+
+
+def _seal(k: bytes, obj: Any) -> bytes:
+    return LINK_TAG + bytes(nacl.secret.SecretBox(k).encrypt(pad(packb(obj))))
+
+
+def _open(k: bytes, body: bytes) -> Any:
+    if not body.startswith(LINK_TAG):
+        raise MalformedEnvelope("not a link message")
+    try:
+        data = unpad(nacl.secret.SecretBox(k).decrypt(body[len(LINK_TAG) :]))
+    except nacl.exceptions.CryptoError as exc:
+        raise MalformedEnvelope("link message not sealed with this code") from exc
+    return unpackb(data, max_len=len(data))
+
+
+async def _await_link_message(
+    dev: Device, conn: NodeConnection, k: bytes, timeout_s: float
+) -> tuple[Envelope, Any]:
+    """Wait for the envelope sealed with ``k``; process everything else normally."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise LocalProtocolError("no device used the link code in time")
+        try:
+            async with asyncio.timeout(remaining):
+                envs = await conn.deliveries.get()
+        except TimeoutError as exc:
+            raise LocalProtocolError("no device used the link code in time") from exc
+        found: tuple[Envelope, Any] | None = None
+        others = []
+        for env in envs:
+            if found is None and env.body.startswith(LINK_TAG):
+                try:
+                    found = (env, _open(k, env.body))
+                    continue
+                except HavenError:
+                    pass
+            others.append(env)
+        if others:
+            await dev.process(conn, others)
+        if found is not None:
+            await conn.ack([found[0].id])
+            return found
+
+
+async def link_device(
+    dev: Device, on_code: Callable[[str], None], timeout_s: float = 300
+) -> dict[str, Any]:
+    """Run the linking side: print a code, wait for the new device, re-sign, hand over keys."""
+    conn = await dev.connect()
+    try:
+        tok = expect(await conn.request(F.MintLink(conn.next_rid())), F.LinkToken)
+        k = os.urandom(32)
+        name, host = dev.address.split("@", 1)
+        code = "haven:link:" + b64e(
+            packb(
+                {
+                    "url": dev.node_url,
+                    "node": dev.node_id,
+                    "name": name,
+                    "host": host,
+                    "t": tok.token,
+                    "k": k,
+                    "mb": dev.mailbox,
+                }
+            )
+        )
+        on_code(code)
+        _env, msg = await _await_link_message(dev, conn, k, timeout_s)
+        try:
+            new = DeviceInfo.from_wire(msg["device"])
+            new_name = str(msg.get("name", "device"))[:64]
+        except (KeyError, TypeError) as exc:
+            raise MalformedEnvelope("bad link request") from exc
+        _, own, _ = await dev.fetch_contact(conn, dev.address, claim=False)
+        if any(d.device_id == new.device_id for d in own.devices):
+            raise LocalProtocolError("that device is already linked")
+        signed = DeviceList(
+            own.address, own.identity_key, own.version + 1, (*own.devices, new)
+        ).sign(dev.identity())
+        expect(await conn.request(F.PublishKeys(conn.next_rid(), (), (), signed)), F.Ok)
+        names = dict(_names(dev))
+        names[new.device_id] = new_name
+        dev.adopt_identity(bytes(dev.identity()), dev.address, dev.node_id, signed, names)
+        reply = _seal(
+            k,
+            {
+                "seed": bytes(dev.identity()),
+                "address": dev.address,
+                "list": signed.to_wire(),
+                "names": names,
+            },
+        )
+        env = Envelope(new_envelope_id(), new.mailbox, dev.clock.now_ms() + LINK_TTL_MS, reply)
+        ans = expect(await conn.request(F.Send(conn.next_rid(), ((dev.node_id, env),))), F.Accepted)
+        if ans.rejected:
+            raise LocalProtocolError("the node refused the key hand-over")
+        return {"id": new.device_id, "name": new_name, "added_at": new.added_at}
+    finally:
+        await conn.__aexit__(None, None, None)
+
+
+async def join_link(dev: Device, inv: dict[str, Any], name: str, timeout_s: float = 300) -> str:
+    """Run the new-device side of a link code. Returns the account's address."""
+    info, sealing = dev._new_device_keys()
+    k: bytes = inv["k"]
+    async with NodeConnection(inv["url"]) as conn:
+        address = await dev._register(conn, inv, info, sealing, None)
+        await dev._top_up(conn, 0)
+        body = _seal(k, {"device": info.to_wire(), "name": name})
+        env = Envelope(new_envelope_id(), inv["mb"], dev.clock.now_ms() + LINK_TTL_MS, body)
+        expect(await conn.request(F.Send(conn.next_rid(), ((inv["node"], env),))), F.Accepted)
+        _env, msg = await _await_link_message(dev, conn, k, timeout_s)
+        try:
+            signed = SignedDeviceList.from_wire(msg["list"])
+            seed, addr = bytes(msg["seed"]), str(msg["address"])
+            names = {str(a): str(b) for a, b in dict(msg.get("names", {})).items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MalformedEnvelope("bad key hand-over") from exc
+        dl = signed.open(expected_address=address)
+        if addr != address or not any(d.device_id == info.device_id for d in dl.devices):
+            raise MalformedEnvelope("the hand-over does not list this device")
+        dev.adopt_identity(seed, address, inv["node"], signed, names)
+    return address
+
+
+def _names(dev: Device) -> list[tuple[str, str]]:
+    rows = dev.state.db.execute("SELECT device_id, name FROM device_names").fetchall()
+    return [(r[0], dev.state.open(r[1]).decode()) for r in rows]
+
+
+async def list_devices(dev: Device) -> list[dict[str, Any]]:
+    """Our signed device list (fetched and verified), with names known on this device."""
+    conn = await dev.connect()
+    try:
+        _, own, _ = await dev.fetch_contact(conn, dev.address, claim=False)
+    finally:
+        await conn.__aexit__(None, None, None)
+    names = dict(_names(dev))
+    return [
+        {
+            "id": d.device_id,
+            "name": names.get(d.device_id, d.device_id[:8]),
+            "this_device": d.device_id == dev.curve_key,
+            "added_at": d.added_at,
+        }
+        for d in own.devices
+    ]
+
+
+async def remove_device(dev: Device, device_id: str) -> None:
+    """Re-sign the list without ``device_id``; the node purges its mailbox at once."""
+    if device_id == dev.curve_key:
+        raise LocalProtocolError("remove this device from another one")
+    conn = await dev.connect()
+    try:
+        _, own, _ = await dev.fetch_contact(conn, dev.address, claim=False)
+        kept = tuple(d for d in own.devices if d.device_id != device_id)
+        if len(kept) == len(own.devices):
+            raise LocalProtocolError("no such device on this account")
+        signed = DeviceList(own.address, own.identity_key, own.version + 1, kept).sign(
+            dev.identity()
+        )
+        expect(await conn.request(F.PublishKeys(conn.next_rid(), (), (), signed)), F.Ok)
+        names = {k: v for k, v in _names(dev) if k != device_id}
+        dev.adopt_identity(bytes(dev.identity()), dev.address, dev.node_id, signed, names)
+        with dev.state.tx() as db:
+            db.execute("DELETE FROM device_names WHERE device_id=?", (device_id,))
+    finally:
+        await conn.__aexit__(None, None, None)
