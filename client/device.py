@@ -710,8 +710,11 @@ class Device:
 
     def _decrypt(self, sc: SealedContent) -> tuple[bytes, Callable[[Any, int], None]]:
         key = self.state.storage_key
-        msg = vz.AnyOlmMessage.from_parts(sc.olm_type, sc.olm_body)
-        pre_key = msg.to_pre_key() if sc.olm_type == 0 else None
+        try:
+            msg = vz.AnyOlmMessage.from_parts(sc.olm_type, sc.olm_body)
+            pre_key = msg.to_pre_key() if sc.olm_type == 0 else None
+        except Exception as exc:  # noqa: BLE001 - vodozemac's exception types are not exported
+            raise MalformedEnvelope("not a valid Olm message") from exc
         for _sid, pickle in self.state.sessions(sc.sender_device):
             session = vz.Session.from_pickle(pickle, key)
             if pre_key is not None and not session.session_matches(pre_key):

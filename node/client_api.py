@@ -121,7 +121,8 @@ class ClientSession:
                         break
                     self.error(0, MalformedFrame("frames must be binary msgpack"))
                     continue
-                await self.handle(msg.data)
+                if not await self.handle(msg.data):
+                    break
         finally:
             if self.mailbox and self.node.mailboxes.links.get(self.mailbox) is self:
                 del self.node.mailboxes.links[self.mailbox]
@@ -130,7 +131,8 @@ class ClientSession:
                 await asyncio.wait_for(writer, 5)
             writer.cancel()
 
-    async def handle(self, data: bytes) -> None:
+    async def handle(self, data: bytes) -> bool:
+        """Handle one frame; False when the connection must end (after the error is sent)."""
         rid = 0
         try:
             frame = F.decode_frame(data, self.node.limits.max_frame)
@@ -140,9 +142,8 @@ class ClientSession:
             await self.dispatch(frame)
         except HavenError as exc:
             self.error(rid, exc)
-            if isinstance(exc, Unauthorized):
-                self.out.put_nowait(None)
-                await self.ws.close()
+            return not isinstance(exc, Unauthorized)
+        return True
 
     async def dispatch(self, frame: F.Frame) -> None:
         match frame:

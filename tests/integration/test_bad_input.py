@@ -933,8 +933,7 @@ async def test_peer_whose_key_changed_is_refused_and_gets_nothing(
     alice_addr, bob_addr = homes["alice"][1], homes["bob"][1]
     try:
         await exchange(http, b, alice, bob, bob_addr)  # A pins B's key for B's host
-        real_b = (await stats(http, a.url))["counts"]
-        assert real_b["peers"] == 1
+        assert (await stats(http, a.url))["counts"]["peers"] == 1
 
         b.stop()  # an impostor takes over B's host and port with a new key
         impostor = NodeProc(tmp_path / "impostor", b.port)
@@ -958,6 +957,8 @@ async def test_peer_whose_key_changed_is_refused_and_gets_nothing(
         fake = await stats(http, impostor.url)
         assert fake["counts"]["pending_envelopes"] == 0 and fake["counts"]["accounts"] == 0
         assert fake["events"].get("federation.envelopes_in", 0) == 0
+        # A signs its requests for the pinned node id, so the impostor could not accept them.
+        assert fake["errors"].get("federation.wrong_destination", 0) >= 1
         # Everything local to A is unaffected.
         await exchange(http, a, carol, alice, alice_addr)
         node_healthy(a)
