@@ -217,7 +217,7 @@ def print_qr(text: str) -> None:
         import segno
 
         segno.make(text, error="l").terminal(compact=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the QR is a convenience; the text is printed anyway
         pass
 
 
