@@ -371,10 +371,13 @@ async def join(node: NodeProc, base: Path, name: str) -> Device:
 
 @dataclass
 class Receiver:
-    """Acks every delivered envelope; records receipt times of tracked ids."""
+    """Acks every delivered envelope; counts each sent id once (redeliveries are counted
+    apart); records receipt times of tracked ids."""
 
     conn: NodeConnection
     received: int = 0
+    pending: set[bytes] = field(default_factory=set)
+    duplicates: int = 0
     sent_at: dict[bytes, float] = field(default_factory=dict)
     lat_ms: list[float] = field(default_factory=list)
     target: int = 0
@@ -388,12 +391,17 @@ class Receiver:
             now = time.perf_counter()
             ids = [e.id for e in envs]
             await self.conn.ack(ids)
+            pending = self.pending
             for i in ids:
+                if i in pending:
+                    pending.discard(i)
+                    self.received += 1
+                    self.last_rx = now
+                else:
+                    self.duplicates += 1
                 t = self.sent_at.pop(i, None)
                 if t is not None:
                     self.lat_ms.append((now - t) * 1000.0)
-            self.received += len(ids)
-            self.last_rx = now
             if self.target and self.received >= self.target:
                 self.done.set()
 
@@ -437,6 +445,17 @@ class Sender:
             await asyncio.wait(list(self.tasks), timeout=wait_s)
 
 
+async def wait_delivered(rcv: Receiver, hard_deadline: float, stall_s: float = 5.0) -> None:
+    """Until all are delivered, the deadline passes, or nothing new arrives for ``stall_s``."""
+    t = time.perf_counter()
+    while not rcv.done.is_set():
+        now = time.perf_counter()
+        if now > hard_deadline or now - max(rcv.last_rx, t) > stall_s:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(rcv.done.wait(), 0.25)
+
+
 async def unpaced(
     snds: list[Sender],
     rcv: Receiver,
@@ -448,7 +467,7 @@ async def unpaced(
     """Send ``n`` envelopes as fast as the windows allow (frames round-robin over the sender
     connections); wait until all are delivered."""
     expires = int(time.time() * 1000) + DAY_MS
-    rcv.received, rcv.lat_ms, rcv.sent_at = 0, [], {}
+    rcv.received, rcv.lat_ms, rcv.sent_at, rcv.pending, rcv.duplicates = 0, [], {}, set(), 0
     rcv.target, rcv.done = n, asyncio.Event()
     acc0 = sum(s.accepted for s in snds)
     rej0 = sum((s.rejected for s in snds), Counter())
@@ -459,15 +478,14 @@ async def unpaced(
         k = min(batch, n - sent)
         snd = snds[(sent // batch) % len(snds)]
         envs = snd.envelopes(k, expires)
+        rcv.pending.update(e.id for e in envs)
         now = time.perf_counter()
         for e in envs[::track_every]:
             rcv.sent_at[e.id] = now
         await snd.submit(envs)
         sent += k
     t_sent = time.perf_counter()
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(max(1.0, deadline - time.perf_counter()) + 10):
-            await rcv.done.wait()
+    await wait_delivered(rcv, deadline + 10)
     for snd in snds:
         await snd.drain(15)
     t_end = max(rcv.last_rx, t_sent)
@@ -476,6 +494,8 @@ async def unpaced(
         "n": n,
         "sent": sent,
         "delivered": rcv.received,
+        "undelivered": len(rcv.pending),
+        "redelivered": rcv.duplicates,
         "accepted": sum(s.accepted for s in snds) - acc0,
         "rejected": dict(sum((s.rejected for s in snds), Counter()) - rej0),
         "wall_s": round(wall, 3),
@@ -489,7 +509,7 @@ async def paced(snd: Sender, rcv: Receiver, rate: float, seconds: float) -> dict
     """Offer ``rate`` envelopes/s for ``seconds``; every envelope timestamped."""
     expires = int(time.time() * 1000) + DAY_MS
     total = int(rate * seconds)
-    rcv.received, rcv.lat_ms, rcv.sent_at = 0, [], {}
+    rcv.received, rcv.lat_ms, rcv.sent_at, rcv.pending, rcv.duplicates = 0, [], {}, set(), 0
     rcv.target, rcv.done = total, asyncio.Event()
     frames = 0
     t0 = time.perf_counter()
@@ -501,6 +521,7 @@ async def paced(snd: Sender, rcv: Receiver, rate: float, seconds: float) -> dict
             await asyncio.sleep(t0 + (sent + 0.0) / rate - now)
             continue
         envs = snd.envelopes(due, expires)
+        rcv.pending.update(e.id for e in envs)
         now = time.perf_counter()
         for e in envs:
             rcv.sent_at[e.id] = now
@@ -508,15 +529,15 @@ async def paced(snd: Sender, rcv: Receiver, rate: float, seconds: float) -> dict
         frames += 1
         sent += due
     t_sent = time.perf_counter()
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(15):
-            await rcv.done.wait()
+    await wait_delivered(rcv, t_sent + 15)
     await snd.drain(15)
     return {
         "offered_rate": rate,
         "achieved_rate": round(sent / (t_sent - t0), 1),
         "sent": sent,
         "delivered": rcv.received,
+        "undelivered": len(rcv.pending),
+        "redelivered": rcv.duplicates,
         "frames": frames,
         "envelopes_per_frame": round(sent / frames, 2) if frames else None,
         **lat_summary(rcv.lat_ms),
@@ -883,7 +904,7 @@ async def amain(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 result[section] = await bench_e2e(args, base, federated=False)
             elif section == "two_nodes":
                 result[section] = await bench_e2e(args, base, federated=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - report the failure in the JSON, go on
             log(f"{section} failed: {type(exc).__name__}: {exc}")
             result[section] = {
                 "error": f"{type(exc).__name__}: {exc}",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,39 +144,55 @@ def error_frame(frame: F.Frame, code: str, rid: int | None = None) -> F.Error:
     return frame
 
 
-async def receive_one(dev: Device, msg_id: bytes) -> ReceivedMessage:
-    """Connect ``dev`` and process deliveries (acking them) until ``msg_id`` arrives."""
+async def receive_one(dev: Device, match: Callable[[ReceivedMessage], bool]) -> ReceivedMessage:
+    """Connect ``dev`` and process deliveries (acking them) until a matching message arrives."""
     conn = await dev.connect()
     try:
         async with asyncio.timeout(DEADLINE_S):
             while True:
                 for m in await dev.process(conn, await conn.deliveries.get()):
-                    if m.msg_id == msg_id:
+                    if match(m):
                         return m
     finally:
         await conn.__aexit__(None, None, None)
 
 
-async def exchange(
-    http: aiohttp.ClientSession, node: NodeProc, sender: Device, to: Device, to_addr: str
-) -> None:
-    """A real message from ``sender`` reaches ``to``, and its envelope is deleted once acked.
-
-    ``node`` is the recipient's node. The recipient connects only once the envelope is stored
-    there (see the report on the refill race in node/mailbox.py: an envelope that is being
-    committed while the device attaches is not pushed until the device reconnects).
-    """
-    base = pending(await stats(http, node.url))
-    text = "still working " + os.urandom(4).hex()
-    sent = await sender.send(to_addr, text)
-
-    async def count_is(n: int) -> bool:
+async def wait_pending(http: aiohttp.ClientSession, node: NodeProc, n: int, what: str) -> None:
+    async def reached() -> bool:
         return pending(await stats(http, node.url)) == n
 
-    await async_wait_until(lambda: count_is(base + 1), what="the envelope to be stored")
-    got = await receive_one(to, sent.msg_id)
-    assert (got.sender, got.text) == (sender.address, text)
-    await async_wait_until(lambda: count_is(base), what="the acked envelope to be deleted")
+    await async_wait_until(reached, what=f"{what} ({node.home.name} to hold {n} envelopes)")
+
+
+async def exchange(
+    http: aiohttp.ClientSession,
+    sender_node: NodeProc,
+    sender: Device,
+    to_node: NodeProc,
+    to: Device,
+    to_addr: str,
+) -> None:
+    """A real message reaches ``to``; its delivered receipt reaches ``sender``; both are deleted.
+
+    A device connects only once the envelope it waits for is stored at its node (see the
+    report on the refill race in node/mailbox.py: an envelope being committed while the device
+    attaches is not pushed until the device reconnects).
+    """
+    same = sender_node is to_node
+    base_to = pending(await stats(http, to_node.url))
+    base_from = base_to if same else pending(await stats(http, sender_node.url))
+    text = "still working " + os.urandom(4).hex()
+    sent = await sender.send(to_addr, text)
+    await wait_pending(http, to_node, base_to + 1, "the message to be stored")
+    got = await receive_one(to, lambda m: m.msg_id == sent.msg_id)
+    assert (got.sender, got.text, got.kind) == (sender.address, text, "text")
+    # ``to`` acked the message (deleted) and answered with a delivered receipt (stored).
+    if not same:
+        await wait_pending(http, to_node, base_to, "the acked message to be deleted")
+    await wait_pending(http, sender_node, base_from + 1, "the receipt to be stored")
+    receipt = await receive_one(sender, lambda m: m.kind == "delivered")
+    assert receipt.sender == to.address
+    await wait_pending(http, sender_node, base_from, "the acked receipt to be deleted")
 
 
 def node_healthy(node: NodeProc) -> None:
@@ -188,7 +204,7 @@ def node_healthy(node: NodeProc) -> None:
 async def still_serving(w: World, http: aiohttp.ClientSession) -> None:
     """(c): the node is alive, logged no traceback, and a real exchange still works."""
     node_healthy(w.node)
-    await exchange(http, w.node, w.alice, w.bob, w.bob_addr)
+    await exchange(http, w.node, w.alice, w.node, w.bob, w.bob_addr)
     node_healthy(w.node)
 
 
@@ -792,7 +808,9 @@ async def test_reused_invite_is_invalid_invite(world: World, http: aiohttp.Clien
         assert err.value.code == "invalid_invite"
         assert not thief.joined
         assert moved(before, await stats(http, world.node.url)) == {"client.invalid_invite": 1}
-        await exchange(http, world.node, world.alice, erin, erin_addr)  # the real erin works
+        await exchange(
+            http, world.node, world.alice, world.node, erin, erin_addr
+        )  # the real erin works
     finally:
         erin.close()
         thief.close()
@@ -846,7 +864,7 @@ async def test_exhausted_one_time_keys_fall_back_and_claims_are_atomic(
         assert len(once) == OTK_BATCH and len(reused) == 1 and uses[reused[0]] == extra
         assert moved(before, await stats(http, world.node.url)) == {}
         # The fallback key really works: alice (no session yet) reaches dave through it.
-        await exchange(http, world.node, world.alice, dave, dave_addr)
+        await exchange(http, world.node, world.alice, world.node, dave, dave_addr)
     finally:
         dave.close()
     await still_serving(world, http)
@@ -932,7 +950,7 @@ async def test_peer_whose_key_changed_is_refused_and_gets_nothing(
     alice, carol, bob = (Device(str(homes[n][0])) for n in ("alice", "carol", "bob"))
     alice_addr, bob_addr = homes["alice"][1], homes["bob"][1]
     try:
-        await exchange(http, b, alice, bob, bob_addr)  # A pins B's key for B's host
+        await exchange(http, a, alice, b, bob, bob_addr)  # A pins B's key for B's host
         assert (await stats(http, a.url))["counts"]["peers"] == 1
 
         b.stop()  # an impostor takes over B's host and port with a new key
@@ -960,20 +978,23 @@ async def test_peer_whose_key_changed_is_refused_and_gets_nothing(
         # A signs its requests for the pinned node id, so the impostor could not accept them.
         assert fake["errors"].get("federation.wrong_destination", 0) >= 1
         # Everything local to A is unaffected.
-        await exchange(http, a, carol, alice, alice_addr)
+        await exchange(http, a, carol, a, alice, alice_addr)
         node_healthy(a)
 
         # The real B comes back: the queued message reaches bob after all.
         impostor.stop()
         await asyncio.to_thread(b.start)
-        await exchange(http, a, bob, alice, alice_addr)  # B contacts A again
+        back = await bob.send(alice_addr, "back again")  # B contacts A: A's outbox wakes up
 
         async def drained() -> bool:
             return bool((await stats(http, a.url))["counts"]["outbox_envelopes"] == 0)
 
         await async_wait_until(drained, timeout=DEADLINE_S, what="A's outbox to drain to B")
-        got = await receive_one(bob, queued.msg_id)
+        got = await receive_one(bob, lambda m: m.msg_id == queued.msg_id)
         assert (got.sender, got.text) == (alice_addr, "are you still you?")
+        await wait_pending(http, a, 1, "bob's message to reach A")
+        got = await receive_one(alice, lambda m: m.msg_id == back.msg_id)
+        assert (got.sender, got.text) == (bob_addr, "back again")
         for n in (a, b):
             node_healthy(n)
     finally:

@@ -147,3 +147,34 @@ def test_seizure_reveals_no_text_sender_or_recipient(tmp_path: Path, pair: tuple
             for needle in needles:
                 assert needle not in data, f"{needle!r} found in {path.name}"
     assert os.stat(a.home / "node.key").st_mode & 0o077 == 0
+
+
+async def test_kill9_cycles(tmp_path: Path, pair: tuple[NodeProc, NodeProc]) -> None:
+    """Repeated SIGKILLs of both nodes while sending: every accepted message arrives once.
+
+    CI runs a bounded number of cycles; ``scripts/test --long`` runs many more.
+    """
+    from tests.conftest import LONG
+
+    cycles = 15 if LONG else 2
+    a, b = pair
+    alice_home, _ = join(a, tmp_path, "alice")
+    bob_home, bob_addr = join(b, tmp_path, "bob")
+    alice, bob = Device(str(alice_home)), Device(str(bob_home))
+    accepted: list[str] = []
+    received: list[str] = []
+    try:
+        for cycle in range(cycles):
+            accepted += await _send_all(alice, bob_addr, [f"c{cycle}-{i}" for i in range(4)])
+            victim = (a, b)[cycle % 2]
+            victim.kill()
+            victim.start()
+            received += [m.text for m in await bob.receive(wait_s=0.3) if m.kind == "text"]
+        wait_until(lambda: a.status()["outbox_envelopes"] == 0, timeout=60, what="outbox drained")
+        for _ in range(3):
+            received += [m.text for m in await bob.receive(wait_s=0.7) if m.kind == "text"]
+        assert len(accepted) == 4 * cycles
+        assert received == accepted
+    finally:
+        alice.close()
+        bob.close()

@@ -16,7 +16,7 @@ from .harness import async_wait_until, free_port
 
 async def start_node(home: Path, clock: FakeClock) -> tuple[Node, asyncio.Event, asyncio.Task[None]]:
     port = free_port()
-    init_node(str(home), f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", 3_600_000, False)
+    init_node(str(home), f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", 7 * 86_400_000, False)
     config = NodeConfig.load(str(home))
     node = Node(str(home), config, load_node_key(str(home)), clock, open_store(str(home), config))
     stop = asyncio.Event()
@@ -57,3 +57,38 @@ async def test_undelivered_envelope_expires_at_ttl(tmp_path: Path) -> None:
 
 async def _pending_is(node: Node, n: int) -> bool:
     return (await node.store.counts())["pending_envelopes"] == n
+
+
+async def test_epoch_keys_rotate_on_a_running_node(tmp_path: Path) -> None:
+    """An hour later the pending envelope is re-sealed, the old key destroyed, delivery works."""
+    clock = FakeClock(start_ms=SystemClock().now_ms())
+    node, stop, task = await start_node(tmp_path / "node", clock)
+    try:
+        alice = Device(str(tmp_path / "alice"), clock=clock)
+        bob = Device(str(tmp_path / "bob"), clock=clock)
+        await alice.join(await create_invite(node.home, "alice", 600_000))
+        bob_addr = await bob.join(await create_invite(node.home, "bob", 600_000))
+        await alice.send(bob_addr, "waits across an epoch")
+        keys = node.store.keys  # type: ignore[attr-defined]
+        first = keys.epochs
+        key_file = tmp_path / "node" / "epochs.key"
+        old_bytes = key_file.read_bytes()
+        clock.advance(3_600_000 + 11_000)
+        await async_wait_until(lambda: _epochs_changed(keys, first), what="epoch rotation")
+        assert len(keys.epochs) == 1 and keys.epochs[0] > first[-1]
+        new_bytes = key_file.read_bytes()
+        for i in range(0, len(old_bytes), 40):  # every old key slot is gone from the file
+            old_key = old_bytes[i + 8 : i + 40]
+            if any(old_key):
+                assert old_key not in new_bytes
+        got = await bob.receive(wait_s=0.5)
+        assert [m.text for m in got] == ["waits across an epoch"]
+        alice.close()
+        bob.close()
+    finally:
+        stop.set()
+        await task
+
+
+async def _epochs_changed(keys: object, first: list[int]) -> bool:
+    return getattr(keys, "epochs") != first  # noqa: B009
