@@ -87,7 +87,8 @@ async def cmd_recv(args: argparse.Namespace, dev: Device) -> int:
         elif m.kind == "text":
             print(f"{m.sender}: {m.text}", flush=True)
         else:
-            print(f"{m.sender} {m.kind}ed a message {m.target.hex()[:8]}", flush=True)
+            verb = {"edit": "edited", "delete": "deleted"}.get(m.kind, m.kind)
+            print(f"{m.sender} {verb} a message {m.target.hex()[:8]}", flush=True)
 
     msgs = await dev.receive(wait_s=args.wait, on_message=show)
     if not any(m.kind == "text" for m in msgs) and not args.json:

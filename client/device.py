@@ -398,7 +398,11 @@ class Device:
                     "its identity key; refused it and used the last verified list"
                 )
                 log.warning("refused an unsigned device list for a contact")
-            elif not all(self.state.has_session(d.device_id) for d in dl.devices):
+            elif not all(
+                self.state.has_session(d.device_id)
+                for d in dl.devices
+                if d.device_id != self.curve_key
+            ):
                 raise
             return known, dl
 
@@ -514,11 +518,13 @@ class Device:
                         True,
                         self.address,
                         record,
-                        now,
+                        payload.sent_at,
                         now,
                         read=True,
                         expires_in=payload.expires_in,
-                        expire_at=now + payload.expires_in if payload.expires_in else None,
+                        expire_at=(
+                            payload.sent_at + payload.expires_in if payload.expires_in else None
+                        ),
                         devices_total=peer_counts["total"],
                         devices_verified=peer_counts["verified"],
                     ),

@@ -51,7 +51,8 @@ class Rates:
     def __init__(self) -> None:
         self.buckets = {
             "send": TokenBucket(rate=50_000, burst=100_000),
-            "keys": TokenBucket(rate=20, burst=200),
+            "keys": TokenBucket(rate=1000, burst=2000),  # local lookups: cheap
+            "remotekeys": TokenBucket(rate=20, burst=200),  # each one costs a federation call
             "fed": TokenBucket(rate=500, burst=2000),
             "fedkeys": TokenBucket(rate=20, burst=200),
         }

@@ -73,9 +73,10 @@ class ClientSession:
         self.account = ""
         self.challenge = os.urandom(32)
         self.inflight: set[bytes] = set()
-        self.acked: set[bytes] = set()
+        self.acked: dict[bytes, None] = {}  # insertion-ordered: pruned oldest first
         self.backlog = False
         self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._answers: set[asyncio.Task[None]] = set()
 
     # ---- DeviceLink --------------------------------------------------------------------------
 
@@ -126,6 +127,10 @@ class ClientSession:
         finally:
             if self.mailbox and self.node.mailboxes.links.get(self.mailbox) is self:
                 del self.node.mailboxes.links[self.mailbox]
+            if self._answers:  # accepted answers still waiting for their commit
+                await asyncio.wait(set(self._answers), timeout=5)
+            for task in self._answers:
+                task.cancel()
             self.out.put_nowait(None)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer, 5)
@@ -294,6 +299,10 @@ class ClientSession:
             node_id = self.node.key.node_id
             dl_wire, claimed = await self.node.local_keys(address.name, f.claim)
         else:
+            if not self.node.rates.take("remotekeys:" + self.account, self.node.clock.now_ms()):
+                from federation.errors import RateLimited
+
+                raise RateLimited("too many remote key queries")
             try:
                 node_id, dl_wire, claimed = await self.node.remote_keys(address, f.claim)
             except (NotFound, KeysUnavailable) as exc:
@@ -329,6 +338,19 @@ class ClientSession:
                 rejected.append((env.id, code))
         futs = node.mailboxes.submit_local(local) + node.mailboxes.submit_outbox(remote)
         ids = [e.id for e in local] + [e.id for _, e in remote]
+        # Answer once durable, but do not hold up this connection's next frame meanwhile:
+        # frames pipeline into the same group commit instead of one commit each.
+        task = asyncio.create_task(self._answer_send(f.rid, futs, ids, rejected))
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
+
+    async def _answer_send(
+        self,
+        rid: int,
+        futs: list[asyncio.Future[None]],
+        ids: list[bytes],
+        rejected: list[tuple[bytes, str]],
+    ) -> None:
         accepted: list[bytes] = []
         results = await asyncio.gather(*futs, return_exceptions=True)
         for eid, res in zip(ids, results, strict=True):
@@ -336,15 +358,15 @@ class ClientSession:
                 rejected.append((eid, res.code if isinstance(res, HavenError) else "internal"))
             else:
                 accepted.append(eid)
-        self.send(F.Accepted(f.rid, tuple(accepted), tuple(rejected)))
+        self.send(F.Accepted(rid, tuple(accepted), tuple(rejected)))
 
     async def on_ack(self, f: F.Ack) -> None:
         mine = [i for i in f.ids if i in self.inflight]
         for i in mine:
             self.inflight.discard(i)
-            self.acked.add(i)
-        if len(self.acked) > 4 * DELIVERY_WINDOW:
-            self.acked = set(list(self.acked)[-2 * DELIVERY_WINDOW :])
+            self.acked[i] = None
+        if len(self.acked) > 4 * DELIVERY_WINDOW:  # keep the most recent acks
+            self.acked = dict.fromkeys(list(self.acked)[-2 * DELIVERY_WINDOW :])
         self.node.mailboxes.acked(mine)
         if self.backlog and len(self.inflight) < DELIVERY_WINDOW // 2:
             await self.refill()

@@ -56,7 +56,7 @@ class Mailboxes:
         self._del_env: set[bytes] = set()
         self._del_out: set[bytes] = set()
         self._del_waiters: list[asyncio.Future[None]] = []
-        self._inflight: set[bytes] = set()
+        self._inflight: dict[bytes, Envelope] = {}  # being committed right now
         self._wake = asyncio.Event()
         self.last_write_ms = 0
         self.writes_since_checkpoint = 0
@@ -94,11 +94,10 @@ class Mailboxes:
         self._wake.set()
         return futs
 
-    def pending_ids(self) -> set[bytes]:
-        return set(self._env) | self._inflight
-
     def uncommitted_for(self, mailbox: bytes) -> list[Envelope]:
-        return [p.env for p in self._env.values() if p.env.to == mailbox]
+        """Envelopes for ``mailbox`` not yet readable from the store (queued or committing)."""
+        committing = [e for e in self._inflight.values() if e.to == mailbox]
+        return committing + [p.env for p in self._env.values() if p.env.to == mailbox]
 
     # ---- acks and deletions ------------------------------------------------------------------
 
@@ -137,9 +136,9 @@ class Mailboxes:
         del_env, self._del_env = self._del_env, set()
         del_out, self._del_out = self._del_out, set()
         del_waiters, self._del_waiters = self._del_waiters, []
-        for eid, _ in env_items:
+        for eid, p in env_items:
             del self._env[eid]
-            self._inflight.add(eid)
+            self._inflight[eid] = p.env
         for eid, _ in out_items:
             del self._out[eid]
         batch = WriteBatch(
@@ -164,13 +163,14 @@ class Mailboxes:
             _fail(del_waiters, err)
             self._del_env |= del_env  # retry deletions next time
             self._del_out |= del_out
-            self._inflight.difference_update(eid for eid, _ in env_items)
+            for eid, _ in env_items:
+                self._inflight.pop(eid, None)
             await asyncio.sleep(0.05)  # back off so a full disk doesn't spin the loop
             return
         self.last_write_ms = self.clock.now_ms()
         self.writes_since_checkpoint += 1
         for eid, p in env_items:
-            self._inflight.discard(eid)
+            self._inflight.pop(eid, None)
             _ok(p.waiters)
         dests = set()
         for _, (dest, p) in out_items:

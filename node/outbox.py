@@ -17,7 +17,7 @@ from federation.backoff import Backoff
 from federation.clock import Clock
 from federation.errors import ClockSkew, HavenError, TransportError
 from federation.transport import PeerTransport, RemoteError
-from federation.wire import Batch, BatchResult, Envelope
+from federation.wire import MAX_BATCH_BYTES, Batch, BatchResult, Envelope
 
 from .mailbox import Mailboxes
 from .metrics import Metrics
@@ -29,6 +29,19 @@ log = logging.getLogger("haven.outbox")
 BATCH_SIZE = 200
 # Refusals that will never succeed: drop those envelopes from the outbox.
 PERMANENT = {"not_found", "expired", "malformed", "too_large", "unsupported_version"}
+
+
+BATCH_BYTES = MAX_BATCH_BYTES - 64 * 1024  # headroom for msgpack framing
+
+
+def _fit(envs: list[Envelope]) -> list[Envelope]:
+    """Trim a batch so its encoding stays under the receiver's body limit (§8)."""
+    total = 0
+    for i, env in enumerate(envs):
+        total += len(env.body) + 64
+        if total > BATCH_BYTES and i > 0:
+            return envs[:i]
+    return envs
 
 
 @dataclass
@@ -81,7 +94,7 @@ class OutboxSender:
     async def _worker(self, dest: str, d: _Dest) -> None:
         while True:
             d.wake.clear()
-            envs = await self.store.outbox_batch(dest, BATCH_SIZE)
+            envs = _fit(await self.store.outbox_batch(dest, BATCH_SIZE))
             if not envs:
                 await d.wake.wait()
                 continue

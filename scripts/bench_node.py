@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -202,7 +202,7 @@ def stop_children() -> None:
 class Profiler:
     """``py-spy record --format raw`` attached to one pid; stopped with SIGINT."""
 
-    flags: list[str] = []
+    flags: ClassVar[list[str]] = []
 
     def __init__(self, out_dir: Path | None, name: str, pid: int) -> None:
         self.path = out_dir / f"{name}.txt" if out_dir else None

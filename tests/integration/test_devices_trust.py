@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,8 +35,9 @@ def pair(tmp_path: Path, nodes: list[NodeProc]) -> tuple[NodeProc, NodeProc]:
     return a, b
 
 
-async def new_device(node: NodeProc, home: Path, name: str, clock: FakeClock | None = None
-                     ) -> Device:
+async def new_device(
+    node: NodeProc, home: Path, name: str, clock: FakeClock | None = None
+) -> Device:
     dev = Device(str(home), clock=clock)
     await dev.join(node.invite(name), name=f"{name}-phone")
     return dev
@@ -58,6 +61,16 @@ async def drain(*devs: Device) -> None:
         await d.receive(wait_s=0.7)
 
 
+async def settle(devs: list[Device], cond: Callable[[], bool], timeout: float = 30) -> None:
+    """Receive on ``devs`` until ``cond()`` holds (federation is asynchronous), or fail."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("devices did not reach the expected state in time")
+        for d in devs:
+            await d.receive(wait_s=0.2)
+
+
 async def test_four_devices_all_see_everything_and_removed_device_gets_nothing(
     tmp_path: Path, pair: tuple[NodeProc, NodeProc]
 ) -> None:
@@ -72,9 +85,18 @@ async def test_four_devices_all_see_everything_and_removed_device_gets_nothing(
         res = await alice1.send(bd, "secret-one from alice")
         assert res.devices[bd] == {"total": 2, "verified": 0}
         assert res.devices[ad]["total"] == 1  # alice's other device
-        await drain(bob1, bob2, alice2)
+        await settle(
+            [bob1, bob2, alice2],
+            lambda: all(
+                texts(d, p) == ["secret-one from alice"]
+                for d, p in ((bob1, ad), (bob2, ad), (alice2, bd))
+            ),
+        )
         await bob2.send(ad, "secret-two from bob")
-        await drain(alice1, alice2, bob1)
+        await settle(
+            [alice1, alice2, bob1],
+            lambda: all(len(texts(d, p)) == 2 for d, p in ((alice1, bd), (alice2, bd), (bob1, ad))),
+        )
         for dev, peer in ((alice1, bd), (alice2, bd), (bob1, ad), (bob2, ad)):
             assert texts(dev, peer) == ["secret-one from alice", "secret-two from bob"]
         own = [r.outgoing for r in alice2.history(bd)]
@@ -90,8 +112,7 @@ async def test_four_devices_all_see_everything_and_removed_device_gets_nothing(
         await remove_device(bob1, bob2_id)
         res = await alice1.send(bd, "secret-three after removal")
         assert res.devices[bd]["total"] == 1
-        await drain(bob1)
-        assert texts(bob1, ad)[-1] == "secret-three after removal"
+        await settle([bob1], lambda: texts(bob1, ad)[-1] == "secret-three after removal")
         with pytest.raises(HavenError) as err:
             await bob2.receive(wait_s=0.5)
         assert err.value.code == "unauthorized"
@@ -106,8 +127,15 @@ async def test_four_devices_all_see_everything_and_removed_device_gets_nothing(
         wal = node.home / "store.db-wal"
         wait_until(lambda wal=wal: not wal.exists() or wal.stat().st_size == 0, what="checkpoint")
     for node, other in ((a, b"bobxw"), (b, b"alicezq")):
-        needles = [b"secret-one", b"secret-two", b"secret-three", b"alice-laptop",
-                   b"bob-tablet", b"-phone", other]
+        needles = [
+            b"secret-one",
+            b"secret-two",
+            b"secret-three",
+            b"alice-laptop",
+            b"bob-tablet",
+            b"-phone",
+            other,
+        ]
         for path in [p for p in node.home.rglob("*") if p.is_file()] + [node.log]:
             data = path.read_bytes()
             for needle in needles:
@@ -127,12 +155,20 @@ async def test_node_forged_device_list_is_refused(
         blob, sig = db.execute("SELECT blob, sig FROM device_lists WHERE account='bob'").fetchone()
         real = SignedDeviceList(blob, sig).open()
         evil_sealing = nacl.public.PrivateKey.generate()
-        evil = DeviceInfo("evilcurvekeyAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "ed", bytes(
-            evil_sealing.public_key), new_mailbox_id(), 1)
-        forged = DeviceList(real.address, real.identity_key, real.version + 1,
-                            (*real.devices, evil))
-        db.execute("UPDATE device_lists SET blob=?, version=? WHERE account='bob'",
-                   (forged.payload(), forged.version))
+        evil = DeviceInfo(
+            "evilcurvekeyAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            "ed",
+            bytes(evil_sealing.public_key),
+            new_mailbox_id(),
+            1,
+        )
+        forged = DeviceList(
+            real.address, real.identity_key, real.version + 1, (*real.devices, evil)
+        )
+        db.execute(
+            "UPDATE device_lists SET blob=?, version=? WHERE account='bob'",
+            (forged.payload(), forged.version),
+        )
         db.commit()
         db.close()
         res = await alice.send(bob.address, "second")
@@ -178,7 +214,7 @@ async def test_safety_numbers_match_and_key_change_blocks_sending(
         after = await verify(alice, bob_new.address, accept_new_key=True)
         assert not after["verified"] and after["safety_number"] != sa["safety_number"]
         await alice.send(bob_new.address, "accepted")
-        assert [m.text for m in await bob_new.receive(wait_s=0.7)] == ["accepted"]
+        await settle([bob_new], lambda: texts(bob_new, alice.address) == ["accepted"])
     finally:
         alice.close()
         bob_new.close()
@@ -194,9 +230,10 @@ async def test_disappearing_messages_vanish_from_history_and_files(
     try:
         await alice.send(bob.address, "keep me")
         await alice.send(bob.address, "burn after an hour", expires_in=3_600_000)
-        await drain(bob)
+        await settle([bob], lambda: len(texts(bob, alice.address)) == 2)
         row = bob.state.db.execute(
-            "SELECT text FROM history WHERE expire_at IS NOT NULL").fetchone()
+            "SELECT text FROM history WHERE expire_at IS NOT NULL"
+        ).fetchone()
         sealed = bytes(row[0])
         clock.advance(3_500_000)
         assert texts(bob, alice.address) == ["keep me", "burn after an hour"]
@@ -211,7 +248,7 @@ async def test_disappearing_messages_vanish_from_history_and_files(
         # a per-conversation default timer
         alice.set_timer(bob.address, 60_000)
         await alice.send(bob.address, "short by default")
-        await drain(bob)
+        await settle([bob], lambda: len(texts(bob, alice.address)) == 2)
         clock.advance(61_000)
         assert texts(bob, alice.address) == ["keep me"]
     finally:
@@ -230,14 +267,12 @@ async def test_receipts_edits_deletes_and_forged_receipts(
         res = await alice.send(bob.address, "how are you")
         status = lambda: alice.history(bob.address)[0].status  # noqa: E731
         assert status() == 0  # sent
-        await drain(bob)
-        await drain(alice)
-        assert status() == 1  # delivered
+        await settle([bob], lambda: len(bob.history(alice.address)) == 1)
+        await settle([alice], lambda: status() == 1)  # delivered
         assert alice.chats()[0]["unread"] == 0 and bob.chats()[0]["unread"] == 1
         await bob.mark_read(alice.address)
         assert bob.chats()[0]["unread"] == 0
-        await drain(alice)
-        assert status() == 2  # read
+        await settle([alice], lambda: status() == 2)  # read
 
         # carol claims bob read a message she never received; a node forges one "from bob"
         res2 = await alice.send(bob.address, "second")
@@ -254,30 +289,34 @@ async def test_receipts_edits_deletes_and_forged_receipts(
             assert isinstance(ans, F.Accepted) and ans.ids == (env.id,)
         finally:
             await conn.__aexit__(None, None, None)
-        await drain(alice)
+        delivered_all = lambda: (  # noqa: E731 - both forgeries reached alice's device
+            b.status()["outbox_envelopes"] == 0 and a.status()["pending_envelopes"] == 0
+        )
+        await settle([alice], delivered_all)
         assert alice.history(bob.address)[1].status == 0  # still only "sent"
 
         # edit and delete for everyone
         await alice.edit(bob.address, res.msg_id, "how are you, really?")
         await alice.delete(bob.address, res2.msg_id)
-        await drain(bob)
-        assert texts(bob, alice.address) == ["how are you, really?"]
+        await settle([bob], lambda: texts(bob, alice.address) == ["how are you, really?"])
         assert bob.history(alice.address)[0].edited
         # bob can't edit alice's message
-        fake_edit = Payload(new_envelope_id(), "edit", alice.address, 1, text="pwned",
-                            target=res.msg_id)
+        fake_edit = Payload(
+            new_envelope_id(), "edit", alice.address, 1, text="pwned", target=res.msg_id
+        )
         await bob.send_payload(alice.address, fake_edit)
-        await drain(alice)
+        await settle([alice], delivered_all)
         assert texts(alice, bob.address) == ["how are you, really?"]
 
         # read receipts can be turned off
         bob.set_setting("read_receipts", "off")
         res3 = await alice.send(bob.address, "third")
-        await drain(bob)
+        row3 = lambda: next(r for r in alice.history(bob.address) if r.msg_id == res3.msg_id)  # noqa: E731
+        await settle([bob], lambda: "third" in texts(bob, alice.address))
         await bob.mark_read(alice.address)
+        await settle([alice], lambda: row3().status == 1)
         await drain(alice)
-        row = next(r for r in alice.history(bob.address) if r.msg_id == res3.msg_id)
-        assert row.status == 1  # delivered, never read
+        assert row3().status == 1  # delivered, never read
     finally:
         for d in (alice, bob, carol):
             d.close()

@@ -21,7 +21,9 @@ def pair(tmp_path: Path, nodes: list[NodeProc]) -> tuple[NodeProc, NodeProc]:
     return a, b
 
 
-def test_exchange_both_ways_offline_and_drained(tmp_path: Path, pair: tuple[NodeProc, NodeProc]) -> None:
+def test_exchange_both_ways_offline_and_drained(
+    tmp_path: Path, pair: tuple[NodeProc, NodeProc]
+) -> None:
     a, b = pair
     alice, alice_addr = join(a, tmp_path, "alice")
     bob, bob_addr = join(b, tmp_path, "bob")
@@ -41,6 +43,7 @@ def test_exchange_both_ways_offline_and_drained(tmp_path: Path, pair: tuple[Node
     assert recv(bob, wait=0.5) == []  # nothing shown twice
 
     haven("send", "--home", str(bob), alice_addr, "hello back")
+    wait_until(lambda: a.status()["pending_envelopes"] >= 2, what="reply and receipts at A")
     assert [m["text"] for m in recv(alice)] == ["hello back"]
 
     hist = haven("history", "--home", str(bob), alice_addr, "--json").stdout.splitlines()
@@ -48,6 +51,10 @@ def test_exchange_both_ways_offline_and_drained(tmp_path: Path, pair: tuple[Node
 
     # receipts are end-to-end messages too: once both devices have picked them up,
     # neither node holds anything
+    wait_until(
+        lambda: a.status()["outbox_envelopes"] == 0 and b.status()["outbox_envelopes"] == 0,
+        what="receipts forwarded",
+    )
     assert recv(alice) == [] and recv(bob) == []
     for n in (a, b):
         wait_until(lambda n=n: n.status()["pending_envelopes"] == 0, what="pending drained")
@@ -65,6 +72,7 @@ def test_unreachable_contact_is_keys_unavailable_then_known_contact_queues(
     assert unknown.returncode != 0 and "keys_unavailable" in unknown.stderr
 
     haven("send", "--home", str(alice), bob_addr, "first")
+    wait_until(lambda: b.status()["pending_envelopes"] == 1, what="delivery to B")
     assert [m["text"] for m in recv(bob)] == ["first"]
     b.stop()
     # bob's node is down: alice's node queues for a known contact.
@@ -86,7 +94,9 @@ async def _send_all(dev: Device, to: str, texts: list[str]) -> list[str]:
     return done
 
 
-async def test_kill9_and_restart_lose_nothing_acked(tmp_path: Path, pair: tuple[NodeProc, NodeProc]) -> None:
+async def test_kill9_and_restart_lose_nothing_acked(
+    tmp_path: Path, pair: tuple[NodeProc, NodeProc]
+) -> None:
     a, b = pair
     alice_home, _ = join(a, tmp_path, "alice")
     bob_home, bob_addr = join(b, tmp_path, "bob")
@@ -116,7 +126,9 @@ async def test_kill9_and_restart_lose_nothing_acked(tmp_path: Path, pair: tuple[
         bob.close()
 
 
-def test_seizure_reveals_no_text_sender_or_recipient(tmp_path: Path, pair: tuple[NodeProc, NodeProc]) -> None:
+def test_seizure_reveals_no_text_sender_or_recipient(
+    tmp_path: Path, pair: tuple[NodeProc, NodeProc]
+) -> None:
     a, b = pair
     alice, alice_addr = join(a, tmp_path, "alicezq")
     bob, bob_addr = join(b, tmp_path, "bobxw")
@@ -124,17 +136,21 @@ def test_seizure_reveals_no_text_sender_or_recipient(tmp_path: Path, pair: tuple
     secret_ba = "SECRET-canary-from-bob-93ac"
     for _ in range(3):
         haven("send", "--home", str(alice), bob_addr, secret_ab)
+    wait_until(lambda: b.status()["pending_envelopes"] == 3, what="delivery to B")
     assert {m["text"] for m in recv(bob)} == {secret_ab}
     haven("send", "--home", str(bob), alice_addr, secret_ba)
+    wait_until(lambda: a.status()["pending_envelopes"] >= 2, what="reply and receipt at A")
     assert [m["text"] for m in recv(alice)] == [secret_ba]
+    wait_until(lambda: a.status()["outbox_envelopes"] == 0, what="receipt forwarded")
     assert recv(bob) == []  # picks up alice's delivered receipt
     for n in (a, b):
         wait_until(lambda n=n: n.status()["pending_envelopes"] == 0, what="delivery")
     # The idle checkpoint truncates the WAL; wait for it rather than sleeping.
     for n in (a, b):
         wal = n.home / "store.db-wal"
-        wait_until(lambda wal=wal: not wal.exists() or wal.stat().st_size == 0,
-                   what="idle WAL checkpoint")
+        wait_until(
+            lambda wal=wal: not wal.exists() or wal.stat().st_size == 0, what="idle WAL checkpoint"
+        )
     forbidden = [
         (b, [secret_ab.encode(), secret_ba.encode(), b"alicezq"]),
         (a, [secret_ab.encode(), secret_ba.encode(), b"bobxw"]),
