@@ -373,8 +373,9 @@ class Device:
             verified,
             timer,
         )
-        with self.state.tx() as db:
-            self.state.save_contact(db, contact)
+        if contact != pinned:  # most sends see an unchanged list: skip the write (an fsync)
+            with self.state.tx() as db:
+                self.state.save_contact(db, contact)
         return contact, dl, dict(keys.claimed)
 
     async def _list_for(
