@@ -55,10 +55,19 @@ def test_random_bytes_raise_only_typed_errors(data: bytes) -> None:
 
 
 @settings(max_examples=200)
-@given(st.dictionaries(st.sampled_from(["t", "rid", "ids", "items", "mailbox", "sig", "envs"]),
-                       st.one_of(st.integers(-(2**63), 2**64 - 1), st.binary(max_size=40), st.text(max_size=10),
-                                 st.lists(st.binary(max_size=20), max_size=3)), max_size=6),
-       st.sampled_from(sorted(F.FRAME_TYPES)))
+@given(
+    st.dictionaries(
+        st.sampled_from(["t", "rid", "ids", "items", "mailbox", "sig", "envs"]),
+        st.one_of(
+            st.integers(-(2**63), 2**64 - 1),
+            st.binary(max_size=40),
+            st.text(max_size=10),
+            st.lists(st.binary(max_size=20), max_size=3),
+        ),
+        max_size=6,
+    ),
+    st.sampled_from(sorted(F.FRAME_TYPES)),
+)
 def test_random_frame_maps_raise_only_typed_errors(m: dict[str, object], t: str) -> None:
     try:
         F.decode_frame(packb(m | {"t": t}))

@@ -40,15 +40,22 @@ def test_request_signature_binds_every_field() -> None:
     req = sign_request(a, "POST", "/haven/v1/federation/batch", b.node_id, body, 1000)
     parsed = SignedRequest.from_headers(req.to_headers())
     verify_request(parsed, "POST", "/haven/v1/federation/batch", body)
-    for method, path, data in (("GET", "/haven/v1/federation/batch", body),
-                               ("POST", "/haven/v1/federation/keys", body),
-                               ("POST", "/haven/v1/federation/batch", b"other")):
+    for method, path, data in (
+        ("GET", "/haven/v1/federation/batch", body),
+        ("POST", "/haven/v1/federation/keys", body),
+        ("POST", "/haven/v1/federation/batch", b"other"),
+    ):
         with pytest.raises(BadSignature):
             verify_request(parsed, method, path, data)
-    for field, value in (("destination", a.node_id), ("created", 1001),
-                         ("origin", b.node_id), ("nonce", bytes(16))):
-        forged = SignedRequest(**{**{f: getattr(parsed, f) for f in parsed.__slots__},
-                                  field: value})
+    for field, value in (
+        ("destination", a.node_id),
+        ("created", 1001),
+        ("origin", b.node_id),
+        ("nonce", bytes(16)),
+    ):
+        forged = SignedRequest(
+            **{**{f: getattr(parsed, f) for f in parsed.__slots__}, field: value}
+        )
         with pytest.raises(BadSignature):
             verify_request(forged, "POST", "/haven/v1/federation/batch", body)
 

@@ -33,12 +33,16 @@ def haven(*args: str, check: bool = True, timeout: float = 60) -> subprocess.Com
     """Run the ``haven`` CLI in a subprocess (the same interpreter as the tests)."""
     proc = subprocess.run(
         [sys.executable, "-m", "client.cli", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
         env=os.environ | {"PYTHONPATH": str(ROOT)},
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"haven {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"haven {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -89,15 +93,26 @@ class NodeProc:
     def create(cls, base: Path, name: str, *extra: str) -> NodeProc:
         port = free_port()
         home = base / name
-        haven("node", "init", "--home", str(home), "--public-url", f"http://127.0.0.1:{port}",
-              "--listen", f"127.0.0.1:{port}", *extra)
+        haven(
+            "node",
+            "init",
+            "--home",
+            str(home),
+            "--public-url",
+            f"http://127.0.0.1:{port}",
+            "--listen",
+            f"127.0.0.1:{port}",
+            *extra,
+        )
         return cls(home, port)
 
     def start(self) -> NodeProc:
-        logf = open(self.log, "ab")  # noqa: SIM115 - closed with the process
+        logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "client.cli", "node", "serve", "--home", str(self.home)],
-            stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
             env=os.environ | {"PYTHONPATH": str(ROOT)},
         )
         logf.close()
@@ -123,7 +138,9 @@ class NodeProc:
         self.proc = None
 
     def invite(self, name: str) -> str:
-        return haven("node", "invite", "--home", str(self.home), name).stdout.strip().splitlines()[-1]
+        return (
+            haven("node", "invite", "--home", str(self.home), name).stdout.strip().splitlines()[-1]
+        )
 
     def status(self) -> dict[str, Any]:
         return json.loads(haven("node", "status", "--home", str(self.home), "--json").stdout)

@@ -51,9 +51,16 @@ async def main() -> None:
 
     txt = txt_record(key_from_node_id(args.victim), clock.now_ms(), args.port)
     zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
-    info = AsyncServiceInfo(SERVICE_TYPE, f"spoof.{SERVICE_TYPE}", port=args.port,
-                            properties=txt, server="spoof.local.", parsed_addresses=[args.addr],
-                            host_ttl=30, other_ttl=30)
+    info = AsyncServiceInfo(
+        SERVICE_TYPE,
+        f"spoof.{SERVICE_TYPE}",
+        port=args.port,
+        properties=txt,
+        server="spoof.local.",
+        parsed_addresses=[args.addr],
+        host_ttl=30,
+        other_ttl=30,
+    )
     await (await zc.async_register_service(info))
     print(json.dumps({"announced": txt["id"]}), flush=True)
     loop = asyncio.get_running_loop()

@@ -38,24 +38,50 @@ class LanHost:
 
     def run(self, *args: str, check: bool = True, timeout: float = 60) -> str:
         cmd = [*self.lan.exec_prefix(self.i), sys.executable, "-m", "client.cli", *args]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                           env=os.environ | {"PYTHONPATH": str(ROOT)})
+        p = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            env=os.environ | {"PYTHONPATH": str(ROOT)},
+        )
         if check and p.returncode != 0:
             raise AssertionError(f"{args} failed on host {self.i}:\n{p.stdout}\n{p.stderr}")
         return p.stdout
 
     def init(self) -> None:
-        self.run("node", "init", "--home", str(self.home), "--public-url",
-                 f"http://{self.public_host}", "--listen", f"0.0.0.0:{PORT}",
-                 "--client-url", f"http://127.0.0.1:{PORT}", "--lan")
+        self.run(
+            "node",
+            "init",
+            "--home",
+            str(self.home),
+            "--public-url",
+            f"http://{self.public_host}",
+            "--listen",
+            f"0.0.0.0:{PORT}",
+            "--client-url",
+            f"http://127.0.0.1:{PORT}",
+            "--lan",
+        )
 
     def start(self) -> None:
-        logf = open(self.log, "ab")  # noqa: SIM115
+        logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [*self.lan.exec_prefix(self.i), sys.executable, "-m", "client.cli", "node", "serve",
-             "--home", str(self.home)]
+            [
+                *self.lan.exec_prefix(self.i),
+                sys.executable,
+                "-m",
+                "client.cli",
+                "node",
+                "serve",
+                "--home",
+                str(self.home),
+            ]
             + ([f"--clock-offset={OFFSETS[self.i]}"] if OFFSETS[self.i] else []),
-            stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
             env=os.environ | {"PYTHONPATH": str(ROOT), "HAVEN_TEST_CLOCK": "1"},
         )
         logf.close()
@@ -104,8 +130,10 @@ def test_three_offline_hosts_message_via_mdns(
     lan, hosts = lan_hosts
     for h in hosts:
         h.init()
-    cards = {h.i: json.loads(h.run("node", "lan-invite", "--home", str(h.home), "--json"))["card"]
-             for h in hosts}
+    cards = {
+        h.i: json.loads(h.run("node", "lan-invite", "--home", str(h.home), "--json"))["card"]
+        for h in hosts
+    }
     for h in hosts:
         for j, card in cards.items():
             if j != h.i:
@@ -120,9 +148,13 @@ def test_three_offline_hosts_message_via_mdns(
     # every node verifies the other two on the LAN (public URLs cannot resolve)
     for h in hosts:
         others = {o.public_host for o in hosts if o is not h}
-        wait_until(lambda h=h, others=others: all(
-            h.peers().get(o, {}).get("reachable") == "lan" for o in others), 60,
-            f"host {h.i} to verify its LAN peers")
+        wait_until(
+            lambda h=h, others=others: all(
+                h.peers().get(o, {}).get("reachable") == "lan" for o in others
+            ),
+            60,
+            f"host {h.i} to verify its LAN peers",
+        )
 
     # everyone writes to everyone, across ±10 minute clock offsets
     for h in hosts:
@@ -136,28 +168,56 @@ def test_three_offline_hosts_message_via_mdns(
     # host 2 leaves: its messages wait in host 0's outbox
     lan.link_down(2)
     hosts[0].send(hosts[2].address, "while you were gone")
-    assert json.loads(hosts[0].run("node", "status", "--home", str(hosts[0].home), "--json")
-                      )["outbox_envelopes"] == 1
-    wait_until(lambda: hosts[0].peers()[hosts[2].public_host]["reachable"] == "unreachable",
-               60, "host 2 to be marked unreachable")
+    assert (
+        json.loads(hosts[0].run("node", "status", "--home", str(hosts[0].home), "--json"))[
+            "outbox_envelopes"
+        ]
+        == 1
+    )
+    wait_until(
+        lambda: hosts[0].peers()[hosts[2].public_host]["reachable"] == "unreachable",
+        60,
+        "host 2 to be marked unreachable",
+    )
     lan.link_up(2)
-    wait_until(lambda: json.loads(hosts[0].run("node", "status", "--home", str(hosts[0].home),
-                                               "--json"))["outbox_envelopes"] == 0,
-               90, "host 0's outbox to drain when host 2 returns")
+    wait_until(
+        lambda: (
+            json.loads(hosts[0].run("node", "status", "--home", str(hosts[0].home), "--json"))[
+                "outbox_envelopes"
+            ]
+            == 0
+        ),
+        90,
+        "host 0's outbox to drain when host 2 returns",
+    )
     assert [m["text"] for m in hosts[2].recv()] == ["while you were gone"]
     assert hosts[2].recv() == []  # shown once
 
     # a fourth host announces host 1's blinded id with its own key: nothing is sent to it
     victim = json.loads(hosts[1].run("node", "status", "--home", str(hosts[1].home), "--json"))
     spoof = subprocess.Popen(
-        [*lan.exec_prefix(3), sys.executable, str(ROOT / "tests/integration/spoof_probe.py"),
-         "--victim", victim["node_id"], "--addr", lan.host_ip(3), "--port", str(PORT)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
+        [
+            *lan.exec_prefix(3),
+            sys.executable,
+            str(ROOT / "tests/integration/spoof_probe.py"),
+            "--victim",
+            victim["node_id"],
+            "--addr",
+            lan.host_ip(3),
+            "--port",
+            str(PORT),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
         env=os.environ | {"PYTHONPATH": str(ROOT)},
     )
     try:
-        wait_until(lambda: hosts[0].peers()[hosts[1].public_host]["spoofed"] >= 1, 60,
-                   "host 0 to count the spoofer")
+        wait_until(
+            lambda: hosts[0].peers()[hosts[1].public_host]["spoofed"] >= 1,
+            60,
+            "host 0 to count the spoofer",
+        )
         hosts[0].send(hosts[1].address, "after the spoof")
         assert [m["text"] for m in hosts[1].recv()] == ["after the spoof"]
     finally:

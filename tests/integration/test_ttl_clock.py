@@ -14,7 +14,9 @@ from node.config import NodeConfig
 from .harness import async_wait_until, free_port
 
 
-async def start_node(home: Path, clock: FakeClock) -> tuple[Node, asyncio.Event, asyncio.Task[None]]:
+async def start_node(
+    home: Path, clock: FakeClock
+) -> tuple[Node, asyncio.Event, asyncio.Task[None]]:
     port = free_port()
     init_node(str(home), f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", 7 * 86_400_000, False)
     config = NodeConfig.load(str(home))

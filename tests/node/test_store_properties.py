@@ -27,8 +27,9 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=200 if LONG else 25, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=200 if LONG else 25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(ops)
 def test_no_loss_no_duplicates_across_restarts(sequence: list[tuple[str, int, int]]) -> None:
     asyncio.run(_run(sequence))
@@ -45,8 +46,9 @@ async def _run(sequence: list[tuple[str, int, int]]) -> None:
             for op, mb_i, n in sequence:
                 mb = MAILBOXES[mb_i]
                 if op == "insert":
-                    envs = [Envelope(os.urandom(16), mb, now + 10**9, os.urandom(40))
-                            for _ in range(n)]
+                    envs = [
+                        Envelope(os.urandom(16), mb, now + 10**9, os.urandom(40)) for _ in range(n)
+                    ]
                     # a duplicate of an already stored envelope must not be stored twice
                     dup = tuple(model[mb][:1])
                     await store.write(WriteBatch(envelopes=tuple(envs) + dup), now)
