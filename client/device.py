@@ -653,8 +653,6 @@ class Device:
         return dl
 
     async def _open(self, conn: NodeConnection, env: Envelope) -> ReceivedMessage | None:
-        if env.body.startswith(b"HVLK"):
-            raise MalformedEnvelope("device-link message outside a link session")
         sc = unseal(self._sealing(), env.body)
         Address.parse(sc.sender)
         dl = await self._sender_list(conn, sc.sender, sc.sender_device)
