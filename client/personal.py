@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 
-from federation.clock import parse_duration
 from federation.errors import HavenError, LocalProtocolError
 
 from .device import Device
@@ -35,27 +35,15 @@ async def _join_owner(home: str, owner: str, device_home: str) -> str:
 
 
 def init_personal(args: argparse.Namespace) -> int:
-    from node.cli import init_node
+    from node.cli import init_from_args
 
     try:
         if not args.device_home:
             raise LocalProtocolError("--owner needs --device-home DIR for the owner's device")
-        lan = True if args.lan is None else args.lan
-        config = init_node(
-            args.home,
-            args.public_url,
-            args.listen,
-            parse_duration(args.ttl),
-            lan,
-            owner=args.owner,
-            client_url=args.client_url,
-            interfaces=args.interface,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-        )
+        config = init_from_args(args)
         address = asyncio.run(_join_owner(args.home, args.owner, args.device_home))
     except (HavenError, ValueError) as exc:
-        print(f"error: {exc} ({getattr(exc, 'code', 'bad_argument')})")
+        print(f"error: {exc} ({getattr(exc, 'code', 'bad_argument')})", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({"public_url": config.public_url, "address": address}))

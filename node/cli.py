@@ -321,23 +321,33 @@ def run_command(args: argparse.Namespace) -> int:
         code = getattr(exc, "code", "bad_argument")
         print(f"error: {exc} ({code})", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. the listen port is taken
+        print(f"error: {exc.strerror or exc} (os_error)", file=sys.stderr)
+        return 2
+
+
+def init_from_args(args: argparse.Namespace) -> NodeConfig:
+    """``haven node init`` from parsed arguments (LAN defaults to on for personal nodes)."""
+    if args.owner and not valid_name(args.owner):
+        raise LocalProtocolError("--owner must be 1-32 of a-z 0-9 . _ -")
+    return init_node(
+        args.home,
+        args.public_url,
+        args.listen,
+        parse_duration(args.ttl),
+        args.lan if args.lan is not None else bool(args.owner),
+        owner=args.owner or "",
+        client_url=args.client_url,
+        interfaces=args.interface,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
     cmd = args.node_cmd
     if cmd == "init":
-        lan = args.lan if args.lan is not None else bool(args.owner)
-        config = init_node(
-            args.home,
-            args.public_url,
-            args.listen,
-            parse_duration(args.ttl),
-            lan,
-            client_url=args.client_url,
-            interfaces=args.interface,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-        )
+        config = init_from_args(args)
         node_id = NodeKey(open(os.path.join(args.home, KEY_NAME), "rb").read()).node_id
         out = {"node_id": node_id, "public_url": config.public_url, "home": args.home}
         print(json.dumps(out) if args.json else f"created node {node_id} in {args.home}")
