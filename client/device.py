@@ -32,6 +32,7 @@ from federation.devicelist import DeviceInfo, DeviceList, SignedDeviceList
 from federation.errors import (
     HavenError,
     IdentityChanged,
+    KeysExhausted,
     KeysUnavailable,
     LocalProtocolError,
     MalformedEnvelope,
@@ -509,7 +510,10 @@ class Device:
                     counts[addr] = {"total": reached, "verified": reached}
             peer_counts = counts.get(payload.to, {"total": 0, "verified": 0})
             if payload.to in counts and peer_counts["total"] == 0 and payload.to != self.address:
-                raise KeysUnavailable(f"no device of {payload.to} can be reached")
+                raise KeysExhausted(
+                    f"no device of {payload.to} has a one-time or fallback key left; "
+                    "they need to come online"
+                )
             if record is not None:
                 self.state.add_history(
                     db,

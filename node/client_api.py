@@ -16,7 +16,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from aiohttp import WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
 from federation import frames as F
 from federation.devicelist import MAX_DEVICES, DeviceList, SignedDeviceList
@@ -119,6 +119,13 @@ class ClientSession:
             async for msg in self.ws:
                 if msg.type != WSMsgType.BINARY:
                     if msg.type == WSMsgType.ERROR:
+                        # aiohttp refuses a frame over max_msg_size itself (close 1009).
+                        exc = msg.data
+                        if (
+                            isinstance(exc, WebSocketError)
+                            and exc.code == WSCloseCode.MESSAGE_TOO_BIG
+                        ):
+                            self.node.metrics.error("client", TooLarge.code)
                         break
                     self.error(0, MalformedFrame("frames must be binary msgpack"))
                     continue

@@ -64,12 +64,23 @@ async def authenticate(
     node.nonces.check_fresh(req.created, now)
     if not node.rates.take("fed:" + req.origin, now):
         raise RateLimited("too many requests from this peer")
-    body = await request.content.read(max_len + 1)
-    if len(body) > max_len:
-        raise TooLarge("request body too large")
+    body = await read_body(request, max_len)
     verify_request(req, request.method, request.path, body)
     node.nonces.check_and_remember(req.origin, req.nonce, req.created, now)
     return req, body
+
+
+async def read_body(request: web.Request, max_len: int) -> bytes:
+    """The whole body, or TooLarge as soon as it passes ``max_len``.
+
+    ``StreamReader.read(n)`` returns *up to* n bytes (whatever is buffered), so read until EOF.
+    """
+    body = bytearray()
+    while chunk := await request.content.read(max_len + 1 - len(body)):
+        body += chunk
+        if len(body) > max_len:
+            raise TooLarge("request body too large")
+    return bytes(body)
 
 
 def signed(node: Node, req: SignedRequest, body: bytes) -> web.Response:

@@ -172,6 +172,11 @@ class Mailboxes:
         for eid, p in env_items:
             self._inflight.pop(eid, None)
             _ok(p.waiters)
+            # A device that attached while this row was being written may have missed it in
+            # both places its refill looks; push it now (push() skips what it already has).
+            link = self.links.get(p.env.to)
+            if link is not None:
+                link.push([p.env])
         dests = set()
         for _, (dest, p) in out_items:
             _ok(p.waiters)

@@ -107,11 +107,12 @@ class SqliteStore:
 
     async def close(self) -> None:
         if self._db is not None:
-            try:
-                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                await self._db.close()
-                self._db = None
+            async with self._write_lock:  # let a transaction in progress finish first
+                try:
+                    await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                finally:
+                    await self._db.close()
+                    self._db = None
 
     async def _tx(self, statements: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
         """Run ``executemany`` statements in one IMMEDIATE transaction."""

@@ -866,7 +866,7 @@ async def test_exhausted_one_time_keys_fall_back_and_claims_are_atomic(
     await still_serving(world, http)
 
 
-async def test_device_without_fallback_runs_dry_and_sender_gets_keys_unavailable(
+async def test_device_without_fallback_runs_dry_and_sender_gets_keys_exhausted(
     world: World, http: aiohttp.ClientSession, peer: RawPeer
 ) -> None:
     m = world.mallory  # published 2 one-time keys and never a fallback key
@@ -879,10 +879,10 @@ async def test_device_without_fallback_runs_dry_and_sender_gets_keys_unavailable
     assert len(keys) == 2 and len(set(keys)) == 2  # two claims, two different keys
     assert claimed.count({}) == 1  # the third finds none: an empty claim, not an error
     assert moved(before, await stats(http, world.node.url)) == {}
-    # A sender with no session cannot encrypt to mallory: the device says keys_unavailable.
+    # A sender with no session cannot encrypt to mallory: the device says keys_exhausted.
     with pytest.raises(HavenError) as err:
         await world.alice.send(m.address, "anyone there?")
-    assert err.value.code == "keys_unavailable"
+    assert err.value.code == "keys_exhausted"
     assert moved(before, await stats(http, world.node.url)) == {}
     # Once mallory tops up, the same sender gets through.
     dev = await RawDevice.connect(http, world.node.url)

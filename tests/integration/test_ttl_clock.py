@@ -76,7 +76,7 @@ async def test_epoch_keys_rotate_on_a_running_node(tmp_path: Path) -> None:
         key_file = tmp_path / "node" / "epochs.key"
         old_bytes = key_file.read_bytes()
         clock.advance(3_600_000 + 11_000)
-        await async_wait_until(lambda: _epochs_changed(keys, first), what="epoch rotation")
+        await async_wait_until(lambda: _rotated(keys, first), what="epoch rotation")
         assert len(keys.epochs) == 1 and keys.epochs[0] > first[-1]
         new_bytes = key_file.read_bytes()
         for i in range(0, len(old_bytes), 40):  # every old key slot is gone from the file
@@ -92,5 +92,7 @@ async def test_epoch_keys_rotate_on_a_running_node(tmp_path: Path) -> None:
         await task
 
 
-async def _epochs_changed(keys: object, first: list[int]) -> bool:
-    return getattr(keys, "epochs") != first  # noqa: B009
+async def _rotated(keys: object, first: list[int]) -> bool:
+    """The new key exists *and* the old one is destroyed (re-sealing finished)."""
+    epochs: list[int] = getattr(keys, "epochs")  # noqa: B009
+    return len(epochs) == 1 and epochs[0] > first[-1]
