@@ -113,21 +113,22 @@ class OutboxSender:
                         await d.wake.wait()
 
     async def _send(self, dest: str, envs: list[Envelope]) -> None:
-        batch = Batch(tuple(envs))
-
-        async def post(url: str) -> BatchResult:
-            return await self.transport.post_batch(url, dest, self.peers.stamp(dest), batch)
-
         try:
-            result = await self.peers.call(dest, post)
+            result = await self._post(dest, envs)
         except RemoteError as exc:
-            if exc.code == ClockSkew.code and exc.peer_now is not None:
-                self.peers.correct_clock(dest, exc.peer_now)  # re-measured; retry at once
-                result = await self.peers.call(dest, post)
-            else:
-                if exc.code == "wrong_destination":
-                    self.peers.invalidate(dest)  # someone else answers there: re-check the key
+            if exc.code not in PERMANENT:
                 raise
+            # The peer refused the whole batch for a reason tied to its content (one envelope
+            # too large, or of a version it doesn't speak): split to isolate the culprit, so
+            # one bad row can't block the queue; a single refused envelope is dropped.
+            if len(envs) == 1:
+                self.metrics.error("outbox_rejected", exc.code)
+                await self.mailboxes.delete_outbox([envs[0].id])
+                return
+            half = len(envs) // 2
+            await self._send(dest, envs[:half])
+            await self._send(dest, envs[half:])
+            return
         done = list(result.accepted) + [i for i, code in result.rejected if code in PERMANENT]
         for _, code in result.rejected:
             self.metrics.error("outbox_rejected", code)
@@ -136,3 +137,20 @@ class OutboxSender:
         self.metrics.event("federation.envelopes_out", len(result.accepted))
         if len(done) < len(envs):
             raise TransportError("peer refused part of the batch for now")
+
+    async def _post(self, dest: str, envs: list[Envelope]) -> BatchResult:
+        """POST one signed batch through the peer's locators; re-measure its clock once."""
+        batch = Batch(tuple(envs))
+
+        async def post(url: str) -> BatchResult:
+            return await self.transport.post_batch(url, dest, self.peers.stamp(dest), batch)
+
+        try:
+            return await self.peers.call(dest, post)
+        except RemoteError as exc:
+            if exc.code == ClockSkew.code and exc.peer_now is not None:
+                self.peers.correct_clock(dest, exc.peer_now)  # re-measured; retry at once
+                return await self.peers.call(dest, post)
+            if exc.code == "wrong_destination":
+                self.peers.invalidate(dest)  # someone else answers there: re-check the key
+            raise
