@@ -131,6 +131,7 @@ class Device:
             passphrase = os.environ.get("HAVEN_PASSPHRASE") or None
         self.state = DeviceState(home, passphrase)
         self._account: vz.Account | None = None
+        self._receipts: dict[str, list[bytes]] = {}  # delivered receipts not yet sent
         self.state.purge_expired(self.clock.now_ms())
 
     def close(self) -> None:
@@ -636,10 +637,13 @@ class Device:
         return new
 
     async def _send_receipts(self, conn: NodeConnection, new: list[ReceivedMessage]) -> None:
-        by_sender: dict[str, list[bytes]] = {}
+        """Send delivered receipts, one per sender, coalesced while more deliveries wait."""
         for m in new:
             if m.kind == "text" and m.sender != self.address:
-                by_sender.setdefault(m.sender, []).append(m.msg_id)
+                self._receipts.setdefault(m.sender, []).append(m.msg_id)
+        if not conn.deliveries.empty() and sum(map(len, self._receipts.values())) < 500:
+            return  # more is already queued: one receipt will cover it all
+        by_sender, self._receipts = self._receipts, {}
         for sender, ids in by_sender.items():
             p = Payload(os.urandom(16), "delivered", sender, self.clock.now_ms(), ids=tuple(ids))
             try:
