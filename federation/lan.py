@@ -204,6 +204,16 @@ class LanAnnouncer:
         log.info("lan: announcing blinded id %s", self._blinded)
         return True
 
+    async def reannounce(self) -> None:
+        """Broadcast the current records again, so peers that lost us (a link that went down
+        and came back) find us without waiting for their next query."""
+        if self._zc is None or self._info is None:
+            return
+        try:
+            await (await self._zc.async_update_service(self._info))
+        except (OSError, ZeroconfError) as exc:
+            raise TransportError(f"mDNS re-announce failed: {type(exc).__name__}") from exc
+
     async def close(self) -> None:
         """Send goodbyes and close the sockets. Safe to call twice."""
         zc, self._zc = self._zc, None

@@ -56,6 +56,7 @@ class LanService:
         )
         self.own_key = public_key
         self.recheck_ms = int(recheck_s * 1000)
+        self._ticks = 0
         self._blinded_to_node: dict[str, str] = {}
         self._queue: asyncio.Queue[LanCandidate] = asyncio.Queue()
 
@@ -134,7 +135,10 @@ class LanService:
             wait = min(self.recheck_ms, ms_until_rotation(self.clock.now_ms()) + 50)
             await asyncio.sleep(wait / 1000)
             try:
-                await self.announcer.refresh()
+                if not await self.announcer.refresh():
+                    self._ticks += 1
+                    if self._ticks % 3 == 0:  # every ~30 s: help peers that lost us
+                        await self.announcer.reannounce()
             except HavenError as exc:
                 log.info("LAN refresh failed (%s)", exc.code)
             for c in self.browser.candidates():

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import LONG
+
 from .harness import ROOT, wait_until
 from .netns import NetnsLan
 
@@ -179,6 +181,12 @@ def test_three_offline_hosts_message_via_mdns(
         60,
         "host 2 to be marked unreachable",
     )
+    if LONG:  # a long outage: host 0 forgets host 2's LAN address, then must rediscover it
+        wait_until(
+            lambda: not hosts[0].peers()[hosts[2].public_host]["lan"],
+            120,
+            "host 0 to drop host 2's LAN locator",
+        )
     lan.link_up(2)
     wait_until(
         lambda: (
