@@ -77,11 +77,19 @@ class ClientSession:
         self.backlog = False
         self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._answers: set[asyncio.Task[None]] = set()
+        self._held: list[Envelope] | None = None
 
     # ---- DeviceLink --------------------------------------------------------------------------
 
     def push(self, envs: list[Envelope]) -> None:
-        fresh = [e for e in envs if e.id not in self.inflight and e.id not in self.acked]
+        if self._held is not None:  # a refill is reading the store: keep arrival order
+            self._held.extend(envs)
+            return
+        self._push(envs)
+
+    def _push(self, envs: list[Envelope]) -> None:
+        unique = {e.id: e for e in envs}.values() if len(envs) > 1 else envs
+        fresh = [e for e in unique if e.id not in self.inflight and e.id not in self.acked]
         room = DELIVERY_WINDOW - len(self.inflight)
         if len(fresh) > room:
             fresh, self.backlog = fresh[: max(room, 0)], True
@@ -90,10 +98,16 @@ class ClientSession:
             self.out.put_nowait(F.Deliver(tuple(fresh)).encode())
 
     async def refill(self) -> None:
-        rows = await self.node.store.pending_for(self.mailbox, DELIVERY_WINDOW)
-        self.backlog = len(rows) >= DELIVERY_WINDOW
-        rows += self.node.mailboxes.uncommitted_for(self.mailbox)
-        self.push(rows)
+        """Push stored and uncommitted envelopes, oldest first. Envelopes pushed by new
+        arrivals while the store is read are held and sent after, so order is kept."""
+        self._held = []
+        try:
+            rows = await self.node.store.pending_for(self.mailbox, DELIVERY_WINDOW)
+            self.backlog = len(rows) >= DELIVERY_WINDOW
+            rows += self.node.mailboxes.uncommitted_for(self.mailbox)
+        finally:
+            held, self._held = self._held, None
+        self._push(rows + held)
 
     # ---- loop --------------------------------------------------------------------------------
 
