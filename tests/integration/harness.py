@@ -76,6 +76,7 @@ class NodeProc:
     home: Path
     port: int
     proc: subprocess.Popen[bytes] | None = None
+    scheme: str = "http"
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -83,14 +84,14 @@ class NodeProc:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     @classmethod
-    def create(cls, base: Path, name: str, *extra: str) -> NodeProc:
+    def create(cls, base: Path, name: str, *extra: str, scheme: str = "http") -> NodeProc:
         port = free_port()
         home = base / name
         haven(
@@ -99,12 +100,12 @@ class NodeProc:
             "--home",
             str(home),
             "--public-url",
-            f"http://127.0.0.1:{port}",
+            f"{scheme}://127.0.0.1:{port}",
             "--listen",
             f"127.0.0.1:{port}",
             *extra,
         )
-        return cls(home, port)
+        return cls(home, port, scheme=scheme)
 
     def start(self) -> NodeProc:
         logf = open(self.log, "ab")
