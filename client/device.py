@@ -56,6 +56,7 @@ from .state import (
 
 log = logging.getLogger("haven.device")
 
+OTK_TAG = b"haven-otk-v1\x00"
 OTK_BATCH = 50
 OTK_LOW = 20
 DEFAULT_TTL_MS = 7 * 86_400_000
@@ -113,6 +114,19 @@ def parse_invite(text: str) -> dict[str, Any]:
         return out
     except (HavenError, KeyError, TypeError, ValueError) as exc:
         raise LocalProtocolError("malformed invite") from exc
+
+
+def verified_key(dev: DeviceInfo, signed_key: str) -> str | None:
+    """The Curve25519 key from ``key:signature`` if the device's Ed25519 key signed it."""
+    key, _, sig = signed_key.partition(":")
+    try:
+        vz.Ed25519PublicKey.from_base64(dev.ed25519).verify_signature(
+            OTK_TAG + key.encode(), vz.Ed25519Signature.from_base64(sig)
+        )
+        vz.Curve25519PublicKey.from_base64(key)
+    except Exception:  # noqa: BLE001 - vodozemac's error types aren't exported
+        return None
+    return key
 
 
 def _raw(b64: str) -> bytes:
@@ -303,12 +317,14 @@ class Device:
             return
         if count < OTK_LOW:
             acct.generate_one_time_keys(OTK_BATCH)
-        otks = tuple((k, v.to_base64()) for k, v in acct.one_time_keys.items())
+        otks = tuple((k, self._signed_key(v.to_base64())) for k, v in acct.one_time_keys.items())
         fb: tuple[tuple[str, str], ...] = ()
         if need_fallback:
             if not acct.fallback_key:
                 acct.generate_fallback_key()
-            fb = tuple((k, v.to_base64()) for k, v in acct.fallback_key.items())[:1]
+            fb = tuple((k, self._signed_key(v.to_base64())) for k, v in acct.fallback_key.items())[
+                :1
+            ]
         # Persist the account (with the new private keys) before the public halves leave.
         with self.state.tx() as db:
             self._save_account(db)
@@ -319,6 +335,11 @@ class Device:
         with self.state.tx() as db:
             self._save_account(db)
             self.state.put(db, "fallback_published", b"1")
+
+    def _signed_key(self, key: str) -> str:
+        """``key:signature``: a one-time or fallback key signed by this device's Ed25519 key,
+        so a node cannot substitute keys of its own (docs/protocol.md §3.4)."""
+        return f"{key}:{self.account.sign(OTK_TAG + key.encode()).to_base64()}"
 
     async def connect(self) -> NodeConnection:
         """Open and authenticate a connection to the home node (caller closes it)."""
@@ -553,9 +574,13 @@ class Device:
         if sessions:
             session = vz.Session.from_pickle(sessions[0][1], self.state.storage_key)
         elif otk is not None:
+            key = verified_key(dev, otk[1])
+            if key is None:
+                log.warning("a one-time key is not signed by its device; refused")
+                return None
             session = self.account.create_outbound_session(
                 vz.Curve25519PublicKey.from_base64(dev.device_id),
-                vz.Curve25519PublicKey.from_base64(otk[1]),
+                vz.Curve25519PublicKey.from_base64(key),
             )
         else:
             return None

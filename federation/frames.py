@@ -53,7 +53,7 @@ def _keypairs(value: Any, limit: int) -> tuple[tuple[str, str], ...]:
             or not isinstance(item[0], str)
             or not isinstance(item[1], str)
             or len(item[0]) > 64
-            or len(item[1]) > 64
+            or len(item[1]) > 192  # "curve25519 key:ed25519 signature", base64
         ):
             raise MalformedFrame("bad key entry")
         out.append((item[0], item[1]))

@@ -217,9 +217,19 @@ class RawIdentity:
             self.identity
         )
 
-    def one_time_keys(self, n: int) -> tuple[tuple[str, str], ...]:
+    def one_time_keys(self, n: int, signed: bool = True) -> tuple[tuple[str, str], ...]:
+        """New one-time keys as published: ``key:signature`` (unsigned ones are refused by
+        senders, see client.device.verified_key)."""
+        from client.device import OTK_TAG
+
         self.account.generate_one_time_keys(n)
-        keys = tuple((k, v.to_base64()) for k, v in self.account.one_time_keys.items())
+
+        def wire(key: str) -> str:
+            return (
+                f"{key}:{self.account.sign(OTK_TAG + key.encode()).to_base64()}" if signed else key
+            )
+
+        keys = tuple((k, wire(v.to_base64())) for k, v in self.account.one_time_keys.items())
         self.account.mark_keys_as_published()
         return keys
 

@@ -324,3 +324,33 @@ async def test_receipts_edits_deletes_and_forged_receipts(
 @pytest.fixture
 async def _unused() -> AsyncIterator[None]:  # keeps pytest-asyncio's import used
     yield
+
+
+async def test_node_substituted_one_time_keys_are_refused(
+    tmp_path: Path, pair: tuple[NodeProc, NodeProc]
+) -> None:
+    """A node that swaps a device's one-time keys for its own cannot get a session started."""
+    import vodozemac as vz
+
+    from federation.errors import KeysExhausted
+
+    a, b = pair
+    alice = await new_device(a, tmp_path / "a", "alice")
+    bob = await new_device(b, tmp_path / "b", "bob")
+    try:
+        evil = vz.Account()
+        evil.generate_one_time_keys(1)
+        evil_key = next(iter(evil.one_time_keys.values())).to_base64()
+        evil_signed = (
+            f"{evil_key}:{evil.sign(b'haven-otk-v1' + bytes(1) + evil_key.encode()).to_base64()}"
+        )
+        db = sqlite3.connect(b.home / "store.db")
+        db.execute("UPDATE otks SET key=?", (evil_signed,))
+        db.execute("UPDATE fallback SET key=?", (evil_key,))
+        db.commit()
+        db.close()
+        with pytest.raises(KeysExhausted):
+            await alice.send(bob.address, "to a forged key")
+    finally:
+        alice.close()
+        bob.close()
