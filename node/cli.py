@@ -187,9 +187,14 @@ async def list_peers(home: str) -> list[dict[str, Any]]:
     import aiohttp
 
     config = NodeConfig.load(home)
-    url = f"http://127.0.0.1:{config.listen_port}/haven/v1/peers"
+    scheme = "https" if config.tls_cert else "http"
+    url = f"{scheme}://127.0.0.1:{config.listen_port}/haven/v1/peers"
     try:
-        async with aiohttp.ClientSession() as s, s.get(url, timeout=aiohttp.ClientTimeout(5)) as r:
+        # Loopback to our own node: its certificate names the public host, not 127.0.0.1.
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(url, timeout=aiohttp.ClientTimeout(5), ssl=False) as r,
+        ):
             if r.status == 200:
                 return list(unpackb(await r.read(), max_len=1 << 22))
     except (aiohttp.ClientError, OSError, TimeoutError):
@@ -315,6 +320,9 @@ def run_command(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("aiohttp.access").disabled = True
+    # Library loggers may name peer addresses; keep only their errors (and no access log).
+    for noisy in ("zeroconf", "aiohttp.server", "aiohttp.web", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return _run(args)
     except (HavenError, ValueError) as exc:
