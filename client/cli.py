@@ -214,7 +214,12 @@ async def cmd_device(args: argparse.Namespace, dev: Device) -> int:
                 flush=True,
             )
 
-        res = await linking.link_device(dev, show, timeout_s=parse_duration(args.timeout) / 1000)
+        res = await linking.link_device(
+            dev,
+            show,
+            timeout_s=parse_duration(args.timeout) / 1000,
+            with_history=args.with_history,
+        )
         _out(args, res, f"linked {res['name']} ({res['id'][:8]})")
     elif args.device_cmd == "list":
         devices = await linking.list_devices(dev)
@@ -313,6 +318,11 @@ def _user_commands(sub: Any) -> None:
         p.add_argument("--json", action="store_true")
         if name == "link":
             p.add_argument("--timeout", default="5m", help="how long to wait (default 5m)")
+            p.add_argument(
+                "--with-history",
+                action="store_true",
+                help="also copy this device's history, end to end encrypted",
+            )
         if name == "remove":
             p.add_argument("id", help="device id from `haven device list`")
 

@@ -24,6 +24,8 @@ class NodeConnection:
         self.url = url.rstrip("/") + CLIENT_PATH
         self.timeout_s = timeout_s
         self.deliveries: asyncio.Queue[list[Envelope]] = asyncio.Queue()
+        # device-link messages received but not yet consumed (client/linking.py)
+        self.link_held: list[tuple[Envelope, Any]] = []
         self.challenge: F.Challenge | None = None
         self._rid = itertools.count(1)
         self._waiters: dict[int, asyncio.Future[F.Frame]] = {}

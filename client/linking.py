@@ -30,6 +30,7 @@ from federation.wire import Envelope, packb, unpackb
 
 from .connection import NodeConnection, expect
 from .device import Device
+from .state import HistoryRow
 
 _FILL = SEAL_OVERHEAD - 40  # sealed box overhead minus SecretBox nonce+MAC
 LINK_TTL_MS = 10 * 60_000
@@ -52,9 +53,13 @@ def _open(k: bytes, body: bytes) -> Any:
 async def _await_link_message(
     dev: Device, conn: NodeConnection, k: bytes, timeout_s: float
 ) -> tuple[Envelope, Any]:
-    """Wait for the envelope sealed with ``k``; process everything else normally."""
+    """Wait for the next envelope sealed with ``k``; process everything else normally.
+
+    Link messages that arrive together are kept (on the connection) for the next call.
+    """
+    held = conn.link_held
     deadline = time.monotonic() + timeout_s
-    while True:
+    while not held:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise LocalProtocolError("no device used the link code in time")
@@ -63,27 +68,30 @@ async def _await_link_message(
                 envs = await conn.deliveries.get()
         except TimeoutError as exc:
             raise LocalProtocolError("no device used the link code in time") from exc
-        found: tuple[Envelope, Any] | None = None
         others = []
         for env in envs:
-            if found is None:
-                try:
-                    found = (env, _open(k, env.body))
-                    continue
-                except HavenError:
-                    pass
-            others.append(env)
+            try:
+                held.append((env, _open(k, env.body)))
+            except HavenError:
+                others.append(env)
         if others:
             await dev.process(conn, others)
-        if found is not None:
-            await conn.ack([found[0].id])
-            return found
+        if held:
+            await conn.ack([env.id for env, _ in held])
+    return held.pop(0)
 
 
 async def link_device(
-    dev: Device, on_code: Callable[[str], None], timeout_s: float = 300
+    dev: Device,
+    on_code: Callable[[str], None],
+    timeout_s: float = 300,
+    with_history: bool = False,
 ) -> dict[str, Any]:
-    """Run the linking side: print a code, wait for the new device, re-sign, hand over keys."""
+    """Run the linking side: print a code, wait for the new device, re-sign, hand over keys.
+
+    With ``with_history``, local history follows in further messages sealed with the code's
+    secret (end to end: the node relays opaque, bucket-sized envelopes).
+    """
     conn = await dev.connect()
     try:
         tok = expect(await conn.request(F.MintLink(conn.next_rid())), F.LinkToken)
@@ -119,20 +127,28 @@ async def link_device(
         names = dict(_names(dev))
         names[new.device_id] = new_name
         dev.adopt_identity(bytes(dev.identity()), dev.address, dev.node_id, signed, names)
-        reply = _seal(
-            k,
-            {
-                "seed": bytes(dev.identity()),
-                "address": dev.address,
-                "list": signed.to_wire(),
-                "names": names,
-            },
-        )
-        env = Envelope(new_envelope_id(), new.mailbox, dev.clock.now_ms() + LINK_TTL_MS, reply)
-        ans = expect(await conn.request(F.Send(conn.next_rid(), ((dev.node_id, env),))), F.Accepted)
+        chunks = _history_chunks(dev) if with_history else []
+        handover = {
+            "seed": bytes(dev.identity()),
+            "address": dev.address,
+            "list": signed.to_wire(),
+            "names": names,
+            "history_chunks": len(chunks),
+        }
+        expires = dev.clock.now_ms() + LINK_TTL_MS
+        items = [
+            (dev.node_id, Envelope(new_envelope_id(), new.mailbox, expires, _seal(k, m)))
+            for m in [handover, *({"chunk": i, "rows": c} for i, c in enumerate(chunks))]
+        ]
+        ans = expect(await conn.request(F.Send(conn.next_rid(), tuple(items))), F.Accepted)
         if ans.rejected:
             raise LocalProtocolError("the node refused the key hand-over")
-        return {"id": new.device_id, "name": new_name, "added_at": new.added_at}
+        return {
+            "id": new.device_id,
+            "name": new_name,
+            "added_at": new.added_at,
+            "history_messages": sum(len(c) for c in chunks),
+        }
     finally:
         await conn.__aexit__(None, None, None)
 
@@ -158,7 +174,72 @@ async def join_link(dev: Device, inv: dict[str, Any], name: str, timeout_s: floa
         if addr != address or not any(d.device_id == info.device_id for d in dl.devices):
             raise MalformedEnvelope("the hand-over does not list this device")
         dev.adopt_identity(seed, address, inv["node"], signed, names)
+        await _receive_history(dev, conn, k, int(msg.get("history_chunks", 0)), timeout_s)
     return address
+
+
+HISTORY_CHUNK_BYTES = 40_000
+
+
+def _history_chunks(dev: Device) -> list[list[list[Any]]]:
+    """Local history as rows that fit in one 64 KiB link message each."""
+    chunks: list[list[list[Any]]] = [[]]
+    size = 0
+    for r in dev.state.all_history():
+        row = [
+            r.msg_id,
+            r.peer,
+            r.outgoing,
+            r.sender,
+            r.text,
+            r.sent_at,
+            r.received_at,
+            r.status,
+            r.read,
+            r.edited,
+            r.expires_in,
+            r.expire_at,
+        ]
+        cost = len(r.text.encode()) + len(r.peer) + len(r.sender) + 80
+        if size + cost > HISTORY_CHUNK_BYTES and chunks[-1]:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(row)
+        size += cost
+    return [c for c in chunks if c]
+
+
+async def _receive_history(
+    dev: Device, conn: NodeConnection, k: bytes, n: int, timeout_s: float
+) -> None:
+    got: dict[int, list[Any]] = {}
+    while len(got) < n:
+        _env, msg = await _await_link_message(dev, conn, k, timeout_s)
+        if isinstance(msg, dict) and isinstance(msg.get("chunk"), int):
+            got[msg["chunk"]] = list(msg.get("rows", []))
+    with dev.state.tx() as db:
+        for i in sorted(got):
+            for row in got[i]:
+                try:
+                    dev.state.add_history(
+                        db,
+                        HistoryRow(
+                            bytes(row[0]),
+                            str(row[1]),
+                            bool(row[2]),
+                            str(row[3]),
+                            str(row[4]),
+                            int(row[5]),
+                            int(row[6]),
+                            int(row[7]),
+                            bool(row[8]),
+                            bool(row[9]),
+                            int(row[10]),
+                            None if row[11] is None else int(row[11]),
+                        ),
+                    )
+                except (IndexError, TypeError, ValueError) as exc:
+                    raise MalformedEnvelope("bad history row") from exc
 
 
 def _names(dev: Device) -> list[tuple[str, str]]:

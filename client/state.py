@@ -267,6 +267,10 @@ class DeviceState:
         ).fetchall()
         return [self._row(r) for r in rows]
 
+    def all_history(self) -> list[HistoryRow]:
+        rows = self.db.execute(f"SELECT {self._COLS} FROM history ORDER BY seq").fetchall()
+        return [self._row(r) for r in rows]
+
     def chats(self) -> list[tuple[str, int, int, int]]:
         """``(peer, messages, unread, last_at)`` per conversation, most recent first."""
         return list(

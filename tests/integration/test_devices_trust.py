@@ -354,3 +354,36 @@ async def test_node_substituted_one_time_keys_are_refused(
     finally:
         alice.close()
         bob.close()
+
+
+async def test_history_transfer_to_a_linked_device_is_end_to_end(
+    tmp_path: Path, pair: tuple[NodeProc, NodeProc]
+) -> None:
+    a, b = pair
+    alice1 = await new_device(a, tmp_path / "a1", "alice")
+    bob = await new_device(b, tmp_path / "b", "bob")
+    try:
+        texts_sent = [f"old-canary-{i:03d} " + "x" * 1000 for i in range(60)]  # > one chunk
+        conn = await alice1.connect()
+        try:
+            for t in texts_sent:
+                await alice1.send(bob.address, t, conn=conn)
+        finally:
+            await conn.__aexit__(None, None, None)
+        code: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        linker = asyncio.create_task(
+            link_device(alice1, code.set_result, timeout_s=30, with_history=True)
+        )
+        alice2 = Device(str(tmp_path / "a2"))
+        await alice2.join(await code, name="laptop")
+        res = await linker
+        assert res["history_messages"] == 60
+        assert texts(alice2, bob.address) == texts_sent
+        alice2.close()
+    finally:
+        alice1.close()
+        bob.close()
+    wal = a.home / "store.db-wal"
+    wait_until(lambda: not wal.exists() or wal.stat().st_size == 0, what="checkpoint")
+    for path in [p for p in a.home.rglob("*") if p.is_file()] + [a.log]:
+        assert b"old-canary" not in path.read_bytes()
