@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from .devicelist import SignedDeviceList
-from .errors import MalformedFrame, UnknownFrame
+from .errors import LocalProtocolError, MalformedFrame, UnknownFrame
 from .ids import MAILBOX_ID_LEN
 from .wire import MAX_BATCH_ENVELOPES, Envelope, packb, unpackb
 
@@ -75,8 +75,8 @@ class Frame:
         return packb(self.to_map())
 
     @classmethod
-    def from_map(cls, m: dict[str, Any]) -> Frame:  # pragma: no cover - overridden
-        raise NotImplementedError
+    def from_map(cls, m: dict[str, Any]) -> Frame:  # pragma: no cover - every frame overrides
+        raise LocalProtocolError(f"{cls.__name__} has no decoder")
 
 
 def _to_wire(value: Any) -> Any:
