@@ -54,6 +54,7 @@ class Rates:
             "keys": TokenBucket(rate=1000, burst=2000),  # local lookups: cheap
             "remotekeys": TokenBucket(rate=20, burst=200),  # each one costs a federation call
             "fed": TokenBucket(rate=500, burst=2000),
+            "fedverify": TokenBucket(rate=10_000, burst=20_000),  # all signature checks
             "fedkeys": TokenBucket(rate=20, burst=200),
         }
 

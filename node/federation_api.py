@@ -62,10 +62,15 @@ async def authenticate(
         raise WrongDestination("request is for another node")
     now = node.clock.now_ms()
     node.nonces.check_fresh(req.created, now)
-    if not node.rates.take("fed:" + req.origin, now):
-        raise RateLimited("too many requests from this peer")
+    # Two buckets: before the signature only a global one (it bounds verification CPU), since
+    # an unverified Haven-Origin could name a real peer and spend *its* budget; the per-peer
+    # bucket is charged once the origin is proven.
+    if not node.rates.take("fedverify:*", now):
+        raise RateLimited("too many federation requests")
     body = await read_body(request, max_len)
     verify_request(req, request.method, request.path, body)
+    if not node.rates.take("fed:" + req.origin, now):
+        raise RateLimited("too many requests from this peer")
     node.nonces.check_and_remember(req.origin, req.nonce, req.created, now)
     return req, body
 
