@@ -347,8 +347,10 @@ class Device:
         await conn.__aenter__()
         try:
             ch = conn.challenge
-            if ch is None or ch.node_id != self.node_id:
-                raise UntrustedKey("home node key changed; refusing to talk to it")
+            if ch is None:
+                raise UntrustedKey("no challenge from the home node")
+            if ch.node_id != self.node_id:
+                await self._follow_rotation(ch.node_id)
             sig = self._sign(device_auth_message(ch.node_id, ch.nonce, self.mailbox))
             ok = expect(await conn.request(F.Auth(conn.next_rid(), self.mailbox, sig)), F.AuthOk)
             await self._top_up(conn, ok.otk_count)
@@ -356,6 +358,29 @@ class Device:
             await conn.__aexit__(None, None, None)
             raise
         return conn
+
+    async def _follow_rotation(self, new_id: str) -> None:
+        """Accept a new home-node key only with a rotation chain signed by the pinned key."""
+        import aiohttp
+
+        from federation.signing import Descriptor, b64e, rotation_chain_allows
+
+        challenge = os.urandom(16)
+        url = f"{self.node_url}/.well-known/haven/node?c={b64e(challenge)}"
+        try:
+            async with aiohttp.ClientSession() as s, s.get(url) as r:
+                desc = Descriptor.verify_decode(await r.content.read(64 * 1024))
+        except (aiohttp.ClientError, OSError, HavenError) as exc:
+            raise UntrustedKey("home node key changed and its descriptor is unavailable") from exc
+        if (
+            desc.challenge != challenge
+            or desc.node_id != new_id
+            or not rotation_chain_allows(self.node_id, new_id, desc.rotations)
+        ):
+            raise UntrustedKey("home node key changed without a signed rotation; refusing")
+        with self.state.tx() as db:
+            self.state.put(db, "node_id", new_id.encode())
+        log.warning("home node rotated its key (signed by the old key); following it")
 
     # ---- contacts and keys -------------------------------------------------------------------
 

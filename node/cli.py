@@ -16,10 +16,10 @@ from urllib.parse import urlsplit
 from federation.clock import SystemClock, parse_duration
 from federation.errors import HavenError, KeyChanged, LocalProtocolError
 from federation.ids import key_from_node_id, valid_name
-from federation.signing import NodeKey, b64d, b64e
+from federation.signing import NodeKey, Rotation, b64d, b64e
 from federation.wire import packb, unpackb
 
-from .app import build
+from .app import ROTATIONS_NAME, build, load_node_key, load_rotations
 from .client_api import invite_hash
 from .config import KEY_NAME, MAX_TTL_MS, NodeConfig, validate_public_url
 from .store import PeerRecord
@@ -141,6 +141,30 @@ async def serve(
         )
     ready.cancel()
     await task
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rotate_key(home: str) -> tuple[str, str]:
+    """Make a new node key and a rotation statement signed by the old one (run while stopped).
+
+    Peers that pinned the old id accept the new one because the descriptor carries the chain;
+    devices of this node follow it the same way.
+    """
+    old = load_node_key(home)
+    new = NodeKey.generate()
+    rotations = (*load_rotations(home), Rotation.make(old, new.node_id, SystemClock().now_ms()))
+    _write_atomic(os.path.join(home, ROTATIONS_NAME), packb([r.to_wire() for r in rotations]))
+    _write_atomic(os.path.join(home, KEY_NAME), new.seed)
+    return old.node_id, new.node_id
 
 
 CARD_PREFIX = "haven:card:"
@@ -284,6 +308,12 @@ def add_commands(sub: Any) -> None:
         "--clock-offset", default="", help=argparse.SUPPRESS
     )  # tests only: refused unless HAVEN_TEST_CLOCK=1
 
+    rk = nsub.add_parser(
+        "rotate-key", help="replace the node key; peers and devices follow a signed rotation"
+    )
+    rk.add_argument("--home", required=True)
+    rk.add_argument("--json", action="store_true")
+
     pe = nsub.add_parser("peers", help="list peer nodes and how each is reachable")
     pe.add_argument("--home", required=True)
     pe.add_argument("--json", action="store_true")
@@ -368,6 +398,14 @@ def _run(args: argparse.Namespace) -> int:
             sign = -1 if args.clock_offset.startswith("-") else 1
             offset = sign * parse_duration(args.clock_offset.lstrip("+-"))
         asyncio.run(serve(args.home, args.lan, args.interface, offset))
+        return 0
+    if cmd == "rotate-key":
+        old_id, new_id = rotate_key(args.home)
+        print(
+            json.dumps({"old_node_id": old_id, "node_id": new_id})
+            if args.json
+            else f"node key rotated: {old_id} -> {new_id} (restart the node)"
+        )
         return 0
     if cmd == "peers":
         peers = asyncio.run(list_peers(args.home))

@@ -79,10 +79,13 @@ class OutboxSender:
         d.wake.set()
 
     def peer_seen(self, dest: str) -> None:
+        """The peer is reachable again (or its queue moved here after a key rotation)."""
         d = self.dests.get(dest)
-        if d is not None:
-            d.backoff.reset()
-            d.wake.set()
+        if d is None:
+            self.wake(dest)
+            return
+        d.backoff.reset()
+        d.wake.set()
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:

@@ -161,6 +161,7 @@ class PeerDirectory:
                 raise KeyChanged("peer node key changed without a signed rotation")
             log.info("peer %s rotated its key to %s", pinned.node_id, desc.node_id)
             await self.store.rename_peer(pinned.node_id, record)
+            self.on_seen(desc.node_id)  # its queue moved: drain it under the new id
         else:
             await self.store.upsert_peer(record)
         st = self.st(desc.node_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -194,3 +195,35 @@ async def test_kill9_cycles(tmp_path: Path, pair: tuple[NodeProc, NodeProc]) -> 
     finally:
         alice.close()
         bob.close()
+
+
+def test_signed_key_rotation_is_followed_by_peers_and_devices(
+    tmp_path: Path, pair: tuple[NodeProc, NodeProc]
+) -> None:
+    """``haven node rotate-key``: peers and the node's own devices accept the new key because
+    the old key signed the rotation; queued envelopes move to the new id."""
+    a, b = pair
+    alice, alice_addr = join(a, tmp_path, "alice")
+    bob, bob_addr = join(b, tmp_path, "bob")
+    haven("send", "--home", str(alice), bob_addr, "before rotation")
+    wait_until(lambda: b.status()["pending_envelopes"] == 1, what="delivery to B")
+    assert [m["text"] for m in recv(bob)] == ["before rotation"]
+    old_id = a.status()["node_id"]
+
+    a.stop()
+    haven("send", "--home", str(bob), alice_addr, "queued during rotation")
+    assert b.status()["outbox_envelopes"] >= 1
+    out = haven("node", "rotate-key", "--home", str(a.home), "--json").stdout
+    new_id = json.loads(out)["node_id"]
+    assert new_id != old_id
+    a.start()
+
+    # alice's device follows the signed rotation of its home node
+    haven("send", "--home", str(alice), bob_addr, "after rotation")
+    wait_until(lambda: b.status()["outbox_envelopes"] == 0, timeout=60, what="B's queue moved")
+    got = recv(alice)
+    assert [m["text"] for m in got] == ["queued during rotation"]
+    wait_until(lambda: b.status()["pending_envelopes"] >= 1, what="delivery to B")
+    assert [m["text"] for m in recv(bob)] == ["after rotation"]
+    peers = json.loads(haven("node", "peers", "--home", str(b.home), "--json").stdout)
+    assert [p["node_id"] for p in peers] == [new_id]
