@@ -78,7 +78,7 @@ def load_rotations(home: str) -> tuple[Rotation, ...]:
 
 def open_store(home: str, config: NodeConfig) -> SqliteStore:
     keys = EpochKeys(os.path.join(home, EPOCH_KEYS_NAME), config.epoch_ms)
-    return SqliteStore(os.path.join(home, DB_NAME), keys)
+    return SqliteStore(os.path.join(home, DB_NAME), keys, config.max_db_mb)
 
 
 class Node:

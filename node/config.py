@@ -31,6 +31,7 @@ class NodeConfig:
     tls_cert: str = ""
     tls_key: str = ""
     max_pending_per_mailbox: int = 10_000
+    max_db_mb: int = 0  # cap on the store's size (PRAGMA max_page_count); 0 = the disk's size
     epoch_ms: int = 3_600_000
 
     @property

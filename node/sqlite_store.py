@@ -58,9 +58,10 @@ MIGRATIONS: list[str] = [
 class SqliteStore:
     """Store on one aiosqlite connection (one writer thread; the event loop never blocks)."""
 
-    def __init__(self, path: str, keys: EpochKeys) -> None:
+    def __init__(self, path: str, keys: EpochKeys, max_db_mb: int = 0) -> None:
         self.path = path
         self.keys = keys
+        self.max_db_mb = max_db_mb
         self._db: aiosqlite.Connection | None = None
         # One aiosqlite connection is shared by every coroutine: writes must not interleave
         # inside another coroutine's open transaction.
@@ -84,6 +85,11 @@ class SqliteStore:
             ):
                 await self.db.execute(pragma)
             await self._migrate()
+            if self.max_db_mb:
+                async with self.db.execute("PRAGMA page_size") as cur:
+                    row = await cur.fetchone()
+                page = int(row[0]) if row else 4096
+                await self.db.execute(f"PRAGMA max_page_count={self.max_db_mb * 2**20 // page}")
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open store: {exc}") from exc
 
