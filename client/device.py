@@ -582,14 +582,20 @@ class Device:
                     ),
                 )
         # Sessions were committed above, before any ciphertext leaves this device.
-        for start in range(0, len(items), 200):
-            chunk = tuple(items[start : start + 200])
-            ans = expect(await conn.request(F.Send(conn.next_rid(), chunk)), F.Accepted)
-            if ans.rejected:
-                codes = sorted({c for _, c in ans.rejected})
-                raise RemoteProtocolError(
-                    f"node refused envelopes: {', '.join(codes)}", code=codes[0]
-                )
+        try:
+            for start in range(0, len(items), 200):
+                chunk = tuple(items[start : start + 200])
+                ans = expect(await conn.request(F.Send(conn.next_rid(), chunk)), F.Accepted)
+                if ans.rejected:
+                    codes = sorted({c for _, c in ans.rejected})
+                    raise RemoteProtocolError(
+                        f"node refused envelopes: {', '.join(codes)}", code=codes[0]
+                    )
+        except HavenError:
+            if record is not None:  # not (fully) accepted: don't show it as sent
+                with self.state.tx() as db:
+                    db.execute("DELETE FROM history WHERE msg_id=?", (payload.id,))
+            raise
         return SendResult(payload.id, counts, len(items), tuple(fan.warnings))
 
     def _encrypt_for(

@@ -16,7 +16,14 @@ from aiohttp import web
 
 from federation.clock import Clock, SystemClock
 from federation.devicelist import SignedDeviceList
-from federation.errors import HavenError, KeyChanged, LocalProtocolError, NotFound, TransportError
+from federation.errors import (
+    HavenError,
+    KeyChanged,
+    LocalProtocolError,
+    NotFound,
+    QuotaExceeded,
+    TransportError,
+)
 from federation.ids import Address
 from federation.replay import NonceWindow, TokenBucket
 from federation.signing import Descriptor, NodeKey, Rotation
@@ -98,6 +105,7 @@ class Node:
         self.rates = Rates()
         self.rotations = load_rotations(home)
         self.known_mailboxes: set[bytes] = set()
+        self.pending_load: dict[bytes, int] = {}  # envelopes held per mailbox (quota)
         self.known_peers: set[str] = set()
         self.mailboxes = Mailboxes(store, clock, on_outbox=self._outbox_ready)
         self.sweeper = Sweeper(store, self.mailboxes, clock)
@@ -130,8 +138,16 @@ class Node:
             try:
                 self.known_mailboxes = set(await self.store.all_mailboxes())
                 self.known_peers |= {p.node_id for p in await self.store.all_peers()}
+                self.pending_load = await self._load()
             except HavenError as exc:
                 log.error("cache refresh failed (%s)", exc.code)
+
+    async def _load(self) -> dict[bytes, int]:
+        """Envelopes held per mailbox: stored rows plus those not yet committed."""
+        load = await self.store.pending_counts()
+        for env in self.mailboxes.uncommitted():
+            load[env.to] = load.get(env.to, 0) + 1
+        return load
 
     async def _run_lan(self) -> None:
         try:
@@ -169,6 +185,22 @@ class Node:
         if env.expires > cap:
             env = dataclasses.replace(env, expires=cap)
         return env, None
+
+    def admit_local(self, env: Envelope) -> str | None:
+        """For an envelope to a mailbox here: ``not_found`` or ``quota_exceeded``, or None
+        (and it counts towards the mailbox's pending quota)."""
+        if env.to not in self.known_mailboxes:
+            return NotFound.code
+        held = self.pending_load.get(env.to, 0)
+        if held >= self.config.max_pending_per_mailbox:
+            return QuotaExceeded.code
+        self.pending_load[env.to] = held + 1
+        return None
+
+    def released(self, mailbox: bytes, n: int) -> None:
+        """``n`` envelopes of ``mailbox`` were acked (the periodic resync corrects drift)."""
+        if n:
+            self.pending_load[mailbox] = max(0, self.pending_load.get(mailbox, 0) - n)
 
     def descriptor_bytes(self, challenge: bytes = b"") -> bytes:
         return Descriptor(
@@ -276,6 +308,7 @@ class Node:
         try:
             self.known_mailboxes = set(await self.store.all_mailboxes())
             self.known_peers = {p.node_id for p in await self.store.all_peers()}
+            self.pending_load = await self._load()
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
                 self.session = session
                 self.transport = PeerTransport(self.key, session)

@@ -345,10 +345,9 @@ class ClientSession:
         for dest, env in f.items:
             env, code = node.admit(env, now)
             if code is None and dest == node.key.node_id:
-                if env.to in node.known_mailboxes:
+                code = node.admit_local(env)
+                if code is None:
                     local.append(env)
-                else:
-                    code = NotFound.code
             elif code is None:
                 if dest in node.known_peers:
                     remote.append((dest, env))
@@ -389,6 +388,7 @@ class ClientSession:
         if len(self.acked) > 4 * DELIVERY_WINDOW:  # keep the most recent acks
             self.acked = dict.fromkeys(list(self.acked)[-2 * DELIVERY_WINDOW :])
         self.node.mailboxes.acked(mine)
+        self.node.released(self.mailbox, len(mine))
         if self.backlog and len(self.inflight) < DELIVERY_WINDOW // 2:
             await self.refill()
 

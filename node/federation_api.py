@@ -16,7 +16,6 @@ from aiohttp import web
 from federation.errors import (
     HavenError,
     MalformedFrame,
-    NotFound,
     RateLimited,
     TooLarge,
     WrongDestination,
@@ -117,8 +116,8 @@ async def batch(node: Node, request: web.Request) -> web.Response:
     rejected: list[tuple[bytes, str]] = []
     for env in decoded.envelopes:
         env, code = node.admit(env, now)
-        if code is None and env.to not in node.known_mailboxes:
-            code = NotFound.code
+        if code is None:
+            code = node.admit_local(env)
         if code is None:
             good.append(env)
         else:

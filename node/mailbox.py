@@ -94,6 +94,9 @@ class Mailboxes:
         self._wake.set()
         return futs
 
+    def uncommitted(self) -> list[Envelope]:
+        return [*self._inflight.values(), *(p.env for p in self._env.values())]
+
     def uncommitted_for(self, mailbox: bytes) -> list[Envelope]:
         """Envelopes for ``mailbox`` not yet readable from the store (queued or committing)."""
         committing = [e for e in self._inflight.values() if e.to == mailbox]

@@ -412,6 +412,10 @@ class SqliteStore:
     async def all_mailboxes(self) -> list[bytes]:
         return [bytes(r[0]) for r in await self._all("SELECT mailbox FROM devices")]
 
+    async def pending_counts(self) -> dict[bytes, int]:
+        rows = await self._all("SELECT mailbox, count(*) FROM envelopes GROUP BY mailbox")
+        return {bytes(r[0]): int(r[1]) for r in rows}
+
     async def all_peers(self) -> list[PeerRecord]:
         rows = await self._all("SELECT node_id, url, host, last_seen FROM peers")
         return [PeerRecord(str(a), str(b), str(c), int(d)) for a, b, c, d in rows]

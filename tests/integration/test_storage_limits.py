@@ -43,3 +43,32 @@ async def test_full_store_refuses_then_recovers(tmp_path: Path, nodes: list[Node
     finally:
         alice.close()
         bob.close()
+
+
+async def test_per_mailbox_quota(tmp_path: Path, nodes: list[NodeProc]) -> None:
+    """A mailbox holding its quota refuses more (quota_exceeded); acks make room again."""
+    node = NodeProc.create(tmp_path, "A")
+    conf = node.home / "node.toml"
+    conf.write_text(
+        re.sub(r"max_pending_per_mailbox = \d+", "max_pending_per_mailbox = 5", conf.read_text())
+    )
+    nodes.append(node.start())
+    alice, bob = Device(str(tmp_path / "alice")), Device(str(tmp_path / "bob"))
+    try:
+        await alice.join(node.invite("alice"))
+        bob_addr = await bob.join(node.invite("bob"))
+        for i in range(5):
+            await alice.send(bob_addr, f"m{i}")
+        try:
+            await alice.send(bob_addr, "one too many")
+            raise AssertionError("the sixth envelope should have been refused")
+        except HavenError as exc:
+            assert exc.code == "quota_exceeded"
+        got = [m.text for m in await bob.receive(wait_s=1.0) if m.kind == "text"]
+        assert got == [f"m{i}" for i in range(5)]
+        assert "one too many" not in [r.text for r in alice.history(bob_addr)]
+        await alice.send(bob_addr, "room again")
+        assert [m.text for m in await bob.receive(wait_s=1.0)] == ["room again"]
+    finally:
+        alice.close()
+        bob.close()
