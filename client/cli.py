@@ -169,11 +169,10 @@ async def cmd_timer(args: argparse.Namespace, dev: Device) -> int:
 async def cmd_settings(args: argparse.Namespace, dev: Device) -> int:
     if args.read_receipts:
         dev.set_setting("read_receipts", args.read_receipts)
-    _out(
-        args,
-        {"read_receipts": dev.setting("read_receipts", "on")},
-        f"read receipts: {dev.setting('read_receipts', 'on')}",
-    )
+    if args.delivery_receipts:
+        dev.set_setting("delivery_receipts", args.delivery_receipts)
+    current = {k: dev.setting(k, "on") for k in ("read_receipts", "delivery_receipts")}
+    _out(args, current, "  ".join(f"{k.replace('_', ' ')}: {v}" for k, v in current.items()))
     return 0
 
 
@@ -296,6 +295,11 @@ def _user_commands(sub: Any) -> None:
 
     st = cmd("settings", "device settings")
     st.add_argument("--read-receipts", choices=["on", "off"])
+    st.add_argument(
+        "--delivery-receipts",
+        choices=["on", "off"],
+        help="off: never tell senders a message arrived (less timing metadata)",
+    )
 
     v = cmd("verify", "show the safety number with a contact")
     v.add_argument("address")

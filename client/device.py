@@ -694,6 +694,8 @@ class Device:
 
     async def _send_receipts(self, conn: NodeConnection, new: list[ReceivedMessage]) -> None:
         """Send delivered receipts, one per sender, coalesced while more deliveries wait."""
+        if self.setting("delivery_receipts", "on") != "on":
+            return
         for m in new:
             if m.kind == "text" and m.sender != self.address:
                 self._receipts.setdefault(m.sender, []).append(m.msg_id)

@@ -316,6 +316,22 @@ async def test_receipts_edits_deletes_and_forged_receipts(
         await settle([alice], lambda: row3().status == 1)
         await drain(alice)
         assert row3().status == 1  # delivered, never read
+
+        # delivery receipts can be turned off too: the sender's history stays at "sent"
+        cli = haven(
+            "settings", "--home", str(tmp_path / "b"), "--delivery-receipts", "off", "--json"
+        ).stdout
+        assert '"delivery_receipts": "off"' in cli
+        bob.close()
+        bob = Device(str(tmp_path / "b"))
+        res4 = await alice.send(bob.address, "fourth")
+        await settle([bob], lambda: "fourth" in texts(bob, alice.address))
+        await settle(
+            [alice],
+            lambda: a.status()["pending_envelopes"] == 0 and b.status()["outbox_envelopes"] == 0,
+        )
+        row4 = next(r for r in alice.history(bob.address) if r.msg_id == res4.msg_id)
+        assert row4.status == 0
     finally:
         for d in (alice, bob, carol):
             d.close()
