@@ -308,39 +308,22 @@ def add_commands(sub: Any) -> None:
         "--clock-offset", default="", help=argparse.SUPPRESS
     )  # tests only: refused unless HAVEN_TEST_CLOCK=1
 
-    rk = nsub.add_parser(
-        "rotate-key", help="replace the node key; peers and devices follow a signed rotation"
-    )
-    rk.add_argument("--home", required=True)
-    rk.add_argument("--json", action="store_true")
+    def cmd(name: str, help_: str) -> Any:
+        """A subcommand taking ``--home`` and ``--json``, like every operator command."""
+        c = nsub.add_parser(name, help=help_)
+        c.add_argument("--home", required=True, help="node home directory")
+        c.add_argument("--json", action="store_true", help="machine-readable output")
+        return c
 
-    pe = nsub.add_parser("peers", help="list peer nodes and how each is reachable")
-    pe.add_argument("--home", required=True)
-    pe.add_argument("--json", action="store_true")
-
-    li = nsub.add_parser("lan-invite", help="print a contact card (text and QR) for pinning")
-    li.add_argument("--home", required=True)
-    li.add_argument("--json", action="store_true")
-
-    pn = nsub.add_parser("pin", help="pin a peer node from its contact card")
-    pn.add_argument("--home", required=True)
-    pn.add_argument("card")
-    pn.add_argument("--json", action="store_true")
-
-    v = nsub.add_parser("invite", help="create an account (if new) and print a single-use invite")
-    v.add_argument("--home", required=True)
+    cmd("rotate-key", "replace the node key; peers and devices follow a signed rotation")
+    cmd("peers", "list peer nodes and how each is reachable")
+    cmd("lan-invite", "print a contact card (text and QR) for pinning")
+    cmd("pin", "pin a peer node from its contact card").add_argument("card")
+    v = cmd("invite", "create an account (if new) and print a single-use invite")
     v.add_argument("name")
     v.add_argument("--expires", default="7d", help="invite lifetime (default 7d)")
-    v.add_argument("--json", action="store_true")
-
-    st = nsub.add_parser("status", help="counts read from the store (running or not)")
-    st.add_argument("--home", required=True)
-    st.add_argument("--json", action="store_true")
-
-    r = nsub.add_parser("remove-account", help="delete an account and purge its mailboxes")
-    r.add_argument("--home", required=True)
-    r.add_argument("name")
-    r.add_argument("--json", action="store_true")
+    cmd("status", "counts read from the store (running or not)")
+    cmd("remove-account", "delete an account and purge its mailboxes").add_argument("name")
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -27,14 +27,19 @@ async def start_node(
     return node, stop, task
 
 
+async def two_users(node: Node, base: Path, clock: FakeClock) -> tuple[Device, Device, str]:
+    """alice and bob on ``node``, both on the injected clock; returns bob's address too."""
+    alice = Device(str(base / "alice"), clock=clock)
+    bob = Device(str(base / "bob"), clock=clock)
+    await alice.join(await create_invite(node.home, "alice", 600_000))
+    return alice, bob, await bob.join(await create_invite(node.home, "bob", 600_000))
+
+
 async def test_undelivered_envelope_expires_at_ttl(tmp_path: Path) -> None:
     clock = FakeClock(start_ms=SystemClock().now_ms())
     node, stop, task = await start_node(tmp_path / "node", clock)
     try:
-        alice = Device(str(tmp_path / "alice"), clock=clock)
-        bob = Device(str(tmp_path / "bob"), clock=clock)
-        await alice.join(await create_invite(node.home, "alice", 600_000))
-        bob_addr = await bob.join(await create_invite(node.home, "bob", 600_000))
+        alice, bob, bob_addr = await two_users(node, tmp_path, clock)
         await alice.send(bob_addr, "short-lived", ttl_ms=60_000)
         await alice.send(bob_addr, "long-lived", ttl_ms=3_600_000)
         assert (await node.store.counts())["pending_envelopes"] == 2
@@ -66,10 +71,7 @@ async def test_epoch_keys_rotate_on_a_running_node(tmp_path: Path) -> None:
     clock = FakeClock(start_ms=SystemClock().now_ms())
     node, stop, task = await start_node(tmp_path / "node", clock)
     try:
-        alice = Device(str(tmp_path / "alice"), clock=clock)
-        bob = Device(str(tmp_path / "bob"), clock=clock)
-        await alice.join(await create_invite(node.home, "alice", 600_000))
-        bob_addr = await bob.join(await create_invite(node.home, "bob", 600_000))
+        alice, bob, bob_addr = await two_users(node, tmp_path, clock)
         await alice.send(bob_addr, "waits across an epoch")
         keys = node.store.keys  # type: ignore[attr-defined]
         first = keys.epochs
