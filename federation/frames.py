@@ -174,6 +174,9 @@ class Accepted(Frame):
     rid: int
     ids: tuple[bytes, ...]
     rejected: tuple[tuple[bytes, str], ...] = ()
+    # advisory, e.g. ("peer_key_changed", node_id): the envelopes were queued, but the
+    # destination presented a different key with no signed rotation (docs/protocol.md §5.4)
+    warnings: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_map(cls, m: dict[str, Any]) -> Accepted:
@@ -191,7 +194,13 @@ class Accepted(Frame):
             ):
                 raise MalformedFrame("bad rejected entry")
             out.append((r[0], r[1]))
-        return cls(_rid(m), tuple(ids), tuple(out))
+        warns = m.get("warnings", [])
+        if not isinstance(warns, list) or not all(
+            isinstance(w, list) and len(w) == 2 and all(isinstance(x, str) for x in w)
+            for w in warns
+        ):
+            raise MalformedFrame("bad warnings")
+        return cls(_rid(m), tuple(ids), tuple(out), tuple((w[0], w[1]) for w in warns))
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,37 @@ class NodeConfig:
     max_pending_per_mailbox: int = 10_000
     max_db_mb: int = 0  # cap on the store's size (PRAGMA max_page_count); 0 = the disk's size
     epoch_ms: int = 3_600_000
+    # ---- limits (docs/operations.md "Limits"); all in memory, none persisted -----------------
+    # connection admission (node/admission.py)
+    max_connections: int = 4096  # every open TCP connection
+    max_unauthenticated: int = 1024  # not yet authenticated; the rest is reserved for devices
+    max_connections_per_source: int = 64  # a "source" is the peer IP, in memory only
+    max_unauthenticated_per_source: int = 16
+    exempt_loopback: bool = True  # loopback sources skip the per-source caps (tests, relays)
+    trusted_proxy: bool = False  # take the source from X-Forwarded-For (behind a reverse proxy)
+    auth_timeout_ms: int = 10_000  # a WebSocket must authenticate within this
+    read_grace_ms: int = 10_000  # a started request/frame may take this long ...
+    min_read_rate: int = 16_384  # ... plus its bytes at this rate (bytes/s)
+    idle_timeout_ms: int = 75_000  # idle keep-alive HTTP connection
+    max_write_queue_bytes: int = 8 * 1024 * 1024  # a device that does not read is disconnected
+    preauth_max_frame: int = 64 * 1024  # largest frame before authentication
+    # delivery (node/client_api.py): Deliver frames and the unacked window
+    max_deliver_bytes: int = 1024 * 1024
+    max_deliver_envelopes: int = 256
+    deliver_window_bytes: int = 4 * 1024 * 1024
+    deliver_window_envelopes: int = 2000
+    # outbox quotas
+    max_outbox_per_destination: int = 100_000  # queued envelopes for one peer node
+    max_outbox_per_account: int = 20_000  # queued remote envelopes of one account (memory only)
+    # new peers and tokens
+    new_peer_rate: int = 20  # requests/s shared by all node keys this node has not pinned
+    new_peer_burst: int = 100
+    link_tokens_per_hour: int = 30  # mint_link per account
+    registrations_per_minute: int = 60  # invite/link redemption attempts, node-wide
+    # disk
+    ballast_mb: int = 32  # released when the disk fills so deletes and acks still succeed
+    # logs
+    log_lines_per_minute: int = 120  # per kind of error line; the rest are counted
 
     @property
     def device_url(self) -> str:
