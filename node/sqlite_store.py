@@ -48,7 +48,8 @@ def _is_full(exc: sqlite3.Error) -> bool:
 def storage_error(what: str, exc: sqlite3.Error) -> StorageError:
     """The real SQLite message, as :class:`DiskFull` when it is a lack of space."""
     cls = DiskFull if _is_full(exc) else StorageError
-    return cls(f"{what}: {exc}")
+    name = getattr(exc, "sqlite_errorname", "")
+    return cls(f"{what}: {exc} [{name}]" if name else f"{what}: {exc}")
 
 
 MIGRATIONS: list[str] = [
@@ -153,9 +154,9 @@ class SqliteStore:
             if os.fstat(fd).st_size < WAL_RESERVE_BYTES:
                 os.posix_fallocate(fd, 0, WAL_RESERVE_BYTES)
                 os.fsync(fd)
-        except OSError as exc:
+        except OSError as exc:  # no room: the write that needs it fails and says so
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                log.warning("WAL not pre-sized: %s", exc.strerror or exc)
+                log.debug("WAL not pre-sized: %s", exc.strerror or exc)
         finally:
             os.close(fd)
 
