@@ -55,6 +55,7 @@ class Mailboxes:
         self._env: dict[bytes, _Pending] = {}
         self._out: dict[bytes, tuple[str, _Pending]] = {}
         self._del_env: set[bytes] = set()
+        self.deleting: set[bytes] = set()  # acked, delete not committed yet: never redeliver
         self._del_out: set[bytes] = set()
         self._del_waiters: list[asyncio.Future[None]] = []
         self._inflight: dict[bytes, Envelope] = {}  # being committed right now
@@ -117,6 +118,7 @@ class Mailboxes:
                         fut.set_result(None)
             else:
                 self._del_env.add(eid)
+                self.deleting.add(eid)
         self._wake.set()
 
     def delete_outbox(self, ids: list[bytes]) -> asyncio.Future[None]:
@@ -195,6 +197,7 @@ class Mailboxes:
         self.last_write_ms = self.clock.now_ms()
         self.writes_since_checkpoint += 1
         if deleted:
+            self.deleting -= del_env
             _ok(del_waiters)
         if not inserted:
             return

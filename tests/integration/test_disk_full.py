@@ -146,6 +146,7 @@ async def test_full_disk_refuses_keeps_acks_and_recovers(
         if invite.returncode != 0:
             assert_one_line(invite)
         assert "Traceback" not in status.stderr + invite.stderr
+        print(f"while full: status exit {status.returncode}, invite exit {invite.returncode}")
 
         # Space comes back: the ballast is restored and messages flow again, no restart.
         (small_disk / "filler-1").unlink()
