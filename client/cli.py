@@ -357,6 +357,19 @@ async def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:  # e.g. a full disk under the device home
+        print(f"error: {exc.strerror or exc} (os_error)", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - last resort: a user never sees a traceback
+        print(f"error: internal error ({type(exc).__name__})", file=sys.stderr)
+        return 70
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.cmd == "node":
         from node.cli import run_command
 

@@ -32,6 +32,7 @@ from federation.wire import MAX_BATCH_BYTES, PROTOCOL_VERSION, Envelope, packb, 
 
 from . import client_api, federation_api
 from .atrest import EpochKeys
+from .ballast import DiskGuard
 from .config import DB_NAME, EPOCH_KEYS_NAME, KEY_NAME, NodeConfig
 from .lan import LanService
 from .mailbox import Mailboxes
@@ -108,7 +109,8 @@ class Node:
         self.pending_load: dict[bytes, int] = {}  # envelopes held per mailbox (quota)
         self.known_peers: set[str] = set()
         self.mailboxes = Mailboxes(store, clock, on_outbox=self._outbox_ready)
-        self.sweeper = Sweeper(store, self.mailboxes, clock)
+        self.mailboxes.disk = DiskGuard(home, config.ballast_mb)  # disk full: node/ballast.py
+        self.sweeper = Sweeper(store, self.mailboxes, clock, disk=self.mailboxes.disk)
         self.session: aiohttp.ClientSession | None = None
         self.transport: PeerTransport | None = None
         self._peers: PeerDirectory | None = None

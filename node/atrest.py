@@ -10,6 +10,7 @@ envelopes (WAL frames, freed pages, SSD cells) become undecryptable within about
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 
@@ -35,8 +36,12 @@ class EpochKeys:
         if not os.path.exists(path):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.write(fd, bytes(_SLOT.size * SLOTS))
+                if os.write(fd, bytes(_SLOT.size * SLOTS)) != _SLOT.size * SLOTS:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 os.fsync(fd)
+            except BaseException:
+                os.unlink(path)  # no half-written key file (it holds no key yet): retry next open
+                raise
             finally:
                 os.close(fd)
         with open(path, "rb") as f:

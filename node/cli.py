@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 from dataclasses import replace
 from typing import Any
@@ -340,11 +341,23 @@ def run_command(args: argparse.Namespace) -> int:
         return _run(args)
     except (HavenError, ValueError) as exc:
         code = getattr(exc, "code", "bad_argument")
-        print(f"error: {exc} ({code})", file=sys.stderr)
+        print(f"error: {_one_line(exc)} ({code})", file=sys.stderr)
         return 2
-    except OSError as exc:  # e.g. the listen port is taken
-        print(f"error: {exc.strerror or exc} (os_error)", file=sys.stderr)
+    except sqlite3.Error as exc:  # one that escaped the store's translation
+        print(f"error: store: {_one_line(exc)} (storage_error)", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. the listen port is taken, or the disk is full
+        print(f"error: {_one_line(exc.strerror or exc)} (os_error)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: an operator never sees a traceback
+        print(f"error: internal error ({type(exc).__name__})", file=sys.stderr)
+        return 70
+
+
+def _one_line(exc: object) -> str:
+    return " ".join(str(exc).split())[:300]
 
 
 def init_from_args(args: argparse.Namespace) -> NodeConfig:

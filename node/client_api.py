@@ -104,6 +104,7 @@ class ClientSession:
         try:
             rows = await self.node.store.pending_for(self.mailbox, DELIVERY_WINDOW)
             self.backlog = len(rows) >= DELIVERY_WINDOW
+            rows = [e for e in rows if e.id not in self.node.mailboxes.deleting]  # acked
             rows += self.node.mailboxes.uncommitted_for(self.mailbox)
         finally:
             held, self._held = self._held, None

@@ -21,6 +21,7 @@ from federation.clock import Clock
 from federation.errors import StorageError
 from federation.wire import Envelope
 
+from .ballast import DiskFull, DiskGuard
 from .store import Store, WriteBatch
 
 log = logging.getLogger("haven.mailbox")
@@ -54,12 +55,15 @@ class Mailboxes:
         self._env: dict[bytes, _Pending] = {}
         self._out: dict[bytes, tuple[str, _Pending]] = {}
         self._del_env: set[bytes] = set()
+        self.deleting: set[bytes] = set()  # acked, delete not committed yet: never redeliver
         self._del_out: set[bytes] = set()
         self._del_waiters: list[asyncio.Future[None]] = []
         self._inflight: dict[bytes, Envelope] = {}  # being committed right now
         self._wake = asyncio.Event()
         self.last_write_ms = 0
         self.writes_since_checkpoint = 0
+        self.disk: DiskGuard | None = None  # the disk-full guard of a serving node
+        self._write_error: str | None = None  # last failure logged (one line per state change)
 
     # ---- submission --------------------------------------------------------------------------
 
@@ -114,6 +118,7 @@ class Mailboxes:
                         fut.set_result(None)
             else:
                 self._del_env.add(eid)
+                self.deleting.add(eid)
         self._wake.set()
 
     def delete_outbox(self, ids: list[bytes]) -> asyncio.Future[None]:
@@ -134,6 +139,10 @@ class Mailboxes:
                 await self._commit_once()
 
     async def _commit_once(self) -> None:
+        """One group commit. Deletions (acks) never depend on the inserts of the same batch:
+        if the combined transaction fails, the deletions are retried alone. While the disk is
+        full (:mod:`node.ballast`), new envelopes are refused without being tried, so the space
+        the released ballast gave back goes to deletions and checkpoints."""
         env_items = list(self._env.items())[:MAX_TX_ROWS]
         out_items = list(self._out.items())[: max(0, MAX_TX_ROWS - len(env_items))]
         del_env, self._del_env = self._del_env, set()
@@ -144,34 +153,54 @@ class Mailboxes:
             self._inflight[eid] = p.env
         for eid, _ in out_items:
             del self._out[eid]
-        batch = WriteBatch(
+        full = self.disk is not None and self.disk.full
+        inserts = WriteBatch(
             envelopes=tuple(p.env for _, p in env_items),
             outbox=tuple((dest, p.env) for _, (dest, p) in out_items),
-            delete_envelopes=tuple(del_env),
-            delete_outbox=tuple(del_out),
         )
-        try:
-            await self.store.write(batch, self.clock.now_ms())
-        except StorageError as exc:
-            log.error(
-                "group commit failed (%s); %d envelopes refused",
-                str(exc),
-                len(env_items) + len(out_items),
+        deletes = WriteBatch(delete_envelopes=tuple(del_env), delete_outbox=tuple(del_out))
+        has_inserts = bool(env_items or out_items)
+        has_deletes = bool(del_env or del_out)
+        inserted = deleted = False
+        if has_inserts and not full:
+            combined = WriteBatch(
+                inserts.envelopes, inserts.outbox, deletes.delete_envelopes, deletes.delete_outbox
             )
+            try:
+                await self.store.write(combined, self.clock.now_ms())
+                inserted = deleted = True
+            except StorageError as exc:
+                self._write_failed(exc)
+        if not deleted and has_deletes:
+            try:
+                await self.store.write(deletes, self.clock.now_ms())
+                deleted = True
+            except StorageError as exc:
+                self._write_failed(exc)
+        if (inserted or not has_inserts) and (deleted or not has_deletes):
+            self._write_ok()
+        if has_inserts and not inserted:
             err = StorageError("store write failed")
             for _, p in env_items:
                 _fail(p.waiters, err)
             for _, (_, p) in out_items:
                 _fail(p.waiters, err)
-            _fail(del_waiters, err)
-            self._del_env |= del_env  # retry deletions next time
-            self._del_out |= del_out
             for eid, _ in env_items:
                 self._inflight.pop(eid, None)
+        if has_deletes and not deleted:
+            _fail(del_waiters, StorageError("store write failed"))
+            self._del_env |= del_env  # retry deletions next time
+            self._del_out |= del_out
+        if not (inserted or deleted):
             await asyncio.sleep(0.05)  # back off so a full disk doesn't spin the loop
             return
         self.last_write_ms = self.clock.now_ms()
         self.writes_since_checkpoint += 1
+        if deleted:
+            self.deleting -= del_env
+            _ok(del_waiters)
+        if not inserted:
+            return
         for eid, p in env_items:
             self._inflight.pop(eid, None)
             _ok(p.waiters)
@@ -184,9 +213,22 @@ class Mailboxes:
         for _, (dest, p) in out_items:
             _ok(p.waiters)
             dests.add(dest)
-        _ok(del_waiters)
         for dest in dests:
             self.on_outbox(dest)
+
+    def _write_failed(self, exc: StorageError) -> None:
+        """Log SQLite's own message once per state change, not once per batch."""
+        if isinstance(exc, DiskFull) and self.disk is not None:
+            self.disk.on_full()
+        msg = str(exc)
+        if msg != self._write_error:
+            self._write_error = msg
+            log.error("group commit failed: %s", msg)
+
+    def _write_ok(self) -> None:
+        if self._write_error is not None:
+            self._write_error = None
+            log.info("group commit succeeds again")
 
 
 def _ok(futs: list[asyncio.Future[None]]) -> None:

@@ -2,8 +2,16 @@
 
 Settings follow the measured remnant study (docs/threat-model.md): WAL, ``synchronous=FULL``
 (nothing acknowledged is lost on power loss), ``secure_delete=ON`` (not FAST),
-``temp_store=MEMORY``, and ``wal_checkpoint(TRUNCATE)`` driven by the sweeper's idle timer rather
-than per delete. Envelope bodies are sealed under epoch keys (:mod:`node.atrest`).
+``temp_store=MEMORY``. The WAL is never truncated (truncation frees its blocks without overwriting
+them; a positive ``journal_size_limit`` and ``wal_checkpoint(TRUNCATE)`` both truncate), so:
+``journal_size_limit=-1`` and ``wal_checkpoint(RESTART)``, driven by the sweeper's idle timer
+rather than per delete. RESTART makes the next writer
+start again at the WAL's beginning, so the WAL stays bounded. The WAL is pre-sized at open
+(:data:`WAL_RESERVE_BYTES`, real blocks) so that a disk which fills later still has room in it
+for a delete transaction. Envelope bodies are sealed under epoch keys (:mod:`node.atrest`).
+
+Errors: every ``sqlite3.Error`` becomes a :class:`StorageError` carrying SQLite's own message
+(SQLITE_FULL becomes :class:`node.ballast.DiskFull`); the connection stays usable afterwards.
 
 The schema is versioned: :data:`MIGRATIONS` holds one entry per version, applied in order.
 """
@@ -11,6 +19,9 @@ The schema is versioned: :data:`MIGRATIONS` holds one entry per version, applied
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import os
 import sqlite3
 from typing import Any
 
@@ -20,7 +31,26 @@ from federation.errors import StorageError
 from federation.wire import Envelope
 
 from .atrest import EpochKeys
+from .ballast import DiskFull
 from .store import DeviceRecord, PeerRecord, WriteBatch
+
+log = logging.getLogger("haven.store")
+
+WAL_RESERVE_BYTES = 8 * 2**20  # the WAL is pre-sized to this at open and never truncated
+SQLITE_FULL = 13
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    code = int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+    return code == SQLITE_FULL or "disk is full" in str(exc)
+
+
+def storage_error(what: str, exc: sqlite3.Error) -> StorageError:
+    """The real SQLite message, as :class:`DiskFull` when it is a lack of space."""
+    cls = DiskFull if _is_full(exc) else StorageError
+    name = getattr(exc, "sqlite_errorname", "")
+    return cls(f"{what}: {exc} [{name}]" if name else f"{what}: {exc}")
+
 
 MIGRATIONS: list[str] = [
     # version 1
@@ -78,6 +108,7 @@ class SqliteStore:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             for pragma in (
                 "PRAGMA journal_mode=WAL",
+                "PRAGMA journal_size_limit=-1",  # never truncate the WAL (remnant policy)
                 "PRAGMA synchronous=FULL",
                 "PRAGMA secure_delete=ON",
                 "PRAGMA temp_store=MEMORY",
@@ -85,13 +116,49 @@ class SqliteStore:
             ):
                 await self.db.execute(pragma)
             await self._migrate()
-            if self.max_db_mb:
+            if self.max_db_mb:  # caps store.db only: the WAL and the ballast come on top
                 async with self.db.execute("PRAGMA page_size") as cur:
                     row = await cur.fetchone()
                 page = int(row[0]) if row else 4096
                 await self.db.execute(f"PRAGMA max_page_count={self.max_db_mb * 2**20 // page}")
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot open store: {exc}") from exc
+            await self._abandon()
+            raise storage_error("cannot open store", exc) from exc
+        except BaseException:
+            await self._abandon()
+            raise
+        await asyncio.to_thread(self._presize_wal)
+
+    async def _abandon(self) -> None:
+        """Close a connection whose open failed (its thread must not outlive the command)."""
+        db, self._db = self._db, None
+        if db is not None:
+            try:
+                await db.close()
+            except sqlite3.Error:
+                pass
+
+    def _presize_wal(self) -> None:
+        """Give the WAL real blocks up to :data:`WAL_RESERVE_BYTES` (existing frames untouched;
+        zeros past the last frame fail the frame checksum, so recovery ignores them). A disk
+        that fills later can then still hold a delete transaction in the WAL."""
+        wal = self.path + "-wal"
+        try:
+            fd = os.open(wal, os.O_RDWR)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("WAL not pre-sized: %s", exc.strerror or exc)
+            return
+        try:
+            if os.fstat(fd).st_size < WAL_RESERVE_BYTES:
+                os.posix_fallocate(fd, 0, WAL_RESERVE_BYTES)
+                os.fsync(fd)
+        except OSError as exc:  # no room: the write that needs it fails and says so
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                log.debug("WAL not pre-sized: %s", exc.strerror or exc)
+        finally:
+            os.close(fd)
 
     async def _migrate(self) -> None:
         async with self.db.execute("PRAGMA user_version") as cur:
@@ -108,17 +175,35 @@ class SqliteStore:
                 await self.db.execute(f"PRAGMA user_version={i + 1}")
                 await self.db.execute("COMMIT")
             except BaseException:
-                await self.db.execute("ROLLBACK")
+                await self._rollback()
                 raise
 
+    async def _rollback(self) -> None:
+        """Roll back if a transaction is still open. SQLite may already have rolled back (e.g. on
+        SQLITE_FULL); a failed ROLLBACK must never hide the error that caused it."""
+        try:
+            if self.db.in_transaction:
+                await self.db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.warning("rollback failed: %s", exc)
+
     async def close(self) -> None:
-        if self._db is not None:
-            async with self._write_lock:  # let a transaction in progress finish first
-                try:
-                    await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                finally:
-                    await self._db.close()
-                    self._db = None
+        """Checkpoint (RESTART: never truncates) and close. Never raises: a checkpoint that fails
+        (e.g. on a full disk) leaves the frames in the WAL, where the next open finds them."""
+        if self._db is None:
+            return
+        async with self._write_lock:  # let a transaction in progress finish first
+            db, self._db = self._db, None
+            if db is None:
+                return
+            try:
+                await db.execute("PRAGMA wal_checkpoint(RESTART)")
+            except sqlite3.Error as exc:
+                log.debug("checkpoint at close failed: %s", exc)
+            try:
+                await db.close()
+            except sqlite3.Error as exc:
+                log.debug("close failed: %s", exc)
 
     async def _tx(self, statements: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
         """Run ``executemany`` statements in one IMMEDIATE transaction."""
@@ -134,17 +219,17 @@ class SqliteStore:
                         await self.db.executemany(sql, rows)
                 await self.db.execute("COMMIT")
             except BaseException:
-                await self.db.execute("ROLLBACK")
+                await self._rollback()
                 raise
         except sqlite3.Error as exc:
-            raise StorageError(f"write failed: {exc}") from exc
+            raise storage_error("write failed", exc) from exc
 
     async def _one(self, sql: str, args: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
         try:
             async with self.db.execute(sql, args) as cur:
                 row = await cur.fetchone()
         except sqlite3.Error as exc:
-            raise StorageError(f"read failed: {exc}") from exc
+            raise storage_error("read failed", exc) from exc
         return tuple(row) if row is not None else None
 
     async def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -152,7 +237,7 @@ class SqliteStore:
             async with self.db.execute(sql, args) as cur:
                 rows = await cur.fetchall()
         except sqlite3.Error as exc:
-            raise StorageError(f"read failed: {exc}") from exc
+            raise storage_error("read failed", exc) from exc
         return [tuple(r) for r in rows]
 
     async def _write_one(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -166,7 +251,7 @@ class SqliteStore:
                 cur = await self.db.execute(sql, args)
                 return int(cur.rowcount)
             except sqlite3.Error as exc:
-                raise StorageError(f"write failed: {exc}") from exc
+                raise storage_error("write failed", exc) from exc
 
     # ---- accounts, invites, devices ----------------------------------------------------------
 
@@ -357,19 +442,20 @@ class SqliteStore:
             ]
             await self._tx([(f"UPDATE {table} SET epoch=?, sealed=? WHERE rowid=?", updates)])
             moved += len(updates)
-        # The old ciphertexts may survive in the WAL until a TRUNCATE checkpoint; destroying the
-        # key makes every such remnant unreadable regardless.
+        # The old ciphertexts may survive in the WAL (it is never truncated, and a reused WAL
+        # keeps stale tail frames); destroying the key makes every such remnant unreadable.
         await self.checkpoint()
         for epoch in old:
             self.keys.destroy(epoch)
         return moved
 
     async def checkpoint(self) -> None:
+        """RESTART, never TRUNCATE: the next writer starts again at the WAL's beginning."""
         async with self._write_lock:
             try:
-                await self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                await self.db.execute("PRAGMA wal_checkpoint(RESTART)")
             except sqlite3.Error as exc:
-                raise StorageError(f"checkpoint failed: {exc}") from exc
+                raise storage_error("checkpoint failed", exc) from exc
 
     # ---- peers -------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
-"""Timers: TTL expiry, epoch-key rotation and the idle WAL checkpoint.
+"""Timers: TTL expiry, epoch-key rotation, the idle WAL checkpoint and the disk-full guard.
 
 ``tick(now)`` is pure enough to drive from a test with a fake clock; ``run`` calls it on a short
-real-time interval. The checkpoint runs once writes have been idle for ``idle_ms``, never per
-delete (ARCHITECTURE §4 "Storage").
+real-time interval. The checkpoint (RESTART, never TRUNCATE) runs once writes have been idle for
+``idle_ms``, never per delete (ARCHITECTURE §4 "Storage"). While the disk is full, each tick
+checks whether space is back and then restores the ballast (:mod:`node.ballast`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 from federation.clock import Clock
 from federation.errors import StorageError
 
+from .ballast import DiskFull, DiskGuard
 from .mailbox import Mailboxes
 from .store import Store
 
@@ -28,6 +30,7 @@ class Sweeper:
         idle_ms: int = 1000,
         sweep_every_ms: int = 10_000,
         interval_s: float = 0.25,
+        disk: DiskGuard | None = None,
     ) -> None:
         self.store = store
         self.mailboxes = mailboxes
@@ -35,13 +38,19 @@ class Sweeper:
         self.idle_ms = idle_ms
         self.sweep_every_ms = sweep_every_ms
         self.interval_s = interval_s
+        self.disk = disk
         self._last_sweep = -(10**15)
+        self._error: str | None = None  # last failure logged (one line per state change)
 
     async def tick(self) -> dict[str, int]:
         now = self.clock.now_ms()
-        out = {"expired": 0, "resealed": 0, "checkpointed": 0}
+        out = {"expired": 0, "resealed": 0, "checkpointed": 0, "recovered": 0, "swept": 0}
+        disk = self.disk
+        if disk is not None and (disk.full or (disk.size and not disk.held)):
+            out["recovered"] = int(await asyncio.to_thread(disk.check))
         if now - self._last_sweep >= self.sweep_every_ms:
             self._last_sweep = now
+            out["swept"] = 1
             out["expired"] = await self.store.sweep_expired(now)
             out["resealed"] = await self.store.rotate_epochs(now)
             if out["expired"]:
@@ -52,14 +61,30 @@ class Sweeper:
             and now - self.mailboxes.last_write_ms >= self.idle_ms
         ):
             self.mailboxes.writes_since_checkpoint = 0
-            await self.store.checkpoint()
+            try:
+                await self.store.checkpoint()
+            except StorageError:
+                self.mailboxes.writes_since_checkpoint = 1  # retry on a later tick
+                raise
             out["checkpointed"] = 1
         return out
 
     async def run(self) -> None:
+        if self.disk is not None:
+            try:
+                await asyncio.to_thread(self.disk.start)
+            except OSError as exc:
+                log.warning("ballast not created: %s", exc.strerror or exc)
         while True:
             try:
-                await self.tick()
+                done = await self.tick()
+                if self._error is not None and (done["checkpointed"] or done["swept"]):
+                    self._error = None
+                    log.info("sweeper: store writes succeed again")
             except StorageError as exc:  # e.g. disk full: keep serving, retry next tick
-                log.error("sweeper: %s", exc.code)
+                if isinstance(exc, DiskFull) and self.disk is not None:
+                    self.disk.on_full()
+                if str(exc) != self._error:
+                    self._error = str(exc)
+                    log.error("sweeper: %s", exc)
             await asyncio.sleep(self.interval_s)
