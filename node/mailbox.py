@@ -26,7 +26,6 @@ from .store import Store, WriteBatch
 log = logging.getLogger("haven.mailbox")
 
 MAX_TX_ROWS = 1000
-DELIVERY_WINDOW = 2000
 
 
 class DeviceLink(Protocol):
