@@ -390,13 +390,18 @@ class ClientSession:
                     local.append(env)
             elif code is None:
                 if dest in node.known_peers:
-                    remote.append((dest, env))
+                    code = node.quotas.admit(self.account, dest, env, now)  # outbox quotas
+                    if code is None:
+                        remote.append((dest, env))
                 else:
                     code = "unknown_destination"
             if code is not None:
                 node.metrics.error("client", code)
                 rejected.append((env.id, code))
-        futs = node.mailboxes.submit_local(local) + node.mailboxes.submit_outbox(remote)
+        local_futs = node.mailboxes.submit_local(local)
+        remote_futs = node.mailboxes.submit_outbox(remote)
+        node.quotas.watch(remote, remote_futs)  # a failed commit frees its quota
+        futs = local_futs + remote_futs
         ids = [e.id for e in local] + [e.id for _, e in remote]
         # Answer once durable, but do not hold up this connection's next frame meanwhile:
         # frames pipeline into the same group commit instead of one commit each.

@@ -96,6 +96,13 @@ class Mailboxes:
     def uncommitted(self) -> list[Envelope]:
         return [*self._inflight.values(), *(p.env for p in self._env.values())]
 
+    def outbox_load(self) -> dict[str, int]:
+        """Outbox envelopes not yet committed, per destination (for the outbox quota)."""
+        load: dict[str, int] = {}
+        for dest, _ in self._out.values():
+            load[dest] = load.get(dest, 0) + 1
+        return load
+
     def uncommitted_for(self, mailbox: bytes) -> list[Envelope]:
         """Envelopes for ``mailbox`` not yet readable from the store (queued or committing)."""
         committing = [e for e in self._inflight.values() if e.to == mailbox]
