@@ -63,6 +63,7 @@ class _Dest:
     backoff: Backoff = field(default_factory=Backoff)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     holds: EnvelopeHolds = field(default_factory=EnvelopeHolds)
+    started: bool = False
 
 
 class OutboxSender:
@@ -91,8 +92,9 @@ class OutboxSender:
         d = self.dests.get(dest)
         if d is None:
             d = self.dests[dest] = _Dest()
-            if self._tg is not None:
-                self._tg.create_task(self._worker(dest, d))
+        if self._tg is not None and not d.started:  # woken before run(): start it now
+            d.started = True
+            self._tg.create_task(self._worker(dest, d))
         d.wake.set()
 
     def peer_seen(self, dest: str) -> None:
@@ -107,7 +109,7 @@ class OutboxSender:
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
-            for dest in await self.store.outbox_destinations():
+            for dest in [*self.dests, *await self.store.outbox_destinations()]:
                 self.wake(dest)
             await asyncio.Event().wait()  # run until cancelled with the node
 
