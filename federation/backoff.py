@@ -77,12 +77,17 @@ class EnvelopeHolds:
         """The peer refused ``eid`` for now; return the delay (ms) before it is tried again."""
         prev = self._holds.pop(eid, None)
         failures = 1 if prev is None else prev.failures + 1
-        ceiling = min(self.cap_ms, self.base_ms * (2 ** min(failures, 20)))
+        ceiling = int(min(self.cap_ms, self.base_ms * (2 ** min(failures, 20))))
         delay = int(ceiling // 2 + self.rng.randint(0, ceiling // 2))
-        self._holds[eid] = _Hold(failures, now + delay)  # re-inserted: newest last
+        # Round up to a grid of ceiling/4: envelopes refused together come due together, so
+        # the sender retries them in a few batches (one pass over the queue each), not one
+        # pass per envelope.
+        grain = max(1, ceiling // 4)
+        not_before = -(-(now + delay) // grain) * grain
+        self._holds[eid] = _Hold(failures, not_before)  # re-inserted: newest last
         while len(self._holds) > self.max_entries:
             del self._holds[next(iter(self._holds))]
-        return delay
+        return not_before - now
 
     def held(self, eid: bytes, now: int) -> bool:
         """``eid`` must not be sent yet."""

@@ -80,15 +80,15 @@ def test_envelope_holds_back_off_per_envelope_with_a_fake_clock() -> None:
     holds = EnvelopeHolds(base_ms=500, cap_ms=60_000, max_entries=3, rng=random.Random(1))
     a, b = b"a" * 16, b"b" * 16
     first = holds.refused(a, clock.now_ms())
-    assert 500 <= first <= 1000 and holds.held(a, clock.now_ms()) and not holds.held(b, 0)
+    assert 500 <= first <= 1250 and holds.held(a, clock.now_ms()) and not holds.held(b, 0)
     assert holds.next_due() == clock.now_ms() + first
     clock.advance(first)
     assert not holds.held(a, clock.now_ms())  # due: it may be tried again
     second = holds.refused(a, clock.now_ms())
-    assert 1000 <= second <= 2000  # its own schedule grows ...
+    assert 1000 <= second <= 2500  # its own schedule grows ...
     for _ in range(20):
         holds.refused(a, clock.now_ms())
-    assert holds.refused(a, clock.now_ms()) <= 60_000  # ... up to the cap
+    assert holds.refused(a, clock.now_ms()) <= 75_000  # ... up to the cap (+ rounding)
     holds.refused(b, clock.now_ms())
     holds.forget([a])
     assert not holds.held(a, clock.now_ms()) and holds.held(b, clock.now_ms())
@@ -99,6 +99,10 @@ def test_envelope_holds_back_off_per_envelope_with_a_fake_clock() -> None:
     assert len(holds) == 1
     holds.forget([bytes([4]) * 16])
     assert holds.next_due() is None
+    # envelopes refused together come due at a few instants, not one each
+    many = EnvelopeHolds(rng=random.Random(2))
+    delays = {many.refused(os.urandom(16), clock.now_ms()) for _ in range(1000)}
+    assert len(delays) <= 3
 
 
 class FullMailboxTransport:
