@@ -39,6 +39,7 @@ from .mailbox import Mailboxes
 from .metrics import Metrics
 from .outbox import OutboxSender
 from .peers import PeerDirectory
+from .quotas import OutboxQuotas
 from .sqlite_store import SqliteStore
 from .store import Store
 from .sweeper import Sweeper
@@ -108,6 +109,7 @@ class Node:
         self.known_mailboxes: set[bytes] = set()
         self.pending_load: dict[bytes, int] = {}  # envelopes held per mailbox (quota)
         self.known_peers: set[str] = set()
+        self.quotas = OutboxQuotas(config.max_outbox_per_destination, config.max_outbox_per_account)
         self.mailboxes = Mailboxes(store, clock, on_outbox=self._outbox_ready)
         self.mailboxes.disk = DiskGuard(home, config.ballast_mb)  # disk full: node/ballast.py
         self.sweeper = Sweeper(store, self.mailboxes, clock, disk=self.mailboxes.disk)
@@ -141,6 +143,7 @@ class Node:
                 self.known_mailboxes = set(await self.store.all_mailboxes())
                 self.known_peers |= {p.node_id for p in await self.store.all_peers()}
                 self.pending_load = await self._load()
+                self.quotas.resync(await self.store.outbox_counts(), self.mailboxes.outbox_load())
             except HavenError as exc:
                 log.error("cache refresh failed (%s)", exc.code)
 
@@ -311,6 +314,7 @@ class Node:
             self.known_mailboxes = set(await self.store.all_mailboxes())
             self.known_peers = {p.node_id for p in await self.store.all_peers()}
             self.pending_load = await self._load()
+            self.quotas.resync(await self.store.outbox_counts(), {})
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
                 self.session = session
                 self.transport = PeerTransport(self.key, session)
@@ -324,6 +328,7 @@ class Node:
                     self.transport,
                     self.clock,
                     self.metrics,
+                    self.quotas,
                 )
                 self.runner = web.AppRunner(
                     self.web_app(), access_log=None, handle_signals=False, shutdown_timeout=2

@@ -36,7 +36,7 @@ from federation.ids import Address
 from federation.signing import device_auth_message, verify_detached
 from federation.wire import PROTOCOL_VERSION, Envelope
 
-from .mailbox import DELIVERY_WINDOW
+from .delivery import DeliveryWindow
 
 if TYPE_CHECKING:
     from .app import Node
@@ -45,6 +45,8 @@ log = logging.getLogger("haven.client_api")
 
 OTK_LOW_WATER = 10
 LINK_TTL_MS = 5 * 60_000
+# Stored rows read per backlog page: ≤ 4 MiB of bodies in memory at once (64 x 64 KiB).
+REFILL_PAGE = 64
 
 
 def invite_hash(token: bytes) -> bytes:
@@ -72,9 +74,15 @@ class ClientSession:
         self.mailbox = b""
         self.account = ""
         self.challenge = os.urandom(32)
-        self.inflight: set[bytes] = set()
-        self.acked: dict[bytes, None] = {}  # insertion-ordered: pruned oldest first
-        self.backlog = False
+        cfg = node.config
+        self.window = DeliveryWindow(
+            cfg.max_deliver_bytes,
+            cfg.max_deliver_envelopes,
+            cfg.deliver_window_bytes,
+            cfg.deliver_window_envelopes,
+        )
+        self.backlog = False  # stored envelopes wait that did not fit the window
+        self._cursor = 0  # store seq of the last backlog row consumed (docs/protocol.md §5.5)
         self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._answers: set[asyncio.Task[None]] = set()
         self._held: list[Envelope] | None = None
@@ -88,27 +96,62 @@ class ClientSession:
         self._push(envs)
 
     def _push(self, envs: list[Envelope]) -> None:
-        unique = {e.id: e for e in envs}.values() if len(envs) > 1 else envs
-        fresh = [e for e in unique if e.id not in self.inflight and e.id not in self.acked]
-        room = DELIVERY_WINDOW - len(self.inflight)
-        if len(fresh) > room:
-            fresh, self.backlog = fresh[: max(room, 0)], True
-        if fresh:
-            self.inflight.update(e.id for e in fresh)
-            self.out.put_nowait(F.Deliver(tuple(fresh)).encode())
+        """Send what fits the window now, in bounded frames (docs/protocol.md §5.5).
+
+        While older stored envelopes wait (``backlog``), new ones wait behind them in the store
+        (every pushed envelope is also committed, or acked first), so order is kept.
+        """
+        if self.backlog:
+            return
+        frames, consumed = self.window.take(envs)
+        self._deliver(frames)
+        if consumed < len(envs):
+            self.backlog = True
+
+    def _deliver(self, frames: list[tuple[Envelope, ...]]) -> None:
+        for envs in frames:
+            self.out.put_nowait(F.Deliver(envs).encode())
+        if frames:
+            self.node.metrics.event("deliver.frames", len(frames))
 
     async def refill(self) -> None:
-        """Push stored and uncommitted envelopes, oldest first. Envelopes pushed by new
-        arrivals while the store is read are held and sent after, so order is kept."""
+        """Stream the stored backlog page by page until the window is full; once the store
+        has nothing more, push what is not yet committed. Envelopes pushed by new arrivals
+        while the store is read are held and sent after, so order is kept."""
         self._held = []
         try:
-            rows = await self.node.store.pending_for(self.mailbox, DELIVERY_WINDOW)
-            self.backlog = len(rows) >= DELIVERY_WINDOW
-            rows = [e for e in rows if e.id not in self.node.mailboxes.deleting]  # acked
-            rows += self.node.mailboxes.uncommitted_for(self.mailbox)
+            complete = await self._stream_stored()
+            rest = self.node.mailboxes.uncommitted_for(self.mailbox) if complete else []
         finally:
             held, self._held = self._held, None
-        self._push(rows + held)
+        if complete:  # else the held ones are in (or will reach) the store behind the cursor
+            self.backlog = False
+            self._push(rest + held)
+
+    async def _stream_stored(self) -> bool:
+        """Push stored envelopes after the cursor; False when the window filled first."""
+        while True:
+            limit = min(REFILL_PAGE, self.window.room_envs())
+            if limit == 0:
+                self.backlog = True
+                return False
+            raw = await self.node.store.pending_page(self.mailbox, self._cursor, limit)
+            deleting = self.node.mailboxes.deleting  # acked, delete not committed: skip
+            page = [(seq, e) for seq, e in raw if e.id not in deleting]
+            frames, consumed = self.window.take([e for _, e in page])
+            self._deliver(frames)
+            if consumed < len(page):
+                if consumed:
+                    self._cursor = page[consumed - 1][0]
+                self.backlog = True
+                return False
+            if raw:
+                self._cursor = raw[-1][0]
+            if len(raw) < limit:
+                # End of the pass. A seq can be reused once every row above it is deleted,
+                # so the next pass starts over (rows already pushed are skipped).
+                self._cursor = 0
+                return True
 
     # ---- loop --------------------------------------------------------------------------------
 
@@ -351,13 +394,18 @@ class ClientSession:
                     local.append(env)
             elif code is None:
                 if dest in node.known_peers:
-                    remote.append((dest, env))
+                    code = node.quotas.admit(self.account, dest, env, now)  # outbox quotas
+                    if code is None:
+                        remote.append((dest, env))
                 else:
                     code = "unknown_destination"
             if code is not None:
                 node.metrics.error("client", code)
                 rejected.append((env.id, code))
-        futs = node.mailboxes.submit_local(local) + node.mailboxes.submit_outbox(remote)
+        local_futs = node.mailboxes.submit_local(local)
+        remote_futs = node.mailboxes.submit_outbox(remote)
+        node.quotas.watch(remote, remote_futs)  # a failed commit frees its quota
+        futs = local_futs + remote_futs
         ids = [e.id for e in local] + [e.id for _, e in remote]
         # Answer once durable, but do not hold up this connection's next frame meanwhile:
         # frames pipeline into the same group commit instead of one commit each.
@@ -382,15 +430,10 @@ class ClientSession:
         self.send(F.Accepted(rid, tuple(accepted), tuple(rejected)))
 
     async def on_ack(self, f: F.Ack) -> None:
-        mine = [i for i in f.ids if i in self.inflight]
-        for i in mine:
-            self.inflight.discard(i)
-            self.acked[i] = None
-        if len(self.acked) > 4 * DELIVERY_WINDOW:  # keep the most recent acks
-            self.acked = dict.fromkeys(list(self.acked)[-2 * DELIVERY_WINDOW :])
+        mine = self.window.ack(f.ids)  # only ids pushed on this connection count
         self.node.mailboxes.acked(mine)
         self.node.released(self.mailbox, len(mine))
-        if self.backlog and len(self.inflight) < DELIVERY_WINDOW // 2:
+        if self.backlog and self.window.half_free():
             await self.refill()
 
 

@@ -27,7 +27,6 @@ from .store import Store, WriteBatch
 log = logging.getLogger("haven.mailbox")
 
 MAX_TX_ROWS = 1000
-DELIVERY_WINDOW = 2000
 
 
 class DeviceLink(Protocol):
@@ -100,6 +99,13 @@ class Mailboxes:
 
     def uncommitted(self) -> list[Envelope]:
         return [*self._inflight.values(), *(p.env for p in self._env.values())]
+
+    def outbox_load(self) -> dict[str, int]:
+        """Outbox envelopes not yet committed, per destination (for the outbox quota)."""
+        load: dict[str, int] = {}
+        for dest, _ in self._out.values():
+            load[dest] = load.get(dest, 0) + 1
+        return load
 
     def uncommitted_for(self, mailbox: bytes) -> list[Envelope]:
         """Envelopes for ``mailbox`` not yet readable from the store (queued or committing)."""

@@ -415,6 +415,36 @@ class SqliteStore:
         )
         return self._open_rows(rows)
 
+    def _open_seq_rows(self, rows: list[tuple[Any, ...]]) -> list[tuple[int, Envelope]]:
+        return [
+            (int(r[0]), e)
+            for r, e in zip(rows, self._open_rows([r[1:] for r in rows]), strict=True)
+        ]
+
+    async def pending_page(
+        self, mailbox: bytes, after_seq: int, limit: int
+    ) -> list[tuple[int, Envelope]]:
+        rows = await self._all(
+            "SELECT rowid, id, mailbox, expires, epoch, sealed FROM envelopes "
+            "WHERE mailbox=? AND rowid>? ORDER BY rowid LIMIT ?",
+            (mailbox, after_seq, limit),
+        )
+        return self._open_seq_rows(rows)
+
+    async def outbox_page(
+        self, dest: str, after_seq: int, limit: int
+    ) -> list[tuple[int, Envelope]]:
+        rows = await self._all(
+            "SELECT rowid, id, mailbox, expires, epoch, sealed FROM outbox "
+            "WHERE dest=? AND rowid>? ORDER BY rowid LIMIT ?",
+            (dest, after_seq, limit),
+        )
+        return self._open_seq_rows(rows)
+
+    async def outbox_counts(self) -> dict[str, int]:
+        rows = await self._all("SELECT dest, count(*) FROM outbox GROUP BY dest")
+        return {str(r[0]): int(r[1]) for r in rows}
+
     async def outbox_destinations(self) -> list[str]:
         return [str(r[0]) for r in await self._all("SELECT DISTINCT dest FROM outbox")]
 

@@ -268,6 +268,13 @@ class RawDevice:
             if not isinstance(frame, F.Deliver):
                 return frame
 
+    async def recv_sized(self) -> tuple[F.Frame, int]:
+        """The next frame, deliveries included, with its size in bytes on the wire."""
+        async with asyncio.timeout(DEADLINE_S):
+            msg = await self.ws.receive()
+        assert msg.type == aiohttp.WSMsgType.BINARY, (msg.type, msg.data)
+        return F.decode_frame(msg.data, 2 * F.MAX_FRAME), len(msg.data)
+
     async def recv_msg(self) -> aiohttp.WSMessage:
         """The next raw WebSocket message (to observe a close)."""
         async with asyncio.timeout(DEADLINE_S):

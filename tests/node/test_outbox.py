@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from federation.backoff import EnvelopeHolds
 from federation.clock import FakeClock
 from federation.transport import RemoteError
 from federation.wire import Batch, BatchResult, Envelope
@@ -15,6 +17,7 @@ from node.atrest import EpochKeys
 from node.mailbox import Mailboxes
 from node.metrics import Metrics
 from node.outbox import OutboxSender
+from node.quotas import OutboxQuotas
 from node.sqlite_store import SqliteStore
 
 
@@ -62,6 +65,105 @@ async def test_one_bad_envelope_does_not_block_the_queue(tmp_path: Path) -> None
                 await asyncio.sleep(0.01)
         assert sorted(transport.accepted) == sorted(e.id for e in good)
         assert sender.metrics.errors["outbox_rejected.too_large"] == 1
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await store.close()
+
+
+# ---- per-envelope holds: no head-of-line blocking (docs/protocol.md §6) ----------------------
+
+
+def test_envelope_holds_back_off_per_envelope_with_a_fake_clock() -> None:
+    clock = FakeClock()
+    holds = EnvelopeHolds(base_ms=500, cap_ms=60_000, max_entries=3, rng=random.Random(1))
+    a, b = b"a" * 16, b"b" * 16
+    first = holds.refused(a, clock.now_ms())
+    assert 500 <= first <= 1250 and holds.held(a, clock.now_ms()) and not holds.held(b, 0)
+    assert holds.next_due() == clock.now_ms() + first
+    clock.advance(first)
+    assert not holds.held(a, clock.now_ms())  # due: it may be tried again
+    second = holds.refused(a, clock.now_ms())
+    assert 1000 <= second <= 2500  # its own schedule grows ...
+    for _ in range(20):
+        holds.refused(a, clock.now_ms())
+    assert holds.refused(a, clock.now_ms()) <= 75_000  # ... up to the cap (+ rounding)
+    holds.refused(b, clock.now_ms())
+    holds.forget([a])
+    assert not holds.held(a, clock.now_ms()) and holds.held(b, clock.now_ms())
+    for i in range(5):  # bounded memory: the oldest holds are forgotten first
+        holds.refused(bytes([i]) * 16, clock.now_ms())
+    assert len(holds) == 3 and not holds.held(b, clock.now_ms())
+    holds.keep_only({bytes([4]) * 16})
+    assert len(holds) == 1
+    holds.forget([bytes([4]) * 16])
+    assert holds.next_due() is None
+    # envelopes refused together come due at a few instants, not one each
+    many = EnvelopeHolds(rng=random.Random(2))
+    delays = {many.refused(os.urandom(16), clock.now_ms()) for _ in range(1000)}
+    assert len(delays) <= 3
+
+
+class FullMailboxTransport:
+    """A peer whose mailbox ``full`` refuses every envelope with ``quota_exceeded`` until
+    ``room`` is set; everything else is accepted."""
+
+    def __init__(self, full: bytes) -> None:
+        self.full = full
+        self.room = False
+        self.accepted: list[bytes] = []
+        self.refused = 0
+        self.requests = 0
+
+    async def post_batch(self, url: str, dest: str, created: int, batch: Batch) -> BatchResult:
+        self.requests += 1
+        ok = [e.id for e in batch.envelopes if self.room or e.to != self.full]
+        rejected = [(e.id, "quota_exceeded") for e in batch.envelopes if e.id not in ok]
+        self.accepted += ok
+        self.refused += len(rejected)
+        return BatchResult(tuple(ok), tuple(rejected))
+
+
+async def test_refusals_for_one_full_mailbox_do_not_block_the_queue(tmp_path: Path) -> None:
+    """300 envelopes for a full mailbox sit at the head (more than a batch); another user's 10
+    envelopes behind them are delivered, the refused ones wait on their own and go once the
+    mailbox has room; the quotas are released as rows leave."""
+    clock = FakeClock()
+    store = SqliteStore(str(tmp_path / "s.db"), EpochKeys(str(tmp_path / "e.key")))
+    await store.open()
+    sender: OutboxSender | None = None
+    mailboxes = Mailboxes(store, clock, on_outbox=lambda d: sender.wake(d) if sender else None)
+    full, other = os.urandom(16), os.urandom(16)
+    transport = FullMailboxTransport(full)
+    quotas = OutboxQuotas(per_destination=1000, per_account=400)
+    sender = OutboxSender(store, mailboxes, FakePeers(), transport, clock, Metrics(), quotas)  # type: ignore[arg-type]
+    junk = [Envelope(os.urandom(16), full, 10**14, b"j") for _ in range(300)]
+    real = [Envelope(os.urandom(16), other, 10**14, b"r") for _ in range(10)]
+    for e in junk:
+        assert quotas.admit("mallory", "peer", e, clock.now_ms()) is None
+    for e in real:
+        assert quotas.admit("carol", "peer", e, clock.now_ms()) is None
+    tasks = [asyncio.create_task(mailboxes.run()), asyncio.create_task(sender.run())]
+    try:
+        await asyncio.gather(*mailboxes.submit_outbox([("peer", e) for e in junk]))
+        await asyncio.gather(*mailboxes.submit_outbox([("peer", e) for e in real]))
+        async with asyncio.timeout(20):
+            while len(transport.accepted) < 10 or transport.refused < 300:
+                await asyncio.sleep(0.01)
+        assert sorted(transport.accepted) == sorted(e.id for e in real)  # 10/10 delivered
+        assert sender.metrics.errors["outbox_rejected.quota_exceeded"] == 300
+        assert (await store.counts())["outbox_envelopes"] == 300  # refused rows wait, not lost
+        assert quotas.by_account == {"mallory": 300} and quotas.by_dest == {"peer": 300}
+        requests = transport.requests
+        clock.advance(10 * 60_000)  # every hold is due; the peer's mailbox has room again
+        transport.room = True
+        async with asyncio.timeout(20):
+            while (await store.counts())["outbox_envelopes"]:
+                await asyncio.sleep(0.01)
+        assert sorted(transport.accepted) == sorted(e.id for e in real + junk)
+        assert transport.requests > requests
+        assert quotas.by_account == {} and quotas.by_dest == {}
     finally:
         for t in tasks:
             t.cancel()

@@ -139,3 +139,33 @@ async def test_epoch_rotation_reseals_then_destroys_old_key(tmp_path: Path) -> N
         assert await store.pending_for(mb, 10) == [pending]
     finally:
         await store.close()
+
+
+async def test_pending_page_streams_a_mailbox_by_cursor(store: Store) -> None:
+    mb, other = os.urandom(16), os.urandom(16)
+    envs = [env(mb, 10**13, bytes([i]) * 10) for i in range(7)]
+    await store.write(WriteBatch(envelopes=(*envs[:3], env(other, 10**13), *envs[3:])), 1)
+    got: list[Envelope] = []
+    seq = 0
+    while page := await store.pending_page(mb, seq, 3):
+        assert len(page) <= 3
+        assert [s for s, _ in page] == sorted(s for s, _ in page) and page[0][0] > seq
+        seq = page[-1][0]
+        got += [e for _, e in page]
+    assert got == envs  # every envelope once, in arrival order, none of the other mailbox
+    await store.write(WriteBatch(delete_envelopes=(envs[0].id,)), 2)
+    assert [e for _, e in await store.pending_page(mb, 0, 10)] == envs[1:]
+
+
+async def test_outbox_page_and_counts(store: Store) -> None:
+    envs = [env(os.urandom(16), 10**13) for _ in range(5)]
+    other = env(os.urandom(16), 10**13)
+    await store.write(WriteBatch(outbox=(*(("p1", e) for e in envs), ("p2", other))), 1)
+    assert await store.outbox_counts() == {"p1": 5, "p2": 1}
+    first = await store.outbox_page("p1", 0, 2)
+    assert [e for _, e in first] == envs[:2]
+    rest = await store.outbox_page("p1", first[-1][0], 10)
+    assert [e for _, e in rest] == envs[2:]
+    assert await store.outbox_page("p1", rest[-1][0], 10) == []
+    await store.write(WriteBatch(delete_outbox=(envs[0].id, other.id)), 2)
+    assert await store.outbox_counts() == {"p1": 4}
