@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import random
 import ssl
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +23,7 @@ from federation.errors import (
     LocalProtocolError,
     NotFound,
     QuotaExceeded,
+    RateLimited,
     TransportError,
 )
 from federation.ids import Address
@@ -37,6 +39,7 @@ from .lan import LanService
 from .mailbox import Mailboxes
 from .metrics import Metrics
 from .outbox import OutboxSender
+from .peer_admission import NewPeerBudget
 from .peers import PeerDirectory
 from .sqlite_store import SqliteStore
 from .store import Store
@@ -53,10 +56,17 @@ class Limits:
 
 
 class Rates:
-    """Token buckets by purpose (``purpose:key``)."""
+    """Token buckets by purpose (``purpose:key``), plus the new-peer budget (§4.4)."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: NodeConfig | None = None) -> None:
+        link_per_hour = config.link_tokens_per_hour if config else 30
+        reg_per_minute = config.registrations_per_minute if config else 60
+        self.new_peers = NewPeerBudget(
+            config.new_peer_rate if config else 20, config.new_peer_burst if config else 100
+        )
         self.buckets = {
+            "link": TokenBucket(rate=link_per_hour / 3600, burst=link_per_hour),  # per account
+            "register": TokenBucket(rate=reg_per_minute / 60, burst=reg_per_minute),  # node-wide
             "send": TokenBucket(rate=50_000, burst=100_000),
             "keys": TokenBucket(rate=1000, burst=2000),  # local lookups: cheap
             "remotekeys": TokenBucket(rate=20, burst=200),  # each one costs a federation call
@@ -102,7 +112,7 @@ class Node:
         self.limits = Limits()
         self.metrics = Metrics()
         self.nonces = NonceWindow()
-        self.rates = Rates()
+        self.rates = Rates(config)
         self.rotations = load_rotations(home)
         self.known_mailboxes: set[bytes] = set()
         self.pending_load: dict[bytes, int] = {}  # envelopes held per mailbox (quota)
@@ -253,6 +263,8 @@ class Node:
             elif exc.code == "wrong_destination":
                 self.peers.invalidate(peer.node_id)
                 peer = await self.peers.resolve_host(address.host)  # KeyChanged if not rotated
+            elif exc.code == RateLimited.code:  # e.g. its new-peer budget: refills soon (§4.4)
+                await asyncio.sleep(random.uniform(0.25, 1.0))
             else:
                 raise
             obj = await self.peers.call(peer.node_id, query)

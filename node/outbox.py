@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from federation.backoff import Backoff
 from federation.clock import Clock
-from federation.errors import ClockSkew, HavenError, TransportError
+from federation.errors import ClockSkew, HavenError, RateLimited, TransportError
 from federation.transport import PeerTransport, RemoteError
 from federation.wire import MAX_BATCH_BYTES, Batch, BatchResult, Envelope
 
@@ -105,7 +105,13 @@ class OutboxSender:
                 await self._send(dest, envs)
                 d.backoff.succeeded()
             except HavenError as exc:
-                delay = d.backoff.failed(self.clock.now_ms())
+                # rate_limited: a budget that refills within a second (§4.4), not a dead peer
+                limited = exc.code == RateLimited.code
+                delay = (
+                    d.backoff.rng.randint(250, 1000)
+                    if limited
+                    else d.backoff.failed(self.clock.now_ms())
+                )
                 self.metrics.error("outbox", exc.code)
                 log.info(
                     "delivery to %s failed (%s); retry in %.1f s", dest, exc.code, delay / 1000
