@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import random
 import ssl
 from dataclasses import dataclass
 from functools import partial
@@ -23,7 +22,6 @@ from federation.errors import (
     LocalProtocolError,
     NotFound,
     QuotaExceeded,
-    RateLimited,
     TransportError,
 )
 from federation.ids import Address
@@ -256,18 +254,16 @@ class Node:
             return await transport.query_keys(url, peer.node_id, stamp, address.name, claim)
 
         try:
-            obj = await self.peers.call(peer.node_id, query)
+            obj = await self.peers.call_patiently(peer.node_id, query)
         except RemoteError as exc:
             if exc.code == "clock_skew" and exc.peer_now is not None:
                 self.peers.correct_clock(peer.node_id, exc.peer_now)
             elif exc.code == "wrong_destination":
                 self.peers.invalidate(peer.node_id)
                 peer = await self.peers.resolve_host(address.host)  # KeyChanged if not rotated
-            elif exc.code == RateLimited.code:  # e.g. its new-peer budget: refills soon (§4.4)
-                await asyncio.sleep(random.uniform(0.25, 1.0))
             else:
                 raise
-            obj = await self.peers.call(peer.node_id, query)
+            obj = await self.peers.call_patiently(peer.node_id, query)
         try:
             dl = SignedDeviceList.from_wire(obj["device_list"])
             claimed = {str(k): (str(v[0]), str(v[1])) for k, v in dict(obj["claimed"]).items()}

@@ -8,14 +8,14 @@ the LAN) are therefore also charged to **one** bucket shared by all of them
 
 A genuine first contact must still get in while a flood holds the shared bucket empty, so the
 bucket keeps a *reserve* (half its burst) for **fresh** origins: an origin may take from the
-reserve only while its own small allowance (``FRESH_BURST`` requests, refilled at
-``FRESH_RATE``/s) lasts; an origin that already used its allowance is refused once the level
-is down to the reserve. A flood from *k* minted keys can drain the reserve only at
-``k * FRESH_RATE`` per second, so below ``new_peer_rate / FRESH_RATE`` keys (100 with the
-defaults) the reserve refills and a new node's handful of requests (a key query, a claim, a
-batch) goes through at once. Total admitted from unknown origins never exceeds the shared
-bucket, however many keys are minted. A flood that mints a fresh key for every request is
-indistinguishable from first contacts; it can delay new peers (they retry ``rate_limited``
+reserve only while its own small allowance (``FRESH_BURST`` attempts, refilled at
+``FRESH_RATE``/s; refused attempts count too) lasts; an origin that already used its allowance
+is refused once the level is down to the reserve. A flood from *k* minted keys can drain the
+reserve only at ``k * FRESH_RATE`` per second, so below ``new_peer_rate / FRESH_RATE`` keys
+(100 with the defaults) the reserve refills and a new node's handful of requests (a key query,
+a claim, a batch) goes through at once. Total admitted from unknown origins never exceeds the
+shared bucket, however many keys are minted. A flood that mints a fresh key for every request
+is indistinguishable from first contacts; it can delay new peers (they retry ``rate_limited``
 soon, §6) but never pinned ones.
 
 Pure: every method takes ``now`` (ms); state lives in memory only.
@@ -59,12 +59,14 @@ class NewPeerBudget:
         self._refill(now)
         fresh = self._fresh_tokens(origin, now)
         floor = 0.0 if fresh >= 1 else self.reserve
-        if self._tokens - 1 < floor:
-            return False
-        self._tokens -= 1
+        # Every attempt spends the allowance, admitted or not: an origin that keeps trying
+        # while the bucket is empty stops being fresh after a few tries.
         if len(self._fresh) >= MAX_ORIGINS and origin not in self._fresh:
             self._fresh.clear()
         self._fresh[origin] = (max(0.0, fresh - 1), now)
+        if self._tokens - 1 < floor:
+            return False
+        self._tokens -= 1
         return True
 
     @property

@@ -21,23 +21,26 @@ whose clocks disagree by minutes still interoperate.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit
 
 from federation.clock import Clock
-from federation.errors import KeyChanged, RemoteProtocolError, TransportError
+from federation.errors import KeyChanged, RateLimited, RemoteProtocolError, TransportError
 from federation.signing import rotation_chain_allows
-from federation.transport import FetchedDescriptor, PeerTransport
+from federation.transport import FetchedDescriptor, PeerTransport, RemoteError
 
 from .metrics import Metrics
 from .store import PeerRecord, Store
 
 log = logging.getLogger("haven.peers")
 T = TypeVar("T")
+RATE_TRIES = 4  # attempts of a federated key query answered rate_limited
 
 
 def candidate_urls(host: str) -> list[str]:
@@ -124,6 +127,20 @@ class PeerDirectory:
             return result
         self.st(node_id).reachable = False
         raise TransportError("peer unreachable") from last
+
+    async def call_patiently(
+        self, node_id: str, fn: Callable[[str], Awaitable[T]], tries: int = RATE_TRIES
+    ) -> T:
+        """:meth:`call`, retrying a ``rate_limited`` answer after 0.25-1 s (docs/protocol.md
+        §6): the other node's new-peer budget refills within a second (§4.7)."""
+        for _ in range(tries - 1):
+            try:
+                return await self.call(node_id, fn)
+            except RemoteError as exc:
+                if exc.code != RateLimited.code:
+                    raise
+            await asyncio.sleep(random.uniform(0.25, 1.0))
+        return await self.call(node_id, fn)
 
     def _ok(self, node_id: str, kind: str) -> None:
         st = self.st(node_id)
