@@ -47,7 +47,7 @@ async def cmd_send(args: argparse.Namespace, dev: Device) -> int:
         args.address, args.text, ttl_ms=parse_duration(args.ttl), expires_in=expires
     )
     for w in res.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"warning: {w.message}", file=sys.stderr)
     total = res.devices.get(args.address, {}).get("total", 0)
     _out(
         args,
@@ -56,7 +56,7 @@ async def cmd_send(args: argparse.Namespace, dev: Device) -> int:
             "to": args.address,
             "devices": res.devices,
             "envelopes": res.envelopes,
-            "warnings": list(res.warnings),
+            "warnings": [w.to_json() for w in res.warnings],
         },
         f"sent to {args.address}: readable by {total} device(s) of theirs "
         f"({res.devices.get(args.address, {}).get('verified', 0)} verified)",

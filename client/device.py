@@ -17,6 +17,7 @@ import asyncio
 import base64
 import logging
 import os
+import random
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from federation.errors import (
     KeysUnavailable,
     LocalProtocolError,
     MalformedEnvelope,
+    RateLimited,
     RemoteProtocolError,
     UntrustedKey,
 )
@@ -60,6 +62,7 @@ OTK_TAG = b"haven-otk-v1\x00"
 OTK_BATCH = 50
 OTK_LOW = 20
 DEFAULT_TTL_MS = 7 * 86_400_000
+REGISTER_ATTEMPTS = 8  # a rate-limited register is retried after 0.5-1.5 s
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +77,30 @@ class ReceivedMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class SendWarning:
+    """Something the sender should know although the send succeeded (docs/cli.md ``send``).
+
+    ``code`` is stable: ``peer_key_changed`` (the recipient's node presented another key with
+    no signed rotation; the envelopes wait in our node's outbox for the pinned key),
+    ``untrusted_device_list`` (the node served a list that does not verify; the pinned one was
+    used), ``no_keys_left`` (a device of the contact had no one-time or fallback key; skipped).
+    ``peer`` is the address host (or node id) for ``peer_key_changed``, else the address.
+    """
+
+    code: str
+    peer: str
+    message: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"code": self.code, "peer": self.peer, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
 class SendResult:
     msg_id: bytes
     devices: dict[str, dict[str, int]]  # address -> {"total", "verified"} that can read it
     envelopes: int
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[SendWarning, ...] = ()
 
 
 @dataclass
@@ -88,7 +110,20 @@ class _Fanout:
     targets: list[tuple[str, DeviceList, str, dict[str, tuple[str, str]]]] = field(
         default_factory=list
     )
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[SendWarning] = field(default_factory=list)
+
+    def node_warning(self, code: str, node_id: str) -> SendWarning:
+        """A warning the home node attached to ``accepted``, named by the address host."""
+        hosts = [a.rsplit("@", 1)[-1] for a, _, n, _ in self.targets if n == node_id]
+        peer = hosts[0] if hosts else node_id
+        if code == "peer_key_changed":
+            text = (
+                f"the node of {peer} presented a different key with no signed rotation; "
+                "the message waits on your node and is not delivered until that is resolved"
+            )
+        else:
+            text = f"your node reports {code} for {peer}"
+        return SendWarning(code, peer, text)
 
 
 def parse_invite(text: str) -> dict[str, Any]:
@@ -248,8 +283,18 @@ class Device:
         if ch is None or ch.node_id != inv["node"]:
             raise UntrustedKey("the node does not hold the key named in the invite")
         sig = self._sign(device_auth_message(ch.node_id, ch.nonce, info.mailbox))
-        frame = F.Register(conn.next_rid(), inv["t"], info.mailbox, _raw(info.ed25519), sig, signed)
-        reg = expect(await conn.request(frame), F.Registered)
+        for attempt in range(REGISTER_ATTEMPTS):
+            frame = F.Register(
+                conn.next_rid(), inv["t"], info.mailbox, _raw(info.ed25519), sig, signed
+            )
+            try:
+                reg = expect(await conn.request(frame), F.Registered)
+                break
+            except RemoteProtocolError as exc:
+                # The node-wide registration budget refills within seconds (protocol §5.2).
+                if exc.code != RateLimited.code or attempt == REGISTER_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.5 + random.random())
         with self.state.tx() as db:
             self.state.put(db, "sealing_key", sealing)
             self.state.put(db, "mailbox", info.mailbox)
@@ -443,8 +488,12 @@ class Device:
             dl = SignedDeviceList(known.device_list, known.sig).open(expected_address=address)
             if isinstance(exc, UntrustedKey):
                 fan.warnings.append(
-                    f"the node served a device list for {address} that is not signed by "
-                    "its identity key; refused it and used the last verified list"
+                    SendWarning(
+                        "untrusted_device_list",
+                        address,
+                        f"the node served a device list for {address} that is not signed by "
+                        "its identity key; refused it and used the last verified list",
+                    )
                 )
                 log.warning("refused an unsigned device list for a contact")
             elif not all(
@@ -544,7 +593,13 @@ class Device:
                 for dev in dl.devices:
                     olm = self._encrypt_for(db, dev, claimed.get(dev.device_id), data, now)
                     if olm is None:
-                        fan.warnings.append(f"a device of {addr} has no keys left; skipped")
+                        fan.warnings.append(
+                            SendWarning(
+                                "no_keys_left",
+                                addr,
+                                f"a device of {addr} has no keys left; skipped",
+                            )
+                        )
                         continue
                     body = seal(dev.sealing, SealedContent(self.address, self.curve_key, *olm))
                     env = Envelope(new_envelope_id(), dev.mailbox, now + ttl_ms, body)
@@ -586,6 +641,10 @@ class Device:
             for start in range(0, len(items), 200):
                 chunk = tuple(items[start : start + 200])
                 ans = expect(await conn.request(F.Send(conn.next_rid(), chunk)), F.Accepted)
+                for code, node_id in ans.warnings:
+                    w = fan.node_warning(code, node_id)
+                    if w not in fan.warnings:
+                        fan.warnings.append(w)
                 if ans.rejected:
                     codes = sorted({c for _, c in ans.rejected})
                     raise RemoteProtocolError(

@@ -38,6 +38,7 @@ from .lan import LanService
 from .mailbox import Mailboxes
 from .metrics import Metrics
 from .outbox import OutboxSender
+from .peer_admission import NewPeerBudget
 from .peers import PeerDirectory
 from .quotas import OutboxQuotas
 from .sqlite_store import SqliteStore
@@ -55,10 +56,17 @@ class Limits:
 
 
 class Rates:
-    """Token buckets by purpose (``purpose:key``)."""
+    """Token buckets by purpose (``purpose:key``), plus the new-peer budget (§4.4)."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: NodeConfig | None = None) -> None:
+        link_per_hour = config.link_tokens_per_hour if config else 30
+        reg_per_minute = config.registrations_per_minute if config else 60
+        self.new_peers = NewPeerBudget(
+            config.new_peer_rate if config else 20, config.new_peer_burst if config else 100
+        )
         self.buckets = {
+            "link": TokenBucket(rate=link_per_hour / 3600, burst=link_per_hour),  # per account
+            "register": TokenBucket(rate=reg_per_minute / 60, burst=reg_per_minute),  # node-wide
             "send": TokenBucket(rate=50_000, burst=100_000),
             "keys": TokenBucket(rate=1000, burst=2000),  # local lookups: cheap
             "remotekeys": TokenBucket(rate=20, burst=200),  # each one costs a federation call
@@ -104,7 +112,7 @@ class Node:
         self.limits = Limits()
         self.metrics = Metrics()
         self.nonces = NonceWindow()
-        self.rates = Rates()
+        self.rates = Rates(config)
         self.rotations = load_rotations(home)
         self.known_mailboxes: set[bytes] = set()
         self.pending_load: dict[bytes, int] = {}  # envelopes held per mailbox (quota)
@@ -251,7 +259,7 @@ class Node:
             return await transport.query_keys(url, peer.node_id, stamp, address.name, claim)
 
         try:
-            obj = await self.peers.call(peer.node_id, query)
+            obj = await self.peers.call_patiently(peer.node_id, query)
         except RemoteError as exc:
             if exc.code == "clock_skew" and exc.peer_now is not None:
                 self.peers.correct_clock(peer.node_id, exc.peer_now)
@@ -260,7 +268,7 @@ class Node:
                 peer = await self.peers.resolve_host(address.host)  # KeyChanged if not rotated
             else:
                 raise
-            obj = await self.peers.call(peer.node_id, query)
+            obj = await self.peers.call_patiently(peer.node_id, query)
         try:
             dl = SignedDeviceList.from_wire(obj["device_list"])
             claimed = {str(k): (str(v[0]), str(v[1])) for k, v in dict(obj["claimed"]).items()}

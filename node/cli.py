@@ -235,6 +235,7 @@ async def list_peers(home: str) -> list[dict[str, Any]]:
                 "lan": False,
                 "last_seen": p.last_seen,
                 "spoofed": 0,
+                "key_changed": False,  # memory only: unknown while the node is stopped
             }
             for p in await node.store.all_peers()
         ]

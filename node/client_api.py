@@ -28,6 +28,7 @@ from federation.errors import (
     MalformedFrame,
     NotFound,
     QuotaExceeded,
+    RateLimited,
     RemoteProtocolError,
     TooLarge,
     Unauthorized,
@@ -269,6 +270,9 @@ class ClientSession:
         (another device of an existing account; the list is re-signed by the linking device)."""
         if self.mailbox:
             raise MalformedFrame("already authenticated")
+        # Node-wide, before the proof and any store access: guessing tokens costs the guesser.
+        if not self.node.rates.take("register:*", self.node.clock.now_ms()):
+            raise RateLimited("too many registrations; try again shortly")
         self._check_proof(f.auth_key, f.mailbox, f.sig)
         store, now = self.node.store, self.node.clock.now_ms()
         redeemed = await store.redeem_invite(invite_hash(f.invite), now)
@@ -295,8 +299,11 @@ class ClientSession:
 
     async def on_mint_link(self, f: F.MintLink) -> None:
         """A signed-in device asks for a single-use token to link another device (5 minutes)."""
+        now = self.node.clock.now_ms()
+        if not self.node.rates.take("link:" + self.account, now):
+            raise RateLimited("too many link tokens for this account; try again later")
         token = os.urandom(24)
-        expires = self.node.clock.now_ms() + LINK_TTL_MS
+        expires = now + LINK_TTL_MS
         await self.node.store.add_invite(invite_hash(token), self.account, expires, kind="link")
         self.send(F.LinkToken(f.rid, token, expires))
 
@@ -409,7 +416,8 @@ class ClientSession:
         ids = [e.id for e in local] + [e.id for _, e in remote]
         # Answer once durable, but do not hold up this connection's next frame meanwhile:
         # frames pipeline into the same group commit instead of one commit each.
-        task = asyncio.create_task(self._answer_send(f.rid, futs, ids, rejected))
+        warnings = node.peers.key_warnings(dest for dest, _ in remote)  # queued anyway (§5.4)
+        task = asyncio.create_task(self._answer_send(f.rid, futs, ids, rejected, warnings))
         self._answers.add(task)
         task.add_done_callback(self._answers.discard)
 
@@ -419,6 +427,7 @@ class ClientSession:
         futs: list[asyncio.Future[None]],
         ids: list[bytes],
         rejected: list[tuple[bytes, str]],
+        warnings: tuple[tuple[str, str], ...] = (),
     ) -> None:
         accepted: list[bytes] = []
         results = await asyncio.gather(*futs, return_exceptions=True)
@@ -427,7 +436,7 @@ class ClientSession:
                 rejected.append((eid, res.code if isinstance(res, HavenError) else "internal"))
             else:
                 accepted.append(eid)
-        self.send(F.Accepted(rid, tuple(accepted), tuple(rejected)))
+        self.send(F.Accepted(rid, tuple(accepted), tuple(rejected), warnings))
 
     async def on_ack(self, f: F.Ack) -> None:
         mine = self.window.ack(f.ids)  # only ids pushed on this connection count

@@ -23,6 +23,8 @@ from federation.errors import (
 from federation.signing import H_SIG, SignedRequest, b64d, sign_response, verify_request
 from federation.wire import MAX_BATCH_BYTES, Batch, BatchResult, Envelope, packb, unpackb
 
+from .peer_admission import admit_origin
+
 if TYPE_CHECKING:
     from .app import Node
 
@@ -68,6 +70,7 @@ async def authenticate(
         raise RateLimited("too many federation requests")
     body = await read_body(request, max_len)
     verify_request(req, request.method, request.path, body)
+    admit_origin(node.rates.new_peers, node.known_peers, req.origin, now)  # unpinned: shared
     if not node.rates.take("fed:" + req.origin, now):
         raise RateLimited("too many requests from this peer")
     node.nonces.check_and_remember(req.origin, req.nonce, req.created, now)

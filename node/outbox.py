@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from federation.backoff import Backoff, EnvelopeHolds
 from federation.clock import Clock
-from federation.errors import ClockSkew, HavenError
+from federation.errors import ClockSkew, HavenError, RateLimited
 from federation.transport import PeerTransport, RemoteError
 from federation.wire import MAX_BATCH_BYTES, Batch, BatchResult, Envelope
 
@@ -64,6 +64,7 @@ class _Dest:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     holds: EnvelopeHolds = field(default_factory=EnvelopeHolds)
     started: bool = False
+    failing: bool = False  # for logging state changes only
 
 
 class OutboxSender:
@@ -151,11 +152,21 @@ class OutboxSender:
         try:
             await self._send(dest, envs, d.holds)
             d.backoff.succeeded()
+            if d.failing:  # state change only: never a line per envelope or per retry
+                d.failing = False
+                log.info("peer %s reachable again", dest)
             return True
         except HavenError as exc:
-            delay = d.backoff.failed(self.clock.now_ms())
+            # rate_limited: a budget that refills within a second (§4.4), not a dead peer
+            if exc.code == RateLimited.code:
+                delay = d.backoff.rng.randint(250, 1000)
+            else:
+                delay = d.backoff.failed(self.clock.now_ms())
+                if not d.failing:
+                    d.failing = True
+                    queued = self.quotas.by_dest.get(dest, 0) if self.quotas else 0
+                    log.info("peer %s unreachable (%s); %d queued", dest, exc.code, queued)
             self.metrics.error("outbox", exc.code)
-            log.info("delivery to %s failed (%s); retry in %.1f s", dest, exc.code, delay / 1000)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay / 1000):
                     d.wake.clear()

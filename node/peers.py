@@ -4,7 +4,14 @@ Machines route by node id. A host named in an address is resolved by fetching th
 descriptor (with a fresh challenge); the node id (which *is* the node key) is then pinned to that
 host (TOFU, or from an invite or contact card). A later descriptor with a different id is accepted
 only with a rotation chain signed by the pinned key; otherwise it is refused (``key_changed``),
-counted and logged with node ids only.
+counted and logged with node ids only, and the peer is marked ``key_changed`` in memory so that
+senders are warned (docs/protocol.md §5.4) until the pinned key answers again or a valid
+rotation arrives.
+
+The pin is bound to the URL the descriptor was *fetched from*, not to the ``public_url`` the
+descriptor names: a host cannot send our traffic to another host by naming it (§4.7). A
+differing ``public_url`` is ignored, counted (``peers.public_url_ignored``) and logged once per
+peer with its node id only. LAN locators never change the pin.
 
 A peer has *locators*: verified LAN addresses (held in memory only, never written to disk) and
 its public URL. Requests try them in that order. Each peer's clock offset is measured at the
@@ -14,22 +21,26 @@ whose clocks disagree by minutes still interoperate.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+import random
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from federation.clock import Clock
-from federation.errors import KeyChanged, RemoteProtocolError, TransportError
+from federation.errors import KeyChanged, RateLimited, RemoteProtocolError, TransportError
 from federation.signing import rotation_chain_allows
-from federation.transport import FetchedDescriptor, PeerTransport
+from federation.transport import FetchedDescriptor, PeerTransport, RemoteError
 
 from .metrics import Metrics
 from .store import PeerRecord, Store
 
 log = logging.getLogger("haven.peers")
 T = TypeVar("T")
+RATE_TRIES = 4  # attempts of a federated key query answered rate_limited
 
 
 def candidate_urls(host: str) -> list[str]:
@@ -56,6 +67,8 @@ class PeerState:
     reachable: bool = False
     last_seen: int = 0
     spoofed: int = 0
+    key_changed: bool = False  # presented another key with no valid rotation (§4.7)
+    url_ignored: bool = False  # its descriptor named another public URL (logged once)
 
 
 class PeerDirectory:
@@ -115,6 +128,20 @@ class PeerDirectory:
         self.st(node_id).reachable = False
         raise TransportError("peer unreachable") from last
 
+    async def call_patiently(
+        self, node_id: str, fn: Callable[[str], Awaitable[T]], tries: int = RATE_TRIES
+    ) -> T:
+        """:meth:`call`, retrying a ``rate_limited`` answer after 0.25-1 s (docs/protocol.md
+        §6): the other node's new-peer budget refills within a second (§4.7)."""
+        for _ in range(tries - 1):
+            try:
+                return await self.call(node_id, fn)
+            except RemoteError as exc:
+                if exc.code != RateLimited.code:
+                    raise
+            await asyncio.sleep(random.uniform(0.25, 1.0))
+        return await self.call(node_id, fn)
+
     def _ok(self, node_id: str, kind: str) -> None:
         st = self.st(node_id)
         st.reachable, st.last_ok, st.last_seen = True, kind, self.clock.now_ms()
@@ -133,41 +160,72 @@ class PeerDirectory:
                 return await self.store.get_peer(pinned.node_id) or pinned
             except TransportError:
                 pass  # maybe it moved: ask the host itself below
-        fetched = await self._fetch(host, pinned.url if pinned else None)
-        return await self._pin(host, pinned, fetched)
+        url, fetched = await self._fetch(host, pinned.url if pinned else None)
+        return await self._pin(host, pinned, fetched, url)
 
-    async def _fetch(self, host: str, known_url: str | None) -> FetchedDescriptor:
+    async def _fetch(self, host: str, known_url: str | None) -> tuple[str, FetchedDescriptor]:
+        """The first descriptor that verifies, with the base URL that served it."""
         urls = ([known_url] if known_url else []) + candidate_urls(host)
         last: Exception | None = None
         for url in dict.fromkeys(urls):
             try:
-                return await self.transport.fetch_descriptor(url, self.clock.now_ms)
+                return url, await self.transport.fetch_descriptor(url, self.clock.now_ms)
             except (TransportError, RemoteProtocolError) as exc:
                 last = exc
         raise TransportError("no answer from that node") from last
 
     async def _pin(
-        self, host: str, pinned: PeerRecord | None, fetched: FetchedDescriptor
+        self, host: str, pinned: PeerRecord | None, fetched: FetchedDescriptor, url: str
     ) -> PeerRecord:
+        """Pin (or confirm) the node that answered at ``url``, the URL the descriptor came
+        from (§4.7); the descriptor's own ``public_url`` never moves traffic elsewhere."""
         desc = fetched.descriptor
-        record = PeerRecord(desc.node_id, desc.public_url, host, self.clock.now_ms())
+        self._check_public_url(desc.node_id, desc.public_url, url)
+        record = PeerRecord(desc.node_id, url, host, self.clock.now_ms())
         if pinned is not None and pinned.node_id != desc.node_id:
             if not rotation_chain_allows(pinned.node_id, desc.node_id, desc.rotations):
-                self.metrics.error("peers", KeyChanged.code)
-                log.warning(
-                    "peer %s presented a different key with no signed rotation; refused",
-                    pinned.node_id,
-                )
+                self._key_changed(pinned.node_id)
                 raise KeyChanged("peer node key changed without a signed rotation")
             log.info("peer %s rotated its key to %s", pinned.node_id, desc.node_id)
+            self.st(pinned.node_id).key_changed = False
             await self.store.rename_peer(pinned.node_id, record)
             self.on_seen(desc.node_id)  # its queue moved: drain it under the new id
         else:
             await self.store.upsert_peer(record)
         st = self.st(desc.node_id)
-        st.offset_ms, st.measured = fetched.offset_ms, True
+        st.offset_ms, st.measured, st.key_changed = fetched.offset_ms, True, False
         self._ok(desc.node_id, "public")
         return record
+
+    def _key_changed(self, node_id: str) -> None:
+        """Count every refusal; log (and start warning senders) once per change."""
+        self.metrics.error("peers", KeyChanged.code)
+        st = self.st(node_id)
+        if not st.key_changed:
+            st.key_changed = True
+            log.warning(
+                "peer %s presented a different key with no signed rotation; refused", node_id
+            )
+
+    def _check_public_url(self, node_id: str, public_url: str, fetched_from: str) -> None:
+        if urlsplit(public_url).netloc.lower() == urlsplit(fetched_from).netloc.lower():
+            return
+        self.metrics.error("peers", "public_url_ignored")
+        st = self.st(node_id)
+        if not st.url_ignored:
+            st.url_ignored = True
+            log.warning(
+                "peer %s names another public URL than the one it was fetched from; ignored",
+                node_id,
+            )
+
+    def key_warnings(self, node_ids: Iterable[str]) -> tuple[tuple[str, str], ...]:
+        """``("peer_key_changed", node_id)`` for each of ``node_ids`` marked key-changed."""
+        return tuple(
+            ("peer_key_changed", n)
+            for n in dict.fromkeys(node_ids)
+            if n in self.state and self.state[n].key_changed
+        )
 
     async def ensure_measured(self, node_id: str) -> None:
         """Fetch a peer's descriptor (clock, key check) before the first request to it."""
@@ -185,9 +243,11 @@ class PeerDirectory:
                 rec = await self.store.get_peer(node_id)
                 if rec is None or kind == "lan":
                     continue  # a LAN address now answers for someone else: not this peer
-                await self._pin(rec.host, rec, fetched)  # raises KeyChanged unless rotated
+                await self._pin(rec.host, rec, fetched, url)  # KeyChanged unless rotated
                 raise TransportError("peer identity rotated; queue moved")
-            st.offset_ms, st.measured = fetched.offset_ms, True
+            if kind == "public":
+                self._check_public_url(node_id, fetched.descriptor.public_url, url)
+            st.offset_ms, st.measured, st.key_changed = fetched.offset_ms, True, False
             self._ok(node_id, kind)
             return
         st.reachable = False
@@ -240,6 +300,7 @@ class PeerDirectory:
                     "lan": bool(st.lan_urls),
                     "last_seen": st.last_seen or rec.last_seen,
                     "spoofed": st.spoofed,
+                    "key_changed": st.key_changed,
                 }
             )
         return out

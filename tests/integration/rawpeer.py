@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import os
 import struct
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -49,6 +51,7 @@ __all__ = [
     "RawPeer",
     "envelope",
     "now_ms",
+    "set_node_config",
     "stats",
     "ws_declare_oversized",
 ]
@@ -56,6 +59,13 @@ __all__ = [
 DEADLINE_S = 20.0
 STATS_PATH = "/haven/v1/stats"
 CLIENT_PATH = "/haven/v1/client"
+
+
+def set_node_config(home: Path, **changes: Any) -> None:
+    """Rewrite a stopped node's ``node.toml`` with ``changes`` (e.g. a limit for one test)."""
+    from node.config import NodeConfig
+
+    dataclasses.replace(NodeConfig.load(str(home)), **changes).save(str(home))
 
 
 def now_ms() -> int:

@@ -45,6 +45,7 @@ from .rawpeer import (
     RawPeer,
     envelope,
     now_ms,
+    set_node_config,
     stats,
     ws_declare_oversized,
 )
@@ -85,7 +86,11 @@ async def register_raw(node: NodeProc, invite: str, otks: int) -> RawIdentity:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     base = tmp_path_factory.mktemp("bad-input")
-    node = NodeProc.create(base, "node").start()
+    node = NodeProc.create(base, "node")
+    # Every test's raw peer is a new, unpinned node key: lift the shared new-peer budget here
+    # (test_peer_admission.py tests it).
+    set_node_config(node.home, new_peer_rate=1_000_000, new_peer_burst=1_000_000)
+    node.start()
     opened: list[Device] = []
     try:
         alice_home, alice_addr = join(node, base, "alice")

@@ -172,7 +172,7 @@ async def test_node_forged_device_list_is_refused(
         db.close()
         res = await alice.send(bob.address, "second")
         assert res.devices[bob.address]["total"] == 1  # only bob's signed device
-        assert any("not signed" in w for w in res.warnings)
+        assert any(w.code == "untrusted_device_list" for w in res.warnings)
         cli = haven("send", "--home", str(tmp_path / "a"), bob.address, "third", "--json")
         assert "not signed by its identity key" in cli.stderr
         got = [m.text for m in await bob.receive(wait_s=0.7) if m.kind == "text"]
