@@ -20,8 +20,16 @@ from federation.errors import (
     TooLarge,
     WrongDestination,
 )
-from federation.signing import H_SIG, SignedRequest, b64d, sign_response, verify_request
-from federation.wire import MAX_BATCH_BYTES, Batch, BatchResult, Envelope, packb, unpackb
+from federation.signing import (
+    CHALLENGE_MAX,
+    CHALLENGE_MIN,
+    H_SIG,
+    SignedRequest,
+    b64d_exact,
+    sign_response,
+    verify_request,
+)
+from federation.wire import MAX_BATCH_BYTES, Batch, BatchResult, Envelope, KeyQuery, packb
 
 if TYPE_CHECKING:
     from .app import Node
@@ -67,7 +75,8 @@ async def authenticate(
     if not node.rates.take("fedverify:*", now):
         raise RateLimited("too many federation requests")
     body = await read_body(request, max_len)
-    verify_request(req, request.method, request.path, body)
+    # The raw request target (path + query as sent, still percent-encoded): §4.4.
+    verify_request(req, request.method, request.raw_path, body)
     if not node.rates.take("fed:" + req.origin, now):
         raise RateLimited("too many requests from this peer")
     node.nonces.check_and_remember(req.origin, req.nonce, req.created, now)
@@ -93,15 +102,25 @@ def signed(node: Node, req: SignedRequest, body: bytes) -> web.Response:
 
 
 async def descriptor(node: Node, request: web.Request) -> web.Response:
-    challenge = b""
-    raw = request.query.get("c", "")
-    if raw:
-        try:
-            challenge = b64d(raw[:64])[:32]
-        except HavenError as exc:
-            return error_response(node, exc)
+    """The signed descriptor; ``?c=`` is echoed inside it (§4.1). The challenge must be the
+    canonical unpadded base64url of 16..32 bytes, given at most once; anything else is
+    ``malformed`` (a descriptor signed over a garbled challenge would prove nothing)."""
+    try:
+        challenge = descriptor_challenge(request.rel_url.raw_query_string)
+    except HavenError as exc:
+        return error_response(node, exc)
     body = node.descriptor_bytes(challenge)
     return web.Response(body=body, content_type="application/msgpack")
+
+
+def descriptor_challenge(raw_query: str) -> bytes:
+    """The challenge from the *raw* query string (no percent-decoding, no ``+`` as space)."""
+    values = [v for k, _, v in (p.partition("=") for p in raw_query.split("&")) if k == "c"]
+    if not values:
+        return b""
+    if len(values) > 1:
+        raise MalformedFrame("repeated descriptor challenge")
+    return b64d_exact(values[0], CHALLENGE_MIN, CHALLENGE_MAX)
 
 
 async def batch(node: Node, request: web.Request) -> web.Response:
@@ -137,17 +156,11 @@ async def batch(node: Node, request: web.Request) -> web.Response:
 async def keys(node: Node, request: web.Request) -> web.Response:
     try:
         req, body = await authenticate(node, request, 4096)
-        obj = unpackb(body, max_len=4096)
-        if (
-            not isinstance(obj, dict)
-            or not isinstance(obj.get("name"), str)
-            or not isinstance(obj.get("claim"), bool)
-        ):
-            raise MalformedFrame("bad key query")
+        query = KeyQuery.decode(body)
         if not node.rates.take("fedkeys:" + req.origin, node.clock.now_ms()):
             raise RateLimited("too many key queries from this peer")
         await node.peers.seen(req.origin)
-        dl, claimed = await node.local_keys(obj["name"], obj["claim"])
+        dl, claimed = await node.local_keys(query.name, query.claim)
     except HavenError as exc:
         return error_response(node, exc)
     answer = packb(
