@@ -110,7 +110,8 @@ def decode_as(decoder: msgspec.msgpack.Decoder[T], data: bytes, max_len: int) ->
 def convert(obj: Any, typ: type[T]) -> T:
     """Validate an already decoded value against a wire type (same errors as decode_as)."""
     try:
-        return msgspec.convert(obj, typ, strict=True)
+        # builtin_types: bytes must be bytes (convert would otherwise base64-decode a str)
+        return msgspec.convert(obj, typ, strict=True, builtin_types=(bytes,))
     except (msgspec.MsgspecError, RecursionError) as exc:
         raise translate(exc, MalformedEnvelope) from exc
 
