@@ -207,24 +207,6 @@ _ALL = (
 for _c in _ALL:
     _c.T = str(_c.__struct_config__.tag)
 FRAME_TYPES: dict[str, type[Frame]] = {c.T: c for c in _ALL}
-AnyFrame = Union[  # noqa: UP007 - msgspec needs a runtime Union of the tagged structs
-    Challenge,
-    AuthOk,
-    Registered,
-    Ok,
-    Keys,
-    Accepted,
-    Deliver,
-    Error,
-    Auth,
-    Register,
-    MintLink,
-    LinkToken,
-    PublishKeys,
-    QueryKeys,
-    Send,
-    Ack,
-]
 
 
 class _Head(msgspec.Struct, frozen=True):
@@ -235,7 +217,10 @@ class _Head(msgspec.Struct, frozen=True):
 
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
-_DECODER: Final = msgspec.msgpack.Decoder(AnyFrame)
+# Decodes the tagged union of every frame type in one step; a new frame is a new class in _ALL.
+_DECODER: Final[msgspec.msgpack.Decoder[Frame]] = msgspec.msgpack.Decoder(
+    Union[_ALL]  # noqa: UP007 - a runtime Union of the tagged structs
+)
 _HEAD: Final = msgspec.msgpack.Decoder(_Head)
 
 
