@@ -295,6 +295,21 @@ class Descriptor:
         return desc
 
 
+def descriptor_challenge(raw_query: str) -> bytes:
+    """The ``c`` challenge of a descriptor request, from the *raw* query string (§4.1).
+
+    No percent-decoding and no ``+`` as space: the value must be the canonical unpadded
+    base64url of CHALLENGE_MIN..CHALLENGE_MAX bytes, given at most once; b"" without ``c``.
+    Raises MalformedFrame otherwise.
+    """
+    values = [v for k, _, v in (p.partition("=") for p in raw_query.split("&")) if k == "c"]
+    if not values:
+        return b""
+    if len(values) > 1:
+        raise MalformedFrame("repeated descriptor challenge")
+    return b64d_exact(values[0], CHALLENGE_MIN, CHALLENGE_MAX)
+
+
 def rotation_chain_allows(pinned_id: str, new_id: str, rotations: tuple[Rotation, ...]) -> bool:
     """True when ``rotations`` holds a valid signed chain from ``pinned_id`` to ``new_id``."""
     by_old = {r.old_id: r for r in rotations}

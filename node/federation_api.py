@@ -15,17 +15,14 @@ from aiohttp import web
 
 from federation.errors import (
     HavenError,
-    MalformedFrame,
     RateLimited,
     TooLarge,
     WrongDestination,
 )
 from federation.signing import (
-    CHALLENGE_MAX,
-    CHALLENGE_MIN,
     H_SIG,
     SignedRequest,
-    b64d_exact,
+    descriptor_challenge,
     sign_response,
     verify_request,
 )
@@ -111,16 +108,6 @@ async def descriptor(node: Node, request: web.Request) -> web.Response:
         return error_response(node, exc)
     body = node.descriptor_bytes(challenge)
     return web.Response(body=body, content_type="application/msgpack")
-
-
-def descriptor_challenge(raw_query: str) -> bytes:
-    """The challenge from the *raw* query string (no percent-decoding, no ``+`` as space)."""
-    values = [v for k, _, v in (p.partition("=") for p in raw_query.split("&")) if k == "c"]
-    if not values:
-        return b""
-    if len(values) > 1:
-        raise MalformedFrame("repeated descriptor challenge")
-    return b64d_exact(values[0], CHALLENGE_MIN, CHALLENGE_MAX)
 
 
 async def batch(node: Node, request: web.Request) -> web.Response:

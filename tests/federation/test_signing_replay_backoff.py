@@ -20,6 +20,7 @@ from federation.signing import (
     SignedRequest,
     b64d_exact,
     b64e,
+    descriptor_challenge,
     rotation_chain_allows,
     sign_request,
     sign_response,
@@ -205,3 +206,22 @@ def test_nonce_window_refuses_requests_from_before_the_process_start() -> None:
         w.check_fresh(99_999, 100_500)  # inside the skew, but before the start: a replay?
     w.check_fresh(100_000, 100_500)  # re-stamped with the receiver's clock: fresh
     w.check_fresh(130_000, 100_500)
+
+
+def test_descriptor_challenge_is_strict() -> None:
+    c16, c32 = bytes(range(16)), bytes(range(32))
+    assert descriptor_challenge("") == b"" and descriptor_challenge("x=1") == b""
+    assert descriptor_challenge("c=" + b64e(c16)) == c16
+    assert descriptor_challenge("v=2&c=" + b64e(c32)) == c32
+    for raw in (
+        "c=%%%",
+        "c=+/+/",
+        "c=",
+        "c=" + b64e(c16) + "==",
+        "c=" + b64e(c32 + b"x"),
+        "c=" + b64e(c16[:15]),
+        f"c={b64e(c16)}&c={b64e(c16)}",
+        "c=" + b64e(c16).upper(),
+    ):
+        with pytest.raises(MalformedFrame):
+            descriptor_challenge(raw)
