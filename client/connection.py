@@ -75,19 +75,18 @@ class NodeConnection:
             async for msg in self._ws:
                 if msg.type != aiohttp.WSMsgType.BINARY:
                     break
-                frame = F.decode_frame(msg.data)
+                try:
+                    frame = F.decode_frame(msg.data)
+                except F.UnknownFrameType:
+                    continue  # a newer node's frame type: ignored, as unknown fields are
                 if isinstance(frame, F.Deliver):
                     self.deliveries.put_nowait(list(frame.envs))
                     continue
                 rid = getattr(frame, "rid", 0)
-                if isinstance(frame, F.Error) and rid == 0:
-                    # The node could not tell which request failed (e.g. undecodable frame).
-                    remote = RemoteProtocolError(frame.message, code=frame.code)
-                    for fut in list(self._waiters.values()):
-                        if not fut.done():
-                            fut.set_exception(remote)
-                    continue
-                waiter = self._waiters.pop(rid, None)
+                # An answer (error or not) fails or completes only the request with its rid.
+                # An error with rid 0 or a rid we never sent names no request of ours (e.g.
+                # the node could not read a frame): it must not fail the others (§5.6).
+                waiter = self._waiters.pop(rid, None) if rid else None
                 if waiter is not None and not waiter.done():
                     waiter.set_result(frame)
         except (HavenError, aiohttp.ClientError) as exc:

@@ -8,7 +8,9 @@ the signed list; a node that adds a device cannot make a sender encrypt to it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from .errors import MalformedFrame, UntrustedKey
 from .ids import MAILBOX_ID_LEN
@@ -67,10 +69,11 @@ class DeviceList:
         return SignedDeviceList(blob, signer.sign(LIST_TAG + blob).signature)
 
 
-@dataclass(frozen=True, slots=True)
-class SignedDeviceList:
-    blob: bytes
-    signature: bytes
+class SignedDeviceList(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """``[blob, signature]`` on the wire; a msgspec struct so frames can embed it (frames.py)."""
+
+    blob: Annotated[bytes, msgspec.Meta(max_length=64 * 1024)]
+    signature: Annotated[bytes, msgspec.Meta(max_length=1024)]
 
     def to_wire(self) -> list[bytes]:
         return [self.blob, self.signature]

@@ -3,6 +3,11 @@
 Pure: every method takes ``now`` (ms). The receiver judges ``created`` against *its own* clock;
 the sender stamps ``created`` in the receiver's clock using the offset it measured from the
 receiver's descriptor, so nodes with drifting clocks (offline LANs) still agree.
+
+The nonce window lives in memory only (no per-request log on disk), so a restart forgets it.
+Replays across a restart are refused instead by ``not_before``, the process start: a request
+``created`` before it cannot be fresh. Such a request is answered ``clock_skew`` with the
+receiver's clock, so an honest sender re-stamps and retries once (§4.3).
 """
 
 from __future__ import annotations
@@ -17,15 +22,21 @@ SKEW_MS = 60_000
 class NonceWindow:
     """Remembers ``(origin, nonce)`` pairs for the skew window; refuses stale, future or repeats."""
 
-    def __init__(self, skew_ms: int = SKEW_MS, max_entries: int = 1_000_000) -> None:
+    def __init__(
+        self, skew_ms: int = SKEW_MS, max_entries: int = 1_000_000, not_before: int = 0
+    ) -> None:
         self.skew_ms = skew_ms
         self.max_entries = max_entries
+        self.not_before = not_before  # process start (ms, own clock): older requests refused
         self._seen: OrderedDict[tuple[str, bytes], int] = OrderedDict()
 
     def check_fresh(self, created: int, now: int) -> None:
-        """Raise ClockSkew unless ``created`` is within ±skew of ``now``. Cheap; no state."""
+        """Raise ClockSkew unless ``created`` is within ±skew of ``now`` and not earlier than
+        the process start (a request from before a restart may be a replay). Cheap; no state."""
         if abs(created - now) > self.skew_ms:
             raise ClockSkew(f"request time is off by {(created - now) // 1000} s")
+        if created < self.not_before:
+            raise ClockSkew("request is older than this node's start: re-stamp it")
 
     def check_and_remember(self, origin: str, nonce: bytes, created: int, now: int) -> None:
         """Raise Replay if the nonce was already used inside the window; else remember it."""

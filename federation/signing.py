@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,8 @@ DESC_TAG = b"haven-descriptor-v1\x00"
 ROT_TAG = b"haven-rotate-v1\x00"
 AUTH_TAG = b"haven-device-auth-v1\x00"
 NONCE_LEN = 16
+SIG_LEN = 64
+CHALLENGE_MIN, CHALLENGE_MAX = 16, 32  # descriptor challenge ``?c=`` (§4.1)
 
 H_VERSION = "Haven-Version"
 H_ORIGIN = "Haven-Origin"
@@ -42,10 +45,37 @@ def b64e(data: bytes) -> str:
 
 
 def b64d(text: str) -> bytes:
+    """Lenient base64url decoding (padding optional), for invites and contact cards."""
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (ValueError, TypeError) as exc:
         raise MalformedFrame("bad base64") from exc
+
+
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
+_DECIMAL_RE = re.compile(r"0|[1-9][0-9]{0,15}")
+
+
+def b64d_exact(text: str, min_len: int, max_len: int | None = None) -> bytes:
+    """Strict base64url (docs/protocol.md §4.2): only ``A-Z a-z 0-9 - _``, no padding, and the
+    canonical spelling of ``min_len``..``max_len`` bytes (re-encoding gives the same text, so
+    the unused low bits are zero). Raises MalformedFrame otherwise."""
+    hi = min_len if max_len is None else max_len
+    if not isinstance(text, str) or len(text) > (hi * 4 + 2) // 3:
+        raise MalformedFrame("bad base64")
+    if not _B64URL_RE.fullmatch(text) or len(text) % 4 == 1:
+        raise MalformedFrame("bad base64")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if not min_len <= len(data) <= hi or b64e(data) != text:
+        raise MalformedFrame("bad base64")
+    return data
+
+
+def decimal(text: str) -> int:
+    """A header integer (§4.2): ``0|[1-9][0-9]{0,15}``; no sign, no leading zeros, no ``_``."""
+    if not isinstance(text, str) or not _DECIMAL_RE.fullmatch(text):
+        raise MalformedFrame("bad decimal")
+    return int(text)
 
 
 def body_hash(body: bytes) -> bytes:
@@ -93,21 +123,27 @@ class SignedRequest:
 
     @classmethod
     def from_headers(cls, headers: Any) -> SignedRequest:
-        """Parse from a case-insensitive mapping. Raises MalformedFrame / UnsupportedVersion."""
-        try:
-            version = int(headers[H_VERSION])
-            origin = str(headers[H_ORIGIN])
-            destination = str(headers[H_DEST])
-            created = int(headers[H_CREATED])
-            nonce = b64d(str(headers[H_NONCE]))
-            signature = b64d(str(headers[H_SIG]))
-        except (KeyError, ValueError) as exc:
-            raise MalformedFrame("missing or malformed signature headers") from exc
+        """Parse from a case-insensitive mapping with the exact grammar of §4.2.
+
+        Every header must appear once, in its one canonical spelling; anything else is
+        MalformedFrame (``malformed``), checked before the version value, the destination and
+        the clock. Raises MalformedFrame / UnsupportedVersion.
+        """
+        values = {}
+        for name in (H_VERSION, H_ORIGIN, H_DEST, H_CREATED, H_NONCE, H_SIG):
+            got = headers.getall(name, []) if hasattr(headers, "getall") else [headers.get(name)]
+            if len(got) != 1 or not isinstance(got[0], str):
+                raise MalformedFrame("missing or repeated signature header")
+            values[name] = got[0]
+        version = decimal(values[H_VERSION])
+        created = decimal(values[H_CREATED])
+        origin, destination = values[H_ORIGIN], values[H_DEST]
+        key_from_node_id(origin)  # canonical lower-case id; raises MalformedFrame
+        key_from_node_id(destination)
+        nonce = b64d_exact(values[H_NONCE], NONCE_LEN)
+        signature = b64d_exact(values[H_SIG], SIG_LEN)
         if version != PROTOCOL_VERSION:
             raise UnsupportedVersion(f"federation version {version}")
-        if len(nonce) != NONCE_LEN or len(signature) != 64:
-            raise MalformedFrame("bad nonce or signature length")
-        key_from_node_id(origin)  # shape check only; raises MalformedFrame
         return cls(version, origin, destination, created, nonce, signature)
 
     def to_headers(self) -> dict[str, str]:
@@ -138,7 +174,10 @@ def _request_bytes(
 def sign_request(
     key: NodeKey, method: str, path: str, destination: str, body: bytes, created: int
 ) -> SignedRequest:
-    """Sign one outgoing request; ``created`` is in the *destination's* clock (see §4.3)."""
+    """Sign one outgoing request; ``created`` is in the *destination's* clock (see §4.3).
+
+    ``path`` is the request target exactly as it goes on the wire (path and query, still
+    percent-encoded): the receiver verifies over the raw target it received (§4.4)."""
     nonce = os.urandom(NONCE_LEN)
     msg = _request_bytes(
         PROTOCOL_VERSION, method, path, key.node_id, destination, created, nonce, body
@@ -147,7 +186,10 @@ def sign_request(
 
 
 def verify_request(req: SignedRequest, method: str, path: str, body: bytes) -> None:
-    """Check the request signature against the origin's key (the node id *is* the key)."""
+    """Check the request signature against the origin's key (the node id *is* the key).
+
+    ``path`` must be the raw request target as received (aiohttp ``request.raw_path``), never
+    a decoded or normalised form (§4.4)."""
     msg = _request_bytes(
         req.version, method, path, req.origin, req.destination, req.created, req.nonce, body
     )
@@ -161,7 +203,7 @@ def sign_response(key: NodeKey, requester: str, nonce: bytes, body: bytes) -> st
 
 def verify_response(responder: str, requester: str, nonce: bytes, body: bytes, sig: str) -> None:
     msg = RESP_TAG + packb([responder, requester, nonce, body_hash(body)])
-    verify_detached(key_from_node_id(responder), msg, b64d(sig))
+    verify_detached(key_from_node_id(responder), msg, b64d_exact(sig, SIG_LEN))
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +293,21 @@ class Descriptor:
             raise MalformedFrame("bad descriptor fields") from exc
         verify_detached(key_from_node_id(desc.node_id), DESC_TAG + inner_bytes, sig)
         return desc
+
+
+def descriptor_challenge(raw_query: str) -> bytes:
+    """The ``c`` challenge of a descriptor request, from the *raw* query string (§4.1).
+
+    No percent-decoding and no ``+`` as space: the value must be the canonical unpadded
+    base64url of CHALLENGE_MIN..CHALLENGE_MAX bytes, given at most once; b"" without ``c``.
+    Raises MalformedFrame otherwise.
+    """
+    values = [v for k, _, v in (p.partition("=") for p in raw_query.split("&")) if k == "c"]
+    if not values:
+        return b""
+    if len(values) > 1:
+        raise MalformedFrame("repeated descriptor challenge")
+    return b64d_exact(values[0], CHALLENGE_MIN, CHALLENGE_MAX)
 
 
 def rotation_chain_allows(pinned_id: str, new_id: str, rotations: tuple[Rotation, ...]) -> bool:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import yarl
 
 from .errors import (
     BadSignature,
@@ -22,7 +23,7 @@ from .errors import (
     TransportError,
 )
 from .signing import H_SIG, Descriptor, NodeKey, b64e, sign_request, verify_response
-from .wire import MAX_BATCH_BYTES, Batch, BatchResult, packb, unpackb
+from .wire import MAX_BATCH_BYTES, Batch, BatchResult, ErrorBody, KeyQuery, unpackb
 
 BATCH_PATH = "/haven/v1/federation/batch"
 KEYS_PATH = "/haven/v1/federation/keys"
@@ -76,7 +77,7 @@ class PeerTransport:
     async def query_keys(
         self, base_url: str, dest: str, created: int, name: str, claim: bool
     ) -> dict[str, Any]:
-        body = packb({"name": name, "claim": claim})
+        body = KeyQuery(name, claim).encode()
         data = await self._signed_post(base_url, KEYS_PATH, dest, created, body)
         obj = unpackb(data, max_len=256 * 1024)
         if not isinstance(obj, dict):
@@ -86,20 +87,25 @@ class PeerTransport:
     async def _signed_post(
         self, base_url: str, path: str, dest: str, created: int, body: bytes
     ) -> bytes:
+        # Sign the request target exactly as sent: ``path`` goes on the wire unchanged
+        # (encoded=True stops any re-quoting), and the receiver verifies its raw path (§4.4).
         req = sign_request(self.key, "POST", path, dest, body, created)
         headers = req.to_headers() | {"Content-Type": CONTENT_TYPE}
-        data, resp_sig = await self._request_with_sig("POST", base_url + path, body, headers)
+        url = yarl.URL(base_url + path, encoded=True)
+        data, resp_sig = await self._request_with_sig("POST", url, body, headers)
         if resp_sig is None:
             raise MalformedFrame("unsigned response")
         verify_response(dest, self.key.node_id, req.nonce, data, resp_sig)
         return data
 
-    async def _request(self, method: str, url: str, body: bytes | None, headers: Any) -> bytes:
+    async def _request(
+        self, method: str, url: str | yarl.URL, body: bytes | None, headers: Any
+    ) -> bytes:
         data, _ = await self._request_with_sig(method, url, body, headers)
         return data
 
     async def _request_with_sig(
-        self, method: str, url: str, body: bytes | None, headers: Any
+        self, method: str, url: str | yarl.URL, body: bytes | None, headers: Any
     ) -> tuple[bytes, str | None]:
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -121,11 +127,10 @@ class PeerTransport:
 
 def _remote_error(status: int, data: bytes) -> HavenError:
     try:
-        obj = unpackb(data, max_len=64 * 1024)
-        code, message = str(obj["code"]), str(obj.get("message", ""))
-        peer_now = obj.get("now")
-    except (HavenError, KeyError, TypeError):
+        body = ErrorBody.decode(data)
+    except HavenError:
         return TransportError(f"peer answered HTTP {status}")
-    if code == ClockSkew.code:
-        return RemoteError(code, message, int(peer_now) if isinstance(peer_now, int) else None)
-    return RemoteError(code, message)
+    # The receiver's clock rides on every refusal; the sender re-stamps with it after
+    # clock_skew, which also covers a peer that restarted since our last request (§4.3).
+    peer_now = body.now if body.code == ClockSkew.code else None
+    return RemoteError(body.code, body.message, peer_now)

@@ -1,19 +1,25 @@
-"""Envelopes and federation batches: frozen wire types, validated once when decoded.
+"""Envelopes and federation bodies: frozen wire types, declared once, validated once when decoded.
 
 An envelope (docs/protocol.md §3) is ``[v, id, to, expires, body]`` as a msgpack array:
 ``id`` 16 random bytes, ``to`` a 16-byte mailbox id, ``expires`` epoch ms, ``body`` the sealed,
-padded E2E ciphertext. Sizes are checked before parsing; decoding random bytes raises only
-:class:`federation.errors.RemoteProtocolError` subclasses.
+padded E2E ciphertext. The types are msgspec ``Struct``\\ s: msgspec decodes and validates msgpack
+in one step (types, lengths, bounds), so no hand-written per-field checks are repeated here. The
+envelope version is the struct's array tag (its first element), so a decoded envelope always has
+``v == 1``; any other integer there is :class:`UnsupportedVersion`, anything else malformed.
+
+Sizes are checked before parsing; decoding random bytes raises only
+:class:`federation.errors.RemoteProtocolError` subclasses (:func:`decode_as`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import re
+from typing import Annotated, Any, Final, TypeVar
 
 import msgpack
+import msgspec
 
-from .errors import MalformedEnvelope, TooLarge, UnsupportedVersion
+from .errors import MalformedEnvelope, RemoteProtocolError, TooLarge, UnsupportedVersion
 from .ids import ENVELOPE_ID_LEN, MAILBOX_ID_LEN
 
 PROTOCOL_VERSION = 1
@@ -21,42 +27,98 @@ MAX_BODY = 64 * 1024  # largest padding bucket (federation/sealing.py) with head
 MAX_BATCH_ENVELOPES = 256
 MAX_BATCH_BYTES = MAX_BATCH_ENVELOPES * (MAX_BODY // 16) + 1024 * 1024  # ~2 MiB
 MAX_TTL_MS = 14 * 86_400_000
+MAX_CODE_LEN = 64  # stable error codes on the wire ("not_found", ...)
+
+EnvelopeId = Annotated[bytes, msgspec.Meta(min_length=ENVELOPE_ID_LEN, max_length=ENVELOPE_ID_LEN)]
+MailboxId = Annotated[bytes, msgspec.Meta(min_length=MAILBOX_ID_LEN, max_length=MAILBOX_ID_LEN)]
+Code = Annotated[str, msgspec.Meta(max_length=MAX_CODE_LEN)]
+EpochMs = Annotated[int, msgspec.Meta(gt=0)]
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """One sealed message for one recipient device mailbox."""
+class Envelope(
+    msgspec.Struct,
+    frozen=True,
+    array_like=True,
+    tag=PROTOCOL_VERSION,
+    forbid_unknown_fields=True,
+):
+    """One sealed message for one recipient device mailbox: ``[v, id, to, expires, body]``.
 
-    id: bytes
-    to: bytes
-    expires: int
+    ``v`` is the array tag. The body's size limit is checked by :func:`check_envelopes` (a
+    body over :data:`MAX_BODY` is ``too_large``, not ``malformed``), so a test can still build an
+    oversized envelope to send.
+    """
+
+    id: EnvelopeId
+    to: MailboxId
+    expires: EpochMs
     body: bytes
-    v: int = PROTOCOL_VERSION
+
+    @property
+    def v(self) -> int:
+        return PROTOCOL_VERSION
 
     def to_wire(self) -> list[Any]:
         return [self.v, self.id, self.to, self.expires, self.body]
 
     @classmethod
     def from_wire(cls, obj: Any) -> Envelope:
-        """Validate a decoded msgpack value. Raises MalformedEnvelope / UnsupportedVersion."""
-        if not isinstance(obj, (list, tuple)) or len(obj) != 5:
-            raise MalformedEnvelope("envelope must be a 5-element array")
-        v, eid, to, expires, body = obj
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise MalformedEnvelope("bad version field")
-        if v != PROTOCOL_VERSION:
-            raise UnsupportedVersion(f"envelope version {v}")
-        if not isinstance(eid, bytes) or len(eid) != ENVELOPE_ID_LEN:
-            raise MalformedEnvelope("bad envelope id")
-        if not isinstance(to, bytes) or len(to) != MAILBOX_ID_LEN:
-            raise MalformedEnvelope("bad mailbox id")
-        if not isinstance(expires, int) or isinstance(expires, bool) or expires <= 0:
-            raise MalformedEnvelope("bad expiry")
-        if not isinstance(body, bytes):
-            raise MalformedEnvelope("bad body")
-        if len(body) > MAX_BODY:
+        """Validate an already decoded msgpack value. Raises MalformedEnvelope / TooLarge /
+        UnsupportedVersion."""
+        env = convert(obj, cls)
+        check_envelopes((env,))
+        return env
+
+
+def check_envelopes(envs: tuple[Envelope, ...] | list[Envelope]) -> None:
+    """The size rules msgspec cannot phrase with our codes: a body over MAX_BODY is too_large."""
+    for env in envs:
+        if len(env.body) > MAX_BODY:
             raise TooLarge("envelope body too large")
-        return cls(id=eid, to=to, expires=expires, body=body, v=v)
+
+
+# msgspec names a tag that does not match as "Invalid value <tag>"; the only integer-tagged
+# struct on the wire is the envelope, so this is an envelope of another version (§3).
+_OTHER_VERSION = re.compile(r"^Invalid value (-?\d+) - at `")
+_ENCODER: Final = msgspec.msgpack.Encoder()
+T = TypeVar("T")
+
+
+def translate(
+    exc: msgspec.MsgspecError | RecursionError, error: type[RemoteProtocolError]
+) -> Exception:
+    """Map a msgspec failure to our typed errors (``error`` for anything malformed)."""
+    if isinstance(exc, msgspec.ValidationError):
+        m = _OTHER_VERSION.match(str(exc))
+        if m is not None:
+            return UnsupportedVersion(f"envelope version {m.group(1)}")
+        return error(f"bad field: {exc}"[:200])
+    return error("malformed msgpack")
+
+
+def decode_as(decoder: msgspec.msgpack.Decoder[T], data: bytes, max_len: int) -> T:
+    """Decode ``data`` with a typed decoder after a size check. Raises only
+    RemoteProtocolError subclasses (TooLarge, MalformedEnvelope, UnsupportedVersion)."""
+    if len(data) > max_len:
+        raise TooLarge(f"{len(data)} bytes exceeds limit {max_len}")
+    try:
+        return decoder.decode(data)
+    except (msgspec.MsgspecError, RecursionError) as exc:  # RecursionError: deep nesting
+        raise translate(exc, MalformedEnvelope) from exc
+
+
+def convert(obj: Any, typ: type[T]) -> T:
+    """Validate an already decoded value against a wire type (same errors as decode_as)."""
+    try:
+        # builtin_types: bytes must be bytes (convert would otherwise base64-decode a str)
+        return msgspec.convert(obj, typ, strict=True, builtin_types=(bytes,))
+    except (msgspec.MsgspecError, RecursionError) as exc:
+        raise translate(exc, MalformedEnvelope) from exc
+
+
+def encode(obj: Any) -> bytes:
+    """Encode a wire struct (or plain msgpack value) as msgpack."""
+    return _ENCODER.encode(obj)
 
 
 def packb(obj: Any) -> bytes:
@@ -64,7 +126,7 @@ def packb(obj: Any) -> bytes:
 
 
 def unpackb(data: bytes, *, max_len: int) -> Any:
-    """Decode msgpack after a size check; translate every msgpack failure to MalformedEnvelope."""
+    """Decode untyped msgpack after a size check; translate every failure to MalformedEnvelope."""
     if len(data) > max_len:
         raise TooLarge(f"{len(data)} bytes exceeds limit {max_len}")
     try:
@@ -84,53 +146,65 @@ def unpackb(data: bytes, *, max_len: int) -> Any:
         raise MalformedEnvelope("malformed msgpack") from e
 
 
-@dataclass(frozen=True, slots=True)
-class Batch:
+class Batch(msgspec.Struct, frozen=True):
     """The body of ``POST /haven/v1/federation/batch``: ``{"envs": [envelope, ...]}``."""
 
-    envelopes: tuple[Envelope, ...]
+    envelopes: tuple[Envelope, ...] = msgspec.field(name="envs")
 
     def encode(self) -> bytes:
-        return packb({"envs": [e.to_wire() for e in self.envelopes]})
+        return _ENCODER.encode(self)
 
     @classmethod
     def decode(cls, data: bytes) -> Batch:
-        obj = unpackb(data, max_len=MAX_BATCH_BYTES)
-        if not isinstance(obj, dict) or not isinstance(obj.get("envs"), list):
-            raise MalformedEnvelope("batch must be a map with an envs array")
-        envs = obj["envs"]
-        if len(envs) > MAX_BATCH_ENVELOPES:
-            raise TooLarge(f"batch of {len(envs)} envelopes exceeds {MAX_BATCH_ENVELOPES}")
-        return cls(tuple(Envelope.from_wire(e) for e in envs))
+        batch = decode_as(_BATCH, data, MAX_BATCH_BYTES)
+        if len(batch.envelopes) > MAX_BATCH_ENVELOPES:
+            n = len(batch.envelopes)
+            raise TooLarge(f"batch of {n} envelopes exceeds {MAX_BATCH_ENVELOPES}")
+        check_envelopes(batch.envelopes)
+        return batch
 
 
-@dataclass(frozen=True, slots=True)
-class BatchResult:
+class BatchResult(msgspec.Struct, frozen=True):
     """Answer to a batch: ids durably accepted, and ``(id, code)`` for each refused envelope."""
 
-    accepted: tuple[bytes, ...]
-    rejected: tuple[tuple[bytes, str], ...] = ()
+    accepted: tuple[bytes, ...] = ()
+    rejected: tuple[tuple[bytes, Code], ...] = ()
 
     def encode(self) -> bytes:
-        return packb(
-            {"accepted": list(self.accepted), "rejected": [list(r) for r in self.rejected]}
-        )
+        return _ENCODER.encode(self)
 
     @classmethod
     def decode(cls, data: bytes) -> BatchResult:
-        obj = unpackb(data, max_len=MAX_BATCH_BYTES)
-        if not isinstance(obj, dict):
-            raise MalformedEnvelope("batch result must be a map")
-        acc = obj.get("accepted", [])
-        rej = obj.get("rejected", [])
-        if not isinstance(acc, list) or not all(isinstance(i, bytes) for i in acc):
-            raise MalformedEnvelope("bad accepted list")
-        if not isinstance(rej, list) or not all(
-            isinstance(r, list)
-            and len(r) == 2
-            and isinstance(r[0], bytes)
-            and isinstance(r[1], str)
-            for r in rej
-        ):
-            raise MalformedEnvelope("bad rejected list")
-        return cls(tuple(acc), tuple((r[0], r[1]) for r in rej))
+        return decode_as(_BATCH_RESULT, data, MAX_BATCH_BYTES)
+
+
+class KeyQuery(msgspec.Struct, frozen=True):
+    """The body of ``POST /haven/v1/federation/keys`` (§4.6): a user name, claim or not."""
+
+    name: Annotated[str, msgspec.Meta(max_length=64)]
+    claim: bool
+
+    def encode(self) -> bytes:
+        return _ENCODER.encode(self)
+
+    @classmethod
+    def decode(cls, data: bytes) -> KeyQuery:
+        return decode_as(_KEY_QUERY, data, 4096)
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    """Body of every federation refusal (§7): stable code, text, the receiver's clock."""
+
+    code: Code
+    message: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+    now: int | None = None
+
+    @classmethod
+    def decode(cls, data: bytes) -> ErrorBody:
+        return decode_as(_ERROR_BODY, data, 64 * 1024)
+
+
+_BATCH: Final = msgspec.msgpack.Decoder(Batch)
+_BATCH_RESULT: Final = msgspec.msgpack.Decoder(BatchResult)
+_KEY_QUERY: Final = msgspec.msgpack.Decoder(KeyQuery)
+_ERROR_BODY: Final = msgspec.msgpack.Decoder(ErrorBody)

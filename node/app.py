@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import ssl
@@ -12,6 +11,7 @@ from functools import partial
 from typing import Any
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from federation.clock import Clock, SystemClock
@@ -111,7 +111,10 @@ class Node:
         self.store = store
         self.limits = Limits()
         self.metrics = Metrics()
-        self.nonces = NonceWindow()
+        # Replays across a restart: refuse requests created before this process started
+        # (the nonce window is in memory only; docs/protocol.md §4.3).
+        self.started_ms = clock.now_ms()
+        self.nonces = NonceWindow(not_before=self.started_ms)
         self.rates = Rates(config)
         self.rotations = load_rotations(home)
         self.known_mailboxes: set[bytes] = set()
@@ -196,7 +199,7 @@ class Node:
             return env, "expired"
         cap = now + min(self.config.ttl_ms, self.config.max_ttl_ms)
         if env.expires > cap:
-            env = dataclasses.replace(env, expires=cap)
+            env = msgspec.structs.replace(env, expires=cap)
         return env, None
 
     def admit_local(self, env: Envelope) -> str | None:

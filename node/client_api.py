@@ -211,6 +211,9 @@ class ClientSession:
             if not self.mailbox and not isinstance(frame, (F.Auth, F.Register)):
                 raise Unauthorized("authenticate first")
             await self.dispatch(frame)
+        except F.UnknownFrameType as exc:
+            # A frame type from a newer client: answered harmlessly, with its rid (§5.6).
+            self.error(exc.rid, exc)
         except HavenError as exc:
             self.error(rid, exc)
             return not isinstance(exc, Unauthorized)

@@ -15,13 +15,18 @@ from aiohttp import web
 
 from federation.errors import (
     HavenError,
-    MalformedFrame,
     RateLimited,
     TooLarge,
     WrongDestination,
 )
-from federation.signing import H_SIG, SignedRequest, b64d, sign_response, verify_request
-from federation.wire import MAX_BATCH_BYTES, Batch, BatchResult, Envelope, packb, unpackb
+from federation.signing import (
+    H_SIG,
+    SignedRequest,
+    descriptor_challenge,
+    sign_response,
+    verify_request,
+)
+from federation.wire import MAX_BATCH_BYTES, Batch, BatchResult, Envelope, KeyQuery, packb
 
 from .peer_admission import admit_origin
 
@@ -69,7 +74,8 @@ async def authenticate(
     if not node.rates.take("fedverify:*", now):
         raise RateLimited("too many federation requests")
     body = await read_body(request, max_len)
-    verify_request(req, request.method, request.path, body)
+    # The raw request target (path + query as sent, still percent-encoded): §4.4.
+    verify_request(req, request.method, request.raw_path, body)
     admit_origin(node.rates.new_peers, node.known_peers, req.origin, now)  # unpinned: shared
     if not node.rates.take("fed:" + req.origin, now):
         raise RateLimited("too many requests from this peer")
@@ -96,13 +102,13 @@ def signed(node: Node, req: SignedRequest, body: bytes) -> web.Response:
 
 
 async def descriptor(node: Node, request: web.Request) -> web.Response:
-    challenge = b""
-    raw = request.query.get("c", "")
-    if raw:
-        try:
-            challenge = b64d(raw[:64])[:32]
-        except HavenError as exc:
-            return error_response(node, exc)
+    """The signed descriptor; ``?c=`` is echoed inside it (§4.1). The challenge must be the
+    canonical unpadded base64url of 16..32 bytes, given at most once; anything else is
+    ``malformed`` (a descriptor signed over a garbled challenge would prove nothing)."""
+    try:
+        challenge = descriptor_challenge(request.rel_url.raw_query_string)
+    except HavenError as exc:
+        return error_response(node, exc)
     body = node.descriptor_bytes(challenge)
     return web.Response(body=body, content_type="application/msgpack")
 
@@ -140,17 +146,11 @@ async def batch(node: Node, request: web.Request) -> web.Response:
 async def keys(node: Node, request: web.Request) -> web.Response:
     try:
         req, body = await authenticate(node, request, 4096)
-        obj = unpackb(body, max_len=4096)
-        if (
-            not isinstance(obj, dict)
-            or not isinstance(obj.get("name"), str)
-            or not isinstance(obj.get("claim"), bool)
-        ):
-            raise MalformedFrame("bad key query")
+        query = KeyQuery.decode(body)
         if not node.rates.take("fedkeys:" + req.origin, node.clock.now_ms()):
             raise RateLimited("too many key queries from this peer")
         await node.peers.seen(req.origin)
-        dl, claimed = await node.local_keys(obj["name"], obj["claim"])
+        dl, claimed = await node.local_keys(query.name, query.claim)
     except HavenError as exc:
         return error_response(node, exc)
     answer = packb(

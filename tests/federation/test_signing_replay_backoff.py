@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -10,13 +11,16 @@ from hypothesis import strategies as st
 
 from federation.backoff import CAP_MS, Backoff
 from federation.errors import BadSignature, ClockSkew, MalformedFrame, Replay, UnsupportedVersion
-from federation.ids import Address, key_from_node_id, node_id_from_key
+from federation.ids import Address, is_node_id, key_from_node_id, node_id_from_key
 from federation.replay import NonceWindow, TokenBucket
 from federation.signing import (
     Descriptor,
     NodeKey,
     Rotation,
     SignedRequest,
+    b64d_exact,
+    b64e,
+    descriptor_challenge,
     rotation_chain_allows,
     sign_request,
     sign_response,
@@ -131,3 +135,93 @@ def test_address_parse() -> None:
     for bad in ("alice", "@host", "Al ice@h", "a@"):
         with pytest.raises(ValueError):
             Address.parse(bad)
+
+
+def _headers() -> tuple[NodeKey, dict[str, str]]:
+    a, b = NodeKey.generate(), NodeKey.generate()
+    return a, sign_request(a, "POST", "/p", b.node_id, b"", 1_700_000_000_000).to_headers()
+
+
+@pytest.mark.parametrize(
+    "name,spell",
+    [
+        ("Haven-Version", lambda v: "0" + v),
+        ("Haven-Version", lambda v: "+" + v),
+        ("Haven-Version", lambda v: " " + v),
+        ("Haven-Created", lambda v: "0" + v),
+        ("Haven-Created", lambda v: "+" + v),
+        ("Haven-Created", lambda v: "-" + v),
+        ("Haven-Created", lambda v: v[:3] + "_" + v[3:]),
+        ("Haven-Created", lambda v: "1" * 17),
+        ("Haven-Created", lambda v: "\u0661"),  # an Arabic-Indic digit: int() takes it
+        ("Haven-Origin", str.upper),
+        ("Haven-Origin", lambda v: v + "===="),
+        ("Haven-Destination", str.upper),
+        ("Haven-Nonce", lambda v: v + "=="),
+        ("Haven-Nonce", lambda v: v[:-1]),
+        ("Haven-Signature", lambda v: v + "=="),
+        ("Haven-Signature", lambda v: v.replace("-", "+").replace("_", "/") + "+"),
+    ],
+)
+def test_signature_headers_have_one_canonical_spelling(name: str, spell: Any) -> None:
+    _, h = _headers()
+    SignedRequest.from_headers(h)
+    with pytest.raises(MalformedFrame):
+        SignedRequest.from_headers(h | {name: spell(h[name])})
+
+
+def test_malformed_is_checked_before_the_version_value() -> None:
+    _, h = _headers()
+    with pytest.raises(MalformedFrame):
+        SignedRequest.from_headers(h | {"Haven-Version": "2", "Haven-Nonce": "x"})
+    assert SignedRequest.from_headers(h | {"Haven-Created": "0"}).created == 0
+
+
+@given(st.binary(min_size=32, max_size=32))
+def test_node_id_round_trips_and_every_other_spelling_is_refused(key: bytes) -> None:
+    nid = node_id_from_key(key)
+    assert key_from_node_id(nid) == key and is_node_id(nid)
+    alphabet = "abcdefghijklmnopqrstuvwxyz234567"
+    loose = nid[:-1] + alphabet[alphabet.index(nid[-1]) | 1]  # same key, unused bits set
+    for other in {nid.upper(), nid + "====", loose} - {nid}:
+        with pytest.raises(MalformedFrame):
+            key_from_node_id(other)
+
+
+@given(st.binary(min_size=16, max_size=32))
+def test_exact_base64url_accepts_only_the_canonical_form(data: bytes) -> None:
+    text = b64e(data)
+    assert b64d_exact(text, 16, 32) == data
+    for other in (text + "=", text + "==", text.replace("-", "+"), text.replace("_", "/")):
+        if other != text:
+            with pytest.raises(MalformedFrame):
+                b64d_exact(other, 16, 32)
+    with pytest.raises(MalformedFrame):
+        b64d_exact(text, len(data) + 1, 64)
+
+
+def test_nonce_window_refuses_requests_from_before_the_process_start() -> None:
+    w = NonceWindow(skew_ms=60_000, not_before=100_000)
+    with pytest.raises(ClockSkew):
+        w.check_fresh(99_999, 100_500)  # inside the skew, but before the start: a replay?
+    w.check_fresh(100_000, 100_500)  # re-stamped with the receiver's clock: fresh
+    w.check_fresh(130_000, 100_500)
+
+
+def test_descriptor_challenge_is_strict() -> None:
+    c16, c32 = bytes(range(16)), bytes(range(32))
+    assert descriptor_challenge("") == b"" and descriptor_challenge("x=1") == b""
+    assert descriptor_challenge("c=" + b64e(c16)) == c16
+    assert descriptor_challenge("v=2&c=" + b64e(c32)) == c32
+    for raw in (
+        "c=%%%",
+        "c=+/+/",
+        "c=",
+        "c=" + b64e(c16) + "==",
+        "c=" + b64e(c32 + b"x"),
+        "c=" + b64e(c16[:15]),
+        f"c={b64e(c16)}&c={b64e(c16)}",
+        "c=" + b64e(c16).upper(),
+    ):
+        with pytest.raises(MalformedFrame):
+            descriptor_challenge(raw)

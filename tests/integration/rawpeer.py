@@ -27,6 +27,7 @@ import msgpack
 import nacl.public
 import nacl.signing
 import vodozemac as vz
+import yarl
 
 from federation import frames as F
 from federation.devicelist import DeviceInfo, DeviceList, SignedDeviceList
@@ -169,6 +170,31 @@ class RawPeer:
                 raw = await resp.read()
                 answer = Answer(resp.status, raw, resp.headers, request=req)
         if raw:
+            answer.body = msgpack.unpackb(raw)
+        return answer
+
+    async def post_target(
+        self, target: str, body: bytes, headers: dict[str, str], req: SignedRequest | None = None
+    ) -> Answer:
+        """POST to the request target ``target`` exactly as given (no percent-decoding or
+        re-quoting on the way out), e.g. ``/haven/v1/federation/%62atch``."""
+        url = yarl.URL(self.base_url + target, encoded=True)
+        async with asyncio.timeout(DEADLINE_S):
+            async with self.http.post(url, data=body, headers=headers) as resp:
+                raw = await resp.read()
+                answer = Answer(resp.status, raw, resp.headers, request=req)
+        if raw:
+            answer.body = msgpack.unpackb(raw)
+        return answer
+
+    async def get_target(self, target: str) -> Answer:
+        """GET ``target`` exactly as given (e.g. a descriptor challenge ``?c=%%%``)."""
+        url = yarl.URL(self.base_url + target, encoded=True)
+        async with asyncio.timeout(DEADLINE_S):
+            async with self.http.get(url) as resp:
+                raw = await resp.read()
+                answer = Answer(resp.status, raw, resp.headers)
+        if raw and resp.status != 200:
             answer.body = msgpack.unpackb(raw)
         return answer
 
