@@ -11,12 +11,13 @@ and only counted (never logged). Admitted connections are tracked as :class:`Con
   ``exempt_loopback = false``): ``max_connections_per_source`` and
   ``max_unauthenticated_per_source``. Behind a trusted reverse proxy the source is the
   forwarded address, applied per request by :func:`middleware`.
-* **Deadlines** (checked by :meth:`Admission.watchdog`, about once a second): anything started
-  but incomplete -- request headers, a request body, a WebSocket frame -- must finish within
-  ``read_grace_ms + bytes / min_read_rate`` (so a one-byte trickle dies after the grace, while a
-  big upload on a slow link keeps going). A WebSocket must authenticate within
-  ``auth_timeout_ms`` of connecting; an idle keep-alive connection or a silent device socket is
-  closed after ``idle_timeout_ms``.
+* **Deadlines** (checked by :meth:`Admission.watchdog`, about once a second): while anything
+  is started but unfinished -- request headers, a request body, a WebSocket frame -- every
+  ``read_grace_ms`` window must bring at least ``min_read_rate`` bytes/s on average (so a
+  one-byte trickle or a stalled half body dies after one or two windows, while a big upload on
+  a slow link keeps going; early fast bytes buy no credit for a later stall). A WebSocket must
+  authenticate within ``auth_timeout_ms`` of connecting; an idle keep-alive connection or a
+  silent device socket is closed after ``idle_timeout_ms``.
 * **Bounded buffers.** WebSocket frame boundaries are followed byte by byte (:class:`FrameTracker`,
   pure), so progress is measured as it arrives, not when our loop gets round to a message, and
   an unauthenticated socket that declares a frame or message over ``preauth_max_frame`` is
@@ -135,8 +136,8 @@ class Conn:
     partial_bytes: int = 0
     last_active: float = 0.0
     body: Any = None  # aiohttp StreamReader of a request whose body is still arriving
-    body_since: float = 0.0
-    body_bytes: int = 0
+    window_start: float = 0.0  # minimum-rate window of whatever is in progress
+    window_bytes: int = 0
     in_request: bool = False
     frames: FrameTracker | None = None  # set once upgraded to a WebSocket
 
@@ -197,7 +198,7 @@ class Admission:
     def open(self, source: str, transport: asyncio.Transport) -> Conn:
         now = time.monotonic()
         conn = Conn(source, self.is_exempt(source), now, transport, last_active=now)
-        conn.partial_since = now  # a fresh connection owes us a request
+        conn.partial_since = conn.window_start = now  # a fresh connection owes us a request
         self.conns[transport] = conn
         self.unauthenticated += 1
         self._count(conn, source, +1)
@@ -263,10 +264,9 @@ class Admission:
         conn.last_active = now
         if conn.frames is not None:
             frames = conn.frames
-            was_open = frames.in_frame
-            if not was_open:
-                conn.partial_since, conn.partial_bytes = now, 0
-            conn.partial_bytes += len(data)
+            if not frames.in_frame:
+                self._begin(conn, now)
+            conn.window_bytes += len(data)
             frames.feed(data)
             if not frames.in_frame:
                 conn.partial_since = None
@@ -275,13 +275,14 @@ class Admission:
                 conn.close_ws(CLOSE_TOO_BIG)
             return
         if conn.body is not None and not conn.body.is_eof():
-            conn.body_bytes += len(data)  # a body, read by the handler or drained after it
+            conn.window_bytes += len(data)  # a body, read by the handler or drained after it
             return
         if conn.in_request:
             return
         if conn.partial_since is None:
-            conn.partial_since, conn.partial_bytes = now, 0
+            self._begin(conn, now)
         conn.partial_bytes += len(data)
+        conn.window_bytes += len(data)
         if conn.partial_bytes > MAX_HEAD_BYTES:
             self.metrics.error("conn", "too_large")
             conn.abort()
@@ -290,7 +291,7 @@ class Admission:
         conn.in_request = True
         conn.partial_since = None
         conn.body = body
-        conn.body_since, conn.body_bytes = time.monotonic(), 0
+        conn.window_start, conn.window_bytes = time.monotonic(), 0
 
     def request_done(self, conn: Conn) -> None:
         conn.in_request = False
@@ -305,9 +306,21 @@ class Admission:
 
     # ---- deadlines ---------------------------------------------------------------------------
 
-    def _late(self, since: float, nbytes: int, now: float) -> bool:
-        allowed = self.config.read_grace_ms / 1000 + nbytes / max(1, self.config.min_read_rate)
-        return now - since > allowed
+    @staticmethod
+    def _begin(conn: Conn, now: float) -> None:
+        conn.partial_since, conn.partial_bytes = now, 0
+        conn.window_start, conn.window_bytes = now, 0
+
+    def _stalled(self, conn: Conn, now: float) -> bool:
+        """Minimum rate: each ``read_grace_ms`` window of an unfinished request head, body or
+        frame must bring ``min_read_rate`` bytes/s on average, else the sender is stalling."""
+        grace = self.config.read_grace_ms / 1000
+        if now - conn.window_start < grace:
+            return False
+        if conn.window_bytes < self.config.min_read_rate * grace:
+            return True
+        conn.window_start, conn.window_bytes = now, 0
+        return False
 
     def verdict(self, conn: Conn, now: float) -> str | None:
         """Why ``conn`` must be closed now, or None."""
@@ -315,16 +328,13 @@ class Admission:
         if conn.frames is not None:
             if not conn.authenticated and now - conn.opened > cfg.auth_timeout_ms / 1000:
                 return "auth_timeout"
-        if conn.partial_since is not None and self._late(
-            conn.partial_since, conn.partial_bytes, now
-        ):
-            return "read_timeout"
-        if conn.body is not None and not conn.body.is_eof():
-            if self._late(conn.body_since, conn.body_bytes, now):
-                return "read_timeout"
-        if not conn.in_request and conn.partial_since is None:
-            if now - conn.last_active > cfg.idle_timeout_ms / 1000:
-                return "idle_timeout"
+        receiving = conn.partial_since is not None or (
+            conn.body is not None and not conn.body.is_eof()
+        )
+        if receiving:
+            return "read_timeout" if self._stalled(conn, now) else None
+        if not conn.in_request and now - conn.last_active > cfg.idle_timeout_ms / 1000:
+            return "idle_timeout"
         return None
 
     def sweep(self, now: float | None = None) -> int:

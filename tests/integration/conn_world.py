@@ -1,0 +1,104 @@
+"""A node with tight connection limits and a legitimate pair, for the admission and log tests.
+
+Attackers connect from other loopback addresses (``127.0.0.2`` and up: Linux routes all of
+127.0.0.0/8 to ``lo``), and the node sets ``exempt_loopback = false``, so each address is its
+own source for the per-source caps while the legitimate devices use ``127.0.0.1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.connection import NodeConnection
+from client.device import Device, ReceivedMessage
+
+from .harness import NodeProc, join
+from .rawpeer import stats
+
+DEADLINE_S = 30.0
+
+
+def limited_node(base: Path, name: str = "node", **limits: int | bool) -> NodeProc:
+    """A node whose ``node.toml`` has ``limits`` set (``exempt_loopback`` false by default)."""
+    node = NodeProc.create(base, name)
+    conf = node.home / "node.toml"
+    text = conf.read_text()
+    for key, value in ({"exempt_loopback": False} | limits).items():
+        rendered = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {rendered}", text)
+        assert n == 1, key
+    conf.write_text(text)
+    return node.start()
+
+
+@dataclass
+class Pair:
+    node: NodeProc
+    alice: Device
+    alice_addr: str
+    bob: Device
+    bob_addr: str
+
+    def close(self) -> None:
+        self.alice.close()
+        self.bob.close()
+
+
+def make_pair(node: NodeProc, base: Path) -> Pair:
+    alice_home, alice_addr = join(node, base, "alice")
+    bob_home, bob_addr = join(node, base, "bob")
+    return Pair(node, Device(str(alice_home)), alice_addr, Device(str(bob_home)), bob_addr)
+
+
+async def next_match(
+    dev: Device, conn: NodeConnection, match: Callable[[ReceivedMessage], bool]
+) -> ReceivedMessage:
+    async with asyncio.timeout(DEADLINE_S):
+        while True:
+            for m in await dev.process(conn, await conn.deliveries.get()):
+                if match(m):
+                    return m
+
+
+async def messaging(pair: Pair, bob_conn: NodeConnection | None = None) -> int:
+    """alice sends bob a message and bob reads it (on ``bob_conn`` if given, else on a fresh
+    connection). Returns 1 per message delivered, so callers can count."""
+    text = "still here " + os.urandom(4).hex()
+    sent = await pair.alice.send(pair.bob_addr, text)
+    conn = bob_conn or await pair.bob.connect()
+    try:
+        got = await next_match(pair.bob, conn, lambda m: m.msg_id == sent.msg_id)
+    finally:
+        if bob_conn is None:
+            await conn.__aexit__(None, None, None)
+    assert (got.sender, got.text) == (pair.alice_addr, text)
+    return 1
+
+
+async def errors(http: Any, node: NodeProc) -> dict[str, int]:
+    return dict((await stats(http, node.url))["errors"])
+
+
+def rss_kb(node: NodeProc) -> int:
+    assert node.proc is not None
+    for line in Path(f"/proc/{node.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def clean_log(node: NodeProc) -> list[str]:
+    """The node's log lines, after checking it is alive and wrote no address or traceback."""
+    assert node.proc is not None and node.proc.poll() is None, "the node process exited"
+    lines = node.log.read_text(errors="replace").splitlines()
+    # The start-up banner names the node's own listen address (printed, not logged): allowed.
+    text = "\n".join(ln for ln in lines if not ln.startswith("haven node "))
+    for bad in ("127.0.0.", "Traceback", "Error handling request", "::1"):
+        assert bad not in text, (bad, text[-3000:])
+    return lines
