@@ -27,6 +27,7 @@ import sys
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, TextIO
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -99,17 +100,23 @@ def translate(record: logging.LogRecord) -> tuple[str, str]:
 class SafeHandler(logging.StreamHandler[TextIO]):
     """A stream handler that writes only translated, scrubbed, rate-limited lines."""
 
-    def __init__(self, stream: TextIO, lines_per_minute: int) -> None:
+    def __init__(
+        self,
+        stream: TextIO,
+        lines_per_minute: int,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(stream)
         self.limit = max(1, lines_per_minute)
-        self.window_start = time.monotonic()
+        self.monotonic = monotonic
+        self.window_start = monotonic()
         self.seen: Counter[str] = Counter()
         self.suppressed: Counter[str] = Counter()
         self.setFormatter(logging.Formatter(FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
         kind, text = translate(record)
-        now = time.monotonic()
+        now = self.monotonic()
         if now - self.window_start >= WINDOW_S:
             self.flush_suppressed()
             self.window_start = now
