@@ -21,8 +21,9 @@ and only counted (never logged). Admitted connections are tracked as :class:`Con
 * **Bounded buffers.** WebSocket frame boundaries are followed byte by byte (:class:`FrameTracker`,
   pure), so progress is measured as it arrives, not when our loop gets round to a message, and
   an unauthenticated socket that declares a frame or message over ``preauth_max_frame`` is
-  closed with 1009 before any of it is buffered. Outgoing frames go through :class:`WriteQueue`,
-  which disconnects a peer that does not read once its queue passes its bound.
+  closed with 1009 before any of it is buffered; it may send at most ``PREAUTH_FRAMES``
+  frames. Outgoing frames go through :class:`WriteQueue`, which disconnects a peer that does
+  not read once its queue passes its bound (64 KiB before authentication).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ log = logging.getLogger("haven.admission")
 FD_RESERVE = 256  # store, logs, outgoing federation and LAN sockets stay below the fd limit
 CLOSE_TOO_BIG = bytes([0x88, 0x02, 0x03, 0xF1])  # WebSocket close frame, code 1009
 CLOSE_POLICY = bytes([0x88, 0x02, 0x03, 0xF0])  # WebSocket close frame, code 1008
+PREAUTH_FRAMES = 4  # frames a WebSocket may send before it authenticates (then it is closed)
 MAX_HEAD_BYTES = 1 << 20  # request bytes before a handler runs (aiohttp caps each header line)
 
 
@@ -438,7 +440,7 @@ class GuardedSite(web.TCPSite):
             self._port,
             ssl=self._ssl_context,
             ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
-            backlog=self._backlog,
+            backlog=max(self._backlog, 1024),  # floods of SYNs queue instead of retrying
             reuse_address=self._reuse_address,
             reuse_port=self._reuse_port,
         )

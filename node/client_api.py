@@ -36,7 +36,7 @@ from federation.ids import Address
 from federation.signing import device_auth_message, verify_detached
 from federation.wire import PROTOCOL_VERSION, Envelope
 
-from .admission import Conn, WriteQueue, conn_of
+from .admission import PREAUTH_FRAMES, Conn, WriteQueue, conn_of
 from .mailbox import DELIVERY_WINDOW
 
 if TYPE_CHECKING:
@@ -141,8 +141,14 @@ class ClientSession:
             )
         )
         writer = asyncio.create_task(self.writer())
+        preauth = 0
         try:
             async for msg in self.ws:
+                if not self.mailbox:
+                    preauth += 1
+                    if preauth > PREAUTH_FRAMES:  # bounded work for a stranger's garbage
+                        self.node.metrics.error("conn", "preauth_frames")
+                        break
                 if msg.type != WSMsgType.BINARY:
                     if msg.type == WSMsgType.ERROR:
                         # aiohttp refuses a frame over max_msg_size itself (close 1009).

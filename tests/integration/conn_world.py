@@ -66,18 +66,34 @@ async def next_match(
                     return m
 
 
-async def messaging(pair: Pair, bob_conn: NodeConnection | None = None) -> int:
-    """alice sends bob a message and bob reads it (on ``bob_conn`` if given, else on a fresh
-    connection). Returns 1 per message delivered, so callers can count."""
+async def messaging(
+    pair: Pair,
+    bob_conn: NodeConnection | None = None,
+    *,
+    reverse: bool = False,
+    send_conn: NodeConnection | None = None,
+) -> int:
+    """alice sends bob a message and bob reads it (``reverse``: bob to alice). The reader uses
+    ``bob_conn`` if given (else a fresh connection: a device has one live connection, a new one
+    replaces it), the sender ``send_conn`` if given. Returns 1 per message delivered."""
+    sender, to, to_addr = (
+        (pair.bob, pair.alice, pair.alice_addr)
+        if reverse
+        else (
+            pair.alice,
+            pair.bob,
+            pair.bob_addr,
+        )
+    )
     text = "still here " + os.urandom(4).hex()
-    sent = await pair.alice.send(pair.bob_addr, text)
-    conn = bob_conn or await pair.bob.connect()
+    sent = await sender.send(to_addr, text, conn=send_conn)
+    conn = bob_conn or await to.connect()
     try:
-        got = await next_match(pair.bob, conn, lambda m: m.msg_id == sent.msg_id)
+        got = await next_match(to, conn, lambda m: m.msg_id == sent.msg_id)
     finally:
         if bob_conn is None:
             await conn.__aexit__(None, None, None)
-    assert (got.sender, got.text) == (pair.alice_addr, text)
+    assert (got.sender, got.text) == (sender.address, text)
     return 1
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "now_ms",
     "raw_connect",
     "read_close",
+    "read_frame",
     "stats",
     "upgrade_request",
     "ws_client_frame",
@@ -455,3 +456,11 @@ async def closed_by_node(reader: asyncio.StreamReader) -> bool:
         except ConnectionError:
             pass
     return True
+
+
+async def read_frame(reader: asyncio.StreamReader) -> F.Frame:
+    """The next binary frame on a hand-made WebSocket, decoded."""
+    async with asyncio.timeout(DEADLINE_S):
+        opcode, payload = await _read_ws_frame(reader)
+    assert opcode == 0x2, (opcode, payload[:40])
+    return F.decode_frame(payload, 2 * F.MAX_FRAME)

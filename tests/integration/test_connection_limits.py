@@ -17,7 +17,9 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
+from client.device import parse_invite
 from federation import frames as F
+from federation.signing import device_auth_message
 from federation.wire import MAX_BATCH_BYTES
 
 from .conn_world import (
@@ -33,9 +35,11 @@ from .conn_world import (
 from .harness import NodeProc, async_wait_until
 from .rawpeer import (
     RawDevice,
+    RawIdentity,
     closed_by_node,
     raw_connect,
     read_close,
+    read_frame,
     stats,
     ws_client_frame,
     ws_open,
@@ -49,6 +53,7 @@ LIMITS: dict[str, int | bool] = {
     "read_grace_ms": 2000,
     "auth_timeout_ms": 4000,
     "preauth_max_frame": 64 * 1024,
+    "max_write_queue_bytes": 256 * 1024,
 }
 
 
@@ -187,22 +192,53 @@ async def test_preauth_frame_over_preauth_max_frame_is_too_large(
     await still_messaging(pair)
 
 
-async def test_garbage_sender_that_never_reads_is_disconnected(
+async def test_garbage_before_authentication_ends_the_connection(
     pair: Pair, http: aiohttp.ClientSession
 ) -> None:
     before = await errors(http, pair.node)
-    rss_before = rss_kb(pair.node)
-    _reader, writer, _ = await ws_open(pair.node.port, "127.0.0.8", rcvbuf=4096)
-    garbage = ws_client_frame(b"?", opcode=0x1) * 2000  # text frames: one error frame each
+    reader, writer, _ = await ws_open(pair.node.port, "127.0.0.8", rcvbuf=4096)
+    writer.write(ws_client_frame(b"?", opcode=0x1) * 2000)  # text frames: garbage
     with contextlib.suppress(ConnectionError):
-        for _ in range(100):
+        await writer.drain()
+    await read_close(reader)
+    writer.close()
+    # one error frame for each of the frames a stranger may send, then the connection ends
+    await counted(http, pair.node, before, {"conn.preauth_frames": 1, "client.malformed": 4})
+    assert set(moved(before, await errors(http, pair.node))) == {
+        "conn.preauth_frames",
+        "client.malformed",
+    }
+    await still_messaging(pair)
+
+
+async def test_signed_in_device_that_never_reads_is_disconnected(
+    pair: Pair, http: aiohttp.ClientSession
+) -> None:
+    """A signed-in device sends garbage and never reads: its write queue reaches
+    ``max_write_queue_bytes`` (256 KiB here) and it is dropped; before the fix memory grew by
+    hundreds of MB."""
+    inv = parse_invite(pair.node.invite("mallory"))
+    ident = RawIdentity(address=f"{inv['name']}@{pair.node.host}")
+    reader, writer, ch = await ws_open(pair.node.port, "127.0.0.11", rcvbuf=4096)
+    assert isinstance(ch, F.Challenge)
+    sig = ident.sign(device_auth_message(ch.node_id, ch.nonce, ident.mailbox))
+    register = F.Register(
+        1, inv["t"], ident.mailbox, ident.auth_key, sig, ident.device_list(ident.address)
+    )
+    writer.write(ws_client_frame(register.encode()))
+    assert isinstance(await read_frame(reader), F.Registered)
+    before = await errors(http, pair.node)
+    rss_before = rss_kb(pair.node)
+    garbage = ws_client_frame(b"?", opcode=0x1) * 2000  # one error frame each, never read
+    with contextlib.suppress(ConnectionError):
+        for _ in range(200):
             writer.write(garbage)
             await writer.drain()
     await counted(http, pair.node, before, {"conn.write_queue_full": 1})
     writer.close()
     got = moved(before, await errors(http, pair.node))
     assert set(got) <= {"conn.write_queue_full", "client.malformed"}, got
-    assert rss_kb(pair.node) - rss_before < 50_000  # kB; before the fix it grew by hundreds of MB
+    assert rss_kb(pair.node) - rss_before < 50_000  # kB
     await still_messaging(pair)
 
 
