@@ -171,8 +171,11 @@ class Admission:
 
     @property
     def max_unauthenticated(self) -> int:
-        """Pre-auth connections allowed; ``max_connections`` minus this is kept for devices."""
-        return min(self.config.max_unauthenticated, self.max_connections)
+        """Pre-auth connections allowed; ``max_connections`` minus this is kept for devices.
+        When the fd limit lowers ``max_connections``, the pre-auth share shrinks with it."""
+        cfg = self.config
+        share = self.max_connections * cfg.max_unauthenticated // max(1, cfg.max_connections)
+        return max(1, min(cfg.max_unauthenticated, share))
 
     # ---- caps --------------------------------------------------------------------------------
 

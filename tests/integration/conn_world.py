@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +21,17 @@ from typing import Any
 from client.connection import NodeConnection
 from client.device import Device, ReceivedMessage
 
-from .harness import NodeProc, join
+from .harness import ROOT, NodeProc, join, wait_until
 from .rawpeer import stats
 
 DEADLINE_S = 30.0
 
 
-def limited_node(base: Path, name: str = "node", **limits: int | bool) -> NodeProc:
-    """A node whose ``node.toml`` has ``limits`` set (``exempt_loopback`` false by default)."""
+def limited_node(
+    base: Path, name: str = "node", fd_limit: int = 0, **limits: int | bool
+) -> NodeProc:
+    """A node whose ``node.toml`` has ``limits`` set (``exempt_loopback`` false by default),
+    started with RLIMIT_NOFILE (soft and hard) at ``fd_limit`` if given."""
     node = NodeProc.create(base, name)
     conf = node.home / "node.toml"
     text = conf.read_text()
@@ -34,7 +40,26 @@ def limited_node(base: Path, name: str = "node", **limits: int | bool) -> NodePr
         text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {rendered}", text)
         assert n == 1, key
     conf.write_text(text)
-    return node.start()
+    return node.start() if not fd_limit else start_with_fd_limit(node, fd_limit)
+
+
+def start_with_fd_limit(node: NodeProc, limit: int) -> NodeProc:
+    """:meth:`NodeProc.start`, in a process whose file-descriptor limit is ``limit``."""
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    with open(node.log, "ab") as logf:
+        node.proc = subprocess.Popen(
+            [sys.executable, "-m", "client.cli", "node", "serve", "--home", str(node.home)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=os.environ | {"PYTHONPATH": str(ROOT)},
+            preexec_fn=cap,
+        )
+    wait_until(node._listening, 20, "the node to listen")
+    return node
 
 
 @dataclass

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -298,3 +299,37 @@ async def test_full_preauth_pool_leaves_signed_in_devices_working(
         await alice_conn.__aexit__(None, None, None)
         await bob_conn.__aexit__(None, None, None)
     await still_messaging(pair)
+
+
+async def test_at_a_low_fd_limit_connections_are_refused_quietly(tmp_path: Path) -> None:
+    """RLIMIT_NOFILE 400: the node keeps max_connections below it (400 - 256 reserved = 144,
+    a quarter of them pre-auth, as configured). 600 connections at once never reach the fd
+    limit: the surplus is refused and counted, no accept error is logged, and a pair still
+    messages. Without the budget, accept() fails with EMFILE and asyncio logs each failure."""
+    node = limited_node(tmp_path, fd_limit=400, read_grace_ms=3000)
+    p = make_pair(node, tmp_path)
+    try:
+        # no keep-alive: a pooled stats connection would hold one of the pre-auth slots
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            conns = (await stats(http, node.url))["connections"]
+            assert (conns["max_connections"], conns["max_unauthenticated"]) == (144, 36)
+            before = await errors(http, node)
+            streams = await asyncio.gather(
+                *(raw_connect(node.port, f"127.0.3.{1 + i % 60}") for i in range(600))
+            )
+            assert all(await asyncio.gather(*(closed_by_node(r) for r, _ in streams)))
+            for _, w in streams:
+                w.close()
+            got = moved(before, await errors(http, node))
+            # at most the 36 pre-auth slots were held (one may still be closing from the stats
+            # request above); every other connection was refused at once
+            assert set(got) == {"conn.unauthenticated_over_capacity", "conn.read_timeout"}, got
+            assert 30 <= got["conn.read_timeout"] <= 36, got
+            assert sum(got.values()) == 600, got
+            assert await messaging(p) == 1
+        lines = clean_log(node)
+        assert not any("resource" in ln or "accept" in ln for ln in lines), lines
+    finally:
+        p.close()
+        node.stop()

@@ -105,3 +105,21 @@ def test_stalled_head_and_unauthenticated_websocket_are_closed_by_the_sweep() ->
 def test_fd_budget_keeps_a_reserve() -> None:
     assert connection_budget(4096, 1024) == 1024 - 256
     assert connection_budget(300, 20_000) == 300
+
+
+def test_a_lower_fd_budget_keeps_the_reserve_in_proportion() -> None:
+    adm = admission(max_connections=4096, max_unauthenticated=1024)
+    adm.max_connections = 400
+    assert adm.max_unauthenticated == 100
+
+
+def test_behind_a_trusted_proxy_the_forwarded_address_is_the_source() -> None:
+    adm = admission(trusted_proxy=True, max_unauthenticated_per_source=1)
+    first = adm.open("10.9.9.9", FakeTransport())  # type: ignore[arg-type]
+    assert adm.rebind(first, "203.0.113.7") is None
+    second = adm.open("10.9.9.9", FakeTransport())  # type: ignore[arg-type]
+    assert adm.rebind(second, "203.0.113.7") == "source_over_capacity"
+    assert adm.rebind(second, "203.0.113.8") is None
+    adm.closed(first)
+    adm.closed(second)
+    assert not adm.by_source and not adm.unauth_by_source and adm.unauthenticated == 0
