@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
@@ -320,6 +320,9 @@ class Admission:
         """Minimum rate: each ``read_grace_ms`` window of an unfinished request head, body or
         frame must bring ``min_read_rate`` bytes/s on average, else the sender is stalling."""
         grace = self.config.read_grace_ms / 1000
+        if not conn.transport.is_reading():  # paused by us (a full buffer): not their stall
+            conn.window_start, conn.window_bytes = now, 0
+            return False
         if now - conn.window_start < grace:
             return False
         if conn.window_bytes < self.config.min_read_rate * grace:
@@ -380,7 +383,7 @@ class GuardedProtocol(asyncio.Protocol):
         self.conn: Conn | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # stream servers give transports
+        transport = cast(asyncio.Transport, transport)  # a stream server's transport
         peer = transport.get_extra_info("peername")
         source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         adm = self.admission

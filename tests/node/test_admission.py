@@ -60,6 +60,11 @@ class FakeTransport:
     def close(self) -> None:
         self.aborted = True
 
+    def is_reading(self) -> bool:
+        return self.reading
+
+    reading = True
+
 
 def admission(**kw: Any) -> Admission:
     cfg = NodeConfig(public_url="http://x", exempt_loopback=False, **kw)
@@ -123,3 +128,14 @@ def test_behind_a_trusted_proxy_the_forwarded_address_is_the_source() -> None:
     adm.closed(first)
     adm.closed(second)
     assert not adm.by_source and not adm.unauth_by_source and adm.unauthenticated == 0
+
+
+def test_no_stall_is_charged_while_the_node_itself_paused_reading() -> None:
+    adm = admission(read_grace_ms=1000, min_read_rate=100)
+    conn = adm.open("10.0.0.1", FakeTransport())  # type: ignore[arg-type]
+    conn.transport.reading = False  # type: ignore[attr-defined]
+    t0 = conn.opened
+    assert adm.sweep(t0 + 5) == 0
+    conn.transport.reading = True  # type: ignore[attr-defined]
+    assert adm.sweep(t0 + 5.5) == 0
+    assert adm.sweep(t0 + 6.5) == 1
