@@ -112,8 +112,12 @@ class Flood:
             with contextlib.suppress(*FAILURES):
                 await self.idle_tcp(self.source_of(i))
 
+        # connect in waves of 500 (the listen backlog), all held open at once
+        waves = []
         for start in range(0, n, 500):
-            await asyncio.gather(*(one(i) for i in range(start, min(n, start + 500))))
+            waves.append(asyncio.gather(*(one(i) for i in range(start, min(n, start + 500)))))
+            await asyncio.sleep(0.2)
+        await asyncio.gather(*waves)
 
     def source_of(self, i: int) -> str:
         return f"127.0.2.{1 + i % self.sources}"
