@@ -141,7 +141,9 @@ class Conn:
     window_start: float = 0.0  # minimum-rate window of whatever is in progress
     window_bytes: int = 0
     in_request: bool = False
+    head_tail: bytes = b""  # last bytes of an unfinished request head (to find its end)
     frames: FrameTracker | None = None  # set once upgraded to a WebSocket
+    handling: bool = False  # a pre-auth frame is being handled: the node, not the peer, is slow
 
     def abort(self) -> None:
         self.closing = True
@@ -288,6 +290,11 @@ class Admission:
             self._begin(conn, now)
         conn.partial_bytes += len(data)
         conn.window_bytes += len(data)
+        # The head is complete at its blank line, whenever the handler gets to run.
+        if b"\r\n\r\n" in conn.head_tail + data[:3] or b"\r\n\r\n" in data:
+            conn.partial_since, conn.head_tail = None, b""
+        else:
+            conn.head_tail = (conn.head_tail + data[-3:])[-3:]
         if conn.partial_bytes > MAX_HEAD_BYTES:
             self.metrics.error("conn", "too_large")
             conn.abort()
@@ -334,7 +341,8 @@ class Admission:
         """Why ``conn`` must be closed now, or None."""
         cfg = self.config
         if conn.frames is not None:
-            if not conn.authenticated and now - conn.opened > cfg.auth_timeout_ms / 1000:
+            late = now - conn.opened > cfg.auth_timeout_ms / 1000
+            if not conn.authenticated and not conn.handling and late:
                 return "auth_timeout"
         receiving = conn.partial_since is not None or (
             conn.body is not None and not conn.body.is_eof()

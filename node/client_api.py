@@ -161,8 +161,14 @@ class ClientSession:
                         break
                     self.error(0, MalformedFrame("frames must be binary msgpack"))
                     continue
-                if not await self.handle(msg.data):
-                    break
+                if self.conn is not None:  # the sign-in deadline waits for our answer
+                    self.conn.handling = True
+                try:
+                    if not await self.handle(msg.data):
+                        break
+                finally:
+                    if self.conn is not None:
+                        self.conn.handling = False
                 if self.mailbox and self.conn is not None and not self.conn.authenticated:
                     self.node.admission.authenticated(self.conn)
         finally:

@@ -139,3 +139,23 @@ def test_no_stall_is_charged_while_the_node_itself_paused_reading() -> None:
     conn.transport.reading = True  # type: ignore[attr-defined]
     assert adm.sweep(t0 + 5.5) == 0
     assert adm.sweep(t0 + 6.5) == 1
+
+
+def test_a_request_head_is_complete_at_its_blank_line_even_one_byte_at_a_time() -> None:
+    adm = admission(read_grace_ms=1000, min_read_rate=100)
+    conn = adm.open("10.0.0.1", FakeTransport())  # type: ignore[arg-type]
+    for b in b"GET / HTTP/1.1\r\nHost: x\r\n\r":
+        adm.received(conn, bytes([b]))
+    assert conn.partial_since is not None
+    adm.received(conn, b"\n")
+    assert conn.partial_since is None  # the handler may start late: not the peer's stall
+
+
+def test_the_sign_in_deadline_waits_while_the_node_handles_a_frame() -> None:
+    adm = admission(auth_timeout_ms=1000)
+    conn = adm.open("10.0.0.1", FakeTransport())  # type: ignore[arg-type]
+    adm.upgraded(conn)
+    conn.handling = True
+    assert adm.sweep(conn.opened + 5) == 0
+    conn.handling = False
+    assert adm.sweep(conn.opened + 5) == 1
