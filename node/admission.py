@@ -529,6 +529,12 @@ class WriteQueue:
                 return
         self._q.put_nowait(data)
 
+    def qsize(self) -> int:
+        return self._q.qsize()
+
+    def empty(self) -> bool:
+        return self._q.empty()
+
     async def get(self) -> bytes | None:
         data = await self._q.get()
         if data is not None:
