@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("haven.admission")
 
-FD_RESERVE = 256  # store, logs, outgoing federation and LAN sockets stay below the fd limit
+FD_RESERVE = 256  # store, logs, outgoing sockets and one accept burst stay below the fd limit
 CLOSE_TOO_BIG = bytes([0x88, 0x02, 0x03, 0xF1])  # WebSocket close frame, code 1009
 CLOSE_POLICY = bytes([0x88, 0x02, 0x03, 0xF0])  # WebSocket close frame, code 1008
 PREAUTH_FRAMES = 4  # frames a WebSocket may send before it authenticates (then it is closed)
@@ -454,7 +454,9 @@ class GuardedSite(web.TCPSite):
             self._port,
             ssl=self._ssl_context,
             ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
-            backlog=max(self._backlog, 1024),  # floods of SYNs queue instead of retrying
+            # asyncio accepts up to `backlog` sockets per loop pass before any refused one is
+            # closed, so it must stay below FD_RESERVE or a burst reaches the fd limit
+            backlog=min(self._backlog, FD_RESERVE // 2),
             reuse_address=self._reuse_address,
             reuse_port=self._reuse_port,
         )

@@ -112,11 +112,11 @@ class Flood:
             with contextlib.suppress(*FAILURES):
                 await self.idle_tcp(self.source_of(i))
 
-        # connect in waves of 500 (the listen backlog), all held open at once
+        # connect in waves of 100 (the node's listen backlog is 128), all held open at once
         waves = []
-        for start in range(0, n, 500):
-            waves.append(asyncio.gather(*(one(i) for i in range(start, min(n, start + 500)))))
-            await asyncio.sleep(0.2)
+        for start in range(0, n, 100):
+            waves.append(asyncio.gather(*(one(i) for i in range(start, min(n, start + 100)))))
+            await asyncio.sleep(0.1)
         await asyncio.gather(*waves)
 
     def source_of(self, i: int) -> str:
