@@ -30,7 +30,7 @@ from federation.signing import Descriptor, NodeKey, Rotation
 from federation.transport import PeerTransport, RemoteError
 from federation.wire import MAX_BATCH_BYTES, PROTOCOL_VERSION, Envelope, packb, unpackb
 
-from . import admission, client_api, federation_api
+from . import admission, client_api, federation_api, guard
 from .atrest import EpochKeys
 from .config import DB_NAME, EPOCH_KEYS_NAME, KEY_NAME, NodeConfig
 from .lan import LanService
@@ -275,7 +275,7 @@ class Node:
     def web_app(self) -> web.Application:
         app = web.Application(
             client_max_size=MAX_BATCH_BYTES + 1024,
-            middlewares=[admission.middleware(self.admission)],
+            middlewares=[guard.middleware(self.admission)],
         )
         app.router.add_get("/.well-known/haven/node", partial(federation_api.descriptor, self))
         app.router.add_post("/haven/v1/federation/batch", partial(federation_api.batch, self))
@@ -345,7 +345,7 @@ class Node:
                     max_headers=32,
                 )
                 await self.runner.setup()
-                site = admission.GuardedSite(
+                site = guard.GuardedSite(
                     self.runner,
                     self.admission,
                     self.config.listen_host,

@@ -36,7 +36,8 @@ from federation.ids import Address
 from federation.signing import device_auth_message, verify_detached
 from federation.wire import PROTOCOL_VERSION, Envelope
 
-from .admission import PREAUTH_FRAMES, Conn, WriteQueue, conn_of
+from .admission import PREAUTH_FRAMES, Conn
+from .guard import WriteQueue, conn_of
 from .mailbox import DELIVERY_WINDOW
 
 if TYPE_CHECKING:
