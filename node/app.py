@@ -30,7 +30,7 @@ from federation.signing import Descriptor, NodeKey, Rotation
 from federation.transport import PeerTransport, RemoteError
 from federation.wire import MAX_BATCH_BYTES, PROTOCOL_VERSION, Envelope, packb, unpackb
 
-from . import client_api, federation_api
+from . import admission, client_api, federation_api, guard
 from .atrest import EpochKeys
 from .ballast import DiskGuard
 from .config import DB_NAME, EPOCH_KEYS_NAME, KEY_NAME, NodeConfig
@@ -111,6 +111,8 @@ class Node:
         self.store = store
         self.limits = Limits()
         self.metrics = Metrics()
+        # max_connections is lowered below the fd limit when serving starts (run()).
+        self.admission = admission.Admission(config, self.metrics, config.max_connections)
         # Replays across a restart: refuse requests created before this process started
         # (the nonce window is in memory only; docs/protocol.md §4.3).
         self.started_ms = clock.now_ms()
@@ -287,7 +289,10 @@ class Node:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def web_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BATCH_BYTES + 1024)
+        app = web.Application(
+            client_max_size=MAX_BATCH_BYTES + 1024,
+            middlewares=[guard.middleware(self.admission)],
+        )
         app.router.add_get("/.well-known/haven/node", partial(federation_api.descriptor, self))
         app.router.add_post("/haven/v1/federation/batch", partial(federation_api.batch, self))
         app.router.add_post("/haven/v1/federation/keys", partial(federation_api.keys, self))
@@ -307,7 +312,10 @@ class Node:
         # Aggregate counters only: no ids, no addresses. Served to loopback callers only.
         if request.remote not in ("127.0.0.1", "::1"):
             raise web.HTTPNotFound()
-        body = packb(self.metrics.snapshot() | {"counts": await self.store.counts()})
+        body = packb(
+            self.metrics.snapshot()
+            | {"counts": await self.store.counts(), "connections": self.admission.snapshot()}
+        )
         return web.Response(body=body, content_type="application/msgpack")
 
     def _ssl(self) -> ssl.SSLContext | None:
@@ -341,12 +349,23 @@ class Node:
                     self.metrics,
                     self.quotas,
                 )
+                fd_limit = admission.raise_fd_limit()
+                self.admission.max_connections = admission.connection_budget(
+                    self.config.max_connections, fd_limit
+                )
                 self.runner = web.AppRunner(
-                    self.web_app(), access_log=None, handle_signals=False, shutdown_timeout=2
+                    self.web_app(),
+                    access_log=None,
+                    handle_signals=False,
+                    shutdown_timeout=2,
+                    # the admission watchdog closes idle connections first; this is a backstop
+                    keepalive_timeout=self.config.idle_timeout_ms / 1000 + 5,
+                    max_headers=32,
                 )
                 await self.runner.setup()
-                site = web.TCPSite(
+                site = guard.GuardedSite(
                     self.runner,
+                    self.admission,
                     self.config.listen_host,
                     self.config.listen_port,
                     ssl_context=self._ssl(),
@@ -370,6 +389,7 @@ class Node:
                     tg.create_task(self.sweeper.run()),
                 ]
                 tasks.append(tg.create_task(self._refresh_caches()))
+                tasks.append(tg.create_task(self.admission.watchdog()))
                 if self.lan_enabled:
                     tasks.append(tg.create_task(self._run_lan()))
                 self.ready.set()

@@ -20,6 +20,7 @@ from federation.ids import key_from_node_id, valid_name
 from federation.signing import NodeKey, Rotation, b64d, b64e
 from federation.wire import packb, unpackb
 
+from . import logs
 from .app import ROTATIONS_NAME, build, load_node_key, load_rotations
 from .client_api import invite_hash
 from .config import KEY_NAME, MAX_TTL_MS, NodeConfig, validate_public_url
@@ -123,6 +124,9 @@ async def serve(
     home: str, lan: bool | None = None, interfaces: str = "", clock_offset_ms: int = 0
 ) -> None:
     node = build(home, SystemClock(clock_offset_ms) if clock_offset_ms else None)
+    # No addresses, ids or tracebacks from peer input; bounded lines (node/logs.py).
+    logs.install(node.config.log_lines_per_minute)
+    asyncio.get_running_loop().set_exception_handler(logs.loop_exception_handler)
     if lan is not None:
         node.lan_enabled = lan
     if interfaces:

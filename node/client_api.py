@@ -37,7 +37,9 @@ from federation.ids import Address
 from federation.signing import device_auth_message, verify_detached
 from federation.wire import PROTOCOL_VERSION, Envelope
 
+from .admission import PREAUTH_FRAMES, Conn
 from .delivery import DeliveryWindow
+from .guard import WriteQueue, conn_of
 
 if TYPE_CHECKING:
     from .app import Node
@@ -69,9 +71,10 @@ def ed25519_from_b64(text: str) -> bytes:
 class ClientSession:
     """One device connection: authentication state, delivery window, frame dispatch."""
 
-    def __init__(self, node: Node, ws: web.WebSocketResponse) -> None:
+    def __init__(self, node: Node, ws: web.WebSocketResponse, conn: Conn | None = None) -> None:
         self.node = node
         self.ws = ws
+        self.conn = conn
         self.mailbox = b""
         self.account = ""
         self.challenge = os.urandom(32)
@@ -84,7 +87,8 @@ class ClientSession:
         )
         self.backlog = False  # stored envelopes wait that did not fit the window
         self._cursor = 0  # store seq of the last backlog row consumed (docs/protocol.md §5.5)
-        self.out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        # Bounded: a device that does not read is disconnected (operations.md "Limits").
+        self.out = WriteQueue(self._queue_limit, self._overflow)
         self._answers: set[asyncio.Task[None]] = set()
         self._held: list[Envelope] | None = None
 
@@ -156,6 +160,15 @@ class ClientSession:
 
     # ---- loop --------------------------------------------------------------------------------
 
+    def _queue_limit(self) -> int:
+        cfg = self.node.config
+        return cfg.max_write_queue_bytes if self.mailbox else cfg.preauth_max_frame
+
+    def _overflow(self) -> None:
+        self.node.metrics.error("conn", "write_queue_full")
+        if self.conn is not None:
+            self.conn.abort()
+
     async def writer(self) -> None:
         while (data := await self.out.get()) is not None:
             await self.ws.send_bytes(data)
@@ -174,8 +187,14 @@ class ClientSession:
             )
         )
         writer = asyncio.create_task(self.writer())
+        preauth = 0
         try:
             async for msg in self.ws:
+                if not self.mailbox:
+                    preauth += 1
+                    if preauth > PREAUTH_FRAMES:  # bounded work for a stranger's garbage
+                        self.node.metrics.error("conn", "preauth_frames")
+                        break
                 if msg.type != WSMsgType.BINARY:
                     if msg.type == WSMsgType.ERROR:
                         # aiohttp refuses a frame over max_msg_size itself (close 1009).
@@ -188,8 +207,16 @@ class ClientSession:
                         break
                     self.error(0, MalformedFrame("frames must be binary msgpack"))
                     continue
-                if not await self.handle(msg.data):
-                    break
+                if self.conn is not None:  # the sign-in deadline waits for our answer
+                    self.conn.handling = True
+                try:
+                    if not await self.handle(msg.data):
+                        break
+                finally:
+                    if self.conn is not None:
+                        self.conn.handling = False
+                if self.mailbox and self.conn is not None and not self.conn.authenticated:
+                    self.node.admission.authenticated(self.conn)
         finally:
             if self.mailbox and self.node.mailboxes.links.get(self.mailbox) is self:
                 del self.node.mailboxes.links[self.mailbox]
@@ -450,9 +477,14 @@ class ClientSession:
 
 
 async def client_ws(node: Node, request: web.Request) -> web.WebSocketResponse:
+    # Frames before authentication are held to preauth_max_frame below aiohttp, by the
+    # admission layer's frame tracker (node/admission.py); aiohttp enforces max_frame.
     ws = web.WebSocketResponse(max_msg_size=node.limits.max_frame, heartbeat=30)
+    conn = conn_of(node.admission, request)
     await ws.prepare(request)
-    session = ClientSession(node, ws)
+    if conn is not None:
+        node.admission.upgraded(conn)
+    session = ClientSession(node, ws, conn)
     try:
         await session.serve()
     except (ConnectionError, RemoteProtocolError, TooLarge, Expired) as exc:

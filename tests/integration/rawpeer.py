@@ -50,11 +50,18 @@ __all__ = [
     "RawDevice",
     "RawIdentity",
     "RawPeer",
+    "closed_by_node",
     "envelope",
     "now_ms",
+    "raw_connect",
+    "read_close",
+    "read_frame",
     "set_node_config",
     "stats",
+    "upgrade_request",
+    "ws_client_frame",
     "ws_declare_oversized",
+    "ws_open",
 ]
 
 DEADLINE_S = 20.0
@@ -403,3 +410,100 @@ async def ws_declare_oversized(host: str, port: int, declared: int) -> tuple[F.F
                 await writer.wait_closed()
             except ConnectionError:
                 pass
+
+
+# ---- raw connections from a chosen loopback source -----------------------------------------------
+
+
+def ws_client_frame(payload: bytes, opcode: int = 0x2, fin: bool = True) -> bytes:
+    """One masked client-to-server WebSocket frame (RFC 6455 §5.2)."""
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 1 << 16:
+        head += bytes([0x80 | 126]) + struct.pack(">H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack(">Q", n)
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def upgrade_request(host: str, port: int) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {CLIENT_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+async def raw_connect(
+    port: int, source: str = "127.0.0.1", host: str = "127.0.0.1", rcvbuf: int = 0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A bare TCP stream to the node from ``source`` (any 127.0.0.0/8 address on Linux).
+
+    ``rcvbuf`` shrinks the socket's receive buffer, for a peer that never reads."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    sock.bind((source, 0))
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+            return await asyncio.open_connection(sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def ws_open(
+    port: int, source: str = "127.0.0.1", rcvbuf: int = 0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, F.Frame]:
+    """A hand-made WebSocket from ``source``: upgraded, with the node's challenge read."""
+    reader, writer = await raw_connect(port, source, rcvbuf=rcvbuf)
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            writer.write(upgrade_request("127.0.0.1", port))
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 101"):
+                raise ConnectionError(head[:40].decode(errors="replace"))
+            _opcode, payload = await _read_ws_frame(reader)
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer, F.decode_frame(payload)
+
+
+async def read_close(reader: asyncio.StreamReader) -> int | None:
+    """Read frames until the node closes: its close code, or None if it closed without one."""
+    async with asyncio.timeout(DEADLINE_S):
+        while True:
+            try:
+                opcode, payload = await _read_ws_frame(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return None
+            if opcode == 0x8:
+                return struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else None
+
+
+async def closed_by_node(reader: asyncio.StreamReader) -> bool:
+    """Wait (bounded) until the node closes this stream; True once it has."""
+    async with asyncio.timeout(DEADLINE_S):
+        try:
+            while await reader.read(65536):
+                pass
+        except ConnectionError:
+            pass
+    return True
+
+
+async def read_frame(reader: asyncio.StreamReader) -> F.Frame:
+    """The next binary frame on a hand-made WebSocket, decoded."""
+    async with asyncio.timeout(DEADLINE_S):
+        opcode, payload = await _read_ws_frame(reader)
+    assert opcode == 0x2, (opcode, payload[:40])
+    return F.decode_frame(payload, 2 * F.MAX_FRAME)
