@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 FD_RESERVE = 256  # store, logs, outgoing sockets and one accept burst stay below the fd limit
 CLOSE_TOO_BIG = bytes([0x88, 0x02, 0x03, 0xF1])  # WebSocket close frame, code 1009
 CLOSE_POLICY = bytes([0x88, 0x02, 0x03, 0xF0])  # WebSocket close frame, code 1008
-PREAUTH_FRAMES = 4  # frames a WebSocket may send before it authenticates (then it is closed)
+PREAUTH_FRAMES = 16  # frames a WebSocket may send before it authenticates (then it is closed)
 MAX_HEAD_BYTES = 1 << 20  # request bytes before a handler runs (aiohttp caps each header line)
 
 

@@ -22,6 +22,7 @@ from client.device import parse_invite
 from federation import frames as F
 from federation.signing import device_auth_message
 from federation.wire import MAX_BATCH_BYTES
+from node.admission import PREAUTH_FRAMES
 
 from .conn_world import (
     Pair,
@@ -204,7 +205,9 @@ async def test_garbage_before_authentication_ends_the_connection(
     await read_close(reader)
     writer.close()
     # one error frame for each of the frames a stranger may send, then the connection ends
-    await counted(http, pair.node, before, {"conn.preauth_frames": 1, "client.malformed": 4})
+    await counted(
+        http, pair.node, before, {"conn.preauth_frames": 1, "client.malformed": PREAUTH_FRAMES}
+    )
     assert set(moved(before, await errors(http, pair.node))) == {
         "conn.preauth_frames",
         "client.malformed",
