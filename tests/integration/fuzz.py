@@ -335,7 +335,8 @@ def mutate_value(rng: random.Random, obj: Any, depth: int = 0) -> tuple[Any, str
         return [*obj[:i], new, *obj[i + 1 :]], f"[{i}].{what}"
     op = rng.randrange(10)
     if isinstance(obj, dict) and obj and op < 3:
-        key = rng.choice(list(obj))
+        key = str(rng.choice(list(obj)))
+        obj = {str(k): v for k, v in obj.items()}
         if op == 0:
             return {k: v for k, v in obj.items() if k != key}, f"drop {key}"
         if op == 1:
@@ -544,6 +545,9 @@ def gen_header_op(rng: random.Random) -> HeaderOp:
     k = rng.randrange(14)
     if k == 0:
         return HeaderOp("drop", name)
+    if k in (1, 2) and name == "Content-Type":
+        # A duplicated singleton field is refused by the HTTP parser itself (tcp covers it).
+        name = rng.choice(FED_HEADERS)
     if k == 1:
         return HeaderOp("dup", name)
     if k == 2:
@@ -559,14 +563,14 @@ def gen_header_op(rng: random.Random) -> HeaderOp:
         return HeaderOp("transform", name, rng.choice(("zeros", "plus", "minus", "underscore")))
     if k == 6:
         huge = rng.choice(("9" * 19, "9" * 20, "9" * 400, "9" * 4000, "1" + "0" * 4300, "1e3"))
-        return HeaderOp("replace", name, rng.choice((huge, "-" + huge, "0x10", "1.0", "NaN", "∞")))
+        return HeaderOp("replace", name, rng.choice((huge, "-" + huge, "0x10", "1.0", "NaN", "½")))
     if k == 7:
         kinds = ("b64pad", "b64std", "chop", "extra", "upper", "lower", "half")
         return HeaderOp("transform", name, rng.choice(kinds))
     if k == 8:
         return HeaderOp("replace", name, "")
     if k == 9:
-        chars = "".join(rng.choice("aZ09-_=+/ .:é\u0100\x7f") for _ in range(rng.randrange(1, 120)))
+        chars = "".join(rng.choice("aZ09-_=+/ .:é\x7f") for _ in range(rng.randrange(1, 120)))
         return HeaderOp("replace", name, chars)
     if k == 10:
         return HeaderOp("replace", name, "A" * rng.choice((1, 22, 43, 86, 87, 88, 1000, 4000)))
@@ -824,7 +828,7 @@ async def run_http(http: aiohttp.ClientSession, url: str, case: HttpCase, t: End
         t.notes[f"client_refused:{type(exc).__name__}"] += 1
         return
     check_http(t, case.desc, status, raw, strict=case.strict)
-    if status == 200 and case.path.startswith(DESCRIPTOR_PATH):
+    if status == 200 and case.method == "GET" and case.path.startswith(DESCRIPTOR_PATH):
         try:
             Descriptor.verify_decode(raw)
         except E.HavenError as exc:
@@ -1288,16 +1292,23 @@ def gen_ws_postauth(rng: random.Random, tg: WsTargets) -> WsCase:
 
 
 async def _drain(ws: RawWs, t: EndpointTally, desc: str, until_rid: int | None) -> list[bytes]:
-    """Read frames until the sync answer (``until_rid``) or the close; delivered ids back."""
+    """Read frames until the sync answer (``until_rid``); delivered ids back. WsClosed when
+    the node closes first."""
     delivered: list[bytes] = []
+    authed = False  # after auth_ok / registered, a pre-auth sync is "already authenticated"
     while True:
         frame = await ws.read()
+        authed = authed or isinstance(frame, (F.AuthOk, F.Registered))
         if isinstance(frame, F.Deliver):
             delivered += [e.id for e in frame.envs]
             t.notes["deliver_frames"] += 1
             continue
         if until_rid is not None and getattr(frame, "rid", None) == until_rid:
-            if not isinstance(frame, F.Ok):
+            codes = ("invalid_invite", "rate_limited") + (("malformed",) if authed else ())
+            sync_ok = isinstance(frame, F.Ok) or (
+                isinstance(frame, F.Error) and frame.code in codes
+            )
+            if not sync_ok:
                 t.fail(f"sync_answer:{frame!r}"[:80], desc)
             return delivered
         check_frame(t, desc, frame)
@@ -1310,24 +1321,35 @@ def _close_ok(code: int | None, well_framed: bool) -> bool:
     return code is None and not well_framed
 
 
+PREAUTH_SYNC_RID = 2**53 - 12_345  # no rid mutation reaches it
+
+
+def preauth_sync(ch: F.Challenge) -> bytes:
+    ident = RawIdentity(mailbox=os.urandom(16))
+    proof = ident.sign(_auth_msg(ch, ident.mailbox))
+    return F.Register(
+        PREAUTH_SYNC_RID, os.urandom(24), ident.mailbox, ident.auth_key, proof, None
+    ).encode()
+
+
 async def run_ws_preauth(host: str, port: int, case: WsCase, t: EndpointTally) -> None:
     try:
         async with asyncio.timeout(INPUT_DEADLINE_S):
             ws, ch = await RawWs.open(host, port)
             try:
-                wire = case.build(ch, [])
-                for w in wire:
+                for w in case.build(ch, []):
                     await ws.send(w)
+                # Sync: a register with a random invite is answered (invalid_invite or
+                # rate_limited) with its rid and leaves the connection open.
+                await ws.send(ws_binary(preauth_sync(ch)))
+                await _drain(ws, t, case.desc, PREAUTH_SYNC_RID)
                 await ws.send(ws_frame(0x8, struct.pack(">H", 1000)))
-                await _drain(ws, t, case.desc, None)
             except WsClosed as closed:
                 t.status[f"close:{closed.code}"] += 1
                 if not _close_ok(closed.code, case.well_framed):
                     t.fail(f"ws_close:{closed.code}", case.desc)
             except ConnectionError:
-                t.status["reset"] += 1
-                if case.well_framed:
-                    t.fail("ws_reset", case.desc)
+                t.status["reset"] += 1  # the node closed while we were still sending
             finally:
                 await ws.abort()
     except TimeoutError:
@@ -1394,9 +1416,7 @@ class Device:
                         t.fail(f"ws_close:{closed.code}", case.desc)
                     await self.drop()
                 except ConnectionError:
-                    t.status["reset"] += 1
-                    if case.well_framed:
-                        t.fail("ws_reset", case.desc)
+                    t.status["reset"] += 1  # the node closed while we were still sending
                     await self.drop()
         except TimeoutError:
             t.fail("hang", case.desc)
@@ -1577,7 +1597,7 @@ async def run_tcp(host: str, port: int, case: TcpCase, t: EndpointTally) -> None
         return
     statuses = [
         int(got[i + 9 : i + 12])
-        for i in _find_all(bytes(got), b"HTTP/1.1 ")
+        for i in _find_all(bytes(got), b"HTTP/1.")
         if got[i + 9 : i + 12].isdigit()
     ]
     for s in statuses or ["none"]:

@@ -27,6 +27,7 @@ import random
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from . import fuzz as Z
 from .harness import NodeProc, haven, join, recv, wait_until
 from .rawpeer import RawDevice, RawIdentity
 
-CI_N = 1200
+CI_N = 2500
 LONG_N = 100_000
 CI_SEED = 20261201
 POOL_KEYS = 8
@@ -220,22 +221,33 @@ def test_fuzzed_endpoint_gives_only_stable_answers(run: Run, endpoint: str) -> N
     t = run.tally[endpoint]
     assert t.inputs == run.n, (endpoint, t.inputs)
     assert not t.failures, f"seed {run.tally.seed}: {endpoint} failed: " + Z.dumps(t.summary())
-    assert sum(t.status.values()) >= run.n  # every input got an answer (or a counted close)
+    # Inputs the HTTP client itself refused to send are not tested: keep them a small minority.
+    refused = sum(v for k, v in t.notes.items() if k.startswith("client_refused"))
+    assert refused <= run.n // 20, (endpoint, refused)
+
+
+def exception_names(lines: list[str]) -> Iterator[str]:
+    """The exception class that ends each traceback in ``lines``."""
+    inside = False
+    for line in lines:
+        if line.startswith("Traceback"):
+            inside = True
+        elif inside and line and not line.startswith(" "):
+            inside = False
+            yield line.split(":")[0]
 
 
 def test_nodes_survive_fuzzing_with_clean_logs(run: Run) -> None:
     for node in (run.a, run.b):
         assert node.proc is not None and node.proc.poll() is None, f"{node.home.name} died"
-    bad = {
-        name: [
-            line
-            for line in log_since(node, run.log_start[name])
-            if any(w in line for w in LOG_FORBIDDEN)
-        ]
-        for name, node in (("A", run.a), ("B", run.b))
-    }
-    counts = {k: {w: sum(w in line for line in v) for w in LOG_FORBIDDEN} for k, v in bad.items()}
-    assert not any(bad.values()), (counts, {k: v[:10] for k, v in bad.items()})
+    report: dict[str, dict[str, object]] = {}
+    for name, node in (("A", run.a), ("B", run.b)):
+        lines = log_since(node, run.log_start[name])
+        counts = {w: sum(w in line for line in lines) for w in LOG_FORBIDDEN}
+        kinds = Counter(exception_names(lines))
+        if any(counts.values()):
+            report[name] = {"lines": counts, "exceptions": dict(kinds.most_common(12))}
+    assert not report, report
 
 
 def test_exchange_still_works_after_fuzzing(run: Run) -> None:
