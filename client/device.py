@@ -810,7 +810,7 @@ class Device:
             except HavenError as exc:
                 log.warning("dropped an envelope that failed checks (%s)", exc.code)
             ack.append(env.id)
-        if forwards:  # before the ack: a crash in between redelivers, and we forward again
+        if forwards:  # best effort, before the ack (a crash in between loses only the forward)
             await self._forward_missed(conn, forwards)
         await conn.ack(ack)
         new.sort(key=lambda m: (m.sender, m.sent_at))
