@@ -20,7 +20,7 @@ import os
 import random
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import nacl.public
@@ -29,7 +29,7 @@ import vodozemac as vz
 
 from federation import frames as F
 from federation.clock import Clock, SystemClock
-from federation.devicelist import DeviceInfo, DeviceList, SignedDeviceList
+from federation.devicelist import DeviceInfo, DeviceList, SignedDeviceList, coarse_day
 from federation.errors import (
     HavenError,
     IdentityChanged,
@@ -47,7 +47,7 @@ from federation.signing import b64d, device_auth_message
 from federation.wire import Envelope, unpackb
 
 from .connection import NodeConnection, expect
-from .payload import Payload
+from .payload import Payload, device_tag
 from .state import (
     STATUS_DELIVERED,
     STATUS_READ,
@@ -59,8 +59,11 @@ from .state import (
 log = logging.getLogger("haven.device")
 
 OTK_TAG = b"haven-otk-v1\x00"
-OTK_BATCH = 50
-OTK_LOW = 20
+# The node always holds this many one-time keys per device after a top-up (on each connect and
+# after each batch that used one up), so its count tells only "claims since the last top-up",
+# not how many devices ever started a session with this one (docs/protocol.md §5.3).
+OTK_TARGET = 50
+OTK_BATCH = OTK_TARGET  # the older name
 DEFAULT_TTL_MS = 7 * 86_400_000
 REGISTER_ATTEMPTS = 8  # a rate-limited register is retried after 0.5-1.5 s
 
@@ -74,6 +77,7 @@ class ReceivedMessage:
     kind: str = "text"
     peer: str = ""
     target: bytes = b""
+    forwarded: bool = False  # relayed by one of our own devices (a ``sync`` payload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +87,10 @@ class SendWarning:
     ``code`` is stable: ``peer_key_changed`` (the recipient's node presented another key with
     no signed rotation; the envelopes wait in our node's outbox for the pinned key),
     ``untrusted_device_list`` (the node served a list that does not verify; the pinned one was
-    used), ``no_keys_left`` (a device of the contact had no one-time or fallback key; skipped).
+    used), ``no_keys_left`` (a device of the contact had no one-time or fallback key; skipped),
+    ``device_list_stale`` (the contact's node could not be reached, so the last verified list
+    was used; devices linked since get the message only if one of the contact's devices on
+    that list forwards it, docs/protocol.md §3.2).
     ``peer`` is the address host (or node id) for ``peer_key_changed``, else the address.
     """
 
@@ -181,6 +188,7 @@ class Device:
         self.state = DeviceState(home, passphrase)
         self._account: vz.Account | None = None
         self._receipts: dict[str, list[bytes]] = {}  # delivered receipts not yet sent
+        self._claims_used = 0  # inbound sessions made since the last top-up (one-time keys)
         self.state.purge_expired(self.clock.now_ms())
 
     def close(self) -> None:
@@ -267,7 +275,7 @@ class Device:
             str(self._account.ed25519_key.to_base64()),
             bytes(sealing.public_key),
             mailbox,
-            self.clock.now_ms(),
+            coarse_day(self.clock.now_ms()),  # a signed list records only the day (§3.2)
         )
         return info, bytes(sealing)
 
@@ -355,14 +363,24 @@ class Device:
                 )
 
     async def _top_up(self, conn: NodeConnection, count: int) -> None:
-        """Publish one-time keys when the node holds fewer than :data:`OTK_LOW`, and a fallback."""
+        """Bring the node's one-time keys for this device back to exactly :data:`OTK_TARGET`
+        (``count`` is what it holds now), and publish a fallback key once.
+
+        A constant count means a seized node learns only how many keys were claimed since the
+        last top-up, not how many devices ever started a session with this one.
+        """
         acct: Any = self.account  # the type stubs lack the fallback-key methods
         need_fallback = self.state.get("fallback_published") is None
-        if count >= OTK_LOW and not need_fallback:
+        need = max(0, OTK_TARGET - count)
+        self._claims_used = 0
+        if not need and not need_fallback:
             return
-        if count < OTK_LOW:
-            acct.generate_one_time_keys(OTK_BATCH)
-        otks = tuple((k, self._signed_key(v.to_base64())) for k, v in acct.one_time_keys.items())
+        unpublished = len(acct.one_time_keys)
+        if unpublished < need:
+            acct.generate_one_time_keys(need - unpublished)
+        otks = tuple((k, self._signed_key(v.to_base64())) for k, v in acct.one_time_keys.items())[
+            :need
+        ]
         fb: tuple[tuple[str, str], ...] = ()
         if need_fallback:
             if not acct.fallback_key:
@@ -380,6 +398,15 @@ class Device:
         with self.state.tx() as db:
             self._save_account(db)
             self.state.put(db, "fallback_published", b"1")
+
+    async def refill_keys(self, conn: NodeConnection) -> int:
+        """Ask the node how many one-time keys it holds for us and top up to the target.
+
+        Returns the count the node reported before the top-up.
+        """
+        ok = expect(await conn.request(F.PublishKeys(conn.next_rid(), (), (), None)), F.Ok)
+        await self._top_up(conn, ok.otk_count)
+        return int(ok.otk_count)
 
     def _signed_key(self, key: str) -> str:
         """``key:signature``: a one-time or fallback key signed by this device's Ed25519 key,
@@ -502,6 +529,16 @@ class Device:
                 if d.device_id != self.curve_key
             ):
                 raise
+            else:
+                fan.warnings.append(
+                    SendWarning(
+                        "device_list_stale",
+                        address,
+                        f"the node of {address} could not be reached, so the message went to the "
+                        f"{len(dl.devices)} device(s) on the last verified list; a device linked "
+                        "since gets it when one of those forwards it",
+                    )
+                )
             return known, dl
 
     # ---- sending -----------------------------------------------------------------------------
@@ -541,8 +578,12 @@ class Device:
         conn: NodeConnection | None = None,
         include_self: bool = True,
         record: str | None = None,
+        only: frozenset[str] | None = None,
     ) -> SendResult:
-        """Fan ``payload`` out to ``address``'s devices and our own other devices."""
+        """Fan ``payload`` out to ``address``'s devices and our own other devices.
+
+        ``only`` restricts the fan-out to these device ids (a forward to missed devices).
+        """
         if conn is None:
             c = await self.connect()
             try:
@@ -553,6 +594,7 @@ class Device:
                     conn=c,
                     include_self=include_self,
                     record=record,
+                    only=only,
                 )
             finally:
                 await c.__aexit__(None, None, None)
@@ -561,13 +603,17 @@ class Device:
             [self.address] if include_self and address != self.address else []
         ):
             contact, dl = await self._list_for(conn, addr, fan)
-            devices = [d for d in dl.devices if d.device_id != self.curve_key]
+
+            def wanted(d: DeviceInfo) -> bool:
+                return d.device_id != self.curve_key and (only is None or d.device_id in only)
+
+            devices = [d for d in dl.devices if wanted(d)]
             claimed: dict[str, tuple[str, str]] = {}
             if any(not self.state.has_session(d.device_id) for d in devices):
                 try:
                     _, dl2, claimed = await self.fetch_contact(conn, addr, claim=True)
                     if dl2.identity_key == dl.identity_key and dl2.version == dl.version:
-                        devices = [d for d in dl2.devices if d.device_id != self.curve_key]
+                        devices = [d for d in dl2.devices if wanted(d)]
                 except (KeysUnavailable, UntrustedKey):
                     pass
             dl = DeviceList(dl.address, dl.identity_key, dl.version, tuple(devices))
@@ -583,6 +629,17 @@ class Device:
         record: str | None,
     ) -> SendResult:
         now = self.clock.now_ms()
+        if payload.to != self.address and payload.kind != "sync":
+            # Name the recipient's devices this payload reaches, so one of them can forward it
+            # to devices linked since (a stale list, §3.2). Only the parties can read this.
+            reach = tuple(
+                device_tag(d.device_id)
+                for addr, dl, _, claimed in fan.targets
+                if addr == payload.to
+                for d in dl.devices
+                if self._can_encrypt(d, claimed.get(d.device_id))
+            )
+            payload = replace(payload, devs=reach)
         data = payload.encode()
         items: list[tuple[str, Envelope]] = []
         counts: dict[str, dict[str, int]] = {}
@@ -656,6 +713,12 @@ class Device:
                     db.execute("DELETE FROM history WHERE msg_id=?", (payload.id,))
             raise
         return SendResult(payload.id, counts, len(items), tuple(fan.warnings))
+
+    def _can_encrypt(self, dev: DeviceInfo, otk: tuple[str, str] | None) -> bool:
+        """Whether :meth:`_encrypt_for` will reach ``dev`` (a session, or a signed key)."""
+        if self.state.has_session(dev.device_id):
+            return True
+        return otk is not None and verified_key(dev, otk[1]) is not None
 
     def _encrypt_for(
         self, db: Any, dev: DeviceInfo, otk: tuple[str, str] | None, payload: bytes, now: int
@@ -738,25 +801,67 @@ class Device:
         """
         new: list[ReceivedMessage] = []
         ack: list[bytes] = []
+        forwards: list[tuple[str, Payload, bytes]] = []
         for env in envs:
             try:
-                msg = await self._open(conn, env)
+                msg = await self._open(conn, env, forwards)
                 if msg is not None:
                     new.append(msg)
             except HavenError as exc:
                 log.warning("dropped an envelope that failed checks (%s)", exc.code)
             ack.append(env.id)
+        if forwards:  # best effort, before the ack (a crash in between loses only the forward)
+            await self._forward_missed(conn, forwards)
         await conn.ack(ack)
         new.sort(key=lambda m: (m.sender, m.sent_at))
         await self._send_receipts(conn, new)
+        if self._claims_used:  # sessions started with us used one-time keys: refill
+            try:
+                await self.refill_keys(conn)
+            except HavenError as exc:
+                log.warning("one-time keys not refilled (%s)", exc.code)
         return new
+
+    async def _forward_missed(
+        self, conn: NodeConnection, forwards: list[tuple[str, Payload, bytes]]
+    ) -> None:
+        """Forward payloads to our own devices their senders did not encrypt for.
+
+        A sender that could not reach our node encrypts to the last list it verified
+        (``device_list_stale``); each payload names the devices it reached (``devs``). Every
+        device that receives it compares that with our current signed list and relays it, as a
+        ``sync`` payload over its own sessions, to the devices missing. Receivers dedupe by
+        message id, so two forwarding devices store it once (docs/protocol.md §3.1).
+        """
+        try:
+            _, own, _ = await self.fetch_contact(conn, self.address, claim=False)
+        except HavenError as exc:
+            log.warning("could not check our device list for forwarding (%s)", exc.code)
+            return
+        for sender, p, data in forwards:
+            missed = frozenset(
+                d.device_id
+                for d in own.devices
+                if d.device_id != self.curve_key and device_tag(d.device_id) not in p.devs
+            )
+            if not missed:
+                continue
+            sync = Payload(
+                os.urandom(16), "sync", self.address, self.clock.now_ms(), origin=sender, inner=data
+            )
+            try:
+                await self.send_payload(
+                    self.address, sync, conn=conn, include_self=False, only=missed
+                )
+            except HavenError as exc:
+                log.warning("a payload was not forwarded to our other devices (%s)", exc.code)
 
     async def _send_receipts(self, conn: NodeConnection, new: list[ReceivedMessage]) -> None:
         """Send delivered receipts, one per sender, coalesced while more deliveries wait."""
         if self.setting("delivery_receipts", "on") != "on":
             return
         for m in new:
-            if m.kind == "text" and m.sender != self.address:
+            if m.kind == "text" and m.sender != self.address and not m.forwarded:
                 self._receipts.setdefault(m.sender, []).append(m.msg_id)
         if not conn.deliveries.empty() and sum(map(len, self._receipts.values())) < 500:
             return  # more is already queued: one receipt will cover it all
@@ -777,7 +882,14 @@ class Device:
         _, dl, _ = await self.fetch_contact(conn, sender, claim=False)
         return dl
 
-    async def _open(self, conn: NodeConnection, env: Envelope) -> ReceivedMessage | None:
+    async def _open(
+        self,
+        conn: NodeConnection,
+        env: Envelope,
+        forwards: list[tuple[str, Payload, bytes]] | None = None,
+    ) -> ReceivedMessage | None:
+        """Open one envelope and apply it. A payload from someone else that names the devices
+        it reached (``devs``) is appended to ``forwards`` for :meth:`_forward_missed`."""
         sc = unseal(self._sealing(), env.body)
         Address.parse(sc.sender)
         dl = await self._sender_list(conn, sc.sender, sc.sender_device)
@@ -788,10 +900,35 @@ class Device:
         own = sc.sender == self.address
         if not own and p.to != self.address:
             raise UntrustedKey("message was addressed to someone else")
+        if p.kind == "sync" and not own:
+            raise UntrustedKey("a sync payload is accepted only from our own devices")
         now = self.clock.now_ms()
         with self.state.tx() as db:
             save(db, now)
-            return self._apply(db, sc.sender, own, p, now)
+            if p.kind == "sync":
+                return self._apply_sync(db, p, now)
+            msg = self._apply(db, sc.sender, own, p, now)
+        if not own and p.devs and forwards is not None:
+            forwards.append((sc.sender, p, payload_bytes))
+        return msg
+
+    def _apply_sync(self, db: sqlite3.Connection, p: Payload, now: int) -> ReceivedMessage | None:
+        """Apply a payload our own device forwarded: as if ``p.origin`` had sent it to us.
+
+        The forwarding device checked the origin's signature chain when it received it; a
+        signed device of our own account is trusted with that as with everything else.
+        """
+        try:
+            Address.parse(p.origin)
+            inner = Payload.decode(p.inner)
+            if inner.kind == "sync" or inner.to != self.address or p.origin == self.address:
+                raise UntrustedKey("a forwarded payload must be one sent to us by someone else")
+            msg = self._apply(db, p.origin, False, inner, now)
+        except (HavenError, ValueError) as exc:
+            code = exc.code if isinstance(exc, HavenError) else "malformed"
+            log.warning("dropped a forwarded payload that failed checks (%s)", code)
+            return None
+        return None if msg is None else replace(msg, forwarded=True)
 
     def _apply(
         self, db: sqlite3.Connection, sender: str, own: bool, p: Payload, now: int
@@ -862,6 +999,7 @@ class Device:
             )
         except Exception as exc:
             raise MalformedEnvelope("cannot open pre-key message (replay or forgery)") from exc
+        self._claims_used += 1  # that used up one of our one-time keys (or the fallback)
         return bytes(plain), self._saver(sc.sender_device, session, True)
 
     def _saver(

@@ -21,7 +21,7 @@ import nacl.exceptions
 import nacl.secret
 
 from federation import frames as F
-from federation.devicelist import DeviceInfo, DeviceList, SignedDeviceList
+from federation.devicelist import DeviceInfo, DeviceList, SignedDeviceList, coarse_day
 from federation.errors import HavenError, LocalProtocolError, MalformedEnvelope
 from federation.ids import new_envelope_id
 from federation.sealing import SEAL_OVERHEAD, pad, unpad
@@ -117,6 +117,11 @@ async def link_device(
             new_name = str(msg.get("name", "device"))[:64]
         except (KeyError, TypeError) as exc:
             raise MalformedEnvelope("bad link request") from exc
+        # The list records only the day a device was added (format v2, protocol §3.2), also
+        # when an older device sent its exact time.
+        new = DeviceInfo(
+            new.device_id, new.ed25519, new.sealing, new.mailbox, coarse_day(new.added_at)
+        )
         _, own, _ = await dev.fetch_contact(conn, dev.address, claim=False)
         if any(d.device_id == new.device_id for d in own.devices):
             raise LocalProtocolError("that device is already linked")

@@ -1,19 +1,36 @@
 """The innermost layer: what one device says to another, inside Olm (docs/protocol.md §3.1).
 
 Kinds: ``text`` (with an optional disappearing timer), ``edit`` and ``delete`` (of an earlier
-message by the same sender), ``delivered`` and ``read`` receipts (listing message ids). Every
-field, timers included, travels inside the encryption; nodes never see any of it.
+message by the same sender), ``delivered`` and ``read`` receipts (listing message ids), and
+``sync``: a payload one of our own devices received and forwards to our devices its sender
+missed (an outdated device list). Every field, timers included, travels inside the
+encryption; nodes never see any of it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import nacl.encoding
+import nacl.hash
+
 from federation.errors import MalformedEnvelope
 from federation.wire import packb, unpackb
 
 PAYLOAD_VERSION = 1
-KINDS = frozenset({"text", "edit", "delete", "delivered", "read"})
+KINDS = frozenset({"text", "edit", "delete", "delivered", "read", "sync"})
+DEVICE_TAG_LEN = 8
+MAX_DEVS = 16  # at most one tag per device of the recipient's signed list
+
+
+def device_tag(device_id: str) -> bytes:
+    """A short name for a device id inside payloads (``devs``): 8 bytes of BLAKE2b."""
+    return nacl.hash.blake2b(
+        device_id.encode(),
+        digest_size=DEVICE_TAG_LEN,
+        person=b"haven-devtag",
+        encoder=nacl.encoding.RawEncoder,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +43,10 @@ class Payload:
     target: bytes = b""  # edit/delete: the message it applies to
     expires_in: int = 0  # disappearing timer, ms (0 = keep)
     ids: tuple[bytes, ...] = field(default=())  # receipts: the messages they acknowledge
+    # the recipient's devices the sender encrypted this payload for (device_tag each)
+    devs: tuple[bytes, ...] = field(default=())
+    origin: str = ""  # sync: who sent the forwarded payload
+    inner: bytes = b""  # sync: the forwarded payload, as its sender encoded it
 
     def encode(self) -> bytes:
         return packb(
@@ -39,6 +60,9 @@ class Payload:
                 "target": self.target,
                 "expires_in": self.expires_in,
                 "ids": list(self.ids),
+                "devs": list(self.devs),
+                "origin": self.origin,
+                "inner": self.inner,
             }
         )
 
@@ -57,9 +81,16 @@ class Payload:
                 target=bytes(obj.get("target", b"")),
                 expires_in=int(obj.get("expires_in", 0)),
                 ids=tuple(bytes(i) for i in obj.get("ids", [])),
+                devs=tuple(bytes(i) for i in obj.get("devs", [])),
+                origin=str(obj.get("origin", "")),
+                inner=bytes(obj.get("inner", b"")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedEnvelope("bad payload") from exc
         if len(p.id) != 16 or p.expires_in < 0 or len(p.ids) > 1000:
             raise MalformedEnvelope("bad payload fields")
+        if len(p.devs) > MAX_DEVS or any(len(t) != DEVICE_TAG_LEN for t in p.devs):
+            raise MalformedEnvelope("bad payload device tags")
+        if (p.kind == "sync") != bool(p.inner) or (p.kind == "sync") != bool(p.origin):
+            raise MalformedEnvelope("sync payloads, and only they, carry origin and inner")
         return p

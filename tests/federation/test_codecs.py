@@ -124,7 +124,7 @@ def test_sealed_sender_round_trip_and_wrong_key() -> None:
 
 def test_device_list_signature_and_tamper() -> None:
     ik = nacl.signing.SigningKey.generate()
-    dev = DeviceInfo("curve", "ed", os.urandom(32), os.urandom(16), 1)
+    dev = DeviceInfo("curve", "ed", os.urandom(32), os.urandom(16), 0)  # a day start (v2)
     signed = DeviceList("bob@h", bytes(ik.verify_key), 1, (dev,)).sign(ik)
     assert signed.open(expected_address="bob@h").devices == (dev,)
     with pytest.raises(UntrustedKey):
