@@ -33,10 +33,12 @@ from federation.wire import MAX_BATCH_BYTES, PROTOCOL_VERSION, Envelope, packb, 
 from . import admission, client_api, federation_api, guard
 from .atrest import EpochKeys
 from .ballast import DiskGuard
-from .config import DB_NAME, EPOCH_KEYS_NAME, KEY_NAME, NodeConfig
+from .config import DB_NAME, EPOCH_KEYS_NAME, NodeConfig
 from .lan import LanService
+from .linktokens import LinkTokens
 from .mailbox import Mailboxes
 from .metrics import Metrics
+from .nodekey import load_key
 from .outbox import OutboxSender
 from .peer_admission import NewPeerBudget
 from .peers import PeerDirectory
@@ -80,9 +82,10 @@ class Rates:
         return self.buckets[purpose].take(key, now, cost)
 
 
-def load_node_key(home: str) -> NodeKey:
-    with open(os.path.join(home, KEY_NAME), "rb") as f:
-        return NodeKey(f.read(32))
+def load_node_key(home: str, config: NodeConfig | None = None) -> NodeKey:
+    """The node key: ``HOME/node.key`` or ``key_file``, unwrapped if ``key_secret_file`` is set
+    (:mod:`node.nodekey`). Raises :class:`node.nodekey.NodeKeyUnavailable` with one clear line."""
+    return load_key(home, config or NodeConfig.load(home))
 
 
 def load_rotations(home: str) -> tuple[Rotation, ...]:
@@ -122,10 +125,14 @@ class Node:
         self.known_mailboxes: set[bytes] = set()
         self.pending_load: dict[bytes, int] = {}  # envelopes held per mailbox (quota)
         self.known_peers: set[str] = set()
+        self.link_tokens = LinkTokens(client_api.LINK_TTL_MS)  # memory only
         self.quotas = OutboxQuotas(config.max_outbox_per_destination, config.max_outbox_per_account)
         self.mailboxes = Mailboxes(store, clock, on_outbox=self._outbox_ready)
         self.mailboxes.disk = DiskGuard(home, config.ballast_mb)  # disk full: node/ballast.py
         self.sweeper = Sweeper(store, self.mailboxes, clock, disk=self.mailboxes.disk)
+        if config.owner and config.pin_ttl_days > 0:  # personal node: pins = contact list
+            self.sweeper.pin_ttl_ms = config.pin_ttl_days * 86_400_000
+            self.sweeper.on_pins_dropped = self._pins_dropped
         self.session: aiohttp.ClientSession | None = None
         self.transport: PeerTransport | None = None
         self._peers: PeerDirectory | None = None
@@ -183,6 +190,12 @@ class Node:
             transport=self.transport_or_fail(),
             interfaces=self.config.interfaces,
         )
+
+    def _pins_dropped(self, node_ids: list[str]) -> None:
+        self.known_peers.difference_update(node_ids)
+        for node_id in node_ids:
+            if self._peers is not None:
+                self._peers.forget(node_id)
 
     def _outbox_ready(self, dest: str) -> None:
         if self._outbox is not None:

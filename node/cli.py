@@ -20,11 +20,13 @@ from federation.ids import key_from_node_id, valid_name
 from federation.signing import NodeKey, Rotation, b64d, b64e
 from federation.wire import packb, unpackb
 
-from . import logs
+from . import logs, nodekey
 from .app import ROTATIONS_NAME, build, load_node_key, load_rotations
 from .client_api import invite_hash
-from .config import KEY_NAME, MAX_TTL_MS, NodeConfig, validate_public_url
+from .config import CONFIG_NAME, KEY_NAME, MAX_TTL_MS, NodeConfig, validate_public_url
 from .store import PeerRecord
+
+DAY_MS = 86_400_000
 
 
 def make_invite(url: str, node_id: str, name: str, token: bytes, host: str) -> str:
@@ -46,10 +48,18 @@ def init_node(
     interfaces: str = "",
     tls_cert: str = "",
     tls_key: str = "",
+    key_file: str = "",
+    key_secret_file: str = "",
 ) -> NodeConfig:
-    """Create the node identity, config and store in ``home``."""
+    """Create the node identity, config and store in ``home``.
+
+    ``key_file`` puts the node key outside ``home``; ``key_secret_file`` stores it wrapped
+    under that secret (:mod:`node.nodekey`); ``node.toml`` records both.
+    """
     os.makedirs(home, mode=0o700, exist_ok=True)
-    if os.path.exists(os.path.join(home, KEY_NAME)):
+    if os.path.exists(os.path.join(home, KEY_NAME)) or os.path.exists(
+        os.path.join(home, CONFIG_NAME)
+    ):
         raise LocalProtocolError(f"{home} already holds a node")
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
@@ -67,17 +77,29 @@ def init_node(
         lan_interfaces=interfaces,
         tls_cert=os.path.abspath(tls_cert) if tls_cert else "",
         tls_key=os.path.abspath(tls_key) if tls_key else "",
+        key_file=os.path.abspath(key_file) if key_file else "",
+        key_secret_file=_secret_spec(key_secret_file),
     )
     if bool(tls_cert) != bool(tls_key):
         raise LocalProtocolError("--tls-cert and --tls-key go together")
-    key = NodeKey.generate()
-    fd = os.open(os.path.join(home, KEY_NAME), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.seed)
-        f.flush()
-        os.fsync(f.fileno())
+    nodekey.create_key_file(home, config, NodeKey.generate())
     config.save(home)
     return config  # the store is created (and migrated) on first open
+
+
+def _secret_spec(spec: str) -> str:
+    """``credential:NAME`` as given; a path made absolute (``serve`` may run elsewhere)."""
+    if not spec or spec.startswith(nodekey.CREDENTIAL_PREFIX):
+        return spec
+    return os.path.abspath(spec)
+
+
+def invite_expiry(now: int, expires_ms: int) -> int:
+    """A long-lived invite (a day or more) expires at the end of a UTC day, so the stored
+    expiry does not tell when it was made; a shorter one keeps its exact expiry."""
+    if expires_ms < DAY_MS:
+        return now + expires_ms
+    return -(-(now + expires_ms) // DAY_MS) * DAY_MS
 
 
 async def create_invite(home: str, name: str, expires_ms: int) -> str:
@@ -91,7 +113,7 @@ async def create_invite(home: str, name: str, expires_ms: int) -> str:
         now = SystemClock().now_ms()
         await store.create_account(name, now)
         token = os.urandom(24)
-        await store.add_invite(invite_hash(token), name, now + expires_ms)
+        await store.add_invite(invite_hash(token), name, invite_expiry(now, expires_ms))
     finally:
         await store.close()
     return make_invite(config.device_url, node.key.node_id, name, token, config.public_host)
@@ -164,11 +186,12 @@ def rotate_key(home: str) -> tuple[str, str]:
     Peers that pinned the old id accept the new one because the descriptor carries the chain;
     devices of this node follow it the same way.
     """
-    old = load_node_key(home)
+    config = NodeConfig.load(home)
+    old = load_node_key(home, config)
     new = NodeKey.generate()
     rotations = (*load_rotations(home), Rotation.make(old, new.node_id, SystemClock().now_ms()))
     _write_atomic(os.path.join(home, ROTATIONS_NAME), packb([r.to_wire() for r in rotations]))
-    _write_atomic(os.path.join(home, KEY_NAME), new.seed)
+    nodekey.replace_key_file(home, config, new)  # same place, same wrapping
     return old.node_id, new.node_id
 
 
@@ -205,7 +228,9 @@ async def pin_card(home: str, card: str) -> str:
         existing = await node.store.peer_by_host(host)
         if existing is not None and existing.node_id != node_id:
             raise KeyChanged("that host is pinned to a different node key")
-        await node.store.upsert_peer(PeerRecord(node_id, url, host, 0))
+        # last_seen = now: a pin from a card counts as used today (personal nodes drop
+        # pins unused for pin_ttl_days)
+        await node.store.upsert_peer(PeerRecord(node_id, url, host, SystemClock().now_ms()))
     finally:
         await node.store.close()
     return node_id
@@ -285,6 +310,18 @@ def add_commands(sub: Any) -> None:
     i.add_argument("--interface", default="", help="interfaces for LAN discovery (default all)")
     i.add_argument("--tls-cert", default="", help="PEM certificate chain: serve HTTPS directly")
     i.add_argument("--tls-key", default="", help="PEM private key for --tls-cert")
+    i.add_argument(
+        "--key-file",
+        default="",
+        help="write the node key here instead of HOME/node.key (e.g. a removable volume); "
+        "serve refuses to start while it is missing",
+    )
+    i.add_argument(
+        "--key-secret-file",
+        default="",
+        help="store the node key wrapped under the bytes of this file (Argon2id + "
+        "XSalsa20-Poly1305); credential:NAME reads $CREDENTIALS_DIRECTORY/NAME (systemd)",
+    )
     i.add_argument(
         "--lan",
         dest="lan",
@@ -380,6 +417,8 @@ def init_from_args(args: argparse.Namespace) -> NodeConfig:
         interfaces=args.interface,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        key_file=args.key_file,
+        key_secret_file=args.key_secret_file,
     )
 
 
@@ -387,7 +426,7 @@ def _run(args: argparse.Namespace) -> int:
     cmd = args.node_cmd
     if cmd == "init":
         config = init_from_args(args)
-        node_id = NodeKey(open(os.path.join(args.home, KEY_NAME), "rb").read()).node_id
+        node_id = load_node_key(args.home, config).node_id
         out = {"node_id": node_id, "public_url": config.public_url, "home": args.home}
         print(json.dumps(out) if args.json else f"created node {node_id} in {args.home}")
         return 0

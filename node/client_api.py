@@ -305,7 +305,14 @@ class ClientSession:
             raise RateLimited("too many registrations; try again shortly")
         self._check_proof(f.auth_key, f.mailbox, f.sig)
         store, now = self.node.store, self.node.clock.now_ms()
-        redeemed = await store.redeem_invite(invite_hash(f.invite), now)
+        token = invite_hash(f.invite)
+        linked = self.node.link_tokens.redeem(token, now)  # in memory only
+        if linked is not None:
+            redeemed: tuple[str, str] | None = (linked, "link")
+            if not await store.account_exists(linked):  # removed meanwhile
+                redeemed = None
+        else:
+            redeemed = await store.redeem_invite(token, now)
         if redeemed is None or (redeemed[1] == "link") != (f.device_list is None):
             raise InvalidInvite("invite is invalid, expired or already used")
         account = redeemed[0]
@@ -333,8 +340,8 @@ class ClientSession:
         if not self.node.rates.take("link:" + self.account, now):
             raise RateLimited("too many link tokens for this account; try again later")
         token = os.urandom(24)
-        expires = now + LINK_TTL_MS
-        await self.node.store.add_invite(invite_hash(token), self.account, expires, kind="link")
+        # Memory only: a stored row would date the link to the millisecond (node/linktokens.py).
+        expires = self.node.link_tokens.mint(invite_hash(token), self.account, now)
         self.send(F.LinkToken(f.rid, token, expires))
 
     def _check_list(

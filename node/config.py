@@ -27,9 +27,12 @@ class NodeConfig:
     lan: bool = False
     lan_interfaces: str = ""  # comma-separated interface names or IPv4 addresses; "" = all
     owner: str = ""  # personal node: the owner's account name (shown on LAN contact cards)
+    pin_ttl_days: int = 30  # personal node: peer pins unused this long are dropped; 0 = never
     client_url: str = ""  # URL devices use to reach this node; "" = public_url
     tls_cert: str = ""
     tls_key: str = ""
+    key_file: str = ""  # node key outside the home (node/nodekey.py); "" = HOME/node.key
+    key_secret_file: str = ""  # node key wrapped under this secret; "credential:NAME" = systemd
     max_pending_per_mailbox: int = 10_000
     max_db_mb: int = 0  # cap on the store's size (PRAGMA max_page_count); 0 = the disk's size
     epoch_ms: int = 3_600_000

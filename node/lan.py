@@ -86,7 +86,7 @@ class LanService:
         try:
             await self._verify(c)
         except HavenError as exc:  # a failed check must never stop LAN discovery
-            log.info("LAN verification failed (%s)", exc.code)
+            log.debug("LAN verification failed (%s)", exc.code)  # retried: not a state change
 
     async def _verify(self, c: LanCandidate) -> None:
         node_id = recognise(c.blinded, await self._known_keys(), self.clock.now_ms())
@@ -110,7 +110,7 @@ class LanService:
             log.info("peer %s verified on the LAN", node_id)
             break
         if not proved:
-            log.info("LAN candidate for peer %s not verified", node_id)
+            log.debug("LAN candidate for peer %s not verified", node_id)  # retried every recheck
 
     async def run(self) -> None:
         """Announce, browse and verify until cancelled."""

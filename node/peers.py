@@ -31,12 +31,18 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from federation.clock import Clock
-from federation.errors import KeyChanged, RateLimited, RemoteProtocolError, TransportError
+from federation.errors import (
+    KeyChanged,
+    RateLimited,
+    RemoteProtocolError,
+    StorageError,
+    TransportError,
+)
 from federation.signing import rotation_chain_allows
 from federation.transport import FetchedDescriptor, PeerTransport, RemoteError
 
 from .metrics import Metrics
-from .store import PeerRecord, Store
+from .store import PeerRecord, Store, day
 
 log = logging.getLogger("haven.peers")
 T = TypeVar("T")
@@ -88,6 +94,7 @@ class PeerDirectory:
         self.metrics = metrics
         self.on_seen = on_seen
         self.state: dict[str, PeerState] = {}
+        self._stored_day: dict[str, int] = {}  # the pin's last_seen day known to be stored
 
     def st(self, node_id: str) -> PeerState:
         return self.state.setdefault(node_id, PeerState())
@@ -124,6 +131,7 @@ class PeerDirectory:
                 last = exc
                 continue
             self._ok(node_id, kind)
+            await self.touch(node_id)
             return result
         self.st(node_id).reachable = False
         raise TransportError("peer unreachable") from last
@@ -145,6 +153,26 @@ class PeerDirectory:
     def _ok(self, node_id: str, kind: str) -> None:
         st = self.st(node_id)
         st.reachable, st.last_ok, st.last_seen = True, kind, self.clock.now_ms()
+
+    async def touch(self, node_id: str) -> None:
+        """Keep the pin's stored ``last_seen`` (a UTC day) current: at most one write per peer
+        per day. A personal node drops pins unused for ``pin_ttl_days`` (node/sweeper.py)."""
+        now = self.clock.now_ms()
+        if self._stored_day.get(node_id, -1) >= day(now):
+            return
+        try:
+            rec = await self.store.get_peer(node_id)
+            if rec is not None and rec.last_seen < day(now):
+                await self.store.upsert_peer(PeerRecord(rec.node_id, rec.url, rec.host, now))
+        except StorageError:
+            return  # tried again on the next contact
+        if rec is not None:
+            self._stored_day[node_id] = day(now)
+
+    def forget(self, node_id: str) -> None:
+        """The pin was dropped: forget what memory holds about the peer too."""
+        self.state.pop(node_id, None)
+        self._stored_day.pop(node_id, None)
 
     async def resolve_host(self, host: str) -> PeerRecord:
         """Node record for ``host``, fetching and pinning its descriptor on first contact.
@@ -195,6 +223,7 @@ class PeerDirectory:
         st = self.st(desc.node_id)
         st.offset_ms, st.measured, st.key_changed = fetched.offset_ms, True, False
         self._ok(desc.node_id, "public")
+        self._stored_day[desc.node_id] = day(record.last_seen)
         return record
 
     def _key_changed(self, node_id: str) -> None:
@@ -260,6 +289,7 @@ class PeerDirectory:
             st = self.st(node_id)
             st.reachable, st.last_seen = True, self.clock.now_ms()
             self.on_seen(node_id)
+            await self.touch(node_id)
 
     # ---- LAN ---------------------------------------------------------------------------------
 

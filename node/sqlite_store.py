@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 import sqlite3
+from collections.abc import Collection
 from typing import Any
 
 import aiosqlite
@@ -32,7 +33,7 @@ from federation.wire import Envelope
 
 from .atrest import EpochKeys
 from .ballast import DiskFull
-from .store import DeviceRecord, PeerRecord, WriteBatch
+from .store import DeviceRecord, PeerRecord, WriteBatch, day
 
 log = logging.getLogger("haven.store")
 
@@ -256,7 +257,8 @@ class SqliteStore:
     # ---- accounts, invites, devices ----------------------------------------------------------
 
     async def create_account(self, name: str, now: int) -> bool:
-        n = await self._exec("INSERT OR IGNORE INTO accounts VALUES (?, ?)", (name, now))
+        # Stored as the UTC day (docs/threat-model.md: coarse metadata at rest).
+        n = await self._exec("INSERT OR IGNORE INTO accounts VALUES (?, ?)", (name, day(now)))
         return n == 1
 
     async def account_exists(self, name: str) -> bool:
@@ -506,11 +508,22 @@ class SqliteStore:
         )
 
     async def upsert_peer(self, peer: PeerRecord) -> None:
+        """Pin (or update) a peer; ``last_seen`` is stored as its UTC day."""
         await self._exec(
             "INSERT INTO peers VALUES (?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET "
             "url=excluded.url, host=excluded.host, last_seen=excluded.last_seen",
-            (peer.node_id, peer.url, peer.host, peer.last_seen),
+            (peer.node_id, peer.url, peer.host, day(peer.last_seen)),
         )
+
+    async def drop_stale_peers(self, before: int, keep: Collection[str] = ()) -> list[str]:
+        """Delete pins last seen before ``before`` (ms), except ``keep``; the ids dropped."""
+        async with self._write_lock:
+            rows = await self._all("SELECT node_id FROM peers WHERE last_seen < ?", (before,))
+            stale = [str(r[0]) for r in rows if str(r[0]) not in keep]
+            if stale:
+                sql = "DELETE FROM peers WHERE node_id=? AND last_seen < ?"
+                await self._tx_locked([(sql, [(n, before) for n in stale])])
+        return stale
 
     async def rename_peer(self, old_id: str, new: PeerRecord) -> None:
         """Follow a signed key rotation: move the pin and the queued envelopes to the new id."""
@@ -519,7 +532,7 @@ class SqliteStore:
                 ("DELETE FROM peers WHERE node_id=?", [(old_id,)]),
                 (
                     "INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?)",
-                    [(new.node_id, new.url, new.host, new.last_seen)],
+                    [(new.node_id, new.url, new.host, day(new.last_seen))],
                 ),
                 ("UPDATE outbox SET dest=? WHERE dest=?", [(new.node_id, old_id)]),
             ]

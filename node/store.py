@@ -8,10 +8,19 @@ Backends: :class:`node.sqlite_store.SqliteStore` (default). One contract suite
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
 from federation.wire import Envelope
+
+DAY_MS = 86_400_000
+
+
+def day(ms: int) -> int:
+    """The start of the UTC day of ``ms``: how times that need no finer grain are stored
+    (account creation, a peer's last contact; docs/threat-model.md)."""
+    return ms - ms % DAY_MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +108,15 @@ class Store(Protocol):
     # peers
     async def get_peer(self, node_id: str) -> PeerRecord | None: ...
     async def peer_by_host(self, host: str) -> PeerRecord | None: ...
-    async def upsert_peer(self, peer: PeerRecord) -> None: ...
+    async def upsert_peer(self, peer: PeerRecord) -> None:
+        """Pin or update a peer; ``last_seen`` is kept at day granularity."""
+        ...
+
+    async def drop_stale_peers(self, before: int, keep: Collection[str] = ()) -> list[str]:
+        """Delete pins whose ``last_seen`` is before ``before`` (ms), except those in ``keep``
+        (e.g. peers with queued envelopes); returns the node ids dropped."""
+        ...
+
     async def rename_peer(self, old_id: str, new: PeerRecord) -> None: ...
 
     async def all_mailboxes(self) -> list[bytes]: ...

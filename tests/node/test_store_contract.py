@@ -169,3 +169,31 @@ async def test_outbox_page_and_counts(store: Store) -> None:
     assert await store.outbox_page("p1", rest[-1][0], 10) == []
     await store.write(WriteBatch(delete_outbox=(envs[0].id, other.id)), 2)
     assert await store.outbox_counts() == {"p1": 4}
+
+
+async def test_account_created_is_stored_as_its_day(store: Store, tmp_path: Path) -> None:
+    import sqlite3
+
+    now = 1_795_376_903_268  # some millisecond in a day
+    assert await store.create_account("carol", now)
+    await store.close()
+    with sqlite3.connect(tmp_path / "store.db") as db:
+        (created,) = db.execute("SELECT created FROM accounts WHERE name='carol'").fetchone()
+    await store.open()
+    assert created == now - now % 86_400_000 and created % 86_400_000 == 0
+
+
+async def test_peer_last_seen_is_a_day_and_stale_pins_drop(store: Store) -> None:
+    day = 86_400_000
+    t0 = 20_000 * day + 12_345_678
+    await store.upsert_peer(PeerRecord("old", "http://o", "o", t0))
+    await store.upsert_peer(PeerRecord("queued", "http://q", "q", t0))
+    await store.upsert_peer(PeerRecord("fresh", "http://f", "f", t0 + 29 * day))
+    assert (await store.get_peer("old")).last_seen == 20_000 * day  # type: ignore[union-attr]
+    cutoff = t0  # e.g. "now - pin_ttl" with now = t0 + 30 days: "old" is 30 days old
+    dropped = await store.drop_stale_peers(cutoff, keep={"queued"})
+    assert dropped == ["old"]
+    assert sorted(p.node_id for p in await store.all_peers()) == ["fresh", "queued"]
+    assert await store.drop_stale_peers(cutoff, keep={"queued"}) == []
+    await store.rename_peer("fresh", PeerRecord("fresh2", "http://f", "f", t0 + 29 * day + 5))
+    assert (await store.get_peer("fresh2")).last_seen == 20_029 * day  # type: ignore[union-attr]

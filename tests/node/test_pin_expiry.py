@@ -1,0 +1,85 @@
+"""Personal nodes drop peer pins unused for ``pin_ttl_days`` (node/sweeper.py, node/peers.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from federation.clock import FakeClock
+from federation.wire import Envelope
+from node.atrest import EpochKeys
+from node.mailbox import Mailboxes
+from node.metrics import Metrics
+from node.peers import PeerDirectory
+from node.sqlite_store import SqliteStore
+from node.store import PeerRecord, WriteBatch
+from node.sweeper import Sweeper
+
+DAY = 86_400_000
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(str(tmp_path / "store.db"), EpochKeys(str(tmp_path / "epochs.key")))
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_unused_pins_drop_but_queued_and_fresh_ones_stay(store: SqliteStore) -> None:
+    clock = FakeClock()
+    t0 = clock.now_ms()
+    mailboxes = Mailboxes(store, clock, on_outbox=lambda _: None)
+    dropped: list[list[str]] = []
+    personal = Sweeper(store, mailboxes, clock, pin_ttl_ms=30 * DAY, on_pins_dropped=dropped.append)
+    organisation = Sweeper(store, mailboxes, clock)
+    for name in ("old", "queued", "fresh"):
+        await store.upsert_peer(PeerRecord(name, f"http://{name}", name, t0))
+    envelope = Envelope(os.urandom(16), os.urandom(16), t0 + 60 * DAY, b"x" * 64)
+    await store.write(WriteBatch(outbox=(("queued", envelope),)), t0)
+
+    clock.advance(29 * DAY)
+    await store.upsert_peer(PeerRecord("fresh", "http://fresh", "fresh", clock.now_ms()))
+    assert (await personal.tick())["pins_dropped"] == 0  # 29 days: nothing is stale yet
+
+    clock.advance(2 * DAY)
+    assert (await organisation.tick())["pins_dropped"] == 0  # organisation nodes keep pins
+    assert (await personal.tick())["pins_dropped"] == 1
+    assert dropped == [["old"]]
+    assert sorted(p.node_id for p in await store.all_peers()) == ["fresh", "queued"]
+
+    # checked hourly, not on every tick
+    await store.upsert_peer(PeerRecord("older", "http://older", "older", t0))
+    assert (await personal.tick())["pins_dropped"] == 0
+    clock.advance(3_600_000)
+    assert (await personal.tick())["pins_dropped"] == 1
+    assert dropped == [["old"], ["older"]]
+
+
+async def test_contact_refreshes_the_stored_day_once_per_day(store: SqliteStore) -> None:
+    clock = FakeClock(1_700_000_000_000 - 1_700_000_000_000 % DAY + 1000)
+    writes: list[PeerRecord] = []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        async def upsert_peer(self, peer: PeerRecord) -> None:
+            writes.append(peer)
+            await store.upsert_peer(peer)
+
+    peers = PeerDirectory(cast(Any, Counting()), cast(Any, None), clock, Metrics(), lambda _: None)
+    await store.upsert_peer(PeerRecord("p", "http://p", "p", clock.now_ms()))
+    await peers.seen("p")
+    await peers.seen("p")
+    assert writes == []  # pinned today: nothing to write
+    clock.advance(DAY)
+    for _ in range(5):
+        await peers.seen("p")
+    assert len(writes) == 1  # one write per peer per day, however many contacts
+    rec = await store.get_peer("p")
+    assert rec is not None and rec.last_seen == clock.now_ms() - clock.now_ms() % DAY
