@@ -60,6 +60,10 @@ MIGRATED_NOTICE = (
     "in the disk's free space"
 )
 _V1_WRAPPED = b"HVPW1"
+# version 1 wrapped device.key with pynacl's default Argon2id limits ("sensitive": 4 passes,
+# 1 GiB; 12 s on a 2-core test machine, for every command). device.keys uses "interactive".
+V1_OPSLIMIT = nacl.pwhash.argon2id.OPSLIMIT_SENSITIVE
+V1_MEMLIMIT = nacl.pwhash.argon2id.MEMLIMIT_SENSITIVE
 
 
 def storage_key_for(db_key: bytes) -> bytes:
@@ -147,7 +151,8 @@ def load_v1_key(home: str, passphrase: str | None) -> bytes:
             "this device is passphrase-protected: set HAVEN_PASSPHRASE", code="passphrase_required"
         )
     salt_end = len(_V1_WRAPPED) + nacl.pwhash.argon2id.SALTBYTES
-    kek = nacl.pwhash.argon2id.kdf(32, passphrase.encode(), data[len(_V1_WRAPPED) : salt_end])
+    salt = data[len(_V1_WRAPPED) : salt_end]
+    kek = nacl.pwhash.argon2id.kdf(32, passphrase.encode(), salt, V1_OPSLIMIT, V1_MEMLIMIT)
     try:
         return bytes(nacl.secret.SecretBox(kek).decrypt(data[salt_end:]))
     except nacl.exceptions.CryptoError:
