@@ -111,7 +111,7 @@ def test_wrong_or_missing_passphrase_fails_with_a_code(tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr and "hmac" not in res.stderr
     res = cli(home, "whoami")
     assert res.returncode == 1 and '"error": "passphrase_required"' in res.stdout
-    assert [r.text for r in DeviceState(str(home), passphrase="right").history(BOB)][0] == (
+    assert next(r.text for r in DeviceState(str(home), passphrase="right").history(BOB)) == (
         "kept-text-1"
     )
 
@@ -230,7 +230,7 @@ def test_passphrase_change_rewraps_only_the_key_slot(tmp_path: Path) -> None:
         DeviceState(str(home), passphrase="old pass")
     assert err.value.code == "wrong_passphrase"
     s = DeviceState(str(home), passphrase="new")
-    assert [r.text for r in s.history(BOB)][0] == "kept-text-1"
+    assert next(r.text for r in s.history(BOB)) == "kept-text-1"
     s.change_passphrase(None)
     assert not s.protected
     s.close()
