@@ -270,6 +270,10 @@ def _upgrade(db: Any, keys: KeySlots, old_key: bytes | None, new_key: bytes) -> 
 
     db.execute("BEGIN IMMEDIATE")
     try:
+        if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            db.execute("COMMIT")  # another process on this home created it meanwhile
+            return
+        keys.refresh()
         db.execute("ALTER TABLE history ADD COLUMN slot INTEGER NOT NULL DEFAULT -1")
         if old is not None and old_key is not None:  # a migrated version-1 database
             for seq, text in db.execute("SELECT seq, text FROM history").fetchall():
@@ -297,22 +301,33 @@ def _upgrade(db: Any, keys: KeySlots, old_key: bytes | None, new_key: bytes) -> 
                     (bytes(new.encrypt(bytes(old.decrypt(name)))), dev_id),
                 )
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        keys.before_commit()
+        keys.flush()
         db.execute("COMMIT")
-        keys.after_commit()
+        keys.committed()
     except nacl.exceptions.CryptoError as exc:
-        db.execute("ROLLBACK")
         keys.abort()
+        db.execute("ROLLBACK")
         raise StorageError("old device data failed authentication", code="storage_error") from exc
     except BaseException:
-        db.execute("ROLLBACK")
         keys.abort()
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
 
 
 def _reconcile(db: Any, keys: KeySlots) -> None:
-    """Zero key slots no row references; drop rows whose key is gone (both: a crash)."""
-    refs = [r[0] for r in db.execute("SELECT slot FROM history").fetchall()]
-    lost = keys.reconcile(refs)
-    if lost:
-        db.executemany("DELETE FROM history WHERE slot=?", [(s,) for s in lost])
+    """Zero key slots no row references; drop rows whose key is gone (both: a crash). Under the
+    write lock, so that another process on this home is never between a key write and its
+    commit while this runs."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        keys.refresh()
+        refs = [r[0] for r in db.execute("SELECT slot FROM history").fetchall()]
+        lost = keys.reconcile(refs)
+        if lost:
+            db.executemany("DELETE FROM history WHERE slot=?", [(s,) for s in lost])
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise

@@ -13,10 +13,15 @@ device-side counterpart of the node's epoch-key file (``node/atrest.py``):
   text zeroes its slot, so every copy of the old ciphertext (freed pages, stale WAL frames,
   blocks the filesystem let go) is noise even to someone holding the database key.
 
-Slot writes are batched with the history transaction that needs them (one ``fsync`` per
-transaction, not per message): new keys reach the disk before the transaction commits, zeroed
-slots right after it, so a crash can leave at worst a key nobody references, which the next
-open zeroes (:meth:`KeySlots.reconcile`).
+Slot writes are part of the history transaction that needs them, like a group commit: the new
+keys and the zeroed slots of one transaction are written together, with one ``fsync``, just
+before it commits, while the database's write lock is held (so processes sharing a home never
+write the file at the same time). Slot 0 is not a key: it holds a random token, renewed on every
+write, which tells a process that another one changed the file (:meth:`KeySlots.refresh`). A
+transaction that rolls back restores the slots it changed. A crash between the key write and
+the commit can leave keys nobody references (the next open zeroes them,
+:meth:`KeySlots.reconcile`) or, for an edit, zero the key of a row that still exists. Such a
+message is then dropped, never revealed.
 """
 
 from __future__ import annotations
@@ -99,13 +104,37 @@ class KeySlots:
         if len(data) < HEADER_SIZE or (len(data) - HEADER_SIZE) % SLOT_SIZE:
             raise StorageError("device key file has the wrong size", code="key_file_damaged")
         self._load_header(data)
+        self._pending_keys: set[int] = set()  # allocated in the open transaction
+        self._pending_zero: dict[int, bytes] = {}  # zeroed in it: slot -> the key it held
+        self._dirty: set[int] = set()  # changed in memory, not yet written
+        self._flushed = False  # this transaction's slots are on disk
+        self._load_slots(data)
+
+    def _load_slots(self, data: bytes) -> None:
         self._slots = bytearray(data[HEADER_SIZE:])
         self._on_disk = len(self._slots) // SLOT_SIZE
-        self._free = [i for i in range(self._on_disk) if self._slot(i) == _ZERO]
+        self._free = [i for i in range(1, self._on_disk) if self._slot(i) == _ZERO]
         self._free.reverse()  # pop() hands out the lowest free slot first
-        self._pending_keys: set[int] = set()  # allocated in the open transaction
-        self._pending_zero: set[int] = set()  # to zero once the transaction commits
-        self._dirty: set[int] = set()  # changed in memory, not yet written
+        self._token = self._slot(0) if self._on_disk else _ZERO
+
+    def refresh(self) -> None:
+        """Re-read the slots if another process wrote the file since (its token changed).
+        Called at the start of every transaction, under the database's write lock."""
+        if self._pending_keys or self._pending_zero:
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            token = os.pread(fd, SLOT_SIZE, HEADER_SIZE)
+            if token == self._token:
+                return
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+        if len(data) < HEADER_SIZE + SLOT_SIZE or (len(data) - HEADER_SIZE) % SLOT_SIZE:
+            raise StorageError("device key file has the wrong size", code="key_file_damaged")
+        self._dirty = set()
+        self._load_slots(data)
 
     # ---- creation and the header slot ------------------------------------------------------
 
@@ -115,7 +144,7 @@ class KeySlots:
         header = _header(db_key, passphrase, keyring)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            data = header + bytes(SLOT_SIZE * GROW_SLOTS)
+            data = header + nacl.utils.random(SLOT_SIZE) + bytes(SLOT_SIZE * (GROW_SLOTS - 1))
             if os.write(fd, data) != len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             os.fsync(fd)
@@ -194,13 +223,17 @@ class KeySlots:
 
     def key(self, slot: int) -> bytes | None:
         """The key in ``slot``, or ``None`` if it was zeroed (the text is shredded)."""
-        if not 0 <= slot < len(self._slots) // SLOT_SIZE:
+        if not 0 < slot < len(self._slots) // SLOT_SIZE:
             return None
         k = self._slot(slot)
         return None if k == _ZERO else k
 
+    def _set(self, slot: int, value: bytes) -> None:
+        self._slots[slot * SLOT_SIZE : (slot + 1) * SLOT_SIZE] = value
+        self._dirty.add(slot)
+
     def allocate(self) -> tuple[int, bytes]:
-        """A fresh key in a free slot, written to disk by :meth:`before_commit`."""
+        """A fresh key in a free slot (on disk once :meth:`flush` runs)."""
         if not self._free:
             start = len(self._slots) // SLOT_SIZE
             self._slots.extend(bytes(SLOT_SIZE * GROW_SLOTS))
@@ -220,51 +253,58 @@ class KeySlots:
             self._free.sort(reverse=True)
 
     def shred(self, slot: int) -> None:
-        """Zero ``slot`` once the transaction that deleted its row commits."""
+        """Zero ``slot`` (its row is deleted or re-sealed in this transaction)."""
         if slot in self._pending_keys:  # allocated and dropped in one transaction
             self.release(slot)
-        elif self.key(slot) is not None:
-            self._pending_zero.add(slot)
-
-    def _set(self, slot: int, value: bytes) -> None:
-        self._slots[slot * SLOT_SIZE : (slot + 1) * SLOT_SIZE] = value
-        self._dirty.add(slot)
-
-    def before_commit(self) -> None:
-        """Write the transaction's new keys (at most one fsync)."""
-        self._write()
-
-    def after_commit(self) -> None:
-        """Zero the slots of rows the committed transaction deleted (at most one fsync)."""
-        self._pending_keys = set()
-        for slot in sorted(self._pending_zero):
+            return
+        key = self.key(slot)
+        if key is not None and slot not in self._pending_zero:
+            self._pending_zero[slot] = key
             self._set(slot, _ZERO)
-            self._free.append(slot)
-        self._free.sort(reverse=True)
-        self._pending_zero = set()
+
+    def flush(self) -> None:
+        """Write this transaction's new and zeroed slots: one fsync, just before COMMIT."""
         self._write()
+        self._flushed = True
+
+    def committed(self) -> None:
+        """The transaction committed: its zeroed slots become free."""
+        self._free.extend(self._pending_zero)
+        self._free.sort(reverse=True)
+        self._pending_keys, self._pending_zero, self._flushed = set(), {}, False
 
     def abort(self) -> None:
-        """The transaction rolled back: forget its shreds, zero the keys it allocated."""
-        self._pending_zero = set()
+        """The transaction rolled back: restore the slots it zeroed, zero those it allocated
+        (on disk too if :meth:`flush` had written them). Call under the write lock."""
         for slot in sorted(self._pending_keys):
             self.release(slot)
-        self._write()
+        for slot, key in self._pending_zero.items():
+            self._set(slot, key)
+        self._pending_zero = {}
+        if self._flushed:
+            self._write()
+        else:
+            self._dirty = set()  # memory is back to what the disk holds
+        self._flushed = False
 
     def reconcile(self, referenced: Iterable[int]) -> list[int]:
-        """Zero every live slot that no row references (a crash between a key write and its
-        commit); return the referenced slots that hold no key."""
+        """Zero every key no row references (a crash between a key write and its commit);
+        return the referenced slots that hold no key. Call under the write lock."""
         refs = set(referenced)
-        for i in range(len(self._slots) // SLOT_SIZE):
+        for i in range(1, len(self._slots) // SLOT_SIZE):
             if i not in refs and self._slot(i) != _ZERO:
-                self._pending_zero.add(i)
-        self.after_commit()
+                self._set(i, _ZERO)
+                self._free.append(i)
+        self._free.sort(reverse=True)
+        self._write()
         return sorted(i for i in refs if self.key(i) is None)
 
     def _write(self) -> None:
         grown = self._on_disk * SLOT_SIZE < len(self._slots)
         if not self._dirty and not grown:
             return
+        self._token = nacl.utils.random(SLOT_SIZE)  # tells other processes to re-read
+        self._set(0, self._token)
         fd = os.open(self.path, os.O_WRONLY)
         try:
             if grown:  # the new region is written whole: real zeroed blocks, no holes

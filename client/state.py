@@ -122,19 +122,24 @@ class DeviceState:
 
     @contextmanager
     def tx(self) -> Iterator[Any]:
-        """One transaction; the key slots it allocates or frees are written with it."""
+        """One transaction. The key slots it allocates or zeroes are written with it, under its
+        write lock, with one fsync just before COMMIT (a group commit with the history rows)."""
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:
+                self.keys.refresh()  # another process on this home may have written slots
                 yield self.db
-                self.keys.before_commit()  # new message keys are on disk before the rows
+                self.keys.flush()
                 self.db.execute("COMMIT")
             except BaseException:
-                if self.db.in_transaction:
+                if not self.db.in_transaction:  # COMMIT failed: retake the lock to restore
+                    self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    self.keys.abort()
+                finally:
                     self.db.execute("ROLLBACK")
-                self.keys.abort()
                 raise
-            self.keys.after_commit()  # freed message keys are zeroed once the rows are gone
+            self.keys.committed()
         except sqlcipher3.Error as exc:
             raise StorageError(f"device store: {exc}") from exc
 
@@ -258,14 +263,21 @@ class DeviceState:
         self.keys.shred(r[0])
         return True
 
+    def _text(self, slot: int, sealed: bytes) -> str:
+        key = self.keys.key(slot)
+        if key is None:
+            raise nacl.exceptions.CryptoError("no key in that slot")
+        return bytes(nacl.secret.SecretBox(key).decrypt(sealed)).decode()
+
     def _row(self, r: tuple[Any, ...]) -> HistoryRow:
-        key = self.keys.key(r[14])
         try:
-            if key is None:
-                raise nacl.exceptions.CryptoError("no key")
-            text = bytes(nacl.secret.SecretBox(key).decrypt(r[4])).decode()
-        except nacl.exceptions.CryptoError as exc:
-            raise StorageError("a stored message does not open with its key") from exc
+            text = self._text(r[14], r[4])
+        except nacl.exceptions.CryptoError:
+            self.keys.refresh()  # a row another process on this home wrote since
+            try:
+                text = self._text(r[14], r[4])
+            except nacl.exceptions.CryptoError as exc:
+                raise StorageError("a stored message does not open with its key") from exc
         return HistoryRow(
             r[0],
             r[1],

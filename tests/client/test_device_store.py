@@ -200,7 +200,7 @@ def test_rolled_back_or_crashed_transaction_leaves_no_key(tmp_path: Path) -> Non
     assert s.message(bytes([1]) * 16) is None
     # a crash between the key write and the commit: the key is on disk, no row refers to it
     s.keys.allocate()
-    s.keys.before_commit()
+    s.keys.flush()
     s.db.close()
     leaked = KeySlots(str(home / "device.keys"))
     assert sum(leaked.key(i) is not None for i in range(256)) == 1
@@ -405,3 +405,47 @@ def test_missing_key_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(HavenError) as err:
         DeviceState(str(home))
     assert err.value.code == "key_file_missing"
+
+
+def test_rolled_back_delete_keeps_the_text_even_after_its_slots_were_written(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "dev"
+    s = DeviceState(str(home))
+    fill(s)
+    with pytest.raises(RuntimeError), s.tx() as db:
+        s.delete_history(db, bytes([2]) * 16)
+        s.edit_history(db, bytes([4]) * 16, "not applied")
+        s.keys.flush()  # as if COMMIT failed right after the group write
+        raise RuntimeError("commit failed")
+    s.close()
+    s = DeviceState(str(home))  # from disk: the zeroed keys were restored
+    assert [r.text for r in s.history(BOB)] == [
+        "kept-text-1",
+        "deleted-text-2",
+        "expiring-text-3",
+        "edited-away-text-4",
+    ]
+    s.close()
+
+
+def test_two_processes_on_one_home_never_share_a_slot(tmp_path: Path) -> None:
+    home = str(tmp_path / "dev")
+    a = DeviceState(home)
+    b = DeviceState(home)  # its own key-slot cache, as another process would have
+    for n in range(1, 7):
+        first, second = (a, b) if n % 2 else (b, a)
+        with first.tx() as db:
+            first.add_history(db, row(n, f"text-{n}"))
+        assert second.message(bytes([n]) * 16).text == f"text-{n}"  # type: ignore[union-attr]
+        if n == 3:
+            with second.tx() as db:
+                second.delete_history(db, bytes([1]) * 16)
+    want = [f"text-{n}" for n in range(2, 7)]
+    assert [r.text for r in a.history(BOB)] == want
+    assert [r.text for r in b.history(BOB)] == want
+    slots = [slot for slot, _ in slots_of(a).values()]
+    assert len(set(slots)) == len(slots) == 5
+    a.close()
+    b.close()
+    assert [r.text for r in DeviceState(home).history(BOB)] == want
