@@ -56,6 +56,7 @@ def cli(
     home: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("HAVEN_")}
+    base["PYTHON_KEYRING_BACKEND"] = "keyring.backends.fail.Keyring"  # never the user's keyring
     return subprocess.run(
         [sys.executable, "-m", "client.cli", *args, "--home", str(home), "--json"],
         capture_output=True,
@@ -229,6 +230,9 @@ def test_passphrase_change_rewraps_only_the_key_slot(tmp_path: Path) -> None:
     with pytest.raises(HavenError) as err:
         DeviceState(str(home), passphrase="old pass")
     assert err.value.code == "wrong_passphrase"
+    res = cli(home, "passphrase", "--keyring", env={"HAVEN_PASSPHRASE": "new"})
+    assert res.returncode == 1 and '"error": "keyring_unavailable"' in res.stdout
+    assert (home / "device.keys").read_bytes() == keys_after  # nothing changed
     s = DeviceState(str(home), passphrase="new")
     assert next(r.text for r in s.history(BOB)) == "kept-text-1"
     s.change_passphrase(None)
