@@ -66,14 +66,13 @@ def _keyring() -> Any | None:
         import keyring.backends.fail  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return None
-    backend = keyring.get_keyring()
+    try:
+        backend = keyring.get_keyring()
+    except Exception:  # noqa: BLE001 - a broken keyring configuration is "no keyring"
+        return None
     if isinstance(backend, keyring.backends.fail.Keyring):
         return None
     return keyring
-
-
-def keyring_available() -> bool:
-    return _keyring() is not None
 
 
 def _kek(passphrase: str, salt: bytes, ops: int, mem: int) -> bytes:
