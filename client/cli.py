@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from federation.clock import parse_duration
-from federation.errors import HavenError
+from federation.errors import HavenError, LocalProtocolError
 
 from .device import Device, ReceivedMessage
 from .state import STATUS_NAMES, HistoryRow
@@ -233,6 +235,59 @@ async def cmd_device(args: argparse.Namespace, dev: Device) -> int:
     return 0
 
 
+_PROTECTION_TEXT = {
+    "passphrase": "encrypted; its key is wrapped by your passphrase",
+    "keyring": "encrypted; its key is wrapped by a key in the OS keyring",
+    "none": "encrypted, but its key is stored unprotected next to it (no passphrase): anyone "
+    "who can read this disk can read it; set one with `haven passphrase`",
+}
+
+
+async def cmd_whoami(args: argparse.Namespace, dev: Device) -> int:
+    joined = dev.joined
+    info: dict[str, Any] = {
+        "address": dev.address if joined else None,
+        "node_url": dev.node_url if joined else None,
+        "device_id": dev.curve_key if joined else None,
+        "protected": dev.state.protected,
+        "protection": dev.state.protection,
+    }
+    lines = [
+        info["address"] or "not joined yet",
+        f"storage: {_PROTECTION_TEXT[info['protection']]}",
+    ]
+    if joined:
+        lines[1:1] = [f"device: {info['device_id']}", f"node: {info['node_url']}"]
+    _out(args, info, "\n".join(lines))
+    return 0
+
+
+def _new_passphrase() -> str:
+    new = os.environ.get("HAVEN_NEW_PASSPHRASE")
+    if new is None and sys.stdin.isatty():
+        new = getpass.getpass("new passphrase: ")
+        if getpass.getpass("repeat it: ") != new:
+            raise LocalProtocolError("the passphrases differ", code="bad_argument")
+    if not new:
+        raise LocalProtocolError(
+            "give the new passphrase in HAVEN_NEW_PASSPHRASE (or use --remove)",
+            code="bad_argument",
+        )
+    return new
+
+
+async def cmd_passphrase(args: argparse.Namespace, dev: Device) -> int:
+    if args.remove:
+        dev.state.change_passphrase(None)
+    elif args.keyring:
+        dev.state.change_passphrase(None, keyring=True)
+    else:
+        dev.state.change_passphrase(_new_passphrase())
+    info = {"protected": dev.state.protected, "protection": dev.state.protection}
+    _out(args, info, f"storage: {_PROTECTION_TEXT[dev.state.protection]}")
+    return 0
+
+
 COMMANDS: dict[str, Handler] = {
     "join": cmd_join,
     "send": cmd_send,
@@ -245,6 +300,8 @@ COMMANDS: dict[str, Handler] = {
     "settings": cmd_settings,
     "verify": cmd_verify,
     "device": cmd_device,
+    "whoami": cmd_whoami,
+    "passphrase": cmd_passphrase,
 }
 
 
@@ -310,6 +367,14 @@ def _user_commands(sub: Any) -> None:
         help="accept a changed identity key (drops verification)",
     )
 
+    cmd("whoami", "show this device's address, id and how its storage is protected")
+    pw = cmd("passphrase", "set or change the passphrase that protects this device's storage")
+    how = pw.add_mutually_exclusive_group()
+    how.add_argument(
+        "--remove", action="store_true", help="store the key unprotected (not recommended)"
+    )
+    how.add_argument("--keyring", action="store_true", help="wrap the key by the OS keyring")
+
     dv = sub.add_parser("device", help="link, list and remove your devices")
     dsub = dv.add_subparsers(dest="device_cmd", required=True)
     for name, help_ in (
@@ -347,8 +412,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _open_device(home: str) -> Device:
+    """The device at ``home``; asks for its passphrase on a terminal if the environment has
+    none (``HAVEN_PASSPHRASE`` is the non-interactive way)."""
+    try:
+        dev = Device(home)
+    except LocalProtocolError as exc:
+        if exc.code != "passphrase_required" or not sys.stdin.isatty():
+            raise
+        dev = Device(home, passphrase=getpass.getpass("passphrase: ") or None)
+    for notice in dev.state.notices:
+        print(notice, file=sys.stderr)
+    return dev
+
+
 async def _run(args: argparse.Namespace) -> int:
-    dev = Device(args.home)
+    dev = _open_device(args.home)
     try:
         return await COMMANDS[args.cmd](args, dev)
     finally:

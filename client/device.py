@@ -710,7 +710,7 @@ class Device:
         except HavenError:
             if record is not None:  # not (fully) accepted: don't show it as sent
                 with self.state.tx() as db:
-                    db.execute("DELETE FROM history WHERE msg_id=?", (payload.id,))
+                    self.state.delete_history(db, payload.id)
             raise
         return SendResult(payload.id, counts, len(items), tuple(fan.warnings))
 
@@ -751,10 +751,7 @@ class Device:
         p = Payload(os.urandom(16), "edit", address, self.clock.now_ms(), text=text, target=msg_id)
         res = await self.send_payload(address, p)
         with self.state.tx() as db:
-            db.execute(
-                "UPDATE history SET text=?, edited=1 WHERE msg_id=?",
-                (self.state.seal(text.encode()), msg_id),
-            )
+            self.state.edit_history(db, msg_id, text)
         return res
 
     async def delete(self, address: str, msg_id: bytes) -> SendResult:
@@ -765,7 +762,7 @@ class Device:
         p = Payload(os.urandom(16), "delete", address, self.clock.now_ms(), target=msg_id)
         res = await self.send_payload(address, p)
         with self.state.tx() as db:
-            db.execute("DELETE FROM history WHERE msg_id=?", (msg_id,))
+            self.state.delete_history(db, msg_id)
         self.state.scrub()
         return res
 
@@ -956,12 +953,9 @@ class Device:
             if target is None or target.sender != sender:
                 raise UntrustedKey("edit or delete of someone else's message")
             if p.kind == "edit":
-                db.execute(
-                    "UPDATE history SET text=?, edited=1 WHERE msg_id=?",
-                    (self.state.seal(p.text.encode()), p.target),
-                )
+                self.state.edit_history(db, p.target, p.text)
             else:
-                db.execute("DELETE FROM history WHERE msg_id=?", (p.target,))
+                self.state.delete_history(db, p.target)
         else:  # delivered / read receipts
             status = STATUS_DELIVERED if p.kind == "delivered" else STATUS_READ
             for mid in p.ids:

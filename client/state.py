@@ -1,49 +1,34 @@
-"""The device's local state: keys, contacts, Olm sessions and history, in one SQLite file.
+"""The device's local state: keys, contacts, Olm sessions and history, in one SQLCipher file.
 
-Secret values (identity seed, sealing key, vodozemac pickles) and message texts are sealed with
-a local storage key kept in ``device.key`` (mode 0600, optionally wrapped by a passphrase via
-Argon2id). Every change that must survive together (an Olm session and the history row it
-produced) is one transaction. Deleted and expired messages are removed with
-``secure_delete=ON`` and a ``wal_checkpoint(TRUNCATE)``, so no remnant stays in the files.
+``device.db`` is encrypted as a whole under a random database key that only ``device.keys``
+holds, wrapped by the passphrase or the OS keyring (:mod:`client.devicedb`,
+:mod:`client.keyslots`). Inside it, secret values (identity seed, sealing key, vodozemac pickles)
+are sealed once more under a storage key derived from the database key, and each message text is
+sealed under its own key in a slot of ``device.keys``. Deleting, expiring or editing a text zeroes
+its slot in the same batch as the history transaction (one fsync per transaction), so the old
+ciphertext left in freed pages or WAL frames opens for nobody, not even with the passphrase.
+Every change that must survive together (an Olm session and the history row it produced) is one
+transaction.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import nacl.exceptions
-import nacl.pwhash
 import nacl.secret
-import nacl.utils
+import sqlcipher3
 
-from federation.errors import LocalProtocolError, StorageError
+from federation.errors import StorageError
 
-SCHEMA_VERSION = 1
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS contacts (address TEXT PRIMARY KEY, identity_key BLOB NOT NULL,
-    node_id TEXT NOT NULL, device_list BLOB NOT NULL, sig BLOB NOT NULL,
-    verified INTEGER NOT NULL DEFAULT 0, timer_ms INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS sessions (peer_key TEXT NOT NULL, session_id TEXT NOT NULL,
-    pickle BLOB NOT NULL, last_used INTEGER NOT NULL, PRIMARY KEY (peer_key, session_id));
-CREATE TABLE IF NOT EXISTS history (seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    msg_id BLOB NOT NULL UNIQUE, peer TEXT NOT NULL, outgoing INTEGER NOT NULL,
-    sender TEXT NOT NULL, text BLOB NOT NULL, sent_at INTEGER NOT NULL,
-    received_at INTEGER NOT NULL, status INTEGER NOT NULL DEFAULT 0,
-    read INTEGER NOT NULL DEFAULT 0, edited INTEGER NOT NULL DEFAULT 0,
-    expires_in INTEGER NOT NULL DEFAULT 0, expire_at INTEGER,
-    devices_total INTEGER NOT NULL DEFAULT 0, devices_verified INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX IF NOT EXISTS history_peer ON history(peer, seq);
-CREATE INDEX IF NOT EXISTS history_expire ON history(expire_at);
-CREATE TABLE IF NOT EXISTS device_names (device_id TEXT PRIMARY KEY, name BLOB NOT NULL);
-"""
-KEY_FILE = "device.key"
-_WRAPPED = b"HVPW1"
+from . import devicedb
+
+SCHEMA_VERSION = devicedb.SCHEMA_VERSION
+KEY_FILE = devicedb.KEYS_FILE
 
 STATUS_SENT, STATUS_DELIVERED, STATUS_READ = 0, 1, 2
 STATUS_NAMES = {STATUS_SENT: "sent", STATUS_DELIVERED: "delivered", STATUS_READ: "read"}
@@ -78,54 +63,56 @@ class HistoryRow:
     devices_verified: int = 0
 
 
-def _load_storage_key(home: str, passphrase: str | None) -> bytes:
-    """Read (or create) the local storage key; unwrap it with the passphrase if it has one."""
-    path = os.path.join(home, KEY_FILE)
-    if not os.path.exists(path):
-        key = nacl.utils.random(32)
-        data = key
-        if passphrase:
-            salt = nacl.utils.random(nacl.pwhash.argon2id.SALTBYTES)
-            kek = nacl.pwhash.argon2id.kdf(32, passphrase.encode(), salt)
-            data = _WRAPPED + salt + nacl.secret.SecretBox(kek).encrypt(key)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return key
-    with open(path, "rb") as f:
-        data = f.read()
-    if not data.startswith(_WRAPPED):
-        return data
-    if not passphrase:
-        raise LocalProtocolError(
-            "this device's history is passphrase-protected: set HAVEN_PASSPHRASE"
-        )
-    salt_end = len(_WRAPPED) + nacl.pwhash.argon2id.SALTBYTES
-    kek = nacl.pwhash.argon2id.kdf(32, passphrase.encode(), data[len(_WRAPPED) : salt_end])
-    try:
-        return bytes(nacl.secret.SecretBox(kek).decrypt(data[salt_end:]))
-    except nacl.exceptions.CryptoError as exc:
-        raise LocalProtocolError("wrong passphrase") from exc
-
-
 class DeviceState:
-    def __init__(self, home: str, passphrase: str | None = None) -> None:
+    """One device home's store.
+
+    Args:
+        home: the device home (created with mode 0700 if missing).
+        passphrase: wraps the database key of a new home; needed to open a protected one.
+        keyring: keep the database key of a new home wrapped by the OS keyring (default: the
+            ``HAVEN_KEYRING`` environment variable is ``1``). Ignored with a passphrase.
+
+    Raises:
+        LocalProtocolError: ``passphrase_required``, ``wrong_passphrase``,
+            ``keyring_unavailable``.
+        StorageError: the key file is missing or damaged, or the database does not open.
+    """
+
+    def __init__(
+        self, home: str, passphrase: str | None = None, keyring: bool | None = None
+    ) -> None:
         os.makedirs(home, mode=0o700, exist_ok=True)
-        self.storage_key = _load_storage_key(home, passphrase)
+        if keyring is None:
+            keyring = os.environ.get("HAVEN_KEYRING") == "1"
+        self.home = home
+        self.notices: list[str] = []  # one-line messages for the user (e.g. after migrating)
+        self.db, self.keys, self._db_key = devicedb.open_home(
+            home, passphrase, keyring, self.notices
+        )
+        self.storage_key = devicedb.storage_key_for(self._db_key)
         self._box = nacl.secret.SecretBox(self.storage_key)
-        self.db = sqlite3.connect(os.path.join(home, "device.db"), isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA secure_delete=ON")
-        self.db.execute("PRAGMA temp_store=MEMORY")
-        self.db.executescript(SCHEMA)
-        self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(RESTART)")  # never TRUNCATE
+        except sqlcipher3.Error:
+            pass  # the frames stay in the WAL, where the next open finds them
         self.db.close()
+
+    @property
+    def protected(self) -> bool:
+        """Whether the database key is wrapped (passphrase or keyring), not stored in clear."""
+        return self.keys.protected
+
+    @property
+    def protection(self) -> str:
+        """``"passphrase"``, ``"keyring"`` or ``"none"``."""
+        return self.keys.protection
+
+    def change_passphrase(self, new: str | None, keyring: bool = False) -> None:
+        """Rewrap the database key (one slot of ``device.keys``); the database is untouched.
+        ``new=None`` and not ``keyring`` stores the key in clear (unprotected)."""
+        self.keys.rewrap(self._db_key, new, keyring)
 
     def seal(self, data: bytes) -> bytes:
         return bytes(self._box.encrypt(data))
@@ -134,21 +121,31 @@ class DeviceState:
         return bytes(self._box.decrypt(data))
 
     @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
+    def tx(self) -> Iterator[Any]:
+        """One transaction. The key slots it allocates or zeroes are written with it, under its
+        write lock, with one fsync just before COMMIT (a group commit with the history rows)."""
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:
+                self.keys.refresh()  # another process on this home may have written slots
                 yield self.db
+                self.keys.flush()
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                if not self.db.in_transaction:  # COMMIT failed: retake the lock to restore
+                    self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    self.keys.abort()
+                finally:
+                    self.db.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:
+            self.keys.committed()
+        except sqlcipher3.Error as exc:
             raise StorageError(f"device store: {exc}") from exc
 
     def scrub(self) -> None:
-        """Push deleted pages out of the WAL (secure_delete already zeroed them in the db)."""
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        """Start the WAL over (RESTART, never TRUNCATE: truncation frees blocks unwritten)."""
+        self.db.execute("PRAGMA wal_checkpoint(RESTART)")
 
     # ---- key/value (sealed) ------------------------------------------------------------------
 
@@ -156,7 +153,7 @@ class DeviceState:
         row = self.db.execute("SELECT v FROM kv WHERE k=?", (k,)).fetchone()
         return None if row is None else self.open(row[0])
 
-    def put(self, db: sqlite3.Connection, k: str, v: bytes) -> None:
+    def put(self, db: Any, k: str, v: bytes) -> None:
         db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (k, self.seal(v)))
 
     # ---- contacts ----------------------------------------------------------------------------
@@ -171,7 +168,7 @@ class DeviceState:
             return None
         return Contact(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6])
 
-    def save_contact(self, db: sqlite3.Connection, c: Contact) -> None:
+    def save_contact(self, db: Any, c: Contact) -> None:
         db.execute(
             "INSERT OR REPLACE INTO contacts VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
@@ -199,31 +196,35 @@ class DeviceState:
         row = self.db.execute("SELECT 1 FROM sessions WHERE peer_key=?", (peer_key,)).fetchone()
         return row is not None
 
-    def save_session(
-        self, db: sqlite3.Connection, peer_key: str, session_id: str, pickle: str, now: int
-    ) -> None:
+    def save_session(self, db: Any, peer_key: str, session_id: str, pickle: str, now: int) -> None:
         db.execute(
             "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)",
             (peer_key, session_id, self.seal(pickle.encode()), now),
         )
 
-    # ---- history -----------------------------------------------------------------------------
+    # ---- history ---------------------------------------------------------------------------
 
     _COLS = (
         "msg_id, peer, outgoing, sender, text, sent_at, received_at, status, read, edited, "
-        "expires_in, expire_at, devices_total, devices_verified"
+        "expires_in, expire_at, devices_total, devices_verified, slot"
     )
 
-    def add_history(self, db: sqlite3.Connection, row: HistoryRow) -> bool:
+    def _seal_text(self, text: str) -> tuple[int, bytes]:
+        slot, key = self.keys.allocate()
+        return slot, bytes(nacl.secret.SecretBox(key).encrypt(text.encode()))
+
+    def add_history(self, db: Any, row: HistoryRow) -> bool:
+        """Insert a row (its text under a new per-message key); False if the id exists."""
+        slot, sealed = self._seal_text(row.text)
         cur = db.execute(
             f"INSERT OR IGNORE INTO history ({self._COLS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.msg_id,
                 row.peer,
                 int(row.outgoing),
                 row.sender,
-                self.seal(row.text.encode()),
+                sealed,
                 row.sent_at,
                 row.received_at,
                 row.status,
@@ -233,17 +234,56 @@ class DeviceState:
                 row.expire_at,
                 row.devices_total,
                 row.devices_verified,
+                slot,
             ),
         )
-        return cur.rowcount == 1
+        if cur.rowcount != 1:
+            self.keys.release(slot)
+            return False
+        return True
+
+    def edit_history(self, db: Any, msg_id: bytes, text: str) -> bool:
+        """Replace a text: sealed under a fresh key; the old key is zeroed at commit."""
+        r = db.execute("SELECT slot FROM history WHERE msg_id=?", (msg_id,)).fetchone()
+        if r is None:
+            return False
+        slot, sealed = self._seal_text(text)
+        db.execute(
+            "UPDATE history SET text=?, slot=?, edited=1 WHERE msg_id=?", (sealed, slot, msg_id)
+        )
+        self.keys.shred(r[0])
+        return True
+
+    def delete_history(self, db: Any, msg_id: bytes) -> bool:
+        """Delete a row; its key is zeroed at commit (crypto-shredding the text)."""
+        r = db.execute("SELECT slot FROM history WHERE msg_id=?", (msg_id,)).fetchone()
+        if r is None:
+            return False
+        db.execute("DELETE FROM history WHERE msg_id=?", (msg_id,))
+        self.keys.shred(r[0])
+        return True
+
+    def _text(self, slot: int, sealed: bytes) -> str:
+        key = self.keys.key(slot)
+        if key is None:
+            raise nacl.exceptions.CryptoError("no key in that slot")
+        return bytes(nacl.secret.SecretBox(key).decrypt(sealed)).decode()
 
     def _row(self, r: tuple[Any, ...]) -> HistoryRow:
+        try:
+            text = self._text(r[14], r[4])
+        except nacl.exceptions.CryptoError:
+            self.keys.refresh()  # a row another process on this home wrote since
+            try:
+                text = self._text(r[14], r[4])
+            except nacl.exceptions.CryptoError as exc:
+                raise StorageError("a stored message does not open with its key") from exc
         return HistoryRow(
             r[0],
             r[1],
             bool(r[2]),
             r[3],
-            self.open(r[4]).decode(),
+            text,
             r[5],
             r[6],
             r[7],
@@ -281,10 +321,24 @@ class DeviceState:
         )
 
     def purge_expired(self, now: int) -> int:
+        """Delete expired rows and zero their keys: one transaction, one key-file fsync."""
+        due = "SELECT 1 FROM history WHERE expire_at IS NOT NULL AND expire_at <= ? LIMIT 1"
+        if self.db.execute(due, (now,)).fetchone() is None:
+            return 0
         with self.tx() as db:
-            n = db.execute(
-                "DELETE FROM history WHERE expire_at IS NOT NULL AND expire_at <= ?", (now,)
-            ).rowcount
-        if n:
+            slots = [
+                r[0]
+                for r in db.execute(
+                    "SELECT slot FROM history WHERE expire_at IS NOT NULL AND expire_at <= ?",
+                    (now,),
+                ).fetchall()
+            ]
+            if slots:
+                db.execute(
+                    "DELETE FROM history WHERE expire_at IS NOT NULL AND expire_at <= ?", (now,)
+                )
+            for slot in slots:
+                self.keys.shred(slot)
+        if slots:
             self.scrub()
-        return int(n)
+        return len(slots)
