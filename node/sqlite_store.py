@@ -291,7 +291,14 @@ class SqliteStore:
         key, in arrival order. A row whose key is already destroyed could never be opened: it
         is dropped (and counted in the log)."""
         await self._script(V3_CREATE)
-        kid = self.keys.current(self.clock.now_ms())
+        row = await self._one(
+            "SELECT EXISTS(SELECT 1 FROM envelopes) OR EXISTS(SELECT 1 FROM outbox)"
+        )
+        if row and row[0]:
+            await self._copy_v2_rows(self.keys.current(self.clock.now_ms()))
+        await self._script(V3_SWAP)
+
+    async def _copy_v2_rows(self, kid: int) -> None:
         by_epoch = {self.keys.born(k): k for k in self.keys.ids}
         lost = 0
         for table, sql in (
@@ -309,7 +316,7 @@ class SqliteStore:
                         body = self.keys.open(old, bytes(sealed))
                         items.append((dest, Envelope(bytes(eid), bytes(to), int(expires), body)))
                     if table == "envelopes":
-                        rows = await self._envelope_rows(kid, [e for _, e in items])
+                        rows = await self._envelope_rows(kid, [e for _, e in items], False)
                         await self.db.executemany(
                             "INSERT INTO envelopes_v3 VALUES (?, ?, ?, ?, ?, ?) "
                             "ON CONFLICT(idh) DO NOTHING",
@@ -320,9 +327,8 @@ class SqliteStore:
                         await self.db.executemany(
                             "INSERT INTO outbox_v3 VALUES (?, ?, ?, ?, ?, ?, ?) "
                             "ON CONFLICT(idh) DO NOTHING",
-                            await self._outbox_rows(kid, pairs),
+                            await self._outbox_rows(kid, pairs, False),
                         )
-        await self._script(V3_SWAP)
         if lost:
             log.warning("schema v3: %d stored rows were sealed under destroyed keys", lost)
 
@@ -525,11 +531,17 @@ class SqliteStore:
         """``value``'s index hash under every live key -> that key."""
         return {self.keys.index(k, purpose, value): k for k in self.keys.ids}
 
-    async def _next_ords(self, table: str, purpose: bytes, mailboxes: list[bytes]) -> list[int]:
+    async def _next_ords(
+        self, table: str, purpose: bytes, mailboxes: list[bytes], stored: bool = True
+    ) -> list[int]:
         """Order keys for new rows to ``mailboxes`` (in order): above the mailbox's stored rows
-        and above anything handed out before, by a random step; a random start otherwise."""
+        and above anything handed out before, by a random step; a random start otherwise.
+        ``stored=False``: ``table`` is known to be empty (the v3 migration fills new tables)."""
         unknown = list({mb for mb in mailboxes if (table, mb) not in self._ord_floor})
-        if unknown:
+        if unknown and not stored:
+            for mb in unknown:
+                self._ord_floor[(table, mb)] = secrets.randbelow(ORD_START)
+        elif unknown:
             if len(self._ord_floor) + len(unknown) > MAX_CHAINS:
                 self._ord_floor.clear()  # bounded memory; a stale cursor then waits a pass
                 unknown = list(set(mailboxes))
@@ -552,9 +564,11 @@ class SqliteStore:
             out.append(o)
         return out
 
-    async def _envelope_rows(self, kid: int, envs: list[Envelope]) -> list[tuple[Any, ...]]:
+    async def _envelope_rows(
+        self, kid: int, envs: list[Envelope], stored: bool = True
+    ) -> list[tuple[Any, ...]]:
         ix, seal = self.keys.index, self.keys.seal
-        ords = await self._next_ords("envelopes", ENV_MB, [e.to for e in envs])
+        ords = await self._next_ords("envelopes", ENV_MB, [e.to for e in envs], stored)
         rand = _random_words(3 * len(envs))
         rows = [
             (
@@ -571,10 +585,10 @@ class SqliteStore:
         return rows
 
     async def _outbox_rows(
-        self, kid: int, items: list[tuple[str, Envelope]]
+        self, kid: int, items: list[tuple[str, Envelope]], stored: bool = True
     ) -> list[tuple[Any, ...]]:
         ix, seal = self.keys.index, self.keys.seal
-        ords = await self._next_ords("outbox", OBX_MB, [e.to for _, e in items])
+        ords = await self._next_ords("outbox", OBX_MB, [e.to for _, e in items], stored)
         rand = _random_words(3 * len(items))
         rows = []
         for i, ((dest, e), o) in enumerate(zip(items, ords, strict=True)):
