@@ -32,12 +32,15 @@ The schema is versioned: :data:`MIGRATIONS` holds one entry per version, applied
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import logging
 import os
+import platform
 import random
 import secrets
 import sqlite3
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -169,6 +172,46 @@ def _random_words(n: int) -> list[int]:
     return [int.from_bytes(raw[i : i + 4], "big") for i in range(0, 4 * n, 4)]
 
 
+SQLITE_FCNTL_PERSIST_WAL = 10
+
+
+def _persist_wal(conn: object, path: str) -> bool:
+    """Ask SQLite to keep the WAL file when the last connection closes (it deletes it by
+    default, which frees its blocks without overwriting them). Python's sqlite3 has no
+    ``file_control``, so this calls the C API through ctypes on the ``sqlite3*`` handle, which
+    CPython keeps right after the object header of a connection (3.8 to 3.13). The handle is
+    checked against this store's file name first; anywhere else this is a no-op returning False
+    and the node relies on the WAL's stale frames being sealed noise."""
+    if conn is None or platform.python_implementation() != "CPython":
+        return False
+    if not (3, 8) <= sys.version_info[:2] <= (3, 13):
+        return False
+    try:
+        import _sqlite3
+
+        lib = ctypes.CDLL(_sqlite3.__file__)
+        file_control = lib.sqlite3_file_control
+        file_control.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]
+        db_filename = lib.sqlite3_db_filename
+        db_filename.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        db_filename.restype = ctypes.c_char_p
+        handle = ctypes.c_void_p.from_address(id(conn) + object.__basicsize__).value
+        if not handle:
+            return False
+        name = db_filename(handle, b"main")
+        if name is None or os.path.realpath(name.decode()) != os.path.realpath(path):
+            return False
+        on = ctypes.c_int(1)
+        if file_control(handle, b"main", SQLITE_FCNTL_PERSIST_WAL, ctypes.byref(on)) != 0:
+            return False
+        check = ctypes.c_int(-1)
+        file_control(handle, b"main", SQLITE_FCNTL_PERSIST_WAL, ctypes.byref(check))
+        return check.value == 1
+    except (OSError, AttributeError, ValueError, ImportError) as exc:
+        log.debug("WAL not kept persistent: %s", exc)
+        return False
+
+
 def _chunks(items: list[Any], n: int = 500) -> Iterable[list[Any]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
@@ -195,6 +238,7 @@ class SqliteStore:
         # always above any cursor a reader holds even after its mailbox emptied (memory only).
         self._ord_floor: dict[tuple[str, bytes], int] = {}
         self._dest_of: dict[bytes, str] = {}  # outbox destination hash -> destination
+        self.wal_persistent = False  # SQLITE_FCNTL_PERSIST_WAL took effect (see _persist_wal)
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -226,6 +270,7 @@ class SqliteStore:
         except BaseException:
             await self._abandon()
             raise
+        self.wal_persistent = _persist_wal(getattr(self._db, "_conn", None), self.path)
         await asyncio.to_thread(self._presize_wal)
 
     async def _abandon(self) -> None:

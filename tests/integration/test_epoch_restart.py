@@ -30,8 +30,7 @@ def start_shifted(node: NodeProc, offset: str) -> NodeProc:
     """``NodeProc.start`` with the test-only clock switch."""
     logf = open(node.log, "ab")
     node.proc = subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "node", "serve", "--home", str(node.home)]
-        + [f"--clock-offset={offset}"],
+        [sys.executable, "-m", "client.cli", "node", "serve", "--home", str(node.home), offset],
         stdout=logf,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
@@ -40,6 +39,10 @@ def start_shifted(node: NodeProc, offset: str) -> NodeProc:
     logf.close()
     wait_until(node._listening, 20, f"node {node.home.name} to listen")
     return node
+
+
+def clock_offset(minutes: int) -> str:
+    return f"--clock-offset=+{minutes}m"
 
 
 async def test_node_stopped_longer_than_an_epoch_delivers_everything(
@@ -69,7 +72,7 @@ async def test_node_stopped_longer_than_an_epoch_delivers_everything(
         stopped = slot_keys(key_file)
         assert len(stopped) == 1 and not stopped & live
 
-        start_shifted(node, f"+{3 * EPOCH_MS // 60_000}m")  # three epochs later
+        start_shifted(node, clock_offset(3 * EPOCH_MS // 60_000))  # three epochs later
         wait_until(
             lambda: len(slot_keys(key_file)) == 1 and not slot_keys(key_file) & stopped,
             what="the start to re-seal under this epoch's key and destroy the stopped one's",

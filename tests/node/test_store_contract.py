@@ -14,7 +14,7 @@ import pytest
 from federation.clock import FakeClock
 from federation.wire import Envelope
 from node.atrest import EpochKeys
-from node.sqlite_store import EXPIRY_GRAIN_MS, MIGRATIONS, SqliteStore
+from node.sqlite_store import EXPIRY_GRAIN_MS, MIGRATIONS, WAL_RESERVE_BYTES, SqliteStore
 from node.store import PeerRecord, Store, WriteBatch
 
 
@@ -299,7 +299,7 @@ async def test_shutdown_reseals_under_a_fresh_key_and_start_destroys_the_rest(
     store = SqliteStore(str(tmp_path / "store.db"), EpochKeys(str(key_file), 600_000))
     await store.open()
     await store.begin(clock)
-    await store.write(WriteBatch(delete_outbox=tuple((await store_ids(store, "p")))), 1)
+    await store.write(WriteBatch(delete_outbox=tuple(await store_ids(store, "p"))), 1)
     await store.close()
     assert not any(key_file.read_bytes())
 
@@ -323,7 +323,6 @@ async def test_start_destroys_keys_that_seal_nothing(tmp_path: Path) -> None:
         assert len(slot_keys(key_file.read_bytes())) == 1
         assert await store.pending_for(e.to, 10) == [e]
     finally:
-        store._serving = False  # type: ignore[attr-defined]
         await store.close()
 
 
@@ -355,7 +354,7 @@ async def test_no_stored_field_is_equal_across_one_send(tmp_path: Path) -> None:
             assert all(expires - 2 * EXPIRY_GRAIN_MS < r["exp"] <= expires for r in rows)
         # nothing about the envelopes is in clear anywhere in the files
         await store.checkpoint()
-        data = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("store.db"))
+        data = store_files(tmp_path)
         for e in local + [e for _, e in remote]:
             assert e.id not in data and e.to not in data and e.body not in data
         assert b"peer-0" not in data and b"peer-1" not in data
@@ -395,8 +394,8 @@ async def test_v2_store_migrates_resealing_what_is_pending(tmp_path: Path) -> No
         assert await store.pending_for(mb, 10) == local  # arrival order kept
         assert await store.outbox_batch("peer", 10) == [remote]
         assert await store.pending_counts() == {mb: 5}
-        assert len(keys.ids) == 1 and old_key not in Path(key_path).read_bytes()
-        cols = {r[1] for r in await store._all("PRAGMA table_info(envelopes)")}  # type: ignore[attr-defined]
+        assert len(keys.ids) == 1 and old_key not in (tmp_path / "epochs.key").read_bytes()
+        cols = {r[1] for r in await store._all("PRAGMA table_info(envelopes)")}
         assert cols == {"k", "idh", "mbh", "ord", "exp", "sealed"}
     finally:
         await store.close()
@@ -422,5 +421,37 @@ def slot_keys(data: bytes) -> set[bytes]:
     return {data[i + 8 : i + 40] for i in range(0, len(data), 40) if any(data[i : i + 8])}
 
 
+def wal_file(db: Path) -> tuple[int, int]:
+    """Size and inode of the WAL (FileNotFoundError if SQLite deleted it)."""
+    st = os.stat(str(db) + "-wal")
+    return st.st_size, st.st_ino
+
+
+def store_files(home: Path) -> bytes:
+    """store.db, its WAL and its index, concatenated."""
+    return b"".join(p.read_bytes() for p in sorted(home.iterdir()) if p.name.startswith("store"))
+
+
 async def store_ids(store: SqliteStore, dest: str) -> list[bytes]:
     return [e.id for e in await store.outbox_batch(dest, 1000)]
+
+
+async def test_wal_is_kept_after_close(tmp_path: Path) -> None:
+    """SQLite would delete the WAL at the last close (freeing its blocks unoverwritten); the
+    store asks it to keep the file, so the next open reuses the same blocks."""
+    path = tmp_path / "store.db"
+    store = SqliteStore(str(path), EpochKeys(str(tmp_path / "epochs.key")))
+    await store.open()
+    assert store.wal_persistent
+    await store.write(WriteBatch(envelopes=(env(os.urandom(16), 10**14),)), 1)
+    inode = os.stat(str(path) + "-wal").st_ino
+    await store.close()
+    size, ino = wal_file(path)
+    assert size >= WAL_RESERVE_BYTES and ino == inode
+    store = SqliteStore(str(path), EpochKeys(str(tmp_path / "epochs.key")))
+    await store.open()
+    try:
+        assert (await store.counts())["pending_envelopes"] == 1
+        assert os.stat(str(path) + "-wal").st_ino == inode
+    finally:
+        await store.close()
