@@ -70,6 +70,10 @@ ORD_START = 1 << 61  # a mailbox's first order key is random below this ...
 ORD_STEP = 1 << 32  # ... and each next one is higher by a random step below this
 MAX_CHAINS = 200_000  # in-memory order floors kept (one per mailbox written to)
 RESEAL_CHUNK = 256  # rows per re-sealing transaction (writes interleave between chunks)
+# After a delivery, if at most this many rows are still pending, the next sweep re-seals them
+# under a fresh key and destroys the one the delivered rows were sealed under (their remnants
+# then die within seconds, not at the end of the epoch). Above it, the epoch's end does it.
+RESEAL_AFTER_DELIVERY = 1000
 
 # index hash purposes (BLAKE2b personalisation): one per column, so no two columns share values
 ENV_ID, ENV_MB, OBX_ID, OBX_MB, OBX_DEST = b"env-id", b"env-mb", b"obx-id", b"obx-mb", b"obx-dest"
@@ -234,6 +238,7 @@ class SqliteStore:
         self._rotate_lock = asyncio.Lock()
         self._serving = False  # begin() was called: close() re-seals for shutdown
         self._rotating = False
+        self._delivered = False  # rows were deleted since the last rotation
         # Highest order key handed out per (table, mailbox) in this process, so that a row is
         # always above any cursor a reader holds even after its mailbox emptied (memory only).
         self._ord_floor: dict[tuple[str, bytes], int] = {}
@@ -717,8 +722,10 @@ class SqliteStore:
                     ),
                 ]
             )
-            if (batch.delete_envelopes or batch.delete_outbox) and not self._rotating:
-                await self._destroy_if_empty()
+            if batch.delete_envelopes or batch.delete_outbox:
+                self._delivered = True
+                if not self._rotating:
+                    await self._destroy_if_empty()
 
     async def _destroy_if_empty(self) -> bool:
         """Nothing pending: no key needs to live (write lock held)."""
@@ -818,6 +825,7 @@ class SqliteStore:
                 async with self._write_lock:
                     await self._tx_locked([(f"DELETE FROM {table} WHERE idh=?", gone)])
                 n += len(gone)
+                self._delivered = True
         await self._exec("DELETE FROM invites WHERE expires <= ?", (now,))
         return n
 
@@ -831,16 +839,31 @@ class SqliteStore:
 
     async def rotate_epochs(self, now: int) -> int:
         """Nothing pending: destroy every key. Otherwise re-seal rows under older keys (or a key
-        whose epoch has passed) under the current key, then destroy the old keys."""
+        whose epoch has passed) under the current key, then destroy the old keys. And if rows
+        were delivered since the last call and at most :data:`RESEAL_AFTER_DELIVERY` are still
+        pending, re-seal those under a fresh key (the delivered rows' key dies now)."""
         async with self._rotate_lock:
             async with self._write_lock:
                 if await self._destroy_if_empty() or not self.keys.ids:
+                    self._delivered = False
                     return 0
                 current = self.keys.current(now)
                 old = [k for k in self.keys.ids if k != current]
+                if not old and self._delivered and await self._pending_at_most():
+                    current = self.keys.fresh(now)
+                    old = [k for k in self.keys.ids if k != current]
+                self._delivered = False
             if not old:
                 return 0
             return await self._reseal_into(current, old)
+
+    async def _pending_at_most(self, n: int = RESEAL_AFTER_DELIVERY) -> bool:
+        row = await self._one(
+            "SELECT (SELECT count(*) FROM (SELECT 1 FROM envelopes LIMIT ?)) + "
+            "(SELECT count(*) FROM (SELECT 1 FROM outbox LIMIT ?))",
+            (n + 1, n + 1),
+        )
+        return row is not None and int(row[0]) <= n
 
     async def _reseal_for_shutdown(self) -> None:
         async with self._rotate_lock:

@@ -455,3 +455,22 @@ async def test_wal_is_kept_after_close(tmp_path: Path) -> None:
         assert os.stat(str(path) + "-wal").st_ino == inode
     finally:
         await store.close()
+
+
+async def test_after_a_delivery_the_few_still_pending_move_to_a_fresh_key(tmp_path: Path) -> None:
+    """A delivered row's remnant must not open with a key that stays alive for the pending."""
+    store = SqliteStore(str(tmp_path / "store.db"), EpochKeys(str(tmp_path / "epochs.key")))
+    await store.open()
+    try:
+        mb = os.urandom(16)
+        envs = [env(mb, 10**14, bytes([i]) * 30) for i in range(5)]
+        await store.write(WriteBatch(envelopes=tuple(envs)), 1)
+        remnants = [r["sealed"] for r in (await raw_rows(store))["envelopes"]]
+        assert await store.rotate_epochs(2) == 0  # nothing delivered yet: nothing to do
+        await store.write(WriteBatch(delete_envelopes=(envs[0].id,)), 3)  # one delivered
+        assert await store.rotate_epochs(4) == 4
+        assert all(store.keys.try_open(blob) is None for blob in remnants)
+        assert len(store.keys.ids) == 1
+        assert await store.pending_for(mb, 10) == envs[1:]
+    finally:
+        await store.close()
