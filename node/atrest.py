@@ -62,6 +62,7 @@ class EpochKeys:
         self.epoch_ms = epoch_ms
         self._slots: list[_Key | None] = [None] * SLOTS
         self._serial = 0
+        self.generation = 0  # bumped whenever a key is made or destroyed (readers re-check it)
         if not os.path.exists(path):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -136,6 +137,7 @@ class EpochKeys:
         return key
 
     def _write(self) -> None:
+        self.generation += 1
         buf = bytearray(_SLOT.size * SLOTS)
         for i, k in enumerate(self._slots):
             if k is not None:

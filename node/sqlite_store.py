@@ -747,17 +747,23 @@ class SqliteStore:
         ]
 
     async def _page(
-        self, table: str, column: str, owner: dict[bytes, int], after: int, limit: int
+        self, table: str, column: str, purpose: bytes, value: bytes, after: int, limit: int
     ) -> list[tuple[int, Envelope]]:
-        if not owner:
-            return []
-        marks = ",".join("?" * len(owner))
-        rows = await self._all(
-            f"SELECT ord, {column}, sealed FROM {table} WHERE {column} IN ({marks}) AND ord>? "
-            "ORDER BY ord LIMIT ?",
-            (*owner, after, limit),
-        )
-        return self._open_rows(rows, owner)
+        """One page by index hash. If a key was made or destroyed while the query ran (a
+        re-seal moving rows to new hashes), the page is read again, so no row is skipped."""
+        while True:
+            generation = self.keys.generation
+            owner = self._hashes(purpose, value)
+            if not owner:
+                return []
+            marks = ",".join("?" * len(owner))
+            rows = await self._all(
+                f"SELECT ord, {column}, sealed FROM {table} WHERE {column} IN ({marks}) "
+                "AND ord>? ORDER BY ord LIMIT ?",
+                (*owner, after, limit),
+            )
+            if self.keys.generation == generation:
+                return self._open_rows(rows, owner)
 
     async def pending_for(self, mailbox: bytes, limit: int) -> list[Envelope]:
         return [e for _, e in await self.pending_page(mailbox, 0, limit)]
@@ -768,16 +774,14 @@ class SqliteStore:
     async def pending_page(
         self, mailbox: bytes, after_seq: int, limit: int
     ) -> list[tuple[int, Envelope]]:
-        owner = self._hashes(ENV_MB, mailbox)
-        return await self._page("envelopes", "mbh", owner, after_seq, limit)
+        return await self._page("envelopes", "mbh", ENV_MB, mailbox, after_seq, limit)
 
     async def outbox_page(
         self, dest: str, after_seq: int, limit: int
     ) -> list[tuple[int, Envelope]]:
         """Ordered by ``ord``: arrival order per remote mailbox (different mailboxes interleave
         in an order unrelated to arrival, so one send's rows are not adjacent)."""
-        owner = self._hashes(OBX_DEST, dest.encode())
-        return await self._page("outbox", "dh", owner, after_seq, limit)
+        return await self._page("outbox", "dh", OBX_DEST, dest.encode(), after_seq, limit)
 
     async def _resolve(
         self, table: str, column: str, counts: list[tuple[Any, ...]], known: dict[bytes, bytes]

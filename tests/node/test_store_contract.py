@@ -474,3 +474,30 @@ async def test_after_a_delivery_the_few_still_pending_move_to_a_fresh_key(tmp_pa
         assert await store.pending_for(mb, 10) == envs[1:]
     finally:
         await store.close()
+
+
+async def test_page_walks_during_a_reseal_miss_nothing(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = SqliteStore(str(tmp_path / "store.db"), EpochKeys(str(tmp_path / "e.key"), 600_000))
+    await store.open()
+    try:
+        mb = os.urandom(16)
+        envs = [env(mb, 10**14, i.to_bytes(2, "big") * 8) for i in range(600)]
+        await store.write(WriteBatch(envelopes=tuple(envs)), clock.now_ms())
+        clock.advance(600_000)
+
+        async def walk() -> list[Envelope]:
+            got: list[Envelope] = []
+            seq = 0
+            while page := await store.pending_page(mb, seq, 40):
+                seq = page[-1][0]
+                got += [e for _, e in page]
+            return got
+
+        walks = [asyncio.create_task(walk()) for _ in range(6)]
+        moved = await store.rotate_epochs(clock.now_ms())  # three chunks, writes in between
+        assert moved == 600
+        for got in await asyncio.gather(*walks, walk()):
+            assert got == envs
+    finally:
+        await store.close()
