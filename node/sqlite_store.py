@@ -67,7 +67,8 @@ ROW_BUCKETS = (1024 + 256, 4096 + 256, 16384 + 256, 65536 + 256)
 ROW_STEP = 65536
 SEAL_OVERHEAD = 40  # XSalsa20-Poly1305 nonce + tag
 ORD_START = 1 << 61  # a mailbox's first order key is random below this ...
-ORD_STEP = 1 << 32  # ... and each next one is higher by a random step below this
+ORD_STEP = 1 << 24  # ... and each next one is higher by a random step below this (room for
+# about 10**11 rows per mailbox or destination before 2**63)
 MAX_CHAINS = 200_000  # in-memory order floors kept (one per mailbox written to)
 RESEAL_CHUNK = 256  # rows per re-sealing transaction (writes interleave between chunks)
 # After a delivery, if at most this many rows are still pending, the next sweep re-seals them
@@ -243,6 +244,11 @@ class SqliteStore:
         # always above any cursor a reader holds even after its mailbox emptied (memory only).
         self._ord_floor: dict[tuple[str, bytes], int] = {}
         self._dest_of: dict[bytes, str] = {}  # outbox destination hash -> destination
+        # Per destination, the highest order key outbox_page has returned in this process: a
+        # new row is put above it, so a reader resuming after its last row never misses it.
+        # While a peer is down nobody reads, the frontier stays put and rows of successive
+        # sends interleave at random above it (memory only).
+        self._read_frontier: dict[str, int] = {}
         self.wal_persistent = False  # SQLITE_FCNTL_PERSIST_WAL took effect (see _persist_wal)
 
     @property
@@ -582,11 +588,17 @@ class SqliteStore:
         return {self.keys.index(k, purpose, value): k for k in self.keys.ids}
 
     async def _next_ords(
-        self, table: str, purpose: bytes, mailboxes: list[bytes], stored: bool = True
+        self,
+        table: str,
+        purpose: bytes,
+        mailboxes: list[bytes],
+        stored: bool = True,
+        above: list[int] | None = None,
     ) -> list[int]:
         """Order keys for new rows to ``mailboxes`` (in order): above the mailbox's stored rows
         and above anything handed out before, by a random step; a random start otherwise.
-        ``stored=False``: ``table`` is known to be empty (the v3 migration fills new tables)."""
+        ``stored=False``: ``table`` is known to be empty (the v3 migration fills new tables).
+        ``above``: per row, a value its key must also exceed (the outbox's read frontier)."""
         unknown = list({mb for mb in mailboxes if (table, mb) not in self._ord_floor})
         if unknown and not stored:
             for mb in unknown:
@@ -608,8 +620,9 @@ class SqliteStore:
             for mb in unknown:
                 self._ord_floor[(table, mb)] = top.get(mb, secrets.randbelow(ORD_START))
         out = []
-        for mb, r in zip(mailboxes, _random_words(len(mailboxes)), strict=True):
-            o = self._ord_floor[(table, mb)] + 1 + r % ORD_STEP
+        floors = above or [0] * len(mailboxes)
+        for mb, r, low in zip(mailboxes, _random_words(len(mailboxes)), floors, strict=True):
+            o = max(self._ord_floor[(table, mb)], low) + 1 + r % ORD_STEP
             self._ord_floor[(table, mb)] = o
             out.append(o)
         return out
@@ -638,7 +651,8 @@ class SqliteStore:
         self, kid: int, items: list[tuple[str, Envelope]], stored: bool = True
     ) -> list[tuple[Any, ...]]:
         ix, seal = self.keys.index, self.keys.seal
-        ords = await self._next_ords("outbox", OBX_MB, [e.to for _, e in items], stored)
+        frontier = [self._read_frontier.get(dest, 0) for dest, _ in items]
+        ords = await self._next_ords("outbox", OBX_MB, [e.to for _, e in items], stored, frontier)
         rand = _random_words(3 * len(items))
         rows = []
         for i, ((dest, e), o) in enumerate(zip(items, ords, strict=True)):
@@ -780,8 +794,13 @@ class SqliteStore:
         self, dest: str, after_seq: int, limit: int
     ) -> list[tuple[int, Envelope]]:
         """Ordered by ``ord``: arrival order per remote mailbox (different mailboxes interleave
-        in an order unrelated to arrival, so one send's rows are not adjacent)."""
-        return await self._page("outbox", "dh", OBX_DEST, dest.encode(), after_seq, limit)
+        in an order unrelated to arrival, so one send's rows are not adjacent). A row written
+        later is above the highest seq returned so far, so resuming after the last row seen
+        finds it."""
+        page = await self._page("outbox", "dh", OBX_DEST, dest.encode(), after_seq, limit)
+        if page and page[-1][0] > self._read_frontier.get(dest, 0):
+            self._read_frontier[dest] = page[-1][0]
+        return page
 
     async def _resolve(
         self, table: str, column: str, counts: list[tuple[Any, ...]], known: dict[bytes, bytes]

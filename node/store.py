@@ -89,8 +89,8 @@ class Store(Protocol):
     ) -> list[tuple[int, Envelope]]:
         """Up to ``limit`` outbox rows for ``dest`` with ``seq > after_seq``, by seq: arrival
         order per remote mailbox; rows for different mailboxes interleave in an unrelated
-        order (a row for a mailbox new to the queue may land below a cursor: the next full
-        pass from 0 finds it)."""
+        order. A row written later has a seq above every seq returned for ``dest`` so far by
+        this process, so a reader resuming after the last row it saw misses nothing."""
         ...
 
     async def outbox_counts(self) -> dict[str, int]:

@@ -501,3 +501,17 @@ async def test_page_walks_during_a_reseal_miss_nothing(tmp_path: Path) -> None:
             assert got == envs
     finally:
         await store.close()
+
+
+async def test_outbox_row_for_a_new_mailbox_lands_after_the_read_cursor(store: Store) -> None:
+    """The outbox sender resumes a pass after the last row it saw: nothing written later may
+    land below it, whichever remote mailbox it is for."""
+    for _ in range(20):
+        first = env(os.urandom(16), 10**13)
+        await store.write(WriteBatch(outbox=(("p", first),)), 1)
+        page = await store.outbox_page("p", 0, 10)
+        assert [e for _, e in page] == [first]
+        later = env(os.urandom(16), 10**13)  # another mailbox: a chain of its own
+        await store.write(WriteBatch(outbox=(("p", later),)), 2)
+        assert [e for _, e in await store.outbox_page("p", page[-1][0], 10)] == [later]
+        await store.write(WriteBatch(delete_outbox=(first.id, later.id)), 3)
