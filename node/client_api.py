@@ -495,5 +495,5 @@ async def client_ws(node: Node, request: web.Request) -> web.WebSocketResponse:
     try:
         await session.serve()
     except (ConnectionError, RemoteProtocolError, TooLarge, Expired) as exc:
-        log.info("device connection closed: %s", type(exc).__name__)
+        log.debug("device connection closed: %s", type(exc).__name__)
     return ws
