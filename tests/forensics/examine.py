@@ -268,7 +268,7 @@ def _linkage(
     rowids: dict[tuple[Any, int], dict[bytes, int]] = defaultdict(dict)
     for idx, eid in one.items():
         rec = records[idx]
-        for c, v in enumerate(rec.values):
+        for v in rec.values:
             if v is not None and not (isinstance(v, bytes) and v == eid):
                 groups[(type(v).__name__, v)].add(eid)  # equal anywhere, any table
         if rec.rowid is not None:

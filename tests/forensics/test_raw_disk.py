@@ -200,8 +200,9 @@ def table(figures: dict[str, dict[str, Any]]) -> str:
 async def test_seized_disks_reveal_no_conversations(world: World) -> None:
     w = world
     t_start = time.monotonic()
-    a = w.a = ClockNode.create(w.images["A"].mnt, "A")
-    b = w.b = ClockNode.create(w.images["B"].mnt, "B")
+    a, b = ClockNode.create(w.images["A"].mnt, "A"), ClockNode.create(w.images["B"].mnt, "B")
+    assert isinstance(a, ClockNode) and isinstance(b, ClockNode)
+    w.a, w.b = a, b
     a.start()
     b.start()
     clock = SystemClock()  # real time (sends get distinct ms), shifted to expire timers
@@ -294,7 +295,8 @@ async def test_seized_disks_reveal_no_conversations(world: World) -> None:
     print(json.dumps(w.figures, sort_keys=True))
     out_json = os.environ.get("HAVEN_FORENSIC_JSON")  # e.g. for docs/threat-model.md §8
     if out_json:
-        Path(out_json).write_text(json.dumps(w.figures, indent=1, sort_keys=True))
+        with open(out_json, "w") as fh:
+            json.dump(w.figures, fh, indent=1, sort_keys=True)
     print(f"workload+scan {time.monotonic() - t_start:.0f}s, {len(w.ledger.envs)} envelopes")
 
     failures = []

@@ -25,6 +25,8 @@ from federation import frames as F
 from ..integration.harness import ROOT, NodeProc, wait_until
 from .examine import Env, Ledger
 
+_SERVE = (sys.executable, "-m", "client.cli", "node", "serve")
+
 
 class ClockNode(NodeProc):
     """A :class:`NodeProc` that can be (re)started with the test-only ``--clock-offset``."""
@@ -32,8 +34,7 @@ class ClockNode(NodeProc):
     def start_offset(self, offset: str) -> NodeProc:
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "client.cli", "node", "serve", "--home", str(self.home)]
-            + ["--clock-offset", offset],
+            [*_SERVE, "--home", str(self.home), "--clock-offset", offset],
             stdout=logf,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
