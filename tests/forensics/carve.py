@@ -3,10 +3,11 @@
 It looks for b-tree leaf pages (table leaf ``0x0D``, index leaf ``0x0A``) at *any* byte offset
 of the input, not only at block boundaries: pages inside a database file sit at 4 KiB offsets,
 but pages inside WAL frames follow a 24-byte frame header (the WAL starts with a 32-byte
-header), so they sit at 8 + 24·k within a block. A candidate is kept only if its page header
-is consistent and every cell pointer leads to a cell whose record decodes completely (varint
-header, serial types, values inside the page), which random or sealed data practically never
-passes. Payloads that spill to overflow pages keep their local part (``truncated``).
+header, frames are 24 + 4096 bytes), so they sit at any multiple of 8 within a block. A
+candidate is kept only if its page header is consistent and every cell pointer leads to a
+cell whose record decodes completely (varint header, serial types, values inside the page),
+which random or sealed data practically never passes. Payloads that spill to overflow pages
+keep their local part (``truncated``).
 
 Freeblocks inside live pages are not carved: the stores run ``secure_delete=ON``, which zeroes
 them; what is left of deleted rows is in stale copies of whole pages (WAL frames, freed blocks
@@ -115,29 +116,29 @@ def _local_size(p: int, kind: int, usable: int = PAGE) -> int:
     return k if k <= x else m
 
 
-def _page(buf: bytes, at: int) -> list[Record] | None:
+def _page(buf: bytes, at: int, usable: int = PAGE) -> list[Record] | None:
     kind = buf[at]
     freeblock = int.from_bytes(buf[at + 1 : at + 3], "big")
     ncells = int.from_bytes(buf[at + 3 : at + 5], "big")
     start = int.from_bytes(buf[at + 5 : at + 7], "big")
     frag = buf[at + 7]
     head = 8 + 2 * ncells
-    if not 0 < ncells <= 1000 or frag > 60 or not head <= start < PAGE:
+    if not 0 < ncells <= 1000 or frag > 60 or not head <= start < usable:
         return None
-    if freeblock and not head <= freeblock < PAGE:
+    if freeblock and not head <= freeblock < usable:
         return None
     out = []
     for i in range(ncells):
         cell = int.from_bytes(buf[at + 8 + 2 * i : at + 10 + 2 * i], "big")
-        if not start <= cell < PAGE - 3:
+        if not start <= cell < usable - 3:
             return None
-        end = at + PAGE
+        end = at + usable
         try:
             p, pos = varint(buf, at + cell, end)
             rowid = None
             if kind == 0x0D:
                 rowid, pos = varint(buf, pos, end)
-            local = _local_size(p, kind)
+            local = _local_size(p, kind, usable)
             if p == 0 or pos + local > end:
                 return None
             values, complete = _decode_record(buf[pos : pos + local])
@@ -148,13 +149,14 @@ def _page(buf: bytes, at: int) -> list[Record] | None:
     return out
 
 
-def carve(buf: bytes) -> Iterator[Record]:
-    """Every record of every plausible leaf page anywhere in ``buf``."""
+def carve(buf: bytes, usable: int = PAGE) -> Iterator[Record]:
+    """Every record of every plausible leaf page anywhere in ``buf`` (``usable``: page size
+    minus reserved bytes, e.g. 4016 for SQLCipher 4 pages)."""
     limit = len(buf) - PAGE
     for m in _CANDIDATE.finditer(buf):
         at = m.start()
         if at > limit:
             break
-        records = _page(buf, at)
+        records = _page(buf, at, usable)
         if records:
             yield from records

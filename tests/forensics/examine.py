@@ -10,7 +10,7 @@ Format changes plug in here: :data:`NodeKeyFinder` / :data:`DeviceKeyFinder` ret
 keys found on an image, :data:`Opener` opens one sealed value with one key, and
 :data:`PageDecryptor` turns a raw image plus a database key into a buffer of plaintext pages
 for the carver (identity for plain SQLite; for SQLCipher, decrypt every page-sized candidate:
-pages at 4 KiB offsets, WAL frames at 8 + 24·k within a block).
+see ``sqlcipher.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import struct
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +27,14 @@ import nacl.exceptions
 import nacl.pwhash
 import nacl.secret
 
-from .carve import Record, carve
+from .carve import PAGE, Record, carve
 from .disk import files_named, unallocated
+from .sqlcipher import sqlcipher_decryptor
 
 NodeKeyFinder = Callable[[Path], list[tuple[int, bytes]]]  # image -> [(epoch, key)]
 DeviceKeyFinder = Callable[[Path, str | None], list[bytes]]  # image, passphrase -> keys
 Opener = Callable[[bytes, bytes], bytes | None]  # key, sealed -> plaintext or None
-PageDecryptor = Callable[[bytes, bytes], bytes]  # raw image, db key -> plaintext pages
+PageDecryptor = Callable[[bytes, bytes], tuple[bytes, int]]  # raw, key -> pages, usable size
 
 _SLOT = struct.Struct(">Q32s")
 TEXT = re.compile(rb"txt-[a-z_]+-[0-9]{3}-[0-9a-f]{12}")  # the shape of every workload text
@@ -86,10 +87,10 @@ def device_storage_keys(image: Path, passphrase: str | None) -> list[bytes]:
     return keys
 
 
-def plain_pages(raw: bytes, key: bytes) -> bytes:
+def plain_pages(raw: bytes, key: bytes) -> tuple[bytes, int]:
     """Plain SQLite: pages are readable as they are (values inside are sealed separately)."""
     del key
-    return raw
+    return raw, PAGE
 
 
 @dataclass
@@ -312,21 +313,25 @@ def device_figures(
     canary: bytes,
     passphrase: str | None,
     find_keys: DeviceKeyFinder = device_storage_keys,
-    pages: PageDecryptor = plain_pages,
+    pages: Sequence[PageDecryptor] = (plain_pages, sqlcipher_decryptor),
     opener: Opener = secretbox_open,
 ) -> dict[str, Any]:
     """With the passphrase: every page decrypted, every value opened, then searched. Without:
     what is readable in clear (contact addresses, node ids/URLs, records with times)."""
     keys = find_keys(scan.path, passphrase)
     corpus = [scan.raw]
+    decrypted_pages = 0
     for k in keys:
-        buf = pages(scan.raw, k)
-        if buf is not scan.raw:
-            corpus.append(buf)
-        for rec in carve(buf) if buf is not scan.raw else scan.records:
-            for v in rec.values:
-                if isinstance(v, bytes) and (pt := opener(k, v)) is not None:
-                    corpus.append(pt)
+        for decrypt in pages:
+            buf, usable = decrypt(scan.raw, k)
+            records = scan.records if buf is scan.raw else list(carve(buf, usable))
+            if buf is not scan.raw:
+                decrypted_pages += len({r.offset for r in records})
+                corpus.append(buf)
+            for rec in records:
+                for v in rec.values:
+                    if isinstance(v, bytes) and (pt := opener(k, v)) is not None:
+                        corpus.append(pt)
 
     found = texts_in(corpus)
 
@@ -344,6 +349,7 @@ def device_figures(
         "carved": len(scan.records),
         "carved_free": scan.free_records,
         "keys_with_phrase": len(keys),
+        "decrypted_pages": decrypted_pages,
         "keys_without_phrase": len(clear_keys),
         "kept_readable": count(truth.kept),
         "kept_total": len(truth.kept),

@@ -73,3 +73,23 @@ def test_linkage_counts_equal_fields_and_adjacent_rowids() -> None:
     # jittered fields and scattered keys: nothing links
     recs = [Record(0, 0x0A, 0, None, (eid, 777 + i)) for i, eid in enumerate(ids)]
     assert _linkage(recs, attributed, ledger) == (0, 0, 0, 2)
+
+
+def test_sqlcipher_pages_decrypt_for_the_carver(tmp_path: Path) -> None:
+    import sqlcipher3
+
+    from .sqlcipher import USABLE, sqlcipher_pages
+
+    key = os.urandom(32)
+    db = sqlcipher3.connect(str(tmp_path / "c.db"), isolation_level=None)
+    db.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE t (note TEXT, n INTEGER)")
+    db.executemany("INSERT INTO t VALUES (?, ?)", [(f"secret-{i}", i) for i in range(300)])
+    wal = (tmp_path / "c.db-wal").read_bytes()  # the rows are in WAL frames only
+    image = os.urandom(8192) + wal + bytes(8192)  # files start on a block boundary
+    assert b"secret-1" not in image
+    found = {r.values[0] for r in carve(sqlcipher_pages(image, key), USABLE)}
+    assert {f"secret-{i}" for i in range(300)} <= found
+    assert not list(carve(sqlcipher_pages(image, os.urandom(32)), USABLE))
+    db.close()

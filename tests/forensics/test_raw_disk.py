@@ -28,7 +28,7 @@ from federation.clock import SystemClock
 
 from ..conftest import LONG
 from ..integration.harness import NodeProc
-from .disk import LoopImage, tools_missing
+from .disk import LoopImage, files_named, tools_missing
 from .examine import (
     DeviceTruth,
     Ledger,
@@ -66,7 +66,9 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     assert not missing, f"seizure harness needs {missing} (scripts/test installs sleuthkit)"
     w = World(tmp_path)
     try:
+        scale = 2 if LONG else 1
         for name, size in (("A", 64), ("B", 64), ("D", 64), ("P", 32)):
+            size *= scale
             w.images[name] = LoopImage(tmp_path / f"{name}.img", tmp_path / f"m{name}", size)
             w.images[name].create()
         yield w
@@ -99,7 +101,7 @@ def status(n: NodeProc) -> dict[str, Any]:
     return {"node_id": _IDS[n.home.name], **n.stats()["counts"]}
 
 
-async def wait_flushed(w: World, *nodes: ClockNode, timeout: float = 30) -> None:
+async def wait_flushed(w: World, *nodes: ClockNode, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     for n in nodes:
         while status(n)["outbox_envelopes"]:
@@ -164,7 +166,8 @@ def examine_node(w: World, img: str, label: str, node: ClockNode, local: set[str
     t = time.monotonic()
     scan, canary = copy_and_scan(w, img, label)
     t2 = time.monotonic()
-    w.figures[f"node {img} ({label})"] = node_figures(scan, truth, w.ledger, canary)
+    w.figures[f"node {img} ({label})"] = f = node_figures(scan, truth, w.ledger, canary)
+    f["node_key_file"] = len(files_named(scan.path, "node.key"))  # reported, not asserted
     print(f"{img}{label}: copy+carve {t2 - t:.1f}s figures {time.monotonic() - t2:.1f}s")
     scan.path.unlink()
 
@@ -250,6 +253,7 @@ async def test_seized_disks_reveal_no_conversations(world: World) -> None:
             await carol.send(dd, text(w, "keep", 600 + i))
         examine_node(w, "A", "a", a, {"alicezq", "carolvk"})
         b.start()
+        await bob1.send(ad, text(w, "keep", 900))  # B contacts A: A's backoff for B resets
         await drain_all(w)
         examine_node(w, "A", "b", a, {"alicezq", "carolvk"})
         examine_node(w, "B", "b", b, {"bobxw", "davejt"})
