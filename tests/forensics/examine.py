@@ -245,6 +245,7 @@ def node_figures(
         "linked_equal_envelopes": eq_envs,
         "linked_adjacent_sends": adj_sends,
         "pending": len(pending),
+        "pending_seen": len(pending & {i for ids in attributed.values() for i in ids}),
         "dead_envelopes": len(dead),
         "dead_decryptable": len(dead & set(opened_by)),
         "pending_old_key": sum(1 for i in pending if opened_by.get(i, set()) - {newest}),

@@ -257,7 +257,7 @@ async def test_seized_disks_reveal_no_conversations(world: World) -> None:
         await drain_all(w)
         examine_node(w, "A", "b", a, {"alicezq", "carolvk"})
         examine_node(w, "B", "b", b, {"bobxw", "davejt"})
-        contacts = [ad.encode(), dd.encode()]
+        contacts = [ad.encode()]  # bob1's contact
         peers = [status(a)["node_id"].encode(), a.host.encode()]
         examine_devices(w, "P", contacts, peers)
         examine_devices(w, "D", [bd.encode(), dd.encode()], [status(b)["node_id"].encode()])
@@ -308,6 +308,10 @@ async def test_seized_disks_reveal_no_conversations(world: World) -> None:
         if not f["canary"]:
             failures.append(f"{name}: the planted canary was not found (the scan is blind)")
         if name.startswith("node"):
+            if f["pending_seen"] != f["pending"]:  # the harness must see every pending row
+                failures.append(f"{name}: harness attributed {f['pending_seen']}/{f['pending']}")
+            if name.endswith("(a)") and not f["sends_multi"]:
+                failures.append(f"{name}: no multi-envelope send attributed (scoring is blind)")
             for k in (
                 "texts",
                 "names",
