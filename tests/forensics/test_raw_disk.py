@@ -211,7 +211,7 @@ async def test_seized_disks_reveal_no_conversations(world: World) -> None:
     clock = SystemClock()  # real time (sends get distinct ms), shifted to expire timers
     w.t0 = clock.now_ms()
     D, P = w.images["D"].mnt, w.images["P"].mnt
-    with tap(w.ledger):
+    with tap(w.ledger, (a.home, b.home)):
         w.devs["alice1"] = await new_device(a, D / "a1", "alicezq", clock=clock)
         w.devs["carol1"] = await new_device(a, D / "c1", "carolvk", clock=clock)
         w.devs["bob1"] = await new_device(b, P / "b1", "bobxw", clock=clock, passphrase=PASSPHRASE)

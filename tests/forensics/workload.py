@@ -46,8 +46,9 @@ class ClockNode(NodeProc):
 
 
 @contextmanager
-def tap(ledger: Ledger) -> Iterator[None]:
-    """Record every envelope sent through any :class:`NodeConnection` into ``ledger``."""
+def tap(ledger: Ledger, homes: tuple[Path, ...] = ()) -> Iterator[None]:
+    """Record every envelope sent through any :class:`NodeConnection` into ``ledger``; at each
+    send also remember the live epoch keys of the nodes in ``homes`` (scoring only)."""
     orig = NodeConnection.request
     counter = iter(range(1, 10**9))
 
@@ -57,6 +58,8 @@ def tap(ledger: Ledger) -> Iterator[None]:
             home = self.challenge.node_id if self.challenge else ""
             for dest, env in frame.items:
                 ledger.add(Env(env.id, env.to, env.body[:32], send, home, dest))
+            for h in homes:
+                read_epoch_keys(h, ledger)
         return await orig(self, frame)
 
     NodeConnection.request = request  # type: ignore[method-assign]
