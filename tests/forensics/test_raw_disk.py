@@ -5,8 +5,9 @@ federated nodes, multi-device and linked users, offline recipients, a peer outag
 deletes, disappearing messages, a restart after more than an epoch) is tapped on the client
 side for ground truth; each image is frozen and copied at three points: (a) live with
 messages pending, (b) live after delivery, (c) after an epoch has passed on a stopped and
-restarted node. Every copy is examined as a whole (unallocated blocks included), records are
-carved, and the figures are printed as a table and as JSON (docs/threat-model.md §8).
+restarted node; also (s) while both are stopped. Every copy is examined as a whole
+(unallocated blocks included), records are carved, and the figures are printed as a table
+and as JSON (docs/threat-model.md §8).
 """
 
 from __future__ import annotations
@@ -96,9 +97,10 @@ _IDS: dict[str, str] = {}
 
 def status(n: NodeProc) -> dict[str, Any]:
     """Store counts of a running node (loopback stats endpoint) and its node id."""
-    if n.home.name not in _IDS:
-        _IDS[n.home.name] = n.status()["node_id"]
-    return {"node_id": _IDS[n.home.name], **n.stats()["counts"]}
+    key = str(n.home)
+    if key not in _IDS:
+        _IDS[key] = n.status()["node_id"]
+    return {"node_id": _IDS[key], **n.stats()["counts"]}
 
 
 async def wait_flushed(w: World, *nodes: ClockNode, timeout: float = 60) -> None:
@@ -135,7 +137,7 @@ async def drain_all(w: World, timeout: float = 60) -> None:
 
 
 def node_truth(w: World, node: ClockNode, local: set[str]) -> NodeTruth:
-    nid = status(node)["node_id"]
+    nid = _IDS[str(node.home)]  # (works on a stopped node too)
     remote = [k for k in w.devs if ACCOUNTS[k[:-1]] not in local]
     names = [n.encode() for n in ("alicezq", "carolvk", "bobxw", "davejt") if n not in local]
     names += [b"alice-laptop", b"bob-tablet"] if "alicezq" not in local else [b"bob-tablet"]
@@ -193,10 +195,15 @@ def examine_devices(w: World, img: str, contacts: list[bytes], peers: list[bytes
 
 
 def table(figures: dict[str, dict[str, Any]]) -> str:
-    cols = sorted({k for f in figures.values() for k in f}, key=lambda k: k)
-    lines = []
-    for name, f in figures.items():
-        lines.append(f"{name:18} " + " ".join(f"{k}={f[k]}" for k in cols if k in f))
+    """One column per image copy, one row per figure (blank where it does not apply)."""
+    names = sorted(figures, key=lambda n: (n.split()[0] != "node", n))
+    rows = sorted({k for f in figures.values() for k in f})
+    width = max(len(r) for r in rows)
+    head = [n.replace("node ", "").replace("devices ", "dev ") for n in names]
+    lines = [" " * width + "".join(f"{h:>10}" for h in head)]
+    for r in rows:
+        cells = "".join(f"{figures[n].get(r, ''):>10}" for n in names)
+        lines.append(f"{r:<{width}}{cells}")
     return "\n".join(lines)
 
 
@@ -278,6 +285,8 @@ async def test_seized_disks_reveal_no_conversations(world: World) -> None:
         }
         a.stop()
         b.stop()
+        examine_node(w, "A", "s", a, {"alicezq", "carolvk"})  # (s): seized while stopped
+        examine_node(w, "B", "s", b, {"bobxw", "davejt"})
         a.start_offset("2h")
         b.start_offset("2h")
         expect = len(pending) * 1  # dave has one device
