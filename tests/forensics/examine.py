@@ -67,12 +67,17 @@ def node_epoch_keys(image: Path) -> list[tuple[int, bytes]]:
 
 
 _WRAPPED = b"HVPW1"
+DEVICE_KEY_FILES = ("device.key",)  # key files as client/state.py names them
 
 
 def device_storage_keys(image: Path, passphrase: str | None) -> list[bytes]:
-    """``device.key`` files: raw 32-byte keys, or Argon2id-wrapped ones if we know the phrase."""
+    """Device key files: raw 32-byte keys, or Argon2id-wrapped ones if we know the phrase.
+
+    This mirrors ``client/state.py``'s ``device.key`` (``HVPW1`` + salt + SecretBox). A new
+    key-file format (a wrapped SQLCipher key, per-message key slots) gets its own finder that
+    returns every key it can open: the examiner tries each on every page and every value."""
     keys = []
-    for data in files_named(image, "device.key"):
+    for data in (d for name in DEVICE_KEY_FILES for d in files_named(image, name)):
         if not data.startswith(_WRAPPED):
             if len(data) == 32:
                 keys.append(data)
