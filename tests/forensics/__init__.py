@@ -9,10 +9,12 @@ Pieces, each usable alone:
 - ``carve.carve()``: SQLite b-tree leaf records found anywhere in a buffer (database pages,
   WAL frames), decoded with their varints; ``sqlcipher.sqlcipher_pages()`` decrypts SQLCipher 4
   page candidates for it when the examiner has the key.
-- ``examine``: key finders (``node_epoch_keys``, ``device_storage_keys``), the envelope
-  ``Ledger`` (ground truth) and the figures per node or device image (``node_figures``,
-  ``device_figures``). Key finders, openers and page decryptors are parameters, so a change of
-  the at-rest format changes one function, not the test.
+- ``examine``: key finders (``node_epoch_keys`` over ``parse_epoch_keys``;
+  ``device_storage_keys``: ``device.keys`` header and message slots, version-1 ``device.key``),
+  the envelope ``Ledger`` (ground truth) and the figures per node or device image
+  (``node_figures``, ``device_figures``). Key finders, record openers (``sealed_columns``) and
+  page decryptors are parameters, so a change of the at-rest format changes one function, not
+  the test.
 - ``workload``: a client-side tap that fills the ledger, nodes with the test-only clock switch.
 
 A new feature's seizure check: put its homes on ``LoopImage``s, run its workload under

@@ -9,8 +9,10 @@ attribute carved records to envelopes for scoring (linkage), never as examiner f
 Format changes plug in here: :data:`NodeKeyFinder` / :data:`DeviceKeyFinder` return candidate
 keys found on an image, :data:`Opener` opens one sealed value with one key, and
 :data:`PageDecryptor` turns a raw image plus a database key into a buffer of plaintext pages
-for the carver (identity for plain SQLite; for SQLCipher, decrypt every page-sized candidate:
-see ``sqlcipher.py``).
+for the carver (for SQLCipher, decrypt every page-sized candidate: see ``sqlcipher.py``).
+:data:`NodeRecordOpener` turns one carved node record plus the image's keys into the
+plaintexts an examiner gets from it (today: every sealed column under every epoch key); a
+sealed-metadata format replaces that one function.
 """
 
 from __future__ import annotations
@@ -28,13 +30,35 @@ import nacl.pwhash
 import nacl.secret
 
 from .carve import PAGE, Record, carve
-from .disk import files_named, unallocated
+from .disk import BLOCK, files_named, unallocated
 from .sqlcipher import sqlcipher_decryptor
 
 NodeKeyFinder = Callable[[Path], list[tuple[int, bytes]]]  # image -> [(epoch, key)]
-DeviceKeyFinder = Callable[[Path, str | None], list[bytes]]  # image, passphrase -> keys
 Opener = Callable[[bytes, bytes], bytes | None]  # key, sealed -> plaintext or None
 PageDecryptor = Callable[[bytes, bytes], tuple[bytes, int]]  # raw, key -> pages, usable size
+# one carved record, candidate (epoch, key)s -> [(epoch, plaintext)] an examiner gets from it
+NodeRecordOpener = Callable[["Record", Sequence[tuple[int, bytes]]], list[tuple[int, bytes]]]
+
+
+@dataclass
+class DeviceKeys:
+    """What a device key finder gets from an image: database keys (for page decryptors) and
+    value keys (storage keys, every non-zero per-message slot) for sealed column values."""
+
+    db: list[bytes] = field(default_factory=list)
+    values: list[bytes] = field(default_factory=list)
+    files: int = 0  # key files found
+    protected: int = 0  # of them, wrapped (passphrase or keyring)
+
+    def __iadd__(self, other: DeviceKeys) -> DeviceKeys:
+        self.db += other.db
+        self.values += other.values
+        self.files += other.files
+        self.protected += other.protected
+        return self
+
+
+DeviceKeyFinder = Callable[[Path, str | None], DeviceKeys]  # image, passphrase -> keys
 
 _SLOT = struct.Struct(">Q32s")
 TEXT = re.compile(rb"txt-[a-z_]+-[0-9]{3}-[0-9a-f]{12}")  # the shape of every workload text
@@ -55,41 +79,116 @@ def secretbox_open(key: bytes, sealed: bytes) -> bytes | None:
         return None
 
 
-def node_epoch_keys(image: Path) -> list[tuple[int, bytes]]:
-    """Every live slot of every ``epochs.key`` on the image (fixed ``>Q32s`` slots)."""
+def parse_epoch_keys(data: bytes) -> list[tuple[int, bytes]]:
+    """Live slots of one ``epochs.key`` (fixed ``>Q32s`` slots; zeroed slots are destroyed
+    keys). The one place that knows the file's layout: the examiner's finder and the scoring
+    oracle (``workload.read_epoch_keys``) both use it."""
     keys = []
-    for data in files_named(image, "epochs.key"):
-        for i in range(len(data) // _SLOT.size):
-            epoch, key = _SLOT.unpack_from(data, i * _SLOT.size)
-            if epoch or any(key):
-                keys.append((int(epoch), bytes(key)))
+    for i in range(len(data) // _SLOT.size):
+        epoch, key = _SLOT.unpack_from(data, i * _SLOT.size)
+        if epoch or any(key):
+            keys.append((int(epoch), bytes(key)))
     return keys
 
 
+def node_epoch_keys(image: Path) -> list[tuple[int, bytes]]:
+    """Every live slot of every ``epochs.key`` on the image."""
+    return [k for data in files_named(image, "epochs.key") for k in parse_epoch_keys(data)]
+
+
 _WRAPPED = b"HVPW1"
-DEVICE_KEY_FILES = ("device.key",)  # key files as client/state.py names them
+V1_KEY_FILE = "device.key"  # version-1 homes (plain device.db), as client/devicedb.py names it
 
 
-def device_storage_keys(image: Path, passphrase: str | None) -> list[bytes]:
-    """Device key files: raw 32-byte keys, or Argon2id-wrapped ones if we know the phrase.
-
-    This mirrors ``client/state.py``'s ``device.key`` (``HVPW1`` + salt + SecretBox). A new
-    key-file format (a wrapped SQLCipher key, per-message key slots) gets its own finder that
-    returns every key it can open: the examiner tries each on every page and every value."""
-    keys = []
-    for data in (d for name in DEVICE_KEY_FILES for d in files_named(image, name)):
+def device_v1_keys(image: Path, passphrase: str | None) -> DeviceKeys:
+    """Version-1 ``device.key`` files (``HVPW1`` + salt + SecretBox under Argon2id with pynacl's
+    default "sensitive" limits, or 32 raw bytes): a storage key for values in plain pages."""
+    out = DeviceKeys()
+    for data in files_named(image, V1_KEY_FILE):
+        out.files += 1
         if not data.startswith(_WRAPPED):
             if len(data) == 32:
-                keys.append(data)
+                out.values.append(data)
             continue
+        out.protected += 1
         if not passphrase:
             continue
         salt_end = len(_WRAPPED) + nacl.pwhash.argon2id.SALTBYTES
         kek = nacl.pwhash.argon2id.kdf(32, passphrase.encode(), data[len(_WRAPPED) : salt_end])
         opened = secretbox_open(kek, data[salt_end:])
         if opened is not None:
-            keys.append(opened)
-    return keys
+            out.values.append(opened)
+    return out
+
+
+KEYS_FILE = "device.keys"
+# client/keyslots.py: a 256-byte header slot (magic, version, mode, Argon2id opslimit and
+# memlimit, salt, length of the wrapped key, then the wrapped key), then 32-byte slots; slot 0
+# is a change token, every other non-zero slot the key of one history text.
+_KS_HEADER = struct.Struct(">4sBBIQ16sH")
+KS_MAGIC, KS_HEADER_SIZE, KS_SLOT = b"HVKS", 256, 32
+KS_CLEAR, KS_PASSPHRASE, KS_KEYRING = 0, 1, 2
+
+
+def unwrap_keyslots_header(data: bytes, passphrase: str | None) -> bytes | None:
+    """The database key from a ``device.keys`` header slot: in clear (mode 0), or unwrapped
+    with the passphrase (mode 1, Argon2id with the costs stored in the slot). A keyring wrap
+    (mode 2) needs the OS keyring, which a disk examiner does not have: ``None``."""
+    if len(data) < KS_HEADER_SIZE:
+        return None
+    magic, _version, mode, ops, mem, salt, n = _KS_HEADER.unpack_from(data)
+    if magic != KS_MAGIC:
+        return None
+    wrapped = data[_KS_HEADER.size : _KS_HEADER.size + n]
+    if mode == KS_CLEAR:
+        return wrapped[:32] if len(wrapped) >= 32 else None
+    if mode != KS_PASSPHRASE or not passphrase:
+        return None
+    kek = nacl.pwhash.argon2id.kdf(32, passphrase.encode(), salt, ops, mem)
+    return secretbox_open(kek, wrapped)
+
+
+def keyslot_keys(data: bytes) -> list[bytes]:
+    """Every non-zero slot after the header (zeroed slots are shredded texts)."""
+    zero = bytes(KS_SLOT)
+    slots = (data[i : i + KS_SLOT] for i in range(KS_HEADER_SIZE, len(data), KS_SLOT))
+    return [bytes(k) for k in slots if len(k) == KS_SLOT and k != zero]
+
+
+def device_keyslots_keys(image: Path, passphrase: str | None) -> DeviceKeys:
+    """Every ``device.keys`` on the image: its database key if the examiner can unwrap it
+    (clear, or with the passphrase), the storage key derived from it (``client/devicedb.py``
+    ``storage_key_for``), and every non-zero message-key slot (those are in clear: without the
+    database key they only open values the examiner cannot reach)."""
+    from client.devicedb import storage_key_for
+
+    out = DeviceKeys()
+    headers = []
+    for data in files_named(image, KEYS_FILE):
+        out.files += 1
+        if len(data) >= 6 and data[5] != KS_CLEAR:
+            out.protected += 1
+        out.values += keyslot_keys(data)
+        headers.append(data[:KS_HEADER_SIZE])
+    # stale header slots anywhere on the image (freed blocks, old copies): files start on a
+    # block boundary, so a header does too
+    raw = image.read_bytes()
+    for m in re.finditer(re.escape(KS_MAGIC), raw):
+        if m.start() % BLOCK == 0:
+            headers.append(raw[m.start() : m.start() + KS_HEADER_SIZE])
+    for header in dict.fromkeys(headers):
+        db_key = unwrap_keyslots_header(header, passphrase)
+        if db_key is not None and db_key not in out.db:
+            out.db.append(db_key)
+            out.values.append(storage_key_for(db_key))
+    return out
+
+
+def device_storage_keys(image: Path, passphrase: str | None) -> DeviceKeys:
+    """:data:`DeviceKeyFinder` for every device format: ``device.keys`` and version-1 files."""
+    out = device_keyslots_keys(image, passphrase)
+    out += device_v1_keys(image, passphrase)
+    return out
 
 
 def plain_pages(raw: bytes, key: bytes) -> tuple[bytes, int]:
@@ -192,6 +291,20 @@ class NodeTruth:
     states: dict[bytes, str]  # Ledger.state_on(node_id) at the time of the copy
 
 
+def sealed_columns(opener: Opener = secretbox_open) -> NodeRecordOpener:
+    """:data:`NodeRecordOpener` for the store as it is: every blob column of at least 40 bytes
+    (nonce + MAC) is a value sealed under one epoch key, opened with :data:`Opener`."""
+
+    def open_record(rec: Record, keys: Sequence[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        out = []
+        for v in rec.values:
+            if isinstance(v, bytes) and len(v) >= 40:
+                out += [(e, pt) for e, k in keys if (pt := opener(k, v)) is not None]
+        return out
+
+    return open_record
+
+
 def node_figures(
     scan: Scan,
     truth: NodeTruth,
@@ -199,32 +312,32 @@ def node_figures(
     canary: bytes,
     find_keys: NodeKeyFinder = node_epoch_keys,
     opener: Opener = secretbox_open,
+    open_record: NodeRecordOpener | None = None,
 ) -> dict[str, Any]:
+    """Node image figures. ``find_keys`` lists the keys on the image; ``open_record`` (default:
+    :func:`sealed_columns` with ``opener``) opens one carved record with given keys. The
+    oracle keys (``Ledger.oracle_keys``) go through the same opener, for attribution only."""
+    open_rec = open_record or sealed_columns(opener)
     keys = find_keys(scan.path)
     newest = max((e for e, _ in keys), default=0)
-    oracle = list(ledger.oracle_keys)
+    oracle = [(e, k) for k, e in ledger.oracle_keys.items()]
     # attribute every record to envelopes (scoring only) and note what the image's keys open
     attributed: dict[int, set[bytes]] = {}
     opened_by: dict[bytes, set[int]] = defaultdict(set)  # env id -> epochs of image keys
     opened_unattributed = 0
     opened_plain: list[bytes] = []
     for idx, rec in enumerate(scan.records):
-        blobs = [v for v in rec.values if isinstance(v, bytes) and len(v) >= 40]
-        pts = [pt for b in blobs for k in oracle if (pt := opener(k, b)) is not None]
+        pts = [pt for _, pt in open_rec(rec, oracle)]
         ids = ledger.attribute(rec, pts) & set(truth.states)
         if ids:
             attributed[idx] = ids
-        for b in blobs:
-            for epoch, k in keys:
-                pt = opener(k, b)
-                if pt is None:
-                    continue
-                opened_plain.append(pt)
-                got = ledger.attribute(rec, [pt]) & set(truth.states)
-                if not got:
-                    opened_unattributed += 1
-                for i in got:
-                    opened_by[i].add(epoch)
+        for epoch, pt in open_rec(rec, keys):
+            opened_plain.append(pt)
+            got = ledger.attribute(rec, [pt]) & set(truth.states)
+            if not got:
+                opened_unattributed += 1
+            for i in got:
+                opened_by[i].add(epoch)
     corpus = [scan.raw, *opened_plain]
 
     def anywhere(needle: bytes) -> bool:
@@ -233,6 +346,7 @@ def node_figures(
     texts = len(texts_in(corpus) & set(truth.texts))
     names = sum(anywhere(n) for n in truth.remote_names)
     mailboxes = sum(scan.found(m) for m in truth.remote_mailboxes)
+    mailboxes_opened = sum(any(m in pt for pt in opened_plain) for m in truth.remote_mailboxes)
     eq_sends, eq_envs, adj_sends, multi = _linkage(scan.records, attributed, ledger)
     states = truth.states
     dead = {i for i, s in states.items() if s != "pending"}
@@ -244,7 +358,8 @@ def node_figures(
         "keys_on_image": len(keys),
         "texts": texts,
         "names": names,
-        "remote_mailboxes": mailboxes,
+        "remote_mailboxes": mailboxes,  # in clear (raw bytes, free blocks included)
+        "remote_mailboxes_opened": mailboxes_opened,  # inside values the image's keys open
         "sends_multi": multi,
         "linked_equal_sends": eq_sends,
         "linked_equal_envelopes": eq_envs,
@@ -313,50 +428,84 @@ class DeviceTruth:
     t_max: int
 
 
+def _open_all(records: Iterable[Record], keys: Sequence[bytes], opener: Opener) -> list[bytes]:
+    """Every sealed value of ``records`` opened under every key that opens it."""
+    blobs = {v for r in records for v in r.values if isinstance(v, bytes) and len(v) >= 40}
+    return [pt for b in blobs for k in keys if (pt := opener(k, b)) is not None]
+
+
 def device_figures(
     scan: Scan,
     truth: DeviceTruth,
     canary: bytes,
     passphrase: str | None,
     find_keys: DeviceKeyFinder = device_storage_keys,
-    pages: Sequence[PageDecryptor] = (plain_pages, sqlcipher_decryptor),
+    pages: Sequence[PageDecryptor] = (sqlcipher_decryptor,),
     opener: Opener = secretbox_open,
 ) -> dict[str, Any]:
-    """With the passphrase: every page decrypted, every value opened, then searched. Without:
-    what is readable in clear (contact addresses, node ids/URLs, records with times)."""
-    keys = find_keys(scan.path, passphrase)
-    corpus = [scan.raw]
-    decrypted_pages = 0
-    for k in keys:
-        for decrypt in pages:
-            buf, usable = decrypt(scan.raw, k)
-            records = scan.records if buf is scan.raw else list(carve(buf, usable))
-            if buf is not scan.raw:
-                decrypted_pages += len({r.offset for r in records})
-                corpus.append(buf)
-            for rec in records:
-                for v in rec.values:
-                    if isinstance(v, bytes) and (pt := opener(k, v)) is not None:
-                        corpus.append(pt)
+    """With the passphrase: every page candidate of the image decrypted with every database key
+    found, every carved value opened with every value key found (storage keys, every non-zero
+    message slot), then searched for texts. Without it: the same with the keys an examiner
+    finds without the passphrase; contact addresses, node ids/URLs and records with times."""
+    decrypted: dict[bytes, list[tuple[bytes, list[Record]]]] = {}
 
+    def open_pages(db_keys: list[bytes]) -> list[tuple[bytes, list[Record]]]:
+        out = [(scan.raw, scan.records)]  # plain SQLite pages are readable as they are
+        for k in db_keys:
+            if k not in decrypted:
+                decrypted[k] = []
+                for decrypt in pages:
+                    buf, usable = decrypt(scan.raw, k)
+                    decrypted[k].append((buf, list(carve(buf, usable))))
+            out += decrypted[k]
+        return out
+
+    keys = find_keys(scan.path, passphrase)
+    bufs = open_pages(keys.db)
+    records = [r for _, recs in bufs for r in recs]
+    corpus = [b for b, _ in bufs] + _open_all(records, keys.values, opener)
     found = texts_in(corpus)
+    # history rows (msg_id, peer, outgoing, sender, text, ...: client/devicedb.py) whose sealed
+    # text no key opens: stale copies the examiner does find, of texts that are shredded
+    texts_sealed = {
+        r.values[5]
+        for r in records
+        if len(r.values) >= 15
+        and isinstance(r.values[1], bytes)
+        and len(r.values[1]) == 16
+        and isinstance(r.values[5], bytes)
+        and len(r.values[5]) >= 40
+    }
+    unopened = sum(1 for b in texts_sealed if all(opener(k, b) is None for k in keys.values))
 
     def count(needles: list[bytes]) -> int:
         return len(found & set(needles))
 
-    clear_keys = find_keys(scan.path, None)
+    clear = find_keys(scan.path, None)
+    clear_bufs = open_pages(clear.db)
+    clear_records = [r for _, recs in clear_bufs for r in recs]
+    clear_corpus = [b for b, _ in clear_bufs] + _open_all(clear_records, clear.values, opener)
+
+    def readable(needle: bytes) -> bool:
+        return any(needle in c for c in clear_corpus)
+
     timed = sum(
         1
-        for r in scan.records
+        for r in clear_records
         if any(isinstance(v, int) and truth.t_min <= v <= truth.t_max for v in r.values)
     )
     return {
         "canary": int(scan.found(canary) and canary in scan.free),
         "carved": len(scan.records),
         "carved_free": scan.free_records,
-        "keys_with_phrase": len(keys),
-        "decrypted_pages": decrypted_pages,
-        "keys_without_phrase": len(clear_keys),
+        "key_files": keys.files,
+        "key_files_protected": keys.protected,
+        "keys_with_phrase": len(keys.db),
+        "value_keys": len(keys.values),
+        "decrypted_records": len(records) - len(scan.records),
+        "history_texts_carved": len(texts_sealed),  # distinct sealed texts in history rows
+        "history_texts_unopened": unopened,  # of them, opened by no key on the image
+        "keys_without_phrase": len(clear.db),
         "kept_readable": count(truth.kept),
         "kept_total": len(truth.kept),
         "deleted": count(truth.deleted),
@@ -365,7 +514,10 @@ def device_figures(
         "expired_total": len(truth.expired),
         "edited_away": count(truth.edited_away),
         "edited_away_total": len(truth.edited_away),
-        "contacts_clear": sum(scan.found(c) for c in truth.contacts),
-        "peers_clear": sum(scan.found(p) for p in truth.peers),
+        "contacts_clear": sum(readable(c) for c in truth.contacts),
+        "contacts_total": len(truth.contacts),
+        "peers_clear": sum(readable(p) for p in truth.peers),
+        "peers_total": len(truth.peers),
         "records_with_times": timed,
+        "texts_without_phrase": len(texts_in(clear_corpus)),
     }

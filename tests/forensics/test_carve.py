@@ -93,3 +93,32 @@ def test_sqlcipher_pages_decrypt_for_the_carver(tmp_path: Path) -> None:
     assert {f"secret-{i}" for i in range(300)} <= found
     assert not list(carve(sqlcipher_pages(image, os.urandom(32)), USABLE))
     db.close()
+
+
+def test_device_key_finder_reads_the_keyslots_layout(tmp_path: Path) -> None:
+    from client.keyslots import KeySlots
+
+    from .examine import keyslot_keys, unwrap_keyslots_header
+
+    db_key = os.urandom(32)
+    clear = KeySlots.create(str(tmp_path / "clear.keys"), db_key, None, False)
+    wrapped = KeySlots.create(str(tmp_path / "wrapped.keys"), db_key, "pass phrase", False)
+    for ks in (clear, wrapped):
+        _slot, key = ks.allocate()
+        ks.flush()
+        ks.committed()
+        dead, _ = ks.allocate()
+        ks.flush()
+        ks.committed()
+        ks.shred(dead)
+        ks.flush()
+        ks.committed()
+        data = Path(ks.path).read_bytes()
+        keys = keyslot_keys(data)
+        assert key in keys and len(keys) == 2  # the live key and slot 0's token, not the zeroed
+    data = (tmp_path / "clear.keys").read_bytes()
+    assert unwrap_keyslots_header(data, None) == db_key
+    data = (tmp_path / "wrapped.keys").read_bytes()
+    assert unwrap_keyslots_header(data, None) is None
+    assert unwrap_keyslots_header(data, "wrong") is None
+    assert unwrap_keyslots_header(data, "pass phrase") == db_key

@@ -23,7 +23,7 @@ from client.linking import link_device
 from federation import frames as F
 
 from ..integration.harness import ROOT, NodeProc, wait_until
-from .examine import Env, Ledger
+from .examine import Env, Ledger, parse_epoch_keys
 
 _SERVE = (sys.executable, "-m", "client.cli", "node", "serve")
 
@@ -60,7 +60,11 @@ def tap(ledger: Ledger, homes: tuple[Path, ...] = ()) -> Iterator[None]:
                 ledger.add(Env(env.id, env.to, env.body[:32], send, home, dest))
             for h in homes:
                 read_epoch_keys(h, ledger)
-        return await orig(self, frame)
+        reply = await orig(self, frame)
+        if isinstance(frame, F.Send):  # and after: the node may have minted a key for it
+            for h in homes:
+                read_epoch_keys(h, ledger)
+        return reply
 
     NodeConnection.request = request  # type: ignore[method-assign]
     try:
@@ -70,18 +74,13 @@ def tap(ledger: Ledger, homes: tuple[Path, ...] = ()) -> Iterator[None]:
 
 
 def read_epoch_keys(home: Path, ledger: Ledger) -> None:
-    """Scoring only: remember every epoch key the live node has had (``>Q32s`` slots)."""
-    import struct
-
-    slot = struct.Struct(">Q32s")
+    """Scoring only: remember every epoch key the live node has had."""
     try:
         data = (home / "epochs.key").read_bytes()
     except FileNotFoundError:
         return
-    for i in range(len(data) // slot.size):
-        epoch, key = slot.unpack_from(data, i * slot.size)
-        if epoch or any(key):
-            ledger.oracle_keys.setdefault(bytes(key), int(epoch))
+    for epoch, key in parse_epoch_keys(data):
+        ledger.oracle_keys.setdefault(key, epoch)
 
 
 async def new_device(node: NodeProc, home: Path, name: str, **kw: Any) -> Device:
