@@ -35,7 +35,7 @@ class NodeConfig:
     key_secret_file: str = ""  # node key wrapped under this secret; "credential:NAME" = systemd
     max_pending_per_mailbox: int = 10_000
     max_db_mb: int = 0  # cap on the store's size (PRAGMA max_page_count); 0 = the disk's size
-    epoch_ms: int = 3_600_000
+    epoch_ms: int = 600_000  # at-rest key lifetime (node/atrest.py; docs/operations.md §5)
     # ---- limits (docs/operations.md "Limits"); all in memory, none persisted -----------------
     # connection admission (node/admission.py)
     max_connections: int = 4096  # every open TCP connection

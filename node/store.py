@@ -1,7 +1,8 @@
 """The node's narrow storage interface (ARCHITECTURE §4 "Storage").
 
-Everything the node persists goes through :class:`Store`. Envelope bodies are sealed at rest by
-the backend under epoch keys (:mod:`node.atrest`); callers see plain :class:`Envelope` values.
+Everything the node persists goes through :class:`Store`. Envelopes and outbox rows are sealed
+at rest by the backend under epoch keys (:mod:`node.atrest`), with nothing linkable left in
+clear (docs/operations.md §5 "At rest"); callers see plain :class:`Envelope` values.
 Backends: :class:`node.sqlite_store.SqliteStore` (default). One contract suite
 (``tests/node/test_store_contract.py``) runs against every backend.
 """
@@ -12,6 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
+from federation.clock import Clock
 from federation.wire import Envelope
 
 DAY_MS = 86_400_000
@@ -85,15 +87,19 @@ class Store(Protocol):
     ) -> list[tuple[int, Envelope]]:
         """Up to ``limit`` envelopes of ``mailbox`` with ``seq > after_seq``, oldest first.
 
-        ``seq`` orders rows by arrival; a cursor for streaming a backlog page by page. A seq may
-        be reused once every row above it is deleted, so a reader restarts at 0 after a pass.
+        ``seq`` orders one mailbox's rows by arrival (a positive opaque key, unrelated across
+        mailboxes); a cursor for streaming a backlog page by page. A new row's seq is above every
+        seq handed out for its mailbox by this process; a reader restarts at 0 after a pass.
         """
         ...
 
     async def outbox_page(
         self, dest: str, after_seq: int, limit: int
     ) -> list[tuple[int, Envelope]]:
-        """Up to ``limit`` outbox rows for ``dest`` with ``seq > after_seq``, oldest first."""
+        """Up to ``limit`` outbox rows for ``dest`` with ``seq > after_seq``, by seq: arrival
+        order per remote mailbox; rows for different mailboxes interleave in an unrelated
+        order. A row written later has a seq above every seq returned for ``dest`` so far by
+        this process, so a reader resuming after the last row it saw misses nothing."""
         ...
 
     async def outbox_counts(self) -> dict[str, int]:
@@ -102,7 +108,18 @@ class Store(Protocol):
 
     async def outbox_destinations(self) -> list[str]: ...
     async def sweep_expired(self, now: int) -> int: ...
-    async def rotate_epochs(self, now: int) -> int: ...
+    async def begin(self, clock: Clock) -> int:
+        """The node starts serving (the sweeper calls it once): destroy every at-rest key that
+        seals nothing, re-seal leftovers whose epoch has passed; from then on :meth:`close`
+        re-seals what is pending under a fresh key and destroys every other key. Offline
+        commands never call it, so they leave a running node's keys alone."""
+        ...
+
+    async def rotate_epochs(self, now: int) -> int:
+        """Destroy every key if nothing is pending; else re-seal rows under keys other than
+        the current epoch's and destroy those keys. Returns the rows re-sealed."""
+        ...
+
     async def checkpoint(self) -> None: ...
 
     # peers

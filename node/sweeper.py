@@ -1,5 +1,9 @@
 """Timers: TTL expiry, epoch-key rotation, the idle WAL checkpoint and the disk-full guard.
 
+At start, :meth:`Sweeper.run` hands the clock to the store (:meth:`node.store.Store.begin`):
+keys that seal nothing are destroyed and leftovers of a passed epoch re-sealed before the first
+tick; from then on the store re-seals for shutdown when it is closed.
+
 ``tick(now)`` is pure enough to drive from a test with a fake clock; ``run`` calls it on a short
 real-time interval. The checkpoint (RESTART, never TRUNCATE) runs once writes have been idle for
 ``idle_ms``, never per delete (ARCHITECTURE §4 "Storage"). While the disk is full, each tick
@@ -113,6 +117,13 @@ class Sweeper:
                 await asyncio.to_thread(self.disk.start)
             except OSError as exc:
                 log.warning("ballast not created: %s", exc.strerror or exc)
+        try:
+            resealed = await self.store.begin(self.clock)
+            if resealed:
+                log.info("re-sealed %d stored envelopes under a fresh key", resealed)
+        except StorageError as exc:  # keys are kept; the ticks retry the rotation
+            self._error = str(exc)
+            log.error("sweeper: %s", exc)
         while True:
             try:
                 done = await self.tick()

@@ -178,6 +178,11 @@ async def test_operator_commands_on_a_full_disk_print_one_line(
     haven("node", "init", "--home", str(fresh), "--public-url", "http://127.0.0.1:9")
     haven("node", "status", "--home", str(home))  # creates the store and the epoch key file
     assert fill(small_disk / "filler") > 0
+    # the WAL and its 8 MiB reserve are kept when the store closes: a small write still fits
+    assert haven("node", "invite", "--home", str(home), "alice", check=False).returncode == 0
+    for name in ("store.db-wal", "store.db-shm"):  # a store without that reserve:
+        (home / name).unlink()
+    fill(small_disk / "filler2")
     invite = haven("node", "invite", "--home", str(home), "alice", check=False)
     assert invite.returncode == 2, invite.stdout + invite.stderr
     assert_one_line(invite)

@@ -1,4 +1,6 @@
-"""Property test: envelopes are never lost or duplicated across restarts of the store."""
+"""Property test: envelopes are never lost or duplicated across restarts of the store, epoch
+rotations, clean shutdowns (re-sealing under a fresh key) and starts after a long stop; and no
+key outlives the rows it seals."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import tempfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from federation.clock import FakeClock
 from federation.wire import Envelope
 from node.atrest import EpochKeys
 from node.sqlite_store import SqliteStore
@@ -22,6 +25,7 @@ ops = st.lists(
         st.tuples(st.just("ack"), st.integers(0, 2), st.integers(1, 5)),
         st.tuples(st.just("restart"), st.just(0), st.just(0)),
         st.tuples(st.just("rotate"), st.just(0), st.just(0)),
+        st.tuples(st.just("serve"), st.just(0), st.integers(0, 3)),  # stop, wait n epochs, start
     ),
     max_size=25,
 )
@@ -39,7 +43,8 @@ async def _run(sequence: list[tuple[str, int, int]]) -> None:
     with tempfile.TemporaryDirectory() as d:
         path, key_path = os.path.join(d, "s.db"), os.path.join(d, "e.key")
         now = 1_000_000_000
-        store = SqliteStore(path, EpochKeys(key_path))
+        epoch = 600_000
+        store = SqliteStore(path, EpochKeys(key_path, epoch))
         await store.open()
         model: dict[bytes, list[Envelope]] = {mb: [] for mb in MAILBOXES}
         try:
@@ -56,14 +61,25 @@ async def _run(sequence: list[tuple[str, int, int]]) -> None:
                 elif op == "ack":
                     gone, model[mb] = model[mb][:n], model[mb][n:]
                     await store.write(WriteBatch(delete_envelopes=tuple(e.id for e in gone)), now)
-                elif op == "restart":
+                elif op == "restart":  # not serving (e.g. an offline command): keys untouched
                     await store.close()
-                    store = SqliteStore(path, EpochKeys(key_path))
+                    store = SqliteStore(path, EpochKeys(key_path, epoch))
                     await store.open()
+                elif op == "serve":
+                    await store.close()
+                    now += n * epoch
+                    store = SqliteStore(path, EpochKeys(key_path, epoch))
+                    await store.open()
+                    await store.begin(FakeClock(now))
                 else:
-                    now += 3_600_000
+                    now += epoch
                     await store.rotate_epochs(now)
                 for m in MAILBOXES:
                     assert await store.pending_for(m, 1000) == model[m]
+                keys = store.keys
+                if not any(model.values()) and op in ("ack", "rotate", "serve"):
+                    assert keys.ids == []  # nothing pending: no key
+                if op in ("rotate", "serve") and any(model.values()):
+                    assert len(keys.ids) == 1  # everything under one current key
         finally:
             await store.close()
