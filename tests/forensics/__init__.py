@@ -12,7 +12,8 @@ Pieces, each usable alone:
 - ``examine``: key finders (``node_epoch_keys`` over ``parse_epoch_keys``;
   ``device_storage_keys``: ``device.keys`` header and message slots, version-1 ``device.key``),
   the envelope ``Ledger`` (ground truth) and the figures per node or device image
-  (``node_figures``, ``device_figures``). Key finders, record openers (``sealed_columns``) and
+  (``node_figures``, ``device_figures``). Key finders, record openers (``sealed_rows``: schema
+  v3 rows opened with ``node/atrest.py``'s own code; ``sealed_columns`` for older formats) and
   page decryptors are parameters, so a change of the at-rest format changes one function, not
   the test.
 - ``workload``: a client-side tap that fills the ledger, nodes with the test-only clock switch.

@@ -11,8 +11,10 @@ keys found on an image, :data:`Opener` opens one sealed value with one key, and
 :data:`PageDecryptor` turns a raw image plus a database key into a buffer of plaintext pages
 for the carver (for SQLCipher, decrypt every page-sized candidate: see ``sqlcipher.py``).
 :data:`NodeRecordOpener` turns one carved node record plus the image's keys into the
-plaintexts an examiner gets from it (today: every sealed column under every epoch key); a
-sealed-metadata format replaces that one function.
+plaintexts an examiner gets from it (schema v3: :func:`sealed_rows`, the row's one sealed
+record opened with the store's own :class:`node.atrest.EpochKeys`); :class:`StoreKeys` also
+derives the store's keyed index hashes, so an examiner holding a key matches known mailbox ids
+against the index (``remote_mailboxes_by_index``).
 """
 
 from __future__ import annotations
@@ -292,8 +294,9 @@ class NodeTruth:
 
 
 def sealed_columns(opener: Opener = secretbox_open) -> NodeRecordOpener:
-    """:data:`NodeRecordOpener` for the store as it is: every blob column of at least 40 bytes
-    (nonce + MAC) is a value sealed under one epoch key, opened with :data:`Opener`."""
+    """:data:`NodeRecordOpener` for a store that seals single columns: every blob column of at
+    least 40 bytes (nonce + MAC) is a value sealed under one epoch key, opened with
+    :data:`Opener`."""
 
     def open_record(rec: Record, keys: Sequence[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
         out = []
@@ -303,6 +306,97 @@ def sealed_columns(opener: Opener = secretbox_open) -> NodeRecordOpener:
         return out
 
     return open_record
+
+
+class StoreKeys:
+    """The node's own at-rest code (``node/atrest.py``) for keys found on an image: one
+    :class:`node.atrest.EpochKeys` per key (a one-slot key file in a scratch directory), so the
+    examiner opens rows and derives index hashes exactly as the store does."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="haven-examiner-")
+        self._keys: dict[bytes, Any] = {}
+
+    def get(self, raw: bytes) -> Any:
+        from node.atrest import EpochKeys
+
+        ks = self._keys.get(raw)
+        if ks is None:
+            path = Path(self._dir.name) / f"{len(self._keys)}.key"
+            path.write_bytes(_SLOT.pack(1, raw) + bytes(_SLOT.size * 3))
+            ks = self._keys[raw] = EpochKeys(str(path))
+        return ks
+
+    def open(self, raw: bytes, sealed: bytes) -> bytes | None:
+        from federation.errors import StorageError
+
+        try:
+            return bytes(self.get(raw).open(0, sealed))
+        except StorageError:
+            return None
+
+    def index(self, raw: bytes, purpose: bytes, value: bytes) -> bytes:
+        return bytes(self.get(raw).index(0, purpose, value))
+
+
+_STORE_KEYS: StoreKeys | None = None
+
+
+def store_keys() -> StoreKeys:
+    global _STORE_KEYS
+    if _STORE_KEYS is None:
+        _STORE_KEYS = StoreKeys()
+    return _STORE_KEYS
+
+
+def sealed_rows() -> NodeRecordOpener:
+    """:data:`NodeRecordOpener` for schema v3 (``node/sqlite_store.py``): a row's one sealed
+    blob (padded, at least a size bucket) opened with the store's own code; the plaintext is the
+    length-prefixed msgpack record ``[id, to, expires, body, dest]`` (ids and body heads inside
+    it attribute the row). Other blobs of at least 40 bytes are tried too (older formats)."""
+    sk = store_keys()
+
+    def open_record(rec: Record, keys: Sequence[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        out = []
+        for v in rec.values:
+            if isinstance(v, bytes) and len(v) >= 40:
+                out += [(e, pt) for e, k in keys if (pt := sk.open(k, v)) is not None]
+        return out
+
+    return open_record
+
+
+# index purposes of the mailbox columns (node/sqlite_store.py): envelopes.mbh, outbox.mbh
+def _mailbox_purposes() -> tuple[bytes, ...]:
+    from node.sqlite_store import ENV_MB, OBX_MB
+
+    return (ENV_MB, OBX_MB)
+
+
+def destination_index(ledger: Ledger, keys: Sequence[bytes]) -> set[bytes]:
+    """Scoring only: the outbox's keyed destination hash of every node in the ledger under
+    every oracle key (``node/sqlite_store.py`` ``OBX_DEST``)."""
+    from node.sqlite_store import OBX_DEST
+
+    sk = store_keys()
+    nodes = {e.dest_node for e in ledger.envs.values()}
+    return {sk.index(k, OBX_DEST, n.encode()) for k in keys for n in nodes}
+
+
+def mailboxes_by_index(
+    scan: Scan, keys: Sequence[tuple[int, bytes]], mailboxes: Sequence[bytes]
+) -> int:
+    """Known mailbox ids an examiner finds in the index: keyed hashes (every key on the image,
+    every mailbox purpose) equal to a carved value or present anywhere in the raw image."""
+    sk = store_keys()
+    values = {v for r in scan.records for v in r.values if isinstance(v, bytes) and len(v) == 16}
+    found = 0
+    for m in mailboxes:
+        hs = [sk.index(k, p, m) for _, k in keys for p in _mailbox_purposes()]
+        found += any(h in values or scan.found(h) for h in hs)
+    return found
 
 
 def node_figures(
@@ -319,6 +413,7 @@ def node_figures(
     oracle keys (``Ledger.oracle_keys``) go through the same opener, for attribution only."""
     open_rec = open_record or sealed_columns(opener)
     keys = find_keys(scan.path)
+    by_index = mailboxes_by_index(scan, keys, truth.remote_mailboxes)
     newest = max((e for e, _ in keys), default=0)
     oracle = [(e, k) for k, e in ledger.oracle_keys.items()]
     # attribute every record to envelopes (scoring only) and note what the image's keys open
@@ -347,7 +442,10 @@ def node_figures(
     names = sum(anywhere(n) for n in truth.remote_names)
     mailboxes = sum(scan.found(m) for m in truth.remote_mailboxes)
     mailboxes_opened = sum(any(m in pt for pt in opened_plain) for m in truth.remote_mailboxes)
-    eq_sends, eq_envs, adj_sends, multi = _linkage(scan.records, attributed, ledger)
+    dest_index = destination_index(ledger, [k for _, k in oracle])
+    eq_sends, eq_envs, adj_sends, multi, by_dest = _linkage(
+        scan.records, attributed, ledger, dest_index
+    )
     states = truth.states
     dead = {i for i, s in states.items() if s != "pending"}
     pending = {i for i, s in states.items() if s == "pending"}
@@ -360,10 +458,14 @@ def node_figures(
         "names": names,
         "remote_mailboxes": mailboxes,  # in clear (raw bytes, free blocks included)
         "remote_mailboxes_opened": mailboxes_opened,  # inside values the image's keys open
+        # keyed hashes (under the image's keys) of remote mailboxes found in the index
+        "remote_mailboxes_by_index": by_index,
         "sends_multi": multi,
         "linked_equal_sends": eq_sends,
         "linked_equal_envelopes": eq_envs,
         "linked_adjacent_sends": adj_sends,
+        # sends whose rows only the outbox destination hash groups (names a node: residual)
+        "linked_dest_index_sends": by_dest,
         "pending": len(pending),
         "pending_seen": len(pending & {i for ids in attributed.values() for i in ids}),
         "dead_envelopes": len(dead),
@@ -374,12 +476,19 @@ def node_figures(
 
 
 def _linkage(
-    records: list[Record], attributed: dict[int, set[bytes]], ledger: Ledger
-) -> tuple[int, int, int, int]:
+    records: list[Record],
+    attributed: dict[int, set[bytes]],
+    ledger: Ledger,
+    dest_index: set[bytes] = frozenset(),  # type: ignore[assignment]
+) -> tuple[int, int, int, int, int]:
     """Sends whose envelopes an examiner groups by an equal clear field, or by adjacent rowids.
 
     A group is the records (of any table, any column) sharing one clear value. It links a send
-    when it holds at least two distinct envelopes and all of them belong to that send.
+    when it holds at least two distinct envelopes and all of them belong to that send. Groups
+    whose value is the outbox's keyed destination hash (``dest_index``: known to the scorer
+    from the oracle keys, not to the examiner) are counted apart: that value is the same for
+    every row to one destination node, whoever sent it to whom, so it names a destination node
+    and groups one send only when a key sealed no other row to that node.
     """
     one = {idx: next(iter(ids)) for idx, ids in attributed.items() if len(ids) == 1}
     present: dict[int, set[bytes]] = defaultdict(set)
@@ -396,9 +505,13 @@ def _linkage(
         if rec.rowid is not None:
             rowids[(rec.shape, ledger.envs[eid].send)].setdefault(eid, rec.rowid)
     linked: dict[int, set[bytes]] = defaultdict(set)
-    for ids in groups.values():
+    by_dest: set[int] = set()
+    for gk, ids in groups.items():
         sends = {ledger.envs[i].send for i in ids}
         if len(ids) >= 2 and len(sends) == 1:
+            if gk[1] in dest_index:
+                by_dest |= sends
+                continue
             linked[sends.pop()] |= ids
     adjacent = set()
     for (_, send), by_env in rowids.items():
@@ -410,6 +523,7 @@ def _linkage(
         sum(len(v) for s, v in linked.items() if s in multi),
         len(adjacent & multi),
         len(multi),
+        len(by_dest & multi),
     )
 
 

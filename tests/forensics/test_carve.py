@@ -9,7 +9,7 @@ from pathlib import Path
 import nacl.secret
 
 from .carve import Record, carve, varint
-from .examine import Ledger, _linkage, secretbox_open
+from .examine import Env, Ledger, _linkage, secretbox_open
 
 
 def _db(path: Path, rows: int) -> sqlite3.Connection:
@@ -61,18 +61,56 @@ def test_finds_nothing_in_random_or_sealed_bytes() -> None:
 
 
 def test_linkage_counts_equal_fields_and_adjacent_rowids() -> None:
-    from .examine import Env
-
     ledger = Ledger()
     ids = [os.urandom(16) for _ in range(4)]
     for i, eid in enumerate(ids):  # sends 1 and 2, two envelopes each
         ledger.add(Env(eid, b"m" * 16, os.urandom(32), 1 + i // 2, "A", "B"))
     recs = [Record(0, 0x0D, 0, 10 + i, (eid, 777 + i // 2)) for i, eid in enumerate(ids)]
     attributed = {i: {eid} for i, eid in enumerate(ids)}
-    assert _linkage(recs, attributed, ledger) == (2, 4, 2, 2)
+    assert _linkage(recs, attributed, ledger) == (2, 4, 2, 2, 0)
     # jittered fields and scattered keys: nothing links
     recs = [Record(0, 0x0A, 0, None, (eid, 777 + i)) for i, eid in enumerate(ids)]
-    assert _linkage(recs, attributed, ledger) == (0, 0, 0, 2)
+    assert _linkage(recs, attributed, ledger) == (0, 0, 0, 2, 0)
+    # an equal destination hash is counted apart (it names a node, not a pair)
+    dh = [os.urandom(16), os.urandom(16)]
+    recs = [Record(0, 0x0A, 0, None, (eid, dh[i // 2])) for i, eid in enumerate(ids)]
+    assert _linkage(recs, attributed, ledger, set(dh)) == (0, 0, 0, 2, 2)
+
+
+def _files(home: Path) -> tuple[list[tuple[int, bytes]], bytes]:
+    from .examine import parse_epoch_keys
+
+    keys = parse_epoch_keys((home / "epochs.key").read_bytes())
+    return keys, b"".join(p.read_bytes() for p in sorted(home.glob("store.db*")))
+
+
+async def test_store_opener_and_index_match_the_node_store(tmp_path: Path) -> None:
+    """The examiner's record opener and keyed hashes are the store's own: rows a real v3
+    store wrote, carved from its files, open under its epoch key and match its mailbox index."""
+    from federation.wire import Envelope
+    from node.atrest import EpochKeys
+    from node.sqlite_store import SqliteStore
+    from node.store import WriteBatch
+
+    from .examine import Scan, mailboxes_by_index, sealed_rows
+
+    store = SqliteStore(str(tmp_path / "store.db"), EpochKeys(str(tmp_path / "epochs.key")))
+    await store.open()
+    try:
+        envs = [Envelope(os.urandom(16), b"M" * 16, 2**41, os.urandom(600)) for _ in range(3)]
+        await store.write(WriteBatch(envelopes=tuple(envs), outbox=(("peer", envs[0]),)), 1000)
+        keys, raw = _files(tmp_path)
+    finally:
+        await store.close()
+    ledger = Ledger()
+    for i, e in enumerate(envs):
+        ledger.add(Env(e.id, e.to, e.body[:32], i, "A", "B"))
+    recs = list(carve(raw))
+    open_rec = sealed_rows()
+    got = {i for r in recs for i in ledger.attribute(r, [pt for _, pt in open_rec(r, keys)])}
+    assert got == {e.id for e in envs}
+    scan = Scan("x", tmp_path / "store.db", raw, b"", recs, 0)
+    assert mailboxes_by_index(scan, keys, [b"M" * 16, b"N" * 16]) == 1
 
 
 def test_sqlcipher_pages_decrypt_for_the_carver(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from federation.clock import SystemClock
 
 from ..conftest import LONG
 from ..integration.harness import NodeProc
+from .carve import carve
 from .disk import LoopImage, files_named, tools_missing
 from .examine import (
     DeviceTruth,
@@ -37,6 +38,8 @@ from .examine import (
     Scan,
     device_figures,
     node_figures,
+    parse_epoch_keys,
+    sealed_rows,
 )
 from .workload import ClockNode, linked, new_device, read_epoch_keys, tap
 
@@ -107,16 +110,25 @@ async def wait_flushed(w: World, *nodes: ClockNode, timeout: float = 60) -> None
     deadline = time.monotonic() + timeout
     for n in nodes:
         while status(n)["outbox_envelopes"]:
-            assert time.monotonic() < deadline, f"outbox of {n.home.name} did not drain"
-            await _tick()
+            if time.monotonic() >= deadline:
+                stats = {x.home.name: x.stats()["counts"] for x in nodes}
+                raise AssertionError(f"outbox of {n.home.name} did not drain: {stats}")
+            await _tick(w)
         nid = status(n)["node_id"]
         for e in w.ledger.envs.values():
             if e.sender_node == nid and e.dest_node != nid:
                 e.forwarded = True
 
 
-async def _tick() -> None:
-    await asyncio.sleep(0.2)  # poll interval of a deadline loop, not synchronisation
+async def _tick(w: World | None = None) -> None:
+    """Poll interval of a deadline loop, not synchronisation. Each tick also remembers the live
+    nodes' epoch keys (scoring only: keys minted and destroyed between two sends would leave
+    their rows unattributed)."""
+    await asyncio.sleep(0.2)
+    if w is not None:
+        for n in (w.a, w.b):
+            if n is not None:
+                read_epoch_keys(n.home, w.ledger)
 
 
 async def drain_all(w: World, timeout: float = 60) -> None:
@@ -131,6 +143,8 @@ async def drain_all(w: World, timeout: float = 60) -> None:
             if not sb["outbox_envelopes"]:
                 break
         assert time.monotonic() < deadline, "devices did not drain their mailboxes"
+        read_epoch_keys(w.a.home, w.ledger)
+        read_epoch_keys(w.b.home, w.ledger)
     for e in w.ledger.envs.values():
         if not e.expired:
             e.delivered = e.forwarded = True
@@ -162,16 +176,59 @@ def copy_and_scan(w: World, img: str, label: str) -> tuple[Scan, bytes]:
     return scan, canary
 
 
-def examine_node(w: World, img: str, label: str, node: ClockNode, local: set[str]) -> None:
+def live_remnants(w: World, node: ClockNode) -> int:
+    """Records in the live node's own files (database and WAL, read through the mounted
+    filesystem) of envelopes no longer pending there that open under a key live right now."""
+    read_epoch_keys(node.home, w.ledger)
+    try:
+        keys = parse_epoch_keys((node.home / "epochs.key").read_bytes())
+    except FileNotFoundError:
+        return 0
+    if not keys:
+        return 0
+    states = w.ledger.state_on(_IDS[str(node.home)])
+    dead = {i for i, s in states.items() if s != "pending"}
+    open_rec = sealed_rows()
+    raw = b"".join(p.read_bytes() for p in sorted(node.home.glob("store.db*")))
+    n = 0
+    for rec in carve(raw):
+        pts = [pt for _, pt in open_rec(rec, keys)]
+        if pts and w.ledger.attribute(rec, pts) & dead:
+            n += 1
+    return n
+
+
+async def wait_remnants_dead(w: World, node: ClockNode, timeout: float = 30) -> float:
+    """Image (a) is taken as a seizure would find the node some seconds after its last
+    delivery: rows delivered under the current key stay decryptable (WAL frames, freed pages)
+    until the next sweep re-seals what is pending under a fresh key and destroys the old one
+    (``RESEAL_AFTER_DELIVERY``, ``node/sqlite_store.py``; docs/threat-model.md §8, residual
+    window). Poll until no such remnant opens under a live key; the time waited is reported."""
+    t = time.monotonic()
+    while live_remnants(w, node):
+        assert time.monotonic() - t < timeout, (
+            f"{node.home.name}: delivered rows' key not destroyed"
+        )
+        await _tick(w)
+    return time.monotonic() - t
+
+
+def examine_node(
+    w: World, img: str, label: str, node: ClockNode, local: set[str], waited: float | None = None
+) -> None:
     read_epoch_keys(node.home, w.ledger)
     truth = node_truth(w, node, local)
     t = time.monotonic()
     scan, canary = copy_and_scan(w, img, label)
     t2 = time.monotonic()
-    w.figures[f"node {img} ({label})"] = f = node_figures(scan, truth, w.ledger, canary)
+    w.figures[f"node {img} ({label})"] = f = node_figures(
+        scan, truth, w.ledger, canary, open_record=sealed_rows()
+    )
     f["node_key_file"] = len(files_named(scan.path, "node.key"))
     seed = node_key_bytes(w, img)  # the node was initialised with --key-file off the image
     f["node_key_on_image"] = int(bool(seed) and scan.found(seed))
+    if waited is not None:
+        f["remnant_wait_s"] = round(waited, 1)  # not scored: the residual window measured
     print(f"{img}{label}: copy+carve {t2 - t:.1f}s figures {time.monotonic() - t2:.1f}s")
     scan.path.unlink()
 
@@ -271,12 +328,14 @@ async def test_seized_disks_reveal_no_conversations(world: World) -> None:
             await bob1.send(ad, text(w, "keep", 400 + i))
         await wait_flushed(w, a, b)
         read_epoch_keys(a.home, w.ledger)
-        examine_node(w, "B", "a", b, {"bobxw", "davejt"})
+        waited = await wait_remnants_dead(w, b)
+        examine_node(w, "B", "a", b, {"bobxw", "davejt"}, waited)
         b.stop()
         for i in range(N):
             await alice1.send(bd, text(w, "keep", 500 + i))
             await carol.send(dd, text(w, "keep", 600 + i))
-        examine_node(w, "A", "a", a, {"alicezq", "carolvk"})
+        waited = await wait_remnants_dead(w, a)
+        examine_node(w, "A", "a", a, {"alicezq", "carolvk"}, waited)
         b.start()
         await bob1.send(ad, text(w, "keep", 900))  # B contacts A: A's backoff for B resets
         await drain_all(w)
@@ -311,7 +370,7 @@ async def test_seized_disks_reveal_no_conversations(world: World) -> None:
         deadline = time.monotonic() + 30
         while status(b)["pending_envelopes"] > expect:  # the short-lived ones are swept
             assert time.monotonic() < deadline, "expired envelopes were not swept"
-            await _tick()
+            await _tick(w)
         for e in w.ledger.envs.values():
             if e.id in short_ids:
                 e.expired = True
