@@ -797,10 +797,14 @@ class SqliteStore:
         """Ordered by ``ord``: arrival order per remote mailbox (different mailboxes interleave
         in an order unrelated to arrival, so one send's rows are not adjacent). A row written
         later is above the highest seq returned so far, so resuming after the last row seen
-        finds it."""
-        page = await self._page("outbox", "dh", OBX_DEST, dest.encode(), after_seq, limit)
-        if page and page[-1][0] > self._read_frontier.get(dest, 0):
-            self._read_frontier[dest] = page[-1][0]
+        finds it. The read and the frontier update hold the write lock: a row committed while
+        the query ran (its order key drawn from its mailbox's chain, below the frontier still
+        to be raised) would otherwise sit below the cursor, and the worker, whose wake for it
+        came before its next pass, would not see it until some later row woke it again."""
+        async with self._write_lock:
+            page = await self._page("outbox", "dh", OBX_DEST, dest.encode(), after_seq, limit)
+            if page and page[-1][0] > self._read_frontier.get(dest, 0):
+                self._read_frontier[dest] = page[-1][0]
         return page
 
     async def _resolve(

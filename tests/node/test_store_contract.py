@@ -531,6 +531,44 @@ async def test_page_walks_during_a_reseal_miss_nothing(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_outbox_row_written_while_a_page_is_read_lands_after_the_cursor(
+    tmp_path: Path,
+) -> None:
+    """A row committed while the page query runs (its mailbox's chain starting low) must not
+    land below the cursor the page returns: the outbox worker's wake for it may come before
+    its next pass, which resumes after that cursor (a stalled queue, seen in the raw-disk
+    test)."""
+    store = SqliteStore(str(tmp_path / "store.db"), EpochKeys(str(tmp_path / "epochs.key")))
+    await store.open()
+    try:
+        first = env(os.urandom(16), 10**13)
+        await store.write(WriteBatch(outbox=(("p", first),)), 1)
+        later = env(os.urandom(16), 10**13)
+        store._ord_floor[("outbox", later.to)] = 0  # its chain starts below the first row
+        real_all = store._all
+        writer: list[asyncio.Task[None]] = []
+
+        async def racing_all(sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+            rows = await real_all(sql, args)
+            if "FROM outbox WHERE dh" in sql and not writer:
+                # the query has its rows; a write commits before the page is returned (or, with
+                # the page read under the write lock, waits until the frontier is raised)
+                task = asyncio.create_task(store.write(WriteBatch(outbox=(("p", later),)), 2))
+                writer.append(task)
+                await asyncio.wait({task}, timeout=0.5)
+            return rows
+
+        store._all = racing_all  # type: ignore[method-assign]
+        page = await store.outbox_page("p", 0, 10)
+        store._all = real_all  # type: ignore[method-assign]
+        await writer[0]
+        seen = [e for _, e in page]
+        rest = [e for _, e in await store.outbox_page("p", page[-1][0], 10)]
+        assert sorted(e.id for e in seen + rest) == sorted([first.id, later.id])
+    finally:
+        await store.close()
+
+
 async def test_outbox_row_for_a_new_mailbox_lands_after_the_read_cursor(store: Store) -> None:
     """The outbox sender resumes a pass after the last row it saw: nothing written later may
     land below it, whichever remote mailbox it is for."""
