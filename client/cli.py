@@ -407,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     add_commands(sub)
     _user_commands(sub)
+    from .app.main import add_parser as add_app_parser
+
+    add_app_parser(sub)
     d = sub.add_parser("demo", help="two throwaway nodes, two users, a federated exchange")
     d.add_argument("--json", action="store_true")
     return p
@@ -460,6 +463,10 @@ def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
+    if args.cmd == "app":
+        from .app.main import run as run_app
+
+        return run_app(args)
     try:
         if args.cmd == "demo":
             from .demo import run_demo

@@ -33,6 +33,7 @@ class NodeConnection:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closed_exc: BaseException | None = None
+        self._closed = asyncio.Event()
 
     async def __aenter__(self) -> NodeConnection:
         self._session = aiohttp.ClientSession()
@@ -60,6 +61,7 @@ class NodeConnection:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._closed.set()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -92,11 +94,21 @@ class NodeConnection:
         except (HavenError, aiohttp.ClientError) as exc:
             self._closed_exc = exc
         finally:
+            self._closed.set()
             err = TransportError("connection to node closed")
             for fut in self._waiters.values():
                 if not fut.done():
                     fut.set_exception(err)
             self._waiters.clear()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection ended (node restarted, network lost, or closed here)."""
+        return self._closed.is_set() or self._ws is None or self._ws.closed
+
+    async def wait_closed(self) -> None:
+        """Return once the connection has ended, for whatever reason (the reader stopped)."""
+        await self._closed.wait()
 
     def next_rid(self) -> int:
         return next(self._rid)

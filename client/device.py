@@ -179,13 +179,18 @@ class Device:
     """One device's identity and state, stored in ``home``."""
 
     def __init__(
-        self, home: str, clock: Clock | None = None, passphrase: str | None = None
+        self,
+        home: str,
+        clock: Clock | None = None,
+        passphrase: str | None = None,
+        *,
+        create: bool = True,
     ) -> None:
         self.home = home
         self.clock = clock or SystemClock()
         if passphrase is None:
             passphrase = os.environ.get("HAVEN_PASSPHRASE") or None
-        self.state = DeviceState(home, passphrase)
+        self.state = DeviceState(home, passphrase, create=create)
         self._account: vz.Account | None = None
         self._receipts: dict[str, list[bytes]] = {}  # delivered receipts not yet sent
         self._claims_used = 0  # inbound sessions made since the last top-up (one-time keys)

@@ -23,7 +23,7 @@ import nacl.exceptions
 import nacl.secret
 import sqlcipher3
 
-from federation.errors import StorageError
+from federation.errors import LocalProtocolError, StorageError
 
 from . import devicedb
 
@@ -63,6 +63,13 @@ class HistoryRow:
     devices_verified: int = 0
 
 
+def exists(home: str) -> bool:
+    """Whether ``home`` holds a device store (joined or not yet)."""
+    return os.path.isfile(os.path.join(home, devicedb.DB_FILE)) or os.path.isfile(
+        os.path.join(home, KEY_FILE)
+    )
+
+
 class DeviceState:
     """One device home's store.
 
@@ -71,16 +78,27 @@ class DeviceState:
         passphrase: wraps the database key of a new home; needed to open a protected one.
         keyring: keep the database key of a new home wrapped by the OS keyring (default: the
             ``HAVEN_KEYRING`` environment variable is ``1``). Ignored with a passphrase.
+        create: make a new, empty device home if there is none. Only ``join`` (and the app's
+            onboarding) pass True; everything else must not turn a mistyped path into a device.
 
     Raises:
         LocalProtocolError: ``passphrase_required``, ``wrong_passphrase``,
-            ``keyring_unavailable``.
+            ``keyring_unavailable``, ``no_device`` (no device home at ``home`` and not
+            ``create``), ``not_a_directory`` (``home`` is a file).
         StorageError: the key file is missing or damaged, or the database does not open.
     """
 
     def __init__(
-        self, home: str, passphrase: str | None = None, keyring: bool | None = None
+        self,
+        home: str,
+        passphrase: str | None = None,
+        keyring: bool | None = None,
+        create: bool = True,
     ) -> None:
+        if os.path.exists(home) and not os.path.isdir(home):
+            raise LocalProtocolError(f"{home} is a file, not a device home", code="not_a_directory")
+        if not create and not exists(home):
+            raise LocalProtocolError(f"no device here ({home})", code="no_device")
         os.makedirs(home, mode=0o700, exist_ok=True)
         if keyring is None:
             keyring = os.environ.get("HAVEN_KEYRING") == "1"
