@@ -12,6 +12,7 @@ import aiohttp
 
 from federation import frames as F
 from federation.errors import HavenError, RemoteProtocolError, TransportError
+from federation.transport import failure_reason
 from federation.wire import Envelope
 
 CLIENT_PATH = "/haven/v1/client"
@@ -21,7 +22,8 @@ class NodeConnection:
     """Request/answer matching by ``rid``; pushed envelopes arrive on :attr:`deliveries`."""
 
     def __init__(self, url: str, *, timeout_s: float = 30) -> None:
-        self.url = url.rstrip("/") + CLIENT_PATH
+        self.base_url = url.rstrip("/")
+        self.url = self.base_url + CLIENT_PATH
         self.timeout_s = timeout_s
         self.deliveries: asyncio.Queue[list[Envelope]] = asyncio.Queue()
         # device-link messages received but not yet consumed (client/linking.py)
@@ -44,19 +46,47 @@ class NodeConnection:
                 )
                 msg = await self._ws.receive()
             if msg.type != aiohttp.WSMsgType.BINARY:
-                raise TransportError("node did not send a challenge")
-            first = F.decode_frame(msg.data)
+                raise self._not_haven()
+            try:
+                first = F.decode_frame(msg.data)
+            except HavenError as exc:
+                raise self._not_haven() from exc
             if not isinstance(first, F.Challenge):
-                raise RemoteProtocolError("expected a challenge")
+                raise self._not_haven()
             self.challenge = first
+        except aiohttp.WSServerHandshakeError as exc:
+            await self._session.close()
+            # Something answers HTTP there but does not serve the client WebSocket: another
+            # web server, or a Haven node's port mixed up with something else. 5xx is rather
+            # a proxy whose node is down.
+            if exc.status >= 500:
+                raise self.unreachable(exc) from exc
+            raise self._not_haven() from exc
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             await self._session.close()
-            raise TransportError(f"cannot reach node: {type(exc).__name__}") from exc
+            raise self.unreachable(exc) from exc
         except BaseException:
             await self._session.close()
             raise
         self._reader = asyncio.create_task(self._read())
         return self
+
+    def unreachable(self, exc: BaseException) -> TransportError:
+        """``node_unreachable``, naming the URL and why (never a class name)."""
+        return TransportError(
+            f"cannot reach the node at {self.base_url} ({failure_reason(exc, self.timeout_s)})",
+            code="node_unreachable",
+        )
+
+    def _not_haven(self) -> TransportError:
+        return TransportError(
+            f"{self.base_url} is not a Haven node (wrong port?)", code="not_a_haven_node"
+        )
+
+    def _lost(self, why: str) -> TransportError:
+        return TransportError(
+            f"the connection to the node at {self.base_url} {why}", code="node_unreachable"
+        )
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -95,7 +125,7 @@ class NodeConnection:
             self._closed_exc = exc
         finally:
             self._closed.set()
-            err = TransportError("connection to node closed")
+            err = self._lost("closed")
             for fut in self._waiters.values():
                 if not fut.done():
                     fut.set_exception(err)
@@ -121,7 +151,7 @@ class NodeConnection:
             TransportError: the connection failed.
         """
         if self._ws is None or self._ws.closed:
-            raise TransportError("not connected")
+            raise self._lost("is closed")
         rid: int = getattr(frame, "rid")  # noqa: B009
         fut: asyncio.Future[F.Frame] = asyncio.get_running_loop().create_future()
         self._waiters[rid] = fut
@@ -130,7 +160,7 @@ class NodeConnection:
             async with asyncio.timeout(self.timeout_s):
                 answer = await fut
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise TransportError(f"request failed: {type(exc).__name__}") from exc
+            raise self._lost(f"failed ({failure_reason(exc, self.timeout_s)})") from exc
         finally:
             self._waiters.pop(rid, None)
         if isinstance(answer, F.Error):
@@ -139,8 +169,11 @@ class NodeConnection:
 
     async def send_raw(self, data: bytes) -> None:
         if self._ws is None:
-            raise TransportError("not connected")
-        await self._ws.send_bytes(data)
+            raise self._lost("is closed")
+        try:
+            await self._ws.send_bytes(data)
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._lost(f"failed ({failure_reason(exc, self.timeout_s)})") from exc
 
     async def ack(self, ids: list[bytes]) -> None:
         if ids:

@@ -122,7 +122,35 @@ class PeerTransport:
         except HavenError:
             raise
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            raise TransportError(f"peer unreachable: {type(exc).__name__}") from exc
+            # no URL here: node logs name peers by node id, never by address (docs/operations.md §7)
+            reason = failure_reason(exc, self.timeout_s)
+            raise TransportError(f"peer unreachable ({reason})") from exc
+
+
+def failure_reason(exc: BaseException, timeout_s: float) -> str:
+    """A short, user-readable reason for a failed HTTP/WebSocket attempt (no class names).
+
+    Used by the node's peer transport and by the device's connection to its home node.
+    """
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout_s:g} s"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "host not found: check the address"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "its TLS certificate is not valid for this address"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "TLS handshake failed: is it https, and is the port right?"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return "connection refused: is it running, and is the port right?"
+        return f"network error: {exc.os_error.strerror or 'cannot connect'}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return "the connection closed before an answer"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"it answered HTTP {exc.status}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"network error: {exc.strerror}"
+    return "network error"
 
 
 def _remote_error(status: int, data: bytes) -> HavenError:
