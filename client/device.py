@@ -19,7 +19,8 @@ import logging
 import os
 import random
 import sqlite3
-from collections.abc import Callable
+import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -39,6 +40,7 @@ from federation.errors import (
     MalformedEnvelope,
     RateLimited,
     RemoteProtocolError,
+    TransportError,
     UntrustedKey,
 )
 from federation.ids import Address, new_envelope_id, new_mailbox_id
@@ -50,10 +52,14 @@ from .connection import NodeConnection, expect
 from .payload import Payload, device_tag
 from .state import (
     STATUS_DELIVERED,
+    STATUS_PENDING,
     STATUS_READ,
+    STATUS_SENT,
     Contact,
     DeviceState,
     HistoryRow,
+    OutboxItem,
+    clean_name,
 )
 
 log = logging.getLogger("haven.device")
@@ -194,6 +200,9 @@ class Device:
         self._account: vz.Account | None = None
         self._receipts: dict[str, list[bytes]] = {}  # delivered receipts not yet sent
         self._claims_used = 0  # inbound sessions made since the last top-up (one-time keys)
+        self._provider: Callable[[], Awaitable[NodeConnection]] | None = None
+        # connections the provider lent us: never closed here
+        self._borrowed: weakref.WeakSet[NodeConnection] = weakref.WeakSet()
         self.state.purge_expired(self.clock.now_ms())
 
     def close(self) -> None:
@@ -419,7 +428,12 @@ class Device:
         return f"{key}:{self.account.sign(OTK_TAG + key.encode()).to_base64()}"
 
     async def connect(self) -> NodeConnection:
-        """Open and authenticate a connection to the home node (caller closes it)."""
+        """Open and authenticate a connection to the home node; the caller hands it back with
+        :meth:`release`. In daemon mode (:meth:`use_connection`) the daemon's connection."""
+        if self._provider is not None:
+            lent = await self._provider()
+            self._borrowed.add(lent)
+            return lent
         conn = NodeConnection(self.node_url)
         await conn.__aenter__()
         try:
@@ -498,6 +512,14 @@ class Device:
             verified,
             timer,
         )
+        if pinned is not None:  # keep the profile fields (save_contact does not touch them)
+            contact = replace(
+                contact,
+                display_name=pinned.display_name,
+                nickname=pinned.nickname,
+                timer_at=pinned.timer_at,
+                profile_sent=pinned.profile_sent,
+            )
         if contact != pinned:  # most sends see an unchanged list: skip the write (an fsync)
             with self.state.tx() as db:
                 self.state.save_contact(db, contact)
@@ -602,7 +624,7 @@ class Device:
                     only=only,
                 )
             finally:
-                await c.__aexit__(None, None, None)
+                await self.release(c)
         fan = _Fanout()
         for addr in [address] + (
             [self.address] if include_self and address != self.address else []
@@ -792,7 +814,7 @@ class Device:
                         on_message(m)
                 out.extend(new)
         finally:
-            await conn.__aexit__(None, None, None)
+            await self.release(conn)
         self.state.purge_expired(self.clock.now_ms())
         return out
 
@@ -1041,13 +1063,221 @@ class Device:
             await self.send_payload(self.address, p, include_self=False)
         return len(unread)
 
-    def set_timer(self, address: str, ms: int) -> None:
-        """Default disappearing timer for new messages in a conversation (0 = off)."""
+    async def set_timer(self, address: str, ms: int, conn: NodeConnection | None = None) -> None:
+        """Set a conversation's disappearing timer for new messages (0 = off) and share it.
+
+        The setting applies here at once and is queued as a ``timer`` payload (to the peer and
+        our other devices; the latest ``sent_at`` wins on every device). It is sent now when the
+        home node is reachable, else by the next :meth:`flush_outbox`.
+        """
+        if ms < 0:
+            raise LocalProtocolError("a timer cannot be negative")
         c = self.state.contact(address)
         if c is None:
             raise LocalProtocolError(f"{address} is not a contact yet")
+        now = self.clock.now_ms()
+        p = Payload(os.urandom(16), "timer", address, now, expires_in=ms)
         with self.state.tx() as db:
-            self.state.save_contact(
-                db,
-                Contact(c.address, c.identity_key, c.node_id, c.device_list, c.sig, c.verified, ms),
-            )
+            self.state.update_contact(db, address, timer_ms=ms, timer_at=now)
+            self.state.queue(db, OutboxItem(p.id, address, p.encode(), DEFAULT_TTL_MS, now))
+        try:
+            await self._flush_with(conn)
+        except TransportError as exc:
+            log.info("timer queued until the home node is reachable (%s)", exc.code)
+
+    async def _flush_with(self, conn: NodeConnection | None) -> list[HistoryRow]:
+        if conn is not None:
+            return await self.flush_outbox(conn)
+        c = await self.connect()
+        try:
+            return await self.flush_outbox(c)
+        finally:
+            await self.release(c)
+
+    # ---- profile and nicknames ---------------------------------------------------------------
+
+    @property
+    def display_name(self) -> str:
+        """Our display name ("" if unset); sent end to end to contacts, never to nodes."""
+        v = self.state.get("display_name")
+        return "" if v is None else v.decode()
+
+    def _profile_version(self) -> int:
+        v = self.state.get("profile_version")
+        return 0 if v is None else int(v.decode())
+
+    def set_display_name(self, name: str) -> None:
+        """Set our display name (any Unicode, at most 64 characters); contacts get it with our
+        next message to them, or at once with :meth:`share_profile`."""
+        clean = clean_name(name)
+        with self.state.tx() as db:
+            self.state.put(db, "display_name", clean.encode())
+            self.state.put(db, "profile_version", str(self._profile_version() + 1).encode())
+
+    def set_nickname(self, address: str, nickname: str) -> None:
+        """Our own name for a contact; it stays on this device."""
+        with self.state.tx() as db:
+            if not self.state.update_contact(db, address, nickname=clean_name(nickname)):
+                raise LocalProtocolError(f"{address} is not a contact yet")
+
+    async def share_profile(self, conn: NodeConnection, address: str | None = None) -> None:
+        """Send our display name to ``address`` (or every contact) and our other devices."""
+        version = self._profile_version()
+        me = self.address
+        if address is None:
+            peers = [c.address for c in self.state.contacts() if c.address != me]
+        else:
+            peers = [address]
+        if address is None or address == me:
+            await self._send_profile(conn, me, version)
+        for peer in peers:
+            if peer != me:
+                await self._send_profile(conn, peer, version)
+
+    async def _send_profile(self, conn: NodeConnection, peer: str, version: int) -> None:
+        p = Payload(os.urandom(16), "profile", peer, self.clock.now_ms(), name=self.display_name)
+        await self.send_payload(peer, p, conn=conn, include_self=False)
+        if peer != self.address:
+            with self.state.tx() as db:
+                self.state.update_contact(db, peer, profile_sent=version)
+
+    async def _profile_after_send(self, conn: NodeConnection, peer: str) -> None:
+        """After a message reached ``peer``'s node: our profile too, once per version."""
+        version = self._profile_version()
+        c = self.state.contact(peer)
+        if version == 0 or c is None or c.profile_sent >= version or peer == self.address:
+            return
+        try:
+            await self._send_profile(conn, peer, version)
+        except (KeysExhausted, KeysUnavailable, UntrustedKey, RemoteProtocolError) as exc:
+            log.info("profile not sent (%s)", exc.code)
+
+    # ---- the outbox (docs/app.md: queued while the home node is unreachable) ------------------
+
+    def queue_text(
+        self,
+        address: str,
+        text: str,
+        *,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        expires_in: int | None = None,
+    ) -> HistoryRow:
+        """Queue a message: a ``pending`` history row and its outbox entry, one transaction.
+
+        :meth:`flush_outbox` sends it. The queued payload is sealed under the row's own key,
+        so deleting, editing or expiring the message shreds the queued copy too.
+        """
+        Address.parse(address)
+        c = self.state.contact(address)
+        if expires_in is None:
+            expires_in = c.timer_ms if c else 0
+        now = self.clock.now_ms()
+        p = Payload(os.urandom(16), "text", address, now, text=text, expires_in=expires_in)
+        row = HistoryRow(
+            p.id,
+            address,
+            True,
+            self.address,
+            text,
+            now,
+            now,
+            status=STATUS_PENDING,
+            read=True,
+            expires_in=expires_in,
+            expire_at=now + expires_in if expires_in else None,
+        )
+        with self.state.tx() as db:
+            self.state.add_history(db, row)
+            self.state.queue(db, OutboxItem(p.id, address, p.encode(), ttl_ms, now))
+        stored = self.state.message(p.id)
+        return row if stored is None else stored
+
+    async def flush_outbox(self, conn: NodeConnection) -> list[HistoryRow]:
+        """Send every queued payload, oldest first; return the history rows that changed.
+
+        An accepted item becomes ``sent`` (its TTL recorded) and leaves the queue in one
+        transaction. A link failure, a rate limit or a busy node stops the flush (the rest
+        stays queued; a :class:`TransportError` is re-raised). A permanent failure for one
+        item (no such account, no keys left, a changed identity key) records its code on the
+        row, drops it from the queue and goes on. A retried item keeps its payload id, so a
+        receiver that got it before stores it once.
+        """
+        changed: list[HistoryRow] = []
+        held: set[str] = set()  # peers whose node is unreachable: keep their order
+        for item in self.state.outbox():
+            if item.peer in held:
+                continue
+            try:
+                p = Payload.decode(item.payload)
+            except HavenError:
+                with self.state.tx() as db:
+                    self.state.unqueue(db, item.msg_id)
+                continue
+            try:
+                res = await self.send_payload(item.peer, p, ttl_ms=item.ttl_ms, conn=conn)
+            except TransportError:
+                raise
+            except HavenError as exc:
+                code = _permanent_code(exc)
+                if code is None:
+                    if exc.code == KeysUnavailable.code:
+                        held.add(item.peer)
+                        continue
+                    raise
+                with self.state.tx() as db:
+                    self.state.set_status(db, item.msg_id, STATUS_PENDING, error=code)
+                    self.state.unqueue(db, item.msg_id)
+                row = self.state.message(item.msg_id)
+                if row is not None:
+                    changed.append(row)
+                log.warning("a queued message failed for good (%s)", code)
+                continue
+            ttl_at = self.clock.now_ms() + item.ttl_ms
+            counts = res.devices.get(item.peer, {"total": 0, "verified": 0})
+            with self.state.tx() as db:
+                db.execute(
+                    "UPDATE history SET status=max(status, ?), ttl_at=?, devices_total=?, "
+                    "devices_verified=? WHERE msg_id=? AND outgoing=1",
+                    (STATUS_SENT, ttl_at, counts["total"], counts["verified"], item.msg_id),
+                )
+                self.state.unqueue(db, item.msg_id)
+            row = self.state.message(item.msg_id)
+            if row is not None:
+                changed.append(row)
+            await self._profile_after_send(conn, item.peer)
+        return changed
+
+    # ---- daemon mode -------------------------------------------------------------------------
+
+    def use_connection(self, provider: Callable[[], Awaitable[NodeConnection]] | None) -> None:
+        """Daemon mode: :meth:`connect` returns ``await provider()`` (the daemon's one
+        connection), which this device then never closes. ``None``: open our own again."""
+        self._provider = provider
+
+    async def release(self, conn: NodeConnection) -> None:
+        """Close a connection :meth:`connect` returned, unless it is the daemon's."""
+        if conn not in self._borrowed:
+            await conn.__aexit__(None, None, None)
+
+
+_PERMANENT = {
+    "no_such_account",
+    "not_found",
+    KeysExhausted.code,
+    IdentityChanged.code,
+    UntrustedKey.code,
+    "unknown_destination",
+    "too_large",
+    "quota_exceeded",
+}
+
+
+def _permanent_code(exc: HavenError) -> str | None:
+    """The code of a send failure that retrying will not cure (None: try again later)."""
+    if isinstance(exc, RateLimited) or exc.code in (RateLimited.code, "busy", "node_busy"):
+        return None
+    if exc.code == KeysUnavailable.code and "(not_found)" in str(exc):
+        return "no_such_account"
+    if exc.code in _PERMANENT:
+        return "no_such_account" if exc.code == "not_found" else exc.code
+    return None

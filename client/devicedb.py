@@ -36,7 +36,20 @@ DB_FILE = "device.db"
 KEYS_FILE = "device.keys"
 V1_KEY_FILE = "device.key"
 SQLITE_MAGIC = b"SQLite format 3\x00"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# Schema 2 -> 3 (the app): profiles, shared timers, the durable outbox, per-client cursors.
+SCHEMA_V3 = (
+    "ALTER TABLE contacts ADD COLUMN display_name TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE contacts ADD COLUMN nickname TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE contacts ADD COLUMN timer_at INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE contacts ADD COLUMN profile_sent INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE history ADD COLUMN ttl_at INTEGER",
+    "ALTER TABLE history ADD COLUMN error TEXT NOT NULL DEFAULT ''",
+    "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, msg_id BLOB NOT NULL UNIQUE, "
+    "peer TEXT NOT NULL, payload BLOB NOT NULL, ttl_ms INTEGER NOT NULL, "
+    "created INTEGER NOT NULL)",
+    "CREATE TABLE cursors (client TEXT PRIMARY KEY, seq INTEGER NOT NULL)",
+)
 SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS contacts (address TEXT PRIMARY KEY, identity_key BLOB NOT NULL,
@@ -193,7 +206,8 @@ def open_home(
             db.execute(pragma)
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version < SCHEMA_VERSION:
-            db.executescript(SCHEMA_V1)
+            if version < 2:
+                db.executescript(SCHEMA_V1)
             _upgrade(db, keys, None, storage_key_for(db_key))
         elif version > SCHEMA_VERSION:
             raise StorageError("this device's database is from a newer Haven", code="too_new")
@@ -264,18 +278,24 @@ def _migrate_v1(home: str, keys: KeySlots, db_key: bytes, old_key: bytes) -> Non
 
 
 def _upgrade(db: Any, keys: KeySlots, old_key: bytes | None, new_key: bytes) -> None:
-    """Schema 1 → 2: history gets a key slot per row; sealed values move to ``new_key``."""
+    """Schema 1 → 2: history gets a key slot per row; sealed values move to ``new_key``.
+    Schema 2 → 3: the columns and tables of :data:`SCHEMA_V3`. One transaction for all."""
     new = nacl.secret.SecretBox(new_key)
     old = None if old_key is None else nacl.secret.SecretBox(old_key)
 
     db.execute("BEGIN IMMEDIATE")
     try:
-        if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version >= SCHEMA_VERSION:
             db.execute("COMMIT")  # another process on this home created it meanwhile
             return
         keys.refresh()
-        db.execute("ALTER TABLE history ADD COLUMN slot INTEGER NOT NULL DEFAULT -1")
-        if old is not None and old_key is not None:  # a migrated version-1 database
+        if version < 2:
+            db.execute("ALTER TABLE history ADD COLUMN slot INTEGER NOT NULL DEFAULT -1")
+        if version < 3:
+            for stmt in SCHEMA_V3:
+                db.execute(stmt)
+        if version < 2 and old is not None and old_key is not None:  # a migrated v1 database
             for seq, text in db.execute("SELECT seq, text FROM history").fetchall():
                 slot, key = keys.allocate()
                 sealed = nacl.secret.SecretBox(key).encrypt(bytes(old.decrypt(text)))

@@ -155,7 +155,7 @@ async def link_device(
             "history_messages": sum(len(c) for c in chunks),
         }
     finally:
-        await conn.__aexit__(None, None, None)
+        await dev.release(conn)
 
 
 async def join_link(dev: Device, inv: dict[str, Any], name: str, timeout_s: float = 300) -> str:
@@ -258,7 +258,7 @@ async def list_devices(dev: Device) -> list[dict[str, Any]]:
     try:
         _, own, _ = await dev.fetch_contact(conn, dev.address, claim=False)
     finally:
-        await conn.__aexit__(None, None, None)
+        await dev.release(conn)
     names = dict(_names(dev))
     return [
         {
@@ -290,4 +290,4 @@ async def remove_device(dev: Device, device_id: str) -> None:
         with dev.state.tx() as db:
             db.execute("DELETE FROM device_names WHERE device_id=?", (device_id,))
     finally:
-        await conn.__aexit__(None, None, None)
+        await dev.release(conn)

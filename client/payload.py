@@ -3,8 +3,12 @@
 Kinds: ``text`` (with an optional disappearing timer), ``edit`` and ``delete`` (of an earlier
 message by the same sender), ``delivered`` and ``read`` receipts (listing message ids), and
 ``sync``: a payload one of our own devices received and forwards to our devices its sender
-missed (an outdated device list). Every field, timers included, travels inside the
-encryption; nodes never see any of it.
+missed (an outdated device list), ``profile`` (the sender's display name, ``name``) and
+``timer`` (a conversation's disappearing timer, ``expires_in``, set at ``sent_at``). Every
+field, timers and names included, travels inside the encryption; nodes never see any of it.
+
+A kind this version does not know (a newer device's: groups, attachments) still decodes, with
+its fields; the receiver ignores it (:data:`KINDS` lists the kinds this version applies).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from federation.errors import MalformedEnvelope
 from federation.wire import packb, unpackb
 
 PAYLOAD_VERSION = 1
-KINDS = frozenset({"text", "edit", "delete", "delivered", "read", "sync"})
+KINDS = frozenset({"text", "edit", "delete", "delivered", "read", "sync", "profile", "timer"})
+NAME_MAX = 64  # profile: display name, in characters (longer ones are cut by the receiver)
+KIND_MAX = 32
 DEVICE_TAG_LEN = 8
 MAX_DEVS = 16  # at most one tag per device of the recipient's signed list
 
@@ -47,10 +53,18 @@ class Payload:
     devs: tuple[bytes, ...] = field(default=())
     origin: str = ""  # sync: who sent the forwarded payload
     inner: bytes = b""  # sync: the forwarded payload, as its sender encoded it
+    name: str = ""  # profile: the sender's display name
+
+    @property
+    def known(self) -> bool:
+        """Whether this version applies the kind (else: a newer device's, ignored)."""
+        return self.kind in KINDS
 
     def encode(self) -> bytes:
+        extra = {"name": self.name} if self.name else {}
         return packb(
             {
+                **extra,
                 "v": PAYLOAD_VERSION,
                 "id": self.id,
                 "kind": self.kind,
@@ -70,8 +84,11 @@ class Payload:
     def decode(cls, data: bytes) -> Payload:
         obj = unpackb(data, max_len=len(data))
         try:
-            if obj["v"] != PAYLOAD_VERSION or obj["kind"] not in KINDS:
+            kind = obj["kind"]
+            if obj["v"] != PAYLOAD_VERSION or not isinstance(kind, str) or not kind:
                 raise MalformedEnvelope("unknown payload version or kind")
+            if len(kind) > KIND_MAX:
+                raise MalformedEnvelope("payload kind too long")
             p = cls(
                 id=bytes(obj["id"]),
                 kind=str(obj["kind"]),
@@ -84,6 +101,7 @@ class Payload:
                 devs=tuple(bytes(i) for i in obj.get("devs", [])),
                 origin=str(obj.get("origin", "")),
                 inner=bytes(obj.get("inner", b"")),
+                name=str(obj.get("name", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedEnvelope("bad payload") from exc

@@ -14,6 +14,7 @@ transaction.
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,8 +31,15 @@ from . import devicedb
 SCHEMA_VERSION = devicedb.SCHEMA_VERSION
 KEY_FILE = devicedb.KEYS_FILE
 
+STATUS_PENDING = -1  # queued on this device (the outbox), not yet accepted by the home node
 STATUS_SENT, STATUS_DELIVERED, STATUS_READ = 0, 1, 2
-STATUS_NAMES = {STATUS_SENT: "sent", STATUS_DELIVERED: "delivered", STATUS_READ: "read"}
+STATUS_NAMES = {
+    STATUS_PENDING: "pending",
+    STATUS_SENT: "sent",
+    STATUS_DELIVERED: "delivered",
+    STATUS_READ: "read",
+}
+NAME_MAX = 64  # display names and nicknames, in characters
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +51,10 @@ class Contact:
     sig: bytes
     verified: bool = False
     timer_ms: int = 0
+    display_name: str = ""  # the contact's own choice, received end to end (a profile payload)
+    nickname: str = ""  # ours for them; never leaves this device
+    timer_at: int = 0  # sent_at of the timer setting in force (the latest wins)
+    profile_sent: int = 0  # the version of our profile this contact last received from us
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +73,39 @@ class HistoryRow:
     expire_at: int | None = None
     devices_total: int = 0
     devices_verified: int = 0
+    ttl_at: int | None = None  # outgoing: until when the nodes may hold it undelivered
+    error: str = ""  # outgoing: a permanent send failure (a stable code)
+    seq: int = 0  # the row's local order (filled on read)
+
+    def not_delivered(self, now: int) -> bool:
+        """An outgoing message that failed for good, or whose TTL passed with no receipt."""
+        if not self.outgoing or self.status >= STATUS_DELIVERED:
+            return False
+        return bool(self.error) or (self.ttl_at is not None and self.ttl_at <= now)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """A payload queued on this device until the home node accepts it (oldest first)."""
+
+    msg_id: bytes
+    peer: str
+    payload: bytes  # an encoded :class:`client.payload.Payload`
+    ttl_ms: int
+    created: int
+
+
+def clean_name(name: str) -> str:
+    """A display name or nickname as stored: no control characters, at most 64 characters."""
+    kept = "".join(ch if _printable(ch) else " " for ch in name)
+    return " ".join(kept.split())[:NAME_MAX]
+
+
+def _printable(ch: str) -> bool:
+    cat = unicodedata.category(ch)
+    # Format characters go too (bidi overrides can disguise a name), except the joiners that
+    # emoji sequences and some scripts need.
+    return cat[0] != "C" or ch in "\u200c\u200d"
 
 
 def exists(home: str) -> bool:
@@ -176,19 +221,50 @@ class DeviceState:
 
     # ---- contacts ----------------------------------------------------------------------------
 
+    _CONTACT_COLS = (
+        "address, identity_key, node_id, device_list, sig, verified, timer_ms, display_name, "
+        "nickname, timer_at, profile_sent"
+    )
+
+    @staticmethod
+    def _contact_row(row: tuple[Any, ...]) -> Contact:
+        return Contact(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            bool(row[5]),
+            row[6],
+            row[7],
+            row[8],
+            row[9],
+            row[10],
+        )
+
     def contact(self, address: str) -> Contact | None:
         row = self.db.execute(
-            "SELECT address, identity_key, node_id, device_list, sig, verified, timer_ms "
-            "FROM contacts WHERE address=?",
-            (address,),
+            f"SELECT {self._CONTACT_COLS} FROM contacts WHERE address=?", (address,)
         ).fetchone()
-        if row is None:
-            return None
-        return Contact(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6])
+        return None if row is None else self._contact_row(row)
+
+    def contacts(self) -> list[Contact]:
+        """Every pinned contact (our own address included), by address."""
+        rows = self.db.execute(
+            f"SELECT {self._CONTACT_COLS} FROM contacts ORDER BY address"
+        ).fetchall()
+        return [self._contact_row(r) for r in rows]
 
     def save_contact(self, db: Any, c: Contact) -> None:
+        """Pin a contact's keys, list, verification and timer. The profile fields
+        (``display_name``, ``nickname``, ``timer_at``, ``profile_sent``) of an existing row
+        are kept: they change only through :meth:`update_contact`, so a caller holding an
+        older copy of the row cannot undo them."""
         db.execute(
-            "INSERT OR REPLACE INTO contacts VALUES (?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO contacts ({self._CONTACT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(address) DO UPDATE SET identity_key=excluded.identity_key, "
+            "node_id=excluded.node_id, device_list=excluded.device_list, sig=excluded.sig, "
+            "verified=excluded.verified, timer_ms=excluded.timer_ms",
             (
                 c.address,
                 c.identity_key,
@@ -197,8 +273,28 @@ class DeviceState:
                 c.sig,
                 int(c.verified),
                 c.timer_ms,
+                c.display_name,
+                c.nickname,
+                c.timer_at,
+                c.profile_sent,
             ),
         )
+
+    _CONTACT_FIELDS = frozenset(
+        {"display_name", "nickname", "timer_ms", "timer_at", "profile_sent", "verified"}
+    )
+
+    def update_contact(self, db: Any, address: str, **fields: str | int | bool) -> bool:
+        """Set some of a contact's fields; False if there is no such contact."""
+        bad = set(fields) - self._CONTACT_FIELDS
+        if bad:
+            raise LocalProtocolError(f"not a contact field: {', '.join(sorted(bad))}")
+        if not fields:
+            return self.contact(address) is not None
+        sets = ", ".join(f"{k}=?" for k in fields)
+        values = [int(v) if isinstance(v, bool) else v for v in fields.values()]
+        cur = db.execute(f"UPDATE contacts SET {sets} WHERE address=?", (*values, address))
+        return bool(cur.rowcount == 1)
 
     # ---- sessions ----------------------------------------------------------------------------
 
@@ -224,8 +320,9 @@ class DeviceState:
 
     _COLS = (
         "msg_id, peer, outgoing, sender, text, sent_at, received_at, status, read, edited, "
-        "expires_in, expire_at, devices_total, devices_verified, slot"
+        "expires_in, expire_at, devices_total, devices_verified, slot, ttl_at, error"
     )
+    _READ_COLS = _COLS + ", seq"
 
     def _seal_text(self, text: str) -> tuple[int, bytes]:
         slot, key = self.keys.allocate()
@@ -236,7 +333,7 @@ class DeviceState:
         slot, sealed = self._seal_text(row.text)
         cur = db.execute(
             f"INSERT OR IGNORE INTO history ({self._COLS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.msg_id,
                 row.peer,
@@ -253,6 +350,8 @@ class DeviceState:
                 row.devices_total,
                 row.devices_verified,
                 slot,
+                row.ttl_at,
+                row.error,
             ),
         )
         if cur.rowcount != 1:
@@ -278,6 +377,7 @@ class DeviceState:
         if r is None:
             return False
         db.execute("DELETE FROM history WHERE msg_id=?", (msg_id,))
+        db.execute("DELETE FROM outbox WHERE msg_id=?", (msg_id,))
         self.keys.shred(r[0])
         return True
 
@@ -311,23 +411,99 @@ class DeviceState:
             r[11],
             r[12],
             r[13],
+            r[15],
+            r[16],
+            r[17],
         )
 
     def message(self, msg_id: bytes) -> HistoryRow | None:
         r = self.db.execute(
-            f"SELECT {self._COLS} FROM history WHERE msg_id=?", (msg_id,)
+            f"SELECT {self._READ_COLS} FROM history WHERE msg_id=?", (msg_id,)
         ).fetchone()
         return None if r is None else self._row(r)
 
     def history(self, peer: str) -> list[HistoryRow]:
         rows = self.db.execute(
-            f"SELECT {self._COLS} FROM history WHERE peer=? ORDER BY seq", (peer,)
+            f"SELECT {self._READ_COLS} FROM history WHERE peer=? ORDER BY seq", (peer,)
         ).fetchall()
         return [self._row(r) for r in rows]
 
     def all_history(self) -> list[HistoryRow]:
-        rows = self.db.execute(f"SELECT {self._COLS} FROM history ORDER BY seq").fetchall()
+        rows = self.db.execute(f"SELECT {self._READ_COLS} FROM history ORDER BY seq").fetchall()
         return [self._row(r) for r in rows]
+
+    def history_after(self, seq: int, limit: int = 500) -> list[HistoryRow]:
+        """Rows with ``seq`` greater than ``seq`` (of every conversation), in local order."""
+        rows = self.db.execute(
+            f"SELECT {self._READ_COLS} FROM history WHERE seq>? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def set_status(
+        self, db: Any, msg_id: bytes, status: int, *, ttl_at: int | None = None, error: str = ""
+    ) -> None:
+        """Record an outgoing message's send outcome (pending → sent, or a failure code)."""
+        db.execute(
+            "UPDATE history SET status=?, ttl_at=coalesce(?, ttl_at), error=? "
+            "WHERE msg_id=? AND outgoing=1",
+            (status, ttl_at, error, msg_id),
+        )
+
+    # ---- per-client cursors (what a CLI client attached to the daemon has printed) ----------
+
+    def cursor(self, client: str) -> int:
+        """The last history ``seq`` ``client`` has seen (0: none)."""
+        row = self.db.execute("SELECT seq FROM cursors WHERE client=?", (client,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def set_cursor(self, db: Any, client: str, seq: int) -> None:
+        db.execute("INSERT OR REPLACE INTO cursors VALUES (?, ?)", (client, seq))
+
+    # ---- the outbox --------------------------------------------------------------------------
+
+    def _outbox_box(self, msg_id: bytes) -> nacl.secret.SecretBox:
+        """What seals a queued payload: the key slot of its history row (a text), so that
+        deleting, editing or expiring the message shreds the queued copy with it; the storage
+        key for a payload with no row (a timer setting, which holds no text)."""
+        r = self.db.execute("SELECT slot FROM history WHERE msg_id=?", (msg_id,)).fetchone()
+        if r is None:
+            return self._box
+        key = self.keys.key(r[0])
+        if key is None:
+            raise nacl.exceptions.CryptoError("no key in that slot")
+        return nacl.secret.SecretBox(key)
+
+    def queue(self, db: Any, item: OutboxItem) -> None:
+        """Queue a payload (call after adding its history row, in the same transaction)."""
+        sealed = bytes(self._outbox_box(item.msg_id).encrypt(item.payload))
+        db.execute(
+            "INSERT OR REPLACE INTO outbox (msg_id, peer, payload, ttl_ms, created) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (item.msg_id, item.peer, sealed, item.ttl_ms, item.created),
+        )
+
+    def unqueue(self, db: Any, msg_id: bytes) -> None:
+        db.execute("DELETE FROM outbox WHERE msg_id=?", (msg_id,))
+
+    def outbox(self) -> list[OutboxItem]:
+        """Every queued payload, oldest first. One whose key is gone (its message was deleted
+        or expired meanwhile) is left out; :meth:`purge_expired` and deletes remove them."""
+        out = []
+        rows = self.db.execute(
+            "SELECT msg_id, peer, payload, ttl_ms, created FROM outbox ORDER BY seq"
+        ).fetchall()
+        for msg_id, peer, sealed, ttl_ms, created in rows:
+            try:
+                plain = bytes(self._outbox_box(msg_id).decrypt(sealed))
+            except nacl.exceptions.CryptoError:
+                self.keys.refresh()  # queued by another process on this home since
+                try:
+                    plain = bytes(self._outbox_box(msg_id).decrypt(sealed))
+                except nacl.exceptions.CryptoError:
+                    continue
+            out.append(OutboxItem(msg_id, peer, plain, ttl_ms, created))
+        return out
 
     def chats(self) -> list[tuple[str, int, int, int]]:
         """``(peer, messages, unread, last_at)`` per conversation, most recent first."""
@@ -352,6 +528,11 @@ class DeviceState:
                 ).fetchall()
             ]
             if slots:
+                db.execute(
+                    "DELETE FROM outbox WHERE msg_id IN (SELECT msg_id FROM history "
+                    "WHERE expire_at IS NOT NULL AND expire_at <= ?)",
+                    (now,),
+                )
                 db.execute(
                     "DELETE FROM history WHERE expire_at IS NOT NULL AND expire_at <= ?", (now,)
                 )
