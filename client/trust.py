@@ -18,7 +18,7 @@ async def _contact(dev: Device, address: str) -> Contact:
         try:
             c, _, _ = await dev.fetch_contact(conn, address, claim=False)
         finally:
-            await conn.__aexit__(None, None, None)
+            await dev.release(conn)
     return c
 
 
@@ -31,7 +31,7 @@ async def verify(
         try:
             await dev.fetch_contact(conn, address, claim=False, accept_new_key=True)
         finally:
-            await conn.__aexit__(None, None, None)
+            await dev.release(conn)
     c = await _contact(dev, address)
     own = dev.state.contact(dev.address)
     if own is None:
