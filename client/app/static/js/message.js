@@ -1,0 +1,67 @@
+// One message in a conversation. Message kinds are a registry: attachments or group notices
+// later add a renderer here (`messageRenderers[kind]`), nothing else changes.
+import { h } from "./dom.js";
+import { formatDateTime, formatDuration, formatTime, t } from "./i18n.js";
+
+/** kind → function(message) returning the element that shows its content. */
+export const messageRenderers = {
+  text: (m) => h("p", { class: "msg-text", "data-testid": "message-text", dir: "auto", text: m.text }),
+};
+
+const STATUS_KEYS = {
+  pending: "status.pending",
+  sent: "status.sent",
+  delivered: "status.delivered",
+  read: "status.read",
+};
+const TICKS = { pending: "◷", sent: "✓", delivered: "✓✓", read: "✓✓" };
+
+function ticks(status) {
+  const label = t(STATUS_KEYS[status] || "status.pending");
+  return h("span", { class: `ticks ticks-${status}`, "data-testid": "ticks", role: "img", "aria-label": label, title: label, text: TICKS[status] || "" });
+}
+
+/**
+ * The element for `m`. `actions` = {edit(m), remove(m), readers(m)}, called from its buttons.
+ */
+export function renderMessage(m, actions) {
+  const render = messageRenderers[m.kind || "text"] || messageRenderers.text;
+  const meta = h(
+    "div",
+    { class: "msg-meta" },
+    m.edited ? h("span", { class: "edited", text: t("message.edited") }) : null,
+    m.expire_at ? h("span", { class: "expires", title: formatDateTime(m.expire_at), "aria-label": t("message.disappears"), text: "⏱" }) : null,
+    h("time", { datetime: new Date(m.sent_at).toISOString(), title: formatDateTime(m.sent_at), text: formatTime(m.sent_at) }),
+    m.outgoing ? ticks(m.status || "pending") : null,
+  );
+  const notDelivered = m.outgoing && m.not_delivered
+    ? h("p", { class: "not-delivered", "data-testid": "not-delivered", role: "status", text: t("message.not_delivered") })
+    : null;
+  const tools = h(
+    "div",
+    { class: "msg-tools" },
+    h("button", { type: "button", class: "tool", "data-testid": "message-readers", "aria-label": t("message.readers"), title: t("message.readers"), text: "ⓘ", onclick: () => actions.readers(m) }),
+    m.outgoing ? h("button", { type: "button", class: "tool", "data-testid": "message-edit", "aria-label": t("message.edit"), title: t("message.edit"), text: "✎", onclick: () => actions.edit(m) }) : null,
+    m.outgoing ? h("button", { type: "button", class: "tool", "data-testid": "message-delete", "aria-label": t("message.delete"), title: t("message.delete"), text: "🗑", onclick: () => actions.remove(m) }) : null,
+  );
+  return h(
+    "article",
+    {
+      class: `msg ${m.outgoing ? "out" : "in"}${m.not_delivered ? " failed" : ""}`,
+      "data-testid": "message",
+      "data-id": m.id,
+      "data-status": m.outgoing ? m.status || "pending" : null,
+      "aria-label": m.outgoing ? t("message.from_me") : t("message.from_them"),
+      tabindex: "-1",
+    },
+    h("div", { class: "bubble" }, render(m), meta, notDelivered),
+    tools,
+  );
+}
+
+/** Timer choices for the chat header (ms; 0 = off). */
+export const TIMER_CHOICES = [0, 30000, 300000, 3600000, 86400000, 604800000];
+
+export function timerLabel(ms) {
+  return ms ? formatDuration(ms) : t("timer.off");
+}
