@@ -3,6 +3,12 @@
 This is the one process entry point, so it is the one place the client package reaches into
 ``node`` (to register ``haven node …`` and to run ``haven demo``); nothing else in ``client``
 imports the node. Every command is a thin layer over :class:`client.device.Device`.
+
+Handlers write through an :class:`Out` instead of printing, so that the same handlers run
+standalone (``Out`` prints) and inside a running ``haven app`` daemon, where
+:mod:`client.app.ipc` streams their output back over the device home's Unix socket. Before
+opening a device, :func:`main` asks that socket; only if no daemon answers does the command
+open the device itself (docs/cli.md, "Through a running app").
 """
 
 from __future__ import annotations
@@ -20,38 +26,57 @@ from typing import Any
 from federation.clock import parse_duration
 from federation.errors import HavenError, LocalProtocolError
 
+from . import prefix
 from .device import Device, ReceivedMessage
+from .homes import device_home, node_home
 from .state import STATUS_NAMES, HistoryRow
 
-Handler = Callable[[argparse.Namespace, Device], Awaitable[int]]
+
+class Out:
+    """Where a command's output goes. This one prints; the daemon's streams to the socket."""
+
+    def line(self, text: str) -> None:
+        """One line for stdout."""
+        print(text, flush=True)
+
+    def err(self, text: str) -> None:
+        """One line for stderr (warnings, diagnostics)."""
+        print(text, file=sys.stderr, flush=True)
+
+    def tty(self) -> bool:
+        """Whether stdout is a terminal (QR codes are drawn only there)."""
+        return sys.stdout.isatty()
+
+    def tty_err(self) -> bool:
+        """Whether stderr is a terminal."""
+        return sys.stderr.isatty()
+
+    def emit(self, args: argparse.Namespace, obj: Any, text: str) -> None:
+        """``obj`` as one JSON line with ``--json``, else ``text``."""
+        self.line(json.dumps(obj) if getattr(args, "json", False) else text)
 
 
-def _out(args: argparse.Namespace, obj: Any, text: str) -> None:
-    print(json.dumps(obj) if getattr(args, "json", False) else text, flush=True)
+Handler = Callable[[argparse.Namespace, Device, Out], Awaitable[int]]
 
 
 def _duration_or_off(text: str) -> int:
     return 0 if text.lower() in ("off", "0") else parse_duration(text)
 
 
-async def cmd_join(args: argparse.Namespace, dev: Device) -> int:
+async def cmd_join(args: argparse.Namespace, dev: Device, out: Out) -> int:
     address = await dev.join(args.invite or args.link, name=args.name or "")
-    if args.json:
-        print(json.dumps({"address": address}))
-    else:
-        print(f"joined; share your address with contacts:\n{address}")
+    out.emit(args, {"address": address}, f"joined; share your address with contacts:\n{address}")
     return 0
 
 
-async def cmd_send(args: argparse.Namespace, dev: Device) -> int:
+async def cmd_send(args: argparse.Namespace, dev: Device, out: Out) -> int:
     expires = None if args.expires is None else _duration_or_off(args.expires)
     res = await dev.send(
         args.address, args.text, ttl_ms=parse_duration(args.ttl), expires_in=expires
     )
     for w in res.warnings:
-        print(f"warning: {w.message}", file=sys.stderr)
-    total = res.devices.get(args.address, {}).get("total", 0)
-    _out(
+        out.err(f"warning: {w.message}")
+    out.emit(
         args,
         {
             "msg_id": res.msg_id.hex(),
@@ -60,10 +85,18 @@ async def cmd_send(args: argparse.Namespace, dev: Device) -> int:
             "envelopes": res.envelopes,
             "warnings": [w.to_json() for w in res.warnings],
         },
-        f"sent to {args.address}: readable by {total} device(s) of theirs "
-        f"({res.devices.get(args.address, {}).get('verified', 0)} verified)",
+        sent_text(args.address, res.devices),
     )
     return 0
+
+
+def sent_text(address: str, devices: dict[str, dict[str, int]]) -> str:
+    """The text line of a successful send."""
+    mine = devices.get(address, {})
+    return (
+        f"sent to {address}: readable by {mine.get('total', 0)} device(s) of theirs "
+        f"({mine.get('verified', 0)} verified)"
+    )
 
 
 def _msg_json(m: ReceivedMessage) -> dict[str, Any]:
@@ -80,22 +113,35 @@ def _msg_json(m: ReceivedMessage) -> dict[str, Any]:
     return out
 
 
-async def cmd_recv(args: argparse.Namespace, dev: Device) -> int:
+async def cmd_recv(args: argparse.Namespace, dev: Device, out: Out) -> int:
     def show(m: ReceivedMessage) -> None:
-        if m.kind in ("delivered", "read"):
-            return
+        if m.kind not in ("text", "edit", "delete"):
+            return  # receipts, profiles and timers are applied, not printed
         if args.json:
-            print(json.dumps(_msg_json(m)), flush=True)
+            out.line(json.dumps(_msg_json(m)))
         elif m.kind == "text":
-            print(f"{m.sender}: {m.text}", flush=True)
+            out.line(f"{m.sender}: {m.text}")
         else:
-            verb = {"edit": "edited", "delete": "deleted"}.get(m.kind, m.kind)
-            print(f"{m.sender} {verb} a message {m.target.hex()[:8]}", flush=True)
+            verb = {"edit": "edited", "delete": "deleted"}[m.kind]
+            target = m.target.hex()[:8] if m.target else ""
+            out.line(f"{m.sender} {verb} a message {target}")
 
     msgs = await dev.receive(wait_s=args.wait, on_message=show)
+    mark_printed(dev, getattr(args, "client", None) or "cli")
     if not any(m.kind == "text" for m in msgs) and not args.json:
-        print("no new messages", file=sys.stderr)
+        out.err("no new messages")
     return 0
+
+
+def mark_printed(dev: Device, client: str) -> None:
+    """Move ``client``'s recv cursor past everything in history (standalone recv printed it),
+    so that a later ``recv`` through a running app does not print it again."""
+    set_cursor = getattr(dev.state, "set_cursor", None)
+    if set_cursor is None:
+        return
+    top = dev.state.db.execute("SELECT coalesce(max(seq), 0) FROM history").fetchone()[0]
+    with dev.state.tx() as db:
+        set_cursor(db, client, int(top))
 
 
 def _row_json(r: HistoryRow) -> dict[str, Any]:
@@ -116,81 +162,94 @@ def _row_json(r: HistoryRow) -> dict[str, Any]:
     return out
 
 
-async def cmd_history(args: argparse.Namespace, dev: Device) -> int:
+async def cmd_history(args: argparse.Namespace, dev: Device, out: Out) -> int:
     rows = dev.history(args.address)
     for r in rows:
         if args.json:
-            print(json.dumps(_row_json(r)))
+            out.line(json.dumps(_row_json(r)))
         else:
-            mark = f" [{STATUS_NAMES[r.status]}]" if r.outgoing else ""
-            edited = " (edited)" if r.edited else ""
-            print(f"{'>' if r.outgoing else '<'} {r.sender}: {r.text}{edited}{mark}")
+            out.line(history_line(r))
     if not args.no_mark_read:
         try:
             await dev.mark_read(args.address)
         except HavenError as exc:
-            print(f"warning: read state not sent ({exc.code})", file=sys.stderr)
+            out.err(f"warning: read state not sent ({exc.code})")
     return 0
 
 
-async def cmd_chats(args: argparse.Namespace, dev: Device) -> int:
+def history_line(r: HistoryRow) -> str:
+    """``ID8 > sender: text (edited) [status]``: the short id works with edit and delete."""
+    mark = f" [{STATUS_NAMES.get(r.status, r.status)}]" if r.outgoing else ""
+    edited = " (edited)" if r.edited else ""
+    arrow = ">" if r.outgoing else "<"
+    return f"{r.msg_id.hex()[:8]} {arrow} {r.sender}: {r.text}{edited}{mark}"
+
+
+async def cmd_chats(args: argparse.Namespace, dev: Device, out: Out) -> int:
     chats = dev.chats()
     if args.json:
-        print(json.dumps(chats))
+        out.line(json.dumps(chats))
     else:
         for c in chats:
-            print(f"{c['address']}  {c['unread']} unread / {c['messages']}")
+            out.line(f"{c['address']}  {c['unread']} unread / {c['messages']}")
     return 0
 
 
-async def cmd_edit(args: argparse.Namespace, dev: Device) -> int:
-    res = await dev.edit(args.address, bytes.fromhex(args.msg_id), args.text)
-    _out(args, {"msg_id": args.msg_id, "edited": True, "envelopes": res.envelopes}, "edited")
+async def cmd_edit(args: argparse.Namespace, dev: Device, out: Out) -> int:
+    msg_id = prefix.message_id(dev.state.db, args.msg_id, args.address)
+    res = await dev.edit(args.address, msg_id, args.text)
+    out.emit(args, {"msg_id": msg_id.hex(), "edited": True, "envelopes": res.envelopes}, "edited")
     return 0
 
 
-async def cmd_delete(args: argparse.Namespace, dev: Device) -> int:
-    res = await dev.delete(args.address, bytes.fromhex(args.msg_id))
-    _out(args, {"msg_id": args.msg_id, "deleted": True, "envelopes": res.envelopes}, "deleted")
+async def cmd_delete(args: argparse.Namespace, dev: Device, out: Out) -> int:
+    msg_id = prefix.message_id(dev.state.db, args.msg_id, args.address)
+    res = await dev.delete(args.address, msg_id)
+    out.emit(args, {"msg_id": msg_id.hex(), "deleted": True, "envelopes": res.envelopes}, "deleted")
     return 0
 
 
-async def cmd_timer(args: argparse.Namespace, dev: Device) -> int:
+async def cmd_timer(args: argparse.Namespace, dev: Device, out: Out) -> int:
     ms = _duration_or_off(args.duration)
-    dev.set_timer(args.address, ms)
-    _out(
+    await dev.set_timer(args.address, ms)
+    out.emit(
         args,
         {"address": args.address, "timer_ms": ms},
-        f"new messages with {args.address} disappear after {args.duration}"
-        if ms
-        else f"messages with {args.address} are kept",
+        timer_text(args.address, ms, args.duration),
     )
     return 0
 
 
-async def cmd_settings(args: argparse.Namespace, dev: Device) -> int:
+def timer_text(address: str, ms: int, duration: str) -> str:
+    """The text line of ``haven timer``."""
+    if not ms:
+        return f"messages with {address} are kept (for both of you)"
+    return f"new messages with {address} disappear after {duration} (for both of you)"
+
+
+async def cmd_settings(args: argparse.Namespace, dev: Device, out: Out) -> int:
     if args.read_receipts:
         dev.set_setting("read_receipts", args.read_receipts)
     if args.delivery_receipts:
         dev.set_setting("delivery_receipts", args.delivery_receipts)
     current = {k: dev.setting(k, "on") for k in ("read_receipts", "delivery_receipts")}
-    _out(args, current, "  ".join(f"{k.replace('_', ' ')}: {v}" for k, v in current.items()))
+    out.emit(args, current, "  ".join(f"{k.replace('_', ' ')}: {v}" for k, v in current.items()))
     return 0
 
 
-async def cmd_verify(args: argparse.Namespace, dev: Device) -> int:
+async def cmd_verify(args: argparse.Namespace, dev: Device, out: Out) -> int:
     from .trust import verify
 
     res = await verify(dev, args.address, confirm=args.confirm, accept_new_key=args.accept_new_key)
     if args.json:
-        print(json.dumps({"safety_number": res["safety_number"], "verified": res["verified"]}))
+        out.line(json.dumps({"safety_number": res["safety_number"], "verified": res["verified"]}))
     else:
-        if sys.stdout.isatty():
+        if out.tty():
             from node.cli import print_qr
 
             print_qr(res["safety_number"].replace(" ", ""))
-        print(f"safety number with {args.address}:\n{res['safety_number']}")
-        print(
+        out.line(f"safety number with {args.address}:\n{res['safety_number']}")
+        out.line(
             "verified"
             if res["verified"]
             else "not verified: compare in person, then run with --confirm"
@@ -198,22 +257,18 @@ async def cmd_verify(args: argparse.Namespace, dev: Device) -> int:
     return 0
 
 
-async def cmd_device(args: argparse.Namespace, dev: Device) -> int:
+async def cmd_device(args: argparse.Namespace, dev: Device, out: Out) -> int:
     from . import linking
 
     if args.device_cmd == "link":
 
         def show(code: str) -> None:
-            print(code, flush=True)
-            if sys.stderr.isatty():
+            out.line(code)
+            if out.tty_err():
                 from node.cli import print_qr
 
                 print_qr(code)
-            print(
-                "waiting for the new device: run `haven join --link CODE --home DIR`",
-                file=sys.stderr,
-                flush=True,
-            )
+            out.err("waiting for the new device: run `haven join --link CODE --home DIR`")
 
         res = await linking.link_device(
             dev,
@@ -221,17 +276,19 @@ async def cmd_device(args: argparse.Namespace, dev: Device) -> int:
             timeout_s=parse_duration(args.timeout) / 1000,
             with_history=args.with_history,
         )
-        _out(args, res, f"linked {res['name']} ({res['id'][:8]})")
+        out.emit(args, res, f"linked {res['name']} ({res['id'][:8]})")
     elif args.device_cmd == "list":
         devices = await linking.list_devices(dev)
         if args.json:
-            print(json.dumps(devices))
+            out.line(json.dumps(devices))
         else:
             for d in devices:
-                print(f"{d['id']}  {d['name']}{'  (this device)' if d['this_device'] else ''}")
+                out.line(f"{d['id']}  {d['name']}{'  (this device)' if d['this_device'] else ''}")
     else:
-        await linking.remove_device(dev, args.id)
-        _out(args, {"removed": args.id}, f"removed {args.id[:8]}")
+        ids = [d["id"] for d in await linking.list_devices(dev)]
+        device_id = prefix.device_id(ids, args.id)
+        await linking.remove_device(dev, device_id)
+        out.emit(args, {"removed": device_id}, f"removed {device_id[:8]}")
     return 0
 
 
@@ -243,12 +300,13 @@ _PROTECTION_TEXT = {
 }
 
 
-async def cmd_whoami(args: argparse.Namespace, dev: Device) -> int:
+async def cmd_whoami(args: argparse.Namespace, dev: Device, out: Out) -> int:
     joined = dev.joined
     info: dict[str, Any] = {
         "address": dev.address if joined else None,
         "node_url": dev.node_url if joined else None,
         "device_id": dev.curve_key if joined else None,
+        "display_name": getattr(dev, "display_name", "") if joined else "",
         "protected": dev.state.protected,
         "protection": dev.state.protection,
     }
@@ -258,7 +316,9 @@ async def cmd_whoami(args: argparse.Namespace, dev: Device) -> int:
     ]
     if joined:
         lines[1:1] = [f"device: {info['device_id']}", f"node: {info['node_url']}"]
-    _out(args, info, "\n".join(lines))
+        if info["display_name"]:
+            lines.insert(1, f"name: {info['display_name']}")
+    out.emit(args, info, "\n".join(lines))
     return 0
 
 
@@ -276,7 +336,7 @@ def _new_passphrase() -> str:
     return new
 
 
-async def cmd_passphrase(args: argparse.Namespace, dev: Device) -> int:
+async def cmd_passphrase(args: argparse.Namespace, dev: Device, out: Out) -> int:
     if args.remove:
         dev.state.change_passphrase(None)
     elif args.keyring:
@@ -284,7 +344,7 @@ async def cmd_passphrase(args: argparse.Namespace, dev: Device) -> int:
     else:
         dev.state.change_passphrase(_new_passphrase())
     info = {"protected": dev.state.protected, "protection": dev.state.protection}
-    _out(args, info, f"storage: {_PROTECTION_TEXT[dev.state.protection]}")
+    out.emit(args, info, f"storage: {_PROTECTION_TEXT[dev.state.protection]}")
     return 0
 
 
@@ -305,14 +365,17 @@ COMMANDS: dict[str, Handler] = {
 }
 
 
+HOME_HELP = "device home (default: $HAVEN_HOME/device, else ~/.haven/device)"
+
+
 def _user_commands(sub: Any) -> None:
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=help_)
-        p.add_argument("--home", required=True, help="device home directory")
+        p.add_argument("--home", help=HOME_HELP)
         p.add_argument("--json", action="store_true", help="machine-readable output")
         return p
 
-    j = cmd("join", "redeem an invite or a device-link code")
+    j = cmd("join", "redeem an invite or a device-link code (creates the device home)")
     j.add_argument("invite", nargs="?", help="invite from `haven node invite`")
     j.add_argument("--link", help="code printed by `haven device link` on your other device")
     j.add_argument("--name", help="a name for this device (kept on your devices only)")
@@ -328,7 +391,12 @@ def _user_commands(sub: Any) -> None:
         "--wait",
         type=float,
         default=2.0,
-        help="return once this many seconds pass with nothing new (default 2)",
+        help="return once this many seconds pass with nothing new (default 2; inf: forever)",
+    )
+    r.add_argument(
+        "--client",
+        default="cli",
+        help="through a running app: the name of this reader's cursor (default cli)",
     )
 
     h = cmd("history", "show a conversation (marks it read)")
@@ -337,16 +405,17 @@ def _user_commands(sub: Any) -> None:
 
     cmd("chats", "list conversations with unread counts")
 
+    id_help = "message id: a unique prefix of at least 8 hex characters (history shows 8)"
     e = cmd("edit", "edit one of your messages for everyone")
     e.add_argument("address")
-    e.add_argument("msg_id", help="hex id from history --json")
+    e.add_argument("msg_id", help=id_help)
     e.add_argument("text")
 
     d = cmd("delete", "delete one of your messages for everyone")
     d.add_argument("address")
-    d.add_argument("msg_id")
+    d.add_argument("msg_id", help=id_help)
 
-    t = cmd("timer", "set a conversation's disappearing-message timer")
+    t = cmd("timer", "set a conversation's disappearing-message timer (shared with the peer)")
     t.add_argument("address")
     t.add_argument("duration", help="e.g. 1h, 7d, or off")
 
@@ -367,7 +436,7 @@ def _user_commands(sub: Any) -> None:
         help="accept a changed identity key (drops verification)",
     )
 
-    cmd("whoami", "show this device's address, id and how its storage is protected")
+    cmd("whoami", "show this device's address, id, node and name, and how its storage is protected")
     pw = cmd("passphrase", "set or change the passphrase that protects this device's storage")
     how = pw.add_mutually_exclusive_group()
     how.add_argument(
@@ -383,7 +452,7 @@ def _user_commands(sub: Any) -> None:
         ("remove", "remove a device from this account"),
     ):
         p = dsub.add_parser(name, help=help_)
-        p.add_argument("--home", required=True)
+        p.add_argument("--home", help=HOME_HELP)
         p.add_argument("--json", action="store_true")
         if name == "link":
             p.add_argument("--timeout", default="5m", help="how long to wait (default 5m)")
@@ -393,18 +462,34 @@ def _user_commands(sub: Any) -> None:
                 help="also copy this device's history, end to end encrypted",
             )
         if name == "remove":
-            p.add_argument("id", help="device id from `haven device list`")
+            p.add_argument(
+                "id", help="device id from `haven device list` (a unique prefix of 8+ characters)"
+            )
+
+
+def version() -> str:
+    """The installed package's version (``haven --version``)."""
+    try:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
+
+        return dist_version("haven")
+    except (ImportError, PackageNotFoundError):
+        return "0.1.0+source"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole ``haven`` command line: user commands, ``haven node …``, ``app`` and ``demo``."""
     from node.cli import add_commands
 
     p = argparse.ArgumentParser(
         prog="haven",
         description="Haven: federated, end-to-end encrypted messaging that keeps nothing "
-        "after delivery.",
+        "after delivery. Start with `haven app` (the app, in your browser) or "
+        "`haven join INVITE`; every command has --help.",
     )
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p.add_argument("--version", action="version", version=f"haven {version()}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     add_commands(sub)
     _user_commands(sub)
     from .app.main import add_parser as add_app_parser
@@ -415,39 +500,69 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _open_device(home: str) -> Device:
+def no_device_error(home: str) -> LocalProtocolError:
+    """``no_device``: says which folder was meant if ``home`` is the parent of a device home."""
+    from .state import exists
+
+    inner = os.path.join(home, "device")
+    if os.path.isdir(inner) and exists(inner):
+        return LocalProtocolError(f"no device here — did you mean {inner}?", code="no_device")
+    return LocalProtocolError(
+        f"no device at {home}; create one with `haven join INVITE`", code="no_device"
+    )
+
+
+def open_device(home: str, *, create: bool = False, out: Out | None = None) -> Device:
     """The device at ``home``; asks for its passphrase on a terminal if the environment has
-    none (``HAVEN_PASSPHRASE`` is the non-interactive way)."""
+    none (``HAVEN_PASSPHRASE`` is the non-interactive way). Only ``join`` passes ``create``."""
     try:
-        dev = Device(home)
+        dev = Device(home, create=create)
     except LocalProtocolError as exc:
+        if exc.code == "no_device":
+            raise no_device_error(home) from None
         if exc.code != "passphrase_required" or not sys.stdin.isatty():
             raise
-        dev = Device(home, passphrase=getpass.getpass("passphrase: ") or None)
+        dev = Device(home, passphrase=getpass.getpass("passphrase: ") or None, create=create)
     for notice in dev.state.notices:
-        print(notice, file=sys.stderr)
+        (out or Out()).err(notice)
     return dev
 
 
+def report_error(args: argparse.Namespace, exc: Exception, out: Out) -> int:
+    """``error: TEXT (CODE)`` on stderr (and the JSON error with ``--json``); returns 1."""
+    code = getattr(exc, "code", "bad_argument")
+    text = " ".join(str(exc).split())
+    if getattr(args, "json", False):
+        out.line(json.dumps({"error": code, "message": text}))
+    out.err(f"error: {text} ({code})")
+    return 1
+
+
 async def _run(args: argparse.Namespace) -> int:
-    dev = _open_device(args.home)
+    out = Out()
+    dev = open_device(args.home, create=args.cmd == "join", out=out)
     try:
-        return await COMMANDS[args.cmd](args, dev)
+        return await COMMANDS[args.cmd](args, dev, out)
     finally:
         dev.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The ``haven`` entry point; returns the exit status (docs/cli.md, "Exit codes")."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:  # bare `haven`: help, as asked for
+        parser.print_help()
+        return 0
     try:
         return _main(args)
     except KeyboardInterrupt:
         return 130
     except OSError as exc:  # e.g. a full disk under the device home
-        print(f"error: {exc.strerror or exc} (os_error)", file=sys.stderr)
+        print(f"error: {exc.strerror or 'cannot read or write a file'} (os_error)", file=sys.stderr)
         return 1
-    except Exception as exc:  # noqa: BLE001 - last resort: a user never sees a traceback
-        print(f"error: internal error ({type(exc).__name__})", file=sys.stderr)
+    except Exception:  # noqa: BLE001 - last resort: a user never sees a traceback
+        print("error: internal error; please report it (internal)", file=sys.stderr)
         return 70
 
 
@@ -455,9 +570,13 @@ def _main(args: argparse.Namespace) -> int:
     if args.cmd == "node":
         from node.cli import run_command
 
+        explicit = args.home is not None
+        args.home = node_home(args.home)
         if args.node_cmd == "init" and args.owner:
             from .personal import init_personal
 
+            if not args.device_home and not explicit:
+                args.device_home = device_home(None)
             return init_personal(args)
         return run_command(args)
     logging.basicConfig(
@@ -467,21 +586,26 @@ def _main(args: argparse.Namespace) -> int:
         from .app.main import run as run_app
 
         return run_app(args)
-    try:
-        if args.cmd == "demo":
+    if args.cmd == "demo":
+        try:
             from .demo import run_demo
 
             return int(asyncio.run(run_demo()))
-        if args.cmd == "join" and not (args.invite or args.link):
-            print("error: give an invite or --link CODE", file=sys.stderr)
-            return 2
+        except (HavenError, ValueError) as exc:
+            return report_error(args, exc, Out())
+    if args.cmd == "join" and not (args.invite or args.link):
+        print("error: give an invite or --link CODE", file=sys.stderr)
+        return 2
+    args.home = device_home(args.home)
+    try:
+        from .app.ipc import through_daemon
+
+        rc = through_daemon(args)  # None: no app runs for this home
+        if rc is not None:
+            return rc
         return asyncio.run(_run(args))
     except (HavenError, ValueError) as exc:
-        code = getattr(exc, "code", "bad_argument")
-        if getattr(args, "json", False):
-            print(json.dumps({"error": code, "message": str(exc)}))
-        print(f"error: {exc} ({code})", file=sys.stderr)
-        return 1
+        return report_error(args, exc, Out())
     except KeyboardInterrupt:
         return 130
 

@@ -281,12 +281,15 @@ def print_qr(text: str) -> None:
         pass
 
 
+NODE_HOME_HELP = "node home directory (default: $HAVEN_HOME/node, else ~/.haven/node)"
+
+
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("node", help="operate a node (init, serve, invite, status, remove-account)")
     nsub = p.add_subparsers(dest="node_cmd", required=True)
 
     i = nsub.add_parser("init", help="create a node: identity key, config and store")
-    i.add_argument("--home", required=True, help="node home directory")
+    i.add_argument("--home", help=NODE_HOME_HELP)
     i.add_argument(
         "--public-url",
         required=True,
@@ -333,7 +336,7 @@ def add_commands(sub: Any) -> None:
     i.add_argument("--json", action="store_true")
 
     s = nsub.add_parser("serve", help="run the node until SIGINT/SIGTERM")
-    s.add_argument("--home", required=True)
+    s.add_argument("--home", help=NODE_HOME_HELP)
     s.add_argument(
         "--lan",
         dest="lan",
@@ -354,7 +357,7 @@ def add_commands(sub: Any) -> None:
     def cmd(name: str, help_: str) -> Any:
         """A subcommand taking ``--home`` and ``--json``, like every operator command."""
         c = nsub.add_parser(name, help=help_)
-        c.add_argument("--home", required=True, help="node home directory")
+        c.add_argument("--home", help=NODE_HOME_HELP)
         c.add_argument("--json", action="store_true", help="machine-readable output")
         return c
 
@@ -393,8 +396,8 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 - last resort: an operator never sees a traceback
-        print(f"error: internal error ({type(exc).__name__})", file=sys.stderr)
+    except Exception:  # noqa: BLE001 - last resort: an operator never sees a traceback
+        print("error: internal error; please report it (internal)", file=sys.stderr)
         return 70
 
 
@@ -424,6 +427,8 @@ def init_from_args(args: argparse.Namespace) -> NodeConfig:
 
 def _run(args: argparse.Namespace) -> int:
     cmd = args.node_cmd
+    if not args.home:  # `haven` fills in the default home (client/homes.py) before this
+        raise LocalProtocolError("give --home DIR (the node home)", code="bad_argument")
     if cmd == "init":
         config = init_from_args(args)
         node_id = load_node_key(args.home, config).node_id
