@@ -1,0 +1,862 @@
+"""The daemon's state: the unlocked device, its one link to the home node, and the event feed.
+
+One :class:`AppCore` per process. It moves through three states: *unjoined* (the home holds
+no device; :meth:`AppCore.join` creates one — onboarding), *locked* (the home is
+passphrase-protected; :meth:`AppCore.unlock`) and *open*. Once open, a supervisor task keeps
+ONE authenticated connection to the home node and hands it to every operation of the device
+(``Device.use_connection``), so no command opens a second connection that would kick the
+first. When the node goes away (``NodeConnection.wait_closed``) the state goes ``connecting``,
+then ``offline`` once an attempt failed, and it redials with exponential backoff and jitter
+(0.25 s doubling to a 10 s cap, reset on success): the daemon never silently stops receiving.
+
+Sending is durable first: a text is queued on the device (``Device.queue_text``, one
+transaction) and shown ``pending``; the flusher sends the queue on every (re)connect and on
+each new text, one flush at a time. Every change is published to subscribers (the WebSocket
+clients) as the events of docs/app.md. Every background task belongs to one TaskGroup that
+:meth:`AppCore.close` cancels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Iterable
+from typing import Any
+
+from client import linking, prefix
+from client.connection import NodeConnection, expect
+from client.device import DEFAULT_TTL_MS, Device, ReceivedMessage
+from client.safety import safety_number
+from client.state import Contact, HistoryRow
+from federation import frames as F
+from federation.clock import Clock, SystemClock
+from federation.devicelist import SignedDeviceList
+from federation.errors import (
+    HavenError,
+    IdentityChanged,
+    KeysUnavailable,
+    LocalProtocolError,
+    TransportError,
+)
+from federation.ids import Address
+
+from .events import Obj, chat_obj, contact_obj, event, message_obj
+
+log = logging.getLogger("haven.app")
+
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.25, 10.0
+DIAL_TIMEOUT_S = 10.0
+CONN_WAIT_S = 2.0  # an operation waits this long for the link before "node unreachable"
+TICK_S = 30.0
+SUBSCRIBER_BACKLOG = 512  # events a slow client may fall behind before it is dropped
+UNLOCK_FREE_ATTEMPTS = 5
+NAME_MAX = 64
+LINK_TIMEOUT_S = 300.0
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return str(version("haven"))
+    except Exception:  # noqa: BLE001 - not installed as a distribution (a checkout)
+        return "0"
+
+
+def _name(text: Any, what: str) -> str:
+    if not isinstance(text, str):
+        raise LocalProtocolError(f"{what} must be a string", code="bad_request")
+    clean = "".join(ch for ch in text if ch.isprintable()).strip()
+    if len(clean) > NAME_MAX:
+        raise LocalProtocolError(f"{what} is longer than {NAME_MAX} characters", code="bad_request")
+    return clean
+
+
+class AppCore:
+    """The daemon's device, link and events.
+
+    Args:
+        home: the device home (may hold no device yet).
+        clock: injected time (tests); the system clock otherwise.
+    """
+
+    def __init__(self, home: str, clock: Clock | None = None) -> None:
+        self.home = home
+        self.clock = clock or SystemClock()
+        self.device: Device | None = None
+        self.locked = False
+        self.connection = "connecting"
+        self.url = ""  # the UI's URL, for ``haven app --url`` (set by main)
+        self.version = _version()
+        self.lock = asyncio.Lock()  # Device operations that span awaits, one at a time
+        self._flush_lock = asyncio.Lock()
+        self._subs: set[asyncio.Queue[Obj | None]] = set()
+        self._conn: NodeConnection | None = None
+        self._online = asyncio.Event()
+        self._kick = asyncio.Event()
+        self._link_active = asyncio.Event()
+        self._link_idle = asyncio.Event()
+        self._link_idle.set()
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._device_ready = asyncio.Event()
+        self._failed_unlocks = 0
+        self._unlock_after = 0.0
+        self._key_changed: set[str] = set()
+        self._shown: dict[bytes, tuple[Any, ...]] = {}  # last status published per message
+        self._profile_due = False
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, passphrase: str | None = None) -> None:
+        """Open the device if it can be (else stay unjoined or locked); start the tasks."""
+        try:
+            self._open(passphrase, create=False)
+        except LocalProtocolError as exc:
+            if exc.code == "no_device":
+                pass
+            elif exc.code in ("passphrase_required", "wrong_passphrase"):
+                self.locked = True
+            else:
+                raise
+        self._runner = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        """Cancel every task, close the link and the device store."""
+        self._stop.set()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        if self.device is not None:
+            self.device.close()
+            self.device = None
+        for q in list(self._subs):
+            self._drop(q)
+
+    async def _run(self) -> None:
+        """The owner of every background task: they start once a device is open."""
+        await self._device_ready.wait()
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            tg.create_task(self._supervise())
+            tg.create_task(self._flusher())
+            tg.create_task(self._ticker())
+            await self._stop.wait()
+            raise asyncio.CancelledError
+
+    def _open(self, passphrase: str | None, *, create: bool) -> None:
+        dev = Device(self.home, self.clock, passphrase=passphrase, create=create)
+        self.device = dev
+        self.locked = False
+        dev.use_connection(self.conn)
+        if dev.joined:
+            self._device_ready.set()
+
+    @property
+    def joined(self) -> bool:
+        return self.device is not None and self.device.joined
+
+    def require(self) -> Device:
+        """The open, joined device, or ``locked`` / ``not_joined``."""
+        if self.locked:
+            raise LocalProtocolError("the device is locked: unlock it first", code="locked")
+        if self.device is None or not self.device.joined:
+            raise LocalProtocolError("this device has not joined yet", code="not_joined")
+        return self.device
+
+    # ---- unlock and onboarding -----------------------------------------------------------------
+
+    async def unlock(self, passphrase: Any) -> Obj:
+        """Open a passphrase-protected home. After 5 wrong attempts each further one waits
+        (doubling from 1 s, at most 5 min) — ``too_many_attempts`` until then."""
+        if not self.locked:
+            return self.state()
+        if not isinstance(passphrase, str) or not passphrase:
+            raise LocalProtocolError("give the passphrase", code="bad_request")
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._unlock_after:
+            wait = int(self._unlock_after - loop.time()) + 1
+            raise LocalProtocolError(f"too many attempts: wait {wait} s", code="too_many_attempts")
+        try:
+            self._open(passphrase, create=False)
+        except LocalProtocolError as exc:
+            if exc.code == "wrong_passphrase":
+                self._failed_unlocks += 1
+                extra = self._failed_unlocks - UNLOCK_FREE_ATTEMPTS
+                if extra >= 0:
+                    self._unlock_after = loop.time() + min(300.0, 2.0**extra)
+            raise
+        self._failed_unlocks = 0
+        log.info("device unlocked")
+        self._publish(event("state", state=self.state()))
+        return self.state()
+
+    async def join(self, body: dict[str, Any]) -> Obj:
+        """Onboarding: create the device and redeem an invite (or a device-link code)."""
+        if self.locked:
+            raise LocalProtocolError("the device is locked: unlock it first", code="locked")
+        if self.joined:
+            raise LocalProtocolError("this device has already joined", code="already_joined")
+        code = body.get("invite") or body.get("link")
+        if not isinstance(code, str) or not code.strip():
+            raise LocalProtocolError("give an invite or a link code", code="bad_request")
+        display = _name(body.get("display_name", ""), "display_name")
+        passphrase = body.get("passphrase") or None
+        if passphrase is not None and not isinstance(passphrase, str):
+            raise LocalProtocolError("passphrase must be a string", code="bad_request")
+        async with self.lock:
+            if self.device is None:
+                self._open(passphrase, create=True)
+            dev = self.device
+            assert dev is not None
+            dev.use_connection(None)  # joining opens its own connection to the invite's node
+            try:
+                await dev.join(code.strip(), name="app")
+            finally:
+                dev.use_connection(self.conn)
+            if display:
+                dev.set_display_name(display)
+        log.info("device joined its home node")
+        self._device_ready.set()
+        self._publish(event("state", state=self.state()))
+        return self.state()
+
+    # ---- the State object ----------------------------------------------------------------------
+
+    def state(self) -> Obj:
+        """The ``State`` object of docs/app.md."""
+        dev = self.device
+        joined = self.joined and not self.locked
+        me = None
+        settings = {"read_receipts": "on", "delivery_receipts": "on", "language": ""}
+        protection = "passphrase" if self.locked else "none"
+        if dev is not None and not self.locked:
+            protection = dev.state.protection
+            settings = {
+                "read_receipts": dev.setting("read_receipts", "on"),
+                "delivery_receipts": dev.setting("delivery_receipts", "on"),
+                "language": dev.setting("language", ""),
+            }
+            if joined:
+                me = {
+                    "address": dev.address,
+                    "device_id": dev.curve_key,
+                    "node_url": dev.node_url,
+                    "display_name": dev.display_name,
+                }
+        return {
+            "locked": self.locked,
+            "joined": joined,
+            "connection": self.connection if joined else "offline",
+            "me": me,
+            "settings": settings,
+            "protection": protection,
+            "version": self.version,
+        }
+
+    # ---- the link ------------------------------------------------------------------------------
+
+    async def conn(self) -> NodeConnection:
+        """The one connection to the home node; ``node_unreachable`` within ~2 s if offline."""
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        try:
+            async with asyncio.timeout(CONN_WAIT_S):
+                await self._online.wait()
+        except TimeoutError:
+            pass
+        if self._conn is None or self._conn.closed:
+            url = self.device.node_url if self.joined and self.device else "?"
+            raise TransportError(f"home node unreachable: {url}", code="node_unreachable")
+        return self._conn
+
+    def _set_connection(self, value: str) -> None:
+        if value != self.connection:
+            self.connection = value
+            log.info("home node link: %s", value)
+            self._publish(event("state", state=self.state()))
+
+    async def _dial(self) -> NodeConnection:
+        dev = self.require()
+        dev.use_connection(None)  # connect() opens a real connection only without a provider
+        try:
+            return await dev.connect()
+        finally:
+            dev.use_connection(self.conn)
+
+    async def _supervise(self) -> None:
+        """Connect, receive, notice the loss, reconnect with backoff: forever."""
+        delay = BACKOFF_MIN_S
+        while True:
+            try:
+                async with asyncio.timeout(DIAL_TIMEOUT_S):
+                    conn = await self._dial()
+            except (HavenError, TimeoutError, OSError) as exc:
+                code = exc.code if isinstance(exc, HavenError) else "timeout"
+                log.info("home node not reachable (%s); retrying", code)
+                self._set_connection("offline")
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                continue
+            delay = BACKOFF_MIN_S
+            self._conn = conn
+            self._online.set()
+            self._set_connection("online")
+            self._kick.set()
+            try:
+                await self._pump(conn)
+            except Exception as exc:  # noqa: BLE001 - never go deaf: log the kind, reconnect
+                log.warning("receive loop stopped (%s); reconnecting", _code(exc))
+            finally:
+                self._online.clear()
+                self._conn = None
+                with contextlib.suppress(Exception):
+                    await conn.__aexit__(None, None, None)
+            self._set_connection("connecting")
+
+    async def _pump(self, conn: NodeConnection) -> None:
+        """Process pushed deliveries until the connection ends (paused while linking)."""
+        closed = asyncio.ensure_future(conn.wait_closed())
+        try:
+            while not closed.done():
+                if self._link_active.is_set():
+                    idle = asyncio.ensure_future(self._link_idle.wait())
+                    await asyncio.wait({idle, closed}, return_when=asyncio.FIRST_COMPLETED)
+                    idle.cancel()
+                    continue
+                get = asyncio.ensure_future(conn.deliveries.get())
+                pause = asyncio.ensure_future(self._link_active.wait())
+                await asyncio.wait({get, closed, pause}, return_when=asyncio.FIRST_COMPLETED)
+                pause.cancel()
+                if not get.done():
+                    get.cancel()
+                    continue
+                envs = get.result()
+                async with self.lock:
+                    dev = self.require()
+                    new = await dev.process(conn, envs)
+                self._publish_received(new)
+        finally:
+            closed.cancel()
+
+    # ---- sending -------------------------------------------------------------------------------
+
+    async def _flusher(self) -> None:
+        """Send the durable queue on each kick (new text, reconnect), one flush at a time."""
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            if self._conn is None:
+                continue
+            try:
+                await self.flush()
+            except HavenError as exc:
+                log.info("outbox not flushed (%s)", exc.code)
+
+    async def flush(self) -> None:
+        """Send what is queued now (and our profile, if it changed while offline)."""
+        async with self._flush_lock:
+            conn = await self.conn()
+            async with self.lock:
+                rows = await self.require().flush_outbox(conn)
+            self._publish_rows(rows, "update")
+            if self._profile_due:
+                self._profile_due = False
+                await self._share_profile()
+
+    async def send_text(
+        self,
+        address: Any,
+        text: Any,
+        *,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        expires_in: int | None = None,
+    ) -> Obj:
+        """Queue a text durably (``pending``), then send it when the link allows.
+
+        ``ttl_ms`` and ``expires_in`` are ``haven send --ttl/--expires`` (client/app/ipc.py)."""
+        dev = self.require()
+        if not isinstance(text, str) or not text.strip():
+            raise LocalProtocolError("the message is empty", code="bad_request")
+        address = self._address(address)
+        if dev.state.contact(address) is None:
+            await self.open_chat(address)
+        row = dev.queue_text(address, text, ttl_ms=ttl_ms, expires_in=expires_in)
+        msg = self._message(row)
+        self._publish(event("message", message=msg))
+        self._publish_chat(address)
+        self._kick.set()
+        return msg
+
+    # ---- received messages → events -------------------------------------------------------------
+
+    def _publish_received(self, new: Iterable[ReceivedMessage]) -> None:
+        dev = self.require()
+        chats: set[str] = set()
+        for m in new:
+            if m.kind == "text":
+                row = dev.state.message(m.msg_id)
+                if row is not None:
+                    self._publish(event("message", message=self._message(row)))
+                chats.add(m.peer)
+            elif m.kind in ("delivered", "read"):
+                self._publish_changed(m.peer)
+                chats.add(m.peer)
+            elif m.kind == "edit":
+                row = dev.state.message(m.target)
+                if row is not None:
+                    self._publish(event("update", message=self._message(row)))
+                chats.add(m.peer)
+            elif m.kind == "delete":
+                self._shown.pop(m.target, None)
+                self._publish(event("delete", chat=m.peer, id=m.target.hex()))
+                chats.add(m.peer)
+            elif m.kind == "profile":
+                c = dev.state.contact(m.peer)
+                if c is not None:
+                    self._publish(event("contact", contact=self._contact(c)))
+                chats.add(m.peer)
+            elif m.kind == "timer":
+                chats.add(m.peer)
+        for address in chats:
+            self._publish_chat(address)
+
+    def _publish_changed(self, address: str) -> None:
+        """``update`` for every message of a chat whose status changed since last shown."""
+        for row in self.require().state.history(address):
+            msg = message_obj(row, self.clock.now_ms())
+            if self._shown.get(row.msg_id) != _sig(msg):
+                self._shown[row.msg_id] = _sig(msg)
+                self._publish(event("update", message=msg))
+
+    def _publish_rows(self, rows: Iterable[HistoryRow], kind: str) -> None:
+        chats = set()
+        for row in rows:
+            self._publish(event(kind, message=self._message(row)))
+            chats.add(row.peer)
+        for address in chats:
+            self._publish_chat(address)
+
+    def _publish_chat(self, address: str) -> None:
+        self._publish(event("chat", chat=self.chat(address)))
+
+    async def _ticker(self) -> None:
+        """Every ~30 s: purge what disappeared, mark what was not delivered in time."""
+        while True:
+            await asyncio.sleep(TICK_S)
+            self.tick()
+
+    def tick(self) -> None:
+        """One tick (public for tests that advance the clock)."""
+        if self.locked or not self.joined:
+            return
+        self._purge()
+        now = self.clock.now_ms()
+        dev = self.require()
+        for (peer,) in dev.state.db.execute(
+            "SELECT DISTINCT peer FROM history WHERE outgoing=1 AND status < 1"
+        ).fetchall():
+            for row in dev.state.history(peer):
+                if row.outgoing and row.not_delivered(now):
+                    msg = message_obj(row, now)
+                    if self._shown.get(row.msg_id) != _sig(msg):
+                        self._shown[row.msg_id] = _sig(msg)
+                        self._publish(event("update", message=msg))
+
+    def _purge(self) -> None:
+        """Delete expired messages, publishing a ``delete`` for each."""
+        dev = self.require()
+        now = self.clock.now_ms()
+        due = dev.state.db.execute(
+            "SELECT msg_id, peer FROM history WHERE expire_at IS NOT NULL AND expire_at <= ?",
+            (now,),
+        ).fetchall()
+        if not due:
+            return
+        dev.state.purge_expired(now)
+        for msg_id, peer in due:
+            self._shown.pop(bytes(msg_id), None)
+            self._publish(event("delete", chat=peer, id=bytes(msg_id).hex()))
+        for peer in {p for _, p in due}:
+            self._publish_chat(peer)
+
+    # ---- subscribers ---------------------------------------------------------------------------
+
+    def subscribe(self) -> asyncio.Queue[Obj | None]:
+        """A queue of events for one client; ``None`` in it means "you fell behind: reconnect"."""
+        q: asyncio.Queue[Obj | None] = asyncio.Queue()
+        self._subs.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[Obj | None]) -> None:
+        self._subs.discard(q)
+
+    def _drop(self, q: asyncio.Queue[Obj | None]) -> None:
+        self._subs.discard(q)
+        q.put_nowait(None)
+
+    def _publish(self, ev: Obj) -> None:
+        for q in list(self._subs):
+            if q.qsize() >= SUBSCRIBER_BACKLOG:
+                log.info("an event client fell behind; dropped it")
+                self._drop(q)
+            else:
+                q.put_nowait(ev)
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def _message(self, row: HistoryRow) -> Obj:
+        msg = message_obj(row, self.clock.now_ms())
+        self._shown[row.msg_id] = _sig(msg)
+        return msg
+
+    def _contact(self, c: Contact) -> Obj:
+        return contact_obj(c, c.address in self._key_changed)
+
+    def _address(self, address: Any) -> str:
+        if not isinstance(address, str):
+            raise LocalProtocolError("give an address name@host", code="bad_request")
+        try:
+            Address.parse(address)
+        except (HavenError, ValueError) as exc:
+            raise LocalProtocolError(f"not an address: {address!r}", code="bad_request") from exc
+        return address
+
+    def _last(self, address: str) -> HistoryRow | None:
+        st = self.require().state
+        r = st.db.execute(
+            "SELECT msg_id FROM history WHERE peer=? ORDER BY seq DESC LIMIT 1", (address,)
+        ).fetchone()
+        return None if r is None else st.message(bytes(r[0]))
+
+    def chat(self, address: str) -> Obj:
+        """One ``Chat``."""
+        dev = self.require()
+        last = self._last(address)
+        (unread,) = dev.state.db.execute(
+            "SELECT count(*) FROM history WHERE peer=? AND outgoing=0 AND read=0", (address,)
+        ).fetchone()
+        return chat_obj(
+            address,
+            dev.state.contact(address),
+            None if last is None else message_obj(last, self.clock.now_ms()),
+            int(unread),
+        )
+
+    def chats(self) -> list[Obj]:
+        """Every conversation, most recent first; contacts without messages after them."""
+        dev = self.require()
+        self._purge()
+        seen = [p for p, *_ in dev.state.chats()]
+        others = [
+            c.address
+            for c in dev.state.contacts()
+            if c.address not in seen and c.address != dev.address
+        ]
+        return [self.chat(a) for a in seen + others]
+
+    def messages(self, address: str) -> list[Obj]:
+        """A conversation, oldest first."""
+        dev = self.require()
+        self._purge()
+        return [self._message(r) for r in dev.state.history(self._address(address))]
+
+    def contacts(self) -> list[Obj]:
+        dev = self.require()
+        return [self._contact(c) for c in dev.state.contacts() if c.address != dev.address]
+
+    def message_id(self, given: str) -> bytes:
+        """A message id from any unique prefix of at least 8 hex characters."""
+        return prefix.message_id(self.require().state.db, given)
+
+    # ---- conversation operations ---------------------------------------------------------------
+
+    async def open_chat(self, address: Any) -> Obj:
+        """Start a conversation: fetch, verify and pin the contact's keys."""
+        dev = self.require()
+        address = self._address(address)
+        if address == dev.address:
+            raise LocalProtocolError("that is your own address", code="bad_request")
+        if dev.state.contact(address) is None:
+            conn = await self.conn()
+            async with self.lock:
+                try:
+                    await dev.fetch_contact(conn, address, claim=False)
+                except KeysUnavailable as exc:
+                    if "not_found" in str(exc):
+                        raise LocalProtocolError(
+                            f"there is no account {address}", code="no_such_account"
+                        ) from exc
+                    raise
+            c = dev.state.contact(address)
+            if c is not None:
+                self._publish(event("contact", contact=self._contact(c)))
+            self._publish_chat(address)
+        return self.chat(address)
+
+    async def mark_read(self, address: Any) -> int:
+        """Mark a chat read (the receipt is sent if the link is up)."""
+        dev = self.require()
+        address = self._address(address)
+        (count,) = dev.state.db.execute(
+            "SELECT count(*) FROM history WHERE peer=? AND outgoing=0 AND read=0", (address,)
+        ).fetchone()
+        if count:
+            try:
+                async with self.lock:
+                    await dev.mark_read(address)
+            except TransportError as exc:
+                log.info("read receipt not sent (%s)", exc.code)
+            self._publish_changed(address)
+            self._publish_chat(address)
+        return int(count)
+
+    async def set_timer(self, address: Any, ms: Any) -> Obj:
+        """A chat's disappearing timer, shared with the peer end to end."""
+        dev = self.require()
+        address = self._address(address)
+        if not isinstance(ms, int) or isinstance(ms, bool) or ms < 0:
+            raise LocalProtocolError("timer_ms must be a whole number >= 0", code="bad_request")
+        async with self.lock:
+            await dev.set_timer(address, ms)
+        self._publish_chat(address)
+        return self.chat(address)
+
+    async def edit(self, msg_id: bytes, text: Any) -> Obj:
+        dev = self.require()
+        if not isinstance(text, str) or not text.strip():
+            raise LocalProtocolError("the message is empty", code="bad_request")
+        row = dev.state.message(msg_id)
+        if row is None:
+            raise LocalProtocolError("no such message", code="not_found")
+        async with self.lock:
+            await dev.edit(row.peer, msg_id, text)
+        new = dev.state.message(msg_id)
+        assert new is not None
+        msg = self._message(new)
+        self._publish(event("update", message=msg))
+        self._publish_chat(row.peer)
+        return msg
+
+    async def delete(self, msg_id: bytes) -> None:
+        dev = self.require()
+        row = dev.state.message(msg_id)
+        if row is None:
+            raise LocalProtocolError("no such message", code="not_found")
+        async with self.lock:
+            await dev.delete(row.peer, msg_id)
+        self._shown.pop(msg_id, None)
+        self._publish(event("delete", chat=row.peer, id=msg_id.hex()))
+        self._publish_chat(row.peer)
+
+    def readers(self, msg_id: bytes) -> list[Obj]:
+        """The devices a message was encrypted for: the contact's devices on its pinned signed
+        list and our own, each ``verified`` as the account is (not per device, yet)."""
+        dev = self.require()
+        row = dev.state.message(msg_id)
+        if row is None:
+            raise LocalProtocolError("no such message", code="not_found")
+        names = dict(linking._names(dev))
+        out: list[Obj] = []
+        for address in (row.peer, dev.address):
+            c = dev.state.contact(address)
+            if c is None:
+                continue
+            dl = SignedDeviceList(c.device_list, c.sig).open(expected_address=address)
+            for d in dl.devices:
+                out.append(
+                    {
+                        "address": address,
+                        "id": d.device_id,
+                        "name": names.get(d.device_id, d.device_id[:8])
+                        if address == dev.address
+                        else d.device_id[:8],
+                        "verified": c.verified,
+                    }
+                )
+        return out
+
+    # ---- contacts and verification -------------------------------------------------------------
+
+    def set_nickname(self, address: Any, nickname: Any) -> Obj:
+        dev = self.require()
+        address = self._address(address)
+        if dev.state.contact(address) is None:
+            raise LocalProtocolError(f"{address} is not a contact", code="not_found")
+        dev.set_nickname(address, _name(nickname, "nickname"))
+        c = dev.state.contact(address)
+        assert c is not None
+        obj = self._contact(c)
+        self._publish(event("contact", contact=obj))
+        self._publish_chat(address)
+        return obj
+
+    async def verify(
+        self, address: Any, *, confirm: bool = False, accept_new_key: bool = False
+    ) -> Obj:
+        """The safety number; ``confirm`` marks verified; ``accept_new_key`` pins a new key."""
+        dev = self.require()
+        address = self._address(address)
+        new_key: bytes | None = None
+        async with self.lock:
+            if accept_new_key:
+                conn = await self.conn()
+                await dev.fetch_contact(conn, address, claim=False, accept_new_key=True)
+                self._key_changed.discard(address)
+            else:
+                new_key = await self._check_key(address)
+            c = dev.state.contact(address)
+            if c is None:
+                raise LocalProtocolError(f"{address} is not a contact", code="not_found")
+            if confirm and new_key is None and not c.verified:
+                from dataclasses import replace
+
+                c = replace(c, verified=True)
+                with dev.state.tx() as db:
+                    dev.state.save_contact(db, c)
+        own = dev.state.contact(dev.address)
+        assert own is not None
+        number = safety_number(dev.address, own.identity_key, address, c.identity_key)
+        new_number = (
+            None
+            if new_key is None
+            else safety_number(dev.address, own.identity_key, address, new_key)
+        )
+        obj = {
+            "safety_number": number,
+            "qr": _qr(number.replace(" ", "")),
+            "verified": c.verified,
+            "key_changed": new_key is not None,
+            "new_safety_number": new_number,
+        }
+        self._publish(event("contact", contact=self._contact(c)))
+        return obj
+
+    async def _check_key(self, address: str) -> bytes | None:
+        """The contact's new identity key if its node now serves another one (else None)."""
+        dev = self.require()
+        try:
+            conn = await self.conn()
+        except TransportError:
+            return None
+        try:
+            await dev.fetch_contact(conn, address, claim=False)
+        except IdentityChanged:
+            keys = expect(await conn.request(F.QueryKeys(conn.next_rid(), address, False)), F.Keys)
+            self._key_changed.add(address)
+            return bytes(keys.device_list.open(expected_address=address).identity_key)
+        except KeysUnavailable:
+            return None
+        self._key_changed.discard(address)
+        return None
+
+    # ---- profile, settings, passphrase, devices ------------------------------------------------
+
+    async def set_profile(self, display_name: Any) -> Obj:
+        dev = self.require()
+        dev.set_display_name(_name(display_name, "display_name"))
+        self._profile_due = True
+        self._kick.set()
+        self._publish(event("state", state=self.state()))
+        return self.state()
+
+    async def _share_profile(self) -> None:
+        try:
+            conn = await self.conn()
+            async with self.lock:
+                await self.require().share_profile(conn)
+        except HavenError as exc:
+            self._profile_due = True
+            log.info("profile not shared yet (%s)", exc.code)
+
+    def set_settings(self, body: dict[str, Any]) -> Obj:
+        dev = self.require()
+        allowed = {
+            "read_receipts": ("on", "off"),
+            "delivery_receipts": ("on", "off"),
+            "language": ("", "en", "ko"),
+        }
+        for k, v in body.items():
+            if k not in allowed or v not in allowed[k]:
+                raise LocalProtocolError(f"bad setting {k!r}", code="bad_request")
+        for k, v in body.items():
+            dev.set_setting(k, v)
+        self._publish(event("state", state=self.state()))
+        return self.state()
+
+    def set_passphrase(self, new: Any) -> Obj:
+        dev = self.require()
+        if not isinstance(new, str):
+            raise LocalProtocolError("new must be a string", code="bad_request")
+        dev.state.change_passphrase(new or None)
+        log.info("storage protection changed")
+        self._publish(event("state", state=self.state()))
+        return self.state()
+
+    async def devices(self) -> list[Obj]:
+        dev = self.require()
+        async with self.lock:
+            found = await linking.list_devices(dev)
+        return [{"id": d["id"], "name": d["name"], "this_device": d["this_device"]} for d in found]
+
+    async def remove_device(self, given: str) -> str:
+        dev = self.require()
+        async with self.lock:
+            ids = [d["id"] for d in await linking.list_devices(dev)]
+            device_id = prefix.device_id(ids, given)
+            await linking.remove_device(dev, device_id)
+        return device_id
+
+    async def link_device(self) -> Obj:
+        """Start linking a new device; the code is returned, the outcome is a ``link`` event."""
+        dev = self.require()
+        if self._link_active.is_set():
+            raise LocalProtocolError("a device link is already in progress", code="link_busy")
+        if self._tg is None:
+            raise LocalProtocolError("the daemon is starting", code="not_ready")
+        await self.conn()
+        code: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._link_active.set()
+        self._link_idle.clear()
+        self._tg.create_task(self._link(dev, code))
+        c = await code
+        return {"code": c, "qr": _qr(c)}
+
+    async def _link(self, dev: Device, code: asyncio.Future[str]) -> None:
+        def on_code(c: str) -> None:
+            if not code.done():
+                code.set_result(c)
+
+        try:
+            res = await linking.link_device(dev, on_code, timeout_s=LINK_TIMEOUT_S)
+            ev = event("link", ok=True, device={"id": res["id"], "name": res["name"]})
+        except HavenError as exc:
+            if not code.done():
+                code.set_exception(exc)
+            ev = event("link", ok=False, error=exc.code)
+        finally:
+            self._link_active.clear()
+            self._link_idle.set()
+        self._publish(ev)
+        for c in self.chats():
+            self._publish(event("chat", chat=c))
+
+
+def _sig(msg: Obj) -> tuple[Any, ...]:
+    return (msg["status"], msg["read"], msg["edited"], msg["not_delivered"], msg["text"])
+
+
+def _code(exc: BaseException) -> str:
+    return exc.code if isinstance(exc, HavenError) else "internal"
+
+
+def _qr(text: str) -> list[list[int]]:
+    """A QR code as rows of 0/1 modules (the page draws it; no image library there)."""
+    import segno
+
+    qr = segno.make(text, error="m")
+    return [[int(bool(v)) for v in row] for row in qr.matrix]

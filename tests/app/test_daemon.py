@@ -1,0 +1,135 @@
+"""The device daemon end to end: real nodes, real ``haven app`` subprocesses, the local API and
+its WebSocket events (no polling of the messages endpoint for live delivery)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.integration.harness import NodeProc, wait_until
+
+from .conftest import Pair
+from .daemon import DaemonProc, EventSocket, wait_message
+
+
+def test_onboarding_on_an_empty_home(
+    tmp_path: Path, app_node: NodeProc, start_daemon: Callable[..., DaemonProc]
+) -> None:
+    d = start_daemon("minsu")
+    st = d.state()
+    assert st["joined"] is False and st["locked"] is False and st["me"] is None
+    assert not (tmp_path / "dev-minsu" / "device.db").exists()  # nothing created before join
+    status, err = d.api("GET", "/api/chats", expect=None)
+    assert status == 409 and err["error"] == "not_joined"
+
+    st = d.join(app_node.invite("minsu"), "김민수")
+    assert st["joined"] is True
+    assert st["me"]["display_name"] == "김민수"
+    assert st["me"]["address"] == f"minsu@{app_node.host}"
+    assert st["me"]["node_url"] == app_node.url
+    d.wait_state(lambda s: s["connection"] == "online", what="online after joining")
+    status, err = d.api("POST", "/api/join", {"invite": app_node.invite("x")}, expect=None)
+    assert status == 409 and err["error"] == "already_joined"
+
+
+async def test_live_exchange_ticks_outage_and_recovery(alice_bob: Pair) -> None:
+    p = alice_bob
+    for d in (p.alice, p.bob):
+        d.wait_state(lambda s: s["connection"] == "online", what="both online")
+    async with EventSocket(p.alice) as a_ws, EventSocket(p.bob) as b_ws:
+        assert a_ws.hello is not None and a_ws.hello["state"]["joined"] is True
+
+        # live: bob's event socket gets it; nobody polls the messages endpoint
+        sent = p.alice.send(p.bob_addr, "안녕 bob <b>hi</b>")
+        assert sent["outgoing"] is True and sent["status"] in ("pending", "sent")
+        ev = await b_ws.next(lambda e: e["type"] == "message")
+        assert ev["message"]["id"] == sent["id"]
+        assert ev["message"]["text"] == "안녕 bob <b>hi</b>"
+        assert ev["message"]["sender"] == p.alice_addr and ev["message"]["outgoing"] is False
+        chat = await b_ws.next(lambda e: e["type"] == "chat" and e["chat"]["unread"] == 1)
+        assert chat["chat"]["address"] == p.alice_addr
+
+        def status_is(want: str) -> Callable[[dict], bool]:  # type: ignore[type-arg]
+            return lambda e: (
+                e["type"] == "update"
+                and e["message"]["id"] == sent["id"]
+                and e["message"]["status"] == want
+            )
+
+        await a_ws.next(status_is("delivered"))
+        _, read = p.bob.api("POST", f"/api/chats/{p.alice_addr}/read")
+        assert read == {"count": 1}
+        await a_ws.next(status_is("read"))
+        await b_ws.next(lambda e: e["type"] == "chat" and e["chat"]["unread"] == 0)
+
+        # alice's home node dies (SIGKILL): she sees it, and what she types waits, pending
+        p.a.kill()
+        await a_ws.next(
+            lambda e: e["type"] == "state" and e["state"]["connection"] in ("connecting", "offline")
+        )
+        queued = p.alice.send(p.bob_addr, "typed during the outage")
+        assert queued["status"] == "pending"
+        assert p.alice.state()["connection"] in ("connecting", "offline")
+        [row] = [m for m in p.alice.messages(p.bob_addr) if m["id"] == queued["id"]]
+        assert row["status"] == "pending"
+
+        # back on the same port: the queue is sent, bob receives it once
+        p.a.start()
+        await a_ws.next(lambda e: e["type"] == "state" and e["state"]["connection"] == "online")
+        await a_ws.next(
+            lambda e: (
+                e["type"] == "update"
+                and e["message"]["id"] == queued["id"]
+                and e["message"]["status"] in ("sent", "delivered")
+            )
+        )
+        ev = await b_ws.next(lambda e: e["type"] == "message")
+        assert ev["message"]["id"] == queued["id"]
+        assert ev["message"]["text"] == "typed during the outage"
+
+        # alice did not go deaf: a message to her after the restart arrives live
+        reply = p.bob.send(p.alice_addr, "welcome back")
+        ev = await a_ws.next(lambda e: e["type"] == "message" and not e["message"]["outgoing"])
+        assert ev["message"]["id"] == reply["id"] and ev["message"]["text"] == "welcome back"
+
+    got = [m for m in p.bob.messages(p.alice_addr) if m["text"] == "typed during the outage"]
+    assert [m["id"] for m in got] == [queued["id"]]  # exactly once
+    ids = [m["id"] for m in p.bob.messages(p.alice_addr)]
+    assert len(ids) == len(set(ids)) == 3
+    wait_message(
+        p.alice, p.bob_addr, lambda m: m["id"] == queued["id"] and m["status"] != "pending"
+    )
+
+
+def test_locked_home_unlocks_through_the_api(
+    app_node: NodeProc, start_daemon: Callable[..., DaemonProc]
+) -> None:
+    d = start_daemon("carol")
+    st = d.join(app_node.invite("carol"), "Carol", passphrase="correct horse")
+    assert st["protection"] == "passphrase"
+    address = st["me"]["address"]
+    assert d.stop() == 0  # SIGTERM: a clean shutdown
+
+    d.start()  # no HAVEN_PASSPHRASE, not a terminal: locked until the UI unlocks it
+    st = d.state()
+    assert st["locked"] is True and st["joined"] is False and st["me"] is None
+    status, err = d.api("GET", "/api/chats", expect=None)
+    assert status == 423 and err["error"] == "locked"
+    for _ in range(5):
+        status, err = d.api("POST", "/api/unlock", {"passphrase": "wrong"}, expect=None)
+        assert status == 403 and err["error"] == "wrong_passphrase"
+    status, err = d.api("POST", "/api/unlock", {"passphrase": "correct horse"}, expect=None)
+    assert status == 429 and err["error"] == "too_many_attempts"  # backs off after 5
+
+    st = wait_until(
+        lambda: (
+            (r := d.api("POST", "/api/unlock", {"passphrase": "correct horse"}, expect=None))[0]
+            == 200
+            and r[1]
+        ),
+        timeout=10,
+        what="the unlock back-off to pass",
+    )
+    assert st["locked"] is False and st["joined"] is True and st["me"]["address"] == address
+    assert st["me"]["display_name"] == "Carol"
+    d.wait_state(lambda s: s["connection"] == "online", what="online after unlocking")
