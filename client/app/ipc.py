@@ -257,6 +257,7 @@ async def _handle(core: Any, reader: asyncio.StreamReader, writer: asyncio.Strea
             log.warning("refused a command from another user on the app socket")
             out.err("error: this app belongs to another user (forbidden)")
             out.rc(1)
+            await _discard(reader, writer)
             return
         try:
             async with asyncio.timeout(30):
@@ -264,6 +265,7 @@ async def _handle(core: Any, reader: asyncio.StreamReader, writer: asyncio.Strea
         except (ValueError, asyncio.LimitOverrunError):
             out.err(f"error: request larger than {MAX_REQUEST} bytes (too_large)")
             out.rc(2)
+            await _discard(reader, writer)
             return
         except TimeoutError:
             return
@@ -281,6 +283,22 @@ async def _handle(core: Any, reader: asyncio.StreamReader, writer: asyncio.Strea
         writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await writer.wait_closed()
+
+
+async def _discard(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: int = 16 * MAX_REQUEST
+) -> None:
+    """End our side, then read and drop what the client still sends (briefly, bounded), so
+    that closing does not reset the connection before it has read our answer."""
+    with contextlib.suppress(TimeoutError, ConnectionError, OSError):
+        await writer.drain()
+        writer.write_eof()
+        async with asyncio.timeout(2):
+            while limit > 0:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    return
+                limit -= len(chunk)
 
 
 async def _run_until_hangup(

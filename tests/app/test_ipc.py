@@ -1,0 +1,200 @@
+"""CLI commands through a running ``haven app`` (client/app/ipc.py), with real processes.
+
+One node; alice's device runs a daemon (a real ``haven app`` subprocess); bob uses the CLI
+standalone. Alice's CLI commands must go through her daemon's Unix socket: they work, ``recv``
+prints each message once per reader (a cursor), and the daemon's one node connection is never
+replaced by a second one. The socket is 0600 and another uid is refused even when the file
+mode would let it connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.harness import NodeProc, haven, join, wait_until
+
+from .daemon import DaemonProc, EventSocket, wait_message
+
+NOBODY = 65534
+# A stdlib-only client for the other-uid check (the venv's interpreter lives under /root).
+RAW_CLIENT = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(json.dumps({"cmd": "whoami", "args": {"json": True}, "client": "cli"}).encode() + b"\\n")
+sys.stdout.write(s.makefile().read())
+"""
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A scratch folder others may traverse (0711), so another uid can reach the socket file
+    once a test loosens its mode; tmp_path's parents are 0700."""
+    d = Path(tempfile.mkdtemp(prefix="haven-ipc-", dir="/tmp"))
+    d.chmod(0o711)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def world(base: Path, nodes: list[NodeProc], daemons: list[DaemonProc]) -> dict[str, Any]:
+    node = NodeProc.create(base, "A").start()
+    nodes.append(node)
+    alice_home, alice = join(node, base, "alice")
+    bob_home, bob = join(node, base, "bob")
+    # first contact both ways while standalone (pins keys, opens sessions)
+    haven("send", "--home", str(bob_home), alice, "hello before the app")
+    d = DaemonProc(alice_home)
+    daemons.append(d)
+    d.start()
+    wait_message(d, bob, lambda m: m["text"] == "hello before the app", 20, "the daemon to receive")
+    return {"node": node, "alice": alice, "bob": bob, "ah": alice_home, "bh": bob_home, "d": d}
+
+
+def cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return haven(*args, "--home", str(home), check=check)
+
+
+def recv_lines(home: Path, *extra: str) -> list[str]:
+    out = cli(home, "recv", "--wait", "0.3", *extra).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+async def test_cli_through_the_daemon(world: dict[str, Any]) -> None:
+    d: DaemonProc = world["d"]
+    ah, bh, alice, bob = world["ah"], world["bh"], world["alice"], world["bob"]
+    sock = ah / "app.sock"
+    assert stat.S_ISSOCK(os.stat(sock).st_mode)
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+
+    # `haven app --url` asks the running daemon
+    url = cli(ah, "app", "--url").stdout.strip()
+    assert url == d.url and url.startswith("http://127.0.0.1:")
+
+    async with EventSocket(d) as ws:
+        # recv through the daemon: what arrived before it started was received by the daemon
+        # (the standalone CLI never ran recv on alice's home), printed once per reader
+        first = await asyncio.to_thread(recv_lines, ah)
+        assert first == [f"{bob}: hello before the app"], first
+        again = await asyncio.to_thread(cli, ah, "recv", "--wait", "0.3")
+        assert again.stdout.strip() == "" and "no new messages" in again.stderr
+
+        # send through the daemon: queued in its outbox, sent over its connection
+        sent = await asyncio.to_thread(cli, ah, "send", bob, "hi bob from the CLI")
+        assert sent.stdout.strip().startswith(f"sent to {bob}: readable by 1 device"), sent
+        got = await asyncio.to_thread(recv_lines, bh)
+        assert f"{alice}: hi bob from the CLI" in got, got
+
+        # other commands run in the daemon with its device
+        who = await asyncio.to_thread(cli, ah, "whoami", "--json")
+        assert f'"address": "{alice}"' in who.stdout and '"display_name"' in who.stdout
+        hist = (await asyncio.to_thread(cli, ah, "history", bob)).stdout.splitlines()
+        assert any(f" > {alice}: hi bob from the CLI [" in line for line in hist), hist
+
+        # right after those commands a new message still arrives at the daemon live
+        await asyncio.to_thread(cli, bh, "send", alice, "still listening?")
+        ev = await ws.next(
+            lambda e: e["type"] == "message" and e["message"]["text"] == "still listening?"
+        )
+        assert ev["message"]["outgoing"] is False
+        # ... over the same connection: it never went away while the CLI ran
+        dropped = [
+            e for e in ws.events if e["type"] == "state" and e["state"]["connection"] != "online"
+        ]
+        assert dropped == [], dropped
+
+    # the default reader prints only the new one; another reader has its own cursor
+    assert recv_lines(ah) == [f"{bob}: still listening?"]
+    assert recv_lines(ah, "--client", "phone-script") == [
+        f"{bob}: hello before the app",
+        f"{bob}: still listening?",
+    ]
+    assert recv_lines(ah, "--client", "phone-script") == []
+
+
+def test_another_uid_is_refused(world: dict[str, Any]) -> None:
+    ah: Path = world["ah"]
+    sock = ah / "app.sock"
+    # loosen the modes so only SO_PEERCRED stands between another user and the daemon
+    ah.chmod(0o711)
+    sock.chmod(0o666)
+    r = subprocess.run(
+        ["/usr/bin/python3", "-c", RAW_CLIENT, str(sock)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        user=NOBODY,
+        group=NOBODY,
+        cwd="/",
+    )
+    assert "another user (forbidden)" in r.stdout, (r.stdout, r.stderr)
+    assert '"rc": 1' in r.stdout
+    assert world["alice"] not in r.stdout  # nothing about the device leaked
+    # the same request from our own uid is answered
+    mine = subprocess.run(
+        ["/usr/bin/python3", "-c", RAW_CLIENT, str(sock)], capture_output=True, text=True
+    )
+    assert world["alice"] in mine.stdout and '"rc": 0' in mine.stdout
+
+
+def test_stale_socket_and_bad_requests(world: dict[str, Any]) -> None:
+    d: DaemonProc = world["d"]
+    ah: Path = world["ah"]
+    sock = ah / "app.sock"
+    # bad JSON and an oversized line get an error line, and the daemon keeps serving
+    for payload in (b"not json\n", b"[1, 2]\n", b"{" + b"x" * (1 << 20) + b"\n"):
+        r = subprocess.run(
+            ["/usr/bin/python3", "-c", _SEND_RAW, str(sock)],
+            input=payload,
+            capture_output=True,
+            timeout=30,
+        )
+        assert b'"rc": 2' in r.stdout and b"error:" in r.stdout, r.stdout
+    assert cli(ah, "whoami").stdout.startswith(world["alice"])
+
+    # SIGKILL leaves the socket file behind: the CLI runs standalone, a new daemon replaces it
+    d.kill()
+    assert sock.exists()
+    standalone = cli(ah, "recv", "--wait", "0.3")
+    assert standalone.returncode == 0
+    url = cli(ah, "app", "--url", check=False)
+    assert url.returncode == 1 and "no app running" in url.stderr
+    d.start()
+    wait_until(lambda: cli(ah, "app", "--url").stdout.strip() == d.url, 20, "the new daemon")
+
+
+_SEND_RAW = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+try:
+    s.sendall(sys.stdin.buffer.read())
+    s.shutdown(socket.SHUT_WR)
+except OSError:
+    pass  # the daemon stopped reading an oversized request; its answer is still there
+sys.stdout.buffer.write(s.makefile("rb").read())
+"""
+
+
+def test_message_sent_by_api_shows_in_cli_history(world: dict[str, Any]) -> None:
+    """The daemon and the CLI see one store: a text typed in the app is in CLI history, with a
+    short id that `edit` accepts through the daemon."""
+    d: DaemonProc = world["d"]
+    ah, bob = world["ah"], world["bob"]
+    msg = d.send(bob, "typed in the app")
+    wait_message(d, bob, lambda m: m["id"] == msg["id"] and m["status"] != "pending")
+    short = msg["id"][:8]
+    lines = cli(ah, "history", bob, "--no-mark-read").stdout.splitlines()
+    assert any(line.startswith(f"{short} > ") and "typed in the app" in line for line in lines)
+    assert cli(ah, "edit", bob, short, "edited from the CLI").stdout.strip() == "edited"
+    wait_message(d, bob, lambda m: m["id"] == msg["id"] and m["text"] == "edited from the CLI")
