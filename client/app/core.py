@@ -29,7 +29,7 @@ from client import linking, prefix
 from client.connection import NodeConnection, expect
 from client.device import DEFAULT_TTL_MS, Device, ReceivedMessage
 from client.safety import safety_number
-from client.state import Contact, HistoryRow
+from client.state import STATUS_DELIVERED, Contact, HistoryRow
 from federation import frames as F
 from federation.clock import Clock, SystemClock
 from federation.devicelist import SignedDeviceList
@@ -106,7 +106,8 @@ class AppCore:
         self._failed_unlocks = 0
         self._unlock_after = 0.0
         self._key_changed: set[str] = set()
-        self._shown: dict[bytes, tuple[Any, ...]] = {}  # last status published per message
+        # per message last shown: (status, read, edited, not_delivered)
+        self._shown: dict[bytes, tuple[int, bool, bool, bool]] = {}
         self._profile_due = False
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -426,12 +427,18 @@ class AppCore:
             self._publish_chat(address)
 
     def _publish_changed(self, address: str) -> None:
-        """``update`` for every message of a chat whose status changed since last shown."""
-        for row in self.require().state.history(address):
-            msg = message_obj(row, self.clock.now_ms())
-            if self._shown.get(row.msg_id) != _sig(msg):
-                self._shown[row.msg_id] = _sig(msg)
-                self._publish(event("update", message=msg))
+        """``update`` for every message of a chat whose status or read state changed since it
+        was last shown (compared on the plain columns: only changed texts are opened)."""
+        st = self.require().state
+        for msg_id, status, read, edited in st.db.execute(
+            "SELECT msg_id, status, read, edited FROM history WHERE peer=?", (address,)
+        ).fetchall():
+            seen = self._shown.get(bytes(msg_id))
+            if seen is not None and seen[:3] == (status, bool(read), bool(edited)):
+                continue
+            row = st.message(bytes(msg_id))
+            if row is not None:
+                self._publish(event("update", message=self._message(row)))
 
     def _publish_rows(self, rows: Iterable[HistoryRow], kind: str) -> None:
         chats = set()
@@ -456,16 +463,18 @@ class AppCore:
             return
         self._purge()
         now = self.clock.now_ms()
-        dev = self.require()
-        for (peer,) in dev.state.db.execute(
-            "SELECT DISTINCT peer FROM history WHERE outgoing=1 AND status < 1"
+        st = self.require().state
+        for (msg_id,) in st.db.execute(
+            "SELECT msg_id FROM history WHERE outgoing=1 AND status < ? "
+            "AND (error != '' OR (ttl_at IS NOT NULL AND ttl_at <= ?))",
+            (STATUS_DELIVERED, now),
         ).fetchall():
-            for row in dev.state.history(peer):
-                if row.outgoing and row.not_delivered(now):
-                    msg = message_obj(row, now)
-                    if self._shown.get(row.msg_id) != _sig(msg):
-                        self._shown[row.msg_id] = _sig(msg)
-                        self._publish(event("update", message=msg))
+            seen = self._shown.get(bytes(msg_id))
+            if seen is not None and seen[3]:
+                continue  # already shown as not delivered
+            row = st.message(bytes(msg_id))
+            if row is not None:
+                self._publish(event("update", message=self._message(row)))
 
     def _purge(self) -> None:
         """Delete expired messages, publishing a ``delete`` for each."""
@@ -511,7 +520,7 @@ class AppCore:
 
     def _message(self, row: HistoryRow) -> Obj:
         msg = message_obj(row, self.clock.now_ms())
-        self._shown[row.msg_id] = _sig(msg)
+        self._shown[row.msg_id] = (row.status, row.read, row.edited, msg["not_delivered"])
         return msg
 
     def _contact(self, c: Contact) -> Obj:
@@ -844,10 +853,6 @@ class AppCore:
         self._publish(ev)
         for c in self.chats():
             self._publish(event("chat", chat=c))
-
-
-def _sig(msg: Obj) -> tuple[Any, ...]:
-    return (msg["status"], msg["read"], msg["edited"], msg["not_delivered"], msg["text"])
 
 
 def _code(exc: BaseException) -> str:
