@@ -3,10 +3,15 @@ its WebSocket events (no polling of the messages endpoint for live delivery)."""
 
 from __future__ import annotations
 
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from tests.integration.harness import NodeProc, wait_until
+from client.app.core import AppCore
+from federation.clock import FakeClock
+from tests.integration.harness import ROOT, NodeProc, async_wait_until, join, wait_until
 
 from .conftest import Pair
 from .daemon import DaemonProc, EventSocket, wait_message
@@ -133,3 +138,93 @@ def test_locked_home_unlocks_through_the_api(
     assert st["locked"] is False and st["joined"] is True and st["me"]["address"] == address
     assert st["me"]["display_name"] == "Carol"
     d.wait_state(lambda s: s["connection"] == "online", what="online after unlocking")
+
+
+async def test_tick_marks_not_delivered_and_purges_what_disappeared(
+    tmp_path: Path, app_node: NodeProc
+) -> None:
+    """In-process core with an injected clock (the node and bob's device are real)."""
+    clock = FakeClock(int(time.time() * 1000))
+    _, bob_addr = join(app_node, tmp_path, "bob")  # bob never comes online
+    core = AppCore(str(tmp_path / "dev-alice"), clock)
+    await core.start()
+    q = core.subscribe()
+    try:
+        await core.join({"invite": app_node.invite("alice"), "display_name": "Alice"})
+
+        async def online() -> bool:
+            return core.connection == "online"
+
+        await async_wait_until(online, what="the core's link")
+        kept = await core.send_text(bob_addr, "never read")
+        await core.set_timer(bob_addr, 60_000)
+        gone = await core.send_text(bob_addr, "disappears")
+        assert gone["expire_at"] == clock.now_ms() + 60_000
+
+        async def all_sent() -> bool:
+            return all(m["status"] == "sent" for m in core.messages(bob_addr))
+
+        await async_wait_until(all_sent, what="both messages accepted by the node")
+        while not q.empty():
+            q.get_nowait()
+
+        clock.advance(61_000)
+        core.tick()
+        ev = q.get_nowait()
+        assert ev == {"type": "delete", "chat": bob_addr, "id": gone["id"]}
+        assert [m["id"] for m in core.messages(bob_addr)] == [kept["id"]]
+
+        core.tick()  # nothing new: no event
+        assert all(e["type"] != "update" for e in _drain(q))
+        clock.advance(7 * 86_400_000)  # past the TTL with no delivered receipt
+        core.tick()
+        [upd] = [e for e in _drain(q) if e["type"] == "update"]
+        assert upd["message"]["id"] == kept["id"] and upd["message"]["not_delivered"] is True
+        core.tick()  # shown once
+        assert all(e["type"] != "update" for e in _drain(q))
+    finally:
+        await core.close()
+
+
+def _drain(q: Any) -> list[dict[str, Any]]:
+    out = []
+    while not q.empty():
+        out.append(q.get_nowait())
+    return out
+
+
+async def test_link_a_second_device_through_both_apps(
+    app_node: NodeProc, new_user: Callable[..., DaemonProc], start_daemon: Callable[..., DaemonProc]
+) -> None:
+    old = new_user(app_node, "gina", "Gina")
+    async with EventSocket(old) as ws:
+        _, link = old.api("POST", "/api/devices/link")
+        assert link["code"].startswith("haven:link:") and link["qr"] and link["qr"][0]
+        new = start_daemon("gina-laptop")
+        _, st = new.api(
+            "POST", "/api/join", {"link": link["code"], "display_name": "Gina"}, timeout=60
+        )
+        assert st["joined"] is True and st["me"]["address"] == old.address
+        ev = await ws.next(lambda e: e["type"] == "link")
+        assert ev["ok"] is True and ev["device"]["id"] == st["me"]["device_id"]
+    _, devices = old.api("GET", "/api/devices")
+    assert {d["id"] for d in devices} == {old.state()["me"]["device_id"], st["me"]["device_id"]}
+    # the old device's link still receives (the receive loop resumed after linking)
+    bob = new_user(app_node, "bob")
+    bob.open_chat(old.address)
+    sent = bob.send(old.address, "to both of gina's devices")
+    for d in (old, new):
+        wait_message(d, bob.address, lambda m: m["id"] == sent["id"], what="the message")
+
+
+def test_a_second_daemon_on_the_same_home_is_refused(
+    app_node: NodeProc, new_user: Callable[..., DaemonProc]
+) -> None:
+    d = new_user(app_node, "hana")
+    proc = subprocess.run(
+        DaemonProc(d.home).argv(), capture_output=True, text=True, cwd=ROOT, timeout=30
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "the app is already running for" in proc.stderr
+    assert proc.stderr.rstrip().endswith("(app_running)")
+    assert d.state()["connection"] == "online"  # the first one is untouched
