@@ -819,6 +819,14 @@ class Device:
         row = self.state.message(msg_id)
         if row is None or not row.outgoing or row.peer != address:
             raise LocalProtocolError("no such message of yours in that conversation")
+        if row.status == STATUS_PENDING:  # nothing left this device yet: rewrite the queue
+            queued = [i for i in self.state.outbox() if i.msg_id == msg_id]
+            with self.state.tx() as db:
+                self.state.edit_history(db, msg_id, text)
+                for item in queued:
+                    new = replace(Payload.decode(item.payload), text=text)
+                    self.state.queue(db, replace(item, payload=new.encode()))
+            return SendResult(msg_id, {}, 0)
         p = Payload(os.urandom(16), "edit", address, self.clock.now_ms(), text=text, target=msg_id)
         res = await self.send_payload(address, p)
         with self.state.tx() as db:
@@ -830,6 +838,11 @@ class Device:
         row = self.state.message(msg_id)
         if row is None or not row.outgoing or row.peer != address:
             raise LocalProtocolError("no such message of yours in that conversation")
+        if row.status == STATUS_PENDING:  # never sent: delete it here with its queued copy
+            with self.state.tx() as db:
+                self.state.delete_history(db, msg_id)
+            self.state.scrub()
+            return SendResult(msg_id, {}, 0)
         p = Payload(os.urandom(16), "delete", address, self.clock.now_ms(), target=msg_id)
         res = await self.send_payload(address, p)
         with self.state.tx() as db:

@@ -475,11 +475,12 @@ class DeviceState:
         return nacl.secret.SecretBox(key)
 
     def queue(self, db: Any, item: OutboxItem) -> None:
-        """Queue a payload (call after adding its history row, in the same transaction)."""
+        """Queue a payload (after adding its history row, in the same transaction); queueing
+        one again replaces its payload (an edit before sending) and keeps its place."""
         sealed = bytes(self._outbox_box(item.msg_id).encrypt(item.payload))
         db.execute(
-            "INSERT OR REPLACE INTO outbox (msg_id, peer, payload, ttl_ms, created) "
-            "VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO outbox (msg_id, peer, payload, ttl_ms, created) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(msg_id) DO UPDATE SET payload=excluded.payload",  # keeps its place
             (item.msg_id, item.peer, sealed, item.ttl_ms, item.created),
         )
 

@@ -1,0 +1,142 @@
+"""The durable outbox, with a real node: what is typed while the home node is down is kept as
+``pending``, sent when it is back, stored exactly once by the receiver even if a flush is
+retried, and a permanent failure of one item does not hold up the next."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from client.device import Device
+from client.state import STATUS_PENDING, STATUS_SENT, DeviceState, OutboxItem
+from federation.errors import TransportError
+from tests.integration.harness import NodeProc
+
+from .devworld import incoming, new_device, settle
+
+
+async def test_queued_while_node_down_then_sent_exactly_once(
+    tmp_path: Path, nodes: list[NodeProc]
+) -> None:
+    node = NodeProc.create(tmp_path, "A").start()
+    nodes.append(node)
+    alice = await new_device(node, tmp_path, "alice")
+    bob = await new_device(node, tmp_path, "bob")
+    await alice.send(bob.address, "before the outage")
+
+    node.stop()
+    rows = [alice.queue_text(bob.address, f"typed offline {i}") for i in range(3)]
+    assert [r.status for r in rows] == [STATUS_PENDING] * 3
+    assert all(r.ttl_at is None and not r.error for r in rows)
+    assert [i.msg_id for i in alice.state.outbox()] == [r.msg_id for r in rows]
+    with pytest.raises(TransportError):
+        conn = await alice.connect()
+    # Still queued, and still there after the device is closed and opened again.
+    alice.close()
+    alice = Device(alice.home)
+    assert [i.msg_id for i in alice.state.outbox()] == [r.msg_id for r in rows]
+    assert {r.status for r in alice.history(bob.address)[1:]} == {STATUS_PENDING}
+
+    node.start()
+    kept: list[OutboxItem] = alice.state.outbox()
+    conn = await alice.connect()
+    try:
+        changed = await alice.flush_outbox(conn)
+        assert [r.msg_id for r in changed] == [r.msg_id for r in rows]
+        assert all(r.status == STATUS_SENT and r.ttl_at is not None for r in changed)
+        assert all(r.devices_total == 1 for r in changed)
+        assert alice.state.outbox() == []
+        # A retried flush (e.g. a crash after the node accepted, before the row was marked):
+        # the same payloads go out again, with the same ids.
+        with alice.state.tx() as db:
+            for item in kept:
+                alice.state.queue(db, item)
+                alice.state.set_status(db, item.msg_id, STATUS_PENDING)
+        again = await alice.flush_outbox(conn)
+        assert [r.msg_id for r in again] == [r.msg_id for r in rows]
+        # One mailbox delivers in order: once bob has this, he has processed the copies too.
+        await alice.send(bob.address, "sentinel", conn=conn)
+    finally:
+        await alice.release(conn)
+
+    want = ["before the outage"] + [f"typed offline {i}" for i in range(3)] + ["sentinel"]
+    await settle([bob], lambda: "sentinel" in incoming(bob, alice.address))
+    assert incoming(bob, alice.address) == want  # once each, in the order typed
+    alice.close()
+    bob.close()
+
+
+async def test_permanent_failure_marks_the_row_and_the_next_item_is_sent(
+    tmp_path: Path, nodes: list[NodeProc]
+) -> None:
+    node = NodeProc.create(tmp_path, "A").start()
+    nodes.append(node)
+    alice = await new_device(node, tmp_path, "alice")
+    bob = await new_device(node, tmp_path, "bob")
+    nobody = f"nobody@{node.host}"
+    bad = alice.queue_text(nobody, "to no one")
+    good = alice.queue_text(bob.address, "to bob")
+    conn = await alice.connect()
+    try:
+        changed = await alice.flush_outbox(conn)
+    finally:
+        await alice.release(conn)
+    by_id = {r.msg_id: r for r in changed}
+    assert by_id[bad.msg_id].error == "no_such_account"
+    assert by_id[bad.msg_id].not_delivered(alice.clock.now_ms())
+    assert by_id[good.msg_id].status == STATUS_SENT and not by_id[good.msg_id].error
+    assert not by_id[good.msg_id].not_delivered(alice.clock.now_ms())
+    assert alice.state.outbox() == []
+    await settle([bob], lambda: incoming(bob, alice.address) == ["to bob"])
+    alice.close()
+    bob.close()
+
+
+async def test_deleting_or_editing_a_pending_message_rewrites_the_queue(
+    tmp_path: Path, nodes: list[NodeProc]
+) -> None:
+    node = NodeProc.create(tmp_path, "A").start()
+    nodes.append(node)
+    alice = await new_device(node, tmp_path, "alice")
+    bob = await new_device(node, tmp_path, "bob")
+    node.stop()
+    gone = alice.queue_text(bob.address, "never mind")
+    fixed = alice.queue_text(bob.address, "typo")
+    await alice.delete(bob.address, gone.msg_id)  # nothing left the device: no network
+    await alice.edit(bob.address, fixed.msg_id, "fixed")
+    assert [i.msg_id for i in alice.state.outbox()] == [fixed.msg_id]
+    node.start()
+    conn = await alice.connect()
+    try:
+        await alice.flush_outbox(conn)
+    finally:
+        await alice.release(conn)
+    await settle([bob], lambda: incoming(bob, alice.address) == ["fixed"])
+    alice.close()
+    bob.close()
+
+
+def test_queued_text_is_sealed_under_its_message_key(tmp_path: Path) -> None:
+    """The queued copy opens only with the row's own key: deleting the row shreds it too."""
+    s = DeviceState(str(tmp_path / "h"))
+    from client.state import HistoryRow
+
+    row = HistoryRow(b"m" * 16, "bob@x", True, "me@x", "secret", 1, 1, status=STATUS_PENDING)
+    item = OutboxItem(row.msg_id, "bob@x", b"payload with secret", 1000, 1)
+    with s.tx() as db:
+        s.add_history(db, row)
+        s.queue(db, item)
+    assert s.outbox() == [item]
+    sealed = s.db.execute("SELECT payload FROM outbox").fetchone()[0]
+    slot = s.db.execute("SELECT slot FROM history").fetchone()[0]
+    import nacl.exceptions
+    import nacl.secret
+
+    with pytest.raises(nacl.exceptions.CryptoError):
+        s.open(sealed)  # not under the storage key
+    assert nacl.secret.SecretBox(s.keys.key(slot)).decrypt(sealed) == item.payload
+    with s.tx() as db:
+        s.delete_history(db, row.msg_id)
+    assert s.outbox() == [] and s.keys.key(slot) is None
+    s.close()
