@@ -243,7 +243,7 @@ async def test_disappearing_messages_vanish_from_history_and_files(
                 if path.is_file():
                     assert sealed not in path.read_bytes(), path.name
         # a per-conversation default timer
-        alice.set_timer(bob.address, 60_000)
+        await alice.set_timer(bob.address, 60_000)
         await alice.send(bob.address, "short by default")
         await settle([bob], lambda: len(texts(bob, alice.address)) == 2)
         clock.advance(61_000)
