@@ -47,7 +47,7 @@ from .events import Obj, chat_obj, contact_obj, event, message_obj
 log = logging.getLogger("haven.app")
 
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.25, 10.0
-DIAL_TIMEOUT_S = 10.0
+DIAL_TIMEOUT_S = 5.0
 CONN_WAIT_S = 2.0  # an operation waits this long for the link before "node unreachable"
 TICK_S = 30.0
 SUBSCRIBER_BACKLOG = 512  # events a slow client may fall behind before it is dropped
@@ -282,12 +282,15 @@ class AppCore:
             self._publish(event("state", state=self.state()))
 
     async def _dial(self) -> NodeConnection:
-        dev = self.require()
-        dev.use_connection(None)  # connect() opens a real connection only without a provider
-        try:
-            return await dev.connect()
-        finally:
-            dev.use_connection(self.conn)
+        """Open the link. Under the device lock: while the provider is unset, no other
+        operation may call ``connect()`` (it would open a second connection and be kicked)."""
+        async with self.lock:
+            dev = self.require()
+            dev.use_connection(None)  # connect() opens a real connection only without one
+            try:
+                return await dev.connect()
+            finally:
+                dev.use_connection(self.conn)
 
     async def _supervise(self) -> None:
         """Connect, receive, notice the loss, reconnect with backoff: forever."""
@@ -365,6 +368,12 @@ class AppCore:
             async with self.lock:
                 rows = await self.require().flush_outbox(conn)
             self._publish_rows(rows, "update")
+            for row in rows:
+                if row.error == IdentityChanged.code and row.peer not in self._key_changed:
+                    self._key_changed.add(row.peer)
+                    c = self.require().state.contact(row.peer)
+                    if c is not None:
+                        self._publish(event("contact", contact=self._contact(c)))
             if self._profile_due:
                 self._profile_due = False
                 await self._share_profile()
@@ -721,7 +730,12 @@ class AppCore:
             c = dev.state.contact(address)
             if c is None:
                 raise LocalProtocolError(f"{address} is not a contact", code="not_found")
-            if confirm and new_key is None and not c.verified:
+            if confirm and new_key is not None:
+                raise IdentityChanged(
+                    f"the identity key of {address} changed: compare the new safety number, "
+                    "then accept the new key"
+                )
+            if confirm and not c.verified:
                 from dataclasses import replace
 
                 c = replace(c, verified=True)
