@@ -35,14 +35,21 @@ class DaemonProc:
         home: the device home (may not exist yet: the daemon then starts unjoined).
         env: extra environment variables (e.g. ``HAVEN_PASSPHRASE``).
         listen: the ``--listen`` argument.
+        args: more arguments for ``haven app`` (e.g. ``["--open"]``).
     """
 
     def __init__(
-        self, home: Path, *, env: dict[str, str] | None = None, listen: str = "127.0.0.1:0"
+        self,
+        home: Path,
+        *,
+        env: dict[str, str] | None = None,
+        listen: str = "127.0.0.1:0",
+        args: list[str] | None = None,
     ) -> None:
         self.home = Path(home)
         self.env = dict(env or {})
         self.listen = listen
+        self.args = list(args or [])
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.home.parent / f"{self.home.name}.app.log"
         self.url = ""
@@ -63,6 +70,7 @@ class DaemonProc:
             str(self.home),
             "--listen",
             self.listen,
+            *self.args,
         ]
 
     def start(self, timeout: float = 30) -> DaemonProc:

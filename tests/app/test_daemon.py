@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from client.app.core import AppCore
+from client.app.core import SUBSCRIBER_BACKLOG, AppCore
 from federation.clock import FakeClock
 from tests.integration.harness import ROOT, NodeProc, async_wait_until, join, wait_until
 
@@ -228,3 +228,35 @@ def test_a_second_daemon_on_the_same_home_is_refused(
     assert "the app is already running for" in proc.stderr
     assert proc.stderr.rstrip().endswith("(app_running)")
     assert d.state()["connection"] == "online"  # the first one is untouched
+
+
+def test_open_starts_the_browser_on_the_url(tmp_path: Path, daemons: list[DaemonProc]) -> None:
+    opened = tmp_path / "opened.txt"
+    # webbrowser honours $BROWSER; this "browser" records the URL it was given
+    d = DaemonProc(
+        tmp_path / "dev-ivy",
+        args=["--open"],
+        env={"BROWSER": f"sh -c 'echo %s > {opened}'"},
+    )
+    daemons.append(d)
+    d.start()
+    wait_until(lambda: opened.exists() and opened.read_text().strip(), what="the browser")
+    assert opened.read_text().strip() == d.url
+    assert d.url == f"http://127.0.0.1:{d.port}/#k={d.secret}" and len(d.secret) >= 43
+
+
+async def test_a_client_that_falls_behind_is_dropped(tmp_path: Path) -> None:
+    core = AppCore(str(tmp_path / "dev-none"))
+    await core.start()
+    try:
+        slow, fast = core.subscribe(), core.subscribe()
+        for i in range(SUBSCRIBER_BACKLOG + 10):
+            core._publish({"type": "state", "n": i})
+            while not fast.empty():
+                fast.get_nowait()
+        items = _drain(slow)
+        assert len(items) == SUBSCRIBER_BACKLOG + 1 and items[-1] is None  # then "reconnect"
+        core._publish({"type": "state", "n": -1})
+        assert slow.empty() and fast.get_nowait() == {"type": "state", "n": -1}
+    finally:
+        await core.close()
