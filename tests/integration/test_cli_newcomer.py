@@ -101,3 +101,47 @@ def _answers(port: int) -> bool:
 
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_scripts_run_starts_node_and_app(tmp_path: Path) -> None:
+    """``scripts/run``: node + app for the owner, the app's URL printed, both stopped by TERM."""
+    from .harness import ROOT, free_port
+
+    helped = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "run"), "--help"], capture_output=True, text=True
+    )
+    assert helped.returncode == 0 and helped.stdout.startswith("Usage: scripts/run")
+    node_port, app_port = free_port(), free_port()
+    env = os.environ | {"HAVEN_HOME": str(tmp_path / "hv"), "USER": "owner"}
+    env.pop("HAVEN_PASSPHRASE", None)
+    argv = ["--listen", f"127.0.0.1:{node_port}", "--app-listen", f"127.0.0.1:{app_port}"]
+    run = subprocess.Popen(
+        ["bash", str(ROOT / "scripts" / "run"), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    try:
+        assert run.stdout is not None
+        url = ""
+        for line in run.stdout:
+            if "#k=" in line:
+                url = line.strip()
+                break
+        assert url.startswith(f"http://127.0.0.1:{app_port}/#k="), url
+        device = tmp_path / "hv" / "device"
+        assert haven("app", "--url", "--home", str(device)).stdout.strip() == url
+        who = json.loads(haven("whoami", "--json", "--home", str(device)).stdout)
+        assert who["address"] == f"owner@127.0.0.1:{node_port}"
+        run.terminate()
+        assert run.wait(timeout=30) == 143
+        # both children stopped: the app removed its socket, the node's port is free
+        wait_until(lambda: not (device / "app.sock").exists(), 20, "the app to stop")
+        wait_until(lambda: not _answers(node_port), 20, "the node to stop")
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, 9)
+            run.wait(timeout=20)
