@@ -11,6 +11,8 @@ Sections (select with ``--sections``):
 * ``one_node``: end to end through the Python API (``Device.send`` / ``Device.process``, Olm,
   sealed sender and both devices' local stores included), alice and bob on one node.
 * ``two_nodes``: the same with alice on node A and bob on node B (federation in the path).
+* ``device_drain``: a backlog of ``--drain-n`` envelopes received, decrypted and stored by a
+  device on connect (``scripts/bench_device.py``).
 
 Every node runs as ``python -m client.cli node serve`` on 127.0.0.1 with a free port, in a
 temporary directory removed at the end (``--keep`` keeps it). ``--profile DIR`` attaches
@@ -904,6 +906,12 @@ async def amain(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 result[section] = await bench_e2e(args, base, federated=False)
             elif section == "two_nodes":
                 result[section] = await bench_e2e(args, base, federated=True)
+            elif section == "device_drain":
+                from bench_device import device_drain
+
+                drain_base = base / "drain"
+                drain_base.mkdir()
+                result[section] = await device_drain(args.drain_n, drain_base, 120.0)
         except Exception as exc:  # noqa: BLE001 - report the failure in the JSON, go on
             log(f"{section} failed: {type(exc).__name__}: {exc}")
             result[section] = {
@@ -923,8 +931,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--sections",
         default="node_only,one_node,two_nodes",
-        help="comma-separated subset of node_only,one_node,two_nodes",
+        help="comma-separated subset of node_only,one_node,two_nodes,device_drain",
     )
+    p.add_argument("--drain-n", type=int, default=5000, help="device_drain backlog")
     p.add_argument("--n", type=int, default=100_000, help="node_only envelopes (unpaced run)")
     p.add_argument(
         "--repeats", type=int, default=3, help="node_only unpaced runs; msgs_per_s is their median"
@@ -974,7 +983,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)  # fmt: skip
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    bad = set(args.sections) - {"node_only", "one_node", "two_nodes"}
+    bad = set(args.sections) - {"node_only", "one_node", "two_nodes", "device_drain"}
     if bad:
         p.error(f"unknown sections: {', '.join(sorted(bad))}")
     if not 1 <= args.batch <= 256:
