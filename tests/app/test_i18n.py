@@ -56,8 +56,17 @@ def test_every_key_used_in_the_js_exists() -> None:
     missing = sorted((called | literals) - set(en))
     assert missing == [], missing
     # error texts are looked up by code: the contract's codes all have a translation
-    for code in ("unauthorized", "wrong_passphrase", "node_unreachable", "no_such_account",
-                 "identity_changed", "ambiguous_id", "locked", "not_joined", "internal"):
+    for code in (
+        "unauthorized",
+        "wrong_passphrase",
+        "node_unreachable",
+        "no_such_account",
+        "identity_changed",
+        "ambiguous_id",
+        "locked",
+        "not_joined",
+        "internal",
+    ):
         assert f"error.{code}" in en, code
 
 

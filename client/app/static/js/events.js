@@ -49,7 +49,10 @@ const handlers = {
     putChat(ev.chat);
   },
   contact(ev) {
-    emit("contact", ev.contact);
+    const c = ev.contact;
+    const chat = c && store.chats.get(c.address);
+    if (chat) putChat({ ...chat, display_name: c.display_name, nickname: c.nickname, verified: c.verified });
+    emit("contact", c);
   },
   link(ev) {
     emit("link", ev);

@@ -1,0 +1,274 @@
+"""Browser tests of the web UI: two nodes, two ``haven app`` daemons, two headless chromium
+contexts (alice in en-US, bob in ko-KR) driving the real UI.
+
+One module-scoped world keeps the module near a minute; the tests run in file order and each
+leaves the world usable for the next (stated where it matters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, sync_playwright
+
+from tests.integration.harness import NodeProc, wait_until
+
+from .browser import UiPage, catalog, launch, open_ui
+from .daemon import DaemonProc
+
+EN, KO = catalog("en"), catalog("ko")
+HOSTILE_IMG = '<img src=x onerror="window.__pwned=1">'
+HOSTILE_SCRIPT = "<script>window.__pwned=2</script>"
+HOSTILE_NAME = "<script>window.__pwned=3</script><img src=x onerror=alert(4)>"  # ≤ 64
+
+
+@dataclass
+class World:
+    a: NodeProc
+    b: NodeProc
+    alice_d: DaemonProc
+    bob_d: DaemonProc
+    alice_addr: str
+    bob_addr: str
+    browser: Browser
+    alice: UiPage
+    bob: UiPage
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp: Path = tmp_path_factory.mktemp("ui")
+    procs: list[NodeProc | DaemonProc] = []
+    try:
+        a = NodeProc.create(tmp, "A").start()
+        procs.append(a)
+        b = NodeProc.create(tmp, "B").start()
+        procs.append(b)
+        alice_d = DaemonProc(tmp / "dev-alice").start()
+        procs.append(alice_d)
+        bob_d = DaemonProc(tmp / "dev-bob").start()
+        procs.append(bob_d)
+        alice_d.join(a.invite("alice"), "Alice")
+        bob_d.join(b.invite("bob"), "김민수")
+        with sync_playwright() as p:
+            browser = launch(p)
+            alice = open_ui(browser, alice_d.url, locale="en-US")
+            bob = open_ui(browser, bob_d.url, locale="ko-KR")
+            yield World(a, b, alice_d, bob_d, alice_d.address, bob_d.address, browser, alice, bob)
+            browser.close()
+    finally:
+        for proc in reversed(procs):
+            proc.kill()
+
+
+def test_secret_moves_out_of_the_address_bar(world: World) -> None:
+    for ui, d in ((world.alice, world.alice_d), (world.bob, world.bob_d)):
+        assert "#k=" not in ui.page.url and d.secret not in ui.page.url
+        assert ui.page.evaluate("sessionStorage.getItem('haven.key')") == d.secret
+        ui.wait_connection("online")
+    # a reload keeps working from sessionStorage
+    world.alice.page.reload()
+    world.alice.wait_connection("online")
+
+
+def test_live_message_ticks_and_unread_badge(world: World) -> None:
+    alice, bob = world.alice, world.bob
+    bob.page.evaluate("window.__noReload = 1")
+    alice.start_chat(world.bob_addr)
+    alice.type_and_send("hello bob", enter=True)
+    # bob's list gets the new chat live, with one unread
+    bob.wait_badge(world.alice_addr, "1")
+    alice.type_and_send("second")
+    alice.type_and_send("third, 안녕하세요")
+    bob.wait_badge(world.alice_addr, "3")
+    # alice's ticks: delivered (bob's device got them) but not read yet
+    alice.wait_js(
+        "() => { const m = [...document.querySelectorAll('[data-testid=message]')];"
+        " return m.length === 3 && m.every(e => e.dataset.status === 'delivered'); }"
+    )
+    bob.open_chat(world.alice_addr)
+    bob.wait_js("() => document.querySelectorAll('[data-testid=message]').length === 3")
+    assert [m["text"] for m in bob.messages()] == ["hello bob", "second", "third, 안녕하세요"]
+    assert all(m["status"] is None and not m["outgoing"] for m in bob.messages())
+    bob.wait_badge(world.alice_addr, None)
+    # opening the chat sent read receipts
+    alice.wait_js(
+        "() => [...document.querySelectorAll('[data-testid=message]')]"
+        ".every(e => e.dataset.status === 'read')"
+    )
+    # with the chat open, the next message appears in bob's conversation with no reload
+    alice.type_and_send("live one")
+    bob.wait_js("() => document.querySelectorAll('[data-testid=message]').length === 4")
+    assert bob.messages()[-1]["text"] == "live one"
+    assert bob.page.evaluate("window.__noReload") == 1
+    assert bob.badge(world.alice_addr) is None
+    ids = [m["id"] for m in alice.messages()]
+    assert ids == [m["id"] for m in bob.messages()]
+    assert alice.errors == [] and bob.errors == []
+
+
+def test_korean_ui_text(world: World) -> None:
+    bob, alice = world.bob, world.alice
+    assert bob.page.evaluate("document.documentElement.lang") == "ko"
+    assert bob.page.text_content("[data-testid=nav-chats]") == KO["nav.chats"]
+    assert bob.page.text_content("[data-testid=send]") == KO["composer.send"]
+    assert (
+        bob.page.get_attribute("[data-testid=composer]", "placeholder")
+        == KO["composer.placeholder"]
+    )
+    assert bob.page.text_content("[data-testid=connection-state]") == KO["connection.online"]
+    assert alice.page.evaluate("document.documentElement.lang") == "en"
+    assert alice.page.text_content("[data-testid=send]") == EN["composer.send"]
+    # the switch changes the language at once, and back
+    alice.page.select_option("[data-testid=lang-switch]", "ko")
+    alice.page.wait_for_selector(f'[data-testid=send]:text-is("{KO["composer.send"]}")')
+    assert alice.page.evaluate("document.documentElement.lang") == "ko"
+    alice.page.select_option("[data-testid=lang-switch]", "en")
+    alice.page.wait_for_selector(f'[data-testid=send]:text-is("{EN["composer.send"]}")')
+    assert world.alice_d.state()["settings"]["language"] == "en"
+
+
+def test_korean_glyphs_render(world: World) -> None:
+    widths = world.bob.page.evaluate(
+        """() => {
+            const ctx = document.createElement('canvas').getContext('2d');
+            ctx.font = getComputedStyle(document.body).font;
+            const page = [ctx.measureText('한').width, ctx.measureText('\\u{10FFFD}').width];
+            ctx.font = '16px "Noto Sans CJK KR"';
+            return [...page, ctx.measureText('한').width];
+        }"""
+    )
+    hangul, missing, noto = widths
+    # with no Hangul font both are the same box; the page draws Hangul with Noto Sans CJK KR
+    assert hangul != missing, widths
+    assert hangul == noto, widths
+
+
+def test_verify_screen_matches_on_both_sides(world: World) -> None:
+    numbers = []
+    for ui in (world.alice, world.bob):
+        ui.page.click("[data-testid=verify-open]")
+        ui.page.wait_for_selector("[data-testid=safety-number] .group")
+        text = ui.page.text_content("[data-testid=safety-number]") or ""
+        groups = text.split()
+        assert len(groups) == 12 and all(len(g) == 5 and g.isdigit() for g in groups), text
+        dark = ui.page.evaluate(
+            """() => { const c = document.querySelector('[data-testid=verify-qr]');
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] < 128) n++; return n; }"""
+        )
+        assert dark > 100  # the QR was drawn
+        numbers.append(text)
+        ui.page.click("[data-testid=back]")  # back to the chat (narrow button; always clickable)
+        ui.page.wait_for_selector("[data-testid=composer]")
+    assert numbers[0] == numbers[1]
+
+
+def test_hostile_content_is_only_text(world: World) -> None:
+    alice, bob = world.alice, world.bob
+    alice.type_and_send(HOSTILE_IMG)
+    alice.type_and_send(HOSTILE_SCRIPT)
+    # a hostile display name too, set in alice's settings screen
+    alice.page.click("[data-testid=nav-settings]")
+    alice.page.fill("[data-testid=profile-name]", HOSTILE_NAME)
+    alice.page.click("[data-testid=profile-save]")
+    bob.wait_js(
+        "t => [...document.querySelectorAll('[data-testid=message-text]')]"
+        ".some(e => e.textContent === t)",
+        HOSTILE_SCRIPT,
+    )
+    texts = [m["text"] for m in bob.messages()]
+    assert texts[-2:] == [HOSTILE_IMG, HOSTILE_SCRIPT]
+    bob.wait_js(
+        "n => [...document.querySelectorAll('[data-testid=chat-item] .chat-name')]"
+        ".some(e => e.textContent === n)",
+        HOSTILE_NAME,
+    )
+    bob.wait_js(
+        "n => document.querySelector('[data-testid=chat-title]')?.textContent === n",
+        HOSTILE_NAME,
+    )
+    for ui in (alice, bob):
+        assert ui.page.evaluate("typeof window.__pwned") == "undefined"
+        assert ui.page.evaluate("document.querySelectorAll('#app img, #app script').length") == 0
+        assert ui.dialogs == [] and ui.errors == []
+    alice.page.click("[data-testid=nav-chats]")
+    alice.open_chat(world.bob_addr)
+
+
+def test_node_restart_mid_conversation(world: World) -> None:
+    alice, bob = world.alice, world.bob
+    before_a, before_b = len(alice.messages()), len(bob.messages())
+    world.a.stop()
+    world.b.stop()
+    assert alice.wait_connection("offline", "connecting") in ("offline", "connecting")
+    assert bob.wait_connection("offline", "connecting") in ("offline", "connecting")
+    alice.type_and_send("typed while the node was down (alice)")
+    bob.type_and_send("노드가 꺼져 있을 때 쓴 메시지 (bob)", enter=True)
+    alice.wait_js(
+        "() => document.querySelector('[data-testid=message]:last-of-type')"
+        "?.dataset.status === 'pending'"
+    )
+    bob.wait_js(
+        "() => document.querySelector('[data-testid=message]:last-of-type')"
+        "?.dataset.status === 'pending'"
+    )
+    a_id = alice.messages()[-1]["id"]
+    b_id = bob.messages()[-1]["id"]
+    world.a.start()
+    world.b.start()
+    alice.wait_connection("online", timeout=45)
+    bob.wait_connection("online", timeout=45)
+    # each side's outage message arrives once in the other's open conversation
+    bob.wait_js(
+        'id => document.querySelectorAll(`[data-testid=message][data-id="${id}"]`).length === 1',
+        a_id,
+        timeout=45,
+    )
+    alice.wait_js(
+        'id => document.querySelectorAll(`[data-testid=message][data-id="${id}"]`).length === 1',
+        b_id,
+        timeout=45,
+    )
+    # and the senders see them delivered (or already read: both chats are open)
+    for ui, mid in ((alice, a_id), (bob, b_id)):
+        ui.wait_js(
+            "id => ['delivered', 'read'].includes(document.querySelector("
+            '`[data-testid=message][data-id="${id}"]`)?.dataset.status)',
+            mid,
+            timeout=45,
+        )
+    # exactly once: one element per id, and the API agrees with what the pages show
+    wait_until(lambda: len(alice.messages()) == before_a + 2, 20, "alice's two new messages")
+    wait_until(lambda: len(bob.messages()) == before_b + 2, 20, "bob's two new messages")
+    for ui, d, peer in (
+        (alice, world.alice_d, world.bob_addr),
+        (bob, world.bob_d, world.alice_addr),
+    ):
+        shown = [m["id"] for m in ui.messages()]
+        assert len(shown) == len(set(shown))
+        assert sorted(shown) == sorted(m["id"] for m in d.messages(peer))
+        assert [m["text"] for m in ui.messages()].count(
+            "typed while the node was down (alice)"
+        ) == 1
+    assert alice.errors == [] and bob.errors == []
+
+
+def test_narrow_window_is_one_pane(world: World) -> None:
+    page = world.bob.page
+    page.set_viewport_size({"width": 380, "height": 700})
+    page.click("[data-testid=back]")
+    page.wait_for_selector("[data-testid=chat-list]", state="visible")
+    assert not page.is_visible("[data-testid=composer]")
+    world.bob.open_chat(world.alice_addr)
+    page.wait_for_selector("[data-testid=composer]", state="visible")
+    assert not page.is_visible("[data-testid=chat-list]")
+    # keyboard: Esc closes a dialog and focus comes back
+    page.click("[data-testid=message-readers] >> nth=0")
+    page.wait_for_selector("[data-testid=reader]")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("[data-testid=readers-dialog]", state="detached")
+    page.set_viewport_size({"width": 1000, "height": 700})
