@@ -10,10 +10,12 @@ mode would let it connect.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import NodeProc, haven, join, wait_until
+from tests.integration.harness import ROOT, NodeProc, haven, join, wait_until
 
 from .daemon import DaemonProc, EventSocket, wait_message
 
@@ -198,3 +200,56 @@ def test_message_sent_by_api_shows_in_cli_history(world: dict[str, Any]) -> None
     assert any(line.startswith(f"{short} > ") and "typed in the app" in line for line in lines)
     assert cli(ah, "edit", bob, short, "edited from the CLI").stdout.strip() == "edited"
     wait_message(d, bob, lambda m: m["id"] == msg["id"] and m["text"] == "edited from the CLI")
+
+
+def test_send_through_the_daemon_queues_while_the_node_is_down(world: dict[str, Any]) -> None:
+    d: DaemonProc = world["d"]
+    node: NodeProc = world["node"]
+    ah, bh, alice, bob = world["ah"], world["bh"], world["alice"], world["bob"]
+    node.stop()
+    d.wait_state(lambda s: s["connection"] == "offline", 30, "the daemon to notice")
+    queued = cli(ah, "send", bob, "typed while the node was down")
+    assert queued.stdout.strip() == "queued"
+    assert f"the home node at {node.url} is unreachable" in queued.stderr
+    node.start()
+    d.wait_state(lambda s: s["connection"] == "online", 30, "the daemon to reconnect")
+
+    got: list[str] = []
+
+    def arrived() -> bool:
+        got.extend(recv_lines(bh))
+        return f"{alice}: typed while the node was down" in got
+
+    wait_until(arrived, 30, "bob to receive the queued text")
+    assert got.count(f"{alice}: typed while the node was down") == 1
+
+
+def test_device_link_and_remove_through_the_daemon(world: dict[str, Any], base: Path) -> None:
+    ah: Path = world["ah"]
+    link = subprocess.Popen(
+        [sys.executable, "-m", "client.cli", "device", "link", "--home", str(ah), "--timeout", "60s"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert link.stdout is not None
+        code = link.stdout.readline().strip()
+        assert code.startswith("haven:link:"), code
+        phone = base / "dev-phone"
+        haven("join", "--link", code, "--name", "phone", "--home", str(phone))
+        out, err = link.communicate(timeout=60)
+        assert link.returncode == 0, err
+        assert out.strip().startswith("linked phone (")
+    finally:
+        if link.poll() is None:
+            link.kill()
+            link.wait(timeout=20)
+    phone_id = json.loads(haven("whoami", "--json", "--home", str(phone)).stdout)["device_id"]
+    # a prefix of the phone's id removes it, through the daemon
+    removed = cli(ah, "device", "remove", phone_id[:9])
+    assert removed.stdout.strip() == f"removed {phone_id[:8]}"
+    ids = [d["id"] for d in json.loads(cli(ah, "device", "list", "--json").stdout)]
+    assert phone_id not in ids and len(ids) == 1
+
