@@ -626,19 +626,30 @@ class Device:
         """Encrypt ``text`` to every device of ``address`` (and our other devices).
 
         Returns once the home node has durably accepted every envelope. ``expires_in`` (ms)
-        makes it disappear; by default the conversation's timer applies.
+        makes it disappear; by default the conversation's timer applies. The first message to
+        a contact since our display name changed is followed by our profile.
 
         Raises:
             KeysUnavailable: the contact's keys can't be fetched and aren't known.
             IdentityChanged: the contact's identity key changed (accept it first).
         """
         Address.parse(address)
+        if conn is None:
+            link = await self.connect()
+            try:
+                return await self.send(
+                    address, text, ttl_ms=ttl_ms, conn=link, expires_in=expires_in
+                )
+            finally:
+                await self.release(link)
         if expires_in is None:
             c = self.state.contact(address)
             expires_in = c.timer_ms if c else 0
         now = self.clock.now_ms()
         payload = Payload(os.urandom(16), "text", address, now, text=text, expires_in=expires_in)
-        return await self.send_payload(address, payload, ttl_ms=ttl_ms, conn=conn, record=text)
+        res = await self.send_payload(address, payload, ttl_ms=ttl_ms, conn=conn, record=text)
+        await self._profile_after_send(conn, address)
+        return res
 
     async def send_payload(
         self,
@@ -1347,18 +1358,30 @@ class Device:
         stored = self.state.message(p.id)
         return row if stored is None else stored
 
-    async def flush_outbox(self, conn: NodeConnection) -> list[HistoryRow]:
+    async def flush_outbox(
+        self, conn: NodeConnection, on_row: Callable[[HistoryRow], None] | None = None
+    ) -> list[HistoryRow]:
         """Send every queued payload, oldest first; return the history rows that changed.
 
         An accepted item becomes ``sent`` (its TTL recorded) and leaves the queue in one
-        transaction. A link failure, a rate limit or a busy node stops the flush (the rest
-        stays queued; a :class:`TransportError` is re-raised). A permanent failure for one
-        item (no such account, no keys left, a changed identity key) records its code on the
-        row, drops it from the queue and goes on. A retried item keeps its payload id, so a
-        receiver that got it before stores it once.
+        transaction. A lost link, a rate limit or a busy node stops the flush: the rest stays
+        queued and the error is re-raised (``on_row``, if given, has seen each row changed
+        before that). A permanent failure for one item (no such account, no keys left, a
+        changed identity key) records its code on the row, drops it from the queue and goes
+        on; a contact whose node cannot be reached keeps its items, in order, for the next
+        flush. A retried item keeps its payload id, so a receiver that got it before stores
+        it once.
         """
         changed: list[HistoryRow] = []
-        held: set[str] = set()  # peers whose node is unreachable: keep their order
+
+        def note(msg_id: bytes) -> None:
+            row = self.state.message(msg_id)
+            if row is not None:
+                changed.append(row)
+                if on_row is not None:
+                    on_row(row)
+
+        held: set[str] = set()  # contacts whose node is unreachable: keep their order
         for item in self.state.outbox():
             if item.peer in held:
                 continue
@@ -1370,22 +1393,18 @@ class Device:
                 continue
             try:
                 res = await self.send_payload(item.peer, p, ttl_ms=item.ttl_ms, conn=conn)
-            except TransportError:
-                raise
             except HavenError as exc:
-                code = _permanent_code(exc)
-                if code is None:
-                    if exc.code == KeysUnavailable.code:
-                        held.add(item.peer)
-                        continue
+                verdict = _send_failure(exc)
+                if verdict == "stop":
                     raise
+                if verdict == "later":
+                    held.add(item.peer)
+                    continue
                 with self.state.tx() as db:
-                    self.state.set_status(db, item.msg_id, STATUS_PENDING, error=code)
+                    self.state.set_status(db, item.msg_id, STATUS_PENDING, error=exc.code)
                     self.state.unqueue(db, item.msg_id)
-                row = self.state.message(item.msg_id)
-                if row is not None:
-                    changed.append(row)
-                log.warning("a queued message failed for good (%s)", code)
+                log.warning("a queued message failed for good (%s)", exc.code)
+                note(item.msg_id)
                 continue
             ttl_at = self.clock.now_ms() + item.ttl_ms
             counts = res.devices.get(item.peer, {"total": 0, "verified": 0})
@@ -1396,9 +1415,7 @@ class Device:
                     (STATUS_SENT, ttl_at, counts["total"], counts["verified"], item.msg_id),
                 )
                 self.state.unqueue(db, item.msg_id)
-            row = self.state.message(item.msg_id)
-            if row is not None:
-                changed.append(row)
+            note(item.msg_id)
             await self._profile_after_send(conn, item.peer)
         return changed
 
@@ -1415,24 +1432,29 @@ class Device:
             await conn.__aexit__(None, None, None)
 
 
-_PERMANENT = {
-    "no_such_account",
-    "not_found",
-    KeysExhausted.code,
-    IdentityChanged.code,
-    UntrustedKey.code,
-    "unknown_destination",
-    "too_large",
-    "quota_exceeded",
-}
+# Send failures a retry will not cure: the row gets the code and leaves the queue.
+_PERMANENT = frozenset(
+    {
+        "no_such_account",
+        KeysExhausted.code,
+        IdentityChanged.code,
+        UntrustedKey.code,
+        "unknown_destination",
+        "too_large",
+        "malformed",
+    }
+)
+# Failures of one contact's node or quota: that contact's items wait, the others go on.
+_LATER = frozenset({KeysUnavailable.code, "quota_exceeded", "peer_key_changed"})
 
 
-def _permanent_code(exc: HavenError) -> str | None:
-    """The code of a send failure that retrying will not cure (None: try again later)."""
-    if isinstance(exc, RateLimited) or exc.code in (RateLimited.code, "busy", "node_busy"):
-        return None
-    if exc.code == KeysUnavailable.code and "(not_found)" in str(exc):
-        return "no_such_account"
+def _send_failure(exc: HavenError) -> str:
+    """``"drop"`` (permanent: record it), ``"later"`` (this contact only) or ``"stop"``
+    (the link or our node: rate limited, busy, unreachable; stop the flush)."""
+    if isinstance(exc, TransportError):
+        return "stop"
     if exc.code in _PERMANENT:
-        return "no_such_account" if exc.code == "not_found" else exc.code
-    return None
+        return "drop"
+    if exc.code in _LATER:
+        return "later"
+    return "stop"

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nacl.exceptions
+import nacl.secret
 import pytest
 
 from client.device import Device
-from client.state import STATUS_PENDING, STATUS_SENT, DeviceState, OutboxItem
+from client.state import STATUS_PENDING, STATUS_SENT, DeviceState, HistoryRow, OutboxItem
 from federation.errors import TransportError
 from tests.integration.harness import NodeProc
 
@@ -78,10 +80,12 @@ async def test_permanent_failure_marks_the_row_and_the_next_item_is_sent(
     bad = alice.queue_text(nobody, "to no one")
     good = alice.queue_text(bob.address, "to bob")
     conn = await alice.connect()
+    seen: list[HistoryRow] = []
     try:
-        changed = await alice.flush_outbox(conn)
+        changed = await alice.flush_outbox(conn, on_row=seen.append)
     finally:
         await alice.release(conn)
+    assert seen == changed and len(changed) == 2
     by_id = {r.msg_id: r for r in changed}
     assert by_id[bad.msg_id].error == "no_such_account"
     assert by_id[bad.msg_id].not_delivered(alice.clock.now_ms())
@@ -120,7 +124,6 @@ async def test_deleting_or_editing_a_pending_message_rewrites_the_queue(
 def test_queued_text_is_sealed_under_its_message_key(tmp_path: Path) -> None:
     """The queued copy opens only with the row's own key: deleting the row shreds it too."""
     s = DeviceState(str(tmp_path / "h"))
-    from client.state import HistoryRow
 
     row = HistoryRow(b"m" * 16, "bob@x", True, "me@x", "secret", 1, 1, status=STATUS_PENDING)
     item = OutboxItem(row.msg_id, "bob@x", b"payload with secret", 1000, 1)
@@ -130,9 +133,6 @@ def test_queued_text_is_sealed_under_its_message_key(tmp_path: Path) -> None:
     assert s.outbox() == [item]
     sealed = s.db.execute("SELECT payload FROM outbox").fetchone()[0]
     slot = s.db.execute("SELECT slot FROM history").fetchone()[0]
-    import nacl.exceptions
-    import nacl.secret
-
     with pytest.raises(nacl.exceptions.CryptoError):
         s.open(sealed)  # not under the storage key
     assert nacl.secret.SecretBox(s.keys.key(slot)).decrypt(sealed) == item.payload

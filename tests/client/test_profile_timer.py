@@ -78,6 +78,13 @@ async def test_display_name_reaches_contact_and_own_device_once(world) -> None: 
         await bob.release(conn)
     c = bob.state.contact(alice.address)
     assert c is not None and c.nickname == "민수 씨" and c.display_name == NAME
+    # The direct send path (haven send) carries a changed profile too.
+    bob.set_display_name("Bob Builder")
+    await bob.send(alice.address, "yo")
+    await settle(
+        [alice],
+        lambda: getattr(alice.state.contact(bob.address), "display_name", "") == "Bob Builder",
+    )
 
 
 async def test_received_names_are_cleaned(world) -> None:  # type: ignore[no-untyped-def]
