@@ -226,8 +226,9 @@ def test_send_through_the_daemon_queues_while_the_node_is_down(world: dict[str, 
 
 def test_device_link_and_remove_through_the_daemon(world: dict[str, Any], base: Path) -> None:
     ah: Path = world["ah"]
+    argv = ["device", "link", "--home", str(ah), "--timeout", "1m"]
     link = subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "device", "link", "--home", str(ah), "--timeout", "60s"],
+        [sys.executable, "-m", "client.cli", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -252,4 +253,3 @@ def test_device_link_and_remove_through_the_daemon(world: dict[str, Any], base: 
     assert removed.stdout.strip() == f"removed {phone_id[:8]}"
     ids = [d["id"] for d in json.loads(cli(ah, "device", "list", "--json").stdout)]
     assert phone_id not in ids and len(ids) == 1
-
