@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from client import linking, prefix
@@ -143,9 +143,12 @@ class AppCore:
         await self._device_ready.wait()
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
-            tg.create_task(self._supervise())
-            tg.create_task(self._flusher())
-            tg.create_task(self._ticker())
+            for name, loop in (
+                ("link", self._supervise),
+                ("flusher", self._flusher),
+                ("ticker", self._ticker),
+            ):
+                tg.create_task(_keep_running(name, loop))
             await self._stop.wait()
             raise asyncio.CancelledError
 
@@ -867,6 +870,17 @@ class AppCore:
         self._publish(ev)
         for c in self.chats():
             self._publish(event("chat", chat=c))
+
+
+async def _keep_running(name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    """Run a forever-loop; if a bug ever escapes it, log its kind and start it again (a dead
+    receive loop would make the daemon silently deaf)."""
+    while True:
+        try:
+            await loop()
+        except Exception as exc:  # noqa: BLE001 - the loop's last boundary; restarted below
+            log.error("the %s task failed (%s); restarting it", name, type(exc).__name__)
+            await asyncio.sleep(1.0)
 
 
 def _code(exc: BaseException) -> str:
