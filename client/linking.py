@@ -30,7 +30,7 @@ from federation.wire import Envelope, packb, unpackb
 
 from .connection import NodeConnection, expect
 from .device import Device
-from .state import HistoryRow
+from .state import STATUS_PENDING, HistoryRow
 
 _FILL = SEAL_OVERHEAD - 40  # sealed box overhead minus SecretBox nonce+MAC
 LINK_TTL_MS = 10 * 60_000
@@ -191,6 +191,8 @@ def _history_chunks(dev: Device) -> list[list[list[Any]]]:
     chunks: list[list[list[Any]]] = [[]]
     size = 0
     for r in dev.state.all_history():
+        if r.status == STATUS_PENDING:
+            continue  # not sent yet: the new device gets it with the send (our own copy)
         row = [
             r.msg_id,
             r.peer,
