@@ -25,24 +25,20 @@ import random
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from client import linking, prefix
-from client.connection import NodeConnection, expect
+from client import linking
+from client.connection import NodeConnection
 from client.device import DEFAULT_TTL_MS, Device, ReceivedMessage
-from client.safety import safety_number
-from client.state import STATUS_DELIVERED, Contact, HistoryRow
-from federation import frames as F
+from client.state import STATUS_DELIVERED, HistoryRow
 from federation.clock import Clock, SystemClock
-from federation.devicelist import SignedDeviceList
 from federation.errors import (
     HavenError,
     IdentityChanged,
-    KeysUnavailable,
     LocalProtocolError,
     TransportError,
 )
-from federation.ids import Address
 
-from .events import Obj, chat_obj, contact_obj, event, message_obj
+from .actions import Actions, clean_name, qr_matrix
+from .events import Obj, event
 
 log = logging.getLogger("haven.app")
 
@@ -52,7 +48,6 @@ CONN_WAIT_S = 2.0  # an operation waits this long for the link before "node unre
 TICK_S = 30.0
 SUBSCRIBER_BACKLOG = 512  # events a slow client may fall behind before it is dropped
 UNLOCK_FREE_ATTEMPTS = 5
-NAME_MAX = 64
 LINK_TIMEOUT_S = 300.0
 
 
@@ -65,16 +60,7 @@ def _version() -> str:
         return "0"
 
 
-def _name(text: Any, what: str) -> str:
-    if not isinstance(text, str):
-        raise LocalProtocolError(f"{what} must be a string", code="bad_request")
-    clean = "".join(ch for ch in text if ch.isprintable()).strip()
-    if len(clean) > NAME_MAX:
-        raise LocalProtocolError(f"{what} is longer than {NAME_MAX} characters", code="bad_request")
-    return clean
-
-
-class AppCore:
+class AppCore(Actions):
     """The daemon's device, link and events.
 
     Args:
@@ -208,7 +194,7 @@ class AppCore:
         code = body.get("invite") or body.get("link")
         if not isinstance(code, str) or not code.strip():
             raise LocalProtocolError("give an invite or a link code", code="bad_request")
-        display = _name(body.get("display_name", ""), "display_name")
+        display = clean_name(body.get("display_name", ""), "display_name")
         passphrase = body.get("passphrase") or None
         if passphrase is not None and not isinstance(passphrase, str):
             raise LocalProtocolError("passphrase must be a string", code="bad_request")
@@ -528,315 +514,6 @@ class AppCore:
             else:
                 q.put_nowait(ev)
 
-    # ---- reading -------------------------------------------------------------------------------
-
-    def _message(self, row: HistoryRow) -> Obj:
-        msg = message_obj(row, self.clock.now_ms())
-        self._shown[row.msg_id] = (row.status, row.read, row.edited, msg["not_delivered"])
-        return msg
-
-    def _contact(self, c: Contact) -> Obj:
-        return contact_obj(c, c.address in self._key_changed)
-
-    def _address(self, address: Any) -> str:
-        if not isinstance(address, str):
-            raise LocalProtocolError("give an address name@host", code="bad_request")
-        try:
-            Address.parse(address)
-        except (HavenError, ValueError) as exc:
-            raise LocalProtocolError(f"not an address: {address!r}", code="bad_request") from exc
-        return address
-
-    def _last(self, address: str) -> HistoryRow | None:
-        st = self.require().state
-        r = st.db.execute(
-            "SELECT msg_id FROM history WHERE peer=? ORDER BY seq DESC LIMIT 1", (address,)
-        ).fetchone()
-        return None if r is None else st.message(bytes(r[0]))
-
-    def chat(self, address: str) -> Obj:
-        """One ``Chat``."""
-        dev = self.require()
-        last = self._last(address)
-        (unread,) = dev.state.db.execute(
-            "SELECT count(*) FROM history WHERE peer=? AND outgoing=0 AND read=0", (address,)
-        ).fetchone()
-        return chat_obj(
-            address,
-            dev.state.contact(address),
-            None if last is None else message_obj(last, self.clock.now_ms()),
-            int(unread),
-        )
-
-    def chats(self) -> list[Obj]:
-        """Every conversation, most recent first; contacts without messages after them."""
-        dev = self.require()
-        self._purge()
-        seen = [p for p, *_ in dev.state.chats()]
-        others = [
-            c.address
-            for c in dev.state.contacts()
-            if c.address not in seen and c.address != dev.address
-        ]
-        return [self.chat(a) for a in seen + others]
-
-    def messages(self, address: str) -> list[Obj]:
-        """A conversation, oldest first."""
-        dev = self.require()
-        self._purge()
-        return [self._message(r) for r in dev.state.history(self._address(address))]
-
-    def contacts(self) -> list[Obj]:
-        dev = self.require()
-        return [self._contact(c) for c in dev.state.contacts() if c.address != dev.address]
-
-    def message_id(self, given: str) -> bytes:
-        """A message id from any unique prefix of at least 8 hex characters."""
-        return prefix.message_id(self.require().state.db, given)
-
-    # ---- conversation operations ---------------------------------------------------------------
-
-    async def open_chat(self, address: Any) -> Obj:
-        """Start a conversation: fetch, verify and pin the contact's keys."""
-        dev = self.require()
-        address = self._address(address)
-        if address == dev.address:
-            raise LocalProtocolError("that is your own address", code="bad_request")
-        if dev.state.contact(address) is None:
-            conn = await self.conn()
-            async with self.lock:
-                try:
-                    await dev.fetch_contact(conn, address, claim=False)
-                except KeysUnavailable as exc:
-                    if "not_found" in str(exc):
-                        raise LocalProtocolError(
-                            f"there is no account {address}", code="no_such_account"
-                        ) from exc
-                    raise
-            c = dev.state.contact(address)
-            if c is not None:
-                self._publish(event("contact", contact=self._contact(c)))
-            self._publish_chat(address)
-        return self.chat(address)
-
-    async def mark_read(self, address: Any) -> int:
-        """Mark a chat read (the receipt is sent if the link is up)."""
-        dev = self.require()
-        address = self._address(address)
-        (count,) = dev.state.db.execute(
-            "SELECT count(*) FROM history WHERE peer=? AND outgoing=0 AND read=0", (address,)
-        ).fetchone()
-        if count:
-            try:
-                async with self.lock:
-                    await dev.mark_read(address)
-            except TransportError as exc:
-                log.info("read receipt not sent (%s)", exc.code)
-            self._publish_changed(address)
-            self._publish_chat(address)
-        return int(count)
-
-    async def set_timer(self, address: Any, ms: Any) -> Obj:
-        """A chat's disappearing timer, shared with the peer end to end."""
-        dev = self.require()
-        address = self._address(address)
-        if not isinstance(ms, int) or isinstance(ms, bool) or ms < 0:
-            raise LocalProtocolError("timer_ms must be a whole number >= 0", code="bad_request")
-        async with self.lock:
-            await dev.set_timer(address, ms)
-        self._publish_chat(address)
-        return self.chat(address)
-
-    async def edit(self, msg_id: bytes, text: Any) -> Obj:
-        dev = self.require()
-        if not isinstance(text, str) or not text.strip():
-            raise LocalProtocolError("the message is empty", code="bad_request")
-        row = dev.state.message(msg_id)
-        if row is None:
-            raise LocalProtocolError("no such message", code="not_found")
-        async with self.lock:
-            await dev.edit(row.peer, msg_id, text)
-        new = dev.state.message(msg_id)
-        assert new is not None
-        msg = self._message(new)
-        self._publish(event("update", message=msg))
-        self._publish_chat(row.peer)
-        return msg
-
-    async def delete(self, msg_id: bytes) -> None:
-        dev = self.require()
-        row = dev.state.message(msg_id)
-        if row is None:
-            raise LocalProtocolError("no such message", code="not_found")
-        async with self.lock:
-            await dev.delete(row.peer, msg_id)
-        self._shown.pop(msg_id, None)
-        self._publish(event("delete", chat=row.peer, id=msg_id.hex()))
-        self._publish_chat(row.peer)
-
-    def readers(self, msg_id: bytes) -> list[Obj]:
-        """The devices a message was encrypted for: the contact's devices on its pinned signed
-        list and our own, each ``verified`` as the account is (not per device, yet)."""
-        dev = self.require()
-        row = dev.state.message(msg_id)
-        if row is None:
-            raise LocalProtocolError("no such message", code="not_found")
-        names = dict(linking._names(dev))
-        out: list[Obj] = []
-        for address in (row.peer, dev.address):
-            c = dev.state.contact(address)
-            if c is None:
-                continue
-            dl = SignedDeviceList(c.device_list, c.sig).open(expected_address=address)
-            for d in dl.devices:
-                out.append(
-                    {
-                        "address": address,
-                        "id": d.device_id,
-                        "name": names.get(d.device_id, d.device_id[:8])
-                        if address == dev.address
-                        else d.device_id[:8],
-                        "verified": c.verified,
-                    }
-                )
-        return out
-
-    # ---- contacts and verification -------------------------------------------------------------
-
-    def set_nickname(self, address: Any, nickname: Any) -> Obj:
-        dev = self.require()
-        address = self._address(address)
-        if dev.state.contact(address) is None:
-            raise LocalProtocolError(f"{address} is not a contact", code="not_found")
-        dev.set_nickname(address, _name(nickname, "nickname"))
-        c = dev.state.contact(address)
-        assert c is not None
-        obj = self._contact(c)
-        self._publish(event("contact", contact=obj))
-        self._publish_chat(address)
-        return obj
-
-    async def verify(
-        self, address: Any, *, confirm: bool = False, accept_new_key: bool = False
-    ) -> Obj:
-        """The safety number; ``confirm`` marks verified; ``accept_new_key`` pins a new key."""
-        dev = self.require()
-        address = self._address(address)
-        new_key: bytes | None = None
-        async with self.lock:
-            if accept_new_key:
-                conn = await self.conn()
-                await dev.fetch_contact(conn, address, claim=False, accept_new_key=True)
-                self._key_changed.discard(address)
-            else:
-                new_key = await self._check_key(address)
-            c = dev.state.contact(address)
-            if c is None:
-                raise LocalProtocolError(f"{address} is not a contact", code="not_found")
-            if confirm and new_key is not None:
-                raise IdentityChanged(
-                    f"the identity key of {address} changed: compare the new safety number, "
-                    "then accept the new key"
-                )
-            if confirm and not c.verified:
-                from dataclasses import replace
-
-                c = replace(c, verified=True)
-                with dev.state.tx() as db:
-                    dev.state.save_contact(db, c)
-        own = dev.state.contact(dev.address)
-        assert own is not None
-        number = safety_number(dev.address, own.identity_key, address, c.identity_key)
-        new_number = (
-            None
-            if new_key is None
-            else safety_number(dev.address, own.identity_key, address, new_key)
-        )
-        obj = {
-            "safety_number": number,
-            "qr": _qr(number.replace(" ", "")),
-            "verified": c.verified,
-            "key_changed": new_key is not None,
-            "new_safety_number": new_number,
-        }
-        self._publish(event("contact", contact=self._contact(c)))
-        return obj
-
-    async def _check_key(self, address: str) -> bytes | None:
-        """The contact's new identity key if its node now serves another one (else None)."""
-        dev = self.require()
-        try:
-            conn = await self.conn()
-        except TransportError:
-            return None
-        try:
-            await dev.fetch_contact(conn, address, claim=False)
-        except IdentityChanged:
-            keys = expect(await conn.request(F.QueryKeys(conn.next_rid(), address, False)), F.Keys)
-            self._key_changed.add(address)
-            return bytes(keys.device_list.open(expected_address=address).identity_key)
-        except KeysUnavailable:
-            return None
-        self._key_changed.discard(address)
-        return None
-
-    # ---- profile, settings, passphrase, devices ------------------------------------------------
-
-    async def set_profile(self, display_name: Any) -> Obj:
-        dev = self.require()
-        dev.set_display_name(_name(display_name, "display_name"))
-        self._profile_due = True
-        self._kick.set()
-        self._publish(event("state", state=self.state()))
-        return self.state()
-
-    async def _share_profile(self) -> None:
-        try:
-            conn = await self.conn()
-            async with self.lock:
-                await self.require().share_profile(conn)
-        except HavenError as exc:
-            self._profile_due = True
-            log.info("profile not shared yet (%s)", exc.code)
-
-    def set_settings(self, body: dict[str, Any]) -> Obj:
-        dev = self.require()
-        allowed = {
-            "read_receipts": ("on", "off"),
-            "delivery_receipts": ("on", "off"),
-            "language": ("", "en", "ko"),
-        }
-        for k, v in body.items():
-            if k not in allowed or v not in allowed[k]:
-                raise LocalProtocolError(f"bad setting {k!r}", code="bad_request")
-        for k, v in body.items():
-            dev.set_setting(k, v)
-        self._publish(event("state", state=self.state()))
-        return self.state()
-
-    def set_passphrase(self, new: Any) -> Obj:
-        dev = self.require()
-        if not isinstance(new, str):
-            raise LocalProtocolError("new must be a string", code="bad_request")
-        dev.state.change_passphrase(new or None)
-        log.info("storage protection changed")
-        self._publish(event("state", state=self.state()))
-        return self.state()
-
-    async def devices(self) -> list[Obj]:
-        dev = self.require()
-        async with self.lock:
-            found = await linking.list_devices(dev)
-        return [{"id": d["id"], "name": d["name"], "this_device": d["this_device"]} for d in found]
-
-    async def remove_device(self, given: str) -> str:
-        dev = self.require()
-        async with self.lock:
-            ids = [d["id"] for d in await linking.list_devices(dev)]
-            device_id = prefix.device_id(ids, given)
-            await linking.remove_device(dev, device_id)
-        return device_id
-
     async def link_device(self) -> Obj:
         """Start linking a new device; the code is returned, the outcome is a ``link`` event."""
         dev = self.require()
@@ -850,7 +527,7 @@ class AppCore:
         self._link_idle.clear()
         self._tg.create_task(self._link(dev, code))
         c = await code
-        return {"code": c, "qr": _qr(c)}
+        return {"code": c, "qr": qr_matrix(c)}
 
     async def _link(self, dev: Device, code: asyncio.Future[str]) -> None:
         def on_code(c: str) -> None:
@@ -885,11 +562,3 @@ async def _keep_running(name: str, loop: Callable[[], Awaitable[None]]) -> None:
 
 def _code(exc: BaseException) -> str:
     return exc.code if isinstance(exc, HavenError) else "internal"
-
-
-def _qr(text: str) -> list[list[int]]:
-    """A QR code as rows of 0/1 modules (the page draws it; no image library there)."""
-    import segno
-
-    qr = segno.make(text, error="m")
-    return [[int(bool(v)) for v in row] for row in qr.matrix]
