@@ -7,7 +7,7 @@ ONE authenticated connection to the home node and hands it to every operation of
 (``Device.use_connection``), so no command opens a second connection that would kick the
 first. When the node goes away (``NodeConnection.wait_closed``) the state goes ``connecting``,
 then ``offline`` once an attempt failed, and it redials with exponential backoff and jitter
-(0.25 s doubling to a 10 s cap, reset on success): the daemon never silently stops receiving.
+(0.25 s doubling to a 10 s cap, reset once a link lasted 5 s): the daemon never silently stops receiving.
 
 Sending is durable first: a text is queued on the device (``Device.queue_text``, one
 transaction) and shown ``pending``; the flusher sends the queue on every (re)connect and on
@@ -44,6 +44,7 @@ log = logging.getLogger("haven.app")
 
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.25, 10.0
 DIAL_TIMEOUT_S = 5.0
+STABLE_S = 5.0  # a link that lasted this long resets the backoff
 CONN_WAIT_S = 2.0  # an operation waits this long for the link before "node unreachable"
 TICK_S = 30.0
 SUBSCRIBER_BACKLOG = 512  # events a slow client may fall behind before it is dropped
@@ -295,11 +296,12 @@ class AppCore(Actions):
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, BACKOFF_MAX_S)
                 continue
-            delay = BACKOFF_MIN_S
             self._conn = conn
             self._online.set()
             self._set_connection("online")
             self._kick.set()
+            loop = asyncio.get_running_loop()
+            up_since = loop.time()
             try:
                 await self._pump(conn)
             except Exception as exc:  # noqa: BLE001 - never go deaf: log the kind, reconnect
@@ -310,6 +312,11 @@ class AppCore(Actions):
                 with contextlib.suppress(Exception):
                     await conn.__aexit__(None, None, None)
             self._set_connection("connecting")
+            if loop.time() - up_since >= STABLE_S:
+                delay = BACKOFF_MIN_S  # it worked for a while: retry at once
+            else:  # dropped right after connecting: do not hammer the node
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, BACKOFF_MAX_S)
 
     async def _pump(self, conn: NodeConnection) -> None:
         """Process pushed deliveries until the connection ends (paused while linking)."""
