@@ -7,7 +7,8 @@ ONE authenticated connection to the home node and hands it to every operation of
 (``Device.use_connection``), so no command opens a second connection that would kick the
 first. When the node goes away (``NodeConnection.wait_closed``) the state goes ``connecting``,
 then ``offline`` once an attempt failed, and it redials with exponential backoff and jitter
-(0.25 s doubling to a 10 s cap, reset once a link lasted 5 s): the daemon never silently stops receiving.
+(0.25 s doubling to a 10 s cap, reset once a link lasted 5 s): the daemon never silently stops
+receiving. The API's operations themselves are in :mod:`client.app.actions`.
 
 Sending is durable first: a text is queued on the device (``Device.queue_text``, one
 transaction) and shown ``pending``; the flusher sends the queue on every (re)connect and on
