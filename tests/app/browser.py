@@ -9,11 +9,17 @@ nothing.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from playwright.sync_api import Browser, Page, Playwright
+
+from tests.integration.harness import NodeProc
+
+from .daemon import DaemonProc
 
 CHROMIUM = "/usr/bin/chromium"
 STATIC = Path(__file__).resolve().parents[2] / "client" / "app" / "static"
@@ -126,3 +132,37 @@ def open_ui(
     page.goto(url)
     page.wait_for_selector("[data-testid=connection-state]")
     return ui
+
+
+@dataclass
+class People:
+    """Two nodes and two joined daemons: alice on node ``a``, bob on node ``b``."""
+
+    a: NodeProc
+    b: NodeProc
+    alice: DaemonProc
+    bob: DaemonProc
+    alice_addr: str
+    bob_addr: str
+
+
+@contextmanager
+def two_people(tmp: Path, alice_name: str = "Alice", bob_name: str = "김민수") -> Iterator[People]:
+    """Start two federating nodes and two ``haven app`` daemons onboarded through the API;
+    everything is killed on exit."""
+    procs: list[NodeProc | DaemonProc] = []
+    try:
+        a = NodeProc.create(tmp, "A").start()
+        procs.append(a)
+        b = NodeProc.create(tmp, "B").start()
+        procs.append(b)
+        alice = DaemonProc(tmp / "dev-alice").start()
+        procs.append(alice)
+        bob = DaemonProc(tmp / "dev-bob").start()
+        procs.append(bob)
+        alice.join(a.invite("alice"), alice_name)
+        bob.join(b.invite("bob"), bob_name)
+        yield People(a, b, alice, bob, alice.address, bob.address)
+    finally:
+        for proc in reversed(procs):
+            proc.kill()

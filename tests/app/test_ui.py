@@ -16,7 +16,7 @@ from playwright.sync_api import Browser, sync_playwright
 
 from tests.integration.harness import NodeProc, wait_until
 
-from .browser import UiPage, catalog, launch, open_ui
+from .browser import UiPage, catalog, launch, open_ui, two_people
 from .daemon import DaemonProc
 
 EN, KO = catalog("en"), catalog("ko")
@@ -41,27 +41,12 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp: Path = tmp_path_factory.mktemp("ui")
-    procs: list[NodeProc | DaemonProc] = []
-    try:
-        a = NodeProc.create(tmp, "A").start()
-        procs.append(a)
-        b = NodeProc.create(tmp, "B").start()
-        procs.append(b)
-        alice_d = DaemonProc(tmp / "dev-alice").start()
-        procs.append(alice_d)
-        bob_d = DaemonProc(tmp / "dev-bob").start()
-        procs.append(bob_d)
-        alice_d.join(a.invite("alice"), "Alice")
-        bob_d.join(b.invite("bob"), "김민수")
-        with sync_playwright() as p:
-            browser = launch(p)
-            alice = open_ui(browser, alice_d.url, locale="en-US")
-            bob = open_ui(browser, bob_d.url, locale="ko-KR")
-            yield World(a, b, alice_d, bob_d, alice_d.address, bob_d.address, browser, alice, bob)
-            browser.close()
-    finally:
-        for proc in reversed(procs):
-            proc.kill()
+    with two_people(tmp, "Alice", "김민수") as w, sync_playwright() as p:
+        browser = launch(p)
+        alice = open_ui(browser, w.alice.url, locale="en-US")
+        bob = open_ui(browser, w.bob.url, locale="ko-KR")
+        yield World(w.a, w.b, w.alice, w.bob, w.alice_addr, w.bob_addr, browser, alice, bob)
+        browser.close()
 
 
 def test_secret_moves_out_of_the_address_bar(world: World) -> None:

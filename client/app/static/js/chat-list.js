@@ -2,7 +2,7 @@
 // "new chat by address" form. Conversation kinds (groups later) register an item renderer.
 import { h, mount } from "./dom.js";
 import { shortWhen, t } from "./i18n.js";
-import { go, nameOf, on, putChat, store } from "./store.js";
+import { changedSince, go, nameOf, on, putChat, store } from "./store.js";
 import { busy, field, showError } from "./util.js";
 
 /** kind → function(chat, active) returning the list item. */
@@ -57,9 +57,12 @@ function sortedChats() {
 
 /** Fetch every chat summary from the daemon into the store. */
 export async function loadChats() {
+  const since = store.seq;
   const chats = await store.api.get("/api/chats");
-  store.chats.clear();
-  for (const c of chats) store.chats.set(c.address, c);
+  const fresh = new Map();
+  for (const c of chats) fresh.set(c.address, changedSince(c.address, since) ? store.chats.get(c.address) : c);
+  for (const [address, c] of store.chats) if (!fresh.has(address) && changedSince(address, since)) fresh.set(address, c);
+  store.chats = fresh;
 }
 
 function newChatForm() {

@@ -4,7 +4,7 @@ import { confirmDialog, openDialog } from "./dialog.js";
 import { announce, h, mount } from "./dom.js";
 import { dayLabel, t } from "./i18n.js";
 import { renderMessage, TIMER_CHOICES, timerLabel } from "./message.js";
-import { emit, go, nameOf, on, putChat, store, upsertMessage } from "./store.js";
+import { changedSince, emit, go, nameOf, on, putChat, store, upsertMessage } from "./store.js";
 import { busy, field, showError } from "./util.js";
 
 function sorted(map) {
@@ -66,6 +66,7 @@ const actions = {
     if (!(await confirmDialog(t("message.delete"), t("message.delete_confirm"), t("message.delete_everyone")))) return;
     try {
       await store.api.del(`/api/messages/${m.id}`);
+      store.deleted.add(m.id);
       store.messages.get(m.chat)?.delete(m.id);
       emit("delete", { chat: m.chat, id: m.id });
     } catch (err) {
@@ -208,11 +209,13 @@ export function conversation(address) {
   async function load() {
     mount(list, h("p", { class: "empty", text: t("common.loading") }));
     try {
+      const since = store.seq;
       const msgs = await store.api.get(`/api/chats/${enc(address)}/messages`);
+      const old = store.messages.get(address) || new Map();
       const map = new Map();
-      for (const m of msgs) map.set(m.id, m);
-      // keep anything the WebSocket delivered while we were loading
-      for (const m of store.messages.get(address)?.values() || []) if (!map.has(m.id)) map.set(m.id, m);
+      // what the WebSocket told us while we were loading is newer than this snapshot
+      for (const m of msgs) if (!store.deleted.has(m.id)) map.set(m.id, changedSince(m.id, since) && old.has(m.id) ? old.get(m.id) : m);
+      for (const m of old.values()) if (!map.has(m.id) && changedSince(m.id, since)) map.set(m.id, m);
       store.messages.set(address, map);
       renderAll();
       markRead(address);

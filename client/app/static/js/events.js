@@ -42,6 +42,7 @@ const handlers = {
     emit("update", ev.message);
   },
   delete(ev) {
+    store.deleted.add(ev.id);
     store.messages.get(ev.chat)?.delete(ev.id);
     emit("delete", { chat: ev.chat, id: ev.id });
   },

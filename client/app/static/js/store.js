@@ -10,7 +10,20 @@ export const store = {
   messages: new Map(), // address → Map(id → Message), for chats whose history was loaded
   view: { screen: "home", chat: null },
   welcome: false, // just joined: show the address screen first
+  seq: 0, // counts live changes, so a snapshot fetched earlier never overwrites a newer event
+  changedAt: new Map(), // message id or chat address → seq of its last live change
+  deleted: new Set(), // ids deleted (for everyone, or disappeared) while this page is open
 };
+
+/** Record a live change of `key` (a message id or a chat address). */
+export function touch(key) {
+  store.changedAt.set(key, ++store.seq);
+}
+
+/** Whether `key` changed live after the snapshot that started at `since`. */
+export function changedSince(key, since) {
+  return (store.changedAt.get(key) || 0) > since;
+}
 
 const topics = new Map();
 
@@ -40,6 +53,7 @@ export function go(screen, chat = null) {
 /** Insert or replace a message in the loaded history of its chat. */
 export function upsertMessage(m) {
   const map = store.messages.get(m.chat);
+  touch(m.id);
   if (!map) return false;
   map.set(m.id, m);
   return true;
@@ -54,6 +68,7 @@ export function nameOf(entry, address) {
 
 /** Merge a chat summary into the store. */
 export function putChat(chat) {
+  touch(chat.address);
   store.chats.set(chat.address, chat);
   emit("chats");
 }
