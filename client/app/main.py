@@ -179,6 +179,7 @@ async def _serve(home: str, host: str, port: int, open_browser: bool) -> int:
             loop.add_signal_handler(sig, stop.set)
         sys.stdout.write(core.url + "\n")
         sys.stdout.flush()
+        _stdout_to_stderr()
         log.info("serving the app on %s port %d", _url_host(host), real_port)
         if open_browser:
             import webbrowser
@@ -193,6 +194,15 @@ async def _serve(home: str, host: str, port: int, open_browser: bool) -> int:
         await runner.cleanup()
         await core.close()
     return 0
+
+
+def _stdout_to_stderr() -> None:
+    """After the URL line nothing else may reach stdout (not even a browser's chatter with
+    ``--open``), and a reader that closed it after the first line must not break us."""
+    try:
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass  # no usable stderr: leave stdout as it is
 
 
 async def _start_ipc(core: Any, home: str, path: str) -> Any:

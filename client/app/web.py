@@ -98,6 +98,7 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
     h["X-Frame-Options"] = "DENY"
     if request.path.startswith("/api"):
         h["Cache-Control"] = "no-store"
+    h["Server"] = "haven"  # not the framework and its version
     h.popall("Set-Cookie", None)
 
 
