@@ -11,7 +11,15 @@ from typing import Any
 
 from client.app.core import SUBSCRIBER_BACKLOG, AppCore
 from federation.clock import FakeClock
-from tests.integration.harness import ROOT, NodeProc, async_wait_until, join, wait_until
+from tests.integration.harness import (
+    ROOT,
+    NodeProc,
+    async_wait_until,
+    haven,
+    join,
+    recv,
+    wait_until,
+)
 
 from .conftest import Pair
 from .daemon import DaemonProc, EventSocket, wait_message
@@ -260,3 +268,43 @@ async def test_a_client_that_falls_behind_is_dropped(tmp_path: Path) -> None:
         assert slow.empty() and fast.get_nowait() == {"type": "state", "n": -1}
     finally:
         await core.close()
+
+
+async def test_changed_identity_key_shows_the_new_number_before_accepting(
+    tmp_path: Path, app_node: NodeProc, new_user: Callable[..., DaemonProc]
+) -> None:
+    alice = new_user(app_node, "alice")
+    _, bob_addr = join(app_node, tmp_path, "bob")  # bob is a CLI device
+    alice.open_chat(bob_addr)
+    v = f"/api/contacts/{bob_addr}/verify"
+    _, first = alice.api("GET", v)
+    assert first["key_changed"] is False and first["new_safety_number"] is None
+    assert len(first["safety_number"].replace(" ", "")) == 60 and first["qr"]
+    _, ok = alice.api("POST", v, {"confirm": True})
+    assert ok["verified"] is True
+
+    # bob reinstalls: the same address, a new identity key
+    haven("node", "remove-account", "--home", str(app_node.home), "bob")
+    new_home = tmp_path / "dev-bob-new"
+    haven("join", app_node.invite("bob"), "--home", str(new_home))
+    async with EventSocket(alice) as ws:
+        blocked = alice.send(bob_addr, "blocked until accepted")
+        ev = await ws.next(lambda e: e["type"] == "update" and e["message"]["id"] == blocked["id"])
+        assert ev["message"]["error"] == "identity_changed"
+        assert ev["message"]["not_delivered"] is True
+        ev = await ws.next(lambda e: e["type"] == "contact")
+        assert ev["contact"]["key_changed"] is True
+    _, changed = alice.api("GET", v)
+    assert changed["key_changed"] is True and changed["safety_number"] == first["safety_number"]
+    assert changed["new_safety_number"] not in (None, first["safety_number"])
+    status, err = alice.api("POST", v, {"confirm": True}, expect=None)
+    assert status == 409 and err["error"] == "identity_changed"
+    _, accepted = alice.api("POST", v, {"accept_new_key": True})
+    assert accepted["key_changed"] is False and accepted["verified"] is False
+    assert accepted["safety_number"] == changed["new_safety_number"]
+    after = alice.send(bob_addr, "after accepting")
+    got = wait_until(
+        lambda: [m for m in recv(new_home) if m.get("text") == "after accepting"],
+        what="the new bob to receive",
+    )
+    assert got[0]["msg_id"] == after["id"]
