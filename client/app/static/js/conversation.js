@@ -128,7 +128,7 @@ function header(address) {
     h(
       "div",
       { class: "conv-tools" },
-      h("span", { class: "timer-icon", "aria-hidden": "true", text: "⏱" }),
+      h("span", { class: "timer-icon", "aria-hidden": "true", text: "◔" }),
       select,
       h("button", {
         type: "button",

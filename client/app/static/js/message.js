@@ -30,7 +30,7 @@ export function renderMessage(m, actions) {
     "div",
     { class: "msg-meta" },
     m.edited ? h("span", { class: "edited", text: t("message.edited") }) : null,
-    m.expire_at ? h("span", { class: "expires", title: formatDateTime(m.expire_at), "aria-label": t("message.disappears"), text: "⏱" }) : null,
+    m.expire_at ? h("span", { class: "expires", title: formatDateTime(m.expire_at), "aria-label": t("message.disappears"), text: "◔" }) : null,
     h("time", { datetime: new Date(m.sent_at).toISOString(), title: formatDateTime(m.sent_at), text: formatTime(m.sent_at) }),
     m.outgoing ? ticks(m.status || "pending") : null,
   );
@@ -42,7 +42,7 @@ export function renderMessage(m, actions) {
     { class: "msg-tools" },
     h("button", { type: "button", class: "tool", "data-testid": "message-readers", "aria-label": t("message.readers"), title: t("message.readers"), text: "ⓘ", onclick: () => actions.readers(m) }),
     m.outgoing ? h("button", { type: "button", class: "tool", "data-testid": "message-edit", "aria-label": t("message.edit"), title: t("message.edit"), text: "✎", onclick: () => actions.edit(m) }) : null,
-    m.outgoing ? h("button", { type: "button", class: "tool", "data-testid": "message-delete", "aria-label": t("message.delete"), title: t("message.delete"), text: "🗑", onclick: () => actions.remove(m) }) : null,
+    m.outgoing ? h("button", { type: "button", class: "tool", "data-testid": "message-delete", "aria-label": t("message.delete"), title: t("message.delete"), text: "✕", onclick: () => actions.remove(m) }) : null,
   );
   return h(
     "article",

@@ -1,0 +1,110 @@
+"""Screenshots of the app's main screens in English and Korean, for docs/app.md.
+
+Drives the same setup as tests/app/test_ui.py (two real nodes, two ``haven app`` daemons, the
+system's headless chromium) and writes small PNGs to ``docs/img/`` (900x600, and one narrow
+380x700 per language), at device scale 1 so each stays well under 150 KB:
+
+    .venv/bin/python scripts/screenshots.py [--out docs/img]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from playwright.sync_api import sync_playwright  # noqa: E402
+
+from tests.app.browser import UiPage, launch, open_ui, two_people  # noqa: E402
+from tests.app.daemon import DaemonProc  # noqa: E402
+
+W, H = 900, 600
+LIMIT = 150_000
+
+
+def shot(ui: UiPage, out: Path, name: str) -> Path:
+    path = out / f"{name}.png"
+    ui.page.screenshot(path=str(path), type="png")
+    size = path.stat().st_size
+    print(f"{path.relative_to(ROOT)}: {size} bytes", file=sys.stderr)
+    if size > LIMIT:
+        raise SystemExit(f"{path} is {size} bytes (> {LIMIT})")
+    return path
+
+
+def conversation(alice: UiPage, bob: UiPage, alice_addr: str, bob_addr: str) -> None:
+    """A short exchange in both languages, with a timer and a verified contact."""
+    alice.start_chat(bob_addr)
+    alice.type_and_send("Hi Minsu! Did you get home all right?")
+    bob.wait_badge(alice_addr, "1")
+    bob.open_chat(alice_addr)
+    bob.type_and_send("네, 잘 도착했어요. 고마워요! 😊")
+    alice.wait_js("() => document.querySelectorAll('[data-testid=message]').length === 2")
+    alice.type_and_send("Great. Lunch on Friday?")
+    bob.wait_js("() => document.querySelectorAll('[data-testid=message]').length === 3")
+    bob.type_and_send("좋아요, 금요일 12시에 만나요.")
+    alice.wait_js(
+        "() => [...document.querySelectorAll('[data-testid=message].out')]"
+        ".every(e => e.dataset.status === 'read')"
+    )
+    bob.wait_js(
+        "() => [...document.querySelectorAll('[data-testid=message].out')]"
+        ".every(e => e.dataset.status === 'read')"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "docs" / "img"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(prefix="haven-shots-") as tmp,
+        two_people(Path(tmp), "Alice", "김민수") as w,
+        sync_playwright() as p,
+    ):
+        browser = launch(p)
+        alice = open_ui(browser, w.alice.url, locale="en-US", width=W, height=H)
+        bob = open_ui(browser, w.bob.url, locale="ko-KR", width=W, height=H)
+        alice.wait_connection("online")
+        bob.wait_connection("online")
+        conversation(alice, bob, w.alice_addr, w.bob_addr)
+        for ui, lang in ((alice, "en"), (bob, "ko")):
+            ui.page.focus("[data-testid=composer]")
+            shot(ui, out, f"chat-{lang}")
+            ui.page.click("[data-testid=verify-open]")
+            ui.page.wait_for_selector("[data-testid=safety-number] .group")
+            shot(ui, out, f"verify-{lang}")
+            ui.page.click("[data-testid=nav-settings]")
+            ui.page.wait_for_selector("[data-testid=profile-name]")
+            shot(ui, out, f"settings-{lang}")
+            ui.page.set_viewport_size({"width": 380, "height": 700})
+            ui.page.click("[data-testid=nav-chats]")
+            ui.page.wait_for_selector("[data-testid=chat-list]", state="visible")
+            peer = w.bob_addr if lang == "en" else w.alice_addr
+            ui.open_chat(peer)
+            shot(ui, out, f"narrow-{lang}")
+            ui.page.set_viewport_size({"width": W, "height": H})
+        # onboarding: a daemon on an empty device home
+        new = DaemonProc(Path(tmp) / "dev-new").start()
+        try:
+            for locale, lang in (("en-US", "en"), ("ko-KR", "ko")):
+                ui = open_ui(browser, new.url, locale=locale, width=W, height=H)
+                ui.page.wait_for_selector("[data-testid=join-code]")
+                ui.page.fill("[data-testid=join-name]", "김민수" if lang == "ko" else "Alice")
+                ui.page.focus("[data-testid=join-code]")
+                shot(ui, out, f"onboarding-{lang}")
+                ui.page.context.close()
+        finally:
+            new.kill()
+        browser.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
