@@ -13,7 +13,9 @@ Access: the socket is created with mode 0600 in the device home (itself 0700), a
 connection's peer uid is checked with ``SO_PEERCRED``: another uid is refused even if the modes
 were loosened. Protocol: one request line of JSON, ``{"cmd", "args", "client"}``, at most
 :data:`MAX_REQUEST` bytes; answer lines ``{"out": TEXT}`` (stdout), ``{"err": TEXT}`` (stderr)
-and a final ``{"rc": INT}``.
+and a final ``{"rc": INT}``, after a first ``{"accepted": true}`` once the request is read
+(a client that gets no first line within :data:`ANSWER_TIMEOUT_S` reports the daemon as not
+answering rather than opening the device itself beside it).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "app.sock"
 MAX_REQUEST = 1 << 20
 CONNECT_TIMEOUT_S = 1.0
+ANSWER_TIMEOUT_S = 15.0  # for the daemon's first line; a live one answers in milliseconds
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Commands a daemon runs for the CLI; `url` is the daemon's own (haven app --url).
 _REFUSED = {
@@ -109,7 +112,11 @@ def _request(home: str, req: dict[str, Any]) -> int | None:
     with s, s.makefile("rb") as f:
         try:
             s.sendall(json.dumps(req).encode() + b"\n")
+            # The first line (``accepted``, or a refusal) comes at once from a live daemon; after
+            # it a command may legitimately stay silent for long (recv --wait inf, device link).
+            s.settimeout(ANSWER_TIMEOUT_S)
             for raw in f:
+                s.settimeout(None)
                 try:
                     msg = json.loads(raw)
                 except ValueError:
@@ -122,6 +129,9 @@ def _request(home: str, req: dict[str, Any]) -> int | None:
                     print(str(msg["err"]), file=sys.stderr, flush=True)
                 elif "rc" in msg:
                     return int(msg["rc"])
+        except TimeoutError:
+            print(f"error: the app for {home} does not answer (app_unresponsive)", file=sys.stderr)
+            return 1
         except OSError:
             pass
     print("error: the app stopped before answering (app_gone)", file=sys.stderr)
@@ -180,6 +190,10 @@ class _SocketOut:
 
     def rc(self, code: int) -> None:
         self._send({"rc": code})
+
+    def accepted(self) -> None:
+        """The first line for a well-formed request: the command runs now."""
+        self._send({"accepted": True})
 
 
 class IpcServer:
@@ -274,6 +288,8 @@ async def _handle(core: Any, reader: asyncio.StreamReader, writer: asyncio.Strea
             out.err(f"error: {req} (bad_request)")
             out.rc(2)
             return
+        out.accepted()
+        await writer.drain()
         await _run_until_hangup(core, req, reader, out)
     except (ConnectionError, OSError):
         pass  # the CLI went away (Ctrl-C); nothing to tell it

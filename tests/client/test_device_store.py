@@ -244,6 +244,9 @@ def test_passphrase_change_rewraps_only_the_key_slot(tmp_path: Path) -> None:
 def test_whoami_reports_protection(tmp_path: Path) -> None:
     import json
 
+    # only `join` creates a device home now (docs/cli.md "Homes"): make both first
+    DeviceState(str(tmp_path / "plain"), keyring=False).close()
+    DeviceState(str(tmp_path / "prot"), passphrase="pw").close()
     res = cli(tmp_path / "plain", "whoami")
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
