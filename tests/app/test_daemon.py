@@ -3,7 +3,13 @@ its WebSocket events (no polling of the messages endpoint for live delivery)."""
 
 from __future__ import annotations
 
+import os
+import pty
+import re
+import select
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -146,6 +152,54 @@ def test_locked_home_unlocks_through_the_api(
     assert st["locked"] is False and st["joined"] is True and st["me"]["address"] == address
     assert st["me"]["display_name"] == "Carol"
     d.wait_state(lambda s: s["connection"] == "online", what="online after unlocking")
+    assert d.stop() == 0
+
+    # HAVEN_PASSPHRASE is the non-interactive way: open from the start
+    d.env["HAVEN_PASSPHRASE"] = "correct horse"
+    d.start()
+    st = d.wait_state(lambda s: s["connection"] == "online", what="online with the env")
+    assert st["locked"] is False and st["me"]["address"] == address
+    assert d.stop() == 0
+    del d.env["HAVEN_PASSPHRASE"]
+
+    # on a terminal it asks once, before serving (the daemon's stdin/stdout/stderr on a pty)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: exec the daemon (its controlling terminal is the pty)
+        env = {k: v for k, v in os.environ.items() if k != "HAVEN_PASSPHRASE"}
+        try:
+            os.chdir(ROOT)
+            os.execve(sys.executable, d.argv(), env | {"PYTHONPATH": str(ROOT)})
+        finally:
+            os._exit(127)  # only if exec failed: never run the test's code twice
+    try:
+        seen = _read_pty_until(fd, rb"passphrase.*: ")
+        os.write(fd, b"correct horse\n")
+        seen = _read_pty_until(fd, rb"http://127\.0\.0\.1:\d+/#k=[\w-]+\r?\n", seen)
+        m = re.search(rb"http://127\.0\.0\.1:\d+/#k=[\w-]+", seen)
+        assert m is not None
+        url = m.group().decode()
+        d.secret = url.partition("/#k=")[2]
+        d.port = int(url.split("/#k=")[0].rsplit(":", 1)[1])
+        st = d.wait_state(lambda s: s["connection"] == "online", what="online after the prompt")
+        assert st["locked"] is False and st["me"]["address"] == address
+        assert b"correct horse" not in seen  # not echoed
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        os.close(fd)
+
+
+def _read_pty_until(fd: int, pattern: bytes, out: bytes = b"", timeout: float = 30) -> bytes:
+    """Read a pty until ``pattern`` (a regex) matches what was read (select with a deadline)."""
+    deadline = time.monotonic() + timeout
+    while re.search(pattern, out) is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no {pattern!r} on the terminal: {out!r}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            out += os.read(fd, 4096)
+    return out
 
 
 async def test_tick_marks_not_delivered_and_purges_what_disappeared(
