@@ -487,6 +487,8 @@ async def _await_sent(core: Any, q: asyncio.Queue[Any], msg_id: str) -> dict[str
                 ev = await q.get()
         except TimeoutError:
             continue
+        if ev is None:  # the core dropped this subscriber (it fell behind)
+            return None
         m = ev.get("message") if isinstance(ev, dict) else None
         if isinstance(m, dict) and m.get("id") == msg_id and m.get("status") != "pending":
             return m
@@ -522,6 +524,9 @@ async def _recv(core: Any, args: argparse.Namespace, dev: Any, out: Any) -> int:
                 async with asyncio.timeout(None if math.isinf(remaining) else remaining):
                     ev = await q.get()
             except TimeoutError:
+                break
+            if ev is None:  # dropped by the core (fell behind): print what is new, and stop
+                printed += _print_new(dev, client, args, out)
                 break
             if isinstance(ev, dict) and ev.get("type") == "message":
                 n = _print_new(dev, client, args, out)
@@ -632,6 +637,8 @@ async def _device_cmd(core: Any, args: argparse.Namespace, dev: Any, out: Any) -
         async with asyncio.timeout(parse_duration(args.timeout) / 1000):
             while True:
                 ev = await q.get()
+                if ev is None:
+                    raise LocalProtocolError("lost track of the link", code="link_failed")
                 if isinstance(ev, dict) and ev.get("type") == "link":
                     break
     except TimeoutError:
@@ -645,7 +652,48 @@ async def _device_cmd(core: Any, args: argparse.Namespace, dev: Any, out: Any) -
     return 0
 
 
+async def _settings(core: Any, args: argparse.Namespace, dev: Any, out: Any) -> int:
+    """``settings`` through the core (the window shows the change)."""
+    body = {
+        k: v
+        for k, v in (
+            ("read_receipts", args.read_receipts),
+            ("delivery_receipts", args.delivery_receipts),
+        )
+        if v
+    }
+    st = core.set_settings(body) if body else core.state()
+    current = {k: st["settings"][k] for k in ("read_receipts", "delivery_receipts")}
+    out.emit(args, current, "  ".join(f"{k.replace('_', ' ')}: {v}" for k, v in current.items()))
+    return 0
+
+
+async def _verify(core: Any, args: argparse.Namespace, dev: Any, out: Any) -> int:
+    """``verify`` through the core (the window's contact updates too)."""
+    res = await core.verify(
+        args.address, confirm=bool(args.confirm), accept_new_key=bool(args.accept_new_key)
+    )
+    if args.json:
+        out.line(json.dumps({"safety_number": res["safety_number"], "verified": res["verified"]}))
+        return 0
+    out.line(f"safety number with {args.address}:\n{res['safety_number']}")
+    if res.get("key_changed"):
+        out.line(
+            f"the identity key of {args.address} changed; the new safety number is:\n"
+            f"{res['new_safety_number']}\ncompare it in person, then run with --accept-new-key"
+        )
+    else:
+        out.line(
+            "verified"
+            if res["verified"]
+            else "not verified: compare in person, then run with --confirm"
+        )
+    return 0
+
+
 _DAEMON_COMMANDS: dict[str, DaemonHandler] = {
+    "settings": _settings,
+    "verify": _verify,
     "send": _send,
     "recv": _recv,
     "edit": _edit,

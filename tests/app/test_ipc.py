@@ -253,3 +253,15 @@ def test_device_link_and_remove_through_the_daemon(world: dict[str, Any], base: 
     assert removed.stdout.strip() == f"removed {phone_id[:8]}"
     ids = [d["id"] for d in json.loads(cli(ah, "device", "list", "--json").stdout)]
     assert phone_id not in ids and len(ids) == 1
+
+
+def test_settings_and_verify_through_the_daemon(world: dict[str, Any]) -> None:
+    d: DaemonProc = world["d"]
+    ah, bob = world["ah"], world["bob"]
+    out = json.loads(cli(ah, "settings", "--read-receipts", "off", "--json").stdout)
+    assert out == {"read_receipts": "off", "delivery_receipts": "on"}
+    assert d.state()["settings"]["read_receipts"] == "off"  # the app itself changed
+    text = cli(ah, "verify", bob, "--confirm").stdout
+    assert f"safety number with {bob}:" in text and text.strip().endswith("verified")
+    contacts = {c["address"]: c for c in d.api("GET", "/api/contacts")[1]}
+    assert contacts[bob]["verified"] is True
