@@ -374,7 +374,11 @@ async def run_request(core: Any, req: dict[str, Any], out: Any) -> int:
         out.line(str(core.url))
         return 0
     if name in _REFUSED:
-        return cli.report_error(args, LocalProtocolError(_REFUSED[name], code="app_running"), out)
+        why = _REFUSED[name]
+        if name == "join" and not getattr(core, "joined", True):
+            why = "the app is running for this device home: join in its window (its address: "
+            why += "haven app --url)"
+        return cli.report_error(args, LocalProtocolError(why, code="app_running"), out)
     handler = _DAEMON_COMMANDS.get(name)
     plain = cli.COMMANDS.get(name)
     if handler is None and plain is None:

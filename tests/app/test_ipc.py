@@ -265,3 +265,25 @@ def test_settings_and_verify_through_the_daemon(world: dict[str, Any]) -> None:
     assert f"safety number with {bob}:" in text and text.strip().endswith("verified")
     contacts = {c["address"]: c for c in d.api("GET", "/api/contacts")[1]}
     assert contacts[bob]["verified"] is True
+
+
+def test_commands_that_make_no_sense_through_the_daemon(
+    base: Path, nodes: list[NodeProc], daemons: list[DaemonProc]
+) -> None:
+    node = NodeProc.create(base, "A").start()
+    nodes.append(node)
+    home = base / "dev-new"
+    d = DaemonProc(home)  # an empty home: the app waits for onboarding
+    daemons.append(d)
+    d.start()
+    wait_until(lambda: (home / "app.sock").exists(), 20, "the app socket")
+    joined = cli(home, "join", node.invite("carol"), check=False)
+    assert joined.returncode == 1 and joined.stderr.strip().endswith("(app_running)")
+    assert "join in its window" in joined.stderr
+    who = cli(home, "whoami", check=False)
+    assert who.returncode == 1 and who.stderr.strip().endswith("(not_joined)")
+    assert d.state()["joined"] is False  # nothing was created behind the app's back
+    d.join(node.invite("dave"), "Dave")
+    pw = cli(home, "passphrase", "--remove", check=False)
+    assert pw.returncode == 1 and pw.stderr.strip().endswith("(app_running)")
+    assert cli(home, "whoami").stdout.startswith(f"dave@{node.host}")
