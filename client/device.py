@@ -44,7 +44,7 @@ from federation.errors import (
     UntrustedKey,
 )
 from federation.ids import Address, new_envelope_id, new_mailbox_id
-from federation.sealing import SealedContent, seal, unseal
+from federation.sealing import SealedContent, opener, seal, unseal
 from federation.signing import b64d, device_auth_message
 from federation.wire import Envelope, unpackb
 
@@ -919,11 +919,12 @@ class Device:
         """Phase 1: unseal each envelope and check its sender device is on the sender's
         signed list (fetched once per sender and batch if the pinned one lacks it)."""
         sealing = self._sealing()
+        box = opener(sealing)  # once per batch: it derives the public key
         lists: dict[str, DeviceList] = {}
         out: list[SealedContent] = []
         for env in envs:
             try:
-                sc = unseal(sealing, env.body)
+                sc = unseal(sealing, env.body, box=box)
                 Address.parse(sc.sender)
                 dl = lists.get(sc.sender)
                 if dl is None or not any(d.device_id == sc.sender_device for d in dl.devices):

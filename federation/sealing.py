@@ -75,9 +75,21 @@ def seal(recipient_sealing_key: bytes, content: SealedContent) -> bytes:
     return bytes(box.encrypt(pad(content.encode())))
 
 
-def unseal(sealing_private_key: bytes, body: bytes) -> SealedContent:
+def opener(sealing_private_key: bytes) -> nacl.public.SealedBox[nacl.public.PrivateKey]:
+    """The box :func:`unseal` opens with. Building it derives the public key (a scalar
+    multiplication), so a device opening a batch builds it once and passes it as ``box``."""
+    return nacl.public.SealedBox(nacl.public.PrivateKey(sealing_private_key))
+
+
+def unseal(
+    sealing_private_key: bytes,
+    body: bytes,
+    *,
+    box: nacl.public.SealedBox[nacl.public.PrivateKey] | None = None,
+) -> SealedContent:
     """Open an envelope body. Raises MalformedEnvelope when it is not sealed to this key."""
-    box = nacl.public.SealedBox(nacl.public.PrivateKey(sealing_private_key))
+    if box is None:
+        box = opener(sealing_private_key)
     try:
         padded = box.decrypt(body)
     except (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, TypeError) as exc:

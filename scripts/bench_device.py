@@ -10,7 +10,8 @@ message keys) and acks every batch and sends his delivered receipts. The clock s
 ``--n`` messages are in bob's history.
 
 ``msgs_per_s`` is n / seconds over connect → all stored; ``batch_p50_ms`` / ``batch_p99_ms`` are
-the times of one ``process`` call (one delivered batch). Run it as
+the times of one ``process`` call (one delivered batch); ``device_cpu_us_per_msg`` (this
+process) and ``node_cpu_us_per_msg`` are steadier than wall time on a shared machine. Run it as
 ``.venv/bin/python scripts/bench_device.py --n 5000`` or ``scripts/bench --sections
 device_drain``.
 """
@@ -103,7 +104,8 @@ async def device_drain(n: int, base: Path, max_seconds: float) -> dict[str, Any]
 
         batch_ms: list[float] = []
         got = 0
-        t0 = time.perf_counter()
+        n0 = node.cpu()
+        t0, c0 = time.perf_counter(), time.process_time()
         bconn = await bob.connect()
         try:
             while got < n:
@@ -119,6 +121,8 @@ async def device_drain(n: int, base: Path, max_seconds: float) -> dict[str, Any]
                 got += sum(1 for m in await bob.process(bconn, batch) if m.kind == "text")
                 batch_ms.append((time.perf_counter() - tb) * 1000.0)
             seconds = time.perf_counter() - t0
+            cpu_s = time.process_time() - c0
+            node_cpu = node.cpu() - n0
         finally:
             await bconn.__aexit__(None, None, None)
         in_history = stored(bob) - before
@@ -132,6 +136,10 @@ async def device_drain(n: int, base: Path, max_seconds: float) -> dict[str, Any]
         "stored": in_history,
         "msgs_per_s": round(in_history / seconds, 1) if seconds > 0 else None,
         "seconds": round(seconds, 3),
+        # this process's CPU per stored message (the device's work; steadier than wall time
+        # on a shared machine) and the node's
+        "device_cpu_us_per_msg": round(cpu_s / max(in_history, 1) * 1e6, 1),
+        "node_cpu_us_per_msg": round(node_cpu / max(in_history, 1) * 1e6, 1),
         "batches": len(batch_ms),
         "batch_p50_ms": lat.get("p50_ms"),
         "batch_p99_ms": lat.get("p99_ms"),
