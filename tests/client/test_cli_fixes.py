@@ -175,3 +175,94 @@ def test_node_commands_default_home(
     rc, _, err = run(["node", "status"], capsys)
     assert rc == 2 and str(tmp_path / "node") in err
     assert not os.path.exists(tmp_path / "node")
+
+
+async def _serve(app: object) -> tuple[object, str]:
+    from aiohttp import web
+
+    from tests.integration.harness import free_port
+
+    runner = web.AppRunner(app)  # type: ignore[arg-type]
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize(
+    ("answer", "code", "text"),
+    [
+        ("404", "not_a_haven_node", "is not a Haven node (wrong port?)"),
+        ("text-ws", "not_a_haven_node", "is not a Haven node (wrong port?)"),
+        ("502", "node_unreachable", "(it answered HTTP 502)"),
+    ],
+)
+async def test_connection_errors_say_what_answered(answer: str, code: str, text: str) -> None:
+    """Something answers at the node's URL, but not as a Haven node would."""
+    from aiohttp import web
+
+    from client.connection import CLIENT_PATH, NodeConnection
+    from federation.errors import TransportError
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if answer == "502":
+            return web.Response(status=502)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str("hello")
+        return ws
+
+    app = web.Application()
+    if answer != "404":
+        app.router.add_get(CLIENT_PATH, handler)
+    runner, url = await _serve(app)
+    try:
+        with pytest.raises(TransportError) as e:
+            async with NodeConnection(url, timeout_s=5):
+                pass
+        assert e.value.code == code
+        assert str(e.value).endswith(text) and url in str(e.value)
+        assert "Error" not in str(e.value)  # no class names
+    finally:
+        await runner.cleanup()  # type: ignore[attr-defined]
+
+
+class _UrlCore:
+    url = "http://127.0.0.1:1/#k=test"
+
+
+async def test_ipc_socket_mode_stale_file_and_long_paths(tmp_path: Path) -> None:
+    import asyncio
+    import stat
+
+    from client.app import ipc
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)  # beyond the ~107-byte limit of socket paths
+    deep.mkdir(parents=True)
+    path = str(deep / ipc.SOCKET_NAME)
+    assert len(path.encode()) > 110
+    server = await ipc.serve(_UrlCore(), path)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert await asyncio.to_thread(ipc.is_running, str(deep))
+        with pytest.raises(LocalProtocolError) as e:
+            await ipc.serve(_UrlCore(), path)  # one app per home
+        assert e.value.code == "app_running"
+        rc = await asyncio.to_thread(ipc._request, str(deep), {"cmd": "url", "args": {}})
+        assert rc == 0
+    finally:
+        await server.close()
+    assert not Path(path).exists()
+    # a socket file nothing answers on (a killed app) is replaced
+    import socket as so
+
+    stale = so.socket(so.AF_UNIX)
+    stale.bind(str(tmp_path / ipc.SOCKET_NAME))
+    stale.close()
+    server = await ipc.serve(_UrlCore(), str(tmp_path / ipc.SOCKET_NAME))
+    await server.close()
+    # a regular file there is not ours to remove
+    (tmp_path / ipc.SOCKET_NAME).write_text("keep me")
+    with pytest.raises(LocalProtocolError):
+        await ipc.serve(_UrlCore(), str(tmp_path / ipc.SOCKET_NAME))
+    assert (tmp_path / ipc.SOCKET_NAME).read_text() == "keep me"
