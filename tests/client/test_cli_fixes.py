@@ -252,7 +252,7 @@ async def test_ipc_socket_mode_stale_file_and_long_paths(tmp_path: Path) -> None
         assert rc == 0
     finally:
         await server.close()
-    assert not Path(path).exists()
+    assert not await asyncio.to_thread(os.path.exists, path)
     # a socket file nothing answers on (a killed app) is replaced
     import socket as so
 
