@@ -1033,8 +1033,9 @@ class Device:
         """Send delivered receipts, one per sender, coalesced while more deliveries wait."""
         if self.setting("delivery_receipts", "on") != "on":
             return
+        me = self.address
         for m in new:
-            if m.kind == "text" and m.sender != self.address and not m.forwarded:
+            if m.kind == "text" and m.sender != me and not m.forwarded:
                 self._receipts.setdefault(m.sender, []).append(m.msg_id)
         if not conn.deliveries.empty() and sum(map(len, self._receipts.values())) < 500:
             return  # more is already queued: one receipt will cover it all
