@@ -7,8 +7,14 @@ per recipient device. A message is accepted as *from alice* only if the Olm send
 alice's signed device list, under alice's pinned identity key.
 
 Every message fans out to each device on the recipient's signed list **and** to this user's own
-other devices, so they show what was sent. Receipts, edits, deletes and disappearing timers are
-payloads like any other: nodes cannot read or forge them.
+other devices, so they show what was sent. Receipts, edits, deletes, disappearing timers and
+display names are payloads like any other: nodes cannot read or forge them.
+
+Receiving opens a delivered batch in two phases (unseal and check senders, then one transaction
+for the whole batch), so a backlog costs one fsync per batch, not per message. Sending can be
+durable first: :meth:`Device.queue_text` stores a ``pending`` row and its outbox entry, and
+:meth:`Device.flush_outbox` sends the queue when the home node is reachable (docs/protocol.md
+§3.1). A daemon lends the device its one connection with :meth:`Device.use_connection`.
 """
 
 from __future__ import annotations

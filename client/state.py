@@ -9,6 +9,10 @@ its slot in the same batch as the history transaction (one fsync per transaction
 ciphertext left in freed pages or WAL frames opens for nobody, not even with the passphrase.
 Every change that must survive together (an Olm session and the history row it produced) is one
 transaction.
+
+The outbox holds payloads typed while the home node was unreachable. A queued text is sealed
+under its history row's key slot, not the storage key, so deleting, editing or expiring the
+message shreds the queued copy with it.
 """
 
 from __future__ import annotations
