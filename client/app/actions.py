@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import replace
 from typing import Any
 
 from client import linking, prefix
 from client.connection import NodeConnection, expect
-from client.device import Device
+from client.device import DEFAULT_TTL_MS, Device
+from client.payload import Payload
 from client.safety import safety_number
-from client.state import Contact, HistoryRow
+from client.state import Contact, HistoryRow, OutboxItem
 from federation import frames as F
 from federation.clock import Clock
 from federation.devicelist import SignedDeviceList
@@ -172,21 +174,29 @@ class Actions:
         return self.chat(address)
 
     async def mark_read(self, address: Any) -> int:
-        """Mark a chat read (the receipt is sent if the link is up)."""
+        """Mark a chat read here at once, and queue the ``read`` payload durably (to the
+        sender, or with read receipts off only to our other devices) like a text: it is sent
+        now if the link is up, else on the next connect. Returns how many became read."""
         dev = self.require()
         address = self._address(address)
-        (count,) = dev.state.db.execute(
-            "SELECT count(*) FROM history WHERE peer=? AND outgoing=0 AND read=0", (address,)
-        ).fetchone()
-        if count:
-            try:
-                async with self.lock:
-                    await dev.mark_read(address)
-            except TransportError as exc:
-                log.info("read receipt not sent (%s)", exc.code)
-            self._publish_changed(address)
-            self._publish_chat(address)
-        return int(count)
+        unread = [
+            bytes(r[0])
+            for r in dev.state.db.execute(
+                "SELECT msg_id FROM history WHERE peer=? AND outgoing=0 AND read=0", (address,)
+            ).fetchall()
+        ]
+        if not unread:
+            return 0
+        now = self.clock.now_ms()
+        p = Payload(os.urandom(16), "read", address, now, ids=tuple(unread))
+        to = address if dev.setting("read_receipts", "on") == "on" else dev.address
+        with dev.state.tx() as db:
+            db.executemany("UPDATE history SET read=1 WHERE msg_id=?", [(m,) for m in unread])
+            dev.state.queue(db, OutboxItem(p.id, to, p.encode(), DEFAULT_TTL_MS, now))
+        self._kick.set()
+        self._publish_changed(address)
+        self._publish_chat(address)
+        return len(unread)
 
     async def set_timer(self, address: Any, ms: Any) -> Obj:
         """A chat's disappearing timer, shared with the peer end to end."""

@@ -253,14 +253,16 @@ class AppCore(Actions):
     # ---- the link ------------------------------------------------------------------------------
 
     async def conn(self) -> NodeConnection:
-        """The one connection to the home node; ``node_unreachable`` within ~2 s if offline."""
+        """The one connection to the home node. ``node_unreachable`` at once when an attempt
+        already failed (offline), within ~2 s while a first attempt is under way."""
         if self._conn is not None and not self._conn.closed:
             return self._conn
-        try:
-            async with asyncio.timeout(CONN_WAIT_S):
-                await self._online.wait()
-        except TimeoutError:
-            pass
+        if self.connection != "offline":  # connecting: give the attempt a moment
+            try:
+                async with asyncio.timeout(CONN_WAIT_S):
+                    await self._online.wait()
+            except TimeoutError:
+                pass
         if self._conn is None or self._conn.closed:
             url = self.device.node_url if self.joined and self.device else "?"
             raise TransportError(f"home node unreachable: {url}", code="node_unreachable")

@@ -81,6 +81,9 @@ async def test_live_exchange_ticks_outage_and_recovery(alice_bob: Pair) -> None:
         await a_ws.next(status_is("read"))
         await b_ws.next(lambda e: e["type"] == "chat" and e["chat"]["unread"] == 0)
 
+        ping = p.bob.send(p.alice_addr, "ping")
+        await a_ws.next(lambda e: e["type"] == "message" and e["message"]["id"] == ping["id"])
+
         # alice's home node dies (SIGKILL): she sees it, and what she types waits, pending
         p.a.kill()
         await a_ws.next(
@@ -91,6 +94,8 @@ async def test_live_exchange_ticks_outage_and_recovery(alice_bob: Pair) -> None:
         assert p.alice.state()["connection"] in ("connecting", "offline")
         [row] = [m for m in p.alice.messages(p.bob_addr) if m["id"] == queued["id"]]
         assert row["status"] == "pending"
+        _, read = p.alice.api("POST", f"/api/chats/{p.bob_addr}/read")  # read while offline
+        assert read == {"count": 1}
 
         # back on the same port: the queue is sent, bob receives it once
         p.a.start()
@@ -102,9 +107,17 @@ async def test_live_exchange_ticks_outage_and_recovery(alice_bob: Pair) -> None:
                 and e["message"]["status"] in ("sent", "delivered")
             )
         )
-        ev = await b_ws.next(lambda e: e["type"] == "message")
+        ev = await b_ws.next(lambda e: e["type"] == "message" and not e["message"]["outgoing"])
         assert ev["message"]["id"] == queued["id"]
         assert ev["message"]["text"] == "typed during the outage"
+        # the read receipt alice gave offline was queued too, and arrives
+        await b_ws.next(
+            lambda e: (
+                e["type"] == "update"
+                and e["message"]["id"] == ping["id"]
+                and e["message"]["status"] == "read"
+            )
+        )
 
         # alice did not go deaf: a message to her after the restart arrives live
         reply = p.bob.send(p.alice_addr, "welcome back")
@@ -114,7 +127,7 @@ async def test_live_exchange_ticks_outage_and_recovery(alice_bob: Pair) -> None:
     got = [m for m in p.bob.messages(p.alice_addr) if m["text"] == "typed during the outage"]
     assert [m["id"] for m in got] == [queued["id"]]  # exactly once
     ids = [m["id"] for m in p.bob.messages(p.alice_addr)]
-    assert len(ids) == len(set(ids)) == 3
+    assert len(ids) == len(set(ids)) == 4
     wait_message(
         p.alice, p.bob_addr, lambda m: m["id"] == queued["id"] and m["status"] != "pending"
     )
