@@ -63,6 +63,15 @@ def test_default_home_errors_and_short_ids(
     ]
     assert texts == ["first, edited"]
 
+    # `haven timer` is shared with the contact: bob's next message disappears too
+    timer = haven("timer", bob, "1h").stdout.strip()
+    assert timer == f"new messages with {bob} disappear after 1h (for both of you)"
+    haven("recv", "--home", str(bob_home))
+    haven("send", "--home", str(bob_home), alice, "after the timer")
+    rows = haven("history", "--home", str(bob_home), alice, "--json", "--no-mark-read").stdout
+    mine = [json.loads(ln) for ln in rows.splitlines() if '"after the timer"' in ln]
+    assert len(mine) == 1 and mine[0]["expires_at"] is not None, mine
+
     # device ids: a prefix names this device (refused: remove it from another one); an
     # unknown prefix is not_found
     me = who["device_id"]
