@@ -779,6 +779,7 @@ class Device:
                         ),
                         devices_total=peer_counts["total"],
                         devices_verified=peer_counts["verified"],
+                        ttl_at=now + ttl_ms,
                     ),
                 )
         # Sessions were committed above, before any ciphertext leaves this device.

@@ -25,7 +25,10 @@ async def test_queued_while_node_down_then_sent_exactly_once(
     nodes.append(node)
     alice = await new_device(node, tmp_path, "alice")
     bob = await new_device(node, tmp_path, "bob")
-    await alice.send(bob.address, "before the outage")
+    sent = await alice.send(bob.address, "before the outage", ttl_ms=60_000)
+    row = alice.state.message(sent.msg_id)
+    assert row is not None and row.ttl_at is not None
+    assert not row.not_delivered(row.ttl_at - 1) and row.not_delivered(row.ttl_at)
 
     node.stop()
     rows = [alice.queue_text(bob.address, f"typed offline {i}") for i in range(3)]
