@@ -10,6 +10,7 @@ import nacl.exceptions
 import nacl.secret
 import pytest
 
+from client.connection import NodeConnection
 from client.device import Device
 from client.state import STATUS_PENDING, STATUS_SENT, DeviceState, HistoryRow, OutboxItem
 from federation.errors import TransportError
@@ -143,3 +144,36 @@ def test_queued_text_is_sealed_under_its_message_key(tmp_path: Path) -> None:
         s.delete_history(db, row.msg_id)
     assert s.outbox() == [] and s.keys.key(slot) is None
     s.close()
+
+
+async def test_daemon_mode_never_closes_the_lent_connection(
+    tmp_path: Path, nodes: list[NodeProc]
+) -> None:
+    node = NodeProc.create(tmp_path, "A").start()
+    nodes.append(node)
+    alice = await new_device(node, tmp_path, "alice")
+    bob = await new_device(node, tmp_path, "bob")
+    lent = await alice.connect()
+    opened = 0
+
+    async def provider() -> NodeConnection:
+        nonlocal opened
+        opened += 1
+        return lent
+
+    alice.use_connection(provider)
+    try:
+        await alice.send(bob.address, "through the daemon's link")
+        await alice.set_timer(bob.address, 60_000)  # queued, then flushed over the same link
+        assert opened >= 2 and alice.state.outbox() == []
+        assert lent._ws is not None and not lent._ws.closed
+        alice.queue_text(bob.address, "queued")
+        assert [r.text for r in await alice.flush_outbox(lent)] == ["queued"]
+        await alice.release(lent)  # handing it back leaves the daemon's link open
+        assert not lent._ws.closed
+    finally:
+        alice.use_connection(None)
+        await lent.__aexit__(None, None, None)  # the daemon closes its own link
+    await settle([bob], lambda: incoming(bob, alice.address)[-1:] == ["queued"])
+    alice.close()
+    bob.close()
