@@ -558,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         return _main(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `haven history … | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:  # e.g. a full disk under the device home
         print(f"error: {exc.strerror or 'cannot read or write a file'} (os_error)", file=sys.stderr)
         return 1

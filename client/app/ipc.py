@@ -132,10 +132,22 @@ def _request(home: str, req: dict[str, Any]) -> int | None:
         except TimeoutError:
             print(f"error: the app for {home} does not answer (app_unresponsive)", file=sys.stderr)
             return 1
+        except BrokenPipeError:
+            if sys.stdout.closed or _stdout_gone():
+                raise  # our reader left (`| head`); the CLI exits quietly
         except OSError:
             pass
     print("error: the app stopped before answering (app_gone)", file=sys.stderr)
     return 1
+
+
+def _stdout_gone() -> bool:
+    """Whether writing to stdout fails (its reader closed the pipe)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    return False
 
 
 def through_daemon(args: argparse.Namespace) -> int | None:
