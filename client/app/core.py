@@ -547,16 +547,20 @@ class AppCore(Actions):
         try:
             res = await linking.link_device(dev, on_code, timeout_s=LINK_TIMEOUT_S)
             ev = event("link", ok=True, device={"id": res["id"], "name": res["name"]})
-        except HavenError as exc:
+        except Exception as exc:  # noqa: BLE001 - reported as a link event, never kills the group
+            err = exc if isinstance(exc, HavenError) else HavenError("linking failed")
             if not code.done():
-                code.set_exception(exc)
-            ev = event("link", ok=False, error=exc.code)
+                code.set_exception(err)
+            if not isinstance(exc, HavenError):
+                log.error("device link failed (%s)", type(exc).__name__)
+            ev = event("link", ok=False, error=err.code)
         finally:
             self._link_active.clear()
             self._link_idle.set()
         self._publish(ev)
-        for c in self.chats():
-            self._publish(event("chat", chat=c))
+        with contextlib.suppress(HavenError):
+            for c in self.chats():  # what linking received meanwhile was stored, not shown
+                self._publish(event("chat", chat=c))
 
 
 async def _keep_running(name: str, loop: Callable[[], Awaitable[None]]) -> None:
