@@ -340,12 +340,10 @@ async def _ws_auth(ws: web.WebSocketResponse, secret: str) -> bool:
         obj = json.loads(msg.data)
     except ValueError:
         return False
-    key = obj.get("key") if isinstance(obj, dict) else None
-    return (
-        obj.get("type") == "auth"
-        and isinstance(key, str)
-        and hmac.compare_digest(key.encode(), secret.encode())
-    )
+    if not isinstance(obj, dict) or obj.get("type") != "auth":
+        return False
+    key = obj.get("key")
+    return isinstance(key, str) and hmac.compare_digest(key.encode(), secret.encode())
 
 
 async def _drain(ws: web.WebSocketResponse) -> None:

@@ -125,11 +125,12 @@ async def test_event_socket_needs_our_origin_and_the_auth_frame(
             with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
                 await s.ws_connect(d.ws_url(), headers=headers)
             assert exc.value.status == 403
-        # a wrong key in the first frame: closed 4401, no event ever
-        async with s.ws_connect(d.ws_url(), headers={"Origin": d.origin}) as ws:
-            await ws.send_json({"type": "auth", "key": "wrong"})
-            msg = await ws.receive()
-            assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == 4401
+        # a wrong key (or not an auth frame) first: closed 4401, no event ever
+        for first in ({"type": "auth", "key": "wrong"}, ["auth", d.secret], {"key": d.secret}):
+            async with s.ws_connect(d.ws_url(), headers={"Origin": d.origin}) as ws:
+                await ws.send_json(first)
+                msg = await ws.receive()
+                assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == 4401, first
         # no auth frame at all: closed 4401 after the 5 s grace
         async with s.ws_connect(d.ws_url(), headers={"Origin": d.origin}) as ws:
             msg = await ws.receive(timeout=15)
