@@ -33,6 +33,7 @@ KEY_HEADER = "X-Haven-Key"
 WS_AUTH_TIMEOUT_S = 5.0
 WS_UNAUTHORIZED = 4401
 WS_TOO_SLOW = 4408
+WS_INTERNAL = 1011
 MAX_BODY = 256 * 1024
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -320,6 +321,9 @@ class Api:
                 await ws.send_json(ev)
         except (ConnectionError, RuntimeError):
             pass  # the page went away mid-send
+        except Exception as exc:  # noqa: BLE001 - the socket's boundary: close it, no details
+            log.error("event socket failed (%s)", type(exc).__name__)
+            await ws.close(code=WS_INTERNAL, message=b"internal error")
         finally:
             self.core.unsubscribe(q)
             reader.cancel()
