@@ -424,6 +424,8 @@ class AppCore(Actions):
                 self._shown.pop(m.target, None)
                 self._publish(event("delete", chat=m.peer, id=m.target.hex()))
                 chats.add(m.peer)
+            elif m.kind == "profile" and m.peer == dev.address:
+                self._publish(event("state", state=self.state()))  # our other device's name
             elif m.kind == "profile":
                 c = dev.state.contact(m.peer)
                 if c is not None:
