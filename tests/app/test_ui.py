@@ -79,6 +79,11 @@ def test_live_message_ticks_and_unread_badge(world: World) -> None:
     assert [m["text"] for m in bob.messages()] == ["hello bob", "second", "third, 안녕하세요"]
     assert all(m["status"] is None and not m["outgoing"] for m in bob.messages())
     bob.wait_badge(world.alice_addr, None)
+    wait_until(
+        lambda: [c["unread"] for c in world.bob_d.api("GET", "/api/chats")[1]] == [0],
+        20,
+        "bob's daemon to count the chat read",
+    )
     # opening the chat sent read receipts
     alice.wait_js(
         "() => [...document.querySelectorAll('[data-testid=message]')]"

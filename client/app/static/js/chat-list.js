@@ -19,7 +19,8 @@ function preview(chat) {
 
 function directItem(chat, active) {
   const name = nameOf(chat, chat.address);
-  const unread = chat.unread || 0;
+  // the open chat is being read (its read receipts are on their way): no badge there
+  const unread = active && document.visibilityState === "visible" ? 0 : chat.unread || 0;
   return h(
     "li",
     { class: "chat-row" },

@@ -16,21 +16,34 @@ function dayKey(ms) {
   return `${d.getFullYear()}-${d.getMonth()}-${d.getDate()}`;
 }
 
-/** Mark the chat read when the page is visible (read receipts go out from the daemon). */
+const reading = new Map(); // address → {again}: one read request in flight per chat
+
+/** Mark the chat read when the page is visible (read receipts go out from the daemon).
+ * Bursts coalesce: while one request is in flight, later calls make exactly one more. */
 async function markRead(address) {
   if (document.visibilityState !== "visible") return;
   const chat = store.chats.get(address);
   const map = store.messages.get(address);
   const unreadHere = map && [...map.values()].some((m) => !m.outgoing && !m.read);
   if (!(chat && chat.unread > 0) && !unreadHere) return;
+  if (reading.has(address)) {
+    reading.get(address).again = true;
+    return;
+  }
+  const slot = { again: false };
+  reading.set(address, slot);
+  const since = store.seq;
   try {
     await store.api.post(`/api/chats/${enc(address)}/read`);
-    if (map) for (const m of map.values()) if (!m.outgoing) m.read = true;
+    if (map) for (const m of map.values()) if (!m.outgoing && !changedSince(m.id, since)) m.read = true;
     const c = store.chats.get(address);
-    if (c && c.unread) putChat({ ...c, unread: 0 });
+    if (c && c.unread && !changedSince(address, since)) putChat({ ...c, unread: 0 });
   } catch (err) {
     showError(err);
+  } finally {
+    reading.delete(address);
   }
+  if (slot.again) markRead(address);
 }
 
 const actions = {
