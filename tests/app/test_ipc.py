@@ -123,6 +123,25 @@ async def test_cli_through_the_daemon(world: dict[str, Any]) -> None:
     ]
     assert recv_lines(ah, "--client", "phone-script") == []
 
+    # the daemon and the CLI share one store: a text typed in the app is in CLI history, with
+    # a short id that `edit` accepts through the daemon
+    msg = d.send(bob, "typed in the app")
+    wait_message(d, bob, lambda m: m["id"] == msg["id"] and m["status"] != "pending")
+    short = msg["id"][:8]
+    lines = cli(ah, "history", bob, "--no-mark-read").stdout.splitlines()
+    assert any(line.startswith(f"{short} > ") and "typed in the app" in line for line in lines)
+    assert cli(ah, "edit", bob, short, "edited from the CLI").stdout.strip() == "edited"
+    wait_message(d, bob, lambda m: m["id"] == msg["id"] and m["text"] == "edited from the CLI")
+
+    # settings and verify go through the core: the app's own view changes at once
+    out = json.loads(cli(ah, "settings", "--read-receipts", "off", "--json").stdout)
+    assert out == {"read_receipts": "off", "delivery_receipts": "on"}
+    assert d.state()["settings"]["read_receipts"] == "off"
+    text = cli(ah, "verify", bob, "--confirm").stdout
+    assert f"safety number with {bob}:" in text and text.strip().endswith("verified")
+    contacts = {c["address"]: c for c in d.api("GET", "/api/contacts")[1]}
+    assert contacts[bob]["verified"] is True
+
 
 def test_another_uid_is_refused(world: dict[str, Any]) -> None:
     ah: Path = world["ah"]
@@ -188,20 +207,6 @@ sys.stdout.buffer.write(s.makefile("rb").read())
 """
 
 
-def test_message_sent_by_api_shows_in_cli_history(world: dict[str, Any]) -> None:
-    """The daemon and the CLI see one store: a text typed in the app is in CLI history, with a
-    short id that `edit` accepts through the daemon."""
-    d: DaemonProc = world["d"]
-    ah, bob = world["ah"], world["bob"]
-    msg = d.send(bob, "typed in the app")
-    wait_message(d, bob, lambda m: m["id"] == msg["id"] and m["status"] != "pending")
-    short = msg["id"][:8]
-    lines = cli(ah, "history", bob, "--no-mark-read").stdout.splitlines()
-    assert any(line.startswith(f"{short} > ") and "typed in the app" in line for line in lines)
-    assert cli(ah, "edit", bob, short, "edited from the CLI").stdout.strip() == "edited"
-    wait_message(d, bob, lambda m: m["id"] == msg["id"] and m["text"] == "edited from the CLI")
-
-
 def test_send_through_the_daemon_queues_while_the_node_is_down(world: dict[str, Any]) -> None:
     d: DaemonProc = world["d"]
     node: NodeProc = world["node"]
@@ -253,18 +258,6 @@ def test_device_link_and_remove_through_the_daemon(world: dict[str, Any], base: 
     assert removed.stdout.strip() == f"removed {phone_id[:8]}"
     ids = [d["id"] for d in json.loads(cli(ah, "device", "list", "--json").stdout)]
     assert phone_id not in ids and len(ids) == 1
-
-
-def test_settings_and_verify_through_the_daemon(world: dict[str, Any]) -> None:
-    d: DaemonProc = world["d"]
-    ah, bob = world["ah"], world["bob"]
-    out = json.loads(cli(ah, "settings", "--read-receipts", "off", "--json").stdout)
-    assert out == {"read_receipts": "off", "delivery_receipts": "on"}
-    assert d.state()["settings"]["read_receipts"] == "off"  # the app itself changed
-    text = cli(ah, "verify", bob, "--confirm").stdout
-    assert f"safety number with {bob}:" in text and text.strip().endswith("verified")
-    contacts = {c["address"]: c for c in d.api("GET", "/api/contacts")[1]}
-    assert contacts[bob]["verified"] is True
 
 
 def test_commands_that_make_no_sense_through_the_daemon(
