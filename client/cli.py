@@ -136,12 +136,10 @@ async def cmd_recv(args: argparse.Namespace, dev: Device, out: Out) -> int:
 def mark_printed(dev: Device, client: str) -> None:
     """Move ``client``'s recv cursor past everything in history (standalone recv printed it),
     so that a later ``recv`` through a running app does not print it again."""
-    set_cursor = getattr(dev.state, "set_cursor", None)
-    if set_cursor is None:
-        return
     top = dev.state.db.execute("SELECT coalesce(max(seq), 0) FROM history").fetchone()[0]
-    with dev.state.tx() as db:
-        set_cursor(db, client, int(top))
+    if int(top) > dev.state.cursor(client):
+        with dev.state.tx() as db:
+            dev.state.set_cursor(db, client, int(top))
 
 
 def _row_json(r: HistoryRow) -> dict[str, Any]:

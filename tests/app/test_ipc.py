@@ -186,12 +186,15 @@ def test_stale_socket_and_bad_requests(world: dict[str, Any]) -> None:
     # SIGKILL leaves the socket file behind: the CLI runs standalone, a new daemon replaces it
     d.kill()
     assert sock.exists()
-    standalone = cli(ah, "recv", "--wait", "0.3")
-    assert standalone.returncode == 0
+    cli(world["bh"], "send", world["alice"], "while the app was down")
+    standalone = cli(ah, "recv", "--wait", "0.5")
+    assert standalone.stdout.strip() == f"{world['bob']}: while the app was down"
     url = cli(ah, "app", "--url", check=False)
     assert url.returncode == 1 and "no app running" in url.stderr
     d.start()
     wait_until(lambda: cli(ah, "app", "--url").stdout.strip() == d.url, 20, "the new daemon")
+    # what the standalone recv printed is not printed again through the app (one cursor)
+    assert recv_lines(ah) == []
 
 
 _SEND_RAW = """
