@@ -62,12 +62,15 @@ class Actions:
 
     # provided by AppCore
     def require(self) -> Device:
+        """The open, joined device (else ``locked`` / ``not_joined``)."""
         raise NotImplementedError
 
     def state(self) -> Obj:
+        """The ``State`` object."""
         raise NotImplementedError
 
     async def conn(self) -> NodeConnection:
+        """The daemon's one connection to the home node."""
         raise NotImplementedError
 
     def _publish(self, ev: Obj) -> None:
@@ -141,6 +144,7 @@ class Actions:
         return [self._message(r) for r in dev.state.history(self._address(address))]
 
     def contacts(self) -> list[Obj]:
+        """Every contact (not ourselves), by address."""
         dev = self.require()
         return [self._contact(c) for c in dev.state.contacts() if c.address != dev.address]
 
@@ -210,6 +214,7 @@ class Actions:
         return self.chat(address)
 
     async def edit(self, msg_id: bytes, text: Any) -> Obj:
+        """Edit one of our messages for everyone; the updated ``Message``."""
         dev = self.require()
         if not isinstance(text, str) or not text.strip():
             raise LocalProtocolError("the message is empty", code="bad_request")
@@ -226,6 +231,7 @@ class Actions:
         return msg
 
     async def delete(self, msg_id: bytes) -> None:
+        """Delete one of our messages for everyone (a ``delete`` event)."""
         dev = self.require()
         row = dev.state.message(msg_id)
         if row is None:
@@ -266,6 +272,7 @@ class Actions:
     # ---- contacts and verification -------------------------------------------------------------
 
     def set_nickname(self, address: Any, nickname: Any) -> Obj:
+        """Our own name for a contact (stays on this device); the ``Contact``."""
         dev = self.require()
         address = self._address(address)
         if dev.state.contact(address) is None:
@@ -343,6 +350,7 @@ class Actions:
     # ---- profile, settings, passphrase, devices ------------------------------------------------
 
     async def set_profile(self, display_name: Any) -> Obj:
+        """Our display name; sent end to end to every contact by the flusher."""
         dev = self.require()
         dev.set_display_name(clean_name(display_name, "display_name"))
         self._profile_due = True
@@ -360,6 +368,7 @@ class Actions:
             log.info("profile not shared yet (%s)", exc.code)
 
     def set_settings(self, body: dict[str, Any]) -> Obj:
+        """Receipts and language; unknown keys or values are ``bad_request``."""
         dev = self.require()
         allowed = {
             "read_receipts": ("on", "off"),
@@ -375,6 +384,7 @@ class Actions:
         return self.state()
 
     def set_passphrase(self, new: Any) -> Obj:
+        """Rewrap the store's key under a new passphrase (``""``: unprotected)."""
         dev = self.require()
         if not isinstance(new, str):
             raise LocalProtocolError("new must be a string", code="bad_request")
@@ -384,12 +394,14 @@ class Actions:
         return self.state()
 
     async def devices(self) -> list[Obj]:
+        """Our account's devices from its signed list (fetched and verified)."""
         dev = self.require()
         async with self.lock:
             found = await linking.list_devices(dev)
         return [{"id": d["id"], "name": d["name"], "this_device": d["this_device"]} for d in found]
 
     async def remove_device(self, given: str) -> str:
+        """Remove a device (any unique id prefix) from our signed list; its full id."""
         dev = self.require()
         async with self.lock:
             ids = [d["id"] for d in await linking.list_devices(dev)]

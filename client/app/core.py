@@ -150,6 +150,7 @@ class AppCore(Actions):
 
     @property
     def joined(self) -> bool:
+        """Whether the open device has joined its home node."""
         return self.device is not None and self.device.joined
 
     def require(self) -> Device:
@@ -512,6 +513,7 @@ class AppCore(Actions):
         return q
 
     def unsubscribe(self, q: asyncio.Queue[Obj | None]) -> None:
+        """Stop sending events to ``q`` (its WebSocket closed)."""
         self._subs.discard(q)
 
     def _drop(self, q: asyncio.Queue[Obj | None]) -> None:

@@ -176,6 +176,7 @@ def _ok(obj: Any) -> web.Response:
 
 
 async def index(request: web.Request) -> web.StreamResponse:
+    """``GET /``: the UI's page (its scripts and styles are under ``/static/``)."""
     page = STATIC / "index.html"
     if not page.is_file():
         return web.Response(status=503, text="the UI files are missing\n")
@@ -186,12 +187,14 @@ async def index(request: web.Request) -> web.StreamResponse:
 
 
 class Api:
-    """The handlers of docs/app.md "Local API", each a thin call into :class:`AppCore`."""
+    """The handlers of docs/app.md "Local API", each a thin call into :class:`AppCore` named
+    after its endpoint (see :meth:`routes`)."""
 
     def __init__(self, core: AppCore) -> None:
         self.core = core
 
     def routes(self) -> list[web.RouteDef]:
+        """Every endpoint but the WebSocket, as in docs/app.md's table."""
         c = "/api/chats/{address}"
         return [
             web.get("/api/state", self.state),
