@@ -28,7 +28,7 @@ import sqlite3
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Any
 
 import nacl.public
 import nacl.signing
@@ -54,12 +54,12 @@ from federation.sealing import SealedContent, opener, seal, unseal
 from federation.signing import b64d, device_auth_message
 from federation.wire import Envelope, unpackb
 
+from .applying import APPLIERS, SessionCache
+from .applying import ReceivedMessage as ReceivedMessage  # re-exported: the public API
 from .connection import NodeConnection, expect
 from .payload import Payload, device_tag
 from .state import (
-    STATUS_DELIVERED,
     STATUS_PENDING,
-    STATUS_READ,
     STATUS_SENT,
     Contact,
     DeviceState,
@@ -78,18 +78,6 @@ OTK_TARGET = 50
 OTK_BATCH = OTK_TARGET  # the older name
 DEFAULT_TTL_MS = 7 * 86_400_000
 REGISTER_ATTEMPTS = 8  # a rate-limited register is retried after 0.5-1.5 s
-
-
-@dataclass(frozen=True, slots=True)
-class ReceivedMessage:
-    sender: str
-    text: str
-    sent_at: int
-    msg_id: bytes
-    kind: str = "text"
-    peer: str = ""
-    target: bytes = b""
-    forwarded: bool = False  # relayed by one of our own devices (a ``sync`` payload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,45 +131,6 @@ class _Fanout:
         else:
             text = f"your node reports {code} for {peer}"
         return SendWarning(code, peer, text)
-
-
-class _SessionCache:
-    """The Olm sessions one delivered batch uses: unpickled once, pickled and saved once.
-
-    Unpickling and pickling a session costs ten times its decryption, so a backlog drained
-    envelope by envelope spent most of its time there (and on one fsync each).
-    """
-
-    def __init__(self, state: DeviceState) -> None:
-        self._state = state
-        self._by_peer: dict[str, list[vz.Session]] = {}  # most recently used first
-        self._touched: dict[str, list[vz.Session]] = {}
-        self.account_changed = False
-
-    def sessions(self, peer: str) -> list[vz.Session]:
-        got = self._by_peer.get(peer)
-        if got is None:
-            key = self._state.storage_key
-            got = [vz.Session.from_pickle(p, key) for _, p in self._state.sessions(peer)]
-            self._by_peer[peer] = got
-        return list(got)
-
-    def touch(self, peer: str, session: vz.Session) -> None:
-        """``session`` decrypted a message (or was just created): try it first next time."""
-        for table in (self._by_peer, self._touched):
-            rest = [s for s in table.get(peer, []) if s is not session]
-            table[peer] = [session, *rest]
-
-    def save(self, db: Any, now: int) -> None:
-        key = self._state.storage_key
-        for peer, sessions in self._touched.items():
-            for age, s in enumerate(sessions):  # keep the most recently used one first
-                self._state.save_session(db, peer, s.session_id, s.pickle(key), now - age)
-
-
-_Applier = Callable[
-    ["Device", sqlite3.Connection, str, bool, Payload, int], "ReceivedMessage | None"
-]
 
 
 def parse_invite(text: str) -> dict[str, Any]:
@@ -955,7 +904,7 @@ class Device:
         new: list[ReceivedMessage] = []
         now = self.clock.now_ms()
         me = self.address
-        cache = _SessionCache(self.state)
+        cache = SessionCache(self.state)
         try:
             with self.state.tx() as db:
                 for sc in opened:
@@ -983,7 +932,7 @@ class Device:
         sc: SealedContent,
         me: str,
         now: int,
-        cache: _SessionCache,
+        cache: SessionCache,
         forwards: list[tuple[str, Payload, bytes]],
     ) -> ReceivedMessage | None:
         """Decrypt and apply one envelope. A payload from someone else that names the devices
@@ -1089,98 +1038,13 @@ class Device:
         One applier per kind (docs/protocol.md §3.1); a kind this version does not know (a
         newer device's) is ignored: acked, never shown.
         """
-        apply = self._APPLIERS.get(p.kind)
+        apply = APPLIERS.get(p.kind)
         if apply is None:
             log.debug("ignored a payload of a kind this version does not know")
             return None
-        return apply(self, db, sender, own, p, now)
+        return apply(self.state, db, sender, own, p, now)
 
-    def _apply_text(
-        self, db: sqlite3.Connection, sender: str, own: bool, p: Payload, now: int
-    ) -> ReceivedMessage | None:
-        peer = p.to if own else sender
-        start = p.sent_at if own else now  # sender's devices: timer starts at sending
-        row = HistoryRow(
-            p.id,
-            peer,
-            own,
-            sender,
-            p.text,
-            p.sent_at,
-            now,
-            read=own,
-            expires_in=p.expires_in,
-            expire_at=start + p.expires_in if p.expires_in else None,
-        )
-        if not self.state.add_history(db, row):
-            return None  # a duplicate (e.g. a re-delivered pre-key message, a retried send)
-        return ReceivedMessage(sender, p.text, p.sent_at, p.id, p.kind, peer)
-
-    def _apply_change(
-        self, db: sqlite3.Connection, sender: str, own: bool, p: Payload, now: int
-    ) -> ReceivedMessage | None:
-        target = self.state.message(p.target)
-        if target is None or target.sender != sender:
-            raise UntrustedKey("edit or delete of someone else's message")
-        if p.kind == "edit":
-            self.state.edit_history(db, p.target, p.text)
-        else:
-            self.state.delete_history(db, p.target)
-        return ReceivedMessage(
-            sender, p.text, p.sent_at, p.id, p.kind, p.to if own else sender, p.target
-        )
-
-    def _apply_receipt(
-        self, db: sqlite3.Connection, sender: str, own: bool, p: Payload, now: int
-    ) -> ReceivedMessage | None:
-        status = STATUS_DELIVERED if p.kind == "delivered" else STATUS_READ
-        for mid in p.ids:
-            if own and p.kind == "read":  # we read it on another device
-                db.execute("UPDATE history SET read=1 WHERE msg_id=? AND outgoing=0", (mid,))
-            else:
-                db.execute(
-                    "UPDATE history SET status=max(status, ?) "
-                    "WHERE msg_id=? AND outgoing=1 AND peer=?",
-                    (status, mid, sender),
-                )
-        return ReceivedMessage(sender, p.text, p.sent_at, p.id, p.kind, p.to if own else sender)
-
-    def _apply_profile(
-        self, db: sqlite3.Connection, sender: str, own: bool, p: Payload, now: int
-    ) -> ReceivedMessage | None:
-        """A display name: a contact's (their row), or ours set on another of our devices."""
-        name = clean_name(p.name)
-        if own:
-            if p.to != sender:
-                return None  # our profile as sent to a contact: nothing to do here
-            self.state.put(db, "display_name", name.encode())
-        elif not self.state.update_contact(db, sender, display_name=name):
-            return None
-        return ReceivedMessage(sender, name, p.sent_at, p.id, p.kind, sender)
-
-    def _apply_timer(
-        self, db: sqlite3.Connection, sender: str, own: bool, p: Payload, now: int
-    ) -> ReceivedMessage | None:
-        """A conversation's timer, set by either side on any device: the latest ``sent_at``
-        wins, so two devices that change it at once end up agreeing."""
-        peer = p.to if own else sender
-        c = self.state.contact(peer)
-        if c is None or p.sent_at <= c.timer_at:
-            return None
-        self.state.update_contact(db, peer, timer_ms=p.expires_in, timer_at=p.sent_at)
-        return ReceivedMessage(sender, str(p.expires_in), p.sent_at, p.id, p.kind, peer)
-
-    _APPLIERS: ClassVar[dict[str, _Applier]] = {
-        "text": _apply_text,
-        "edit": _apply_change,
-        "delete": _apply_change,
-        "delivered": _apply_receipt,
-        "read": _apply_receipt,
-        "profile": _apply_profile,
-        "timer": _apply_timer,
-    }
-
-    def _decrypt_cached(self, sc: SealedContent, cache: _SessionCache) -> bytes:
+    def _decrypt_cached(self, sc: SealedContent, cache: SessionCache) -> bytes:
         """Decrypt with a session of the sender device (kept unpickled for the batch), or
         start an inbound session from a pre-key message."""
         try:
