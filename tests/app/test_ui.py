@@ -36,6 +36,7 @@ class World:
     browser: Browser
     alice: UiPage
     bob: UiPage
+    tmp: Path
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         browser = launch(p)
         alice = open_ui(browser, w.alice.url, locale="en-US")
         bob = open_ui(browser, w.bob.url, locale="ko-KR")
-        yield World(w.a, w.b, w.alice, w.bob, w.alice_addr, w.bob_addr, browser, alice, bob)
+        yield World(w.a, w.b, w.alice, w.bob, w.alice_addr, w.bob_addr, browser, alice, bob, tmp)
         browser.close()
 
 
@@ -245,6 +246,83 @@ def test_node_restart_mid_conversation(world: World) -> None:
             "typed while the node was down (alice)"
         ) == 1
     assert alice.errors == [] and bob.errors == []
+
+
+def test_edit_delete_timer_and_nickname_reach_the_other_side(world: World) -> None:
+    alice, bob = world.alice, world.bob
+    alice.type_and_send("to be edited")
+    alice.type_and_send("to be deleted")
+    bob.wait_js(
+        "() => [...document.querySelectorAll('[data-testid=message-text]')]"
+        ".some(e => e.textContent === 'to be deleted')"
+    )
+    edited_id, deleted_id = (m["id"] for m in alice.messages()[-2:])
+    # edit: the dialog, then bob's copy changes in place and says "edited" (in Korean)
+    alice.page.click(f'[data-testid=message][data-id="{edited_id}"] [data-testid=message-edit]')
+    alice.page.fill("[data-testid=edit-text]", "edited text")
+    alice.page.click("[data-testid=edit-save]")
+    sel = f'[data-testid=message][data-id="{edited_id}"]'
+    bob.page.wait_for_selector(f'{sel} [data-testid=message-text]:text-is("edited text")')
+    assert bob.page.text_content(f"{sel} .edited") == KO["message.edited"]
+    # delete for everyone, after a confirmation
+    alice.page.click(f'[data-testid=message][data-id="{deleted_id}"] [data-testid=message-delete]')
+    alice.page.click("[data-testid=dialog-confirm]")
+    for ui in (alice, bob):
+        ui.page.wait_for_selector(
+            f'[data-testid=message][data-id="{deleted_id}"]', state="detached"
+        )
+    # the disappearing timer is shared: bob's header follows alice's choice
+    alice.page.select_option("[data-testid=timer-select]", "300000")
+    bob.page.wait_for_function(
+        "() => document.querySelector('[data-testid=timer-select]')?.value === '300000'"
+    )
+    alice.page.select_option("[data-testid=timer-select]", "0")
+    bob.page.wait_for_function(
+        "() => document.querySelector('[data-testid=timer-select]')?.value === '0'"
+    )
+    # a nickname stays on bob's device and names the chat there
+    bob.page.click("[data-testid=nav-contacts]")
+    item = f'[data-testid=contact-item][data-address="{world.alice_addr}"]'
+    bob.page.fill(f"{item} [data-testid=nickname-input]", "앨리스 (회사)")
+    bob.page.click(f"{item} [data-testid=nickname-save]")
+    bob.page.click("[data-testid=nav-chats]")
+    bob.page.wait_for_selector(
+        f'[data-testid=chat-item][data-address="{world.alice_addr}"] '
+        '.chat-name:text-is("앨리스 (회사)")'
+    )
+    bob.open_chat(world.alice_addr)
+    assert alice.errors == [] and bob.errors == []
+
+
+def test_onboarding_then_unlock_through_the_ui(world: World) -> None:
+    carol_d = DaemonProc(world.tmp / "dev-carol").start()
+    try:
+        ui = open_ui(world.browser, carol_d.url, locale="en-US")
+        ui.page.fill("[data-testid=join-code]", world.a.invite("carol"))
+        ui.page.fill("[data-testid=join-name]", "최지우")
+        ui.page.fill("[data-testid=join-passphrase]", "correct horse")
+        ui.page.click("[data-testid=join-submit]")
+        ui.page.wait_for_selector("[data-testid=welcome-continue]", timeout=60_000)
+        assert ui.page.input_value("[data-testid=my-address]") == f"carol@{world.a.host}"
+        assert carol_d.state()["me"]["display_name"] == "최지우"
+        ui.page.context.close()
+        carol_d.stop()
+        # a protected home, no HAVEN_PASSPHRASE, no terminal: the app starts locked
+        carol_d.start()
+        ui = open_ui(world.browser, carol_d.url, locale="ko-KR")
+        ui.page.fill("[data-testid=unlock-passphrase]", "wrong horse")
+        ui.page.click("[data-testid=unlock-submit]")
+        ui.page.wait_for_selector(
+            f'[data-testid=error]:text-is("{KO["error.wrong_passphrase"]}")', timeout=60_000
+        )
+        ui.page.fill("[data-testid=unlock-passphrase]", "correct horse")
+        ui.page.click("[data-testid=unlock-submit]")
+        ui.page.wait_for_selector("[data-testid=chat-list]", timeout=60_000)
+        ui.wait_connection("online")
+        assert ui.errors == [] and ui.dialogs == []
+        ui.page.context.close()
+    finally:
+        carol_d.kill()
 
 
 def test_narrow_window_is_one_pane(world: World) -> None:
