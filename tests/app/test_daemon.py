@@ -375,3 +375,38 @@ async def test_changed_identity_key_shows_the_new_number_before_accepting(
         what="the new bob to receive",
     )
     assert got[0]["msg_id"] == after["id"]
+
+
+async def test_edit_delete_timer_and_profile_reach_the_peer_as_events(
+    app_node: NodeProc, new_user: Callable[..., DaemonProc]
+) -> None:
+    alice = new_user(app_node, "alice", "Alice")
+    bob = new_user(app_node, "bob", "Bob")
+    alice.open_chat(bob.address)
+    async with EventSocket(bob) as ws:
+        m = alice.send(bob.address, "first version")
+        await ws.next(lambda e: e["type"] == "message" and e["message"]["id"] == m["id"])
+
+        _, edited = alice.api("PATCH", f"/api/messages/{m['id'][:8]}", {"text": "second"})
+        assert edited["text"] == "second" and edited["edited"] is True
+        ev = await ws.next(lambda e: e["type"] == "update" and e["message"]["id"] == m["id"])
+        assert ev["message"]["text"] == "second" and ev["message"]["edited"] is True
+
+        _, chat = alice.api("PUT", f"/api/chats/{bob.address}/timer", {"timer_ms": 3_600_000})
+        assert chat["timer_ms"] == 3_600_000
+        ev = await ws.next(lambda e: e["type"] == "chat" and e["chat"]["timer_ms"] == 3_600_000)
+        assert ev["chat"]["address"] == alice.address
+
+        alice.api("PUT", "/api/profile", {"display_name": "앨리스"})
+        ev = await ws.next(
+            lambda e: e["type"] == "contact" and e["contact"]["display_name"] == "앨리스"
+        )
+        assert ev["contact"]["address"] == alice.address
+
+        _, gone = alice.api("DELETE", f"/api/messages/{m['id']}")
+        assert gone == {"deleted": m["id"]}
+        ev = await ws.next(lambda e: e["type"] == "delete")
+        assert ev == {"type": "delete", "chat": alice.address, "id": m["id"]}
+    assert bob.messages(alice.address) == []
+    [c] = [c for c in bob.api("GET", "/api/chats")[1] if c["address"] == alice.address]
+    assert c["display_name"] == "앨리스" and c["timer_ms"] == 3_600_000 and c["last"] is None
