@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from playwright.sync_api import Browser, Page, Playwright
+from playwright.sync_api import Browser, Dialog, Page, Playwright
 
 from tests.integration.harness import NodeProc
 
@@ -128,7 +128,12 @@ def open_ui(
     page = ctx.new_page()
     ui = UiPage(page)
     page.on("pageerror", lambda exc: ui.errors.append(str(exc)))
-    page.on("dialog", lambda d: (ui.dialogs.append(d.message), d.dismiss()))
+
+    def on_dialog(d: Dialog) -> None:
+        ui.dialogs.append(d.message)
+        d.dismiss()
+
+    page.on("dialog", on_dialog)
     page.goto(url)
     page.wait_for_selector("[data-testid=connection-state]")
     return ui

@@ -325,6 +325,41 @@ def test_onboarding_then_unlock_through_the_ui(world: World) -> None:
         carol_d.kill()
 
 
+def test_link_a_device_then_remove_it(world: World) -> None:
+    alice = world.alice
+    alice.page.click("[data-testid=nav-devices]")
+    alice.page.wait_for_selector("[data-testid=device-item]")
+    assert alice.page.locator("[data-testid=device-item]").count() == 1
+    alice.page.click("[data-testid=link-device]")
+    alice.page.wait_for_selector("[data-testid=link-qr]")
+    code = alice.page.input_value("[data-testid=link-code]")
+    laptop_d = DaemonProc(world.tmp / "dev-alice-laptop").start()
+    try:
+        laptop = open_ui(world.browser, laptop_d.url, locale="en-US")
+        laptop.page.fill("[data-testid=join-code]", code)
+        laptop.page.fill("[data-testid=join-name]", "Alice")
+        laptop.page.click("[data-testid=join-submit]")
+        laptop.page.wait_for_selector("[data-testid=welcome-continue]", timeout=60_000)
+        assert laptop.page.input_value("[data-testid=my-address]") == world.alice_addr
+        # the linking page hears the outcome and lists the new device
+        alice.page.wait_for_function(
+            "() => document.querySelectorAll('[data-testid=device-item]').length === 2"
+        )
+        status = alice.page.text_content("[data-testid=link-status]") or ""
+        assert status.startswith(EN["devices.link_done"].split("{")[0]), status
+        alice.page.click("[data-testid=device-remove]")
+        alice.page.click("[data-testid=dialog-confirm]")
+        alice.page.wait_for_function(
+            "() => document.querySelectorAll('[data-testid=device-item]').length === 1"
+        )
+        assert alice.errors == [] and laptop.errors == []
+        laptop.page.context.close()
+    finally:
+        laptop_d.kill()
+    alice.page.click("[data-testid=nav-chats]")
+    alice.open_chat(world.bob_addr)
+
+
 def test_narrow_window_is_one_pane(world: World) -> None:
     page = world.bob.page
     page.set_viewport_size({"width": 380, "height": 700})
