@@ -360,6 +360,29 @@ def test_link_a_device_then_remove_it(world: World) -> None:
     alice.open_chat(world.bob_addr)
 
 
+UNLABELLED = """() => [...document.querySelectorAll('button, input, select, textarea')]
+    .filter(e => e.type !== 'hidden' && !e.closest('[hidden]'))
+    .filter(e => !(e.getAttribute('aria-label')
+                   || (e.labels && e.labels.length && e.labels[0].textContent.trim())
+                   || (e.tagName === 'BUTTON' && e.textContent.trim())))
+    .map(e => e.outerHTML.slice(0, 120))"""
+
+
+def test_every_control_is_labelled(world: World) -> None:
+    page = world.bob.page
+    for nav, ready in (
+        ("nav-contacts", "[data-testid=contact-item]"),
+        ("nav-devices", "[data-testid=device-item]"),
+        ("nav-settings", "[data-testid=profile-name]"),
+        ("nav-chats", "[data-testid=chat-item]"),
+    ):
+        page.click(f"[data-testid={nav}]")
+        page.wait_for_selector(ready)
+        assert page.evaluate(UNLABELLED) == [], nav
+    world.bob.open_chat(world.alice_addr)
+    assert page.evaluate(UNLABELLED) == []
+
+
 def test_narrow_window_is_one_pane(world: World) -> None:
     page = world.bob.page
     page.set_viewport_size({"width": 380, "height": 700})

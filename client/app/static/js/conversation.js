@@ -157,6 +157,18 @@ function header(address) {
 /** The conversation screen for `address`; returns {el, dispose}. */
 export function conversation(address) {
   const head = h("div", { class: "conv-head-wrap" }, header(address));
+  const warning = h("div", { class: "warning slim", role: "alert", "data-testid": "chat-key-changed", hidden: true });
+  const showContact = (c) => {
+    if (!c || c.address !== address) return;
+    mount(
+      warning,
+      h("span", { text: t("verify.key_changed_text", { name: nameOf(c, address) }) }),
+      " ",
+      h("button", { type: "button", text: t("verify.open"), onclick: () => go("verify", address) }),
+    );
+    warning.hidden = !c.key_changed;
+  };
+  store.api.get("/api/contacts").then((all) => showContact(all.find((c) => c.address === address)), () => {});
   const list = h("div", { class: "messages", role: "log", "aria-live": "polite", "aria-label": t("conversation.messages"), "data-testid": "messages" });
   const composer = h("textarea", {
     "data-testid": "composer",
@@ -292,9 +304,10 @@ export function conversation(address) {
       if (!focusInHead) mount(head, header(address));
     }),
     on("resync", load),
+    on("contact", showContact),
   ];
 
-  const el = h("section", { class: "conversation", "aria-label": t("conversation.label") }, head, list, form);
+  const el = h("section", { class: "conversation", "aria-label": t("conversation.label") }, head, warning, list, form);
   if (store.messages.has(address)) {
     queueMicrotask(() => {
       renderAll();

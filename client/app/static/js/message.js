@@ -1,7 +1,7 @@
 // One message in a conversation. Message kinds are a registry: attachments or group notices
 // later add a renderer here (`messageRenderers[kind]`), nothing else changes.
 import { h } from "./dom.js";
-import { formatDateTime, formatDuration, formatTime, t } from "./i18n.js";
+import { errorText, formatDateTime, formatDuration, formatTime, t } from "./i18n.js";
 
 /** kind → function(message) returning the element that shows its content. */
 export const messageRenderers = {
@@ -54,7 +54,14 @@ export function renderMessage(m, actions) {
       "aria-label": m.outgoing ? t("message.from_me") : t("message.from_them"),
       tabindex: "-1",
     },
-    h("div", { class: "bubble" }, render(m), meta, notDelivered),
+    h(
+      "div",
+      { class: "bubble" },
+      render(m),
+      meta,
+      notDelivered,
+      m.outgoing && m.error ? h("p", { class: "not-delivered", "data-testid": "message-error", role: "status", text: errorText(m.error) }) : null,
+    ),
     tools,
   );
 }
