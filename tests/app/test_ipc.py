@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -28,14 +29,37 @@ from tests.integration.harness import ROOT, NodeProc, haven, join, wait_until
 from .daemon import DaemonProc, EventSocket, wait_message
 
 NOBODY = 65534
-# A stdlib-only client for the other-uid check (the venv's interpreter lives under /root).
-RAW_CLIENT = """
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-s.sendall(json.dumps({"cmd": "whoami", "args": {"json": True}, "client": "cli"}).encode() + b"\\n")
-sys.stdout.write(s.makefile().read())
-"""
+WHOAMI = b'{"cmd": "whoami", "args": {"json": true}, "client": "cli"}\n'
+
+
+def ask_as(uid: int | None, path: Path, request: bytes) -> str:
+    """Send ``request`` to the socket from a forked child running as ``uid`` (None: as we
+    are) and return all it answered. A fork needs no interpreter the other uid could run
+    (the venv's lives under /root); the peer uid is what the kernel reports at connect."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to uid, connect, relay the answer, exit at once
+        try:
+            os.close(r)
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(20)
+                s.connect(str(path))
+                s.sendall(request)
+                while chunk := s.recv(65536):
+                    os.write(w, chunk)
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent as text
+            os.write(w, f"child failed: {exc}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return data.decode("utf-8", "replace")
 
 
 @pytest.fixture
@@ -149,23 +173,12 @@ def test_another_uid_is_refused(world: dict[str, Any]) -> None:
     # loosen the modes so only SO_PEERCRED stands between another user and the daemon
     ah.chmod(0o711)
     sock.chmod(0o666)
-    r = subprocess.run(
-        ["/usr/bin/python3", "-c", RAW_CLIENT, str(sock)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        user=NOBODY,
-        group=NOBODY,
-        cwd="/",
-    )
-    assert "another user (forbidden)" in r.stdout, (r.stdout, r.stderr)
-    assert '"rc": 1' in r.stdout
-    assert world["alice"] not in r.stdout  # nothing about the device leaked
+    theirs = ask_as(NOBODY, sock, WHOAMI)
+    assert "another user (forbidden)" in theirs and '"rc": 1' in theirs, theirs
+    assert world["alice"] not in theirs  # nothing about the device leaked
     # the same request from our own uid is answered
-    mine = subprocess.run(
-        ["/usr/bin/python3", "-c", RAW_CLIENT, str(sock)], capture_output=True, text=True
-    )
-    assert world["alice"] in mine.stdout and '"rc": 0' in mine.stdout
+    mine = ask_as(None, sock, WHOAMI)
+    assert world["alice"] in mine and '"rc": 0' in mine, mine
 
 
 def test_stale_socket_and_bad_requests(world: dict[str, Any]) -> None:
@@ -175,7 +188,7 @@ def test_stale_socket_and_bad_requests(world: dict[str, Any]) -> None:
     # bad JSON and an oversized line get an error line, and the daemon keeps serving
     for payload in (b"not json\n", b"[1, 2]\n", b"{" + b"x" * (1 << 20) + b"\n"):
         r = subprocess.run(
-            ["/usr/bin/python3", "-c", _SEND_RAW, str(sock)],
+            [sys.executable, "-c", _SEND_RAW, str(sock)],
             input=payload,
             capture_output=True,
             timeout=30,
