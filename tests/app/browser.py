@@ -117,6 +117,7 @@ def open_ui(
     locale: str = "en-US",
     width: int = 1000,
     height: int = 700,
+    init_script: str | None = None,
 ) -> UiPage:
     """A new context (locale, viewport at scale 1) with one page on the daemon's URL."""
     ctx = browser.new_context(
@@ -125,6 +126,8 @@ def open_ui(
         device_scale_factor=1,
         extra_http_headers={"Accept-Language": locale},
     )
+    if init_script:
+        ctx.add_init_script(init_script)
     page = ctx.new_page()
     ui = UiPage(page)
     page.on("pageerror", lambda exc: ui.errors.append(str(exc)))
