@@ -13,6 +13,8 @@ Sections (select with ``--sections``):
 * ``two_nodes``: the same with alice on node A and bob on node B (federation in the path).
 * ``device_drain``: a backlog of ``--drain-n`` envelopes received, decrypted and stored by a
   device on connect (``scripts/bench_device.py``).
+* ``ui_latency``: send in one browser page of the app, render in the other (two daemons, two
+  nodes, headless system chromium; ``--ui-n`` messages; ``scripts/bench_ui.py``).
 
 Every node runs as ``python -m client.cli node serve`` on 127.0.0.1 with a free port, in a
 temporary directory removed at the end (``--keep`` keeps it). ``--profile DIR`` attaches
@@ -912,6 +914,10 @@ async def amain(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 drain_base = base / "drain"
                 drain_base.mkdir()
                 result[section] = await device_drain(args.drain_n, drain_base, 120.0)
+            elif section == "ui_latency":
+                from bench_ui import run_section
+
+                result[section] = await run_section(args.ui_n)
         except Exception as exc:  # noqa: BLE001 - report the failure in the JSON, go on
             log(f"{section} failed: {type(exc).__name__}: {exc}")
             result[section] = {
@@ -931,8 +937,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--sections",
         default="node_only,one_node,two_nodes",
-        help="comma-separated subset of node_only,one_node,two_nodes,device_drain",
+        help="comma-separated subset of node_only,one_node,two_nodes,device_drain,ui_latency",
     )
+    p.add_argument("--ui-n", type=int, default=200, help="ui_latency messages (bench_ui.py)")
     p.add_argument("--drain-n", type=int, default=5000, help="device_drain backlog")
     p.add_argument("--n", type=int, default=100_000, help="node_only envelopes (unpaced run)")
     p.add_argument(
@@ -983,7 +990,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)  # fmt: skip
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    bad = set(args.sections) - {"node_only", "one_node", "two_nodes", "device_drain"}
+    bad = set(args.sections) - {"node_only", "one_node", "two_nodes", "device_drain", "ui_latency"}
     if bad:
         p.error(f"unknown sections: {', '.join(sorted(bad))}")
     if not 1 <= args.batch <= 256:

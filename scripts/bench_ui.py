@@ -19,11 +19,13 @@ from the WebSocket event's arrival in bob's page to the message element in its D
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -81,6 +83,26 @@ SEND = """async ([n, pace]) => {
 def pct(sorted_ms: list[float], p: float) -> float:
     i = min(len(sorted_ms) - 1, max(0, round(p / 100 * len(sorted_ms) + 0.5) - 1))
     return sorted_ms[i]
+
+
+async def run_section(n: int = 200, pace_ms: int = 50) -> dict[str, Any]:
+    """The ``ui_latency`` section of ``scripts/bench``: this script in a subprocess (the sync
+    Playwright API cannot run inside the bench's event loop); returns its figures."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "scripts" / "bench_ui.py"),
+        "--n",
+        str(n),
+        "--pace-ms",
+        str(pace_ms),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench_ui.py exited with {proc.returncode}")
+    result: dict[str, Any] = json.loads(out)["ui_latency"]
+    return result
 
 
 def main() -> int:
