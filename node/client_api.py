@@ -274,6 +274,11 @@ class ClientSession:
         except HavenError as exc:
             raise Unauthorized("unauthorized") from exc
 
+    def _admit(self) -> None:
+        """Lift the pre-auth caps (frame size, pool) before the sign-in answer goes out."""
+        if self.conn is not None:
+            self.node.admission.authenticated(self.conn)
+
     async def _attach(self, account: str, mailbox: bytes) -> None:
         self.mailbox, self.account = mailbox, account
         old = self.node.mailboxes.links.get(mailbox)
@@ -292,6 +297,7 @@ class ClientSession:
         if dev is None:
             raise Unauthorized("unauthorized")
         count = await self.node.store.count_otks(f.mailbox)
+        self._admit()  # before the answer: the device may send a full-size frame right after it
         self.send(F.AuthOk(f.rid, f"{dev.account}@{self.node.config.public_host}", count))
         await self._attach(dev.account, f.mailbox)
 
@@ -331,6 +337,7 @@ class ClientSession:
             raise QuotaExceeded("too many devices on this account")
         await store.add_device(account, f.mailbox, f.auth_key)
         self.node.known_mailboxes.add(f.mailbox)
+        self._admit()
         self.send(F.Registered(f.rid, address))
         await self._attach(account, f.mailbox)
 
