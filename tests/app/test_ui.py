@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 
-from tests.integration.harness import NodeProc, wait_until
+from tests.integration.harness import NodeProc, haven, wait_until
 
 from .browser import UiPage, catalog, launch, open_ui, two_people
 from .daemon import DaemonProc
@@ -398,3 +398,38 @@ def test_narrow_window_is_one_pane(world: World) -> None:
     page.keyboard.press("Escape")
     page.wait_for_selector("[data-testid=readers-dialog]", state="detached")
     page.set_viewport_size({"width": 1000, "height": 700})
+
+
+def test_changed_key_warns_and_shows_the_new_number_first(world: World) -> None:
+    """Last: bob reinstalls (same address, new identity key); alice's UI holds her message,
+    warns in the chat, and shows the new safety number before she accepts it."""
+    alice = world.alice
+    alice.page.click("[data-testid=nav-chats]")
+    alice.start_chat(world.bob_addr)
+    alice.page.click("[data-testid=verify-open]")
+    alice.page.wait_for_selector("[data-testid=safety-number] .group")
+    old_number = alice.page.text_content("[data-testid=safety-number]")
+    alice.page.click("[data-testid=back]")
+    alice.page.wait_for_selector("[data-testid=composer]")
+    haven("node", "remove-account", "--home", str(world.b.home), "bob")
+    haven("join", world.b.invite("bob"), "--home", str(world.tmp / "dev-bob-reinstalled"))
+    alice.type_and_send("held until the new key is accepted")
+    alice.page.wait_for_selector(
+        '[data-testid=message-text]:text-is("held until the new key is accepted")'
+    )
+    mid = alice.messages()[-1]["id"]
+    sel = f'[data-testid=message][data-id="{mid}"]'
+    alice.page.wait_for_selector(
+        f'{sel} [data-testid=message-error]:text-is("{EN["error.identity_changed"]}")'
+    )
+    alice.page.wait_for_selector("[data-testid=chat-key-changed]", state="visible")
+    alice.page.click("[data-testid=verify-open]")
+    alice.page.wait_for_selector("[data-testid=key-changed]")
+    new_number = alice.page.text_content("[data-testid=new-safety-number]")
+    assert alice.page.text_content("[data-testid=safety-number]") == old_number
+    assert new_number and len(new_number.split()) == 12 and new_number != old_number
+    alice.page.click("[data-testid=accept-new-key]")
+    alice.page.click("[data-testid=dialog-confirm]")
+    alice.page.wait_for_selector("[data-testid=key-changed]", state="detached")
+    assert alice.page.text_content("[data-testid=safety-number]") == new_number
+    assert alice.errors == [] and alice.dialogs == []

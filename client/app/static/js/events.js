@@ -19,11 +19,11 @@ function notify(m) {
 
 const handlers = {
   hello(ev) {
-    applyState(ev.state);
+    applyState(ev.state, true);
     emit("resync");
   },
   state(ev) {
-    applyState(ev.state);
+    applyState(ev.state, true);
   },
   message(ev) {
     const m = ev.message;
