@@ -319,6 +319,14 @@ def test_onboarding_then_unlock_through_the_ui(world: World) -> None:
         ui.page.click("[data-testid=unlock-submit]")
         ui.page.wait_for_selector("[data-testid=chat-list]", timeout=60_000)
         ui.wait_connection("online")
+        # and the passphrase can be removed again in the settings
+        ui.page.click("[data-testid=nav-settings]")
+        ui.page.click("[data-testid=passphrase-remove]")
+        ui.page.wait_for_selector(
+            f'[data-testid=passphrase-status]:text-is("{KO["settings.passphrase_removed"]}")',
+            timeout=60_000,
+        )
+        assert carol_d.state()["protection"] == "none"
         assert ui.errors == [] and ui.dialogs == []
         ui.page.context.close()
     finally:
@@ -379,6 +387,10 @@ def test_every_control_is_labelled(world: World) -> None:
         page.click(f"[data-testid={nav}]")
         page.wait_for_selector(ready)
         assert page.evaluate(UNLABELLED) == [], nav
+        if nav == "nav-settings":  # the receipt switches reach the daemon
+            for want in ("off", "on"):
+                page.click("[data-testid=setting-read-receipts]")
+                world.bob_d.wait_state(lambda s, w=want: s["settings"]["read_receipts"] == w)
     world.bob.open_chat(world.alice_addr)
     assert page.evaluate(UNLABELLED) == []
 
