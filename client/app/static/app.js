@@ -128,6 +128,7 @@ function render() {
   const app = document.getElementById("app");
   dispose();
   mode = rootMode();
+  app.classList.remove("pane-main"); // renderMain sets it again for an open screen
   let body;
   if (mode === "noauth") body = h("section", { class: "screen center" }, h("h2", { text: t("app.title") }), h("p", { role: "alert", "data-testid": "no-key", text: errorText("unauthorized") }));
   else if (mode === "loading") body = h("p", { class: "screen center", text: t("common.loading") });
@@ -140,7 +141,6 @@ function render() {
     }
     body = renderMain(app);
   }
-  app.classList.remove("pane-main");
   mount(app, header(mode === "main"), h("p", { id: "banner", class: "banner", role: "alert", "data-testid": "error", hidden: true }), body);
 }
 

@@ -72,10 +72,12 @@ export function onboarding() {
     if (value.startsWith("haven:link:")) body.link = value;
     else body.invite = value;
     if (pass.value) body.passphrase = pass.value;
+    // set before the request: the WebSocket's state event may announce the join first
+    store.welcome = true;
     busy(button, async () => {
-      const state = await store.api.post("/api/join", body);
-      store.welcome = true;
-      applyState(state);
+      applyState(await store.api.post("/api/join", body));
+    }).then(() => {
+      if (!store.state?.joined) store.welcome = false;
     });
   });
   setTimeout(() => code.focus(), 0);
