@@ -58,6 +58,12 @@ def test_secret_moves_out_of_the_address_bar(world: World) -> None:
     # a reload keeps working from sessionStorage
     world.alice.page.reload()
     world.alice.wait_connection("online")
+    # a tab without the key, or with a wrong one, says how to get the right link
+    for url in (world.alice_d.base + "/", world.alice_d.base + "/#k=not-the-key"):
+        ui = open_ui(world.browser, url, locale="en-US")
+        ui.page.wait_for_selector(f'[data-testid=no-key]:text-is("{EN["error.unauthorized"]}")')
+        assert not ui.page.is_visible("[data-testid=chat-list]")
+        ui.page.context.close()
 
 
 def test_live_message_ticks_and_unread_badge(world: World) -> None:

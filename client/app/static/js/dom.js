@@ -12,8 +12,9 @@ export function h(tag, attrs = {}, ...children) {
     if (value === undefined || value === null || value === false) continue;
     if (name === "text") el.textContent = String(value);
     else if (name === "class") el.className = value;
-    else if (name.startsWith("on") && typeof value === "function") {
-      el.addEventListener(name.slice(2).toLowerCase(), value);
+    else if (name.startsWith("on")) {
+      // listeners only ever as functions: an inline handler attribute is never written
+      if (typeof value === "function") el.addEventListener(name.slice(2).toLowerCase(), value);
     } else if (["hidden", "disabled", "checked", "selected", "required", "autofocus"].includes(name)) {
       el[name] = Boolean(value);
     } else if (name === "value") el.value = value;
