@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from playwright.sync_api import Browser, Dialog, Page, Playwright
+from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, Playwright
 
 from tests.integration.harness import NodeProc
 
@@ -43,6 +43,7 @@ class UiPage:
     page: Page
     errors: list[str] = field(default_factory=list)
     dialogs: list[str] = field(default_factory=list)
+    csp: list[str] = field(default_factory=list)  # Content-Security-Policy violations
 
     # ---- waiting -------------------------------------------------------------------------------
 
@@ -137,6 +138,12 @@ def open_ui(
         d.dismiss()
 
     page.on("dialog", on_dialog)
+
+    def on_console(msg: ConsoleMessage) -> None:
+        if "Content Security Policy" in msg.text:
+            ui.csp.append(msg.text)
+
+    page.on("console", on_console)
     page.goto(url)
     page.wait_for_selector("[data-testid=connection-state]")
     return ui

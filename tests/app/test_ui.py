@@ -192,6 +192,8 @@ def test_hostile_content_is_only_text(world: World) -> None:
         assert ui.page.evaluate("typeof window.__pwned") == "undefined"
         assert ui.page.evaluate("document.querySelectorAll('#app img, #app script').length") == 0
         assert ui.dialogs == [] and ui.errors == []
+    # and the page itself never needed anything the strict CSP forbids
+    assert alice.csp == [] and bob.csp == []
     alice.page.click("[data-testid=nav-chats]")
     alice.open_chat(world.bob_addr)
 
