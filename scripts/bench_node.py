@@ -16,6 +16,10 @@ Sections (select with ``--sections``):
 * ``ui_latency``: send in one browser page of the app, render in the other (two daemons, two
   nodes, headless system chromium; ``--ui-n`` messages; ``scripts/bench_ui.py``).
 
+* ``per_message``, ``offline_store``, ``federated``, ``connections``, ``growth``, ``drain``: the
+  paths users feel (issue 12), in ``scripts/bench_sections.py`` (devices from
+  ``scripts/bench_raw.py``). ``--quick`` runs every section at a tiny size (the smoke test).
+
 Every node runs as ``python -m client.cli node serve`` on 127.0.0.1 with a free port, in a
 temporary directory removed at the end (``--keep`` keeps it). ``--profile DIR`` attaches
 ``py-spy record`` to the node process(es) during each throughput run and adds the top frames to
@@ -95,11 +99,26 @@ def haven(*args: str) -> str:
     return proc.stdout
 
 
+_LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (10 ms ticks)."""
+    """CPU time of a process, all threads (its CPU-time clock, ns; else utime + stime ticks)."""
+    clock = ctypes.c_int()
+    if _LIBC.clock_getcpuclockid(pid, ctypes.byref(clock)) == 0:
+        with contextlib.suppress(OSError):
+            return time.clock_gettime(clock.value)
     with open(f"/proc/{pid}/stat") as f:
         parts = f.read().rsplit(")", 1)[1].split()
     return (int(parts[11]) + int(parts[12])) / CLK_TCK
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
 
 
 @dataclass
@@ -118,7 +137,8 @@ class NodeProc:
         return f"127.0.0.1:{self.port}"
 
     @classmethod
-    def create(cls, base: Path, name: str) -> NodeProc:
+    def create(cls, base: Path, name: str, **config: Any) -> NodeProc:
+        """``haven node init``; ``config`` overrides node.toml keys (docs/operations.md §3)."""
         port = free_port()
         home = base / name
         out = haven(
@@ -133,20 +153,33 @@ class NodeProc:
             "--no-lan",
             "--json",
         )
+        if config:
+            from dataclasses import replace
+
+            from node.config import NodeConfig
+
+            replace(NodeConfig.load(str(home)), **config).save(str(home))
         return cls(home, port, node_id=json.loads(out)["node_id"])
 
     def invite(self, name: str) -> str:
         out = haven("node", "invite", "--home", str(self.home), name, "--json")
         return str(json.loads(out.strip().splitlines()[-1])["invite"])
 
-    def start(self) -> NodeProc:
+    def start(self, clock_offset_ms: int = 0) -> NodeProc:
+        """Serve; ``clock_offset_ms`` shifts the node's clock (the test-only switch)."""
         logf = open(self.home.parent / f"{self.home.name}.log", "ab")
+        cmd = [sys.executable, "-m", "client.cli", "node", "serve", "--home", str(self.home)]
+        env = child_env()
+        if clock_offset_ms:
+            sign = "-" if clock_offset_ms < 0 else "+"
+            cmd.append(f"--clock-offset={sign}{abs(clock_offset_ms)}ms")
+            env["HAVEN_TEST_CLOCK"] = "1"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "client.cli", "node", "serve", "--home", str(self.home)],
+            cmd,
             stdout=logf,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
-            env=child_env(),
+            env=env,
             preexec_fn=_die_with_parent,
         )
         _children.append(self.proc)
@@ -170,6 +203,10 @@ class NodeProc:
     def cpu(self) -> float:
         return cpu_seconds(self.pid)
 
+    def rss_mb(self, field: str = "VmRSS") -> float:
+        """Resident set (``VmHWM``: its peak) of the node process, MB."""
+        return rss_mb(self.pid, field)
+
     def stats(self) -> dict[str, Any]:
         import urllib.request
 
@@ -178,14 +215,15 @@ class NodeProc:
         with urllib.request.urlopen(self.url + "/haven/v1/stats", timeout=10) as r:
             return msgpack.unpackb(r.read())  # type: ignore[no-any-return]
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM (a clean stop re-seals what is pending), SIGKILL after ``timeout`` s."""
         p = self.proc
         if p is None:
             return
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
             try:
-                p.wait(timeout=15)
+                p.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=10)
@@ -388,13 +426,15 @@ class Receiver:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     last_rx: float = 0.0
 
-    async def run(self) -> None:
-        q = self.conn.deliveries
+    async def run(self, conn: NodeConnection | None = None) -> None:
+        """Ack what ``conn`` (default :attr:`conn`) receives; several may share one Receiver."""
+        conn = conn or self.conn
+        q = conn.deliveries
         while True:
             envs = await q.get()
             now = time.perf_counter()
             ids = [e.id for e in envs]
-            await self.conn.ack(ids)
+            await conn.ack(ids)
             pending = self.pending
             for i in ids:
                 if i in pending:
@@ -411,17 +451,27 @@ class Receiver:
 
 
 class Sender:
-    def __init__(self, conn: NodeConnection, dest: str, mailbox: bytes, inflight: int) -> None:
+    def __init__(
+        self, conn: NodeConnection, dest: str, mailbox: bytes | list[bytes], inflight: int
+    ) -> None:
         self.conn = conn
         self.dest = dest
-        self.mailbox = mailbox
+        self.mailboxes = [mailbox] if isinstance(mailbox, bytes) else mailbox
+        self._next = 0
+        self.inflight = inflight
         self.sem = asyncio.Semaphore(inflight)
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
         self.tasks: set[asyncio.Task[None]] = set()
 
     def envelopes(self, k: int, expires: int) -> list[Envelope]:
-        return [Envelope(os.urandom(16), self.mailbox, expires, os.urandom(1024)) for _ in range(k)]
+        """``k`` envelopes with 1 KiB bodies, to this sender's mailboxes in turn."""
+        mbs, i = self.mailboxes, self._next
+        self._next += k
+        return [
+            Envelope(os.urandom(16), mbs[(i + j) % len(mbs)], expires, os.urandom(1024))
+            for j in range(k)
+        ]
 
     async def _request(self, rid: int, data: bytes, n: int) -> None:
         try:
@@ -586,6 +636,7 @@ async def bench_node_only(args: argparse.Namespace, base: Path) -> dict[str, Any
             lat = await paced(snds[0], rcv, args.rate, args.paced_seconds)
             await asyncio.sleep(1.5)
             counts = node.stats().get("counts", {})
+            rss, hwm = node.rss_mb(), node.rss_mb("VmHWM")
         finally:
             rtask.cancel()
             for c in [*sconns, rconn]:
@@ -609,6 +660,8 @@ async def bench_node_only(args: argparse.Namespace, base: Path) -> dict[str, Any
             "node_cpu_s": round(c1 - c0, 2),
             "node_cpu_util": round((c1 - c0) / (w1 - w0), 3),
             "node_cpu_us_per_msg": round((c1 - c0) / delivered * 1e6, 1),
+            "rss_mb": rss,
+            "rss_peak_mb": hwm,
             "driver_cpu_util": round((p1 - p0) / (w1 - w0), 3),
             "paced": lat,
             "node_counts_after": counts,
@@ -800,6 +853,7 @@ async def bench_e2e(args: argparse.Namespace, base: Path, federated: bool) -> di
             )
             c1 = [nd.cpu() for nd in nodes]
             p1, w1 = time.process_time(), time.perf_counter()
+            rss = [nd.rss_mb() for nd in nodes]
             profiles = [p.stop() for p in profs]
             dprofile = dprof.stop()
             log(f"{name}: paced run at {args.rate}/s for {args.e2e_paced_seconds}s")
@@ -836,6 +890,7 @@ async def bench_e2e(args: argparse.Namespace, base: Path, federated: bool) -> di
             "node_cpu_us_per_msg": [
                 round((b - a) / got * 1e6, 1) for a, b in zip(c0, c1, strict=True)
             ],
+            "rss_mb": rss,
             "driver_cpu_util": round((p1 - p0) / wall, 3),
             "driver_cpu_us_per_msg": round((p1 - p0) / got * 1e6, 1),
             "paced": lat,
@@ -918,6 +973,10 @@ async def amain(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 from bench_ui import run_section
 
                 result[section] = await run_section(args.ui_n)
+            else:
+                from bench_sections import SECTIONS
+
+                result[section] = await SECTIONS[section](args, base)
         except Exception as exc:  # noqa: BLE001 - report the failure in the JSON, go on
             log(f"{section} failed: {type(exc).__name__}: {exc}")
             result[section] = {
@@ -927,17 +986,67 @@ async def amain(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 "p99_ms": None,
             }
         result[section]["section_wall_s"] = round(time.perf_counter() - t, 1)
-        head = {k: result[section].get(k) for k in ("msgs_per_s", "p50_ms", "p99_ms")}
-        log(f"{section}: {json.dumps(head)}")
+        keys = ("msgs_per_s", "node_cpu_us_per_msg", "p50_ms", "p99_ms", "rss_mb")
+        parts = {section: result[section]}
+        parts |= {f"{section}.{k}": v for k, v in result[section].items() if isinstance(v, dict)}
+        for label, fig in parts.items():
+            if "msgs_per_s" in fig:
+                log(f"{label}: {json.dumps({k: fig.get(k) for k in keys})}")
     return result
+
+
+OLD_SECTIONS = ("node_only", "one_node", "two_nodes", "device_drain", "ui_latency")
+NEW_SECTIONS = ("per_message", "offline_store", "federated", "connections", "growth", "drain")
+ALL_SECTIONS = (*OLD_SECTIONS[:3], *NEW_SECTIONS, *OLD_SECTIONS[3:])
+DEFAULT_SECTIONS = "node_only,one_node,two_nodes"
+# --quick: every section in seconds (tests/test_bench_smoke.py); explicit flags still win
+QUICK = {
+    "n": 300, "repeats": 1, "warmup": 50, "paced_seconds": 0.5, "rate": 400.0,
+    "e2e_n": 10, "e2e_warmup": 2, "e2e_paced_seconds": 0.5, "e2e_max_seconds": 5.0,
+    "drain_n": 30, "ui_n": 3, "pm_n": 300, "pm_repeats": 1, "pm_warmup": 20,
+    "backlog_n": 400, "growth_small": 40, "rotation_wait_s": 0.0, "conn_n": 40,
+    "conn_rate": 200.0, "max_seconds": 20.0,
+}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "--sections",
-        default="node_only,one_node,two_nodes",
-        help="comma-separated subset of node_only,one_node,two_nodes,device_drain,ui_latency",
+        default=DEFAULT_SECTIONS,
+        help=f"comma-separated subset of {','.join(ALL_SECTIONS)}, or 'all'",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes for every section (the smoke test); explicit flags still apply",
+    )
+    p.add_argument(
+        "--pm-n",
+        type=int,
+        default=100_000,
+        help="per_message/federated/growth: "
+        "envelopes per unpaced run; offline_store: envelopes accepted",
+    )
+    p.add_argument("--pm-repeats", type=int, default=3, help="unpaced runs; msgs_per_s = median")
+    p.add_argument("--pm-warmup", type=int, default=2000)
+    p.add_argument(
+        "--backlog-n",
+        type=int,
+        default=1_000_000,
+        help="drain: envelopes waiting; growth: the big backlog",
+    )
+    p.add_argument("--backlog-mailboxes", type=int, default=100, help=">= 100")
+    p.add_argument("--growth-small", type=int, default=1000, help="growth: the small backlog")
+    p.add_argument(
+        "--rotation-wait-s",
+        type=float,
+        default=90.0,
+        help="growth: keep measuring up to this long until the epoch rotation is done",
+    )
+    p.add_argument("--conn-n", type=int, default=10_000, help="connections: idle connections")
+    p.add_argument(
+        "--conn-rate", type=float, default=1000.0, help="connections: the live pair's paced rate"
     )
     p.add_argument("--ui-n", type=int, default=200, help="ui_latency messages (bench_ui.py)")
     p.add_argument("--drain-n", type=int, default=5000, help="device_drain backlog")
@@ -951,7 +1060,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--senders", type=int, default=1, help="node_only sender devices, one connection each"
     )
-    p.add_argument("--rate", type=float, default=1000.0, help="offered rate of the paced runs")
+    p.add_argument("--rate", type=float, default=2000.0, help="offered rate of the paced runs")
     p.add_argument("--paced-seconds", type=float, default=5.0)
     p.add_argument(
         "--max-seconds",
@@ -989,8 +1098,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)  # fmt: skip
+    if args.quick:
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+        for key, value in QUICK.items():
+            if "--" + key.replace("_", "-") not in given:
+                setattr(args, key, value)
+    if args.sections == "all":
+        args.sections = ",".join(ALL_SECTIONS)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    bad = set(args.sections) - {"node_only", "one_node", "two_nodes", "device_drain", "ui_latency"}
+    if "growth" in args.sections and "drain" in args.sections:  # drain reuses growth's backlog
+        args.sections.remove("drain")
+        args.sections.insert(args.sections.index("growth") + 1, "drain")
+    bad = set(args.sections) - set(ALL_SECTIONS)
     if bad:
         p.error(f"unknown sections: {', '.join(sorted(bad))}")
     if not 1 <= args.batch <= 256:
@@ -1033,4 +1152,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("bench_node", sys.modules["__main__"])  # one copy for bench_sections
     sys.exit(main())

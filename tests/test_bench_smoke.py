@@ -1,0 +1,92 @@
+"""Every ``scripts/bench`` section runs at a tiny size and reports its figures.
+
+One subprocess runs ``scripts/bench_node.py --quick --sections all`` (real nodes on 127.0.0.1;
+the ``ui_latency`` section needs a system chromium and is left out without one). No timing is
+asserted: only that each section (or each of its variants) produced every required figure as a
+positive, finite number, so a section that stops working fails the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_node import ALL_SECTIONS  # noqa: E402
+
+REQUIRED = ("msgs_per_s", "node_cpu_us_per_msg", "p50_ms", "p99_ms", "rss_mb")
+# the sections kept from before issue 12 report what they measure (device_drain: no node RSS;
+# ui_latency: browser to browser, no per-message node figures)
+KEPT: dict[str, tuple[str, ...]] = {
+    "node_only": REQUIRED,
+    "one_node": REQUIRED,
+    "two_nodes": REQUIRED,
+    "device_drain": ("msgs_per_s", "node_cpu_us_per_msg", "p50_ms", "p99_ms"),
+    "ui_latency": ("p50_ms", "p99_ms"),
+}
+VARIANTS = {"per_message": ("1to1", "50to50"), "growth": ("pending_small", "pending_big")}
+
+
+def sane(value: Any) -> bool:
+    if isinstance(value, list):
+        return bool(value) and all(sane(v) for v in value)
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def check(name: str, figures: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    if "error" in figures:
+        return [f"{name}: {figures['error']}"]
+    return [f"{name}.{k} = {figures.get(k)!r}" for k in keys if not sane(figures.get(k))]
+
+
+@pytest.fixture(scope="module")
+def bench() -> dict[str, Any]:
+    sections = [s for s in ALL_SECTIONS if s != "ui_latency" or shutil.which("chromium")]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_node.py"), "--quick",
+         "--sections", ",".join(sections)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result: dict[str, Any] = json.loads(proc.stdout)
+    assert set(sections) <= set(result), proc.stderr[-4000:]
+    return result
+
+
+def test_every_section_reports_its_figures(bench: dict[str, Any]) -> None:
+    problems = []
+    for name in ALL_SECTIONS:
+        if name not in bench:
+            continue
+        section = bench[name]
+        if name in VARIANTS:
+            for v in VARIANTS[name]:
+                problems += check(f"{name}.{v}", section.get(v, {"error": "missing"}), REQUIRED)
+        else:
+            problems += check(name, section, KEPT.get(name, REQUIRED))
+    assert not problems, "\n".join(problems)
+
+
+def test_backlog_sections_deliver_all_and_hold_connections(bench: dict[str, Any]) -> None:
+    drain = bench["drain"]
+    assert drain["complete"] and drain["mailboxes"] >= 100
+    assert sane(bench["growth"]["throughput_ratio"])
+    for v in VARIANTS["growth"]:
+        assert bench["growth"][v]["epoch_rotation"]["initial_epochs"]  # rows were sealed
+    conns = bench["connections"]
+    assert conns["connections_held"] == conns["connections_requested"]
+    assert math.isfinite(conns["rss_per_connection_kib"])
