@@ -205,7 +205,18 @@ class NodeProc:
         return cpu_seconds(self.pid)
 
     def rss_mb(self, field: str = "VmRSS") -> float:
-        """Resident set (``VmHWM``: its peak) of the node process, MB."""
+        """Resident set (``VmHWM``: its peak) of the node process, MB.
+
+        Raises:
+            RuntimeError: the node has exited (with the end of its log, which never holds
+                message contents or addresses).
+        """
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            tail = ""
+            with contextlib.suppress(OSError):
+                tail = (self.home.parent / f"{self.home.name}.log").read_text()[-1500:]
+            raise RuntimeError(f"node {self.home.name} exited ({self.proc.returncode}): {tail}")
         return rss_mb(self.pid, field)
 
     def stats(self) -> dict[str, Any]:

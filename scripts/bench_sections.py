@@ -49,6 +49,7 @@ from typing import Any
 from bench_node import (
     DAY_MS,
     NodeProc,
+    Profiler,
     Receiver,
     Sender,
     lat_summary,
@@ -215,6 +216,8 @@ async def message_run(
     snd_list = list(snds)
     await unpaced(snd_list, rcv, args.pm_warmup, 1, 30)
     log(f"{label}: unpaced, n={args.pm_n} x {args.pm_repeats}, 1 envelope/frame")
+    tag = "".join(ch if ch.isalnum() else "_" for ch in label)
+    profs = [Profiler(args.profile, f"{tag}_node{i}", nd.pid) for i, nd in enumerate(nodes)]
     c0, p0, w0 = [nd.cpu() for nd in nodes], time.process_time(), time.perf_counter()
     runs = []
     while True:
@@ -226,11 +229,13 @@ async def message_run(
             break
     c1, p1, w1 = [nd.cpu() for nd in nodes], time.process_time(), time.perf_counter()
     rss = [nd.rss_mb() for nd in nodes]
+    profiles = [p.stop() for p in profs]
     delivered = max(sum(r["delivered"] for r in runs), 1)
     log(f"{label}: paced at {args.rate}/s for {args.paced_seconds}s")
     lat = await paced_frames(snd_list, rcv, args.rate, args.paced_seconds)
     wall = sum(r["wall_s"] for r in runs)
-    return {
+    extra = {"profile_nodes": profiles} if any(profiles) else {}
+    return extra | {
         "msgs_per_s": _median_run(runs)["msgs_per_s"],
         "node_cpu_us_per_msg": _one(
             [round((b - a) / delivered * 1e6, 1) for a, b in zip(c0, c1, strict=True)]
