@@ -66,6 +66,7 @@ from client.device import Device
 BENCH_CONFIG: dict[str, Any] = {"registrations_per_minute": 1_000_000}
 INFLIGHT = 256  # frames in flight on the per-message path, in all
 ROTATE_LEAD_S = 3.0
+FED_IN_TRANSIT = 10_000  # half the default max_outbox_per_account
 SLOT = 40  # epochs.key: 8-byte epoch number + 32-byte key per slot (node/atrest.py)
 
 
@@ -210,18 +211,23 @@ async def message_run(
     label: str,
     until: Callable[[], bool] | None = None,
     wait_s: float = 0.0,
+    max_undelivered: int = 0,
 ) -> dict[str, Any]:
     """Warm-up, ``--pm-repeats`` unpaced runs (more while ``until()`` is false, up to
     ``wait_s``), then the paced latency run."""
     snd_list = list(snds)
-    await unpaced(snd_list, rcv, args.pm_warmup, 1, 30)
+    await unpaced(snd_list, rcv, args.pm_warmup, 1, 30, max_undelivered=max_undelivered)
     log(f"{label}: unpaced, n={args.pm_n} x {args.pm_repeats}, 1 envelope/frame")
     tag = "".join(ch if ch.isalnum() else "_" for ch in label)
     profs = [Profiler(args.profile, f"{tag}_node{i}", nd.pid) for i, nd in enumerate(nodes)]
     c0, p0, w0 = [nd.cpu() for nd in nodes], time.process_time(), time.perf_counter()
     runs = []
     while True:
-        runs.append(await unpaced(snd_list, rcv, args.pm_n, 1, args.max_seconds))
+        runs.append(
+            await unpaced(
+                snd_list, rcv, args.pm_n, 1, args.max_seconds, max_undelivered=max_undelivered
+            )
+        )
         log(f"{label}: {runs[-1]['msgs_per_s']} msgs/s")
         if len(runs) < args.pm_repeats:
             continue
@@ -252,6 +258,7 @@ async def message_run(
         "inflight_frames": sum(s.inflight for s in snd_list),
         "envelopes_per_frame": 1,
         "body_bytes": 1024,
+        "max_undelivered": max_undelivered or None,
         "throughput_run": _median_run(runs),
         "latency_note": f"paced at {args.rate}/s, 1 envelope/frame; send -> receiving socket",
         "paced": lat,
@@ -547,7 +554,11 @@ async def federated(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         rcv = Receiver(bconn)
         task = asyncio.create_task(rcv.run())
         snd = Sender(aconn, nb.node_id, bob.mailbox, INFLIGHT)
-        res = await message_run(args, [na, nb], [snd], rcv, "federated")
+        # Unpaced, A would accept far faster than it forwards and refuse the rest with
+        # quota_exceeded (max_outbox_per_account): bound what is in transit below that quota.
+        res = await message_run(
+            args, [na, nb], [snd], rcv, "federated", max_undelivered=FED_IN_TRANSIT
+        )
         _strip_window(res)
         res["nodes"] = ["A (sender's home, outbox)", "B (recipient's home, inbound)"]
         return res
