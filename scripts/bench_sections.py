@@ -19,7 +19,8 @@ real :class:`client.device.Device` so that the nodes resolve and pin each other 
   per-mailbox quota raised in the bench's node.toml); all recipients connect at once; msgs/s of
   delivery + ack; p50/p99 = time from the connect to a recipient's first ``deliver``. Reuses the
   backlog ``growth`` leaves when both run.
-* ``federated``: alice on node A sends raw envelopes (one per frame, 256 in flight) to bob's
+* ``federated``: alice on node A sends raw envelopes (one per frame, 256 in flight, at most
+  ``FED_IN_TRANSIT`` sent and not yet delivered, below A's per-account outbox quota) to bob's
   mailbox on node B: A's outbox and federation, B's inbound batch path. CPU/msg per node.
 * ``connections``: ``--conn-n`` signed-in idle device connections (one account and device each,
   registered with real invites, held by one lean aiohttp client), RSS per connection (node RSS
