@@ -82,6 +82,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# ``--node-tracebacks``: serve through this wrapper, which prints the traceback of an error that
+# ends the node (the CLI's last-resort handler prints only "internal error"); bench-side only.
+TRACEBACK_WRAPPER = """
+import sys, traceback
+import node.cli as n
+run = n._run
+def _run(args):
+    try:
+        return run(args)
+    except BaseException:
+        traceback.print_exc()
+        raise
+n._run = _run
+from client.cli import main
+sys.exit(main())
+"""
+NODE_TRACEBACKS = False
+
+
 def child_env() -> dict[str, str]:
     return os.environ | {"PYTHONPATH": str(ROOT)}
 
@@ -169,7 +188,8 @@ class NodeProc:
     def start(self, clock_offset_ms: int = 0) -> NodeProc:
         """Serve; ``clock_offset_ms`` shifts the node's clock (the test-only switch)."""
         logf = open(self.home.parent / f"{self.home.name}.log", "ab")
-        cmd = [sys.executable, "-m", "client.cli", "node", "serve", "--home", str(self.home)]
+        entry = ["-c", TRACEBACK_WRAPPER] if NODE_TRACEBACKS else ["-m", "client.cli"]
+        cmd = [sys.executable, *entry, "node", "serve", "--home", str(self.home)]
         env = child_env()
         if clock_offset_ms:
             sign = "-" if clock_offset_ms < 0 else "+"
@@ -1001,7 +1021,12 @@ async def amain(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 result[section] = await SECTIONS[section](args, base)
         except Exception as exc:  # noqa: BLE001 - report the failure in the JSON, go on
             log(f"{section} failed: {type(exc).__name__}: {exc}")
-            result[section] = {
+            partial: dict[str, Any] = {}
+            if section not in OLD_SECTIONS:
+                from bench_sections import _BENCH_PARTIAL
+
+                partial = _BENCH_PARTIAL.pop(section, {})
+            result[section] = partial | {
                 "error": f"{type(exc).__name__}: {exc}",
                 "msgs_per_s": None,
                 "p50_ms": None,
@@ -1129,6 +1154,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="this process's event loop (the nodes are unaffected); uvloop keeps the driver "
         "cheaper than the node it measures",
     )
+    p.add_argument(
+        "--node-tracebacks",
+        action="store_true",
+        help="print the traceback of an error that ends a node into its log (debugging)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)  # fmt: skip
     if args.quick:
@@ -1152,6 +1182,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    global NODE_TRACEBACKS
+    NODE_TRACEBACKS = args.node_tracebacks
     if args.profile is not None:
         Profiler.flags = args.profile_flags.split()
         args.profile.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,8 @@ from client.device import Device
 # bench-only node.toml keys: registering hundreds of bench devices in seconds
 BENCH_CONFIG: dict[str, Any] = {"registrations_per_minute": 1_000_000}
 INFLIGHT = 256  # frames in flight on the per-message path, in all
+# variants finished before a section failed (bench_node.amain reports them next to the error)
+_BENCH_PARTIAL: dict[str, dict[str, Any]] = {}
 ROTATE_LEAD_S = 3.0
 FED_IN_TRANSIT = 10_000  # half the default max_outbox_per_account
 SLOT = 40  # epochs.key: 8-byte epoch number + 32-byte key per slot (node/atrest.py)
@@ -287,6 +289,7 @@ async def per_message(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         snd = Sender(conns[0], node.node_id, devs[1].mailbox, INFLIGHT)
         out["1to1"] = await message_run(args, [node], [snd], rcv, "per_message 1to1")
         _strip_window(out["1to1"])
+        _BENCH_PARTIAL["per_message"] = out  # kept if 50to50 fails
         # 50to50: sender i starts at receiver i, so the mailboxes of each frame window spread
         s_conns, r_devs, r_conns = conns[2:52], devs[52:102], conns[52:102]
         rcv50 = Receiver(r_conns[0])

@@ -74,6 +74,8 @@ def test_every_section_reports_its_figures(bench: dict[str, Any]) -> None:
             continue
         section = bench[name]
         if name in VARIANTS:
+            if "error" in section:
+                problems.append(f"{name}: {section['error']}")
             for v in VARIANTS[name]:
                 problems += check(f"{name}.{v}", section.get(v, {"error": "missing"}), REQUIRED)
         else:
