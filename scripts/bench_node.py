@@ -95,8 +95,8 @@ def _run(args):
         traceback.print_exc()
         raise
 n._run = _run
-from client.cli import main
-sys.exit(main())
+import runpy
+runpy.run_module("client.cli", run_name="__main__", alter_sys=True)  # exactly as with -m
 """
 NODE_TRACEBACKS = False
 
