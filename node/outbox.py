@@ -39,16 +39,17 @@ BATCH_BYTES = MAX_BATCH_BYTES - 64 * 1024  # headroom for msgpack framing
 
 
 def _select(
-    page: list[tuple[int, Envelope]], holds: EnvelopeHolds, now: int
+    page: list[tuple[int, Envelope]], holds: EnvelopeHolds, now: int, leaving: set[bytes]
 ) -> tuple[list[Envelope], int]:
-    """The next batch from a page: rows not held back, bounded by count and bytes (§8).
+    """The next batch from a page: rows not held back and not already settled (their deletion
+    still committing), bounded by count and bytes (§8).
 
     Returns the batch and how many leading rows of the page it consumed (sent or skipped).
     """
     batch: list[Envelope] = []
     total = 0
     for i, (_, env) in enumerate(page):
-        if holds.held(env.id, now):
+        if env.id in leaving or holds.held(env.id, now):
             continue
         size = len(env.body) + 64
         if batch and (total + size > BATCH_BYTES or len(batch) >= BATCH_SIZE):
@@ -63,6 +64,9 @@ class _Dest:
     backoff: Backoff = field(default_factory=Backoff)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     holds: EnvelopeHolds = field(default_factory=EnvelopeHolds)
+    # Settled rows (accepted or refused for good) whose deletion is still being committed: the
+    # worker goes on without waiting for that commit, and never sends these again.
+    leaving: set[bytes] = field(default_factory=set)
     started: bool = False
     failing: bool = False  # for logging state changes only
 
@@ -120,17 +124,27 @@ class OutboxSender:
         woken by new rows (then a pass over the rows after the last one seen)."""
         cursor, last_seen, full = 0, 0, True
         present: set[bytes] = set()  # ids seen in this full pass
+        ahead: list[tuple[int, Envelope]] | None = None  # the next page, read during a post
         while True:
-            d.wake.clear()
             now = self.clock.now_ms()
-            page = await self.store.outbox_page(dest, cursor, BATCH_SIZE)
+            if ahead is None:
+                d.wake.clear()
+                page = await self.store.outbox_page(dest, cursor, BATCH_SIZE)
+            else:
+                page, ahead = ahead, None
             if page:
-                envs, consumed = _select(page, d.holds, now)
+                envs, consumed = _select(page, d.holds, now, d.leaving)
                 if full:
                     present.update(e.id for _, e in page[:consumed])
-                if envs and not await self._attempt(dest, d, envs):
-                    continue  # failed: retry from the same cursor after the backoff
-                cursor = last_seen = page[consumed - 1][0]
+                after = page[consumed - 1][0]
+                if envs:
+                    ok, ahead = await self._attempt_reading_ahead(
+                        dest, d, envs, after, consumed == len(page)
+                    )
+                    if not ok:
+                        ahead = None
+                        continue  # failed: retry from the same cursor after the backoff
+                cursor = last_seen = after
                 continue
             if full:  # holds of rows that left the queue (expired) are forgotten
                 d.holds.keep_only(present)
@@ -147,10 +161,30 @@ class OutboxSender:
                     woken = True
             cursor, full = (last_seen, False) if woken else (0, True)
 
+    async def _attempt_reading_ahead(
+        self, dest: str, d: _Dest, envs: list[Envelope], after: int, read: bool
+    ) -> tuple[bool, list[tuple[int, Envelope]] | None]:
+        """:meth:`_attempt`; with ``read``, the page after ``after`` is read from the store
+        meanwhile, so the store's latency overlaps the peer's. A failed read is not an error
+        here (the next pass reads that page again, in the ordinary way)."""
+        if not read:
+            return await self._attempt(dest, d, envs), None
+        d.wake.clear()  # this read is the next pass's: rows committed after it wake the worker
+        ok, page = await asyncio.gather(
+            self._attempt(dest, d, envs),
+            self.store.outbox_page(dest, after, BATCH_SIZE),
+            return_exceptions=True,
+        )
+        if isinstance(ok, BaseException):
+            raise ok
+        if isinstance(page, asyncio.CancelledError):
+            raise page
+        return ok, None if isinstance(page, BaseException) else page
+
     async def _attempt(self, dest: str, d: _Dest, envs: list[Envelope]) -> bool:
         """One request; False (after waiting out the destination's backoff) if it failed."""
         try:
-            await self._send(dest, envs, d.holds)
+            await self._send(dest, envs, d)
             d.backoff.succeeded()
             if d.failing:  # state change only: never a line per envelope or per retry
                 d.failing = False
@@ -173,7 +207,7 @@ class OutboxSender:
                     await d.wake.wait()
             return False
 
-    async def _send(self, dest: str, envs: list[Envelope], holds: EnvelopeHolds) -> None:
+    async def _send(self, dest: str, envs: list[Envelope], d: _Dest) -> None:
         """Post one batch. Per-envelope refusals are settled per envelope: permanent codes
         drop the row, any other code holds it back on its own schedule. Raises only when the
         whole request failed."""
@@ -187,13 +221,14 @@ class OutboxSender:
             # one bad row can't block the queue; a single refused envelope is dropped.
             if len(envs) == 1:
                 self.metrics.error("outbox_rejected", exc.code)
-                await self._leave([envs[0].id], holds)
+                self._leave([envs[0].id], d)
                 return
             half = len(envs) // 2
-            await self._send(dest, envs[:half], holds)
-            await self._send(dest, envs[half:], holds)
+            await self._send(dest, envs[:half], d)
+            await self._send(dest, envs[half:], d)
             return
         now = self.clock.now_ms()
+        holds = d.holds
         settled = set(result.accepted)
         done = list(result.accepted)
         for eid, code in result.rejected:
@@ -207,15 +242,32 @@ class OutboxSender:
             if env.id not in settled:
                 holds.refused(env.id, now)
         if done:
-            await self._leave(done, holds)
+            self._leave(done, d)
         self.metrics.event("federation.envelopes_out", len(result.accepted))
 
-    async def _leave(self, ids: list[bytes], holds: EnvelopeHolds) -> None:
-        """These rows are done (accepted, or refused for good): delete them, free quotas."""
-        await self.mailboxes.delete_outbox(ids)
-        holds.forget(ids)
-        if self.quotas is not None:
-            self.quotas.left(ids)
+    def _leave(self, ids: list[bytes], d: _Dest) -> None:
+        """These rows are done (accepted, or refused for good): queue their deletion (one
+        group commit for the whole batch) and go on; quotas are freed once it is committed.
+
+        The worker does not wait for that commit: the ids stay in ``d.leaving`` meanwhile, so a
+        later pass never sends them again. If the commit fails, the committer retries the
+        deletion with its next transaction; we wait for that one in turn."""
+        d.holds.forget(ids)
+        d.leaving.update(ids)
+        self._await_deletion(ids, d)
+
+    def _await_deletion(self, ids: list[bytes], d: _Dest) -> None:
+        def committed(f: asyncio.Future[None]) -> None:
+            if f.cancelled():
+                return
+            if f.exception() is not None:  # retried with the next transaction
+                self._await_deletion(ids, d)
+                return
+            d.leaving.difference_update(ids)
+            if self.quotas is not None:
+                self.quotas.left(ids)
+
+        self.mailboxes.delete_outbox(ids).add_done_callback(committed)
 
     async def _post(self, dest: str, envs: list[Envelope]) -> BatchResult:
         """POST one signed batch through the peer's locators; re-measure its clock once."""
