@@ -47,6 +47,10 @@ from .store import PeerRecord, Store, day
 log = logging.getLogger("haven.peers")
 T = TypeVar("T")
 RATE_TRIES = 4  # attempts of a federated key query answered rate_limited
+# How long a pin read from the store serves requests before it is read again: one query per
+# peer per second instead of one per request (each waits behind the group commits on the
+# store's single connection). Pins changed by this process drop the copy at once.
+PIN_CACHE_MS = 1000
 
 
 def candidate_urls(host: str) -> list[str]:
@@ -75,6 +79,8 @@ class PeerState:
     spoofed: int = 0
     key_changed: bool = False  # presented another key with no valid rotation (§4.7)
     url_ignored: bool = False  # its descriptor named another public URL (logged once)
+    pin: PeerRecord | None = None  # the stored pin, as read at ``pin_read`` (PIN_CACHE_MS)
+    pin_read: int = 0
 
 
 class PeerDirectory:
@@ -110,15 +116,34 @@ class PeerDirectory:
     def invalidate(self, node_id: str) -> None:
         """Forget the measurement: the next request re-fetches the descriptor (and re-checks
         the key), e.g. after the peer answered ``wrong_destination``."""
-        self.st(node_id).measured = False
+        st = self.st(node_id)
+        st.measured, st.pin = False, None
 
     async def locators(self, node_id: str) -> list[tuple[str, str]]:
         """``(kind, base URL)`` to try, verified LAN addresses first."""
-        out = [("lan", u) for u in self.st(node_id).lan_urls]
-        rec = await self.store.get_peer(node_id)
+        st = self.st(node_id)
+        out = [("lan", u) for u in st.lan_urls]
+        rec = await self.pinned(node_id)
         if rec is not None:
             out.append(("public", rec.url))
         return out
+
+    async def pinned(self, node_id: str) -> PeerRecord | None:
+        """The stored pin of ``node_id``, read from the store at most once per PIN_CACHE_MS."""
+        st = self.state.get(node_id)
+        now = self.clock.now_ms()
+        if st is not None and st.pin is not None and 0 <= now - st.pin_read < PIN_CACHE_MS:
+            return st.pin
+        rec = await self.store.get_peer(node_id)
+        if rec is not None:  # no state for origins that are not pinned (unbounded in number)
+            st = self.st(node_id)
+            st.pin, st.pin_read = rec, now
+        return rec
+
+    def _drop_pin_copy(self, *node_ids: str) -> None:
+        for node_id in node_ids:
+            if node_id in self.state:
+                self.state[node_id].pin = None
 
     async def call(self, node_id: str, fn: Callable[[str], Awaitable[T]]) -> T:
         """Run ``fn(base_url)`` against each locator of ``node_id`` until one is reachable."""
@@ -164,6 +189,7 @@ class PeerDirectory:
             rec = await self.store.get_peer(node_id)
             if rec is not None and rec.last_seen < day(now):
                 await self.store.upsert_peer(PeerRecord(rec.node_id, rec.url, rec.host, now))
+                self._drop_pin_copy(node_id)
         except StorageError:
             return  # tried again on the next contact
         if rec is not None:
@@ -217,9 +243,11 @@ class PeerDirectory:
             log.info("peer %s rotated its key to %s", pinned.node_id, desc.node_id)
             self.st(pinned.node_id).key_changed = False
             await self.store.rename_peer(pinned.node_id, record)
+            self._drop_pin_copy(pinned.node_id, desc.node_id)
             self.on_seen(desc.node_id)  # its queue moved: drain it under the new id
         else:
             await self.store.upsert_peer(record)
+            self._drop_pin_copy(desc.node_id)
         st = self.st(desc.node_id)
         st.offset_ms, st.measured, st.key_changed = fetched.offset_ms, True, False
         self._ok(desc.node_id, "public")
@@ -284,7 +312,7 @@ class PeerDirectory:
 
     async def seen(self, node_id: str) -> None:
         """A peer contacted us: note it and let its outbox drain at once."""
-        rec = await self.store.get_peer(node_id)
+        rec = await self.pinned(node_id)
         if rec is not None:
             st = self.st(node_id)
             st.reachable, st.last_seen = True, self.clock.now_ms()
