@@ -59,6 +59,63 @@ def _select(
     return batch, len(page)
 
 
+def _plan(
+    page: list[tuple[int, Envelope]],
+    holds: EnvelopeHolds,
+    now: int,
+    leaving: set[bytes],
+    inflight: int,
+) -> tuple[list[list[Envelope]], int]:
+    """The requests to post next from a page, and how many leading rows they consume.
+
+    With ``inflight`` > 1 (the peer's descriptor allows that many requests at once:
+    docs/protocol.md §4.1 ``max_inflight``), the whole page is split into up to ``inflight``
+    batches that share no mailbox, each mailbox's rows in page order; requests in flight
+    together may be stored in any order, so per-mailbox order (§6) holds only because no
+    mailbox is in two of them. A page that does not split that way within the batch bounds
+    (few mailboxes, or large bodies) goes one batch at a time, as with ``inflight`` = 1.
+    """
+    if inflight > 1:
+        lanes = _lanes(page, holds, now, leaving, inflight)
+        if lanes is not None:
+            return lanes, len(page)
+    batch, consumed = _select(page, holds, now, leaving)
+    return ([batch] if batch else []), consumed
+
+
+def _lanes(
+    page: list[tuple[int, Envelope]],
+    holds: EnvelopeHolds,
+    now: int,
+    leaving: set[bytes],
+    n: int,
+) -> list[list[Envelope]] | None:
+    by_mailbox: dict[bytes, list[Envelope]] = {}
+    for _, env in page:
+        if env.id not in leaving and not holds.held(env.id, now):
+            by_mailbox.setdefault(env.to, []).append(env)
+    if len(by_mailbox) < 2:
+        return None
+    lanes: list[list[Envelope]] = [[] for _ in range(n)]
+    sizes = [0] * n
+    for envs in sorted(by_mailbox.values(), key=len, reverse=True):  # largest first, to the
+        i = min(range(n), key=lambda j: len(lanes[j]))  # emptiest lane
+        lanes[i] += envs
+        sizes[i] += sum(len(e.body) + 64 for e in envs)
+    if any(
+        len(lane) > BATCH_SIZE or size > BATCH_BYTES
+        for lane, size in zip(lanes, sizes, strict=True)
+    ):
+        return None
+    return [lane for lane in lanes if lane]
+
+
+def _page_rows(d: _Dest, inflight: int) -> int:
+    """Rows to read at once: enough for ``inflight`` batches while pages split (many
+    mailboxes), one batch's worth while they do not (a page read holds the store's lock)."""
+    return BATCH_SIZE * inflight if d.wide else BATCH_SIZE
+
+
 @dataclass
 class _Dest:
     backoff: Backoff = field(default_factory=Backoff)
@@ -68,6 +125,7 @@ class _Dest:
     # worker goes on without waiting for that commit, and never sends these again.
     leaving: set[bytes] = field(default_factory=set)
     started: bool = False
+    wide: bool = True  # the last page split into several requests: read k batches' worth
     failing: bool = False  # for logging state changes only
 
 
@@ -127,23 +185,25 @@ class OutboxSender:
         ahead: list[tuple[int, Envelope]] | None = None  # the next page, read during a post
         while True:
             now = self.clock.now_ms()
+            k = self.peers.max_inflight(dest)
             if ahead is None:
                 d.wake.clear()
-                page = await self.store.outbox_page(dest, cursor, BATCH_SIZE)
+                page = await self.store.outbox_page(dest, cursor, _page_rows(d, k))
             else:
                 page, ahead = ahead, None
             if page:
-                envs, consumed = _select(page, d.holds, now, d.leaving)
+                lanes, consumed = _plan(page, d.holds, now, d.leaving, k)
+                d.wide = len(lanes) > 1
                 if full:
                     present.update(e.id for _, e in page[:consumed])
-                after = page[consumed - 1][0]
-                if envs:
-                    ok, ahead = await self._attempt_reading_ahead(
-                        dest, d, envs, after, consumed == len(page)
-                    )
+                after, rest = page[consumed - 1][0], page[consumed:]
+                read: list[tuple[int, Envelope]] | None = None
+                if lanes:
+                    ok, read = await self._attempt_reading_ahead(dest, d, lanes, after, not rest)
                     if not ok:
-                        ahead = None
                         continue  # failed: retry from the same cursor after the backoff
+                # the rest of this page is the next page: rows committed later sort after it
+                ahead = rest or read
                 cursor = last_seen = after
                 continue
             if full:  # holds of rows that left the queue (expired) are forgotten
@@ -162,24 +222,29 @@ class OutboxSender:
             cursor, full = (last_seen, False) if woken else (0, True)
 
     async def _attempt_reading_ahead(
-        self, dest: str, d: _Dest, envs: list[Envelope], after: int, read: bool
+        self, dest: str, d: _Dest, lanes: list[list[Envelope]], after: int, read: bool
     ) -> tuple[bool, list[tuple[int, Envelope]] | None]:
-        """:meth:`_attempt`; with ``read``, the page after ``after`` is read from the store
-        meanwhile, so the store's latency overlaps the peer's. A failed read is not an error
-        here (the next pass reads that page again, in the ordinary way)."""
-        if not read:
-            return await self._attempt(dest, d, envs), None
-        d.wake.clear()  # this read is the next pass's: rows committed after it wake the worker
-        ok, page = await asyncio.gather(
-            self._attempt(dest, d, envs),
-            self.store.outbox_page(dest, after, BATCH_SIZE),
-            return_exceptions=True,
+        """:meth:`_attempt` for each batch at once (they share no mailbox: :func:`_plan`);
+        with ``read``, the page after ``after`` is read from the store meanwhile, so the
+        store's latency overlaps the peer's. True only if every batch went through. A failed
+        read is not an error here (the next pass reads that page again, in the ordinary way)."""
+        pages = [self.store.outbox_page(dest, after, _page_rows(d, len(lanes)))] if read else []
+        if read:
+            d.wake.clear()  # this read is the next pass's: rows committed after it wake us
+        results = await asyncio.gather(
+            *(self._attempt(dest, d, envs) for envs in lanes), *pages, return_exceptions=True
         )
-        if isinstance(ok, BaseException):
-            raise ok
-        if isinstance(page, asyncio.CancelledError):
-            raise page
-        return ok, None if isinstance(page, BaseException) else page
+        for res in results:
+            if isinstance(res, asyncio.CancelledError) or (
+                isinstance(res, BaseException) and not isinstance(res, Exception)
+            ):
+                raise res
+        oks, got = results[: len(lanes)], results[len(lanes) :]
+        for res in oks:
+            if isinstance(res, BaseException):
+                raise res
+        page = got[0] if got and not isinstance(got[0], BaseException) else None
+        return all(oks), page  # type: ignore[return-value]
 
     async def _attempt(self, dest: str, d: _Dest, envs: list[Envelope]) -> bool:
         """One request; False (after waiting out the destination's backoff) if it failed."""

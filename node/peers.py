@@ -51,6 +51,8 @@ RATE_TRIES = 4  # attempts of a federated key query answered rate_limited
 # peer per second instead of one per request (each waits behind the group commits on the
 # store's single connection). Pins changed by this process drop the copy at once.
 PIN_CACHE_MS = 1000
+# Most requests we keep in flight to one peer, whatever its descriptor allows (§4.1).
+MAX_INFLIGHT = 8
 
 
 def candidate_urls(host: str) -> list[str]:
@@ -79,6 +81,7 @@ class PeerState:
     spoofed: int = 0
     key_changed: bool = False  # presented another key with no valid rotation (§4.7)
     url_ignored: bool = False  # its descriptor named another public URL (logged once)
+    inflight: int = 1  # requests it takes at once: its descriptor's ``max_inflight`` (§4.1)
     pin: PeerRecord | None = None  # the stored pin, as read at ``pin_read`` (PIN_CACHE_MS)
     pin_read: int = 0
 
@@ -108,6 +111,18 @@ class PeerDirectory:
     def stamp(self, node_id: str) -> int:
         """``created`` for a request to ``node_id``, in that peer's clock."""
         return self.clock.now_ms() + self.st(node_id).offset_ms
+
+    def max_inflight(self, node_id: str) -> int:
+        """How many batch requests to keep in flight to ``node_id`` (1 unless its descriptor
+        advertises more: docs/protocol.md §4.1 ``limits.max_inflight``)."""
+        st = self.state.get(node_id)
+        return 1 if st is None else st.inflight
+
+    def _measured(self, node_id: str, fetched: FetchedDescriptor) -> PeerState:
+        st = self.st(node_id)
+        st.offset_ms, st.measured, st.key_changed = fetched.offset_ms, True, False
+        st.inflight = max(1, min(MAX_INFLIGHT, fetched.descriptor.limits.get("max_inflight", 1)))
+        return st
 
     def correct_clock(self, node_id: str, peer_now: int) -> None:
         st = self.st(node_id)
@@ -248,8 +263,7 @@ class PeerDirectory:
         else:
             await self.store.upsert_peer(record)
             self._drop_pin_copy(desc.node_id)
-        st = self.st(desc.node_id)
-        st.offset_ms, st.measured, st.key_changed = fetched.offset_ms, True, False
+        self._measured(desc.node_id, fetched)
         self._ok(desc.node_id, "public")
         self._stored_day[desc.node_id] = day(record.last_seen)
         return record
@@ -304,7 +318,7 @@ class PeerDirectory:
                 raise TransportError("peer identity rotated; queue moved")
             if kind == "public":
                 self._check_public_url(node_id, fetched.descriptor.public_url, url)
-            st.offset_ms, st.measured, st.key_changed = fetched.offset_ms, True, False
+            self._measured(node_id, fetched)
             self._ok(node_id, kind)
             return
         st.reachable = False
