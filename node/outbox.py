@@ -336,10 +336,10 @@ class OutboxSender:
 
     async def _post(self, dest: str, envs: list[Envelope]) -> BatchResult:
         """POST one signed batch through the peer's locators; re-measure its clock once."""
-        batch = Batch(tuple(envs))
+        body = Batch(tuple(envs)).encode()  # once: every retry below re-signs only (§4.2)
 
         async def post(url: str) -> BatchResult:
-            return await self.transport.post_batch(url, dest, self.peers.stamp(dest), batch)
+            return await self.transport.post_encoded_batch(url, dest, self.peers.stamp(dest), body)
 
         try:
             return await self.peers.call(dest, post)

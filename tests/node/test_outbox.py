@@ -37,7 +37,16 @@ class FakePeers:
         return await fn("http://peer.invalid")
 
 
-class RefusingTransport:
+class EncodedBatches:
+    """The sender posts encoded batches (:meth:`PeerTransport.post_encoded_batch`)."""
+
+    async def post_encoded_batch(
+        self, url: str, dest: str, created: int, body: bytes
+    ) -> BatchResult:
+        return await self.post_batch(url, dest, created, Batch.decode(body))  # type: ignore[attr-defined]
+
+
+class RefusingTransport(EncodedBatches):
     """Refuses a whole batch when any envelope is "too large"; accepts everything else."""
 
     def __init__(self) -> None:
@@ -109,7 +118,7 @@ def test_envelope_holds_back_off_per_envelope_with_a_fake_clock() -> None:
     assert len(delays) <= 3
 
 
-class FullMailboxTransport:
+class FullMailboxTransport(EncodedBatches):
     """A peer whose mailbox ``full`` refuses every envelope with ``quota_exceeded`` until
     ``room`` is set; everything else is accepted."""
 
@@ -178,7 +187,7 @@ async def test_refusals_for_one_full_mailbox_do_not_block_the_queue(tmp_path: Pa
 # ---- pipelining: only as far as the peer's descriptor allows, per-mailbox order kept ---------
 
 
-class ShufflingTransport:
+class ShufflingTransport(EncodedBatches):
     """A peer that answers requests after random delays, so requests in flight together are
     stored in any order; records the arrival order per mailbox and the most in flight."""
 
