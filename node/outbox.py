@@ -1,8 +1,10 @@
 """Per-destination federation sender (ARCHITECTURE §4 "Federation sender").
 
 One worker per destination node: it walks the committed outbox rows for that node with a
-cursor, posts bounded batches one signed request at a time, and deletes rows only once the peer
-has durably accepted them (or refused them for good). Whole-request failures back off the
+cursor, posts bounded batches as signed requests (several at once only as far as the peer's
+descriptor allows, ``max_inflight``, and never two for one mailbox, which keeps each mailbox's
+order), and deletes rows only once the peer has durably accepted them (or refused them for
+good); it reads the next page while a request is out and does not wait for those deletions. Whole-request failures back off the
 destination exponentially with jitter, capped at 5 minutes; the backoff resets as soon as the
 peer is seen again (:meth:`OutboxSender.peer_seen`). An envelope the peer refuses *for now*
 (its mailbox is full, ...) waits on its own schedule (:class:`federation.backoff.EnvelopeHolds`)
