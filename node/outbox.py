@@ -4,11 +4,12 @@ One worker per destination node: it walks the committed outbox rows for that nod
 cursor, posts bounded batches as signed requests (several at once only as far as the peer's
 descriptor allows, ``max_inflight``, and never two for one mailbox, which keeps each mailbox's
 order), and deletes rows only once the peer has durably accepted them (or refused them for
-good); it reads the next page while a request is out and does not wait for those deletions. Whole-request failures back off the
-destination exponentially with jitter, capped at 5 minutes; the backoff resets as soon as the
-peer is seen again (:meth:`OutboxSender.peer_seen`). An envelope the peer refuses *for now*
-(its mailbox is full, ...) waits on its own schedule (:class:`federation.backoff.EnvelopeHolds`)
-and the cursor moves past it, so it never blocks the rest of the queue (docs/protocol.md §6).
+good); it reads the next page while a request is out and does not wait for those deletions.
+Whole-request failures back off the destination exponentially with jitter, capped at 5
+minutes; the backoff resets as soon as the peer is seen again (:meth:`OutboxSender.peer_seen`).
+An envelope the peer refuses *for now* (its mailbox is full, ...) waits on its own schedule
+(:class:`federation.backoff.EnvelopeHolds`) and the cursor moves past it, so it never blocks
+the rest of the queue (docs/protocol.md §6).
 """
 
 from __future__ import annotations
