@@ -167,6 +167,8 @@ class Node:
                 self.quotas.resync(await self.store.outbox_counts(), self.mailboxes.outbox_load())
             except HavenError as exc:
                 log.error("cache refresh failed (%s)", exc.code)
+            except Exception as exc:  # noqa: BLE001 - a refresh bug must not stop the node
+                log.error("cache refresh failed (internal: %s)", type(exc).__name__)
 
     async def _load(self) -> dict[bytes, int]:
         """Envelopes held per mailbox: stored rows plus those not yet committed."""

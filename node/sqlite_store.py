@@ -453,9 +453,11 @@ class SqliteStore:
         return tuple(row) if row is not None else None
 
     async def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        # One hop to the SQLite thread: execute and fetch together. With a separate fetchall,
+        # other coroutines' writes on this connection ran between the two steps, and a
+        # GROUP BY read rows the writes were changing (a NULL from a NOT NULL column).
         try:
-            async with self.db.execute(sql, args) as cur:
-                rows = await cur.fetchall()
+            rows = await self.db.execute_fetchall(sql, args)
         except sqlite3.Error as exc:
             raise storage_error("read failed", exc) from exc
         return [tuple(r) for r in rows]
@@ -817,6 +819,8 @@ class SqliteStore:
         one row of that hash (its sealed record names it)."""
         out: dict[bytes, int] = {}
         for h, n in counts:
+            if h is None:
+                continue
             h = bytes(h)
             value = known.get(h)
             if value is None:
