@@ -18,6 +18,15 @@ async def new_device(node: NodeProc, base: Path, name: str, home: str = "") -> D
     return dev
 
 
+async def node_with(
+    base: Path, nodes: list[NodeProc], *names: str
+) -> tuple[NodeProc, list[Device]]:
+    """A started node "A" (stopped by the ``nodes`` fixture) with one device per name."""
+    node = NodeProc.create(base, "A").start()
+    nodes.append(node)
+    return node, [await new_device(node, base, n) for n in names]
+
+
 async def linked(dev: Device, base: Path, home: str) -> Device:
     """A second device of ``dev``'s account (linked end to end)."""
     code: asyncio.Future[str] = asyncio.get_running_loop().create_future()

@@ -18,7 +18,7 @@ from federation.sealing import SealedContent, seal
 from federation.wire import Envelope
 from tests.integration.harness import NodeProc
 
-from .devworld import incoming, new_device, settle
+from .devworld import incoming, node_with, settle
 
 PER_SENDER = 20
 
@@ -47,11 +47,8 @@ async def collect(conn: NodeConnection, n: int) -> list[Envelope]:
 async def test_one_batch_from_two_senders_with_forgeries(
     tmp_path: Path, nodes: list[NodeProc]
 ) -> None:
-    node = NodeProc.create(tmp_path, "A").start()
-    nodes.append(node)
-    alice = await new_device(node, tmp_path, "alice")
-    carol = await new_device(node, tmp_path, "carol")
-    bob = await new_device(node, tmp_path, "bob")  # offline from here on, until the drain
+    # bob is offline from here on, until the drain
+    _node, (alice, carol, bob) = await node_with(tmp_path, nodes, "alice", "carol", "bob")
 
     a_conn, c_conn = await alice.connect(), await carol.connect()
     try:
@@ -95,10 +92,7 @@ async def test_one_batch_from_two_senders_with_forgeries(
 
 async def test_a_batch_survives_a_reopen(tmp_path: Path, nodes: list[NodeProc]) -> None:
     """The batch is one transaction: after it, a fresh process on the home sees all of it."""
-    node = NodeProc.create(tmp_path, "A").start()
-    nodes.append(node)
-    alice = await new_device(node, tmp_path, "alice")
-    bob = await new_device(node, tmp_path, "bob")
+    _node, (alice, bob) = await node_with(tmp_path, nodes, "alice", "bob")
     conn = await alice.connect()
     try:
         for i in range(10):

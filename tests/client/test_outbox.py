@@ -16,16 +16,13 @@ from client.state import STATUS_PENDING, STATUS_SENT, DeviceState, HistoryRow, O
 from federation.errors import TransportError
 from tests.integration.harness import NodeProc
 
-from .devworld import incoming, new_device, settle
+from .devworld import incoming, node_with, settle
 
 
 async def test_queued_while_node_down_then_sent_exactly_once(
     tmp_path: Path, nodes: list[NodeProc]
 ) -> None:
-    node = NodeProc.create(tmp_path, "A").start()
-    nodes.append(node)
-    alice = await new_device(node, tmp_path, "alice")
-    bob = await new_device(node, tmp_path, "bob")
+    node, (alice, bob) = await node_with(tmp_path, nodes, "alice", "bob")
     sent = await alice.send(bob.address, "before the outage", ttl_ms=60_000)
     row = alice.state.message(sent.msg_id)
     assert row is not None and row.ttl_at is not None
@@ -76,10 +73,7 @@ async def test_queued_while_node_down_then_sent_exactly_once(
 async def test_permanent_failure_marks_the_row_and_the_next_item_is_sent(
     tmp_path: Path, nodes: list[NodeProc]
 ) -> None:
-    node = NodeProc.create(tmp_path, "A").start()
-    nodes.append(node)
-    alice = await new_device(node, tmp_path, "alice")
-    bob = await new_device(node, tmp_path, "bob")
+    node, (alice, bob) = await node_with(tmp_path, nodes, "alice", "bob")
     nobody = f"nobody@{node.host}"
     bad = alice.queue_text(nobody, "to no one")
     good = alice.queue_text(bob.address, "to bob")
@@ -104,10 +98,7 @@ async def test_permanent_failure_marks_the_row_and_the_next_item_is_sent(
 async def test_deleting_or_editing_a_pending_message_rewrites_the_queue(
     tmp_path: Path, nodes: list[NodeProc]
 ) -> None:
-    node = NodeProc.create(tmp_path, "A").start()
-    nodes.append(node)
-    alice = await new_device(node, tmp_path, "alice")
-    bob = await new_device(node, tmp_path, "bob")
+    node, (alice, bob) = await node_with(tmp_path, nodes, "alice", "bob")
     node.stop()
     gone = alice.queue_text(bob.address, "never mind")
     fixed = alice.queue_text(bob.address, "typo")
@@ -149,10 +140,7 @@ def test_queued_text_is_sealed_under_its_message_key(tmp_path: Path) -> None:
 async def test_daemon_mode_never_closes_the_lent_connection(
     tmp_path: Path, nodes: list[NodeProc]
 ) -> None:
-    node = NodeProc.create(tmp_path, "A").start()
-    nodes.append(node)
-    alice = await new_device(node, tmp_path, "alice")
-    bob = await new_device(node, tmp_path, "bob")
+    _node, (alice, bob) = await node_with(tmp_path, nodes, "alice", "bob")
     lent = await alice.connect()
     opened = 0
 
