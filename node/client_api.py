@@ -93,10 +93,26 @@ class ClientSession:
         self._all_answered: asyncio.Future[None] | None = None
         self._closed = False
         self._held: list[Envelope] | None = None
+        self._to_push: list[Envelope] = []  # pushed during this loop pass (see push())
 
     # ---- DeviceLink --------------------------------------------------------------------------
 
     def push(self, envs: list[Envelope]) -> None:
+        """Queue envelopes for this device; they go out together at the end of this loop pass.
+
+        Every Send frame read in one pass (they arrive many per socket read) then shares one
+        ``deliver`` frame instead of one each, and the device answers it with one ``ack``.
+        """
+        if self._closed:
+            return
+        if not self._to_push:
+            asyncio.get_running_loop().call_soon(self._flush_push)
+        self._to_push.extend(envs)
+
+    def _flush_push(self) -> None:
+        envs, self._to_push = self._to_push, []
+        if self._closed or not envs:
+            return
         if self._held is not None:  # a refill is reading the store: keep arrival order
             self._held.extend(envs)
             return
