@@ -85,24 +85,29 @@ class FrameTracker:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
-        while view:
+        pos, end = 0, len(view)
+        while pos < end:
             if self._left:
-                n = min(self._left, len(view))
+                n = min(self._left, end - pos)
                 self._left -= n
-                view = view[n:]
+                pos += n
                 continue
-            self._head.append(view[0])
-            view = view[1:]
-            self._header_done()
+            head = self._head
+            if not head and end - pos >= 2:  # the usual case: a whole header in this chunk
+                need = _header_len(view[pos + 1])
+                if end - pos >= need:
+                    self._frame(view[pos : pos + need])
+                    pos += need
+                    continue
+            head.append(view[pos])
+            pos += 1
+            if len(head) >= 2 and len(head) >= _header_len(head[1]):
+                self._head = bytearray()
+                self._frame(head)
 
-    def _header_done(self) -> None:
-        head = self._head
-        if len(head) < 2:
-            return
+    def _frame(self, head: bytearray | memoryview) -> None:
+        """A complete frame header: account the frame, then skip its payload."""
         size = head[1] & 0x7F
-        need = 2 + (2 if size == 126 else 8 if size == 127 else 0) + (4 if head[1] & 0x80 else 0)
-        if len(head) < need:
-            return
         if size == 126:
             size = int.from_bytes(head[2:4], "big")
         elif size == 127:
@@ -116,7 +121,12 @@ class FrameTracker:
         else:
             self.largest = max(self.largest, size)
         self._left = size
-        self._head = bytearray()
+
+
+def _header_len(second: int) -> int:
+    """Bytes of a frame header, from its second byte (length code and mask bit)."""
+    size = second & 0x7F
+    return 2 + (2 if size == 126 else 8 if size == 127 else 0) + (4 if second & 0x80 else 0)
 
 
 @dataclass(slots=True, eq=False)

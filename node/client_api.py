@@ -39,7 +39,7 @@ from federation.wire import PROTOCOL_VERSION, Envelope
 
 from .admission import PREAUTH_FRAMES, Conn
 from .delivery import DeliveryWindow
-from .guard import WriteQueue, conn_of
+from .guard import WriteQueue, conn_of, send_frames
 
 if TYPE_CHECKING:
     from .app import Node
@@ -89,12 +89,30 @@ class ClientSession:
         self._cursor = 0  # store seq of the last backlog row consumed (docs/protocol.md §5.5)
         # Bounded: a device that does not read is disconnected (operations.md "Limits").
         self.out = WriteQueue(self._queue_limit, self._overflow)
-        self._answers: set[asyncio.Task[None]] = set()
+        self._answers: set[_SendAnswer] = set()  # Send frames waiting for their commit
+        self._all_answered: asyncio.Future[None] | None = None
+        self._closed = False
         self._held: list[Envelope] | None = None
+        self._to_push: list[Envelope] = []  # pushed during this loop pass (see push())
 
     # ---- DeviceLink --------------------------------------------------------------------------
 
     def push(self, envs: list[Envelope]) -> None:
+        """Queue envelopes for this device; they go out together at the end of this loop pass.
+
+        Every Send frame read in one pass (they arrive many per socket read) then shares one
+        ``deliver`` frame instead of one each, and the device answers it with one ``ack``.
+        """
+        if self._closed:
+            return
+        if not self._to_push:
+            asyncio.get_running_loop().call_soon(self._flush_push)
+        self._to_push.extend(envs)
+
+    def _flush_push(self) -> None:
+        envs, self._to_push = self._to_push, []
+        if self._closed or not envs:
+            return
         if self._held is not None:  # a refill is reading the store: keep arrival order
             self._held.extend(envs)
             return
@@ -170,8 +188,22 @@ class ClientSession:
             self.conn.abort()
 
     async def writer(self) -> None:
-        while (data := await self.out.get()) is not None:
-            await self.ws.send_bytes(data)
+        """Send queued frames; whatever is queued when the writer wakes goes in one write."""
+        out = self.out
+        while (data := await out.get()) is not None:
+            if out.empty():
+                await self.ws.send_bytes(data)
+                continue
+            batch, end = [data], False
+            while not out.empty():
+                nxt = out.get_nowait()
+                if nxt is None:
+                    end = True
+                    break
+                batch.append(nxt)
+            await send_frames(self.ws, batch)
+            if end:
+                return
 
     def send(self, frame: F.Frame) -> None:
         self.out.put_nowait(frame.encode())
@@ -221,9 +253,11 @@ class ClientSession:
             if self.mailbox and self.node.mailboxes.links.get(self.mailbox) is self:
                 del self.node.mailboxes.links[self.mailbox]
             if self._answers:  # accepted answers still waiting for their commit
-                await asyncio.wait(set(self._answers), timeout=5)
-            for task in self._answers:
-                task.cancel()
+                self._all_answered = asyncio.get_running_loop().create_future()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._all_answered), 5)
+            self._closed = True
+            self._answers.clear()
             self.out.put_nowait(None)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer, 5)
@@ -461,26 +495,24 @@ class ClientSession:
         # Answer once durable, but do not hold up this connection's next frame meanwhile:
         # frames pipeline into the same group commit instead of one commit each.
         warnings = node.peers.key_warnings(dest for dest, _ in remote)  # queued anyway (§5.4)
-        task = asyncio.create_task(self._answer_send(f.rid, futs, ids, rejected, warnings))
-        self._answers.add(task)
-        task.add_done_callback(self._answers.discard)
+        if not futs:
+            self.send(F.Accepted(f.rid, (), tuple(rejected), warnings))
+            return
+        # One done callback per envelope instead of a task and a gather per frame: the frames
+        # of one group commit are all answered in the same loop pass, so the writer sends
+        # their ``accepted`` answers in one write.
+        answer = _SendAnswer(self, f.rid, futs, ids, rejected, warnings)
+        self._answers.add(answer)
+        for fut in futs:
+            fut.add_done_callback(answer.one_done)
 
-    async def _answer_send(
-        self,
-        rid: int,
-        futs: list[asyncio.Future[None]],
-        ids: list[bytes],
-        rejected: list[tuple[bytes, str]],
-        warnings: tuple[tuple[str, str], ...] = (),
-    ) -> None:
-        accepted: list[bytes] = []
-        results = await asyncio.gather(*futs, return_exceptions=True)
-        for eid, res in zip(ids, results, strict=True):
-            if isinstance(res, BaseException):
-                rejected.append((eid, res.code if isinstance(res, HavenError) else "internal"))
-            else:
-                accepted.append(eid)
-        self.send(F.Accepted(rid, tuple(accepted), tuple(rejected), warnings))
+    def answered(self, answer: _SendAnswer, frame: F.Accepted) -> None:
+        self._answers.discard(answer)
+        if not self._closed:
+            self.send(frame)
+        if not self._answers and self._all_answered is not None:
+            if not self._all_answered.done():
+                self._all_answered.set_result(None)
 
     async def on_ack(self, f: F.Ack) -> None:
         mine = self.window.ack(f.ids)  # only ids pushed on this connection count
@@ -488,6 +520,46 @@ class ClientSession:
         self.node.released(self.mailbox, len(mine))
         if self.backlog and self.window.half_free():
             await self.refill()
+
+
+class _SendAnswer:
+    """The ``accepted`` answer of one Send frame, sent once every envelope's commit resolved."""
+
+    __slots__ = ("futs", "ids", "left", "rejected", "rid", "session", "warnings")
+
+    def __init__(
+        self,
+        session: ClientSession,
+        rid: int,
+        futs: list[asyncio.Future[None]],
+        ids: list[bytes],
+        rejected: list[tuple[bytes, str]],
+        warnings: tuple[tuple[str, str], ...],
+    ) -> None:
+        self.session = session
+        self.rid = rid
+        self.futs = futs
+        self.ids = ids
+        self.rejected = rejected
+        self.warnings = warnings
+        self.left = len(futs)
+
+    def one_done(self, _fut: asyncio.Future[None]) -> None:
+        self.left -= 1
+        if self.left:
+            return
+        accepted: list[bytes] = []
+        rejected = self.rejected
+        for eid, fut in zip(self.ids, self.futs, strict=True):
+            exc: BaseException | None = (
+                asyncio.CancelledError() if fut.cancelled() else fut.exception()
+            )
+            if exc is None:
+                accepted.append(eid)
+            else:
+                rejected.append((eid, exc.code if isinstance(exc, HavenError) else "internal"))
+        frame = F.Accepted(self.rid, tuple(accepted), tuple(rejected), self.warnings)
+        self.session.answered(self, frame)
 
 
 async def client_ws(node: Node, request: web.Request) -> web.WebSocketResponse:

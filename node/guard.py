@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -169,6 +170,12 @@ class WriteQueue:
                 return
         self._q.put_nowait(data)
 
+    def get_nowait(self) -> bytes | None:
+        data = self._q.get_nowait()
+        if data is not None:
+            self.bytes -= len(data)
+        return data
+
     def qsize(self) -> int:
         return self._q.qsize()
 
@@ -180,3 +187,46 @@ class WriteQueue:
         if data is not None:
             self.bytes -= len(data)
         return data
+
+
+def _ws_header(n: int) -> bytes:
+    """RFC 6455 §5.2 header of one unmasked, final, binary server frame of ``n`` bytes."""
+    if n < 126:
+        return struct.pack("!BB", 0x82, n)
+    if n < 65536:
+        return struct.pack("!BBH", 0x82, 126, n)
+    return struct.pack("!BBQ", 0x82, 127, n)
+
+
+async def send_frames(ws: web.WebSocketResponse, frames: list[bytes]) -> None:
+    """Send several binary messages with one transport write instead of one write each.
+
+    aiohttp has no public call for this, so its writer is used directly; where that is not
+    possible (compression negotiated, closing, another aiohttp layout) each message goes
+    through ``send_bytes``. The messages on the wire are the same either way. aiohttp's own
+    flow control still applies: the bytes written count toward its drain threshold, and the
+    last message goes through ``send_bytes``, which waits while the transport is paused.
+    """
+    writer = getattr(ws, "_writer", None)
+    transport = getattr(writer, "transport", None)
+    if (
+        len(frames) < 2
+        or writer is None
+        or transport is None
+        or getattr(writer, "compress", True)
+        or getattr(writer, "_closing", True)
+        or getattr(writer, "use_mask", True)
+        or not isinstance(getattr(writer, "_output_size", None), int)
+        or transport.is_closing()
+    ):
+        for data in frames:
+            await ws.send_bytes(data)
+        return
+    parts: list[bytes] = []
+    for data in frames[:-1]:
+        parts.append(_ws_header(len(data)))
+        parts.append(data)
+    raw = b"".join(parts)
+    transport.write(raw)
+    writer._output_size += len(raw)
+    await ws.send_bytes(frames[-1])
