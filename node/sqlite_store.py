@@ -42,7 +42,7 @@ import secrets
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 import msgpack
@@ -56,6 +56,8 @@ from .ballast import DiskFull
 from .store import DeviceRecord, PeerRecord, WriteBatch, day
 
 log = logging.getLogger("haven.store")
+
+T = TypeVar("T")
 
 WAL_RESERVE_BYTES = 8 * 2**20  # the WAL is pre-sized to this at open and never truncated
 SQLITE_FULL = 13
@@ -217,32 +219,69 @@ def _persist_wal(conn: object, path: str) -> bool:
         return False
 
 
+# ---- on the connection's thread ----------------------------------------------------------
+# Every statement runs to its end (or is reset) in the hop that stepped it, and no cursor leaves
+# the thread. A statement stepped but not reset stays "in progress": if it writes (the
+# wal_checkpoint and journal_mode pragmas, INSERT .. RETURNING) every COMMIT on the connection
+# fails with "SQL statements in progress" [SQLITE_BUSY]; if it reads, a checkpoint fails with
+# "database table is locked" [SQLITE_LOCKED]. A cursor handed back to the event loop is not
+# enough to avoid it: aiosqlite's worker keeps the last result alive until its next job is done,
+# and the event loop drops its own reference whenever it gets to it.
+
+
+def _run(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> tuple[list[Any], int]:
+    """One statement to its end: its rows and its rowcount (its cursor closed)."""
+    cur = conn.execute(sql, args)
+    try:
+        return cur.fetchall(), cur.rowcount
+    finally:
+        cur.close()
+
+
+def _run_script(conn: sqlite3.Connection, sql: str) -> None:
+    """Each statement of ``sql`` (no transaction of its own: the caller's holds)."""
+    for stmt in sql.split(";"):
+        if stmt.strip():
+            _run(conn, stmt, ())
+
+
+def _run_many(conn: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    conn.executemany(sql, rows).close()
+
+
 def _run_tx(
     conn: sqlite3.Connection, statements: list[tuple[str, list[tuple[Any, ...]]]], check: bool
 ) -> bool:
     """BEGIN IMMEDIATE, the statements, COMMIT (fsynced: synchronous=FULL), on the store's
     thread. On an error the transaction is rolled back if SQLite has not done so itself; a
     failed ROLLBACK never hides the error that caused it."""
-    conn.execute("BEGIN IMMEDIATE")
+    _run(conn, "BEGIN IMMEDIATE", ())
     try:
         for sql, rows in statements:
             if rows:
-                conn.executemany(sql, rows)
-        conn.execute("COMMIT")
+                _run_many(conn, sql, rows)
+        _run(conn, "COMMIT", ())
     except BaseException:
         try:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                _run(conn, "ROLLBACK", ())
         except sqlite3.Error as exc:
             log.warning("rollback failed: %s", exc)
         raise
     if not check:
         return False
-    row = conn.execute(_EMPTY_SQL).fetchone()
-    return not (row and row[0])
+    rows, _ = _run(conn, _EMPTY_SQL, ())
+    return not (rows and rows[0][0])
 
 
 _EMPTY_SQL = "SELECT EXISTS(SELECT 1 FROM envelopes) OR EXISTS(SELECT 1 FROM outbox)"
+
+
+async def _on_thread(db: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(conn, *args)`` on ``db``'s thread, in one hop (one wake-up of the event loop).
+    aiosqlite's worker runs it as it runs its own calls (``_conn`` is its sqlite3 connection)."""
+    run = cast(Callable[..., Awaitable[T]], db._execute)
+    return await run(fn, db._conn, *args)
 
 
 def _chunks(items: list[Any], n: int = 500) -> Iterable[list[Any]]:
@@ -296,13 +335,12 @@ class SqliteStore:
                 "PRAGMA temp_store=MEMORY",
                 "PRAGMA foreign_keys=ON",
             ):
-                await self.db.execute(pragma)
+                await self._run(pragma)
             await self._migrate()
             if self.max_db_mb:  # caps store.db only: the WAL and the ballast come on top
-                async with self.db.execute("PRAGMA page_size") as cur:
-                    row = await cur.fetchone()
-                page = int(row[0]) if row else 4096
-                await self.db.execute(f"PRAGMA max_page_count={self.max_db_mb * 2**20 // page}")
+                rows, _ = await self._run("PRAGMA page_size")
+                page = int(rows[0][0]) if rows else 4096
+                await self._run(f"PRAGMA max_page_count={self.max_db_mb * 2**20 // page}")
         except sqlite3.Error as exc:
             await self._abandon()
             raise storage_error("cannot open store", exc) from exc
@@ -344,20 +382,19 @@ class SqliteStore:
             os.close(fd)
 
     async def _migrate(self) -> None:
-        async with self.db.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        version = int(row[0]) if row else 0
+        rows, _ = await self._run("PRAGMA user_version")
+        version = int(rows[0][0]) if rows else 0
         if version > len(MIGRATIONS):
             raise StorageError(f"store schema {version} is newer than this software")
         for i in range(version, len(MIGRATIONS)):
-            await self.db.execute("BEGIN IMMEDIATE")
+            await self._run("BEGIN IMMEDIATE")
             try:
                 if MIGRATIONS[i] == "v3":
                     await self._migrate_v3()
                 else:
                     await self._script(MIGRATIONS[i])
-                await self.db.execute(f"PRAGMA user_version={i + 1}")
-                await self.db.execute("COMMIT")
+                await self._run(f"PRAGMA user_version={i + 1}")
+                await self._run("COMMIT")
             except BaseException:
                 await self._rollback()
                 raise
@@ -365,9 +402,7 @@ class SqliteStore:
             self._destroy([k for k in self.keys.ids if k != self.keys.newest()])
 
     async def _script(self, sql: str) -> None:
-        for stmt in sql.split(";"):
-            if stmt.strip():
-                await self.db.execute(stmt)
+        await _on_thread(self.db, _run_script, sql)
 
     async def _migrate_v3(self) -> None:
         """Copy v2 rows (clear id, mailbox, destination, exact expiry; body sealed under the
@@ -385,34 +420,34 @@ class SqliteStore:
     async def _copy_v2_rows(self, kid: int) -> None:
         by_epoch = {self.keys.born(k): k for k in self.keys.ids}
         lost = 0
-        for table, sql in (
-            ("envelopes", "SELECT id, mailbox, expires, epoch, sealed, NULL FROM envelopes"),
-            ("outbox", "SELECT id, mailbox, expires, epoch, sealed, dest FROM outbox"),
+        for table, cols in (
+            ("envelopes", "id, mailbox, expires, epoch, sealed, NULL"),
+            ("outbox", "id, mailbox, expires, epoch, sealed, dest"),
         ):
-            async with self.db.execute(sql + " ORDER BY rowid") as cur:
-                while batch := list(await cur.fetchmany(500)):
-                    items: list[tuple[str | None, Envelope]] = []
-                    for eid, to, expires, epoch, sealed, dest in batch:
-                        old = by_epoch.get(int(epoch))
-                        if old is None:
-                            lost += 1
-                            continue
-                        body = self.keys.open(old, bytes(sealed))
-                        items.append((dest, Envelope(bytes(eid), bytes(to), int(expires), body)))
-                    if table == "envelopes":
-                        rows = await self._envelope_rows(kid, [e for _, e in items], False)
-                        await self.db.executemany(
-                            "INSERT INTO envelopes_v3 VALUES (?, ?, ?, ?, ?, ?) "
-                            "ON CONFLICT(idh) DO NOTHING",
-                            rows,
-                        )
-                    else:
-                        pairs = [(str(d), e) for d, e in items]
-                        await self.db.executemany(
-                            "INSERT INTO outbox_v3 VALUES (?, ?, ?, ?, ?, ?, ?) "
-                            "ON CONFLICT(idh) DO NOTHING",
-                            await self._outbox_rows(kid, pairs, False),
-                        )
+            # pages by rowid, each read to its end in one hop (no cursor held across awaits)
+            last = -(2**63)
+            while batch := await self._all(
+                f"SELECT rowid, {cols} FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT 500",
+                (last,),
+            ):
+                last = int(batch[-1][0])
+                items: list[tuple[str | None, Envelope]] = []
+                for _, eid, to, expires, epoch, sealed, dest in batch:
+                    old = by_epoch.get(int(epoch))
+                    if old is None:
+                        lost += 1
+                        continue
+                    body = self.keys.open(old, bytes(sealed))
+                    items.append((dest, Envelope(bytes(eid), bytes(to), int(expires), body)))
+                if table == "envelopes":
+                    sql = "INSERT INTO envelopes_v3 VALUES (?, ?, ?, ?, ?, ?)"
+                    rows = await self._envelope_rows(kid, [e for _, e in items], False)
+                else:
+                    sql = "INSERT INTO outbox_v3 VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    pairs = [(str(d), e) for d, e in items]
+                    rows = await self._outbox_rows(kid, pairs, False)
+                if rows:
+                    await _on_thread(self.db, _run_many, sql + " ON CONFLICT(idh) DO NOTHING", rows)
         if lost:
             log.warning("schema v3: %d stored rows were sealed under destroyed keys", lost)
 
@@ -421,7 +456,7 @@ class SqliteStore:
         SQLITE_FULL); a failed ROLLBACK must never hide the error that caused it."""
         try:
             if self.db.in_transaction:
-                await self.db.execute("ROLLBACK")
+                await self._run("ROLLBACK")
         except sqlite3.Error as exc:
             log.warning("rollback failed: %s", exc)
 
@@ -445,7 +480,7 @@ class SqliteStore:
             if db is None:
                 return
             try:
-                await db.execute("PRAGMA wal_checkpoint(RESTART)")
+                await _on_thread(db, _run, "PRAGMA wal_checkpoint(RESTART)", ())
             except sqlite3.Error as exc:
                 log.debug("checkpoint at close failed: %s", exc)
             try:
@@ -466,27 +501,26 @@ class SqliteStore:
         Returns, with ``check_empty``, whether both envelope tables are empty after the commit
         (read in the same hop); else False."""
         try:
-            # aiosqlite's worker runs the function on its own thread (as `_conn` is used at
-            # open); BEGIN..COMMIT then costs one wake-up of the event loop instead of 3-6.
-            run = cast(Callable[..., Awaitable[object]], self.db._execute)
-            return bool(await run(_run_tx, self.db._conn, statements, check_empty))
+            # BEGIN..COMMIT in one hop: one wake-up of the event loop instead of 3-6.
+            return await _on_thread(self.db, _run_tx, statements, check_empty)
         except sqlite3.Error as exc:
             raise storage_error("write failed", exc) from exc
 
+    async def _run(self, sql: str, args: tuple[Any, ...] = ()) -> tuple[list[Any], int]:
+        """One statement run to its end in one hop: its rows and its rowcount. Every statement
+        on the connection goes through here or another ``_run*`` function (see :func:`_run`)."""
+        return await _on_thread(self.db, _run, sql, args)
+
     async def _one(self, sql: str, args: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
-        try:
-            async with self.db.execute(sql, args) as cur:
-                row = await cur.fetchone()
-        except sqlite3.Error as exc:
-            raise storage_error("read failed", exc) from exc
-        return tuple(row) if row is not None else None
+        rows = await self._all(sql, args)
+        return rows[0] if rows else None
 
     async def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        # One hop to the SQLite thread: execute and fetch together. With a separate fetchall,
-        # other coroutines' writes on this connection ran between the two steps, and a
-        # GROUP BY read rows the writes were changing (a NULL from a NOT NULL column).
+        # One hop: execute and fetch together. With a separate fetch, other coroutines' writes
+        # on this connection ran between the two steps, and a GROUP BY read rows the writes
+        # were changing (a NULL from a NOT NULL column).
         try:
-            rows = await self.db.execute_fetchall(sql, args)
+            rows, _ = await self._run(sql, args)
         except sqlite3.Error as exc:
             raise storage_error("read failed", exc) from exc
         return [tuple(r) for r in rows]
@@ -494,15 +528,19 @@ class SqliteStore:
     async def _write_one(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """A single write statement with RETURNING (atomic claim/redeem), under the lock."""
         async with self._write_lock:
-            return await self._one(sql, args)
+            try:
+                rows, _ = await self._run(sql, args)
+            except sqlite3.Error as exc:
+                raise storage_error("write failed", exc) from exc
+        return tuple(rows[0]) if rows else None
 
     async def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> int:
         async with self._write_lock:
             try:
-                cur = await self.db.execute(sql, args)
-                return int(cur.rowcount)
+                _, n = await self._run(sql, args)
             except sqlite3.Error as exc:
                 raise storage_error("write failed", exc) from exc
+        return int(n)
 
     # ---- accounts, invites, devices ----------------------------------------------------------
 
@@ -999,7 +1037,7 @@ class SqliteStore:
         """RESTART, never TRUNCATE: the next writer starts again at the WAL's beginning."""
         async with self._write_lock:
             try:
-                await self.db.execute("PRAGMA wal_checkpoint(RESTART)")
+                await self._run("PRAGMA wal_checkpoint(RESTART)")  # its result row read too
             except sqlite3.Error as exc:
                 raise storage_error("checkpoint failed", exc) from exc
 
