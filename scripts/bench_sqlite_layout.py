@@ -84,7 +84,9 @@ class Rows:
         out = []
         for _ in range(n):
             mb = random.choice(mailboxes)
-            o = self.ords[mb] = self.ords.get(mb, random.getrandbits(30)) + 1 + random.getrandbits(10)
+            o = self.ords[mb] = (
+                self.ords.get(mb, random.getrandbits(30)) + 1 + random.getrandbits(10)
+            )
             if self.layout == "random":
                 k = random.getrandbits(63)
             elif self.layout == "sequential":
@@ -144,6 +146,7 @@ def run(path: Path, layout: str, prefill: int, n_tx: int, per_tx: int) -> dict[s
 
 
 def main() -> None:
+    global AUTOCHECKPOINT
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prefill", type=int, default=300_000, help="rows pending for the big run")
     ap.add_argument("--tx", type=int, default=150, help="measured transactions per run")
@@ -151,9 +154,12 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where the database goes (default: a temp dir)")
     ap.add_argument("--autocheckpoint", type=int, default=AUTOCHECKPOINT, help="WAL pages")
     args = ap.parse_args()
-    global AUTOCHECKPOINT
     AUTOCHECKPOINT = args.autocheckpoint
-    out: dict[str, Any] = {"row_bytes": ROW, "per_tx": args.per_tx, "autocheckpoint": AUTOCHECKPOINT}
+    out: dict[str, Any] = {
+        "row_bytes": ROW,
+        "per_tx": args.per_tx,
+        "autocheckpoint": AUTOCHECKPOINT,
+    }
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = Path(tmp) / "layout.db"
         for layout in LAYOUTS:
@@ -164,9 +170,7 @@ def main() -> None:
             out[layout] = res
     for layout in LAYOUTS[1:]:
         out[f"{layout}_vs_random"] = {
-            label: {
-                k: round(v / out["random"][label][k], 2) for k, v in out[layout][label].items()
-            }
+            label: {k: round(v / out["random"][label][k], 2) for k, v in out[layout][label].items()}
             for label in out[layout]
         }
     print(json.dumps(out))
