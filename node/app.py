@@ -128,6 +128,7 @@ class Node:
         self.link_tokens = LinkTokens(client_api.LINK_TTL_MS)  # memory only
         self.quotas = OutboxQuotas(config.max_outbox_per_destination, config.max_outbox_per_account)
         self.mailboxes = Mailboxes(store, clock, on_outbox=self._outbox_ready)
+        store.set_activity(lambda: self.mailboxes.activity)
         self.mailboxes.disk = DiskGuard(home, config.ballast_mb)  # disk full: node/ballast.py
         self.sweeper = Sweeper(store, self.mailboxes, clock, disk=self.mailboxes.disk)
         if config.owner and config.pin_ttl_days > 0:  # personal node: pins = contact list

@@ -170,9 +170,13 @@ class EpochKeys:
         except nacl.exceptions.CryptoError as exc:
             raise StorageError("stored row failed authentication") from exc
 
-    def try_open(self, data: bytes) -> tuple[int, bytes] | None:
-        """Open under whichever live key sealed it (newest first), or None."""
-        for kid in reversed(self.ids):
+    def try_open(self, data: bytes, prefer: list[int] | None = None) -> tuple[int, bytes] | None:
+        """Open under whichever live key sealed it (``prefer`` first, then newest first), or
+        None. A re-seal prefers the keys it is moving rows away from: one decryption per row."""
+        order = list(reversed(self.ids))
+        if prefer:
+            order = [k for k in prefer if k in order] + [k for k in order if k not in prefer]
+        for kid in order:
             try:
                 return kid, bytes(self._get(kid).box.decrypt(data))
             except nacl.exceptions.CryptoError:

@@ -59,6 +59,7 @@ class Mailboxes:
         self._env: dict[bytes, _Pending] = {}
         self._out: dict[bytes, tuple[str, _Pending]] = {}
         self._del_env: set[bytes] = set()
+        self.activity = 0  # grows with every submission and ack (Store.set_activity)
         self.deleting: set[bytes] = set()  # acked, delete not committed yet: never redeliver
         self._del_out: set[bytes] = set()
         self._del_waiters: list[asyncio.Future[None]] = []
@@ -73,6 +74,7 @@ class Mailboxes:
 
     def submit_local(self, envs: list[Envelope]) -> list[asyncio.Future[None]]:
         """Queue envelopes for local mailboxes; push to connected devices at once."""
+        self.activity += 1
         futs = []
         pushes: dict[bytes, list[Envelope]] = {}
         for env in envs:
@@ -91,6 +93,7 @@ class Mailboxes:
         return futs
 
     def submit_outbox(self, items: list[tuple[str, Envelope]]) -> list[asyncio.Future[None]]:
+        self.activity += 1
         futs = []
         for dest, env in items:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -121,6 +124,7 @@ class Mailboxes:
 
     def acked(self, ids: list[bytes]) -> None:
         """The device holds these now. Drop uncommitted copies; delete committed rows."""
+        self.activity += 1
         for eid in ids:
             p = self._env.pop(eid, None)
             if p is not None:

@@ -41,6 +41,7 @@ import random
 import secrets
 import sqlite3
 import sys
+import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any, TypeVar, cast
 
@@ -73,6 +74,14 @@ ORD_STEP = 1 << 24  # ... and each next one is higher by a random step below thi
 # about 10**11 rows per mailbox or destination before 2**63)
 MAX_CHAINS = 200_000  # in-memory order floors kept (one per mailbox written to)
 RESEAL_CHUNK = 256  # rows per re-sealing transaction (writes interleave between chunks)
+# While live writes are waiting, a re-seal takes smaller steps and at most this share of the
+# store's time (it sleeps between chunks), so a big backlog's rotation does not slow delivery
+# (bench ``growth``) ...
+RESEAL_BUSY_CHUNK = 64
+RESEAL_BUSY_SHARE = 0.25
+# ... but only for this long; then it runs at full speed so the old key still dies within
+# about one epoch (10 min) even under constant load.
+RESEAL_PACED_FOR_S = 300.0
 # After a delivery, if at most this many rows are still pending, the next sweep re-seals them
 # under a fresh key and destroys the one the delivered rows were sealed under (their remnants
 # then die within seconds, not at the end of the epoch). Above it, the epoch's end does it.
@@ -307,6 +316,8 @@ class SqliteStore:
         self._serving = False  # begin() was called: close() re-seals for shutdown
         self._rotating = False
         self._delivered = False  # rows were deleted since the last rotation
+        self._writes = 0  # write() calls so far (a re-seal yields to them, RESEAL_BUSY_SHARE)
+        self._activity: Callable[[], int] = lambda: self._writes
         # Highest order key handed out per (table, mailbox) in this process, so that a row is
         # always above any cursor a reader holds even after its mailbox emptied (memory only).
         self._ord_floor: dict[tuple[str, bytes], int] = {}
@@ -765,6 +776,7 @@ class SqliteStore:
         """One group-commit transaction (fsynced: synchronous=FULL). Rows already stored (under
         any live key) are not stored again. A batch that leaves nothing pending destroys every
         key at once (the next write makes a fresh one)."""
+        self._writes += 1  # before the lock: a writer waiting for a re-seal chunk counts
         async with self._write_lock:
             envs, outbox = list(batch.envelopes), list(batch.outbox)
             env_rows: list[tuple[Any, ...]] = []
@@ -981,9 +993,7 @@ class SqliteStore:
         try:
             moved = 0
             for table in ("envelopes", "outbox"):
-                pks = [bytes(r[0]) for r in await self._all(f"SELECT idh FROM {table}")]
-                for chunk in _chunks(pks, RESEAL_CHUNK):
-                    moved += await self._rewrite(table, chunk, target)
+                moved += await self._reseal_table(table, target)
             # The old ciphertexts may survive in the WAL (it is never truncated, and a reused
             # WAL keeps stale tail frames); destroying the key makes every such remnant noise.
             await self.checkpoint()
@@ -992,6 +1002,32 @@ class SqliteStore:
             return moved
         finally:
             self._rotating = False
+
+    async def _reseal_table(self, table: str, target: int) -> int:
+        """Re-seal every row of ``table`` not under ``target``, in rowid order (the table's own
+        order: each chunk reads and rewrites neighbouring rows, not one random page per row),
+        :data:`RESEAL_CHUNK` rows per transaction; writes and deliveries take turns with the
+        chunks (the write lock is fair). Rows written meanwhile are sealed under ``target``
+        already; rows deleted meanwhile are simply not found. Returns the rows rewritten."""
+        after, moved, busy = -(2**63), 0, False
+        began = time.monotonic()
+        while True:
+            work, t0 = self._activity(), time.monotonic()
+            async with self._write_lock:
+                rows = await self._all(
+                    f"SELECT k, sealed FROM {table} WHERE k > ? ORDER BY k LIMIT ?",
+                    (after, RESEAL_BUSY_CHUNK if busy else RESEAL_CHUNK),
+                )
+                if not rows:
+                    return moved
+                after = int(rows[-1][0])
+                updates, dead = self._resealed(table, rows, target, None)
+                await self._store_resealed(table, "k", updates, dead)
+                moved += len(updates)
+            t1 = time.monotonic()
+            busy = self._activity() != work and t1 - began < RESEAL_PACED_FOR_S
+            if busy:  # live work went on meanwhile: give it the node for a while
+                await asyncio.sleep((t1 - t0) * (1 / RESEAL_BUSY_SHARE - 1))
 
     async def _rewrite(
         self, table: str, pks: list[bytes], target: int | None, dest: str | None = None
@@ -1003,35 +1039,60 @@ class SqliteStore:
             rows = await self._all(
                 f"SELECT idh, sealed FROM {table} WHERE idh IN ({marks})", tuple(pks)
             )
-            ix, updates, dead = self.keys.index, [], []
-            for idh, sealed in rows:
-                got = self.keys.try_open(bytes(sealed))
-                if got is None:
-                    dead.append((bytes(idh),))
-                    continue
-                kid, plain = got
-                new = kid if target is None else target
-                if new == kid and dest is None:
-                    continue
-                env, old_dest = _unrecord(plain)
-                if table == "envelopes":
-                    values: tuple[Any, ...] = (ix(new, ENV_ID, env.id), ix(new, ENV_MB, env.to))
-                    record = _record(env, None)
-                else:
-                    d = dest if dest is not None else str(old_dest)
-                    dh = ix(new, OBX_DEST, d.encode())
-                    self._dest_of[dh] = d
-                    values = (ix(new, OBX_ID, env.id), dh, ix(new, OBX_MB, env.to))
-                    record = _record(env, d)
-                updates.append((*values, self.keys.seal(new, record), bytes(idh)))
-            cols = "idh=?, mbh=?" if table == "envelopes" else "idh=?, dh=?, mbh=?"
-            await self._tx_locked(
-                [
-                    (f"UPDATE OR REPLACE {table} SET {cols}, sealed=? WHERE idh=?", updates),
-                    (f"DELETE FROM {table} WHERE idh=?", dead),
-                ]
-            )
+            updates, dead = self._resealed(table, rows, target, dest)
+            await self._store_resealed(table, "idh", updates, dead)
             return len(updates)
+
+    def _resealed(
+        self,
+        table: str,
+        rows: list[tuple[Any, ...]],
+        target: int | None,
+        dest: str | None,
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """``(key, sealed)`` rows -> the updates (new index hashes, new blob, key) and the keys
+        of rows no live key opens (never readable: deleted)."""
+        ix, updates, dead = self.keys.index, [], []
+        prefer = None if target is None else [k for k in self.keys.ids if k != target]
+        for key, sealed in rows:
+            got = self.keys.try_open(bytes(sealed), prefer)
+            if got is None:
+                dead.append((key,))
+                continue
+            kid, plain = got
+            new = kid if target is None else target
+            if new == kid and dest is None:
+                continue
+            env, old_dest = _unrecord(plain)
+            if table == "envelopes":
+                values: tuple[Any, ...] = (ix(new, ENV_ID, env.id), ix(new, ENV_MB, env.to))
+                record = _record(env, None)
+            else:
+                d = dest if dest is not None else str(old_dest)
+                dh = ix(new, OBX_DEST, d.encode())
+                self._dest_of[dh] = d
+                values = (ix(new, OBX_ID, env.id), dh, ix(new, OBX_MB, env.to))
+                record = _record(env, d)
+            updates.append((*values, self.keys.seal(new, record), key))
+        return updates, dead
+
+    async def _store_resealed(
+        self,
+        table: str,
+        by: str,
+        updates: list[tuple[Any, ...]],
+        dead: list[tuple[Any, ...]],
+    ) -> None:
+        cols = "idh=?, mbh=?" if table == "envelopes" else "idh=?, dh=?, mbh=?"
+        await self._tx_locked(
+            [
+                (f"UPDATE OR REPLACE {table} SET {cols}, sealed=? WHERE {by}=?", updates),
+                (f"DELETE FROM {table} WHERE {by}=?", dead),
+            ]
+        )
+
+    def set_activity(self, counter: Callable[[], int]) -> None:
+        self._activity = counter
 
     async def checkpoint(self) -> None:
         """RESTART, never TRUNCATE: the next writer starts again at the WAL's beginning."""

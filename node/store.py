@@ -9,7 +9,7 @@ Backends: :class:`node.sqlite_store.SqliteStore` (default). One contract suite
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -121,6 +121,11 @@ class Store(Protocol):
         ...
 
     async def checkpoint(self) -> None: ...
+
+    def set_activity(self, counter: Callable[[], int]) -> None:
+        """``counter`` grows with live work (submissions, acks); a re-seal running in the
+        background yields to it (:data:`node.sqlite_store.RESEAL_BUSY_SHARE`)."""
+        ...
 
     # peers
     async def get_peer(self, node_id: str) -> PeerRecord | None: ...
