@@ -658,9 +658,12 @@ class SqliteStore:
         ords = await self._next_ords("outbox", OBX_MB, [e.to for _, e in items], stored, frontier)
         rand = _random_words(3 * len(items))
         rows = []
+        dest_hash: dict[str, bytes] = {}  # one index hash per destination, not per row
         for i, ((dest, e), o) in enumerate(zip(items, ords, strict=True)):
-            dh = ix(kid, OBX_DEST, dest.encode())
-            self._dest_of[dh] = dest
+            dh = dest_hash.get(dest)
+            if dh is None:
+                dh = dest_hash[dest] = ix(kid, OBX_DEST, dest.encode())
+                self._dest_of[dh] = dest
             rows.append(
                 (
                     (rand[3 * i] << 31) ^ rand[3 * i + 1],

@@ -22,8 +22,12 @@ from node.sqlite_store import SqliteStore
 
 
 class FakePeers:
-    def __init__(self) -> None:
+    def __init__(self, inflight: int = 1) -> None:
         self.calls = 0
+        self.inflight = inflight
+
+    def max_inflight(self, node_id: str) -> int:
+        return self.inflight
 
     def stamp(self, node_id: str) -> int:
         return 0
@@ -33,7 +37,16 @@ class FakePeers:
         return await fn("http://peer.invalid")
 
 
-class RefusingTransport:
+class EncodedBatches:
+    """The sender posts encoded batches (:meth:`PeerTransport.post_encoded_batch`)."""
+
+    async def post_encoded_batch(
+        self, url: str, dest: str, created: int, body: bytes
+    ) -> BatchResult:
+        return await self.post_batch(url, dest, created, Batch.decode(body))  # type: ignore[attr-defined]
+
+
+class RefusingTransport(EncodedBatches):
     """Refuses a whole batch when any envelope is "too large"; accepts everything else."""
 
     def __init__(self) -> None:
@@ -105,7 +118,7 @@ def test_envelope_holds_back_off_per_envelope_with_a_fake_clock() -> None:
     assert len(delays) <= 3
 
 
-class FullMailboxTransport:
+class FullMailboxTransport(EncodedBatches):
     """A peer whose mailbox ``full`` refuses every envelope with ``quota_exceeded`` until
     ``room`` is set; everything else is accepted."""
 
@@ -169,3 +182,84 @@ async def test_refusals_for_one_full_mailbox_do_not_block_the_queue(tmp_path: Pa
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await store.close()
+
+
+# ---- pipelining: only as far as the peer's descriptor allows, per-mailbox order kept ---------
+
+
+class ShufflingTransport(EncodedBatches):
+    """A peer that answers requests after random delays, so requests in flight together are
+    stored in any order; records the arrival order per mailbox and the most in flight."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.arrived: dict[bytes, list[bytes]] = {}
+        self.inflight = 0
+        self.most_inflight = 0
+
+    async def post_batch(self, url: str, dest: str, created: int, batch: Batch) -> BatchResult:
+        self.inflight += 1
+        self.most_inflight = max(self.most_inflight, self.inflight)
+        try:
+            await asyncio.sleep(self.rng.random() * 0.004)
+            for e in batch.envelopes:
+                self.arrived.setdefault(e.to, []).append(e.id)
+            return BatchResult(tuple(e.id for e in batch.envelopes))
+        finally:
+            self.inflight -= 1
+
+
+async def _pipelined_run(
+    tmp_path: Path, inflight: int, mailboxes_n: int, per_mailbox: int
+) -> tuple[ShufflingTransport, dict[bytes, list[bytes]]]:
+    clock = FakeClock()
+    store = SqliteStore(str(tmp_path / "s.db"), EpochKeys(str(tmp_path / "e.key")))
+    await store.open()
+    sender: OutboxSender | None = None
+    mailboxes = Mailboxes(store, clock, on_outbox=lambda d: sender.wake(d) if sender else None)
+    transport = ShufflingTransport(seed=inflight * 1000 + mailboxes_n)
+    peers = FakePeers(inflight)
+    sender = OutboxSender(store, mailboxes, peers, transport, clock, Metrics())  # type: ignore[arg-type]
+    boxes = [os.urandom(16) for _ in range(mailboxes_n)]
+    sent: dict[bytes, list[bytes]] = {mb: [] for mb in boxes}
+    tasks = [asyncio.create_task(mailboxes.run()), asyncio.create_task(sender.run())]
+    try:
+        futs = []
+        for _ in range(per_mailbox // 10):  # interleaved, in several commits
+            items = []
+            for mb in boxes:
+                for _ in range(10):
+                    env = Envelope(os.urandom(16), mb, 10**14, b"m")
+                    sent[mb].append(env.id)
+                    items.append(("peer", env))
+            futs += mailboxes.submit_outbox(items)
+            await asyncio.sleep(0)
+        await asyncio.gather(*futs)
+        async with asyncio.timeout(30):
+            while (await store.counts())["outbox_envelopes"]:
+                await asyncio.sleep(0.01)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await store.close()
+    return transport, sent
+
+
+async def test_pipelined_requests_keep_each_mailboxs_order(tmp_path: Path) -> None:
+    """A peer that allows 4 requests in flight gets them, answered in random order; every
+    mailbox still receives its envelopes in the order they were sent, none lost or doubled."""
+    transport, sent = await _pipelined_run(tmp_path, inflight=4, mailboxes_n=12, per_mailbox=60)
+    assert transport.most_inflight > 1
+    assert transport.arrived == sent
+
+
+async def test_one_mailbox_over_a_pipelined_link_arrives_in_order(tmp_path: Path) -> None:
+    transport, sent = await _pipelined_run(tmp_path, inflight=4, mailboxes_n=1, per_mailbox=700)
+    assert transport.arrived == sent
+
+
+async def test_a_peer_that_allows_one_request_gets_one_at_a_time(tmp_path: Path) -> None:
+    transport, sent = await _pipelined_run(tmp_path, inflight=1, mailboxes_n=12, per_mailbox=30)
+    assert transport.most_inflight == 1
+    assert transport.arrived == sent
