@@ -70,7 +70,13 @@ class PeerTransport:
         return FetchedDescriptor(desc, desc.now - (t0 + t1) // 2)
 
     async def post_batch(self, base_url: str, dest: str, created: int, batch: Batch) -> BatchResult:
-        body = batch.encode()
+        return await self.post_encoded_batch(base_url, dest, created, batch.encode())
+
+    async def post_encoded_batch(
+        self, base_url: str, dest: str, created: int, body: bytes
+    ) -> BatchResult:
+        """POST an already encoded :class:`Batch`: a retry (another locator, a re-stamped
+        clock) signs the same bytes again with a fresh nonce, and encodes nothing."""
         data = await self._signed_post(base_url, BATCH_PATH, dest, created, body)
         return BatchResult.decode(data)
 

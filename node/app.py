@@ -55,6 +55,7 @@ ROTATIONS_NAME = "rotations.bin"
 class Limits:
     max_frame: int = 4 * 1024 * 1024
     max_batch_bytes: int = MAX_BATCH_BYTES
+    max_inflight: int = 4  # batch requests a peer may keep in flight to us (§4.1)
 
 
 class Rates:
@@ -245,6 +246,7 @@ class Node:
             limits={
                 "max_batch_bytes": self.limits.max_batch_bytes,
                 "max_frame": self.limits.max_frame,
+                "max_inflight": self.limits.max_inflight,
                 "max_ttl_ms": self.config.max_ttl_ms,
             },
             rotations=self.rotations,

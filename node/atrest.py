@@ -8,12 +8,13 @@ its slot; the slot also records the epoch number the key was made in (epochs are
 long, default 10 minutes), never a finer time.
 
 Lifetime (driven by :class:`node.sqlite_store.SqliteStore`): new rows are sealed under the
-newest key of the current epoch. When nothing is pending, every key is destroyed at once; when
-a key's epoch has passed, whatever it still seals is re-sealed under a fresh key and then it is
-destroyed. At clean shutdown everything pending is re-sealed under a fresh key and every other
-key destroyed; at start every key that seals nothing is destroyed. So a remnant of a delivered
-row (WAL frame, freed page, SSD cell) becomes undecryptable within one epoch, on a stopped node
-too.
+newest key. When nothing is pending, every key is destroyed at once; when a key's epoch has
+passed, the next rotation makes this epoch's key, re-seals whatever the old one still seals
+under it and then destroys it (a write never makes the new epoch's key itself, so outside a
+re-seal every pending row is under one key). At clean shutdown everything pending is
+re-sealed under a fresh key and every other key destroyed; at start every key that seals
+nothing is destroyed. So a remnant of a delivered row (WAL frame, freed page, SSD cell)
+becomes undecryptable within one epoch, on a stopped node too.
 
 Each key also keys the row index: :meth:`EpochKeys.index` is a keyed BLAKE2b under a subkey
 derived from the epoch key, so destroying the key kills the index linkage as well.

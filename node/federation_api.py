@@ -88,12 +88,16 @@ async def read_body(request: web.Request, max_len: int) -> bytes:
 
     ``StreamReader.read(n)`` returns *up to* n bytes (whatever is buffered), so read until EOF.
     """
-    body = bytearray()
-    while chunk := await request.content.read(max_len + 1 - len(body)):
-        body += chunk
-        if len(body) > max_len:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(max_len + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_len:
             raise TooLarge("request body too large")
-    return bytes(body)
+    # one copy at most: a body that came in one chunk is that chunk (msgspec then decodes it
+    # in place, copying each envelope body once, into the Envelope it becomes)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def signed(node: Node, req: SignedRequest, body: bytes) -> web.Response:

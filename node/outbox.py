@@ -1,12 +1,15 @@
 """Per-destination federation sender (ARCHITECTURE §4 "Federation sender").
 
 One worker per destination node: it walks the committed outbox rows for that node with a
-cursor, posts bounded batches one signed request at a time, and deletes rows only once the peer
-has durably accepted them (or refused them for good). Whole-request failures back off the
-destination exponentially with jitter, capped at 5 minutes; the backoff resets as soon as the
-peer is seen again (:meth:`OutboxSender.peer_seen`). An envelope the peer refuses *for now*
-(its mailbox is full, ...) waits on its own schedule (:class:`federation.backoff.EnvelopeHolds`)
-and the cursor moves past it, so it never blocks the rest of the queue (docs/protocol.md §6).
+cursor, posts bounded batches as signed requests (several at once only as far as the peer's
+descriptor allows, ``max_inflight``, and never two for one mailbox, which keeps each mailbox's
+order), and deletes rows only once the peer has durably accepted them (or refused them for
+good); it reads the next page while a request is out and does not wait for those deletions.
+Whole-request failures back off the destination exponentially with jitter, capped at 5
+minutes; the backoff resets as soon as the peer is seen again (:meth:`OutboxSender.peer_seen`).
+An envelope the peer refuses *for now* (its mailbox is full, ...) waits on its own schedule
+(:class:`federation.backoff.EnvelopeHolds`) and the cursor moves past it, so it never blocks
+the rest of the queue (docs/protocol.md §6).
 """
 
 from __future__ import annotations
@@ -39,16 +42,17 @@ BATCH_BYTES = MAX_BATCH_BYTES - 64 * 1024  # headroom for msgpack framing
 
 
 def _select(
-    page: list[tuple[int, Envelope]], holds: EnvelopeHolds, now: int
+    page: list[tuple[int, Envelope]], holds: EnvelopeHolds, now: int, leaving: set[bytes]
 ) -> tuple[list[Envelope], int]:
-    """The next batch from a page: rows not held back, bounded by count and bytes (§8).
+    """The next batch from a page: rows not held back and not already settled (their deletion
+    still committing), bounded by count and bytes (§8).
 
     Returns the batch and how many leading rows of the page it consumed (sent or skipped).
     """
     batch: list[Envelope] = []
     total = 0
     for i, (_, env) in enumerate(page):
-        if holds.held(env.id, now):
+        if env.id in leaving or holds.held(env.id, now):
             continue
         size = len(env.body) + 64
         if batch and (total + size > BATCH_BYTES or len(batch) >= BATCH_SIZE):
@@ -58,12 +62,73 @@ def _select(
     return batch, len(page)
 
 
+def _plan(
+    page: list[tuple[int, Envelope]],
+    holds: EnvelopeHolds,
+    now: int,
+    leaving: set[bytes],
+    inflight: int,
+) -> tuple[list[list[Envelope]], int]:
+    """The requests to post next from a page, and how many leading rows they consume.
+
+    With ``inflight`` > 1 (the peer's descriptor allows that many requests at once:
+    docs/protocol.md §4.1 ``max_inflight``), the whole page is split into up to ``inflight``
+    batches that share no mailbox, each mailbox's rows in page order; requests in flight
+    together may be stored in any order, so per-mailbox order (§6) holds only because no
+    mailbox is in two of them. A page that does not split that way within the batch bounds
+    (few mailboxes, or large bodies) goes one batch at a time, as with ``inflight`` = 1.
+    """
+    if inflight > 1:
+        lanes = _lanes(page, holds, now, leaving, inflight)
+        if lanes is not None:
+            return lanes, len(page)
+    batch, consumed = _select(page, holds, now, leaving)
+    return ([batch] if batch else []), consumed
+
+
+def _lanes(
+    page: list[tuple[int, Envelope]],
+    holds: EnvelopeHolds,
+    now: int,
+    leaving: set[bytes],
+    n: int,
+) -> list[list[Envelope]] | None:
+    by_mailbox: dict[bytes, list[Envelope]] = {}
+    for _, env in page:
+        if env.id not in leaving and not holds.held(env.id, now):
+            by_mailbox.setdefault(env.to, []).append(env)
+    if len(by_mailbox) < 2:
+        return None
+    lanes: list[list[Envelope]] = [[] for _ in range(n)]
+    sizes = [0] * n
+    for envs in sorted(by_mailbox.values(), key=len, reverse=True):  # largest first, to the
+        i = min(range(n), key=lambda j: len(lanes[j]))  # emptiest lane
+        lanes[i] += envs
+        sizes[i] += sum(len(e.body) + 64 for e in envs)
+    if any(
+        len(lane) > BATCH_SIZE or size > BATCH_BYTES
+        for lane, size in zip(lanes, sizes, strict=True)
+    ):
+        return None
+    return [lane for lane in lanes if lane]
+
+
+def _page_rows(d: _Dest, inflight: int) -> int:
+    """Rows to read at once: enough for ``inflight`` batches while pages split (many
+    mailboxes), one batch's worth while they do not (a page read holds the store's lock)."""
+    return BATCH_SIZE * inflight if d.wide else BATCH_SIZE
+
+
 @dataclass
 class _Dest:
     backoff: Backoff = field(default_factory=Backoff)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     holds: EnvelopeHolds = field(default_factory=EnvelopeHolds)
+    # Settled rows (accepted or refused for good) whose deletion is still being committed: the
+    # worker goes on without waiting for that commit, and never sends these again.
+    leaving: set[bytes] = field(default_factory=set)
     started: bool = False
+    wide: bool = True  # the last page split into several requests: read k batches' worth
     failing: bool = False  # for logging state changes only
 
 
@@ -120,17 +185,29 @@ class OutboxSender:
         woken by new rows (then a pass over the rows after the last one seen)."""
         cursor, last_seen, full = 0, 0, True
         present: set[bytes] = set()  # ids seen in this full pass
+        ahead: list[tuple[int, Envelope]] | None = None  # the next page, read during a post
         while True:
-            d.wake.clear()
             now = self.clock.now_ms()
-            page = await self.store.outbox_page(dest, cursor, BATCH_SIZE)
+            k = self.peers.max_inflight(dest)
+            if ahead is None:
+                d.wake.clear()
+                page = await self.store.outbox_page(dest, cursor, _page_rows(d, k))
+            else:
+                page, ahead = ahead, None
             if page:
-                envs, consumed = _select(page, d.holds, now)
+                lanes, consumed = _plan(page, d.holds, now, d.leaving, k)
+                d.wide = len(lanes) > 1
                 if full:
                     present.update(e.id for _, e in page[:consumed])
-                if envs and not await self._attempt(dest, d, envs):
-                    continue  # failed: retry from the same cursor after the backoff
-                cursor = last_seen = page[consumed - 1][0]
+                after, rest = page[consumed - 1][0], page[consumed:]
+                read: list[tuple[int, Envelope]] | None = None
+                if lanes:
+                    ok, read = await self._attempt_reading_ahead(dest, d, lanes, after, not rest)
+                    if not ok:
+                        continue  # failed: retry from the same cursor after the backoff
+                # the rest of this page is the next page: rows committed later sort after it
+                ahead = rest or read
+                cursor = last_seen = after
                 continue
             if full:  # holds of rows that left the queue (expired) are forgotten
                 d.holds.keep_only(present)
@@ -147,10 +224,35 @@ class OutboxSender:
                     woken = True
             cursor, full = (last_seen, False) if woken else (0, True)
 
+    async def _attempt_reading_ahead(
+        self, dest: str, d: _Dest, lanes: list[list[Envelope]], after: int, read: bool
+    ) -> tuple[bool, list[tuple[int, Envelope]] | None]:
+        """:meth:`_attempt` for each batch at once (they share no mailbox: :func:`_plan`);
+        with ``read``, the page after ``after`` is read from the store meanwhile, so the
+        store's latency overlaps the peer's. True only if every batch went through. A failed
+        read is not an error here (the next pass reads that page again, in the ordinary way)."""
+        pages = [self.store.outbox_page(dest, after, _page_rows(d, len(lanes)))] if read else []
+        if read:
+            d.wake.clear()  # this read is the next pass's: rows committed after it wake us
+        results = await asyncio.gather(
+            *(self._attempt(dest, d, envs) for envs in lanes), *pages, return_exceptions=True
+        )
+        for res in results:
+            if isinstance(res, asyncio.CancelledError) or (
+                isinstance(res, BaseException) and not isinstance(res, Exception)
+            ):
+                raise res
+        oks, got = results[: len(lanes)], results[len(lanes) :]
+        for res in oks:
+            if isinstance(res, BaseException):
+                raise res
+        page = got[0] if got and not isinstance(got[0], BaseException) else None
+        return all(oks), page  # type: ignore[return-value]
+
     async def _attempt(self, dest: str, d: _Dest, envs: list[Envelope]) -> bool:
         """One request; False (after waiting out the destination's backoff) if it failed."""
         try:
-            await self._send(dest, envs, d.holds)
+            await self._send(dest, envs, d)
             d.backoff.succeeded()
             if d.failing:  # state change only: never a line per envelope or per retry
                 d.failing = False
@@ -173,7 +275,7 @@ class OutboxSender:
                     await d.wake.wait()
             return False
 
-    async def _send(self, dest: str, envs: list[Envelope], holds: EnvelopeHolds) -> None:
+    async def _send(self, dest: str, envs: list[Envelope], d: _Dest) -> None:
         """Post one batch. Per-envelope refusals are settled per envelope: permanent codes
         drop the row, any other code holds it back on its own schedule. Raises only when the
         whole request failed."""
@@ -187,13 +289,14 @@ class OutboxSender:
             # one bad row can't block the queue; a single refused envelope is dropped.
             if len(envs) == 1:
                 self.metrics.error("outbox_rejected", exc.code)
-                await self._leave([envs[0].id], holds)
+                self._leave([envs[0].id], d)
                 return
             half = len(envs) // 2
-            await self._send(dest, envs[:half], holds)
-            await self._send(dest, envs[half:], holds)
+            await self._send(dest, envs[:half], d)
+            await self._send(dest, envs[half:], d)
             return
         now = self.clock.now_ms()
+        holds = d.holds
         settled = set(result.accepted)
         done = list(result.accepted)
         for eid, code in result.rejected:
@@ -207,22 +310,39 @@ class OutboxSender:
             if env.id not in settled:
                 holds.refused(env.id, now)
         if done:
-            await self._leave(done, holds)
+            self._leave(done, d)
         self.metrics.event("federation.envelopes_out", len(result.accepted))
 
-    async def _leave(self, ids: list[bytes], holds: EnvelopeHolds) -> None:
-        """These rows are done (accepted, or refused for good): delete them, free quotas."""
-        await self.mailboxes.delete_outbox(ids)
-        holds.forget(ids)
-        if self.quotas is not None:
-            self.quotas.left(ids)
+    def _leave(self, ids: list[bytes], d: _Dest) -> None:
+        """These rows are done (accepted, or refused for good): queue their deletion (one
+        group commit for the whole batch) and go on; quotas are freed once it is committed.
+
+        The worker does not wait for that commit: the ids stay in ``d.leaving`` meanwhile, so a
+        later pass never sends them again. If the commit fails, the committer retries the
+        deletion with its next transaction; we wait for that one in turn."""
+        d.holds.forget(ids)
+        d.leaving.update(ids)
+        self._await_deletion(ids, d)
+
+    def _await_deletion(self, ids: list[bytes], d: _Dest) -> None:
+        def committed(f: asyncio.Future[None]) -> None:
+            if f.cancelled():
+                return
+            if f.exception() is not None:  # retried with the next transaction
+                self._await_deletion(ids, d)
+                return
+            d.leaving.difference_update(ids)
+            if self.quotas is not None:
+                self.quotas.left(ids)
+
+        self.mailboxes.delete_outbox(ids).add_done_callback(committed)
 
     async def _post(self, dest: str, envs: list[Envelope]) -> BatchResult:
         """POST one signed batch through the peer's locators; re-measure its clock once."""
-        batch = Batch(tuple(envs))
+        body = Batch(tuple(envs)).encode()  # once: every retry below re-signs only (§4.2)
 
         async def post(url: str) -> BatchResult:
-            return await self.transport.post_batch(url, dest, self.peers.stamp(dest), batch)
+            return await self.transport.post_encoded_batch(url, dest, self.peers.stamp(dest), body)
 
         try:
             return await self.peers.call(dest, post)

@@ -47,6 +47,12 @@ from .store import PeerRecord, Store, day
 log = logging.getLogger("haven.peers")
 T = TypeVar("T")
 RATE_TRIES = 4  # attempts of a federated key query answered rate_limited
+# How long a pin read from the store serves requests before it is read again: one query per
+# peer per second instead of one per request (each waits behind the group commits on the
+# store's single connection). Pins changed by this process drop the copy at once.
+PIN_CACHE_MS = 1000
+# Most requests we keep in flight to one peer, whatever its descriptor allows (§4.1).
+MAX_INFLIGHT = 8
 
 
 def candidate_urls(host: str) -> list[str]:
@@ -75,6 +81,9 @@ class PeerState:
     spoofed: int = 0
     key_changed: bool = False  # presented another key with no valid rotation (§4.7)
     url_ignored: bool = False  # its descriptor named another public URL (logged once)
+    inflight: int = 1  # requests it takes at once: its descriptor's ``max_inflight`` (§4.1)
+    pin: PeerRecord | None = None  # the stored pin, as read at ``pin_read`` (PIN_CACHE_MS)
+    pin_read: int = 0
 
 
 class PeerDirectory:
@@ -103,6 +112,18 @@ class PeerDirectory:
         """``created`` for a request to ``node_id``, in that peer's clock."""
         return self.clock.now_ms() + self.st(node_id).offset_ms
 
+    def max_inflight(self, node_id: str) -> int:
+        """How many batch requests to keep in flight to ``node_id`` (1 unless its descriptor
+        advertises more: docs/protocol.md §4.1 ``limits.max_inflight``)."""
+        st = self.state.get(node_id)
+        return 1 if st is None else st.inflight
+
+    def _measured(self, node_id: str, fetched: FetchedDescriptor) -> PeerState:
+        st = self.st(node_id)
+        st.offset_ms, st.measured, st.key_changed = fetched.offset_ms, True, False
+        st.inflight = max(1, min(MAX_INFLIGHT, fetched.descriptor.limits.get("max_inflight", 1)))
+        return st
+
     def correct_clock(self, node_id: str, peer_now: int) -> None:
         st = self.st(node_id)
         st.offset_ms, st.measured = peer_now - self.clock.now_ms(), True
@@ -110,15 +131,34 @@ class PeerDirectory:
     def invalidate(self, node_id: str) -> None:
         """Forget the measurement: the next request re-fetches the descriptor (and re-checks
         the key), e.g. after the peer answered ``wrong_destination``."""
-        self.st(node_id).measured = False
+        st = self.st(node_id)
+        st.measured, st.pin = False, None
 
     async def locators(self, node_id: str) -> list[tuple[str, str]]:
         """``(kind, base URL)`` to try, verified LAN addresses first."""
-        out = [("lan", u) for u in self.st(node_id).lan_urls]
-        rec = await self.store.get_peer(node_id)
+        st = self.st(node_id)
+        out = [("lan", u) for u in st.lan_urls]
+        rec = await self.pinned(node_id)
         if rec is not None:
             out.append(("public", rec.url))
         return out
+
+    async def pinned(self, node_id: str) -> PeerRecord | None:
+        """The stored pin of ``node_id``, read from the store at most once per PIN_CACHE_MS."""
+        st = self.state.get(node_id)
+        now = self.clock.now_ms()
+        if st is not None and st.pin is not None and 0 <= now - st.pin_read < PIN_CACHE_MS:
+            return st.pin
+        rec = await self.store.get_peer(node_id)
+        if rec is not None:  # no state for origins that are not pinned (unbounded in number)
+            st = self.st(node_id)
+            st.pin, st.pin_read = rec, now
+        return rec
+
+    def _drop_pin_copy(self, *node_ids: str) -> None:
+        for node_id in node_ids:
+            if node_id in self.state:
+                self.state[node_id].pin = None
 
     async def call(self, node_id: str, fn: Callable[[str], Awaitable[T]]) -> T:
         """Run ``fn(base_url)`` against each locator of ``node_id`` until one is reachable."""
@@ -164,6 +204,7 @@ class PeerDirectory:
             rec = await self.store.get_peer(node_id)
             if rec is not None and rec.last_seen < day(now):
                 await self.store.upsert_peer(PeerRecord(rec.node_id, rec.url, rec.host, now))
+                self._drop_pin_copy(node_id)
         except StorageError:
             return  # tried again on the next contact
         if rec is not None:
@@ -217,11 +258,12 @@ class PeerDirectory:
             log.info("peer %s rotated its key to %s", pinned.node_id, desc.node_id)
             self.st(pinned.node_id).key_changed = False
             await self.store.rename_peer(pinned.node_id, record)
+            self._drop_pin_copy(pinned.node_id, desc.node_id)
             self.on_seen(desc.node_id)  # its queue moved: drain it under the new id
         else:
             await self.store.upsert_peer(record)
-        st = self.st(desc.node_id)
-        st.offset_ms, st.measured, st.key_changed = fetched.offset_ms, True, False
+            self._drop_pin_copy(desc.node_id)
+        self._measured(desc.node_id, fetched)
         self._ok(desc.node_id, "public")
         self._stored_day[desc.node_id] = day(record.last_seen)
         return record
@@ -276,7 +318,7 @@ class PeerDirectory:
                 raise TransportError("peer identity rotated; queue moved")
             if kind == "public":
                 self._check_public_url(node_id, fetched.descriptor.public_url, url)
-            st.offset_ms, st.measured, st.key_changed = fetched.offset_ms, True, False
+            self._measured(node_id, fetched)
             self._ok(node_id, kind)
             return
         st.reachable = False
@@ -284,7 +326,7 @@ class PeerDirectory:
 
     async def seen(self, node_id: str) -> None:
         """A peer contacted us: note it and let its outbox drain at once."""
-        rec = await self.store.get_peer(node_id)
+        rec = await self.pinned(node_id)
         if rec is not None:
             st = self.st(node_id)
             st.reachable, st.last_seen = True, self.clock.now_ms()

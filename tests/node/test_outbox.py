@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from federation.backoff import EnvelopeHolds
 from federation.clock import FakeClock
 from federation.transport import RemoteError
 from federation.wire import Batch, BatchResult, Envelope
+from node import sqlite_store
 from node.atrest import EpochKeys
 from node.mailbox import Mailboxes
 from node.metrics import Metrics
@@ -22,8 +24,12 @@ from node.sqlite_store import SqliteStore
 
 
 class FakePeers:
-    def __init__(self) -> None:
+    def __init__(self, inflight: int = 1) -> None:
         self.calls = 0
+        self.inflight = inflight
+
+    def max_inflight(self, node_id: str) -> int:
+        return self.inflight
 
     def stamp(self, node_id: str) -> int:
         return 0
@@ -33,7 +39,16 @@ class FakePeers:
         return await fn("http://peer.invalid")
 
 
-class RefusingTransport:
+class EncodedBatches:
+    """The sender posts encoded batches (:meth:`PeerTransport.post_encoded_batch`)."""
+
+    async def post_encoded_batch(
+        self, url: str, dest: str, created: int, body: bytes
+    ) -> BatchResult:
+        return await self.post_batch(url, dest, created, Batch.decode(body))  # type: ignore[attr-defined]
+
+
+class RefusingTransport(EncodedBatches):
     """Refuses a whole batch when any envelope is "too large"; accepts everything else."""
 
     def __init__(self) -> None:
@@ -105,7 +120,7 @@ def test_envelope_holds_back_off_per_envelope_with_a_fake_clock() -> None:
     assert len(delays) <= 3
 
 
-class FullMailboxTransport:
+class FullMailboxTransport(EncodedBatches):
     """A peer whose mailbox ``full`` refuses every envelope with ``quota_exceeded`` until
     ``room`` is set; everything else is accepted."""
 
@@ -168,4 +183,233 @@ async def test_refusals_for_one_full_mailbox_do_not_block_the_queue(tmp_path: Pa
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await store.close()
+
+
+# ---- pipelining: only as far as the peer's descriptor allows, per-mailbox order kept ---------
+
+
+class ShufflingTransport(EncodedBatches):
+    """A peer that answers requests after random delays, so requests in flight together are
+    stored in any order; records the arrival order per mailbox and the most in flight."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.arrived: dict[bytes, list[bytes]] = {}
+        self.inflight = 0
+        self.most_inflight = 0
+
+    async def post_batch(self, url: str, dest: str, created: int, batch: Batch) -> BatchResult:
+        self.inflight += 1
+        self.most_inflight = max(self.most_inflight, self.inflight)
+        try:
+            await asyncio.sleep(self.rng.random() * 0.004)
+            for e in batch.envelopes:
+                self.arrived.setdefault(e.to, []).append(e.id)
+            return BatchResult(tuple(e.id for e in batch.envelopes))
+        finally:
+            self.inflight -= 1
+
+
+async def _pipelined_run(
+    tmp_path: Path, inflight: int, mailboxes_n: int, per_mailbox: int
+) -> tuple[ShufflingTransport, dict[bytes, list[bytes]]]:
+    clock = FakeClock()
+    store = SqliteStore(str(tmp_path / "s.db"), EpochKeys(str(tmp_path / "e.key")))
+    await store.open()
+    sender: OutboxSender | None = None
+    mailboxes = Mailboxes(store, clock, on_outbox=lambda d: sender.wake(d) if sender else None)
+    transport = ShufflingTransport(seed=inflight * 1000 + mailboxes_n)
+    peers = FakePeers(inflight)
+    sender = OutboxSender(store, mailboxes, peers, transport, clock, Metrics())  # type: ignore[arg-type]
+    boxes = [os.urandom(16) for _ in range(mailboxes_n)]
+    sent: dict[bytes, list[bytes]] = {mb: [] for mb in boxes}
+    tasks = [asyncio.create_task(mailboxes.run()), asyncio.create_task(sender.run())]
+    try:
+        futs = []
+        for _ in range(per_mailbox // 10):  # interleaved, in several commits
+            items = []
+            for mb in boxes:
+                for _ in range(10):
+                    env = Envelope(os.urandom(16), mb, 10**14, b"m")
+                    sent[mb].append(env.id)
+                    items.append(("peer", env))
+            futs += mailboxes.submit_outbox(items)
+            await asyncio.sleep(0)
+        await asyncio.gather(*futs)
+        async with asyncio.timeout(30):
+            while (await store.counts())["outbox_envelopes"]:
+                await asyncio.sleep(0.01)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await store.close()
+    return transport, sent
+
+
+async def test_pipelined_requests_keep_each_mailboxs_order(tmp_path: Path) -> None:
+    """A peer that allows 4 requests in flight gets them, answered in random order; every
+    mailbox still receives its envelopes in the order they were sent, none lost or doubled."""
+    transport, sent = await _pipelined_run(tmp_path, inflight=4, mailboxes_n=12, per_mailbox=60)
+    assert transport.most_inflight > 1
+    assert transport.arrived == sent
+
+
+async def test_one_mailbox_over_a_pipelined_link_arrives_in_order(tmp_path: Path) -> None:
+    transport, sent = await _pipelined_run(tmp_path, inflight=4, mailboxes_n=1, per_mailbox=700)
+    assert transport.arrived == sent
+
+
+async def test_a_peer_that_allows_one_request_gets_one_at_a_time(tmp_path: Path) -> None:
+    transport, sent = await _pipelined_run(tmp_path, inflight=1, mailboxes_n=12, per_mailbox=30)
+    assert transport.most_inflight == 1
+    assert transport.arrived == sent
+
+
+# ---- re-sealing while requests are out: an epoch's end, a shutdown ---------------------------
+
+
+class HeldTransport(EncodedBatches):
+    """Accepts every envelope, each request only once ``release`` is set; counts the posts of
+    each envelope (a duplicate post shows as 2)."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.posted: Counter[bytes] = Counter()
+        self.waiting = 0
+
+    async def post_batch(self, url: str, dest: str, created: int, batch: Batch) -> BatchResult:
+        self.posted.update(e.id for e in batch.envelopes)
+        self.waiting += 1
+        try:
+            await self.release.wait()
+        finally:
+            self.waiting -= 1
+        return BatchResult(tuple(e.id for e in batch.envelopes))
+
+
+async def _sealing_keys(store: SqliteStore) -> set[int]:
+    """The live keys that seal the stored rows (every row must open under one of them)."""
+    kids = set()
+    for table in ("envelopes", "outbox"):
+        for (sealed,) in await store.db.execute_fetchall(f"SELECT sealed FROM {table}"):
+            got = store.keys.try_open(bytes(sealed))
+            assert got is not None, "a pending row is under no live key"
+            kids.add(got[0])
+    return kids
+
+
+async def test_an_epochs_end_with_requests_in_flight_leaves_no_row_under_the_old_key(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Pipelined requests are out (the next page read ahead) when the epoch ends; rows written
+    then, and the re-seal that follows while the answers and their deletions land, leave every
+    pending row under the newest key and no older key beside it (what a seized disk opens:
+    tests/forensics ``pending_old_key``); each envelope is posted once and then deleted."""
+    monkeypatch.setattr(sqlite_store, "RESEAL_CHUNK", 3)  # the re-seal interleaves with deletes
+    clock = FakeClock()
+    keys = EpochKeys(str(tmp_path / "e.key"), 600_000)
+    store = SqliteStore(str(tmp_path / "s.db"), keys)
+    await store.open()
+    await store.begin(clock)
+    sender: OutboxSender | None = None
+    mailboxes = Mailboxes(store, clock, on_outbox=lambda d: sender.wake(d) if sender else None)
+    transport = HeldTransport()
+    sender = OutboxSender(store, mailboxes, FakePeers(4), transport, clock, Metrics())  # type: ignore[arg-type]
+    boxes = [os.urandom(16) for _ in range(6)]
+    first = [Envelope(os.urandom(16), mb, 10**14, b"a") for mb in boxes for _ in range(5)]
+    later = [Envelope(os.urandom(16), mb, 10**14, b"b") for mb in boxes for _ in range(3)]
+    tasks = [asyncio.create_task(mailboxes.run()), asyncio.create_task(sender.run())]
+    try:
+        await asyncio.gather(*mailboxes.submit_outbox([("peer", e) for e in first]))
+        async with asyncio.timeout(20):
+            while transport.waiting < 2:  # several requests in flight at once
+                await asyncio.sleep(0.01)
+        clock.advance(600_000)  # the epoch ends; the sweep has not come yet
+        await asyncio.gather(*mailboxes.submit_outbox([("peer", e) for e in later]))
+        assert len(keys.ids) == 1 and await _sealing_keys(store) == set(keys.ids)
+        rotation = asyncio.create_task(store.rotate_epochs(clock.now_ms()))
+        transport.release.set()  # answers, and the deletions they queue, during the re-seal
+        await rotation
+        # the old key is gone (and if the deletions emptied the queue meanwhile, every key)
+        assert keys.epochs in ([], [keys.epoch_of(clock.now_ms())])
+        assert await _sealing_keys(store) <= set(keys.ids)
+        async with asyncio.timeout(20):
+            while (await store.counts())["outbox_envelopes"]:
+                await asyncio.sleep(0.01)
+        assert transport.posted == Counter(e.id for e in first + later)  # each once, none lost
+        assert keys.ids == []  # nothing pending: no key
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await store.close()
+
+
+def _slot_keys(path: str) -> set[bytes]:
+    """The keys in the live slots of an ``epochs.key`` (40-byte slots: epoch, then key)."""
+    data = Path(path).read_bytes()
+    slots = [data[i : i + 40] for i in range(0, len(data), 40)]
+    return {s[8:] for s in slots if any(s)}
+
+
+async def _sender(
+    store: SqliteStore, clock: FakeClock, transport: HeldTransport
+) -> tuple[Mailboxes, OutboxSender, list[asyncio.Task[None]]]:
+    sender: OutboxSender | None = None
+    mailboxes = Mailboxes(store, clock, on_outbox=lambda d: sender.wake(d) if sender else None)
+    sender = OutboxSender(store, mailboxes, FakePeers(4), transport, clock, Metrics())  # type: ignore[arg-type]
+    return (
+        mailboxes,
+        sender,
+        [asyncio.create_task(mailboxes.run()), asyncio.create_task(sender.run())],
+    )
+
+
+async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_rows_in_flight_at_shutdown_are_resealed_and_sent_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    """The node stops with pipelined requests unanswered: the shutdown re-seal covers those
+    rows with the rest (one fresh key left, nothing lost), and the restarted node sends them."""
+    clock = FakeClock()
+    key_file, db = str(tmp_path / "e.key"), str(tmp_path / "s.db")
+    store = SqliteStore(db, EpochKeys(key_file, 600_000))
+    await store.open()
+    await store.begin(clock)
+    held = HeldTransport()
+    mailboxes, _, tasks = await _sender(store, clock, held)
+    envs = [Envelope(os.urandom(16), os.urandom(16), 10**14, b"a") for _ in range(12)]
+    try:
+        await asyncio.gather(*mailboxes.submit_outbox([("peer", e) for e in envs]))
+        async with asyncio.timeout(20):
+            while held.waiting < 2:
+                await asyncio.sleep(0.01)
+        serving = _slot_keys(key_file)
+    finally:
+        await _stop(tasks)
+        await store.close()  # the shutdown re-seal, with the requests still unanswered
+    stopped = _slot_keys(key_file)
+    assert len(stopped) == 1 and not stopped & serving
+    store = SqliteStore(db, EpochKeys(key_file, 600_000))
+    await store.open()
+    await store.begin(clock)
+    again = HeldTransport()
+    again.release.set()
+    _, _, tasks = await _sender(store, clock, again)
+    try:
+        assert await _sealing_keys(store) == set(store.keys.ids)
+        async with asyncio.timeout(20):
+            while (await store.counts())["outbox_envelopes"]:
+                await asyncio.sleep(0.01)
+        assert again.posted == Counter(e.id for e in envs)
+        assert store.keys.ids == []
+    finally:
+        await _stop(tasks)
         await store.close()

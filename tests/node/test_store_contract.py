@@ -260,7 +260,8 @@ async def test_duplicate_under_an_older_key_is_not_stored_twice(tmp_path: Path) 
     try:
         e = env(os.urandom(16), 10**14)
         await store.write(WriteBatch(envelopes=(e,), outbox=(("p", e),)), clock.now_ms())
-        clock.advance(600_000)  # a new key for new rows; the old one still seals e
+        clock.advance(600_000)  # a re-seal has made this epoch's key; the old one still seals e
+        keys.current(clock.now_ms())
         await store.write(WriteBatch(envelopes=(e,), outbox=(("p", e),)), clock.now_ms())
         assert len(keys.ids) == 2
         counts = await store.counts()
