@@ -49,6 +49,7 @@ from .sweeper import Sweeper
 
 log = logging.getLogger("haven.node")
 ROTATIONS_NAME = "rotations.bin"
+SETTLE_AT_STOP_S = 2.0  # a stopping node waits this long at most for queued commits
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,8 +414,12 @@ class Node:
                 self.ready.set()
                 log.info("node %s serving", self.key.node_id)
                 await stop.wait()
-                for t in tasks:
+                for t in tasks[1:]:
                     t.cancel()
+                # acks and peers' acceptances that came in are committed before the committer
+                # stops (bounded: a failing disk must not hold the shutdown)
+                await self.mailboxes.settle(SETTLE_AT_STOP_S)
+                tasks[0].cancel()
         except* asyncio.CancelledError:
             pass
         except* HavenError as eg:

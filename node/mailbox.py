@@ -65,6 +65,8 @@ class Mailboxes:
         self._del_waiters: list[asyncio.Future[None]] = []
         self._inflight: dict[bytes, Envelope] = {}  # being committed right now
         self._wake = asyncio.Event()
+        self._quiet = asyncio.Event()  # set while nothing is queued or committing
+        self._quiet.set()
         self.last_write_ms = 0
         self.writes_since_checkpoint = 0
         self.disk: DiskGuard | None = None  # the disk-full guard of a serving node
@@ -89,7 +91,7 @@ class Mailboxes:
                 pushes.setdefault(env.to, []).append(env)
         for mailbox, batch in pushes.items():
             self.links[mailbox].push(batch)
-        self._wake.set()
+        self._kick()
         return futs
 
     def submit_outbox(self, items: list[tuple[str, Envelope]]) -> list[asyncio.Future[None]]:
@@ -102,7 +104,7 @@ class Mailboxes:
                 self._out[env.id][1].waiters.append(fut)
             else:
                 self._out[env.id] = (dest, _Pending(env, [fut]))
-        self._wake.set()
+        self._kick()
         return futs
 
     def uncommitted(self) -> list[Envelope]:
@@ -134,20 +136,36 @@ class Mailboxes:
             else:
                 self._del_env.add(eid)
                 self.deleting.add(eid)
-        self._wake.set()
+        self._kick()
 
     def delete_outbox(self, ids: list[bytes]) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._del_out.update(ids)
         self._del_waiters.append(fut)
-        self._wake.set()
+        self._kick()
         return fut
 
     # ---- the committer -----------------------------------------------------------------------
 
+    def _kick(self) -> None:
+        self._quiet.clear()
+        self._wake.set()
+
+    async def settle(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until everything queued is committed, so a stopping
+        node leaves no settled delete behind (a peer's acceptance not yet deleted would be
+        sent again after the restart). Returns whether it settled."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._quiet.wait()
+        except TimeoutError:
+            return False
+        return True
+
     async def run(self) -> None:
         """Commit loop: one transaction at a time, up to :data:`MAX_TX_ROWS` rows each."""
         while True:
+            self._quiet.set()
             await self._wake.wait()
             self._wake.clear()
             while self._env or self._out or self._del_env or self._del_out:
