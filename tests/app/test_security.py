@@ -142,8 +142,8 @@ async def test_event_socket_needs_our_origin_and_the_auth_frame(
 def test_hostile_content_round_trips_as_plain_json_strings(
     app_node: NodeProc, new_user: Callable[..., DaemonProc]
 ) -> None:
-    alice = new_user(app_node, "alice")
-    bob = new_user(app_node, "bob")
+    alice = new_user(app_node, "amy")
+    bob = new_user(app_node, "ben")
     alice.open_chat(bob.address)
     for text in HOSTILE:
         alice.send(bob.address, text)

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 
-from tests.integration.harness import NodeProc, haven, wait_until
+from tests.integration.harness import NodeProc, wait_until
 
 from .browser import UiPage, catalog, launch, open_ui, two_people
 from .daemon import DaemonProc
+from .forkcli import haven, invite
 
 EN, KO = catalog("en"), catalog("ko")
 HOSTILE_IMG = '<img src=x onerror="window.__pwned=1">'
@@ -306,7 +307,7 @@ def test_onboarding_then_unlock_through_the_ui(world: World) -> None:
     carol_d = DaemonProc(world.tmp / "dev-carol").start()
     try:
         ui = open_ui(world.browser, carol_d.url, locale="en-US")
-        ui.page.fill("[data-testid=join-code]", world.a.invite("carol"))
+        ui.page.fill("[data-testid=join-code]", invite(world.a, "carol"))
         ui.page.fill("[data-testid=join-name]", "최지우")
         ui.page.fill("[data-testid=join-passphrase]", "correct horse")
         ui.page.click("[data-testid=join-submit]")
@@ -432,7 +433,7 @@ def test_changed_key_warns_and_shows_the_new_number_first(world: World) -> None:
     alice.page.click("[data-testid=back]")
     alice.page.wait_for_selector("[data-testid=composer]")
     haven("node", "remove-account", "--home", str(world.b.home), "bob")
-    haven("join", world.b.invite("bob"), "--home", str(world.tmp / "dev-bob-reinstalled"))
+    haven("join", invite(world.b, "bob"), "--home", str(world.tmp / "dev-bob-reinstalled"))
     alice.type_and_send("held until the new key is accepted")
     alice.page.wait_for_selector(
         '[data-testid=message-text]:text-is("held until the new key is accepted")'
