@@ -17,10 +17,10 @@ from typing import Any
 
 from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, Playwright
 
+from tests.integration.forkcli import create_node, invite
 from tests.integration.harness import NodeProc
 
 from .daemon import DaemonProc
-from .forkcli import create_node, invite
 
 CHROMIUM = "/usr/bin/chromium"
 STATIC = Path(__file__).resolve().parents[2] / "client" / "app" / "static"

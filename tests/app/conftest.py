@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.forkcli import create_node, invite
 from tests.integration.harness import NodeProc
 
 from .daemon import DaemonProc
-from .forkcli import create_node, invite
 
 
 @pytest.fixture

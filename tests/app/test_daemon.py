@@ -17,11 +17,11 @@ from typing import Any
 
 from client.app.core import SUBSCRIBER_BACKLOG, AppCore
 from federation.clock import FakeClock
+from tests.integration.forkcli import haven, invite, join, recv
 from tests.integration.harness import ROOT, NodeProc, async_wait_until, wait_until
 
 from .conftest import Pair
 from .daemon import DaemonProc, EventSocket, wait_message
-from .forkcli import haven, invite, join, recv
 
 
 def test_onboarding_on_an_empty_home(

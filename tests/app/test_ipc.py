@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 
+from tests.integration.forkcli import haven, invite, join
 from tests.integration.harness import ROOT, NodeProc, wait_until
 
 from .daemon import DaemonProc, EventSocket, wait_message
-from .forkcli import haven, invite, join
 
 NOBODY = 65534
 _WORLDS = count(1)

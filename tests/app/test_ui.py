@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 
+from tests.integration.forkcli import haven, invite
 from tests.integration.harness import NodeProc, wait_until
 
 from .browser import UiPage, catalog, launch, open_ui, two_people
 from .daemon import DaemonProc
-from .forkcli import haven, invite
 
 EN, KO = catalog("en"), catalog("ko")
 HOSTILE_IMG = '<img src=x onerror="window.__pwned=1">'

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.forkcli import haven, invite, join
-
+from .forkcli import haven, invite, join
 from .harness import NodeProc, wait_until
 
 
