@@ -8,7 +8,6 @@ import pty
 import re
 import select
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from typing import Any
 
 from client.app.core import SUBSCRIBER_BACKLOG, AppCore
 from federation.clock import FakeClock
-from tests.integration.forkcli import haven, invite, join, recv
+from tests.integration.forkcli import haven, invite, join, recv, run
 from tests.integration.harness import ROOT, NodeProc, async_wait_until, wait_until
 
 from .conftest import Pair
@@ -289,9 +288,7 @@ def test_a_second_daemon_on_the_same_home_is_refused(
     app_node: NodeProc, new_user: Callable[..., DaemonProc]
 ) -> None:
     d = new_user(app_node, "hana")
-    proc = subprocess.run(
-        DaemonProc(d.home).argv(), capture_output=True, text=True, cwd=ROOT, timeout=30
-    )
+    proc = run(DaemonProc(d.home).argv()[3:], timeout=30)  # the arguments after -m client.cli
     assert proc.returncode == 1 and proc.stdout == ""
     assert "the app is already running for" in proc.stderr
     assert proc.stderr.rstrip().endswith("(app_running)")

@@ -7,6 +7,7 @@ leaves the world usable for the next (stated where it matters).
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,8 +203,7 @@ def test_hostile_content_is_only_text(world: World) -> None:
 def test_node_restart_mid_conversation(world: World) -> None:
     alice, bob = world.alice, world.bob
     before_a, before_b = len(alice.messages()), len(bob.messages())
-    world.a.stop()
-    world.b.stop()
+    stop_together(world.a, world.b)
     assert alice.wait_connection("offline", "connecting") in ("offline", "connecting")
     assert bob.wait_connection("offline", "connecting") in ("offline", "connecting")
     alice.type_and_send("typed while the node was down (alice)")
@@ -375,6 +375,18 @@ def test_link_a_device_then_remove_it(world: World) -> None:
         laptop_d.kill()
     alice.page.click("[data-testid=nav-chats]")
     alice.open_chat(world.bob_addr)
+
+
+def stop_together(*nodes: NodeProc) -> None:
+    """SIGTERM every node, then wait for each: their graceful shutdowns (seconds each, with
+    clients connected) overlap instead of adding up."""
+    for n in nodes:
+        assert n.proc is not None
+        n.proc.send_signal(signal.SIGTERM)
+    for n in nodes:
+        assert n.proc is not None
+        n.proc.wait(timeout=20)
+        n.proc = None
 
 
 UNLABELLED = """() => [...document.querySelectorAll('button, input, select, textarea')]
