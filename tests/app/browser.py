@@ -17,6 +17,7 @@ from typing import Any
 
 from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, Playwright
 
+from tests.integration.forkcli import create_node, invite
 from tests.integration.harness import NodeProc
 
 from .daemon import DaemonProc
@@ -167,16 +168,16 @@ def two_people(tmp: Path, alice_name: str = "Alice", bob_name: str = "김민수"
     everything is killed on exit."""
     procs: list[NodeProc | DaemonProc] = []
     try:
-        a = NodeProc.create(tmp, "A").start()
+        a = create_node(tmp, "A").start()
         procs.append(a)
-        b = NodeProc.create(tmp, "B").start()
+        b = create_node(tmp, "B").start()
         procs.append(b)
         alice = DaemonProc(tmp / "dev-alice").start()
         procs.append(alice)
         bob = DaemonProc(tmp / "dev-bob").start()
         procs.append(bob)
-        alice.join(a.invite("alice"), alice_name)
-        bob.join(b.invite("bob"), bob_name)
+        alice.join(invite(a, "alice"), alice_name)
+        bob.join(invite(b, "bob"), bob_name)
         yield People(a, b, alice, bob, alice.address, bob.address)
     finally:
         for proc in reversed(procs):

@@ -1,7 +1,9 @@
 """Shared fixtures for the app tests: real nodes and real ``haven app`` daemons.
 
 - ``start_daemon(name, env=None)``: a daemon on ``tmp_path/dev-NAME`` (stopped afterwards).
-- ``app_node``: one running node; ``two_nodes``: two federated nodes.
+- ``app_node``: one running node, shared by the tests of a module (each test uses its own
+  account names on it, so a node start is paid once per module); ``two_nodes``: two federated
+  nodes of the test's own (a test that kills a node must not share it).
 - ``new_user(node, name, display_name)``: a daemon on an empty home, onboarded through the API.
 - ``alice_bob``: alice on node A and bob on node B, each with the other's chat open.
 """
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.forkcli import create_node, invite
 from tests.integration.harness import NodeProc
 
 from .daemon import DaemonProc
@@ -45,19 +48,27 @@ def start_daemon(tmp_path: Path, daemons: list[DaemonProc]) -> Callable[..., Dae
     return start
 
 
+@pytest.fixture(scope="module")
+def _module_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProc]:
+    a = create_node(tmp_path_factory.mktemp("node"), "A").start()
+    yield a
+    a.kill()
+
+
 @pytest.fixture
-def app_node(tmp_path: Path, nodes: list[NodeProc]) -> NodeProc:
-    """One running node."""
-    a = NodeProc.create(tmp_path, "A").start()
-    nodes.append(a)
-    return a
+def app_node(_module_node: NodeProc) -> NodeProc:
+    """The module's running node (started again if a test left it stopped). Account names
+    must be unique within a module."""
+    if _module_node.proc is None or _module_node.proc.poll() is not None:
+        _module_node.start()
+    return _module_node
 
 
 @pytest.fixture
 def two_nodes(tmp_path: Path, nodes: list[NodeProc]) -> tuple[NodeProc, NodeProc]:
     """Two running nodes on 127.0.0.1 (they federate on first contact)."""
-    a = NodeProc.create(tmp_path, "A").start()
-    b = NodeProc.create(tmp_path, "B").start()
+    a = create_node(tmp_path, "A").start()
+    b = create_node(tmp_path, "B").start()
     nodes += [a, b]
     return a, b
 
@@ -71,7 +82,7 @@ def new_user(start_daemon: Callable[..., DaemonProc]) -> Callable[..., DaemonPro
         node: NodeProc, name: str, display_name: str = "", env: dict[str, str] | None = None
     ) -> DaemonProc:
         d = start_daemon(name, env=env)
-        st = d.join(node.invite(name), display_name or name.capitalize())
+        st = d.join(invite(node, name), display_name or name.capitalize())
         assert st["joined"] and st["me"]["address"] == f"{name}@{node.host}", st
         return d
 

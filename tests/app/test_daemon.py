@@ -8,7 +8,6 @@ import pty
 import re
 import select
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -17,15 +16,8 @@ from typing import Any
 
 from client.app.core import SUBSCRIBER_BACKLOG, AppCore
 from federation.clock import FakeClock
-from tests.integration.harness import (
-    ROOT,
-    NodeProc,
-    async_wait_until,
-    haven,
-    join,
-    recv,
-    wait_until,
-)
+from tests.integration.forkcli import haven, invite, join, recv, run
+from tests.integration.harness import ROOT, NodeProc, async_wait_until, wait_until
 
 from .conftest import Pair
 from .daemon import DaemonProc, EventSocket, wait_message
@@ -41,13 +33,13 @@ def test_onboarding_on_an_empty_home(
     status, err = d.api("GET", "/api/chats", expect=None)
     assert status == 409 and err["error"] == "not_joined"
 
-    st = d.join(app_node.invite("minsu"), "김민수")
+    st = d.join(invite(app_node, "minsu"), "김민수")
     assert st["joined"] is True
     assert st["me"]["display_name"] == "김민수"
     assert st["me"]["address"] == f"minsu@{app_node.host}"
     assert st["me"]["node_url"] == app_node.url
     d.wait_state(lambda s: s["connection"] == "online", what="online after joining")
-    status, err = d.api("POST", "/api/join", {"invite": app_node.invite("x")}, expect=None)
+    status, err = d.api("POST", "/api/join", {"invite": invite(app_node, "x")}, expect=None)
     assert status == 409 and err["error"] == "already_joined"
 
 
@@ -137,7 +129,7 @@ def test_locked_home_unlocks_through_the_api(
     app_node: NodeProc, start_daemon: Callable[..., DaemonProc]
 ) -> None:
     d = start_daemon("carol")
-    st = d.join(app_node.invite("carol"), "Carol", passphrase="correct horse")
+    st = d.join(invite(app_node, "carol"), "Carol", passphrase="correct horse")
     assert st["protection"] == "passphrase"
     address = st["me"]["address"]
     assert d.stop() == 0  # SIGTERM: a clean shutdown
@@ -220,12 +212,12 @@ async def test_tick_marks_not_delivered_and_purges_what_disappeared(
 ) -> None:
     """In-process core with an injected clock (the node and bob's device are real)."""
     clock = FakeClock(int(time.time() * 1000))
-    _, bob_addr = join(app_node, tmp_path, "bob")  # bob never comes online
+    _, bob_addr = join(app_node, tmp_path, "bob-tick")  # bob never comes online
     core = AppCore(str(tmp_path / "dev-alice"), clock)
     await core.start()
     q = core.subscribe()
     try:
-        await core.join({"invite": app_node.invite("alice"), "display_name": "Alice"})
+        await core.join({"invite": invite(app_node, "alice-tick"), "display_name": "Alice"})
 
         async def online() -> bool:
             return core.connection == "online"
@@ -285,7 +277,7 @@ async def test_link_a_second_device_through_both_apps(
     _, devices = old.api("GET", "/api/devices")
     assert {d["id"] for d in devices} == {old.state()["me"]["device_id"], st["me"]["device_id"]}
     # the old device's link still receives (the receive loop resumed after linking)
-    bob = new_user(app_node, "bob")
+    bob = new_user(app_node, "bob-link")
     bob.open_chat(old.address)
     sent = bob.send(old.address, "to both of gina's devices")
     for d in (old, new):
@@ -296,9 +288,7 @@ def test_a_second_daemon_on_the_same_home_is_refused(
     app_node: NodeProc, new_user: Callable[..., DaemonProc]
 ) -> None:
     d = new_user(app_node, "hana")
-    proc = subprocess.run(
-        DaemonProc(d.home).argv(), capture_output=True, text=True, cwd=ROOT, timeout=30
-    )
+    proc = run(DaemonProc(d.home).argv()[3:], timeout=30)  # the arguments after -m client.cli
     assert proc.returncode == 1 and proc.stdout == ""
     assert "the app is already running for" in proc.stderr
     assert proc.stderr.rstrip().endswith("(app_running)")
@@ -340,8 +330,8 @@ async def test_a_client_that_falls_behind_is_dropped(tmp_path: Path) -> None:
 async def test_changed_identity_key_shows_the_new_number_before_accepting(
     tmp_path: Path, app_node: NodeProc, new_user: Callable[..., DaemonProc]
 ) -> None:
-    alice = new_user(app_node, "alice")
-    _, bob_addr = join(app_node, tmp_path, "bob")  # bob is a CLI device
+    alice = new_user(app_node, "alice-key")
+    _, bob_addr = join(app_node, tmp_path, "bob-key")  # bob is a CLI device
     alice.open_chat(bob_addr)
     v = f"/api/contacts/{bob_addr}/verify"
     _, first = alice.api("GET", v)
@@ -351,9 +341,9 @@ async def test_changed_identity_key_shows_the_new_number_before_accepting(
     assert ok["verified"] is True
 
     # bob reinstalls: the same address, a new identity key
-    haven("node", "remove-account", "--home", str(app_node.home), "bob")
+    haven("node", "remove-account", "--home", str(app_node.home), "bob-key")
     new_home = tmp_path / "dev-bob-new"
-    haven("join", app_node.invite("bob"), "--home", str(new_home))
+    haven("join", invite(app_node, "bob-key"), "--home", str(new_home))
     async with EventSocket(alice) as ws:
         blocked = alice.send(bob_addr, "blocked until accepted")
         ev = await ws.next(lambda e: e["type"] == "update" and e["message"]["id"] == blocked["id"])

@@ -19,16 +19,19 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from itertools import count
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.harness import ROOT, NodeProc, haven, join, wait_until
+from tests.integration.forkcli import haven, invite, join
+from tests.integration.harness import ROOT, NodeProc, wait_until
 
 from .daemon import DaemonProc, EventSocket, wait_message
 
 NOBODY = 65534
+_WORLDS = count(1)
 WHOAMI = b'{"cmd": "whoami", "args": {"json": true}, "client": "cli"}\n'
 
 
@@ -73,11 +76,11 @@ def base() -> Iterator[Path]:
 
 
 @pytest.fixture
-def world(base: Path, nodes: list[NodeProc], daemons: list[DaemonProc]) -> dict[str, Any]:
-    node = NodeProc.create(base, "A").start()
-    nodes.append(node)
-    alice_home, alice = join(node, base, "alice")
-    bob_home, bob = join(node, base, "bob")
+def world(base: Path, app_node: NodeProc, daemons: list[DaemonProc]) -> dict[str, Any]:
+    node = app_node  # the module's node: each test has account names of its own on it
+    n = next(_WORLDS)
+    alice_home, alice = join(node, base, f"alice-{n}")
+    bob_home, bob = join(node, base, f"bob-{n}")
     # first contact both ways while standalone (pins keys, opens sessions)
     haven("send", "--home", str(bob_home), alice, "hello before the app")
     d = DaemonProc(alice_home)
@@ -277,22 +280,21 @@ def test_device_link_and_remove_through_the_daemon(world: dict[str, Any], base: 
 
 
 def test_commands_that_make_no_sense_through_the_daemon(
-    base: Path, nodes: list[NodeProc], daemons: list[DaemonProc]
+    base: Path, app_node: NodeProc, daemons: list[DaemonProc]
 ) -> None:
-    node = NodeProc.create(base, "A").start()
-    nodes.append(node)
+    node = app_node
     home = base / "dev-new"
     d = DaemonProc(home)  # an empty home: the app waits for onboarding
     daemons.append(d)
     d.start()
     wait_until(lambda: (home / "app.sock").exists(), 20, "the app socket")
-    joined = cli(home, "join", node.invite("carol"), check=False)
+    joined = cli(home, "join", invite(node, "carol"), check=False)
     assert joined.returncode == 1 and joined.stderr.strip().endswith("(app_running)")
     assert "join in its window" in joined.stderr
     who = cli(home, "whoami", check=False)
     assert who.returncode == 1 and who.stderr.strip().endswith("(not_joined)")
     assert d.state()["joined"] is False  # nothing was created behind the app's back
-    d.join(node.invite("dave"), "Dave")
+    d.join(invite(node, "dave"), "Dave")
     pw = cli(home, "passphrase", "--remove", check=False)
     assert pw.returncode == 1 and pw.stderr.strip().endswith("(app_running)")
     assert cli(home, "whoami").stdout.startswith(f"dave@{node.host}")

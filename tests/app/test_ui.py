@@ -7,6 +7,7 @@ leaves the world usable for the next (stated where it matters).
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 
-from tests.integration.harness import NodeProc, haven, wait_until
+from tests.integration.forkcli import haven, invite
+from tests.integration.harness import NodeProc, wait_until
 
 from .browser import UiPage, catalog, launch, open_ui, two_people
 from .daemon import DaemonProc
@@ -201,8 +203,7 @@ def test_hostile_content_is_only_text(world: World) -> None:
 def test_node_restart_mid_conversation(world: World) -> None:
     alice, bob = world.alice, world.bob
     before_a, before_b = len(alice.messages()), len(bob.messages())
-    world.a.stop()
-    world.b.stop()
+    stop_together(world.a, world.b)
     assert alice.wait_connection("offline", "connecting") in ("offline", "connecting")
     assert bob.wait_connection("offline", "connecting") in ("offline", "connecting")
     alice.type_and_send("typed while the node was down (alice)")
@@ -306,7 +307,7 @@ def test_onboarding_then_unlock_through_the_ui(world: World) -> None:
     carol_d = DaemonProc(world.tmp / "dev-carol").start()
     try:
         ui = open_ui(world.browser, carol_d.url, locale="en-US")
-        ui.page.fill("[data-testid=join-code]", world.a.invite("carol"))
+        ui.page.fill("[data-testid=join-code]", invite(world.a, "carol"))
         ui.page.fill("[data-testid=join-name]", "최지우")
         ui.page.fill("[data-testid=join-passphrase]", "correct horse")
         ui.page.click("[data-testid=join-submit]")
@@ -376,6 +377,18 @@ def test_link_a_device_then_remove_it(world: World) -> None:
     alice.open_chat(world.bob_addr)
 
 
+def stop_together(*nodes: NodeProc) -> None:
+    """SIGTERM every node, then wait for each: their graceful shutdowns (seconds each, with
+    clients connected) overlap instead of adding up."""
+    for n in nodes:
+        assert n.proc is not None
+        n.proc.send_signal(signal.SIGTERM)
+    for n in nodes:
+        assert n.proc is not None
+        n.proc.wait(timeout=20)
+        n.proc = None
+
+
 UNLABELLED = """() => [...document.querySelectorAll('button, input, select, textarea')]
     .filter(e => e.type !== 'hidden' && !e.closest('[hidden]'))
     .filter(e => !(e.getAttribute('aria-label')
@@ -432,7 +445,7 @@ def test_changed_key_warns_and_shows_the_new_number_first(world: World) -> None:
     alice.page.click("[data-testid=back]")
     alice.page.wait_for_selector("[data-testid=composer]")
     haven("node", "remove-account", "--home", str(world.b.home), "bob")
-    haven("join", world.b.invite("bob"), "--home", str(world.tmp / "dev-bob-reinstalled"))
+    haven("join", invite(world.b, "bob"), "--home", str(world.tmp / "dev-bob-reinstalled"))
     alice.type_and_send("held until the new key is accepted")
     alice.page.wait_for_selector(
         '[data-testid=message-text]:text-is("held until the new key is accepted")'

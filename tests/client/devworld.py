@@ -1,29 +1,37 @@
-"""Real nodes and devices for the device-layer tests (outbox, drain, profile and timer)."""
+"""Real nodes and devices for the device-layer tests (outbox, drain, profile and timer).
+
+A node costs a ``node init`` and a process start, so a module shares its nodes (the
+``node_a`` and ``node_b`` fixtures of ``conftest.py``); each test's devices get account names no
+other test uses.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Callable
+from itertools import count
 from pathlib import Path
 
 from client.device import Device, ReceivedMessage
 from client.linking import link_device
+from tests.integration.forkcli import invite
 from tests.integration.harness import NodeProc
+
+_ACCOUNTS = count(1)
 
 
 async def new_device(node: NodeProc, base: Path, name: str, home: str = "") -> Device:
+    """A device of a new account on ``node``: ``name`` plus a number no other test uses (the
+    node may be shared)."""
+    account = f"{name}{next(_ACCOUNTS)}"
     dev = Device(str(base / (home or f"dev-{name}")))
-    await dev.join(node.invite(name), name=f"{name}-phone")
+    await dev.join(invite(node, account), name=f"{name}-phone")
     return dev
 
 
-async def node_with(
-    base: Path, nodes: list[NodeProc], *names: str
-) -> tuple[NodeProc, list[Device]]:
-    """A started node "A" (stopped by the ``nodes`` fixture) with one device per name."""
-    node = NodeProc.create(base, "A").start()
-    nodes.append(node)
+async def node_with(node: NodeProc, base: Path, *names: str) -> tuple[NodeProc, list[Device]]:
+    """The (module's) running ``node`` with one new device per name."""
     return node, [await new_device(node, base, n) for n in names]
 
 

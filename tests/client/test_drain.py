@@ -44,11 +44,9 @@ async def collect(conn: NodeConnection, n: int) -> list[Envelope]:
     return envs
 
 
-async def test_one_batch_from_two_senders_with_forgeries(
-    tmp_path: Path, nodes: list[NodeProc]
-) -> None:
+async def test_one_batch_from_two_senders_with_forgeries(tmp_path: Path, node_a: NodeProc) -> None:
     # bob is offline from here on, until the drain
-    _node, (alice, carol, bob) = await node_with(tmp_path, nodes, "alice", "carol", "bob")
+    _node, (alice, carol, bob) = await node_with(node_a, tmp_path, "alice", "carol", "bob")
 
     a_conn, c_conn = await alice.connect(), await carol.connect()
     try:
@@ -90,9 +88,9 @@ async def test_one_batch_from_two_senders_with_forgeries(
         d.close()
 
 
-async def test_a_batch_survives_a_reopen(tmp_path: Path, nodes: list[NodeProc]) -> None:
+async def test_a_batch_survives_a_reopen(tmp_path: Path, node_a: NodeProc) -> None:
     """The batch is one transaction: after it, a fresh process on the home sees all of it."""
-    _node, (alice, bob) = await node_with(tmp_path, nodes, "alice", "bob")
+    _node, (alice, bob) = await node_with(node_a, tmp_path, "alice", "bob")
     conn = await alice.connect()
     try:
         for i in range(10):

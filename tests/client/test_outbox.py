@@ -20,9 +20,9 @@ from .devworld import incoming, node_with, settle
 
 
 async def test_queued_while_node_down_then_sent_exactly_once(
-    tmp_path: Path, nodes: list[NodeProc]
+    tmp_path: Path, node_a: NodeProc
 ) -> None:
-    node, (alice, bob) = await node_with(tmp_path, nodes, "alice", "bob")
+    node, (alice, bob) = await node_with(node_a, tmp_path, "alice", "bob")
     sent = await alice.send(bob.address, "before the outage", ttl_ms=60_000)
     row = alice.state.message(sent.msg_id)
     assert row is not None and row.ttl_at is not None
@@ -71,9 +71,9 @@ async def test_queued_while_node_down_then_sent_exactly_once(
 
 
 async def test_permanent_failure_marks_the_row_and_the_next_item_is_sent(
-    tmp_path: Path, nodes: list[NodeProc]
+    tmp_path: Path, node_a: NodeProc
 ) -> None:
-    node, (alice, bob) = await node_with(tmp_path, nodes, "alice", "bob")
+    node, (alice, bob) = await node_with(node_a, tmp_path, "alice", "bob")
     nobody = f"nobody@{node.host}"
     bad = alice.queue_text(nobody, "to no one")
     good = alice.queue_text(bob.address, "to bob")
@@ -96,9 +96,9 @@ async def test_permanent_failure_marks_the_row_and_the_next_item_is_sent(
 
 
 async def test_deleting_or_editing_a_pending_message_rewrites_the_queue(
-    tmp_path: Path, nodes: list[NodeProc]
+    tmp_path: Path, node_a: NodeProc
 ) -> None:
-    node, (alice, bob) = await node_with(tmp_path, nodes, "alice", "bob")
+    node, (alice, bob) = await node_with(node_a, tmp_path, "alice", "bob")
     node.stop()
     gone = alice.queue_text(bob.address, "never mind")
     fixed = alice.queue_text(bob.address, "typo")
@@ -138,9 +138,9 @@ def test_queued_text_is_sealed_under_its_message_key(tmp_path: Path) -> None:
 
 
 async def test_daemon_mode_never_closes_the_lent_connection(
-    tmp_path: Path, nodes: list[NodeProc]
+    tmp_path: Path, node_a: NodeProc
 ) -> None:
-    _node, (alice, bob) = await node_with(tmp_path, nodes, "alice", "bob")
+    _node, (alice, bob) = await node_with(node_a, tmp_path, "alice", "bob")
     lent = await alice.connect()
     opened = 0
 

@@ -23,13 +23,10 @@ NAME = "김민수"
 
 
 @pytest.fixture
-async def world(tmp_path: Path, nodes: list[NodeProc]):  # type: ignore[no-untyped-def]
-    """alice (two devices) and bob on two nodes."""
-    a = NodeProc.create(tmp_path, "A").start()
-    b = NodeProc.create(tmp_path, "B").start()
-    nodes += [a, b]
-    alice = await new_device(a, tmp_path, "alice")
-    bob = await new_device(b, tmp_path, "bob")
+async def world(tmp_path: Path, node_a: NodeProc, node_b: NodeProc):  # type: ignore[no-untyped-def]
+    """alice (two devices) and bob on two nodes (the module's; new accounts per test)."""
+    alice = await new_device(node_a, tmp_path, "alice")
+    bob = await new_device(node_b, tmp_path, "bob")
     alice2 = await linked(alice, tmp_path, "alice-laptop")
     await alice.send(bob.address, "hi")  # pins each other; sessions everywhere
     await settle([bob], lambda: incoming(bob, alice.address) == ["hi"])

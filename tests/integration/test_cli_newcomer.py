@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from .harness import NodeProc, haven, join, wait_until
+from .forkcli import haven, invite, join
+from .harness import NodeProc, wait_until
 
 
 def _err(p: subprocess.CompletedProcess[str]) -> str:
@@ -32,7 +33,7 @@ def test_default_home_errors_and_short_ids(
     node = NodeProc.create(tmp_path, "A").start()
     nodes.append(node)
     monkeypatch.setenv("HAVEN_HOME", str(tmp_path / "hv"))  # alice uses the default home
-    out = haven("join", node.invite("alice"), "--json").stdout
+    out = haven("join", invite(node, "alice"), "--json").stdout
     alice = json.loads(out)["address"]
     assert (tmp_path / "hv" / "device").is_dir()
     who = json.loads(haven("whoami", "--json").stdout)
@@ -54,8 +55,15 @@ def test_default_home_errors_and_short_ids(
     assert haven("delete", bob, second_id).stdout.strip() == "deleted"
     short = _err(haven("edit", bob, first_id[:5], "x", check=False))
     assert short.endswith("(bad_argument)") and "at least 8" in short
-    recv = haven("recv", "--home", str(bob_home), "--json").stdout.splitlines()
-    kinds = sorted(json.loads(ln)["kind"] for ln in recv)
+    kinds: list[str] = []
+
+    def bob_received(n: int) -> bool:  # short waits, repeated (no fixed 2 s quiet period)
+        out = haven("recv", "--home", str(bob_home), "--json", "--wait", "0.3").stdout
+        kinds.extend(json.loads(ln)["kind"] for ln in out.splitlines())
+        return len(kinds) >= n
+
+    wait_until(lambda: bob_received(4), 20, "bob's device to receive the four")
+    kinds.sort()
     assert kinds == ["delete", "edit", "text", "text"], kinds  # bob's device applied both
     texts = [
         json.loads(ln)["text"]
@@ -66,7 +74,10 @@ def test_default_home_errors_and_short_ids(
     # `haven timer` is shared with the contact: bob's next message disappears too
     timer = haven("timer", bob, "1h").stdout.strip()
     assert timer == f"new messages with {bob} disappear after 1h (for both of you)"
-    haven("recv", "--home", str(bob_home))
+    # a text after the timer: once bob's device has it, it has applied the timer (one mailbox
+    # delivers in order)
+    haven("send", bob, "timer set")
+    wait_until(lambda: bob_received(5), 20, "bob's device to receive the timer")
     haven("send", "--home", str(bob_home), alice, "after the timer")
     rows = haven("history", "--home", str(bob_home), alice, "--json", "--no-mark-read").stdout
     mine = [json.loads(ln) for ln in rows.splitlines() if '"after the timer"' in ln]
