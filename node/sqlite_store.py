@@ -78,7 +78,7 @@ RESEAL_CHUNK = 256  # rows per re-sealing transaction (writes interleave between
 # store's time (it sleeps between chunks), so a big backlog's rotation does not slow delivery
 # (bench ``growth``) ...
 RESEAL_BUSY_CHUNK = 64
-RESEAL_BUSY_SHARE = 0.25
+RESEAL_BUSY_SHARE = 0.15
 # ... but only for this long; then it runs at full speed so the old key still dies within
 # about one epoch (10 min) even under constant load.
 RESEAL_PACED_FOR_S = 300.0
