@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import ssl
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -49,6 +50,8 @@ from .sweeper import Sweeper
 
 log = logging.getLogger("haven.node")
 ROTATIONS_NAME = "rotations.bin"
+REFRESH_MIN_S = 5.0  # cache refresh interval ...
+REFRESH_COST_FACTOR = 50  # ... at least this many times the last refresh's duration
 SETTLE_AT_STOP_S = 2.0  # a stopping node waits this long at most for queued commits
 
 
@@ -159,9 +162,14 @@ class Node:
         return self._outbox
 
     async def _refresh_caches(self) -> None:
-        """Pick up accounts removed or peers pinned by offline CLI commands while running."""
+        """Pick up accounts removed or peers pinned by offline CLI commands while running, and
+        correct the pending counts' drift (expiry, duplicates). Every 5 s, or less often when
+        a refresh is slow (it counts every pending row): it takes at most about 2% of the time,
+        so a backlog of a million rows does not slow delivery (bench ``growth``)."""
+        interval = REFRESH_MIN_S
         while True:
-            await asyncio.sleep(5)
+            await asyncio.sleep(interval)
+            began = time.monotonic()
             try:
                 self.known_mailboxes = set(await self.store.all_mailboxes())
                 self.known_peers |= {p.node_id for p in await self.store.all_peers()}
@@ -171,6 +179,7 @@ class Node:
                 log.error("cache refresh failed (%s)", exc.code)
             except Exception as exc:  # noqa: BLE001 - a refresh bug must not stop the node
                 log.error("cache refresh failed (internal: %s)", type(exc).__name__)
+            interval = max(REFRESH_MIN_S, REFRESH_COST_FACTOR * (time.monotonic() - began))
 
     async def _load(self) -> dict[bytes, int]:
         """Envelopes held per mailbox: stored rows plus those not yet committed."""
