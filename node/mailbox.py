@@ -7,9 +7,10 @@
   before the commit, the row is dropped from the pending write and never touches the disk; the
   sender's future resolves then (acked by the recipient device counts as durable).
 * An ack from a device deletes only envelopes pushed to *that* connection.
-* Envelopes for another node go the same way ("send before store"): when the destination's
-  sender is idle with nothing stored, it takes them in memory (:class:`HotLane`) and posts them
-  at once, while the committer holds their insert back for :data:`OUTBOX_GRACE_S`. If the peer
+* Envelopes for another node go the same way ("send before store"): unless the destination
+  is backing off, its sender takes them in memory (:class:`HotLane`) and posts them as soon as
+  nothing older for it is left, while the committer holds their insert back for
+  :data:`OUTBOX_GRACE_S`. If the peer
   durably accepts them within it, they are dropped from the pending write and the sender's
   future resolves then (accepted by the peer counts as durable); otherwise they are committed
   as usual, and deleted once the peer's acceptance comes in. Every envelope the sender takes
@@ -54,10 +55,9 @@ OUTBOX_GRACE_S = 0.015
 class HotLane(Protocol):
     """The federation sender, as the committer sees it (node/outbox.py)."""
 
-    def take(self, dest: str, env: Envelope, may_open: bool) -> bool:
-        """Take ``env`` to post from memory now. ``may_open``: nothing for ``dest`` is queued
-        or being committed here. True: the sender ends it with ``hot_accepted`` or
-        ``hot_unsent``."""
+    def take(self, dest: str, env: Envelope) -> bool:
+        """Take ``env`` to post from memory. True: the sender ends it with ``hot_accepted``
+        or ``hot_unsent``, and posts it only once :meth:`Mailboxes.cold_for` is false."""
         ...
 
 
@@ -90,7 +90,7 @@ class Mailboxes:
         # (insertion order is deadline order)
         self._hot: dict[bytes, float] = {}
         self._hot_stored: set[bytes] = set()  # held by the sender, committed or committing
-        self._cold: Counter[str] = Counter()  # per dest: in ``_out`` and not hot, or committing
+        self._cold: Counter[str] = Counter()  # per dest: not hot, in ``_out`` or committing
         self._del_env: set[bytes] = set()
         self.activity = 0  # grows with every submission and ack (Store.set_activity)
         self.deleting: set[bytes] = set()  # acked, delete not committed yet: never redeliver
@@ -138,12 +138,18 @@ class Mailboxes:
                 continue
             self._out[env.id] = (dest, _Pending(env, [fut]))
             lane = self.hot_lane
-            if lane is not None and lane.take(dest, env, self._cold[dest] == 0):
+            if lane is not None and lane.take(dest, env):
                 self._hot[env.id] = asyncio.get_running_loop().time() + OUTBOX_GRACE_S
             else:
                 self._cold[dest] += 1
         self._kick()
         return futs
+
+    def cold_for(self, dest: str) -> bool:
+        """Whether envelopes for ``dest`` that the sender does not hold are still queued or
+        being committed (not yet readable from the store): a hot run must not overtake them.
+        When the last of them is committed, ``on_outbox(dest)`` is called."""
+        return self._cold[dest] > 0
 
     def hot_accepted(self, ids: list[bytes]) -> tuple[list[bytes], list[bytes]]:
         """The peer durably accepted these envelopes the sender took (:class:`HotLane`).
@@ -274,11 +280,13 @@ class Mailboxes:
         for eid, p in env_items:
             del self._env[eid]
             self._inflight[eid] = p.env
+        cold = []  # destinations of the rows the sender does not hold
         for eid, (dest, _) in out_items:
             del self._out[eid]
             if self._hot.pop(eid, None) is not None:  # past its grace, still held by the sender
                 self._hot_stored.add(eid)
-                self._cold[dest] += 1
+            else:
+                cold.append(dest)
         full = self.disk is not None and self.disk.full
         inserts = WriteBatch(
             envelopes=tuple(p.env for _, p in env_items),
@@ -313,9 +321,9 @@ class Mailboxes:
                 _fail(p.waiters, err)
             for eid, _ in env_items:
                 self._inflight.pop(eid, None)
-            for eid, (dest, _) in out_items:
+            for eid, _ in out_items:
                 self._hot_stored.discard(eid)
-                self._uncount(dest)
+            self._uncount(cold)
         if has_deletes and not deleted:
             _fail(del_waiters, StorageError("store write failed"))
             self._del_env |= del_env  # retry deletions next time
@@ -344,8 +352,7 @@ class Mailboxes:
             dests.add(dest)
         for dest in dests:
             self.on_outbox(dest)
-        for _, (dest, _) in out_items:  # now readable, and the sender has been woken
-            self._uncount(dest)
+        self._uncount(cold, woken=True)  # now readable, and the sender has been woken
 
     def _due_outbox(self, limit: int) -> list[tuple[bytes, tuple[str, _Pending]]]:
         """Outbox envelopes to commit now, in submission order: all but those the sender holds
@@ -357,12 +364,17 @@ class Mailboxes:
         due = (item for item in self._out.items() if hot.get(item[0], now) <= now)
         return list(islice(due, limit))
 
-    def _uncount(self, dest: str) -> None:
-        n = self._cold[dest] - 1
-        if n > 0:
-            self._cold[dest] = n
-        else:
-            del self._cold[dest]
+    def _uncount(self, dests: list[str], woken: bool = False) -> None:
+        """These rows are committed (or failed): a sender waiting on :meth:`cold_for` is
+        woken when the last one for its destination is done."""
+        for dest in dests:
+            n = self._cold[dest] - 1
+            if n > 0:
+                self._cold[dest] = n
+            else:
+                del self._cold[dest]
+                if not woken:
+                    self.on_outbox(dest)
 
     def _write_failed(self, exc: StorageError) -> None:
         """Log SQLite's own message once per state change, not once per batch."""

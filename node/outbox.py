@@ -11,14 +11,18 @@ An envelope the peer refuses *for now* (its mailbox is full, ...) waits on its o
 (:class:`federation.backoff.EnvelopeHolds`) and the cursor moves past it, so it never blocks
 the rest of the queue (docs/protocol.md §6).
 
-Send before store: while a destination's worker is idle with nothing stored, nothing held and
-no backoff, the envelopes devices send it are handed over in memory (:meth:`OutboxSender.take`,
-called by :meth:`Mailboxes.submit_outbox`) and posted at once, ahead of their commit
-(:data:`node.mailbox.OUTBOX_GRACE_S`). Such a *hot run* stays open (every new envelope for the
-destination joins it) until everything taken was accepted; the worker runs it itself, so the hot
-run and the walk over stored rows never post at the same time. Anything a hot request does not
-get accepted (the request failed, or the peer refused an envelope) ends the run: every envelope
-still held is committed in submission order and goes the stored way, as today.
+Send before store: unless a destination is backing off or has rows held back, the envelopes
+devices send it are handed to its worker in memory (:meth:`OutboxSender.take`, called by
+:meth:`Mailboxes.submit_outbox`), ahead of their commit (:data:`node.mailbox.OUTBOX_GRACE_S`).
+Such a *hot run* stays open (every new envelope for the destination joins it) until everything
+it took was accepted. The worker posts it itself, and only once nothing older for the
+destination is left: no stored row (the walk reached the end of the queue) and none still
+being committed (:meth:`Mailboxes.cold_for`); so the hot run and the walk never post at the
+same time, and each mailbox's order holds across the two. The walk skips rows the run holds
+(committed past their grace). Anything a hot request does not get accepted (the request
+failed, or the peer refused an envelope), and any backoff or hold before the run posts, ends
+the run: what it still holds is committed in submission order and goes the stored way, and
+the next pass starts at the head of the queue.
 """
 
 from __future__ import annotations
@@ -140,7 +144,9 @@ class _Dest:
     leaving: set[bytes] = field(default_factory=set)
     started: bool = False
     kick: asyncio.Event = field(default_factory=asyncio.Event)  # wake, or a hot run opened
-    idle: bool = False  # waiting with nothing stored or held: a hot run may open
+    idle: bool = False  # waiting with nothing stored or held
+    pausing: bool = False  # waiting out a backoff or a hold: no hot run opens
+    rewind: bool = False  # a hot run gave rows up: the next pass starts at the head
     hot_open: bool = False
     hot: dict[bytes, Envelope] = field(default_factory=dict)  # taken, not posted yet
     flight: set[bytes] = field(default_factory=set)  # taken, posted, no answer yet
@@ -180,15 +186,16 @@ class OutboxSender:
         d.wake.set()
         d.kick.set()
 
-    def take(self, dest: str, env: Envelope, may_open: bool) -> bool:
-        """Take ``env`` to post from memory (:class:`node.mailbox.HotLane`): only into an
-        open hot run, or to open one while the worker is idle and healthy and ``may_open``
-        (nothing for ``dest`` queued or committing). An envelope already held is held once."""
+    def take(self, dest: str, env: Envelope) -> bool:
+        """Take ``env`` to post from memory (:class:`node.mailbox.HotLane`): into the open hot
+        run, or open one unless the destination is backing off or has rows held back. The run
+        posts once the stored rows before it are sent (:meth:`_idle`). An envelope already
+        held is held once."""
         d = self.dests.get(dest)
         if d is None:
             return False
         if not d.hot_open:
-            if not (may_open and d.idle and not d.wake.is_set()):
+            if not d.started or d.pausing or d.failing or len(d.holds):
                 return False
             d.hot_open = True
             d.kick.set()
@@ -227,6 +234,8 @@ class OutboxSender:
         present: set[bytes] = set()  # ids seen in this full pass
         ahead: list[tuple[int, Envelope]] | None = None  # the next page, read during a post
         while True:
+            if d.rewind:  # rows a hot run held may lie behind the cursor: from the head
+                d.rewind, cursor, full, ahead, present = False, 0, True, None, set()
             now = self.clock.now_ms()
             k = self.peers.max_inflight(dest)
             if ahead is None:
@@ -235,7 +244,9 @@ class OutboxSender:
             else:
                 page, ahead = ahead, None
             if page:
-                lanes, consumed = _plan(page, d.holds, now, d.leaving, k)
+                # rows a hot run holds are its own to send (committed past their grace)
+                skip = d.leaving | d.hot.keys() if d.hot_open else d.leaving
+                lanes, consumed = _plan(page, d.holds, now, skip, k)
                 d.wide = len(lanes) > 1
                 if full:
                     present.update(e.id for _, e in page[:consumed])
@@ -257,24 +268,33 @@ class OutboxSender:
                 cursor, full = 0, True
                 await self._idle(dest, d)
                 continue
+            self._hot_close(d)  # held rows: the hot run's envelopes go the stored way
             woken = False
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0, due - now) / 1000):
-                    await d.wake.wait()
-                    woken = True
+            d.pausing = True
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0, due - now) / 1000):
+                        await d.wake.wait()
+                        woken = True
+            finally:
+                d.pausing = False
             cursor, full = (last_seen, False) if woken else (0, True)
 
     async def _idle(self, dest: str, d: _Dest) -> None:
-        """Wait, with nothing stored, for committed rows (then return) or a hot run."""
+        """Wait, with nothing stored or held, for committed rows (then return), or run the hot
+        run (it may have opened while older rows were still being sent) once nothing older for
+        ``dest`` is left to commit (:meth:`Mailboxes.cold_for`): only then is it their turn."""
         while not d.wake.is_set():
+            if d.hot_open and not self.mailboxes.cold_for(dest):
+                if not await self._hot_run(dest, d):
+                    return
+                continue
             d.kick.clear()
             d.idle = True
             try:
                 await d.kick.wait()
             finally:
                 d.idle = False
-            if d.hot_open and not await self._hot_run(dest, d):
-                return
 
     async def _hot_run(self, dest: str, d: _Dest) -> bool:
         """Post what :meth:`take` took, as stored rows would go (bounded batches; several at
@@ -322,12 +342,14 @@ class OutboxSender:
         return True
 
     def _hot_close(self, d: _Dest) -> None:
-        """End the hot run: what it still holds is committed and goes the stored way."""
+        """End the hot run: what it still holds is committed and goes the stored way (from
+        the head of the queue: the walk may have passed such rows while the run held them)."""
         d.hot_open = False
         held = [*d.flight, *d.hot]
         d.flight.clear()
         d.hot.clear()
         if held:
+            d.rewind = True
             self.mailboxes.hot_unsent(held)
 
     async def _attempt_reading_ahead(
@@ -383,10 +405,15 @@ class OutboxSender:
                 queued = self.quotas.by_dest.get(dest, 0) if self.quotas else 0
                 log.info("peer %s unreachable (%s); %d queued", dest, exc.code, queued)
         self.metrics.error("outbox", exc.code)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay / 1000):
-                d.wake.clear()
-                await d.wake.wait()
+        self._hot_close(d)
+        d.pausing = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay / 1000):
+                    d.wake.clear()
+                    await d.wake.wait()
+        finally:
+            d.pausing = False
 
     async def _send(self, dest: str, envs: list[Envelope], d: _Dest) -> None:
         """Post one batch. Per-envelope refusals are settled per envelope: permanent codes

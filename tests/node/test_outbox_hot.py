@@ -93,6 +93,7 @@ class Node:
     sender: OutboxSender
     quotas: OutboxQuotas
     tasks: list[asyncio.Task[None]]
+    clock: FakeClock
 
     def send(self, envs: list[Envelope]) -> list[asyncio.Future[None]]:
         """As a device's Send frame does (node/client_api.py)."""
@@ -133,7 +134,7 @@ async def running(tmp_path: Path, peer: Peer, inflight: int = 1) -> AsyncIterato
     mailboxes.hot_lane = sender
     tasks = [asyncio.create_task(mailboxes.run()), asyncio.create_task(sender.run())]
     try:
-        yield Node(store, mailboxes, sender, quotas, tasks)
+        yield Node(store, mailboxes, sender, quotas, tasks, clock)
     finally:
         for t in tasks:
             t.cancel()
@@ -265,7 +266,7 @@ async def test_an_envelope_refused_in_a_hot_request_goes_the_stored_way(
         assert node.sender.metrics.errors["outbox_rejected.not_found"] == 1
 
 
-async def test_no_hot_run_while_stored_rows_are_being_sent(
+async def test_envelopes_sent_while_stored_rows_are_in_flight_go_after_them(
     tmp_path: Path, long_grace: None
 ) -> None:
     peer = Peer()
@@ -275,16 +276,16 @@ async def test_no_hot_run_while_stored_rows_are_being_sent(
         await done(node.send(stored))  # no worker yet: the stored way
         await until(lambda: peer.waiting)
         later = [_env(X), _env(Y)]
-        await done(node.send(later))  # committed: the worker is busy
-        assert set(node.store.inserted) == {e.id for e in stored + later}
+        futs = node.send(later)  # held for a hot run behind the stored rows
         peer.gate.set()
-        await until(lambda: not node.quotas.by_dest)
+        await done(futs)
+        assert not {e.id for e in later} & set(node.store.inserted)
         assert _ordered(peer.accepted, X) == _ordered(stored + later, X)
-        assert not peer.twice
+        assert not peer.twice and peer.posts == 2
 
 
-async def test_no_hot_run_while_an_older_envelope_is_still_being_committed(
-    tmp_path: Path, long_grace: None
+async def test_rows_a_hot_run_holds_are_not_posted_by_the_walk_over_the_store(
+    tmp_path: Path, no_grace: None
 ) -> None:
     peer = Peer()
     async with running(tmp_path, peer) as node:
@@ -292,18 +293,62 @@ async def test_no_hot_run_while_an_older_envelope_is_still_being_committed(
         first = _env(X)
         await done(node.send([first]))
         await until(lambda: peer.waiting)
+        later = [_env(X), _env(Y)]
+        await done(node.send(later))  # held by a hot run, committed at once (no grace)
+        peer.gate.set()
+        await until(lambda: not node.quotas.by_dest)
+        assert await node.stored() == 0
+        assert set(node.store.inserted) == {e.id for e in [first, *later]}
+        assert all(peer.posted[e.id] == 1 for e in later) and not peer.twice
+        assert _ordered(peer.accepted, X) == [first.id, later[0].id]
+
+
+async def test_a_hold_in_the_stored_rows_ends_a_hot_run_that_waits_behind_them(
+    tmp_path: Path, long_grace: None
+) -> None:
+    peer = Peer()
+    async with running(tmp_path, peer) as node:
+        peer.gate.clear()
+        full = _env(Y)
+        peer.refuse[full.id] = "mailbox_full"  # refused for now: held
+        await done(node.send([full]))
+        await until(lambda: peer.waiting)
+        later = [_env(X), _env(X)]
+        futs = node.send(later)  # a hot run opens behind the stored row
+        peer.gate.set()
+        await done(futs)  # the hold ended the run: committed, then sent the stored way
+        await until(lambda: len(peer.accepted) == 2)
+        assert _ordered(peer.accepted, X) == _ordered(later, X)
+        assert set(node.store.inserted) == {full.id, *(e.id for e in later)}
+        assert not peer.twice
+
+
+async def test_a_hot_run_waits_for_older_envelopes_still_being_committed(
+    tmp_path: Path, long_grace: None
+) -> None:
+    peer = Peer()
+    async with running(tmp_path, peer) as node:
+        held = _env(Y)
+        peer.refuse[held.id] = "mailbox_full"  # refused for now, once
+        await done(node.send([held]))
+        d = node.sender.dests["peer"]
+        await until(lambda: len(d.holds))
+        peer.refuse.clear()
         node.store.writes.clear()
         second = _env(X)
-        futs = node.send([second])  # the worker is busy: queued for the (stalled) commit
-        peer.gate.set()
-        # the worker finds nothing stored (``second`` is not committed yet) and goes idle
-        await until(lambda: node.sender.dests["peer"].idle)
+        futs = node.send([second])  # no hot run while a row is held: queued to commit
+        node.clock.advance(3_600_000)  # the hold comes due ...
+        node.sender.wake("peer")
+        # ... the row goes through, and the worker finds nothing stored (``second`` is not
+        # committed yet) and nothing held
+        await until(lambda: d.idle)
         third = _env(X)
-        futs += node.send([third])  # must not overtake ``second``
+        futs += node.send([third])  # a hot run opens, but must not overtake ``second``
         node.store.writes.set()
         await done(futs)
         await until(lambda: not node.quotas.by_dest)
-        assert _ordered(peer.accepted, X) == [first.id, second.id, third.id]
+        assert _ordered(peer.accepted, X) == [second.id, third.id]
+        assert third.id not in node.store.inserted
 
 
 async def test_stopping_commits_what_is_only_held_in_memory(
