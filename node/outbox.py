@@ -192,7 +192,7 @@ class OutboxSender:
         posts once the stored rows before it are sent (:meth:`_idle`). An envelope already
         held is held once."""
         d = self.dests.get(dest)
-        if d is None:
+        if d is None or self._tg is None:
             return False
         if not d.hot_open:
             if not d.started or d.pausing or d.failing or len(d.holds):
@@ -214,11 +214,14 @@ class OutboxSender:
         d.kick.set()
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            self._tg = tg
-            for dest in [*self.dests, *await self.store.outbox_destinations()]:
-                self.wake(dest)
-            await asyncio.Event().wait()  # run until cancelled with the node
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                for dest in [*self.dests, *await self.store.outbox_destinations()]:
+                    self.wake(dest)
+                await asyncio.Event().wait()  # run until cancelled with the node
+        finally:
+            self._tg = None  # stopped: no hot run opens (take() refuses)
 
     async def _worker(self, dest: str, d: _Dest) -> None:
         try:
