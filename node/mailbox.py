@@ -346,11 +346,11 @@ class Mailboxes:
             link = self.links.get(p.env.to)
             if link is not None:
                 link.push([p.env])
-        dests = set()
-        for _, (dest, p) in out_items:
+        for _, (_, p) in out_items:
             _ok(p.waiters)
-            dests.add(dest)
-        for dest in dests:
+        # Rows the sender still holds need no wake: it sends them itself, or, if it gives them
+        # up, starts its next pass at the head of the queue (node/outbox.py).
+        for dest in set(cold):
             self.on_outbox(dest)
         self._uncount(cold, woken=True)  # now readable, and the sender has been woken
 
