@@ -10,13 +10,14 @@
 * Envelopes for another node go the same way ("send before store"): unless the destination
   is backing off, its sender takes them in memory (:class:`HotLane`) and posts them as soon as
   nothing older for it is left, while the committer holds their insert back for
-  :data:`OUTBOX_GRACE_S`. If the peer
-  durably accepts them within it, they are dropped from the pending write and the sender's
-  future resolves then (accepted by the peer counts as durable); otherwise they are committed
-  as usual, and deleted once the peer's acceptance comes in. Every envelope the sender takes
-  ends with :meth:`Mailboxes.hot_accepted` or :meth:`Mailboxes.hot_unsent` (then it is
-  committed and goes the stored way); while the sender holds any for a destination, every new
-  envelope for it is taken too, so the commit order for a destination stays the submission order.
+  :data:`OUTBOX_GRACE_S`. If the peer durably accepts them within it, they are dropped from
+  the pending write and the submitter's future resolves then (accepted by the peer counts as
+  durable); otherwise they are committed as usual, and deleted once the peer's acceptance
+  comes in. Every envelope the sender takes ends with :meth:`Mailboxes.hot_accepted` or
+  :meth:`Mailboxes.hot_unsent` (then it is committed and goes the stored way). While the
+  sender holds any for a destination, every new envelope for it is taken too, and one it gives
+  up keeps its place in the pending write: the commit order for a destination stays the
+  submission order.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ MAX_TX_ROWS = 1000
 ACK_GRACE_S = 0.005
 # How long an outbox envelope handed to its destination's sender in memory waits before it is
 # committed anyway: a peer's durable acceptance (its own group commit) usually arrives within
-# it, and then the envelope never touches our disk. Measured with scripts/bench_node.py
-# (federated): see docs/operations.md.
+# it, and then the envelope never touches our disk. scripts/bench_node.py --sections federated
+# on a 2-core machine: 10 ms 18.1k msgs/s, sender 41.7 us/msg; 15 ms 19.9k, 32.8 us;
+# 20 ms 19.9k, 32.0 us (the peer's answer to a full batch takes a few ms under load).
 OUTBOX_GRACE_S = 0.015
 
 
