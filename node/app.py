@@ -377,6 +377,7 @@ class Node:
                     self.metrics,
                     self.quotas,
                 )
+                self.mailboxes.hot_lane = self._outbox  # send before store (node/outbox.py)
                 fd_limit = admission.raise_fd_limit()
                 self.admission.max_connections = admission.connection_budget(
                     self.config.max_connections, fd_limit

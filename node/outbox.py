@@ -10,12 +10,26 @@ minutes; the backoff resets as soon as the peer is seen again (:meth:`OutboxSend
 An envelope the peer refuses *for now* (its mailbox is full, ...) waits on its own schedule
 (:class:`federation.backoff.EnvelopeHolds`) and the cursor moves past it, so it never blocks
 the rest of the queue (docs/protocol.md §6).
+
+Send before store: unless a destination is backing off or has rows held back, the envelopes
+devices send it are handed to its worker in memory (:meth:`OutboxSender.take`, called by
+:meth:`Mailboxes.submit_outbox`), ahead of their commit (:data:`node.mailbox.OUTBOX_GRACE_S`).
+Such a *hot run* stays open (every new envelope for the destination joins it) until everything
+it took was accepted. The worker posts it itself, and only once nothing older for the
+destination is left: no stored row (the walk reached the end of the queue) and none still
+being committed (:meth:`Mailboxes.cold_for`); so the hot run and the walk never post at the
+same time, and each mailbox's order holds across the two. The walk skips rows the run holds
+(committed past their grace). Anything a hot request does not get accepted (the request
+failed, or the peer refused an envelope), and any backoff or hold before the run posts, ends
+the run: what it still holds is committed in submission order and goes the stored way, and
+the next pass starts at the head of the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -39,6 +53,7 @@ PERMANENT = {"not_found", "expired", "malformed", "too_large", "unsupported_vers
 
 
 BATCH_BYTES = MAX_BATCH_BYTES - 64 * 1024  # headroom for msgpack framing
+_NO_HOLDS = EnvelopeHolds()  # a hot run opens only with nothing held
 
 
 def _select(
@@ -128,6 +143,13 @@ class _Dest:
     # worker goes on without waiting for that commit, and never sends these again.
     leaving: set[bytes] = field(default_factory=set)
     started: bool = False
+    kick: asyncio.Event = field(default_factory=asyncio.Event)  # wake, or a hot run opened
+    idle: bool = False  # waiting with nothing stored or held
+    pausing: bool = False  # waiting out a backoff or a hold: no hot run opens
+    rewind: bool = False  # a hot run gave rows up: the next pass starts at the head
+    hot_open: bool = False
+    hot: dict[bytes, Envelope] = field(default_factory=dict)  # taken, not posted yet
+    flight: set[bytes] = field(default_factory=set)  # taken, posted, no answer yet
     wide: bool = True  # the last page split into several requests: read k batches' worth
     failing: bool = False  # for logging state changes only
 
@@ -162,6 +184,24 @@ class OutboxSender:
             d.started = True
             self._tg.create_task(self._worker(dest, d))
         d.wake.set()
+        d.kick.set()
+
+    def take(self, dest: str, env: Envelope) -> bool:
+        """Take ``env`` to post from memory (:class:`node.mailbox.HotLane`): into the open hot
+        run, or open one unless the destination is backing off or has rows held back. The run
+        posts once the stored rows before it are sent (:meth:`_idle`). An envelope already
+        held is held once."""
+        d = self.dests.get(dest)
+        if d is None or self._tg is None:
+            return False
+        if not d.hot_open:
+            if not d.started or d.pausing or d.failing or len(d.holds):
+                return False
+            d.hot_open = True
+            d.kick.set()
+        if env.id not in d.hot and env.id not in d.flight:
+            d.hot[env.id] = env
+        return True
 
     def peer_seen(self, dest: str) -> None:
         """The peer is reachable again (or its queue moved here after a key rotation)."""
@@ -171,15 +211,25 @@ class OutboxSender:
             return
         d.backoff.reset()
         d.wake.set()
+        d.kick.set()
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            self._tg = tg
-            for dest in [*self.dests, *await self.store.outbox_destinations()]:
-                self.wake(dest)
-            await asyncio.Event().wait()  # run until cancelled with the node
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                for dest in [*self.dests, *await self.store.outbox_destinations()]:
+                    self.wake(dest)
+                await asyncio.Event().wait()  # run until cancelled with the node
+        finally:
+            self._tg = None  # stopped: no hot run opens (take() refuses)
 
     async def _worker(self, dest: str, d: _Dest) -> None:
+        try:
+            await self._walk(dest, d)
+        finally:  # cancelled with the node: what it still holds is committed
+            self._hot_close(d)
+
+    async def _walk(self, dest: str, d: _Dest) -> None:
         """Walk the queue in passes. A *full* pass starts at the head; when it ends with rows
         held back, the worker sleeps until the first hold is due (then a full pass) or until
         woken by new rows (then a pass over the rows after the last one seen)."""
@@ -187,6 +237,8 @@ class OutboxSender:
         present: set[bytes] = set()  # ids seen in this full pass
         ahead: list[tuple[int, Envelope]] | None = None  # the next page, read during a post
         while True:
+            if d.rewind:  # rows a hot run held may lie behind the cursor: from the head
+                d.rewind, cursor, full, ahead, present = False, 0, True, None, set()
             now = self.clock.now_ms()
             k = self.peers.max_inflight(dest)
             if ahead is None:
@@ -195,7 +247,9 @@ class OutboxSender:
             else:
                 page, ahead = ahead, None
             if page:
-                lanes, consumed = _plan(page, d.holds, now, d.leaving, k)
+                # rows a hot run holds are its own to send (committed past their grace)
+                skip = d.leaving | d.hot.keys() if d.hot_open else d.leaving
+                lanes, consumed = _plan(page, d.holds, now, skip, k)
                 d.wide = len(lanes) > 1
                 if full:
                     present.update(e.id for _, e in page[:consumed])
@@ -215,14 +269,91 @@ class OutboxSender:
             due = d.holds.next_due()
             if due is None:  # nothing held: the queue is empty; a seq may be reused later
                 cursor, full = 0, True
-                await d.wake.wait()
+                await self._idle(dest, d)
                 continue
+            self._hot_close(d)  # held rows: the hot run's envelopes go the stored way
             woken = False
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0, due - now) / 1000):
-                    await d.wake.wait()
-                    woken = True
+            d.pausing = True
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0, due - now) / 1000):
+                        await d.wake.wait()
+                        woken = True
+            finally:
+                d.pausing = False
             cursor, full = (last_seen, False) if woken else (0, True)
+
+    async def _idle(self, dest: str, d: _Dest) -> None:
+        """Wait, with nothing stored or held, for committed rows (then return), or run the hot
+        run (it may have opened while older rows were still being sent) once nothing older for
+        ``dest`` is left to commit (:meth:`Mailboxes.cold_for`): only then is it their turn."""
+        while not d.wake.is_set():
+            if d.hot_open and not self.mailboxes.cold_for(dest):
+                if not await self._hot_run(dest, d):
+                    return
+                continue
+            d.kick.clear()
+            d.idle = True
+            try:
+                await d.kick.wait()
+            finally:
+                d.idle = False
+
+    async def _hot_run(self, dest: str, d: _Dest) -> bool:
+        """Post what :meth:`take` took, as stored rows would go (bounded batches; several at
+        once only in lanes that share no mailbox), until nothing is held. True if the peer
+        accepted all of it; otherwise what is still held goes the stored way."""
+        while d.hot:
+            k = self.peers.max_inflight(dest)
+            page = [(0, env) for env in itertools.islice(d.hot.values(), BATCH_SIZE * k)]
+            lanes, consumed = _plan(page, _NO_HOLDS, 0, set(), k)
+            for _, env in page[:consumed]:
+                del d.hot[env.id]
+                d.flight.add(env.id)
+            results = await asyncio.gather(
+                *(self._post(dest, envs) for envs in lanes), return_exceptions=True
+            )
+            accepted: set[bytes] = set()
+            failure: HavenError | None = None
+            for res in results:
+                if isinstance(res, BatchResult):
+                    accepted.update(res.accepted)
+                elif isinstance(res, HavenError):
+                    failure = res
+                else:
+                    raise res
+            done = [eid for eid in d.flight if eid in accepted]
+            d.flight.difference_update(done)
+            resolved, stored = self.mailboxes.hot_accepted(done)
+            if self.quotas is not None:
+                self.quotas.left(resolved)
+            if stored:
+                self._leave(stored, d)
+            self.metrics.event("federation.envelopes_out", len(done))
+            if failure is None and not d.flight:
+                self._reachable(dest, d)
+                continue
+            # The peer did not take all of it: the rest is committed in submission order and
+            # the walk over stored rows sends it (holds and permanent refusals work as there).
+            self._hot_close(d)
+            if failure is not None and not (
+                isinstance(failure, RemoteError) and failure.code in PERMANENT
+            ):
+                await self._failed(dest, d, failure)
+            return False
+        d.hot_open = False
+        return True
+
+    def _hot_close(self, d: _Dest) -> None:
+        """End the hot run: what it still holds is committed and goes the stored way (from
+        the head of the queue: the walk may have passed such rows while the run held them)."""
+        d.hot_open = False
+        held = [*d.flight, *d.hot]
+        d.flight.clear()
+        d.hot.clear()
+        if held:
+            d.rewind = True
+            self.mailboxes.hot_unsent(held)
 
     async def _attempt_reading_ahead(
         self, dest: str, d: _Dest, lanes: list[list[Envelope]], after: int, read: bool
@@ -253,27 +384,39 @@ class OutboxSender:
         """One request; False (after waiting out the destination's backoff) if it failed."""
         try:
             await self._send(dest, envs, d)
-            d.backoff.succeeded()
-            if d.failing:  # state change only: never a line per envelope or per retry
-                d.failing = False
-                log.info("peer %s reachable again", dest)
-            return True
         except HavenError as exc:
-            # rate_limited: a budget that refills within a second (§4.4), not a dead peer
-            if exc.code == RateLimited.code:
-                delay = d.backoff.rng.randint(250, 1000)
-            else:
-                delay = d.backoff.failed(self.clock.now_ms())
-                if not d.failing:
-                    d.failing = True
-                    queued = self.quotas.by_dest.get(dest, 0) if self.quotas else 0
-                    log.info("peer %s unreachable (%s); %d queued", dest, exc.code, queued)
-            self.metrics.error("outbox", exc.code)
+            await self._failed(dest, d, exc)
+            return False
+        self._reachable(dest, d)
+        return True
+
+    def _reachable(self, dest: str, d: _Dest) -> None:
+        d.backoff.succeeded()
+        if d.failing:  # state change only: never a line per envelope or per retry
+            d.failing = False
+            log.info("peer %s reachable again", dest)
+
+    async def _failed(self, dest: str, d: _Dest, exc: HavenError) -> None:
+        """A whole request failed: wait out the destination's backoff."""
+        # rate_limited: a budget that refills within a second (§4.4), not a dead peer
+        if exc.code == RateLimited.code:
+            delay = d.backoff.rng.randint(250, 1000)
+        else:
+            delay = d.backoff.failed(self.clock.now_ms())
+            if not d.failing:
+                d.failing = True
+                queued = self.quotas.by_dest.get(dest, 0) if self.quotas else 0
+                log.info("peer %s unreachable (%s); %d queued", dest, exc.code, queued)
+        self.metrics.error("outbox", exc.code)
+        self._hot_close(d)
+        d.pausing = True
+        try:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay / 1000):
                     d.wake.clear()
                     await d.wake.wait()
-            return False
+        finally:
+            d.pausing = False
 
     async def _send(self, dest: str, envs: list[Envelope], d: _Dest) -> None:
         """Post one batch. Per-envelope refusals are settled per envelope: permanent codes
