@@ -59,9 +59,7 @@ def _module_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProc]
 def app_node(_module_node: NodeProc) -> NodeProc:
     """The module's running node (started again if a test left it stopped). Account names
     must be unique within a module."""
-    if _module_node.proc is None or _module_node.proc.poll() is not None:
-        _module_node.start()
-    return _module_node
+    return _module_node.running()
 
 
 @pytest.fixture

@@ -13,12 +13,6 @@ from tests.integration.forkcli import create_node
 from tests.integration.harness import NodeProc
 
 
-def _running(node: NodeProc) -> NodeProc:
-    if node.proc is None or node.proc.poll() is not None:
-        node.start()
-    return node
-
-
 @pytest.fixture(scope="module")
 def _module_node_a(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProc]:
     node = create_node(tmp_path_factory.mktemp("node"), "A").start()
@@ -36,10 +30,10 @@ def _module_node_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodePro
 @pytest.fixture
 def node_a(_module_node_a: NodeProc) -> NodeProc:
     """The module's node A, running."""
-    return _running(_module_node_a)
+    return _module_node_a.running()
 
 
 @pytest.fixture
 def node_b(_module_node_b: NodeProc) -> NodeProc:
     """The module's node B, running."""
-    return _running(_module_node_b)
+    return _module_node_b.running()

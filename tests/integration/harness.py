@@ -120,6 +120,12 @@ class NodeProc:
         wait_until(self._listening, 20, f"node {self.home.name} to listen")
         return self
 
+    def running(self) -> NodeProc:
+        """This node, started again if it is not running (a test sharing it stopped it)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        return self
+
     def _listening(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"node exited early:\n{self.log.read_text()}")

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, cast
-
-import pytest
 
 from federation.clock import FakeClock
 from federation.wire import Envelope
-from node.atrest import EpochKeys
 from node.mailbox import Mailboxes
 from node.metrics import Metrics
 from node.peers import PeerDirectory
@@ -20,14 +15,6 @@ from node.store import PeerRecord, WriteBatch
 from node.sweeper import Sweeper
 
 DAY = 86_400_000
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(str(tmp_path / "store.db"), EpochKeys(str(tmp_path / "epochs.key")))
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def test_unused_pins_drop_but_queued_and_fresh_ones_stay(store: SqliteStore) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -30,14 +30,6 @@ FAR = 10**13  # an expiry that never passes
 
 def env(to: bytes, expires: int = FAR) -> Envelope:
     return Envelope(os.urandom(16), to, expires, b"x" * 64)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(str(tmp_path / "store.db"), EpochKeys(str(tmp_path / "epochs.key")))
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def _checkpoint(s: SqliteStore) -> None:
