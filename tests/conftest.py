@@ -24,3 +24,31 @@ def nodes(tmp_path: Path) -> Iterator[list]:  # type: ignore[type-arg]
             n.kill()
         except Exception:  # noqa: BLE001 - best-effort cleanup
             pass
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[object]:
+    """The PostgreSQL server of this run: the one ``scripts/test`` started (``HAVEN_TEST_PG``),
+    else one started here for this session and removed afterwards (tests/pgcluster.py)."""
+    from tests import pgcluster
+
+    cluster = pgcluster.from_env()
+    if cluster is not None:
+        yield cluster
+        return
+    cluster = pgcluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster: object) -> Iterator[str]:
+    """A fresh, empty database on the run's PostgreSQL server; dropped afterwards."""
+    from tests import pgcluster
+
+    assert isinstance(pg_cluster, pgcluster.Cluster)
+    dsn = pgcluster.fresh_database(pg_cluster)
+    yield dsn
+    pgcluster.drop_database(pg_cluster, dsn)
