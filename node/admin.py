@@ -22,8 +22,9 @@ and no request is logged (aiohttp's access log is off: it would name the client 
 
 Hand-over for ``haven node serve --workers N`` (the supervisor):
 
-1. Before forking or spawning any worker, the supervisor calls
-   ``setup_multiprocess(home)``: it wipes and creates ``HOME/run/prometheus``, sets
+1. Before forking or spawning any worker, and before it creates any ``Node`` or
+   :class:`node.metrics.Metrics` itself, the supervisor calls ``setup_multiprocess(home)``:
+   it wipes and creates ``HOME/run/prometheus``, sets
    ``PROMETHEUS_MULTIPROC_DIR`` (inherited by the workers) and switches prometheus-client's
    value class in this process, so metrics created afterwards (in the supervisor or in a
    forked child) write to the directory. Workers started with ``spawn``/``exec`` inherit the
@@ -84,7 +85,7 @@ def parse_listen(spec: str) -> tuple[str, int]:
     Raises:
         LocalProtocolError: not of that form.
     """
-    host, _, port = spec.rpartition(":")
+    host, _, port = str(spec).rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit() or int(port) > 65535:
         raise LocalProtocolError(f"admin listen address must be HOST:PORT, got {spec!r}")
@@ -246,7 +247,15 @@ class AdminServer:
         self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()
+            raise LocalProtocolError(
+                f"admin listener {self.host}:{self.port}: "
+                f"{os.strerror(exc.errno).lower() if exc.errno else exc}"
+                " (set admin_listen or --admin-listen)"
+            ) from exc
         server = site._server
         sockets = getattr(server, "sockets", None)
         if sockets:

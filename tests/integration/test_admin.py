@@ -252,3 +252,20 @@ def test_readyz_is_503_until_the_node_serves(tmp_path: Path) -> None:
         (503, "stopping"),
         (200, "ok"),
     ]
+
+
+def test_a_taken_admin_port_stops_serve_with_one_line(tmp_path: Path) -> None:
+    node = NodeProc.create(tmp_path, "taken")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = f"127.0.0.1:{s.getsockname()[1]}"
+        proc = haven(
+            "node", "serve", "--home", str(node.home), "--admin-listen", taken, check=False
+        )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"error: admin listener {taken}: address already in use "
+        "(set admin_listen or --admin-listen) (local_error)"
+    )
+    assert not (node.home / "admin.json").exists()
