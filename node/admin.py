@@ -32,10 +32,10 @@ Hand-over for ``haven node serve --workers N`` (the supervisor):
 2. Each worker runs its ``Node`` with ``node.admin_enabled = False``: only one listener, the
    supervisor's, binds ``admin_listen``. Workers keep their gauges fresh on their own (every
    :data:`node.app.GAUGE_EVERY_S`), so the supervisor never needs to ask them.
-3. The supervisor serves ``AdminServer(host, port, multiprocess_registry(), readiness)``,
-   where ``readiness`` is its own check (e.g. ``starting`` until every worker reported ready),
-   writes the runtime file with :func:`write_runtime` and removes it with
-   :func:`remove_runtime` at stop.
+3. The supervisor calls ``server = await start_supervisor_admin(home, config.admin_listen,
+   readiness)``, where ``readiness`` is its own check (e.g. ``starting`` until every worker
+   reported ready): it serves the multiprocess sums and writes the runtime file; at stop,
+   ``await stop_supervisor_admin(home, server)``.
 4. When a worker exits (or is killed), the supervisor calls ``worker_exited(pid)`` so that the
    dead worker's "live" gauges (connections, pending) stop counting; its counters stay in the
    sum, as a counter must never go down.
@@ -144,6 +144,24 @@ def worker_exited(pid: int) -> None:
     """A worker is gone: drop its live gauges from the sums (its counters stay)."""
     if multiprocess_enabled():
         prom_multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+async def start_supervisor_admin(home: str, listen: str, readiness: Readiness) -> AdminServer:
+    """The supervisor's admin listener: every worker's values summed; the runtime file written.
+
+    Raises:
+        LocalProtocolError: a malformed address, or one that cannot be bound.
+    """
+    host, port = parse_listen(listen)
+    server = AdminServer(host, port, multiprocess_registry(), readiness)
+    write_runtime(home, await server.start())
+    return server
+
+
+async def stop_supervisor_admin(home: str, server: AdminServer) -> None:
+    """Remove the runtime file and stop the supervisor's listener."""
+    remove_runtime(home)
+    await server.stop()
 
 
 # ---- runtime file -----------------------------------------------------------------------------

@@ -87,7 +87,8 @@ def test_gauges_take_the_sample() -> None:
 
 
 SUPERVISOR = r"""
-import json, os, subprocess, sys
+import asyncio, json, os, subprocess, sys
+import aiohttp
 from prometheus_client import generate_latest
 from node import admin
 
@@ -121,7 +122,22 @@ before = generate_latest(admin.multiprocess_registry()).decode()
 admin.worker_exited(pid)  # the forked worker is gone: its live gauges leave the sums
 after = generate_latest(admin.multiprocess_registry()).decode()
 files = sorted(os.listdir(path))
-print(json.dumps({"dir": path, "before": before, "after": after, "files": files}))
+
+async def scrape():  # the supervisor's listener serves the same sums over HTTP
+    async def ready():
+        return None
+    server = await admin.start_supervisor_admin(home, "127.0.0.1:0", ready)
+    try:
+        url = admin.read_runtime(home) + "/metrics"
+        async with aiohttp.ClientSession() as http, http.get(url) as r:
+            return await r.text()
+    finally:
+        await admin.stop_supervisor_admin(home, server)
+
+served = asyncio.run(scrape())
+gone = admin.read_runtime(home) is None
+print(json.dumps({"dir": path, "before": before, "after": after, "files": files,
+                  "served": served, "gone": gone}))
 """
 
 
@@ -150,3 +166,7 @@ def test_two_worker_processes_are_summed_by_the_supervisor(tmp_path: Path) -> No
     assert after[refused] == 7  # counters of a dead worker still count
     assert after[device] == 3  # only the spawned worker's (not marked dead) remains
     assert after[("haven_pending_envelopes", ())] == 52
+    served = values(out["served"])
+    assert served[refused] == 7 and served[device] == 3
+    assert served[("process_resident_memory_bytes", ())] > 0  # the supervisor's own
+    assert out["gone"]  # runtime file removed at stop
