@@ -222,7 +222,7 @@ def test_json_logs_are_json_lines_only(world: World) -> None:
 
 
 def test_readyz_is_503_until_the_node_serves(tmp_path: Path) -> None:
-    """In process: a node built but not running answers ``starting``; then ``stopping``."""
+    """In process: a node built but not running answers ``starting``; then each other reason."""
     home = str(tmp_path / "n")
     init_node(home, "http://127.0.0.1:1", "127.0.0.1:1", 86_400_000, False)
     node = build(home)
@@ -233,9 +233,11 @@ def test_readyz_is_503_until_the_node_serves(tmp_path: Path) -> None:
         out = []
         try:
             async with ClientSession() as http:
-                for step in ("starting", "ready_without_store", "stopping"):
+                for step in ("starting", "ready_without_store", "disk_full", "stopping"):
                     if step == "ready_without_store":
                         node.ready.set()  # "serving", but the store was never opened
+                    if step == "disk_full" and node.mailboxes.disk is not None:
+                        node.mailboxes.disk.full = True  # what DiskGuard.on_full sets
                     if step == "stopping":
                         node.stopping = True
                     async with http.get(base + "/readyz") as r:
@@ -249,6 +251,7 @@ def test_readyz_is_503_until_the_node_serves(tmp_path: Path) -> None:
     assert asyncio.run(check()) == [
         (503, "starting"),
         (503, "store"),
+        (503, "disk_full"),
         (503, "stopping"),
         (200, "ok"),
     ]
