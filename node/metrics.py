@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PromCounter
@@ -66,6 +67,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, process: bool = True) -> None:
         self.errors: Counter[str] = Counter()
         self.events: Counter[str] = Counter()
+        self._children: dict[tuple[str, str, str], Any] = {}  # labelled children, by use
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.refused = PromCounter(
@@ -154,30 +156,43 @@ class Metrics:
         if process:
             ProcessCollector(registry=r)
 
+    def _child(self, kind: str, a: str, b: str) -> Any:
+        """The counter (child) for these labels; looked up once, as ``labels()`` is slow."""
+        key = (kind, a, b)
+        child = self._children.get(key)
+        if child is None:
+            if kind == "error":
+                child = (
+                    self.store_errors.labels(label(b))
+                    if a == "store"
+                    else self.refused.labels(label(a), label(b))
+                )
+            elif kind == "request":
+                child = self.requests.labels(label(a), label(b))
+            elif a in _EVENTS:
+                attr, surface = _EVENTS[a]
+                counter: PromCounter = getattr(self, attr)
+                child = counter.labels(surface) if surface else counter
+            else:
+                child = self.other_events.labels(label(a.replace(".", "_")))
+            if len(self._children) < 4096:  # label values come from fixed sets; a backstop
+                self._children[key] = child
+        return child
+
     def error(self, surface: str, code: str) -> None:
         """Count one refusal (or, for surface ``store``, one store failure)."""
         self.errors[f"{surface}.{code}"] += 1
-        if surface == "store":
-            self.store_errors.labels(label(code)).inc()
-        else:
-            self.refused.labels(label(surface), label(code)).inc()
+        self._child("error", surface, code).inc()
 
     def event(self, name: str, n: int = 1) -> None:
         """Count ``n`` occurrences of a named event (names from a fixed set)."""
         self.events[name] += n
-        if n <= 0:
-            return
-        target = _EVENTS.get(name)
-        if target is None:
-            self.other_events.labels(label(name.replace(".", "_"))).inc(n)
-            return
-        attr, surface = target
-        counter: PromCounter = getattr(self, attr)
-        (counter.labels(surface) if surface else counter).inc(n)
+        if n > 0:
+            self._child("event", name, "").inc(n)
 
     def request(self, direction: str, result: str) -> None:
         """One federation request in or out: ``ok`` or the stable error code."""
-        self.requests.labels(label(direction), label(result)).inc()
+        self._child("request", direction, result).inc()
 
     def sample(self, s: GaugeSample) -> None:
         """Set every gauge from ``s``."""
