@@ -88,7 +88,9 @@ def parse_listen(spec: str) -> tuple[str, int]:
     host, _, port = str(spec).rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit() or int(port) > 65535:
-        raise LocalProtocolError(f"admin listen address must be HOST:PORT, got {spec!r}")
+        raise LocalProtocolError(
+            f"admin listen address must be HOST:PORT, got {spec!r}", code="bad_argument"
+        )
     return host, int(port)
 
 
@@ -272,7 +274,8 @@ class AdminServer:
             raise LocalProtocolError(
                 f"admin listener {self.host}:{self.port}: "
                 f"{os.strerror(exc.errno).lower() if exc.errno else exc}"
-                " (set admin_listen or --admin-listen)"
+                " (set admin_listen or --admin-listen)",
+                code="os_error",
             ) from exc
         server = site._server
         sockets = getattr(server, "sockets", None)

@@ -269,6 +269,6 @@ def test_a_taken_admin_port_stops_serve_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         f"error: admin listener {taken}: address already in use "
-        "(set admin_listen or --admin-listen) (local_error)"
+        "(set admin_listen or --admin-listen) (os_error)"
     )
     assert not (node.home / "admin.json").exists()
