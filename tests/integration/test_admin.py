@@ -137,6 +137,9 @@ def test_counters_move_after_a_message_is_sent_and_delivered(world: World) -> No
     accepted = ("haven_envelopes_accepted_total", {"surface": "federation"})
     assert value(b1, accepted[0], **accepted[1]) > value(b0, accepted[0], **accepted[1])
 
+    wait_until(  # bob is offline: the envelope is stored, sealed under an epoch key
+        lambda: value(scrape(world.b), "haven_epoch_keys") >= 1, 20, "B's epoch key gauge"
+    )
     assert [m["text"] for m in recv(world.bob)] == ["counted, never shown"]
     wait_until(
         lambda: (
