@@ -24,7 +24,7 @@ from .config import NodeConfig
 from .store import AccountInfo, InviteInfo, revoke_prefix
 
 T = TypeVar("T")
-NOTIFY_TIMEOUT_S = 8.0  # the node confirms within 5 s (or answers 202)
+NOTIFY_TIMEOUT_S = 20.0  # the node confirms within ACCOUNTS_CONFIRM_S (or answers 202)
 
 
 def not_found(name: str) -> LocalProtocolError:

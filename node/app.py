@@ -53,6 +53,7 @@ ROTATIONS_NAME = "rotations.bin"
 REFRESH_MIN_S = 5.0  # cache refresh interval ...
 REFRESH_COST_FACTOR = 50  # ... at least this many times the last refresh's duration
 ACCOUNTS_REREAD_MIN_S = 1.0  # operator-triggered account re-reads, at most this often
+ACCOUNTS_CONFIRM_S = 15.0  # ... and the operator command waits this long for one
 SETTLE_AT_STOP_S = 2.0  # a stopping node waits this long at most for queued commits
 
 
@@ -380,16 +381,17 @@ class Node:
 
     async def _accounts_changed(self, request: web.Request) -> web.Response:
         """An operator command changed accounts in the store: re-read them now instead of at
-        the next refresh, and answer 204 once applied (202 if that takes over 5 s). Loopback
-        only; it carries nothing and only triggers a re-read, at most once a second (requests
-        meanwhile are coalesced into the next one, never lost)."""
+        the next refresh, and answer 204 once applied (202 if that takes longer than
+        :data:`ACCOUNTS_CONFIRM_S`). Loopback only; it carries nothing and only triggers a
+        re-read, at most once a second (requests meanwhile are coalesced into the next one,
+        never lost)."""
         if request.remote not in ("127.0.0.1", "::1"):
             raise web.HTTPNotFound()
         self._accounts_wanted += 1
         want = self._accounts_wanted
         self._accounts_dirty.set()
         try:
-            async with asyncio.timeout(5), self._accounts_cond:
+            async with asyncio.timeout(ACCOUNTS_CONFIRM_S), self._accounts_cond:
                 await self._accounts_cond.wait_for(lambda: self._accounts_applied >= want)
         except TimeoutError:
             return web.Response(status=202)

@@ -107,6 +107,11 @@ def invite_expiry(now: int, expires_ms: int) -> int:
 
 async def create_invite(home: str, name: str, expires_ms: int, uses: int = 1) -> str:
     """Create account ``name`` if new and return an invite good for ``uses`` redemptions."""
+    return (await issue_invite(home, name, expires_ms, uses))[0]
+
+
+async def issue_invite(home: str, name: str, expires_ms: int, uses: int = 1) -> tuple[str, int]:
+    """:func:`create_invite`, also returning the invite's stored expiry (ms)."""
     if uses < 1:
         raise LocalProtocolError("--uses must be 1 or more", code="bad_argument")
     if not valid_name(name):
@@ -119,10 +124,12 @@ async def create_invite(home: str, name: str, expires_ms: int, uses: int = 1) ->
         now = SystemClock().now_ms()
         await store.create_account(name, now)
         token = os.urandom(24)
-        await store.add_invite(invite_hash(token), name, invite_expiry(now, expires_ms), uses=uses)
+        expires = invite_expiry(now, expires_ms)
+        await store.add_invite(invite_hash(token), name, expires, uses=uses)
     finally:
         await store.close()
-    return make_invite(config.device_url, node.key.node_id, name, token, config.public_host)
+    invite = make_invite(config.device_url, node.key.node_id, name, token, config.public_host)
+    return invite, expires
 
 
 async def node_status(home: str) -> dict[str, Any]:
@@ -523,11 +530,12 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "invites":
         return accounts_cli.run_invites(args)
     if cmd == "invite":
-        invite = asyncio.run(
-            create_invite(args.home, args.name, parse_duration(args.expires), args.uses)
+        invite, expires = asyncio.run(
+            issue_invite(args.home, args.name, parse_duration(args.expires), args.uses)
         )
         if args.json:
-            print(json.dumps({"invite": invite, "name": args.name, "uses": args.uses}))
+            out = {"invite": invite, "name": args.name, "uses": args.uses, "expires": expires}
+            print(json.dumps(out))
         else:
             uses = "single use" if args.uses == 1 else f"{args.uses} uses"
             print(f"invite for {args.name} ({uses}); redeem with: haven join INVITE --home DIR")

@@ -76,11 +76,15 @@ def op_fails(node: NodeProc, *args: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def invite(node: NodeProc, name: str, *extra: str) -> bytes:
-    """A new invite's token (``haven node invite NAME …``)."""
+def issue(node: NodeProc, name: str, *extra: str) -> tuple[bytes, int]:
+    """A new invite's token and expiry (``haven node invite NAME …``)."""
     out = op(node, "invite", name, *extra)
     assert out["name"] == name
-    return bytes(parse_invite(out["invite"])["t"])
+    return bytes(parse_invite(out["invite"])["t"]), int(out["expires"])
+
+
+def invite(node: NodeProc, name: str, *extra: str) -> bytes:
+    return issue(node, name, *extra)[0]
 
 
 async def register(
@@ -206,13 +210,17 @@ async def test_disable_refuses_disconnects_and_hides_then_enable_restores(
     node = nodes.node
     dave = await user(http, node, "dave")
     stranger = RawIdentity(address=f"nobody@{node.host}")  # no such mailbox
-    connected = await signed_in(http, node, dave)
+    p = await peer(http, node)
+    kept = envelope(dave.mailbox)  # pending when dave is disabled: kept until its TTL
+    assert (await p.batch([kept])).body == {"accepted": [kept.id], "rejected": []}
+    connected = await signed_in(http, node, dave)  # pushed `kept`; never acks it
 
     out = op(node, "accounts", "disable", "dave")
     assert out == {"name": "dave", "disabled": True, "node_notified": True}
     # the connected device is disconnected by the node (it applied the change before the
     # command returned)
-    msg = await connected.recv_msg()
+    while (msg := await connected.recv_msg()).type == aiohttp.WSMsgType.BINARY:
+        pass  # the delivery of `kept`
     assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
     # signing in: exactly the answer a device with no account gets
     assert (
@@ -221,18 +229,19 @@ async def test_disable_refuses_disconnects_and_hides_then_enable_restores(
         == ("unauthorized", "unauthorized")
     )
     # peers: key queries and envelopes, exactly as for a missing name / mailbox
-    p = await peer(http, node)
     disabled_keys, missing_keys = await p.keys("dave", False), await p.keys("nobody", False)
     assert refusal(disabled_keys) == refusal(missing_keys) == (404, "not_found", "no such user")
     env = envelope(dave.mailbox)
     missing = envelope(stranger.mailbox)
     got = (await p.batch([env, missing])).body
     assert got == {"accepted": [], "rejected": [[env.id, "not_found"], [missing.id, "not_found"]]}
-    listed = {x["name"]: x["disabled"] for x in op(node, "accounts", "list")}
-    assert listed["dave"] is True
+    listed = {x["name"]: x for x in op(node, "accounts", "list")}
+    assert listed["dave"]["disabled"] is True and listed["dave"]["pending"] == 1
 
     assert op(node, "accounts", "enable", "dave")["node_notified"] is True
     back = await signed_in(http, node, dave)
+    delivered, _ = await back.recv_sized()  # what waited while disabled comes now
+    assert isinstance(delivered, F.Deliver) and [e.id for e in delivered.envs] == [kept.id]
     await back.close()
     ok = await p.keys("dave", False)
     assert ok.status == 200, ok.body
@@ -307,8 +316,7 @@ async def test_revoke_by_ref(nodes: Nodes, http: aiohttp.ClientSession) -> None:
 
 async def test_expired_invite_is_refused(nodes: Nodes, http: aiohttp.ClientSession) -> None:
     node = nodes.node
-    token = invite(node, "gina", "--expires", "1s")
-    expires = next(i["expires"] for i in op(node, "invites", "list") if i["name"] == "gina")
+    token, expires = issue(node, "gina", "--expires", "1s")
     # wait (with a deadline) until the node's clock has passed the expiry
     deadline = time.monotonic() + 10
     while time.time() * 1000 <= expires + 50:
