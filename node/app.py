@@ -156,6 +156,7 @@ class Node:
         self.lan_enabled = config.lan
         # operator commands that changed accounts: asked for / applied (_accounts_changed)
         self._accounts_dirty = asyncio.Event()
+        self._accounts_lock = asyncio.Lock()
         self._accounts_cond = asyncio.Condition()
         self._accounts_wanted = 0
         self._accounts_applied = 0
@@ -199,6 +200,13 @@ class Node:
         connected devices are disconnected (sign-in refuses them), and per-account quotas
         apply to their mailboxes. Runs at every cache refresh and when an operator command
         reaches the running node (:meth:`_accounts_changed`)."""
+        # One at a time: a slow periodic re-read that began before an operator's change must
+        # not overwrite the newer state that the change's own re-read set.
+        async with self._accounts_lock:
+            await self._refresh_accounts_locked()
+
+    async def _refresh_accounts_locked(self) -> None:
+        live, before = self.known_mailboxes, set(self.known_mailboxes)
         mailboxes = set(await self.store.all_mailboxes())
         disabled: set[str] = set()
         quota: dict[bytes, int] = {}
@@ -211,6 +219,8 @@ class Node:
                 mailboxes.difference_update(mine)
             elif acc.quota:
                 quota.update((mb, acc.quota) for mb in mine)
+        # devices registered while this ran (added to the live set) are not lost
+        mailboxes |= live - before
         self.known_mailboxes, self.disabled_accounts, self.mailbox_quota = (
             mailboxes,
             disabled,
