@@ -1,8 +1,9 @@
 """Device API: WebSocket ``/haven/v1/client`` with msgpack frames (docs/protocol.md §5).
 
 The node sends a challenge; the device answers with ``auth`` (a signature over the challenge by
-the Ed25519 key listed for its mailbox) or ``register`` (an invite plus the same proof). A missing
-mailbox and a bad signature get the same ``unauthorized`` answer. Afterwards the device may
+the Ed25519 key listed for its mailbox) or ``register`` (an invite plus the same proof, or on a
+node with open registration the account name wanted). A missing mailbox, a bad signature and a
+disabled account get the same ``unauthorized`` answer. Afterwards the device may
 publish keys, query keys (remote ones are fetched by this node over federation), send envelopes
 (answered ``accepted`` once durable) and ack pushed envelopes.
 """
