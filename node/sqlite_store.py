@@ -68,7 +68,16 @@ from .sealed_rows import EXPIRY_GRAIN_MS as EXPIRY_GRAIN_MS  # re-exported
 from .sealed_rows import random_words as _random_words
 from .sealed_rows import record as _record
 from .sealed_rows import unrecord as _unrecord
-from .store import DeviceRecord, PeerRecord, WriteBatch, day
+from .store import (
+    INVITE_REF_DIGITS,
+    AccountInfo,
+    DeviceRecord,
+    InviteInfo,
+    PeerRecord,
+    WriteBatch,
+    day,
+    revoke_prefix,
+)
 
 log = logging.getLogger("haven.store")
 
@@ -138,6 +147,13 @@ MIGRATIONS: list[str] = [
     # version 3: nothing linkable in clear (module docstring); rows copied and re-sealed by
     # SqliteStore._migrate_v3 between V3_CREATE and V3_SWAP
     "v3",
+    # version 4: operator tools (docs/cli.md "Accounts and invites"): disabled accounts,
+    # per-account mailbox quotas, invites good for several uses
+    """
+    ALTER TABLE accounts ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE accounts ADD COLUMN quota INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE invites ADD COLUMN uses INTEGER NOT NULL DEFAULT 1;
+    """,
 ]
 
 V3_CREATE = """
@@ -253,6 +269,30 @@ def _run_tx(
         return False
     rows, _ = _run(conn, _EMPTY_SQL, ())
     return not (rows and rows[0][0])
+
+
+def _redeem_tx(conn: sqlite3.Connection, token_hash: bytes, now: int) -> tuple[Any, ...] | None:
+    """One use of an invite, in one transaction: decrement, delete at zero or once expired
+    (the caller refuses it then), return ``(name, expires, kind)`` or None."""
+    _run(conn, "BEGIN IMMEDIATE", ())
+    try:
+        rows, _ = _run(
+            conn,
+            "UPDATE invites SET uses = uses - 1 WHERE token_hash=? RETURNING name, expires, kind",
+            (token_hash,),
+        )
+        if rows:
+            _run(
+                conn,
+                "DELETE FROM invites WHERE token_hash=? AND (uses <= 0 OR expires <= ?)",
+                (token_hash, now),
+            )
+        _run(conn, "COMMIT", ())
+    except BaseException:
+        if conn.in_transaction:
+            _run(conn, "ROLLBACK", ())
+        raise
+    return tuple(rows[0]) if rows else None
 
 
 _EMPTY_SQL = "SELECT EXISTS(SELECT 1 FROM envelopes) OR EXISTS(SELECT 1 FROM outbox)"
@@ -529,7 +569,9 @@ class SqliteStore:
 
     async def create_account(self, name: str, now: int) -> bool:
         # Stored as the UTC day (docs/threat-model.md: coarse metadata at rest).
-        n = await self._exec("INSERT OR IGNORE INTO accounts VALUES (?, ?)", (name, day(now)))
+        n = await self._exec(
+            "INSERT OR IGNORE INTO accounts (name, created) VALUES (?, ?)", (name, day(now))
+        )
         return n == 1
 
     async def account_exists(self, name: str) -> bool:
@@ -553,21 +595,79 @@ class SqliteStore:
         return len(mbs)
 
     async def add_invite(
-        self, token_hash: bytes, name: str, expires: int, kind: str = "invite"
+        self, token_hash: bytes, name: str, expires: int, kind: str = "invite", uses: int = 1
     ) -> None:
         await self._exec(
-            "INSERT INTO invites (token_hash, name, expires, kind) VALUES (?, ?, ?, ?)",
-            (token_hash, name, expires, kind),
+            "INSERT INTO invites (token_hash, name, expires, kind, uses) VALUES (?, ?, ?, ?, ?)",
+            (token_hash, name, expires, kind, max(1, uses)),
         )
 
     async def redeem_invite(self, token_hash: bytes, now: int) -> tuple[str, str] | None:
-        """Atomically consume a token: ``(account, kind)``, or None if unknown or expired."""
-        row = await self._write_one(
-            "DELETE FROM invites WHERE token_hash=? RETURNING name, expires, kind", (token_hash,)
-        )
+        """Atomically use a token once: ``(account, kind)``, or None if unknown or expired.
+        The decrement and the delete at zero are one transaction under the write lock."""
+        async with self._write_lock:
+            try:
+                row = await _on_thread(self.db, _redeem_tx, token_hash, now)
+            except sqlite3.Error as exc:
+                raise storage_error("write failed", exc) from exc
         if row is None or int(row[1]) <= now:
             return None
         return str(row[0]), str(row[2])
+
+    # ---- operator tools ----------------------------------------------------------------------
+
+    async def list_accounts(self) -> list[AccountInfo]:
+        rows = await self._all(
+            "SELECT a.name, a.created, a.disabled, a.quota, "
+            "(SELECT count(*) FROM devices d WHERE d.account = a.name) "
+            "FROM accounts a ORDER BY a.name"
+        )
+        pending: dict[str, int] = {}
+        counts = await self.pending_counts()
+        if counts:
+            for mb, account in await self._all("SELECT mailbox, account FROM devices"):
+                n = counts.get(bytes(mb), 0)
+                if n:
+                    pending[str(account)] = pending.get(str(account), 0) + n
+        return [
+            AccountInfo(str(n), int(c), bool(d), int(q), int(dv), pending.get(str(n), 0))
+            for n, c, d, q, dv in rows
+        ]
+
+    async def account_status(self, name: str) -> str | None:
+        row = await self._one("SELECT disabled FROM accounts WHERE name=?", (name,))
+        if row is None:
+            return None
+        return "disabled" if row[0] else "active"
+
+    async def set_account_disabled(self, name: str, disabled: bool) -> bool:
+        n = await self._exec("UPDATE accounts SET disabled=? WHERE name=?", (int(disabled), name))
+        return n == 1
+
+    async def set_account_quota(self, name: str, quota: int) -> bool:
+        n = await self._exec("UPDATE accounts SET quota=? WHERE name=?", (max(0, quota), name))
+        return n == 1
+
+    async def list_invites(self, now: int) -> list[InviteInfo]:
+        rows = await self._all(
+            "SELECT token_hash, name, kind, expires, uses FROM invites WHERE expires > ? "
+            "ORDER BY expires, name",
+            (now,),
+        )
+        return [
+            InviteInfo(bytes(h).hex()[:INVITE_REF_DIGITS], str(n), str(k), int(e), int(u))
+            for h, n, k, e, u in rows
+        ]
+
+    async def revoke_invite(self, ref: str) -> int:
+        prefix = revoke_prefix(ref)
+        if prefix is None:
+            return 0
+        # hex() is upper case; the prefix has no LIKE wildcards (hex digits only)
+        return await self._exec(
+            "DELETE FROM invites WHERE substr(hex(token_hash), 1, ?) = ?",
+            (len(prefix), prefix.upper()),
+        )
 
     async def add_device(self, account: str, mailbox: bytes, auth_key: bytes) -> None:
         await self._exec("INSERT INTO devices VALUES (?, ?, ?)", (mailbox, account, auth_key))
