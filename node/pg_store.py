@@ -93,7 +93,13 @@ RESEAL_AFTER_DELIVERY = 1000
 NOTIFY_TAGS = 200  # hex tags per NOTIFY payload (200 x 33 bytes < 7,900)
 ENV_CHANNEL, OBX_CHANNEL = "haven_env", "haven_obx"
 # A connection lost mid-call: retried once where the work is idempotent.
-_LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
+_LOST = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a connection the server ended, met mid-protocol
+    TimeoutError,
+)
 
 MIGRATIONS: list[str] = [
     # version 1 (= SQLite schema v4: operator tools included)
@@ -291,18 +297,28 @@ class PgStore:
         (every caller's work is idempotent or a single atomic statement)."""
         for attempt in (0, 1):
             try:
-                async with self.pool.acquire() as conn:
+                async with self._conn() as conn:
                     return await fn(conn)
-            except asyncpg.PostgresConnectionError as exc:
-                if attempt:
-                    raise pg_error(what, exc) from exc
             except asyncpg.PostgresError as exc:
-                raise pg_error(what, exc) from exc
+                if attempt or not isinstance(exc, asyncpg.PostgresConnectionError):
+                    raise pg_error(what, exc) from exc
             except _LOST as exc:
                 if attempt:
                     raise pg_error(what, exc) from exc
             log.info("%s: PostgreSQL connection lost, retrying once", what)
         raise AssertionError("unreachable")
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection. When one turns out lost, every idle connection of the pool is
+        replaced (the server may have ended them all: a restart, a failover)."""
+        async with self.pool.acquire() as conn:
+            try:
+                yield conn
+            except _LOST:
+                conn.terminate()
+                await self.pool.expire_connections()
+                raise
 
     async def _all(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         return await self._call("read failed", lambda c: c.fetch(sql, *args))
@@ -325,7 +341,7 @@ class PgStore:
         and re-reads the key file under it (False: to seal under the keys; True: to change
         them). Errors are translated (not retried: the caller decides)."""
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
+            async with self._conn() as conn, conn.transaction():
                 if exclusive is not None:
                     fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
                     await conn.execute(f"SELECT {fn}({KEYS_LOCK})")
