@@ -74,6 +74,20 @@ MIGRATIONS: list[str] = [
     ALTER TABLE envelopes ALTER COLUMN sealed SET STORAGE EXTERNAL;
     ALTER TABLE outbox ALTER COLUMN sealed SET STORAGE EXTERNAL;
     CREATE UNLOGGED TABLE outbox_frontier (dh bytea PRIMARY KEY, ord bigint NOT NULL);
+    -- a write's order chains in one round trip: lock them (sorted: no deadlock), then read
+    -- their tops; VOLATILE, so the read takes a snapshot after the locks are held
+    CREATE FUNCTION haven_chain_tops(locks bigint[], env_mbh bytea[], obx_mbh bytea[],
+                                     dests bytea[])
+    RETURNS TABLE (t integer, h bytea, top bigint) LANGUAGE plpgsql VOLATILE AS $$
+    BEGIN
+      PERFORM count(pg_advisory_xact_lock(x)) FROM (SELECT x FROM unnest(locks) AS x ORDER BY x) s;
+      RETURN QUERY
+        SELECT 0, e.mbh, max(e.ord) FROM envelopes e WHERE e.mbh = ANY(env_mbh) GROUP BY e.mbh
+        UNION ALL
+        SELECT 1, o.mbh, max(o.ord) FROM outbox o WHERE o.mbh = ANY(obx_mbh) GROUP BY o.mbh
+        UNION ALL
+        SELECT 2, f.dh, f.ord FROM outbox_frontier f WHERE f.dh = ANY(dests);
+    END $$;
     CREATE TABLE peers (node_id text PRIMARY KEY, url text NOT NULL, host text NOT NULL,
                         last_seen bigint NOT NULL);
     CREATE INDEX peers_host ON peers(host);
@@ -242,13 +256,33 @@ class PgBase:
     async def _tx(self, exclusive: bool | None = None) -> AsyncIterator[asyncpg.Connection]:
         """A transaction; ``exclusive`` True/False also takes :data:`KEYS_LOCK` exclusive/shared
         and re-reads the key file under it (False: to seal under the keys; True: to change
-        them). Errors are translated (not retried: the caller decides)."""
+        them). BEGIN and the lock go in one round trip. Errors are translated (not retried:
+        the caller decides)."""
+        head = "BEGIN"
+        if exclusive is not None:
+            fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+            head += f"; SELECT {fn}({KEYS_LOCK})"
         try:
-            async with self._conn() as conn, conn.transaction():
-                if exclusive is not None:
-                    fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
-                    await conn.execute(f"SELECT {fn}({KEYS_LOCK})")
-                    self.keys.reload()
-                yield conn
+            async with self._conn() as conn:
+                await conn.execute(head)
+                try:
+                    if exclusive is not None:
+                        self.keys.reload()
+                    yield conn
+                except BaseException:
+                    await _rollback(conn)
+                    raise
+                await conn.execute("COMMIT")
         except (asyncpg.PostgresError, *_LOST) as exc:
             raise pg_error("write failed", exc) from exc
+
+
+async def _rollback(conn: asyncpg.Connection) -> None:
+    """Roll back; a connection already lost has nothing to roll back (the server did), and a
+    failed ROLLBACK never hides the error that caused it."""
+    if conn.is_closed():
+        return
+    try:
+        await conn.execute("ROLLBACK")
+    except (asyncpg.PostgresError, *_LOST) as exc:
+        log.debug("rollback failed: %s", type(exc).__name__)

@@ -218,11 +218,8 @@ class PgStore(PgAccounts):
             args.append([ix(k, ENV_ID, i) for i in batch.delete_envelopes for k in kids])
             args.append([ix(k, OBX_ID, i) for i in batch.delete_outbox for k in kids])
             channels, payloads = self._notifications(envs, outbox)
-            args += [channels, payloads]
-            await conn.execute(_WRITE_SQL, *args)
-            if deleting and self.leader:
-                return bool(await conn.fetchval(_EMPTY_SQL))
-        return False
+            args += [channels, payloads, deleting and self.leader]
+            return bool(await conn.fetchval(_WRITE_SQL, *args))
 
     def _notifications(
         self, envs: list[Envelope], outbox: list[tuple[str, Envelope]]
@@ -257,15 +254,16 @@ class PgStore(PgAccounts):
             | {_lock_id(b"haven-lk-obx", mb) for mb in obx_mbs}
             | {_lock_id(b"haven-lk-dest", d.encode()) for d in dests}
         )
-        await conn.execute(
-            "SELECT count(pg_advisory_xact_lock(x)) FROM "
-            "(SELECT x FROM unnest($1::bigint[]) AS x ORDER BY x) AS s",
-            locks,
-        )
         env_owner = {h: mb for mb in env_mbs for h in hashes(keys, ENV_MB, mb)}
         obx_owner = {h: mb for mb in obx_mbs for h in hashes(keys, OBX_MB, mb)}
         dest_owner = {h: d for d in dests for h in hashes(keys, OBX_DEST, d.encode())}
-        tops = await conn.fetch(_TOPS_SQL, list(env_owner), list(obx_owner), list(dest_owner))
+        tops = await conn.fetch(
+            "SELECT * FROM haven_chain_tops($1, $2, $3, $4)",
+            locks,
+            list(env_owner),
+            list(obx_owner),
+            list(dest_owner),
+        )
         env_top: dict[bytes, int] = {}
         obx_top: dict[bytes, int] = {}
         frontier: dict[str, int] = {}
@@ -698,15 +696,8 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [[r[i] for r in rows] for i in range(width)]
 
 
-# The tops of the order chains a write extends: 0 = recipient mailbox, 1 = remote mailbox,
-# 2 = destination frontier (hash, highest key).
-_TOPS_SQL = """
-SELECT 0, mbh, max(ord) FROM envelopes WHERE mbh = ANY($1::bytea[]) GROUP BY mbh
-UNION ALL SELECT 1, mbh, max(ord) FROM outbox WHERE mbh = ANY($2::bytea[]) GROUP BY mbh
-UNION ALL SELECT 2, dh, ord FROM outbox_frontier WHERE dh = ANY($3::bytea[])
-"""
-
-# One group commit in one statement: inserts (deduped by id hash), deletes, notifications.
+# One group commit in one statement: inserts (deduped by id hash), deletes, notifications,
+# and (leader) whether the tables are empty afterwards.
 _WRITE_SQL = """
 WITH e AS (
   INSERT INTO envelopes (idh, mbh, ord, exp, sealed)
@@ -722,7 +713,12 @@ WITH e AS (
 ), dob AS (
   DELETE FROM outbox WHERE idh = ANY($13::bytea[]) RETURNING 1
 )
-SELECT (SELECT count(*) FROM e), (SELECT count(*) FROM o), (SELECT count(*) FROM de),
-       (SELECT count(*) FROM dob),
-       (SELECT count(pg_notify(c, p)) FROM unnest($14::text[], $15::text[]) AS n(c, p))
+SELECT
+  -- $16: whether nothing is pending after this commit (the statement sees the tables as
+  -- before it: empty = nothing inserted and every row left is one this commit deletes)
+  $16::boolean AND (SELECT count(*) FROM e) = 0 AND (SELECT count(*) FROM o) = 0
+    AND NOT EXISTS (SELECT 1 FROM envelopes WHERE NOT idh = ANY($12::bytea[]))
+    AND NOT EXISTS (SELECT 1 FROM outbox WHERE NOT idh = ANY($13::bytea[])),
+  (SELECT count(*) FROM de), (SELECT count(*) FROM dob),
+  (SELECT count(pg_notify(c, p)) FROM unnest($14::text[], $15::text[]) AS n(c, p))
 """
