@@ -65,6 +65,7 @@ from .sealed_rows import (
     OBX_ID,
     OBX_MB,
     ORD_START,
+    PagedReads,
     coarse_expiry,
     hashes,
     next_ord,
@@ -103,7 +104,7 @@ class _NoKey(Exception):
     """A write found no live key under the shared lock (the leader destroyed them all)."""
 
 
-class PgStore(PgAccounts):
+class PgStore(PagedReads, PgAccounts):
     """Store on an asyncpg pool. ``leader``: this process rotates, re-seals and destroys the
     epoch keys (one leader per key file); the others only seal under them."""
 
@@ -366,17 +367,6 @@ class PgStore(PgAccounts):
                     (int(o), unrecord(self.keys.open(owner[bytes(h)], bytes(s)))[0])
                     for o, h, s in rows
                 ]
-
-    async def pending_for(self, mailbox: bytes, limit: int) -> list[Envelope]:
-        return [e for _, e in await self.pending_page(mailbox, 0, limit)]
-
-    async def outbox_batch(self, dest: str, limit: int) -> list[Envelope]:
-        return [e for _, e in await self.outbox_page(dest, 0, limit)]
-
-    async def pending_page(
-        self, mailbox: bytes, after_seq: int, limit: int
-    ) -> list[tuple[int, Envelope]]:
-        return await self._page("envelopes", "mbh", ENV_MB, mailbox, after_seq, limit)
 
     async def outbox_page(
         self, dest: str, after_seq: int, limit: int
