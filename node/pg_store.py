@@ -338,10 +338,18 @@ class PgStore(PagedReads, PgAccounts):
         return {owner[bytes(r[0])] for r in rows}
 
     async def existing_ids(self, ids: list[bytes]) -> set[bytes]:
-        if not ids:
-            return set()
-        self.keys.reload()
-        return await self._call("read failed", lambda c: self._present(c, "envelopes", ENV_ID, ids))
+        """Which of ``ids`` are stored (under any live key; read again if another process
+        changed the keys meanwhile, as :meth:`_page`)."""
+        while ids:
+            self.keys.reload()
+            generation = self.keys.generation
+            found = await self._call(
+                "read failed", lambda c: self._present(c, "envelopes", ENV_ID, ids)
+            )
+            self.keys.reload()
+            if self.keys.generation == generation:
+                return found
+        return set()
 
     async def _page(
         self, table: str, column: str, purpose: bytes, value: bytes, after: int, limit: int
