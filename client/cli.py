@@ -64,7 +64,12 @@ def _duration_or_off(text: str) -> int:
 
 
 async def cmd_join(args: argparse.Namespace, dev: Device, out: Out) -> int:
-    address = await dev.join(args.invite or args.link, name=args.name or "")
+    if args.register:
+        from .linking import register_open
+
+        address = await register_open(dev, args.invite, args.register, name=args.name or "")
+    else:
+        address = await dev.join(args.invite or args.link, name=args.name or "")
     out.emit(args, {"address": address}, f"joined; share your address with contacts:\n{address}")
     return 0
 
@@ -374,9 +379,17 @@ def _user_commands(sub: Any) -> None:
         return p
 
     j = cmd("join", "redeem an invite or a device-link code (creates the device home)")
-    j.add_argument("invite", nargs="?", help="invite from `haven node invite`")
+    j.add_argument(
+        "invite", nargs="?", help="invite from `haven node invite` (with --register: node URL)"
+    )
     j.add_argument("--link", help="code printed by `haven device link` on your other device")
     j.add_argument("--name", help="a name for this device (kept on your devices only)")
+    j.add_argument(
+        "--register",
+        metavar="ACCOUNT",
+        help="create ACCOUNT without an invite on a node with open registration; "
+        "give the node's URL instead of an invite",
+    )
 
     s = cmd("send", "send an end-to-end encrypted message")
     s.add_argument("address", help="name@host")
@@ -596,6 +609,9 @@ def _main(args: argparse.Namespace) -> int:
             return report_error(args, exc, Out())
     if args.cmd == "join" and not (args.invite or args.link):
         print("error: give an invite or --link CODE", file=sys.stderr)
+        return 2
+    if args.cmd == "join" and args.register and (args.link or not args.invite):
+        print("error: --register ACCOUNT takes the node's URL (and no --link)", file=sys.stderr)
         return 2
     args.home = device_home(args.home)
     try:

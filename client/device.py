@@ -301,7 +301,13 @@ class Device:
         sig = self._sign(device_auth_message(ch.node_id, ch.nonce, info.mailbox))
         for attempt in range(REGISTER_ATTEMPTS):
             frame = F.Register(
-                conn.next_rid(), inv["t"], info.mailbox, _raw(info.ed25519), sig, signed
+                conn.next_rid(),
+                inv["t"],
+                info.mailbox,
+                _raw(info.ed25519),
+                sig,
+                signed,
+                inv.get("register", ""),  # open registration: the name wanted (§5.2)
             )
             try:
                 reg = expect(await conn.request(frame), F.Registered)
@@ -330,6 +336,11 @@ class Device:
             from .linking import join_link
 
             return await join_link(self, inv, name or "device")
+        return await self.join_new(inv, name)
+
+    async def join_new(self, inv: dict[str, Any], name: str = "") -> str:
+        """Create a new account whose first device is this one: by invite, or by open
+        registration when ``inv["register"]`` names the account (client/linking.py)."""
         identity = nacl.signing.SigningKey.generate()
         info, sealing = self._new_device_keys()
         address = f"{inv['name']}@{inv['host']}"

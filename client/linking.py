@@ -16,13 +16,14 @@ import os
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import nacl.exceptions
 import nacl.secret
 
 from federation import frames as F
 from federation.devicelist import DeviceInfo, DeviceList, SignedDeviceList, coarse_day
-from federation.errors import HavenError, LocalProtocolError, MalformedEnvelope
+from federation.errors import HavenError, LocalProtocolError, MalformedEnvelope, TransportError
 from federation.ids import new_envelope_id
 from federation.sealing import SEAL_OVERHEAD, pad, unpad
 from federation.signing import b64e
@@ -181,6 +182,51 @@ async def join_link(dev: Device, inv: dict[str, Any], name: str, timeout_s: floa
         dev.adopt_identity(seed, address, inv["node"], signed, names)
         await _receive_history(dev, conn, k, int(msg.get("history_chunks", 0)), timeout_s)
     return address
+
+
+async def register_open(dev: Device, url: str, account: str, name: str = "") -> str:
+    """Create ``account`` on a node with open registration (no invite), this device first.
+
+    The node is trusted on first use: its id and public host come from its signed descriptor,
+    fetched with a fresh challenge from ``url``. Returns the new address.
+    """
+    import aiohttp
+
+    from federation.ids import valid_name
+    from federation.signing import Descriptor
+
+    if not valid_name(account):
+        raise LocalProtocolError(
+            "names are 1-32 of a-z 0-9 . _ - and start with a letter or digit",
+            code="invalid_name",
+        )
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise LocalProtocolError(f"not a node URL: {url!r}", code="bad_argument")
+    base = f"{parts.scheme}://{parts.netloc}"
+    challenge = os.urandom(16)
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"{base}/.well-known/haven/node?c={b64e(challenge)}") as r,
+        ):
+            desc = Descriptor.verify_decode(await r.content.read(64 * 1024))
+    except (aiohttp.ClientError, OSError) as exc:
+        raise TransportError(f"cannot reach the node at {base}", code="node_unreachable") from exc
+    except HavenError as exc:
+        raise LocalProtocolError(f"{base} is not a Haven node", code="not_a_haven_node") from exc
+    if desc.challenge != challenge:
+        raise LocalProtocolError(f"{base} is not a Haven node", code="not_a_haven_node")
+    inv = {
+        "url": base,
+        "node": desc.node_id,
+        "name": account,
+        "t": b"",
+        "host": urlsplit(desc.public_url).netloc.lower(),
+        "link": False,
+        "register": account,
+    }
+    return await dev.join_new(inv, name)
 
 
 HISTORY_CHUNK_BYTES = 40_000

@@ -132,6 +132,7 @@ class Auth(Frame, frozen=True, tag="auth"):
 
 class Register(Frame, frozen=True, tag="register"):
     """Redeem an invite: create this device's mailbox and publish the signed device list.
+    Or, on a node with open registration, create the account ``name`` (``invite`` empty).
 
     ``sig`` signs the challenge like :class:`Auth`, proving the device holds ``auth_key``.
     """
@@ -142,6 +143,8 @@ class Register(Frame, frozen=True, tag="register"):
     auth_key: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
     sig: Sig
     device_list: SignedDeviceList | None = None  # None when redeeming a device-link token
+    # Open registration (§5.2): ``invite`` empty, the account name wanted here.
+    name: Annotated[str, msgspec.Meta(max_length=32)] = ""
 
 
 class MintLink(Frame, frozen=True, tag="mint_link"):

@@ -53,6 +53,8 @@ log = logging.getLogger("haven.node")
 ROTATIONS_NAME = "rotations.bin"
 REFRESH_MIN_S = 5.0  # cache refresh interval ...
 REFRESH_COST_FACTOR = 50  # ... at least this many times the last refresh's duration
+ACCOUNTS_REREAD_MIN_S = 1.0  # operator-triggered account re-reads, at most this often
+ACCOUNTS_CONFIRM_S = 15.0  # ... and the operator command waits this long for one
 SETTLE_AT_STOP_S = 2.0  # a stopping node waits this long at most for queued commits
 
 
@@ -68,6 +70,7 @@ class Rates:
 
     def __init__(self, config: NodeConfig | None = None) -> None:
         link_per_hour = config.link_tokens_per_hour if config else 30
+        per_ip_hour = config.registrations_per_ip_per_hour if config else 5
         reg_per_minute = config.registrations_per_minute if config else 60
         self.new_peers = NewPeerBudget(
             config.new_peer_rate if config else 20, config.new_peer_burst if config else 100
@@ -75,6 +78,8 @@ class Rates:
         self.buckets = {
             "link": TokenBucket(rate=link_per_hour / 3600, burst=link_per_hour),  # per account
             "register": TokenBucket(rate=reg_per_minute / 60, burst=reg_per_minute),  # node-wide
+            # open registration, per source IP (memory only, never stored or logged)
+            "regip": TokenBucket(rate=per_ip_hour / 3600, burst=per_ip_hour),
             "send": TokenBucket(rate=50_000, burst=100_000),
             "keys": TokenBucket(rate=1000, burst=2000),  # local lookups: cheap
             "remotekeys": TokenBucket(rate=20, burst=200),  # each one costs a federation call
@@ -133,7 +138,9 @@ class Node:
         self.nonces = NonceWindow(not_before=self.started_ms)
         self.rates = Rates(config)
         self.rotations = load_rotations(home)
-        self.known_mailboxes: set[bytes] = set()
+        self.known_mailboxes: set[bytes] = set()  # mailboxes here, minus disabled accounts'
+        self.disabled_accounts: set[str] = set()
+        self.mailbox_quota: dict[bytes, int] = {}  # per-account quotas, by mailbox
         self.pending_load: dict[bytes, int] = {}  # envelopes held per mailbox (quota)
         self.known_peers: set[str] = set()
         self.link_tokens = LinkTokens(client_api.LINK_TTL_MS)  # memory only
@@ -153,6 +160,11 @@ class Node:
         self.port = config.listen_port
         self.ready = asyncio.Event()
         self.lan_enabled = config.lan
+        # operator commands that changed accounts: asked for / applied (_accounts_changed)
+        self._accounts_dirty = asyncio.Event()
+        self._accounts_cond = asyncio.Condition()
+        self._accounts_wanted = 0
+        self._accounts_applied = 0
 
     # parts that need the HTTP client session exist only while running
     @property
@@ -177,7 +189,7 @@ class Node:
             await asyncio.sleep(interval)
             began = time.monotonic()
             try:
-                self.known_mailboxes = set(await self.store.all_mailboxes())
+                await self.refresh_accounts()
                 self.known_peers |= {p.node_id for p in await self.store.all_peers()}
                 self.pending_load = await self._load()
                 self.quotas.resync(await self.store.outbox_counts(), self.mailboxes.outbox_load())
@@ -186,6 +198,42 @@ class Node:
             except Exception as exc:  # noqa: BLE001 - a refresh bug must not stop the node
                 log.error("cache refresh failed (internal: %s)", type(exc).__name__)
             interval = max(REFRESH_MIN_S, REFRESH_COST_FACTOR * (time.monotonic() - began))
+
+    async def refresh_accounts(self) -> None:
+        """Re-read accounts: mailboxes of disabled accounts leave :attr:`known_mailboxes`
+        (peers' envelopes to them get ``not_found``, as for a missing mailbox), their
+        connected devices are disconnected (sign-in refuses them), and per-account quotas
+        apply to their mailboxes. Runs at every cache refresh and when an operator command
+        reaches the running node (:meth:`_accounts_changed`)."""
+        mailboxes = set(await self.store.all_mailboxes())
+        disabled: set[str] = set()
+        quota: dict[bytes, int] = {}
+        for acc in await self.store.list_accounts():
+            if not (acc.disabled or acc.quota):
+                continue
+            mine = await self.store.devices_of(acc.name)
+            if acc.disabled:
+                disabled.add(acc.name)
+                mailboxes.difference_update(mine)
+            elif acc.quota:
+                quota.update((mb, acc.quota) for mb in mine)
+        self.known_mailboxes, self.disabled_accounts, self.mailbox_quota = (
+            mailboxes,
+            disabled,
+            quota,
+        )
+        if disabled:
+            await self.disconnect_accounts(disabled)
+
+    async def disconnect_accounts(self, names: set[str]) -> None:
+        """Close the connections of these accounts' devices (their sessions end at once)."""
+        gone = [
+            link
+            for link in list(self.mailboxes.links.values())
+            if isinstance(link, client_api.ClientSession) and link.account in names
+        ]
+        for link in gone:
+            await link.ws.close()
 
     async def _load(self) -> dict[bytes, int]:
         """Envelopes held per mailbox: stored rows plus those not yet committed."""
@@ -243,7 +291,7 @@ class Node:
         if env.to not in self.known_mailboxes:
             return NotFound.code
         held = self.pending_load.get(env.to, 0)
-        if held >= self.config.max_pending_per_mailbox:
+        if held >= self.mailbox_quota.get(env.to, self.config.max_pending_per_mailbox):
             return QuotaExceeded.code
         self.pending_load[env.to] = held + 1
         return None
@@ -273,7 +321,8 @@ class Node:
         self, name: str, claim: bool
     ) -> tuple[SignedDeviceList, dict[str, tuple[str, str]]]:
         raw = await self.store.get_device_list(name)
-        if raw is None:
+        # A disabled account answers exactly as a missing one (same code, same message).
+        if raw is None or await self.store.account_status(name) != "active":
             raise NotFound("no such user")
         dl = SignedDeviceList(*raw)
         claimed: dict[str, tuple[str, str]] = {}
@@ -333,7 +382,42 @@ class Node:
         app.router.add_get("/haven/v1/client", partial(client_api.client_ws, self))
         app.router.add_get("/haven/v1/stats", self._stats)
         app.router.add_get("/haven/v1/peers", self._peers_view)
+        app.router.add_post("/haven/v1/accounts-changed", self._accounts_changed)
         return app
+
+    async def _accounts_changed(self, request: web.Request) -> web.Response:
+        """An operator command changed accounts in the store: re-read them now instead of at
+        the next refresh, and answer 204 once applied (202 if that takes longer than
+        :data:`ACCOUNTS_CONFIRM_S`). Loopback only; it carries nothing and only triggers a
+        re-read, at most once a second (requests meanwhile are coalesced into the next one,
+        never lost)."""
+        if request.remote not in ("127.0.0.1", "::1"):
+            raise web.HTTPNotFound()
+        self._accounts_wanted += 1
+        want = self._accounts_wanted
+        self._accounts_dirty.set()
+        try:
+            async with asyncio.timeout(ACCOUNTS_CONFIRM_S), self._accounts_cond:
+                await self._accounts_cond.wait_for(lambda: self._accounts_applied >= want)
+        except TimeoutError:
+            return web.Response(status=202)
+        return web.Response(status=204)
+
+    async def _reread_accounts(self) -> None:
+        """Re-read accounts whenever :meth:`_accounts_changed` asked, at most once a second."""
+        while True:
+            await self._accounts_dirty.wait()
+            self._accounts_dirty.clear()
+            target = self._accounts_wanted
+            try:
+                await self.refresh_accounts()
+            except HavenError as exc:
+                log.error("account refresh failed (%s)", exc.code)
+            else:
+                async with self._accounts_cond:
+                    self._accounts_applied = target
+                    self._accounts_cond.notify_all()
+            await asyncio.sleep(ACCOUNTS_REREAD_MIN_S)
 
     async def _peers_view(self, request: web.Request) -> web.Response:
         if request.remote not in ("127.0.0.1", "::1"):
@@ -364,7 +448,7 @@ class Node:
         """Serve until ``stop`` is set; then shut down cleanly (nothing acked is lost)."""
         await self.store.open()
         try:
-            self.known_mailboxes = set(await self.store.all_mailboxes())
+            await self.refresh_accounts()
             self.known_peers = {p.node_id for p in await self.store.all_peers()}
             self.pending_load = await self._load()
             self.quotas.resync(await self.store.outbox_counts(), {})
@@ -424,6 +508,7 @@ class Node:
                     tg.create_task(self.sweeper.run()),
                 ]
                 tasks.append(tg.create_task(self._refresh_caches()))
+                tasks.append(tg.create_task(self._reread_accounts()))
                 tasks.append(tg.create_task(self.admission.watchdog()))
                 if self.lan_enabled:
                     tasks.append(tg.create_task(self._run_lan()))

@@ -21,7 +21,7 @@ from federation.ids import key_from_node_id, valid_name
 from federation.signing import NodeKey, Rotation, b64d, b64e
 from federation.wire import packb, unpackb
 
-from . import logs, nodekey
+from . import accounts_cli, logs, nodekey
 from .app import ROTATIONS_NAME, build, load_node_key, load_rotations
 from .client_api import invite_hash
 from .config import (
@@ -60,6 +60,7 @@ def init_node(
     key_file: str = "",
     key_secret_file: str = "",
     store: str = "",
+    open_registration: bool = False,
 ) -> NodeConfig:
     """Create the node identity, config and store in ``home``.
 
@@ -94,6 +95,7 @@ def init_node(
         key_file=os.path.abspath(key_file) if key_file else "",
         key_secret_file=_secret_spec(key_secret_file),
         store=store,
+        open_registration=open_registration,
     )
     if bool(tls_cert) != bool(tls_key):
         raise LocalProtocolError("--tls-cert and --tls-key go together")
@@ -117,7 +119,15 @@ def invite_expiry(now: int, expires_ms: int) -> int:
     return -(-(now + expires_ms) // DAY_MS) * DAY_MS
 
 
-async def create_invite(home: str, name: str, expires_ms: int) -> str:
+async def create_invite(home: str, name: str, expires_ms: int, uses: int = 1) -> str:
+    """Create account ``name`` if new and return an invite good for ``uses`` redemptions."""
+    return (await issue_invite(home, name, expires_ms, uses))[0]
+
+
+async def issue_invite(home: str, name: str, expires_ms: int, uses: int = 1) -> tuple[str, int]:
+    """:func:`create_invite`, also returning the invite's stored expiry (ms)."""
+    if uses < 1:
+        raise LocalProtocolError("--uses must be 1 or more", code="bad_argument")
     if not valid_name(name):
         raise LocalProtocolError("names are 1-32 of a-z 0-9 . _ - and start with a letter or digit")
     config = NodeConfig.load(home)
@@ -128,10 +138,12 @@ async def create_invite(home: str, name: str, expires_ms: int) -> str:
         now = SystemClock().now_ms()
         await store.create_account(name, now)
         token = os.urandom(24)
-        await store.add_invite(invite_hash(token), name, invite_expiry(now, expires_ms))
+        expires = invite_expiry(now, expires_ms)
+        await store.add_invite(invite_hash(token), name, expires, uses=uses)
     finally:
         await store.close()
-    return make_invite(config.device_url, node.key.node_id, name, token, config.public_host)
+    invite = make_invite(config.device_url, node.key.node_id, name, token, config.public_host)
+    return invite, expires
 
 
 async def node_status(home: str) -> dict[str, Any]:
@@ -158,7 +170,11 @@ async def remove_account(home: str, name: str) -> int:
 
 
 async def serve(
-    home: str, lan: bool | None = None, interfaces: str = "", clock_offset_ms: int = 0
+    home: str,
+    lan: bool | None = None,
+    interfaces: str = "",
+    clock_offset_ms: int = 0,
+    open_registration: bool | None = None,
 ) -> None:
     node = build(home, SystemClock(clock_offset_ms) if clock_offset_ms else None)
     # No addresses, ids or tracebacks from peer input; bounded lines (node/logs.py).
@@ -168,6 +184,8 @@ async def serve(
         node.lan_enabled = lan
     if interfaces:
         node.config = replace(node.config, lan_interfaces=interfaces)
+    if open_registration is not None:
+        node.config = replace(node.config, open_registration=open_registration)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -300,7 +318,9 @@ NODE_HOME_HELP = "node home directory (default: $HAVEN_HOME/node, else ~/.haven/
 
 
 def add_commands(sub: Any) -> None:
-    p = sub.add_parser("node", help="operate a node (init, serve, invite, status, remove-account)")
+    p = sub.add_parser(
+        "node", help="operate a node (init, serve, invite, accounts, invites, status, …)"
+    )
     nsub = p.add_subparsers(dest="node_cmd", required=True)
 
     i = nsub.add_parser("init", help="create a node: identity key, config and store")
@@ -354,6 +374,11 @@ def add_commands(sub: Any) -> None:
         help="announce and discover peers on the LAN (default: on with --owner)",
     )
     i.add_argument("--no-lan", dest="lan", action="store_false")
+    i.add_argument(
+        "--open-registration",
+        action="store_true",
+        help="let devices create accounts without an invite (default: invite only)",
+    )
     i.add_argument("--json", action="store_true")
 
     s = nsub.add_parser("serve", help="run the node until SIGINT/SIGTERM")
@@ -366,6 +391,14 @@ def add_commands(sub: Any) -> None:
         help="announce and discover peers on the LAN (overrides the config)",
     )
     s.add_argument("--no-lan", dest="lan", action="store_false")
+    s.add_argument(
+        "--open-registration",
+        dest="open_registration",
+        action="store_true",
+        default=None,
+        help="let devices create accounts without an invite (overrides the config)",
+    )
+    s.add_argument("--invite-only", dest="open_registration", action="store_false")
     s.add_argument(
         "--interface",
         default="",
@@ -386,11 +419,13 @@ def add_commands(sub: Any) -> None:
     cmd("peers", "list peer nodes and how each is reachable")
     cmd("lan-invite", "print a contact card (text and QR) for pinning")
     cmd("pin", "pin a peer node from its contact card").add_argument("card")
-    v = cmd("invite", "create an account (if new) and print a single-use invite")
+    v = cmd("invite", "create an account (if new) and print an invite")
     v.add_argument("name")
     v.add_argument("--expires", default="7d", help="invite lifetime (default 7d)")
+    v.add_argument("--uses", type=int, default=1, help="redemptions allowed (default 1)")
     cmd("status", "counts read from the store (running or not)")
     cmd("remove-account", "delete an account and purge its mailboxes").add_argument("name")
+    accounts_cli.add_commands(nsub, NODE_HOME_HELP)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -444,6 +479,7 @@ def init_from_args(args: argparse.Namespace) -> NodeConfig:
         key_file=args.key_file,
         key_secret_file=args.key_secret_file,
         store=args.store,
+        open_registration=args.open_registration,
     )
 
 
@@ -479,7 +515,7 @@ def _run(args: argparse.Namespace) -> int:
             sign = -1 if args.clock_offset.startswith("-") else 1
             offset = sign * parse_duration(args.clock_offset.lstrip("+-"))
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-            runner.run(serve(args.home, args.lan, args.interface, offset))
+            runner.run(serve(args.home, args.lan, args.interface, offset, args.open_registration))
         return 0
     if cmd == "rotate-key":
         old_id, new_id = rotate_key(args.home)
@@ -510,12 +546,20 @@ def _run(args: argparse.Namespace) -> int:
         node_id = asyncio.run(pin_card(args.home, args.card))
         print(json.dumps({"pinned": node_id}) if args.json else f"pinned {node_id}")
         return 0
+    if cmd == "accounts":
+        return accounts_cli.run_accounts(args)
+    if cmd == "invites":
+        return accounts_cli.run_invites(args)
     if cmd == "invite":
-        invite = asyncio.run(create_invite(args.home, args.name, parse_duration(args.expires)))
+        invite, expires = asyncio.run(
+            issue_invite(args.home, args.name, parse_duration(args.expires), args.uses)
+        )
         if args.json:
-            print(json.dumps({"invite": invite, "name": args.name}))
+            out = {"invite": invite, "name": args.name, "uses": args.uses, "expires": expires}
+            print(json.dumps(out))
         else:
-            print(f"invite for {args.name} (single use); redeem with: haven join INVITE --home DIR")
+            uses = "single use" if args.uses == 1 else f"{args.uses} uses"
+            print(f"invite for {args.name} ({uses}); redeem with: haven join INVITE --home DIR")
             print(invite)
         return 0
     if cmd == "status":

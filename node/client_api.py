@@ -33,7 +33,7 @@ from federation.errors import (
     TooLarge,
     Unauthorized,
 )
-from federation.ids import Address
+from federation.ids import Address, valid_name
 from federation.signing import device_auth_message, verify_detached
 from federation.wire import PROTOCOL_VERSION, Envelope
 
@@ -330,6 +330,9 @@ class ClientSession:
         self._check_proof(key, f.mailbox, f.sig)
         if dev is None:
             raise Unauthorized("unauthorized")
+        # A disabled account's device gets the same answer as a bad credential (no oracle).
+        if await self.node.store.account_status(dev.account) != "active":
+            raise Unauthorized("unauthorized")
         count = await self.node.store.count_otks(f.mailbox)
         self._admit()  # before the answer: the device may send a full-size frame right after it
         self.send(F.AuthOk(f.rid, f"{dev.account}@{self.node.config.public_host}", count))
@@ -345,17 +348,61 @@ class ClientSession:
             raise RateLimited("too many registrations; try again shortly")
         self._check_proof(f.auth_key, f.mailbox, f.sig)
         store, now = self.node.store, self.node.clock.now_ms()
+        if not f.invite and f.name:
+            await self._register_open(f)
+            return
         token = invite_hash(f.invite)
         linked = self.node.link_tokens.redeem(token, now)  # in memory only
         if linked is not None:
             redeemed: tuple[str, str] | None = (linked, "link")
-            if not await store.account_exists(linked):  # removed meanwhile
-                redeemed = None
         else:
             redeemed = await store.redeem_invite(token, now)
+        # removed or disabled meanwhile: as invalid as a wrong token
+        if redeemed is not None and await store.account_status(redeemed[0]) != "active":
+            redeemed = None
         if redeemed is None or (redeemed[1] == "link") != (f.device_list is None):
             raise InvalidInvite("invite is invalid, expired or already used")
-        account = redeemed[0]
+        await self._add_device(f, redeemed[0])
+        await self._signed_in(f, redeemed[0])
+
+    async def _register_open(self, f: F.Register) -> None:
+        """Open registration (docs/protocol.md §5.2): create the account ``f.name`` with this
+        device as its first, if the node allows it, the name is valid and free, and this
+        source has registrations left this hour (memory only)."""
+        node = self.node
+        if not node.config.open_registration:
+            raise InvalidInvite("this node registers by invite only", code="registration_closed")
+        if f.device_list is None:
+            raise MalformedFrame("a new account needs its signed device list")
+        if not valid_name(f.name):
+            raise MalformedFrame(
+                "names are 1-32 of a-z 0-9 . _ - and start with a letter or digit",
+                code="invalid_name",
+            )
+        source = self.conn.source if self.conn is not None else ""
+        if not node.admission.is_exempt(source) and not node.rates.take(
+            "regip:" + source, node.clock.now_ms()
+        ):
+            raise RateLimited(
+                "too many new accounts from this address; try again later",
+                code="too_many_registrations",
+            )
+        address = f"{f.name}@{node.config.public_host}"
+        self._check_list(f.device_list, address, must_have=(f.mailbox, f.auth_key))
+        if not await node.store.create_account(f.name, node.clock.now_ms()):
+            raise InvalidInvite("that name is taken", code="name_taken")
+        try:
+            await self._add_device(f, f.name)
+        except HavenError:
+            await node.store.remove_account(f.name)  # the name stays free for another try
+            raise
+        node.metrics.event("accounts.registered_open")
+        await self._signed_in(f, f.name)
+
+    async def _add_device(self, f: F.Register, account: str) -> None:
+        """Add the registering device to ``account`` (its signed list stored first when it
+        brings one)."""
+        store = self.node.store
         address = f"{account}@{self.node.config.public_host}"
         if f.device_list is not None:
             dl = self._check_list(f.device_list, address, must_have=(f.mailbox, f.auth_key))
@@ -371,6 +418,9 @@ class ClientSession:
             raise QuotaExceeded("too many devices on this account")
         await store.add_device(account, f.mailbox, f.auth_key)
         self.node.known_mailboxes.add(f.mailbox)
+
+    async def _signed_in(self, f: F.Register, account: str) -> None:
+        address = f"{account}@{self.node.config.public_host}"
         self._admit()
         self.send(F.Registered(f.rid, address))
         await self._attach(account, f.mailbox)

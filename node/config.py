@@ -66,6 +66,9 @@ class NodeConfig:
     new_peer_burst: int = 100
     link_tokens_per_hour: int = 30  # mint_link per account
     registrations_per_minute: int = 60  # invite/link redemption attempts, node-wide
+    # accounts (docs/operations.md "Accounts and invites")
+    open_registration: bool = False  # invite-only unless true: devices may pick a free name
+    registrations_per_ip_per_hour: int = 5  # open registrations per source (memory only)
     # disk
     ballast_mb: int = 32  # released when the disk fills so deletes and acks still succeed
     # logs

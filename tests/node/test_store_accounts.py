@@ -81,7 +81,7 @@ async def test_invite_with_uses_redeems_n_times_then_is_gone(store: Store) -> No
     assert await store.redeem_invite(h("a"), 10) is None
 
 
-async def test_concurrent_redemptions_of_the_last_use_one_wins(store: Store) -> None:
+async def test_concurrent_redemptions_get_exactly_the_uses_left(store: Store) -> None:
     await store.add_invite(h("last"), "bob", 10_000, uses=2)
     got = await asyncio.gather(*(store.redeem_invite(h("last"), 10) for _ in range(6)))
     assert sorted(g is not None for g in got) == [False] * 4 + [True] * 2
