@@ -1,9 +1,11 @@
 """A node on PostgreSQL: ``haven node init --store DSN`` then ``serve``, real processes on
-127.0.0.1. Two devices exchange messages; a message pending across a restart (clean stop:
-re-sealed under a fresh key in the key file, never in the database) is delivered after it."""
+127.0.0.1. Two devices exchange messages; the operator's account list reads the same store; a
+message pending across a restart (clean stop: re-sealed under a fresh key in the key file, never
+in the database) is delivered after it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from client.device import Device
@@ -33,6 +35,12 @@ async def test_devices_exchange_and_a_pending_message_survives_a_restart(
         assert [m.text for m in await bob.receive(wait_s=1.0)] == ["hello bob"]
         await bob.send(alice_addr, "hello alice")
         assert "hello alice" in [m.text for m in await alice.receive(wait_s=1.0)]
+
+        # the operator tools read the same store (offline, while the node serves)
+        listed = json.loads(
+            haven("node", "accounts", "list", "--home", str(node.home), "--json").stdout
+        )
+        assert [(a["name"], a["devices"]) for a in listed] == [("alice", 1), ("bob", 1)]
 
         await alice.send(bob_addr, "while you were away")
         wait_until(lambda: node.status()["pending_envelopes"] >= 1, what="the message stored")
