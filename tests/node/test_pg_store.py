@@ -84,7 +84,8 @@ async def test_a_lost_connection_is_retried(pg_dsn: str, tmp_path: Path) -> None
         try:  # the server ends every connection of the store's pool
             await admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = 'haven' AND pid <> pg_backend_pid()"
+                "WHERE datname = current_database() AND application_name = 'haven' "
+                "AND pid <> pg_backend_pid()"
             )
         finally:
             await admin.close()
