@@ -46,7 +46,6 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any, TypeVar, cast
 
 import aiosqlite
-import msgpack
 
 from federation.clock import Clock, SystemClock
 from federation.errors import StorageError
@@ -54,6 +53,22 @@ from federation.wire import Envelope
 
 from .atrest import EpochKeys
 from .ballast import DiskFull
+from .sealed_rows import (
+    ENV_ID,
+    ENV_MB,
+    OBX_DEST,
+    OBX_ID,
+    OBX_MB,
+    ORD_START,
+    ORD_STEP,
+    PagedReads,
+    coarse_expiry,
+    plan_reseal,
+)
+from .sealed_rows import EXPIRY_GRAIN_MS as EXPIRY_GRAIN_MS  # re-exported
+from .sealed_rows import random_words as _random_words
+from .sealed_rows import record as _record
+from .sealed_rows import unrecord as _unrecord
 from .store import (
     INVITE_REF_DIGITS,
     AccountInfo,
@@ -72,15 +87,6 @@ T = TypeVar("T")
 WAL_RESERVE_BYTES = 8 * 2**20  # the WAL is pre-sized to this at open and never truncated
 SQLITE_FULL = 13
 
-EXPIRY_GRAIN_MS = 15 * 60_000  # the clear expiry column is rounded down to this, then jittered
-# Sealed rows are padded so the blob is one of these sizes (sender buckets + room for the row's
-# own fields), or a multiple of the last step beyond them: the size links nothing.
-ROW_BUCKETS = (1024 + 256, 4096 + 256, 16384 + 256, 65536 + 256)
-ROW_STEP = 65536
-SEAL_OVERHEAD = 40  # XSalsa20-Poly1305 nonce + tag
-ORD_START = 1 << 61  # a mailbox's first order key is random below this ...
-ORD_STEP = 1 << 24  # ... and each next one is higher by a random step below this (room for
-# about 10**11 rows per mailbox or destination before 2**63)
 MAX_CHAINS = 200_000  # in-memory order floors kept (one per mailbox written to)
 RESEAL_CHUNK = 256  # rows per re-sealing transaction (writes interleave between chunks)
 # While live writes are waiting, a re-seal takes smaller steps and at most this share of the
@@ -95,9 +101,6 @@ RESEAL_PACED_FOR_S = 300.0
 # under a fresh key and destroys the one the delivered rows were sealed under (their remnants
 # then die within seconds, not at the end of the epoch). Above it, the epoch's end does it.
 RESEAL_AFTER_DELIVERY = 1000
-
-# index hash purposes (BLAKE2b personalisation): one per column, so no two columns share values
-ENV_ID, ENV_MB, OBX_ID, OBX_MB, OBX_DEST = b"env-id", b"env-mb", b"obx-id", b"obx-mb", b"obx-dest"
 
 
 def _is_full(exc: sqlite3.Error) -> bool:
@@ -172,36 +175,6 @@ CREATE INDEX outbox_dest ON outbox(dh, ord);
 CREATE INDEX outbox_mailbox ON outbox(mbh, ord);
 CREATE INDEX outbox_expiry ON outbox(exp);
 """
-
-
-def _pad(payload: bytes) -> bytes:
-    need = len(payload) + 4 + SEAL_OVERHEAD
-    size = next((b for b in ROW_BUCKETS if need <= b), -(-need // ROW_STEP) * ROW_STEP)
-    return len(payload).to_bytes(4, "big") + payload + bytes(size - need)
-
-
-def _record(env: Envelope, dest: str | None) -> bytes:
-    """The sealed plaintext of one row: everything about it, padded."""
-    payload: bytes = msgpack.packb([env.id, env.to, env.expires, env.body, dest], use_bin_type=True)
-    return _pad(payload)
-
-
-def _unrecord(plain: bytes) -> tuple[Envelope, str | None]:
-    n = int.from_bytes(plain[:4], "big")
-    eid, to, expires, body, dest = msgpack.unpackb(plain[4 : 4 + n], raw=False)
-    return Envelope(bytes(eid), bytes(to), int(expires), bytes(body)), dest
-
-
-def coarse_expiry(expires: int, rand: int) -> int:
-    """The clear expiry: a lower bound of the exact one, unequal across the rows of a send
-    (``rand``: a random 32-bit number)."""
-    return (expires // EXPIRY_GRAIN_MS) * EXPIRY_GRAIN_MS - rand % EXPIRY_GRAIN_MS
-
-
-def _random_words(n: int) -> list[int]:
-    """``n`` random 32-bit numbers from one CSPRNG read (one syscall per batch, not per row)."""
-    raw = os.urandom(4 * n)
-    return [int.from_bytes(raw[i : i + 4], "big") for i in range(0, 4 * n, 4)]
 
 
 SQLITE_FCNTL_PERSIST_WAL = 10
@@ -338,7 +311,7 @@ def _chunks(items: list[Any], n: int = 500) -> Iterable[list[Any]]:
         yield items[i : i + n]
 
 
-class SqliteStore:
+class SqliteStore(PagedReads):
     """Store on one aiosqlite connection (one writer thread; the event loop never blocks)."""
 
     def __init__(
@@ -965,17 +938,6 @@ class SqliteStore:
             if self.keys.generation == generation:
                 return self._open_rows(rows, owner)
 
-    async def pending_for(self, mailbox: bytes, limit: int) -> list[Envelope]:
-        return [e for _, e in await self.pending_page(mailbox, 0, limit)]
-
-    async def outbox_batch(self, dest: str, limit: int) -> list[Envelope]:
-        return [e for _, e in await self.outbox_page(dest, 0, limit)]
-
-    async def pending_page(
-        self, mailbox: bytes, after_seq: int, limit: int
-    ) -> list[tuple[int, Envelope]]:
-        return await self._page("envelopes", "mbh", ENV_MB, mailbox, after_seq, limit)
-
     async def outbox_page(
         self, dest: str, after_seq: int, limit: int
     ) -> list[tuple[int, Envelope]]:
@@ -1170,29 +1132,12 @@ class SqliteStore:
     ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         """``(key, sealed)`` rows -> the updates (new index hashes, new blob, key) and the keys
         of rows no live key opens (never readable: deleted)."""
-        ix, updates, dead = self.keys.index, [], []
-        prefer = None if target is None else [k for k in self.keys.ids if k != target]
-        for key, sealed in rows:
-            got = self.keys.try_open(bytes(sealed), prefer)
-            if got is None:
-                dead.append((key,))
-                continue
-            kid, plain = got
-            new = kid if target is None else target
-            if new == kid and dest is None:
-                continue
-            env, old_dest = _unrecord(plain)
-            if table == "envelopes":
-                values: tuple[Any, ...] = (ix(new, ENV_ID, env.id), ix(new, ENV_MB, env.to))
-                record = _record(env, None)
-            else:
-                d = dest if dest is not None else str(old_dest)
-                dh = ix(new, OBX_DEST, d.encode())
-                self._dest_of[dh] = d
-                values = (ix(new, OBX_ID, env.id), dh, ix(new, OBX_MB, env.to))
-                record = _record(env, d)
-            updates.append((*values, self.keys.seal(new, record), key))
-        return updates, dead
+        planned, gone = plan_reseal(self.keys, table, rows, target, dest)
+        for _, values, _, d in planned:
+            if d is not None:
+                self._dest_of[values[1]] = d
+        updates = [(*values, blob, key) for key, values, blob, _ in planned]
+        return updates, [(key,) for key in gone]
 
     async def _store_resealed(
         self,
