@@ -171,15 +171,26 @@ class Node:
         self.nonces = NonceWindow(not_before=role.started_ms)
         self.lan_enabled = self.lan_enabled and role.leader
 
+    async def _knows_elsewhere(self, mailbox: bytes) -> bool:
+        """Several workers: whether ``mailbox`` was registered through another worker."""
+        if self.role is None or await self.store.get_device(mailbox) is None:
+            return False
+        self.known_mailboxes.add(mailbox)
+        return True
+
     async def learn(self, items: Iterable[tuple[str, Envelope]]) -> None:
         """Several workers: mailboxes registered and peers pinned through another worker are
         not in this one's caches until the next refresh; ask the store before refusing."""
+        asked: set[bytes | str] = set()  # once per call: a batch may name one mailbox often
         for dest, env in items:
             if dest == self.key.node_id:
-                if env.to not in self.known_mailboxes and await self.store.get_device(env.to):
-                    self.known_mailboxes.add(env.to)
-            elif dest not in self.known_peers and await self.store.get_peer(dest) is not None:
-                self.known_peers.add(dest)
+                if env.to not in self.known_mailboxes and env.to not in asked:
+                    asked.add(env.to)
+                    await self._knows_elsewhere(env.to)
+            elif dest not in self.known_peers and dest not in asked:
+                asked.add(dest)
+                if await self.store.get_peer(dest) is not None:
+                    self.known_peers.add(dest)
 
     # parts that need the HTTP client session exist only while running
     @property
@@ -306,7 +317,7 @@ class Node:
         claimed: dict[str, tuple[str, str]] = {}
         if claim:
             for dev in dl.open().devices:
-                if dev.mailbox in self.known_mailboxes:
+                if dev.mailbox in self.known_mailboxes or await self._knows_elsewhere(dev.mailbox):
                     got = await self.store.claim_otk(dev.mailbox)
                     if got is not None:
                         claimed[dev.device_id] = got

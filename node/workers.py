@@ -399,8 +399,9 @@ def worker_main(argv: list[str]) -> int:
     except OSError as exc:
         print(f"error: worker {args.index}: {exc.strerror or exc} (os_error)", file=sys.stderr)
         return 2
-    except Exception:  # noqa: BLE001 - an operator never sees a traceback
-        print(f"error: worker {args.index}: internal error (internal)", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - an operator never sees a traceback
+        what = type(exc).__name__
+        print(f"error: worker {args.index}: internal error {what} (internal)", file=sys.stderr)
         return 70
     return 0
 
