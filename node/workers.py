@@ -321,7 +321,7 @@ def build_worker(
     from .worker_role import WorkerRole
 
     config = _load_config(home)
-    store = open_store(home, config, leader=index == 0)  # type: ignore[call-arg]
+    store = open_store(home, config, leader=index == 0)
     node = Node(home, config, load_node_key(home, config), clock, store)
     bus = PgBus(store_dsn(config), key, index, leader=index == 0)
     node.use_role(WorkerRole(index, count, bus, started_ms, worker_port))

@@ -12,7 +12,6 @@ import asyncio
 import os
 import signal
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -26,7 +25,6 @@ from .rawpeer import BATCH_PATH, RawPeer, envelope, stats
 from .test_federated_exchange import _send_all
 from .test_federated_exchange import test_exchange_both_ways_offline_and_drained as _exchange
 from .test_federated_exchange import test_kill9_and_restart_lose_nothing_acked as _kill9_restart
-from .test_federated_exchange import test_kill9_cycles as _kill9_cycles
 
 WORKERS = 2
 
@@ -112,20 +110,13 @@ def make_org(
     url |= {i: f"http://127.0.0.1:{wbase + i}" for i in range(WORKERS)}
     home = base_dir / name
     args = ["node", "init", "--home", str(home), "--public-url", url[public]]
-    args += ["--listen", f"127.0.0.1:{port}"]
+    args += ["--listen", f"127.0.0.1:{port}", "--store", dsn]
     if client is not None:
         args += ["--client-url", url[client]]
     haven(*args)
-    set_store(home, dsn)
     node = OrgNode(home, port, serve_args=("--workers", str(WORKERS), "--worker-ports", str(wbase)))
     node.base = wbase
     return node
-
-
-def set_store(home: Path, dsn: str) -> None:
-    from .rawpeer import set_node_config
-
-    set_node_config(home, store=dsn)
 
 
 def use_worker(dev_home: Path, url: str) -> None:
@@ -139,24 +130,13 @@ def use_worker(dev_home: Path, url: str) -> None:
 
 
 @pytest.fixture
-def second_dsn(pg_cluster: object) -> Iterator[str]:
-    from tests import pgcluster
-
-    assert isinstance(pg_cluster, pgcluster.Cluster)
-    dsn = pgcluster.fresh_database(pg_cluster)
-    yield dsn
-    pgcluster.drop_database(pg_cluster, dsn)
-
-
-@pytest.fixture
-def org_pair(
-    tmp_path: Path, pg_dsn: str, second_dsn: str, nodes: list[NodeProc]
-) -> tuple[NodeProc, NodeProc]:
-    """Two org nodes, each on its own PostgreSQL database with two workers."""
-    a = make_org(tmp_path, "A", pg_dsn)
-    b = make_org(tmp_path, "B", second_dsn)
-    nodes += [a, b]
-    a.start()
+def org_pair(tmp_path: Path, pg_dsn: str, nodes: list[NodeProc]) -> tuple[NodeProc, NodeProc]:
+    """The pair of tests/integration/test_federated_exchange.py with B an org node: on
+    PostgreSQL, two workers (B is the recipient killed, restarted, and the one replying)."""
+    a = NodeProc.create(tmp_path, "A").start()
+    nodes.append(a)
+    b = make_org(tmp_path, "B", pg_dsn)
+    nodes.append(b)
     b.start()
     return a, b
 
@@ -172,12 +152,6 @@ async def test_kill9_and_restart_with_workers(
     tmp_path: Path, org_pair: tuple[NodeProc, NodeProc]
 ) -> None:
     await _kill9_restart(tmp_path, org_pair)
-
-
-async def test_kill9_cycles_with_workers(
-    tmp_path: Path, org_pair: tuple[NodeProc, NodeProc]
-) -> None:
-    await _kill9_cycles(tmp_path, org_pair)
 
 
 # ---- across workers -------------------------------------------------------------------------
