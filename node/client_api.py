@@ -383,7 +383,10 @@ class ClientSession:
         self._check_proof(f.auth_key, f.mailbox, f.sig)
         store, now = self.node.store, self.node.clock.now_ms()
         token = invite_hash(f.invite)
-        linked = self.node.link_tokens.redeem(token, now)  # in memory only
+        if self.node.role is None:
+            linked = self.node.link_tokens.redeem(token, now)  # in memory only
+        else:  # several workers: minted through any of them (node/pg_bus.py)
+            linked = await self.node.role.bus.redeem_link(token, now)
         if linked is not None:
             redeemed: tuple[str, str] | None = (linked, "link")
             if not await store.account_exists(linked):  # removed meanwhile
@@ -419,7 +422,11 @@ class ClientSession:
             raise RateLimited("too many link tokens for this account; try again later")
         token = os.urandom(24)
         # Memory only: a stored row would date the link to the millisecond (node/linktokens.py).
-        expires = self.node.link_tokens.mint(invite_hash(token), self.account, now)
+        if self.node.role is None:
+            expires = self.node.link_tokens.mint(invite_hash(token), self.account, now)
+        else:  # several workers: redeemable through every one of them (node/pg_bus.py)
+            expires = now + self.node.link_tokens.ttl_ms
+            await self.node.role.bus.share_link(invite_hash(token), self.account, expires)
         self.send(F.LinkToken(f.rid, token, expires))
 
     def _check_list(

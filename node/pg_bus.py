@@ -22,6 +22,11 @@ written anywhere, so every tag, lock key and hash below is noise once the node s
   one mailbox's envelopes out of order. PostgreSQL releases the locks of a worker that dies
   with its connection; if that connection is lost while the worker lives, the worker can no
   longer prove what it holds, so :meth:`PgBus.run` fails and the supervisor restarts it.
+* **Device-link tokens** (node/linktokens.py keeps them in memory in a single process): a
+  token minted through one worker may be redeemed through another, so workers keep them in
+  the UNLOGGED table ``haven_links`` instead: a keyed hash of the token hash, the account and
+  exact expiry sealed under a subkey of the bus key, and the expiry rounded up to the minute
+  in clear (for the purge). Redeeming deletes the row (one use, across workers).
 * **Replays across workers**: the UNLOGGED table ``haven_replay`` holds a keyed hash of each
   (origin node id, nonce) of a federation request until the end of the skew window;
   ``INSERT … ON CONFLICT DO NOTHING`` inserting nothing means the request was seen by some
@@ -44,6 +49,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import asyncpg
+import nacl.exceptions
+import nacl.secret
 
 from federation.errors import Replay, StorageError
 
@@ -63,7 +70,10 @@ SCHEMA = (
     " (h bytea PRIMARY KEY, expires bigint NOT NULL)",
     "CREATE UNLOGGED TABLE IF NOT EXISTS haven_device_conns"
     " (tag bytea PRIMARY KEY, worker int NOT NULL, serial bigint NOT NULL)",
+    "CREATE UNLOGGED TABLE IF NOT EXISTS haven_links"
+    " (h bytea PRIMARY KEY, sealed bytea NOT NULL, expires bigint NOT NULL)",
 )
+LINK_GRAIN_MS = 60_000  # a link row's clear expiry: rounded up to the minute
 
 
 def keyed(key: bytes, purpose: bytes, value: bytes, size: int = TAG_BYTES) -> bytes:
@@ -101,7 +111,7 @@ async def prepare(dsn: str) -> int:
     try:
         for stmt in SCHEMA:
             await conn.execute(stmt)
-        await conn.execute("TRUNCATE haven_replay, haven_device_conns")
+        await conn.execute("TRUNCATE haven_replay, haven_device_conns, haven_links")
         started = await conn.fetchval(
             "SELECT (extract(epoch FROM pg_postmaster_start_time()) * 1000)::bigint"
         )
@@ -222,6 +232,7 @@ class PgBus:
             await asyncio.sleep(PURGE_EVERY_S)
             try:
                 await self._exec("DELETE FROM haven_replay WHERE expires < $1", self.now_ms())
+                await self._exec("DELETE FROM haven_links WHERE expires < $1", self.now_ms())
             except StorageError as exc:
                 log.error("bus: replay purge failed (%s)", exc.code)
 
@@ -327,3 +338,36 @@ class PgBus:
         )
         if status.endswith(" 0"):
             raise Replay("request nonce already used")
+
+    # ---- device-link tokens --------------------------------------------------------------
+
+    def _link_box(self) -> nacl.secret.SecretBox:
+        return nacl.secret.SecretBox(keyed(self.key, b"haven-link-box", b"", 32))
+
+    async def share_link(self, token_hash: bytes, account: str, expires: int) -> None:
+        """Make a minted link token redeemable through every worker (once)."""
+        sealed = self._link_box().encrypt(expires.to_bytes(8, "big") + account.encode())
+        clear = -(-expires // LINK_GRAIN_MS) * LINK_GRAIN_MS
+        await self._exec(
+            "INSERT INTO haven_links (h, sealed, expires) VALUES ($1, $2, $3)"
+            " ON CONFLICT (h) DO NOTHING",
+            keyed(self.key, b"haven-link", token_hash),
+            bytes(sealed),
+            clear,
+        )
+
+    async def redeem_link(self, token_hash: bytes, now: int) -> str | None:
+        """Consume a link token minted through any worker: its account, or None."""
+        row = await self._fetchrow(
+            "DELETE FROM haven_links WHERE h = $1 RETURNING sealed",
+            keyed(self.key, b"haven-link", token_hash),
+        )
+        if row is None:
+            return None
+        try:
+            opened = self._link_box().decrypt(bytes(row["sealed"]))
+        except nacl.exceptions.CryptoError:
+            return None
+        if int.from_bytes(opened[:8], "big") <= now:
+            return None
+        return opened[8:].decode()

@@ -17,8 +17,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from client.device import Device
-from federation.wire import Batch
+from client.device import Device, parse_invite
+from client.linking import link_device
+from federation.errors import HavenError
+from federation.signing import b64d, b64e
+from federation.wire import Batch, packb, unpackb
 
 from .harness import NodeProc, free_port, haven, join, wait_until
 from .rawpeer import BATCH_PATH, RawPeer, envelope, stats
@@ -287,6 +290,44 @@ async def test_kill9_one_worker_mid_traffic_loses_and_repeats_nothing(
     finally:
         for d in (alice, carol, bob):
             d.close()
+
+
+async def test_link_token_minted_on_worker_0_is_redeemed_once_on_worker_1(
+    tmp_path: Path, org_and_peer: tuple[OrgNode, NodeProc]
+) -> None:
+    a, _ = org_and_peer
+    alice_home, alice_addr = join(a, tmp_path, "alice")
+    alice = Device(str(alice_home))
+    code: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    linker = asyncio.create_task(link_device(alice, code.set_result, timeout_s=30))
+    try:
+        minted = await code  # through worker 0, alice's
+        assert parse_invite(minted)["url"] == a.worker_url(0)
+        laptop = Device(str(tmp_path / "alice-laptop"))
+        try:
+            assert (
+                await laptop.join(_with_url(minted, a.worker_url(1)), name="laptop") == alice_addr
+            )
+        finally:
+            laptop.close()
+        await linker
+        again = Device(str(tmp_path / "alice-phone"))
+        try:
+            with pytest.raises(HavenError) as refused:
+                await again.join(minted, name="phone")
+            assert refused.value.code == "invalid_invite"  # used up, on every worker
+        finally:
+            again.close()
+    finally:
+        linker.cancel()
+        alice.close()
+
+
+def _with_url(code: str, url: str) -> str:
+    """The same device-link code, pointing the new device at another worker."""
+    prefix = "haven:link:"
+    obj = unpackb(b64d(code[len(prefix) :]), max_len=4096)
+    return prefix + b64e(packb(obj | {"url": url}))
 
 
 def test_workers_on_sqlite_are_refused(tmp_path: Path) -> None:

@@ -130,3 +130,16 @@ async def test_lost_notification_connection_reconnects_and_rechecks(
         await until(lambda: got == [tag], what="notification after reconnect")
     finally:
         runner.cancel()
+
+
+async def test_a_link_token_minted_on_one_worker_is_redeemed_once_on_another(
+    buses: tuple[PgBus, PgBus],
+) -> None:
+    a, b = buses
+    token = os.urandom(32)
+    await a.share_link(token, "alice", expires=2_000)
+    assert await b.redeem_link(token, now=1_000) == "alice"
+    assert await a.redeem_link(token, now=1_000) is None  # single use, across workers
+    await a.share_link(token, "alice", expires=2_000)
+    assert await b.redeem_link(token, now=2_000) is None  # expired
+    assert await b.redeem_link(os.urandom(32), now=0) is None
