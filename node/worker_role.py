@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -62,7 +63,12 @@ class WorkerRole:
     _store: Store | None = None
     _dest_by_tag: dict[bytes, str] = field(default_factory=dict)
     _tagged: set[str] = field(default_factory=set)
-    _notify_self: bool = False  # the store does not NOTIFY: this role does, after each commit
+    _notify_self: bool = False
+    # per mailbox tag: inserts of this worker committing or committed whose notification has
+    # not come back yet (its devices got those envelopes in process: nothing to read)
+    _own: Counter[bytes] = field(
+        default_factory=Counter
+    )  # the store does not NOTIFY: this role does, after each commit
 
     @property
     def leader(self) -> bool:
@@ -83,6 +89,7 @@ class WorkerRole:
         else:  # notify after the commit (a lost notification only delays, never loses)
             self._notify_self = True
             mailboxes.on_committed = self._committed
+        mailboxes.on_writing = self._writing
         self.bus.on_env = lambda tags: self._queue.put_nowait(lambda: self._env(tags))
         self.bus.on_obx = lambda tags: self._queue.put_nowait(lambda: self._obx(tags))
         self.bus.on_dev = lambda tags: self._queue.put_nowait(lambda: self._dev(tags))
@@ -147,8 +154,30 @@ class WorkerRole:
             except HavenError as exc:  # one failed lookup must not stop the others
                 log.error("worker notification failed (%s)", exc.code)
 
+    def _writing(self, mailboxes: set[bytes], started: bool) -> None:
+        """An insert for ``mailboxes`` starts (or failed: no notification will come)."""
+        for mailbox in mailboxes:
+            tag = self.mailbox_tag(mailbox)
+            if started:
+                self._own[tag] += 1
+            elif self._own[tag] > 1:
+                self._own[tag] -= 1
+            else:
+                del self._own[tag]
+
     def _env(self, tags: list[bytes]) -> None:
+        """PostgreSQL delivers notifications in commit order, and a commit's notification
+        names each mailbox once. Skipping one for a mailbox with an insert of ours still
+        unanswered is safe even when the one skipped was another worker's: ours then comes
+        later, and the read it starts finds the other worker's rows, committed before."""
+        own = self._own
         for tag in tags:
+            if own[tag] > 0:
+                own[tag] -= 1
+                if not own[tag]:
+                    del own[tag]
+                continue
+            own.pop(tag, None)  # (a Counter lookup inserts nothing; keep it small anyway)
             entry = self._by_tag.get(tag)
             if entry is not None:
                 entry[0].stored_elsewhere()
