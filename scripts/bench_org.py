@@ -131,6 +131,7 @@ async def _variant(
         util = out.pop("node_cpu_util")
         cpu_l = cpu if isinstance(cpu, list) else [cpu]
         util_l = util if isinstance(util, list) else [util]
+        out["node_cpu_us_per_msg"] = cpu_l[0]
         out["cpu_us_per_msg"] = {"node": cpu_l[0]} | ({"postgres": cpu_l[1]} if store else {})
         out["cpu_cores"] = {"node": util_l[0], "driver": out.pop("driver_cpu_util")}
         if store:
