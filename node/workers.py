@@ -113,7 +113,6 @@ class Supervisor:
         self.key = os.urandom(32)
         self.started_ms = 0
         self.workers = [_Worker(i) for i in range(count)]
-        self.stopping = False
 
     def _argv(self, w: _Worker, fd: int) -> list[str]:
         argv = [sys.executable, "-m", "node.workers", "--home", self.home]
@@ -175,7 +174,6 @@ class Supervisor:
             )
             await self._watch(stop)
         finally:
-            self.stopping = True
             await self._stop_all()
             await lease.close()
 
@@ -195,15 +193,17 @@ class Supervisor:
         waiter = asyncio.ensure_future(all_ready())
         stopper = asyncio.ensure_future(stop.wait())
         try:
-            async with asyncio.timeout(START_TIMEOUT_S):
-                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {waiter, stopper}, timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             stopper.cancel()
-            if not waiter.done():
+            finished = waiter.done()
+            if not finished:
                 waiter.cancel()
-        if waiter.done() and not waiter.cancelled() and waiter.exception() is not None:
-            raise waiter.exception()  # type: ignore[misc]
-        if not waiter.done() and not stop.is_set():
+        if finished:
+            waiter.result()  # raises if a worker exited at start
+        elif not stop.is_set():
             raise LocalProtocolError("workers did not start in time", code="worker_failed")
 
     async def _watch(self, stop: asyncio.Event) -> None:

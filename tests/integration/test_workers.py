@@ -337,3 +337,15 @@ def test_workers_on_sqlite_are_refused(tmp_path: Path) -> None:
     assert out.stderr.strip().splitlines() == [
         "error: --workers needs the PostgreSQL store (bad_argument)"
     ]
+
+
+def test_a_worker_that_cannot_start_stops_serve_with_one_line(tmp_path: Path, pg_dsn: str) -> None:
+    node = make_org(tmp_path, "W", pg_dsn)
+    with socket.socket() as taken:  # worker 1's own port is in use by someone else
+        taken.bind(("127.0.0.1", node.base + 1))
+        taken.listen()
+        out = haven("node", "serve", "--home", str(node.home), *node.serve_args, check=False)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1] == "error: worker 1 exited at start (2) (worker_failed)", lines
+    assert "Traceback" not in out.stderr
