@@ -55,28 +55,22 @@ class WorkerRole:
     bus: PgBus
     started_ms: int  # the supervisor's start (or PostgreSQL's, if later): §4.3 "not before"
     worker_port: int = 0  # also listen on 127.0.0.1:worker_port (reverse-proxy layout)
-    _by_tag: dict[bytes, tuple[Attached, int]] = field(
-        default_factory=dict
-    )  # tag -> (conn, serial)
+    # tag -> (connection, serial of its registry row; 0 while the claim is under way)
+    _by_tag: dict[bytes, tuple[Attached, int]] = field(default_factory=dict)
     _queue: asyncio.Queue[Callable[[], object]] = field(default_factory=asyncio.Queue)
     _outbox: OutboxSender | None = None
     _store: Store | None = None
     _dest_by_tag: dict[bytes, str] = field(default_factory=dict)
     _tagged: set[str] = field(default_factory=set)
-    _notify_self: bool = False
+    _notify_self: bool = False  # the store does not NOTIFY: this role does, after each commit
     # per mailbox tag: inserts of this worker committing or committed whose notification has
     # not come back yet (its devices got those envelopes in process: nothing to read)
-    _own: Counter[bytes] = field(
-        default_factory=Counter
-    )  # the store does not NOTIFY: this role does, after each commit
+    _own: Counter[bytes] = field(default_factory=Counter)
+    _closing: set[asyncio.Task[None]] = field(default_factory=set)  # replaced connections
 
     @property
     def leader(self) -> bool:
         return self.index == 0
-
-    def share(self, budget: float) -> float:
-        """This worker's share of a node-wide budget (rate limits stay in memory)."""
-        return budget / self.count
 
     # ---- wiring (node/app.py) ------------------------------------------------------------
 
@@ -145,6 +139,13 @@ class WorkerRole:
 
     async def run(self) -> None:
         """Handle notifications in order (cancelled with the node)."""
+        try:
+            await self._handle()
+        finally:
+            for task in self._closing:
+                task.cancel()
+
+    async def _handle(self) -> None:
         while True:
             job = self._queue.get_nowait() if not self._queue.empty() else await self._queue.get()
             try:
@@ -213,7 +214,10 @@ class WorkerRole:
             current = self._by_tag.get(tag)
             if current is entry and owner != (self.index, entry[1]):
                 del self._by_tag[tag]
-                await entry[0].replaced()
+                # not awaited here: a slow close must not hold up the notifications behind it
+                closing = asyncio.get_running_loop().create_task(entry[0].replaced())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
 
     async def _recheck_all(self) -> None:
         """Notifications were lost while the bus reconnected: re-check everything."""
