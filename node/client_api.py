@@ -545,6 +545,7 @@ class ClientSession:
                 rejected.append((env.id, code))
         local_futs = node.mailboxes.submit_local(local)
         remote_futs = node.mailboxes.submit_outbox(remote)
+        node.metrics.event("client.envelopes_in", len(local) + len(remote))
         node.quotas.watch(remote, remote_futs)  # a failed commit frees its quota
         futs = local_futs + remote_futs
         ids = [e.id for e in local] + [e.id for _, e in remote]
@@ -573,6 +574,7 @@ class ClientSession:
     async def on_ack(self, f: F.Ack) -> None:
         mine = self.window.ack(f.ids)  # only ids pushed on this connection count
         self.node.mailboxes.acked(mine)
+        self.node.metrics.event("envelopes.delivered", len(mine))
         self.node.released(self.mailbox, len(mine))
         if self.backlog and self.window.half_free():
             await self.refill()

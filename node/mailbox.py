@@ -112,6 +112,7 @@ class Mailboxes:
         self.writes_since_checkpoint = 0
         self.disk: DiskGuard | None = None  # the disk-full guard of a serving node
         self._write_error: str | None = None  # last failure logged (one line per state change)
+        self.on_store_error: Callable[[str], None] | None = None  # a failed commit's code
 
     # ---- submission --------------------------------------------------------------------------
 
@@ -395,6 +396,8 @@ class Mailboxes:
         """Log SQLite's own message once per state change, not once per batch."""
         if isinstance(exc, DiskFull) and self.disk is not None:
             self.disk.on_full()
+        if self.on_store_error is not None:
+            self.on_store_error(exc.code)
         msg = str(exc)
         if msg != self._write_error:
             self._write_error = msg
