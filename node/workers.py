@@ -41,7 +41,8 @@ from federation.clock import Clock, SystemClock
 from federation.errors import HavenError, LocalProtocolError
 
 from . import admin, logs
-from .config import NodeConfig
+from .atrest import EpochKeys
+from .config import EPOCH_KEYS_NAME, NodeConfig
 
 if TYPE_CHECKING:
     from .app import Node
@@ -161,7 +162,11 @@ class Supervisor:
         """Serve until ``stop`` is set; print the start-up line once every worker serves."""
         from . import pg_bus
 
-        dsn = store_dsn(_load_config(self.home))
+        config = _load_config(self.home)
+        dsn = store_dsn(config)
+        # The shared epoch key file exists before any worker opens it: workers starting at
+        # once on a fresh home would otherwise race to create it (and read it half-written).
+        EpochKeys(os.path.join(self.home, EPOCH_KEYS_NAME), config.epoch_ms)
         lease, pg_started = await pg_bus.prepare(dsn)
         self.started_ms = max(self.clock.now_ms(), pg_started)
         server: admin.AdminServer | None = None
