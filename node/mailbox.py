@@ -88,6 +88,12 @@ class Mailboxes:
         self._env: dict[bytes, _Pending] = {}
         self._out: dict[bytes, tuple[str, _Pending]] = {}
         self.hot_lane: HotLane | None = None
+        # Several workers, with a store that does not notify itself (node/pg_bus.py): told the
+        # mailboxes and destinations of every committed insert, to notify the other workers.
+        self.on_committed: Callable[[set[bytes], set[str]], None] | None = None
+        # Several workers: told the recipient mailboxes of an insert before it is tried, and
+        # again if it failed (so a worker tells its own notifications from the others').
+        self.on_writing: Callable[[set[bytes], bool], None] | None = None
         # ids in ``_out`` the sender holds in memory -> loop time they are committed anyway
         # (insertion order is deadline order)
         self._hot: dict[bytes, float] = {}
@@ -303,10 +309,15 @@ class Mailboxes:
             combined = WriteBatch(
                 inserts.envelopes, inserts.outbox, deletes.delete_envelopes, deletes.delete_outbox
             )
+            writing = {e.to for e in inserts.envelopes} if self.on_writing is not None else set()
+            if self.on_writing is not None:
+                self.on_writing(writing, True)
             try:
                 await self.store.write(combined, self.clock.now_ms())
                 inserted = deleted = True
             except StorageError as exc:
+                if self.on_writing is not None:
+                    self.on_writing(writing, False)
                 self._write_failed(exc)
         if not deleted and has_deletes:
             try:
@@ -341,6 +352,8 @@ class Mailboxes:
             _ok(del_waiters)
         if not inserted:
             return
+        if self.on_committed is not None:
+            self.on_committed({p.env.to for _, p in env_items}, {d for _, (d, _) in out_items})
         for eid, p in env_items:
             self._inflight.pop(eid, None)
             _ok(p.waiters)

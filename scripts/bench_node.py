@@ -149,6 +149,7 @@ class NodeProc:
     port: int
     proc: subprocess.Popen[bytes] | None = None
     node_id: str = ""
+    serve_args: tuple[str, ...] = ()  # e.g. ("--workers", "2") (scripts/bench_org.py)
 
     @property
     def url(self) -> str:
@@ -193,7 +194,7 @@ class NodeProc:
         """Serve; ``clock_offset_ms`` shifts the node's clock (the test-only switch)."""
         logf = open(self.home.parent / f"{self.home.name}.log", "ab")
         entry = ["-c", TRACEBACK_WRAPPER] if NODE_TRACEBACKS else ["-m", "client.cli"]
-        cmd = [sys.executable, *entry, "node", "serve", "--home", str(self.home)]
+        cmd = [sys.executable, *entry, "node", "serve", "--home", str(self.home), *self.serve_args]
         env = child_env()
         if clock_offset_ms:
             sign = "-" if clock_offset_ms < 0 else "+"
@@ -1015,6 +1016,10 @@ async def amain(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 drain_base = base / "drain"
                 drain_base.mkdir()
                 result[section] = await device_drain(args.drain_n, drain_base, 120.0)
+            elif section == "org":
+                from bench_org import org
+
+                result[section] = await org(args, base)
             elif section == "ui_latency":
                 from bench_ui import run_section
 
@@ -1051,7 +1056,9 @@ async def amain(args: argparse.Namespace, base: Path) -> dict[str, Any]:
 
 
 OLD_SECTIONS = ("node_only", "one_node", "two_nodes", "device_drain", "ui_latency")
-NEW_SECTIONS = ("per_message", "offline_store", "federated", "connections", "growth", "drain")
+NEW_SECTIONS = (
+    "per_message", "offline_store", "federated", "connections", "growth", "drain", "org",
+)  # fmt: skip
 ALL_SECTIONS = (*OLD_SECTIONS[:3], *NEW_SECTIONS, *OLD_SECTIONS[3:])
 DEFAULT_SECTIONS = "node_only,one_node,two_nodes"
 # --quick: every section in seconds (tests/test_bench_smoke.py); explicit flags still win

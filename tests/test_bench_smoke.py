@@ -32,7 +32,11 @@ KEPT: dict[str, tuple[str, ...]] = {
     "device_drain": ("msgs_per_s", "node_cpu_us_per_msg", "p50_ms", "p99_ms"),
     "ui_latency": ("p50_ms", "p99_ms"),
 }
-VARIANTS = {"per_message": ("1to1", "50to50"), "growth": ("pending_small", "pending_big")}
+VARIANTS = {
+    "per_message": ("1to1", "50to50"),
+    "growth": ("pending_small", "pending_big"),
+    "org": ("sqlite", "pg_1w", "pg_2w"),
+}
 
 
 def sane(value: Any) -> bool:
