@@ -1,4 +1,4 @@
-"""The blob store: attachment ciphertext as files on disk, never rows (docs/protocol.md §8).
+"""The blob store: attachment ciphertext as files on disk, never rows (docs/protocol.md §10).
 
 Each blob, and each *fetched copy* this node keeps of another node's blob for one of its
 devices, is a directory under ``HOME/blobs/`` whose name is random (unrelated to the blob id).
@@ -12,8 +12,9 @@ It holds two files:
   known to be stored, expiry and kind, sealed under the blob store's *own* epoch keys
   (``HOME/blob-epochs.key``, a second :class:`node.atrest.EpochKeys`). At each epoch end every
   meta is sealed again under a fresh key and the old key destroyed; with no blobs there is no
-  key at all. The per-blob key exists only inside the sealed meta, so once the epoch key that
-  sealed a meta is gone, every remnant of that blob (freed blocks of ``data``, old ``meta``
+  key at all; after a deletion the other metas move to a fresh key at the next tick (up to
+  :data:`SHRED_RESEAL_MAX` of them). The per-blob key exists only inside the sealed meta, so
+  once the epoch key that sealed a meta is gone, every remnant of that blob (freed blocks of ``data``, old ``meta``
   copies) is noise: the blob is crypto-shredded without rewriting its data.
 
 A chunk is answered ``ok`` only after its ``data`` bytes are fsynced. The meta is rewritten only
@@ -73,6 +74,9 @@ MIB = 1024 * 1024
 # Free space left to the message store when a blob is announced: a blob never takes the
 # last of the disk (the store's ballast is for the database, node/ballast.py).
 DISK_RESERVE = 64 * MIB
+# After a deletion, the remaining metas are re-sealed under a fresh key at the next tick
+# when there are at most this many (else at the epoch's end, like the message store's rows).
+SHRED_RESEAL_MAX = 1000
 
 
 def chunk_count(size: int) -> int:
@@ -216,6 +220,7 @@ class BlobStore:
         self.in_flight: dict[str, int] = {}  # account -> bytes (memory only)
         self.free_space: Callable[[], int] = self._free_space
         self._creating: set[Blob] = set()
+        self._shred = False  # a blob was deleted since the last rotation
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -666,6 +671,7 @@ class BlobStore:
             else:
                 self.in_flight.pop(blob.account, None)
         await asyncio.to_thread(self._remove_dir, blob.dirname)
+        self._shred = True
         if event is not None:
             self.metrics.event(event)
 
@@ -711,6 +717,11 @@ class BlobStore:
                 keys.destroy_many(keys.ids)
             return 0
         kid = keys.current(now)
+        if self._shred and kid in {b.kid for b in live} and len(live) <= SHRED_RESEAL_MAX:
+            # a blob was deleted: move the others to a fresh key now, so that the dead one's
+            # old metas (and with them its key) die within a tick, not at the epoch's end
+            kid = keys.fresh(now)
+        self._shred = False
         resealed = 0
         for blob in live:
             if blob.kid == kid:

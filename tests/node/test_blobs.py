@@ -295,3 +295,24 @@ async def test_fetched_copy_resumes_and_is_dropped(tmp_path: Path) -> None:
         await again.copy_put(origin, up.blob, token, 1, b"short", len(up.data), NOW + 5000, NOW)
     assert await again.copy_drop(origin, up.blob, token) is True
     assert dirs(again) == [] and again.used == 0
+
+
+async def test_a_deletion_moves_the_other_metas_to_a_fresh_key(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    await store.open(NOW)
+    gone, kept = Upload(1000), Upload(2000)
+    await gone.announce(store)
+    await kept.announce(store)
+    await gone.put_all(store)
+    assert store.keys is not None
+    (before,) = store.keys.ids
+    old_key = store.keys._get(before).raw
+    for t in gone.tokens:
+        await store.release(gone.blob, t)
+    assert (await store.tick(NOW + 1))["resealed"] == 1  # same epoch: no wait for its end
+    assert len(store.keys.ids) == 1
+    with open(tmp_path / "blob-epochs.key", "rb") as f:
+        assert old_key not in f.read()  # the deleted blob's metas cannot be opened any more
+    again = make_store(tmp_path)
+    await again.open(NOW + 2)
+    assert list(again.uploads) == [kept.blob]
