@@ -20,7 +20,8 @@ from federation.errors import (
 )
 from federation.wire import CHUNK_SIZE
 from node.atrest import EpochKeys
-from node.blobs import META, BlobStore, data_len
+from node.blobfiles import META, data_len
+from node.blobs import BlobStore
 from node.metrics import Metrics
 
 MIB = 1024 * 1024
