@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -267,14 +269,43 @@ async def test_quotas(tmp_path: Path) -> None:
     await a2.announce(store, "alice")
 
 
-async def test_full_disk_refuses_with_storage_error(tmp_path: Path) -> None:
-    store = make_store(tmp_path, disk_reserve=64 * MIB)
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs for this test only (we run as root, as tests/integration/test_disk_full)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(mnt)], check=True
+    )
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_full_disk_refuses_with_storage_error(small_disk: Path) -> None:
+    # no reserve: the allocation itself meets ENOSPC
+    store = make_store(small_disk, disk_reserve=0)
+    store.free_space = lambda: 1 << 40  # skip the early check: let the filesystem refuse
     await store.open(NOW)
-    store.free_space = lambda: 65 * MIB  # what statvfs would say on a nearly full disk
+    first = Upload(9 * MIB)
+    await first.announce(store)
     with pytest.raises(StorageError):
-        await Upload(2 * MIB).announce(store)
+        await Upload(9 * MIB).announce(store)
+    assert len(dirs(store)) == 1 and store.used == data_len(9 * MIB)
+    # nothing else is lost: the first upload completes and is served
+    await first.put_all(store)
+    assert await first.read_all(store, first.tokens[0]) == first.data
+
+
+async def test_blobs_leave_the_reserve_free(small_disk: Path) -> None:
+    store = make_store(small_disk, disk_reserve=8 * MIB)  # the real statvfs, a real disk
+    await store.open(NOW)
+    with pytest.raises(StorageError):
+        await Upload(9 * MIB).announce(store)  # 16 MiB disk - 8 MiB reserve: does not fit
     assert dirs(store) == [] and store.used == 0
-    await Upload(MIB // 2).announce(store)  # a small one still fits
+    await Upload(4 * MIB).announce(store)
 
 
 async def test_fetched_copy_resumes_and_is_dropped(tmp_path: Path) -> None:
