@@ -431,6 +431,7 @@ class Node:
                 finally:
                     await self.runner.cleanup()
         finally:
+            self.blobs.close()
             await self.store.close()
 
     async def _serve(self, stop: asyncio.Event) -> None:

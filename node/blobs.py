@@ -24,7 +24,7 @@ their slot (the AEAD tag proves a complete, untorn write), so an interrupted upl
 from what is durable.
 
 Hashing, encryption and file I/O (:mod:`node.blobfiles`) run in worker threads
-(:func:`asyncio.to_thread`), so a 1 MiB chunk never blocks the event loop. The index blob id
+(a small pool of the store's own), so a 1 MiB chunk never blocks the event loop. The index blob id
 -> directory is memory only, rebuilt at start by opening every meta. Which account uploaded a
 blob is memory only too (for its quota of bytes in flight); it is never written down.
 """
@@ -37,7 +37,10 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -72,6 +75,8 @@ DISK_RESERVE = 64 * MIB
 # After a deletion, the remaining metas are re-sealed under a fresh key at the next tick
 # when there are at most this many (else at the epoch's end, like the message store's rows).
 SHRED_RESEAL_MAX = 1000
+IO_THREADS = 4
+T = TypeVar("T")
 
 
 def token_hash(token: bytes) -> bytes:
@@ -197,24 +202,35 @@ class BlobStore:
         self.in_flight: dict[str, int] = {}  # account -> bytes (memory only)
         self.free_space: Callable[[], int] = lambda: files.free_space(self.root)
         self._creating: set[Blob] = set()
+        # A small pool of its own: chunk hashing, encryption and writes never queue behind
+        # (or crowd out) the default executor's other work; 4 keeps two cores busy while
+        # two threads wait in fdatasync.
+        self._pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="haven-blobs")
         self._shred = False  # a blob was deleted since the last rotation
 
     # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args))
+
+    def close(self) -> None:
+        """Stop the worker threads (after the requests using them have ended)."""
+        self._pool.shutdown(wait=True)
 
     async def open(self, now: int) -> None:
         """Rebuild the index from every meta; drop what cannot be opened or has expired."""
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         self.keys = EpochKeys(self.keys_path, self.epoch_ms)
-        found = await asyncio.to_thread(files.read_metas, self.root)
+        found = await self._io(files.read_metas, self.root)
         for dirname, raw in found:
             blob = self._open_meta(dirname, raw)
             if blob is None or blob.expires <= now:
-                await asyncio.to_thread(files.remove, self.root, dirname)
+                await self._io(files.remove, self.root, dirname)
                 if blob is not None:
                     self.metrics.event("blob.deleted_ttl")
                 continue
             if not blob.complete:
-                blob.have |= await asyncio.to_thread(
+                blob.have |= await self._io(
                     files.scan, self.root, blob.dirname, blob.key, blob.prefix, blob.size, blob.have
                 )
             self._index(blob)
@@ -339,14 +355,14 @@ class BlobStore:
         self._creating.add(blob)  # its meta's key is in use before it is indexed
         try:
             try:
-                await asyncio.to_thread(files.make, self.root, blob.dirname, blob.size)
+                await self._io(files.make, self.root, blob.dirname, blob.size)
             except OSError as exc:
-                await asyncio.to_thread(files.remove, self.root, blob.dirname)
+                await self._io(files.remove, self.root, blob.dirname)
                 raise _translate_os(exc, "creating a blob") from exc
             try:
                 await self._write_meta(blob, now)
             except HavenError:
-                await asyncio.to_thread(files.remove, self.root, blob.dirname)
+                await self._io(files.remove, self.root, blob.dirname)
                 raise
         finally:
             self._creating.discard(blob)
@@ -384,7 +400,7 @@ class BlobStore:
             raise StorageError("chunk is being written; retry")
         blob.writing.add(index)
         try:
-            await asyncio.to_thread(
+            await self._io(
                 files.write_chunk,
                 self.root,
                 blob.dirname,
@@ -423,7 +439,7 @@ class BlobStore:
 
     async def _read(self, blob: Blob, index: int) -> bytes:
         try:
-            return await asyncio.to_thread(
+            return await self._io(
                 files.read_chunk, self.root, blob.dirname, blob.key, blob.prefix, blob.size, index
             )
         except OSError as exc:
@@ -533,7 +549,7 @@ class BlobStore:
         kid = self.keys.current(now) if kid is None else kid
         sealed = bytes([kid]) + self.keys.seal(kid, _META_ENC.encode(blob.meta()))
         try:
-            await asyncio.to_thread(files.replace_meta, self.root, blob.dirname, sealed)
+            await self._io(files.replace_meta, self.root, blob.dirname, sealed)
         except OSError as exc:
             raise _translate_os(exc, "writing a blob's meta") from exc
         blob.kid = kid
@@ -564,7 +580,7 @@ class BlobStore:
                 self.in_flight[blob.account] = left
             else:
                 self.in_flight.pop(blob.account, None)
-        await asyncio.to_thread(files.remove, self.root, blob.dirname)
+        await self._io(files.remove, self.root, blob.dirname)
         self._shred = True
         if event is not None:
             self.metrics.event(event)

@@ -59,6 +59,24 @@ async def windowed(dev: RawDevice, frames: list[F.Frame], window: int) -> list[F
     return answers
 
 
+async def ping(dev: RawDevice, address: str, n: int) -> list[float]:
+    """Round trips (ms) of ``n`` local key queries: how long the node's loop makes others wait."""
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        got = await dev.request(F.QueryKeys(dev.next_rid(), address, False))
+        assert isinstance(got, F.Keys), got
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+async def ping_until(dev: RawDevice, address: str, stop: asyncio.Event) -> list[float]:
+    out: list[float] = []
+    while not stop.is_set():
+        out += await ping(dev, address, 1)
+    return out
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=int, default=100)
@@ -89,12 +107,20 @@ async def main() -> None:
             th = tuple(hashlib.sha256(t).digest() for t in tokens)
             ok = await dev.request(F.BlobNew(dev.next_rid(), blob, size, hashes, th, 3_600_000))
             assert isinstance(ok, F.BlobOk), ok
-            t0 = time.perf_counter()
+            pinger = await RawDevice.connect(http, a.url)
+            await pinger.auth(carol)
+            idle = await ping(pinger, carol.address, 50)
             puts: list[F.Frame] = [
                 F.BlobPut(dev.next_rid(), blob, i, c) for i, c in enumerate(chunks)
             ]
+            stop = asyncio.Event()
+            busy_task = asyncio.create_task(ping_until(pinger, carol.address, stop))
+            t0 = time.perf_counter()
             await windowed(dev, puts, args.window)
             up_s = time.perf_counter() - t0
+            stop.set()
+            busy = await busy_task
+            await pinger.close()
             del puts
 
             async def download(node: NodeProc, who: object, token: bytes) -> float:
@@ -123,6 +149,13 @@ async def main() -> None:
         print(f"  upload to A            {mb / up_s:8.1f} MB/s  ({up_s:.2f} s)")
         print(f"  download through A     {mb / local_s:8.1f} MB/s  ({local_s:.2f} s)")
         print(f"  download A -> B -> dev {mb / fed_s:8.1f} MB/s  ({fed_s:.2f} s)")
+        for label, rtts in (("idle", idle), ("during upload", busy)):
+            rtts.sort()
+            p50, p99 = rtts[len(rtts) // 2], rtts[int(len(rtts) * 0.99)]
+            print(
+                f"  another device's key query on A, {label}: p50 {p50:.1f} ms, "
+                f"p99 {p99:.1f} ms, max {rtts[-1]:.1f} ms ({len(rtts)} queries)"
+            )
         for n in ("a", "b"):
             print(f"  node {n} RSS peak growth {(hwm[n] - rss0[n]) / 1024:6.1f} MB")
     finally:
