@@ -76,7 +76,14 @@ DISK_RESERVE = 64 * MIB
 # when there are at most this many (else at the epoch's end, like the message store's rows).
 SHRED_RESEAL_MAX = 1000
 IO_THREADS = 4
+BOOKKEEPING = 64 * 1024  # counted per blob on top of its data (meta ≤ ~37 KiB, directory)
 T = TypeVar("T")
+
+
+def footprint(size: int) -> int:
+    """What a blob of ``size`` bytes counts against the quotas: its data file plus a flat
+    allowance for its directory and meta, so that a flood of tiny blobs is bounded too."""
+    return data_len(size) + BOOKKEEPING
 
 
 def token_hash(token: bytes) -> bytes:
@@ -133,7 +140,7 @@ class Blob:
 
     @property
     def footprint(self) -> int:
-        return data_len(self.size)
+        return footprint(self.size)
 
     def meta(self) -> _Meta:
         return _Meta(
@@ -315,10 +322,10 @@ class BlobStore:
                 old.account = account
                 self.in_flight[account] = self.in_flight.get(account, 0) + old.footprint
             return sorted(old.have)
-        footprint = data_len(size)
-        if self.in_flight.get(account, 0) + footprint > self.max_per_account:
+        need = footprint(size)
+        if self.in_flight.get(account, 0) + need > self.max_per_account:
             raise QuotaExceeded("too many bytes of files in flight for this account")
-        self._check_room(footprint)
+        self._check_room(need)
         blob = Blob(
             os.urandom(16).hex(),
             blob_id,
@@ -338,17 +345,17 @@ class BlobStore:
             await self._destroy(blob, None)
             return await self.announce(account, blob_id, size, hashes, tokens, expires, now)
         self._index(blob)
-        self.in_flight[account] = self.in_flight.get(account, 0) + footprint
+        self.in_flight[account] = self.in_flight.get(account, 0) + need
         return []
 
-    def _check_room(self, footprint: int) -> None:
-        if self.used + footprint > self.max_store:
+    def _check_room(self, need: int) -> None:
+        if self.used + need > self.max_store:
             raise QuotaExceeded("this node's file store is full")
         try:
             free = self.free_space()
         except OSError as exc:
             raise _translate_os(exc, "checking free space") from exc
-        if free < footprint + self.disk_reserve:
+        if free < need + self.disk_reserve:
             raise StorageError("not enough disk space for this file")
 
     async def _create(self, blob: Blob, now: int) -> None:

@@ -23,7 +23,7 @@ from federation.errors import (
 from federation.wire import CHUNK_SIZE
 from node.atrest import EpochKeys
 from node.blobfiles import META, data_len
-from node.blobs import BlobStore
+from node.blobs import BlobStore, footprint
 from node.metrics import Metrics
 
 MIB = 1024 * 1024
@@ -293,7 +293,7 @@ async def test_full_disk_refuses_with_storage_error(small_disk: Path) -> None:
     await first.announce(store)
     with pytest.raises(StorageError):
         await Upload(9 * MIB).announce(store)
-    assert len(dirs(store)) == 1 and store.used == data_len(9 * MIB)
+    assert len(dirs(store)) == 1 and store.used == footprint(9 * MIB)
     # nothing else is lost: the first upload completes and is served
     await first.put_all(store)
     assert await first.read_all(store, first.tokens[0]) == first.data
