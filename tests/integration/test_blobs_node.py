@@ -21,10 +21,11 @@ import pytest
 
 from client.device import parse_invite
 from federation import frames as F
-from federation.wire import CHUNK_SIZE
+from federation.transport import BLOB_DONE_PATH, BLOB_PATH
+from federation.wire import CHUNK_SIZE, BlobFetch, BlobFetched, BlobRelease
 
 from .harness import NodeProc, async_wait_until
-from .rawpeer import RawDevice, RawIdentity, set_node_config, stats
+from .rawpeer import RawDevice, RawIdentity, RawPeer, set_node_config, stats
 
 MIB = 1024 * 1024
 TTL = 3_600_000
@@ -353,3 +354,37 @@ async def test_unfetched_blob_expires_at_its_ttl(world: World, http: aiohttp.Cli
     )
     assert isinstance(got, F.Error) and got.code == "not_found", got
     await alice.close()
+
+
+async def test_federation_endpoints_check_the_token(
+    world: World, http: aiohttp.ClientSession
+) -> None:
+    peer = RawPeer(http, world.a.url)
+    desc = await peer.handshake()
+    assert "blobs" in desc.features
+    alice = await signed_in(http, world.a, world.alice)
+    up = Upload(CHUNK_SIZE + 99, recipients=1)
+    await upload(alice, up)
+    await alice.close()
+    before = await errors(http, world.a)
+    wrong = await peer.post(BLOB_PATH, BlobFetch(up.blob, os.urandom(32), 0).encode())
+    unknown = await peer.post(BLOB_PATH, BlobFetch(os.urandom(16), up.tokens[0], 0).encode())
+    past_end = await peer.post(BLOB_PATH, BlobFetch(up.blob, up.tokens[0], 2).encode())
+    for answer in (wrong, unknown, past_end):
+        assert (answer.status, answer.code) == (404, "not_found"), answer
+    bad = await peer.post(BLOB_PATH, b"\x93garbage")
+    assert (bad.status, bad.code) == (400, "malformed"), bad
+    assert delta(await errors(http, world.a), before, "federation.not_found") == 3
+    good = await peer.post(BLOB_PATH, BlobFetch(up.blob, up.tokens[0], 1).encode())
+    assert good.status == 200, good
+    peer.check_signed(good)
+    got = BlobFetched.decode(good.raw)
+    assert (got.index, got.data, got.chunks, got.size) == (1, up.chunks[1], 2, up.size)
+    assert 0 < got.ttl <= TTL
+    miss = await peer.post(BLOB_DONE_PATH, BlobRelease(up.blob, os.urandom(32)).encode())
+    assert (miss.status, miss.code) == (404, "not_found"), miss
+    n = len(blob_dirs(world.a))
+    done_ok = await peer.post(BLOB_DONE_PATH, BlobRelease(up.blob, up.tokens[0]).encode())
+    assert done_ok.status == 200, done_ok
+    peer.check_signed(done_ok)
+    assert len(blob_dirs(world.a)) == n - 1  # the last token: deleted at once
