@@ -388,3 +388,26 @@ async def test_federation_endpoints_check_the_token(
     assert done_ok.status == 200, done_ok
     peer.check_signed(done_ok)
     assert len(blob_dirs(world.a)) == n - 1  # the last token: deleted at once
+
+
+async def test_release_reaches_an_origin_that_was_down(
+    world: World, http: aiohttp.ClientSession
+) -> None:
+    up = Upload(CHUNK_SIZE // 2, recipients=1)
+    alice = await signed_in(http, world.a, world.alice)
+    await upload(alice, up)
+    await alice.close()
+    bob = await signed_in(http, world.b, world.bob)
+    got = await fetch(bob, world.a, up, up.tokens[0], [0])
+    assert got[0] == up.data
+    n = len(blob_dirs(world.a))
+    world.a.stop()  # the origin is down when bob's device says done
+    assert isinstance(await done(bob, world.a, up, up.tokens[0]), F.Ok)
+    assert await empty(world.b)  # B's fetched copy is gone at once
+    await bob.close()
+    world.a.start()  # B retries the release from memory; A deletes the blob (and reopened it)
+
+    async def released() -> bool:
+        return len(blob_dirs(world.a)) == n - 1
+
+    await async_wait_until(released, 20, "the release to reach A")
