@@ -437,6 +437,8 @@ class BlobStore:
         blob = self.uploads.get(blob_id)
         if blob is None or blob.gone or token_hash(token) not in blob.tokens:
             raise NotFound("no such blob")
+        if blob.expires <= now:  # the next tick deletes it
+            raise NotFound("no such blob")
         if index >= blob.chunks:
             raise NotFound("no such chunk")
         if not blob.complete:
@@ -480,7 +482,7 @@ class BlobStore:
 
     async def copy_read(self, blob: Blob, index: int, now: int) -> Served | None:
         """Chunk ``index`` from a fetched copy, or None if this node does not have it yet."""
-        if index not in blob.have or index >= blob.chunks:
+        if index not in blob.have or index >= blob.chunks or blob.expires <= now:
             return None
         try:
             data = await self._read(blob, index)
