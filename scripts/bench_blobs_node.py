@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -180,6 +181,7 @@ async def main() -> None:
     finally:
         a.stop()
         b.stop()
+        shutil.rmtree(base, ignore_errors=True)  # the blobs stay until their TTL otherwise
 
 
 if __name__ == "__main__":
