@@ -32,9 +32,12 @@ from federation.signing import Descriptor, NodeKey, Rotation
 from federation.transport import PeerTransport, RemoteError
 from federation.wire import MAX_BATCH_BYTES, PROTOCOL_VERSION, Envelope, packb, unpackb
 
-from . import admin, admission, client_api, federation_api, guard
+from . import admin, admission, blobfiles, client_api, federation_api, guard
 from .atrest import EpochKeys
 from .ballast import DiskGuard
+from .blob_api import FEATURE as BLOBS_FEATURE
+from .blob_api import BlobApi
+from .blobs import BLOB_EPOCHS_NAME, BLOBS_DIR, MIB, BlobStore
 from .config import DB_NAME, EPOCH_KEYS_NAME, NodeConfig
 from .lan import LanService
 from .linktokens import LinkTokens
@@ -100,6 +103,11 @@ class Rates:
             "fed": bucket(500, 2000),
             "fedverify": bucket(10_000, 20_000),  # all signature checks
             "fedkeys": bucket(20, 200),
+            # attachments (node/blob_api.py): per account, and per origin for fetches
+            "blobnew": bucket(20, 200),
+            "blobget": bucket(5000, 10_000),
+            "remoteblob": bucket(1000, 2000),
+            "fedblob": bucket(2000, 4000),
         }
 
     def take(self, key: str, now: int, cost: float = 1.0) -> bool:
@@ -166,6 +174,15 @@ class Node:
         if config.owner and config.pin_ttl_days > 0:  # personal node: pins = contact list
             self.sweeper.pin_ttl_ms = config.pin_ttl_days * 86_400_000
             self.sweeper.on_pins_dropped = self._pins_dropped
+        self.blobs = BlobStore(  # attachments: files under HOME/blobs (node/blobs.py)
+            os.path.join(home, BLOBS_DIR),
+            os.path.join(home, BLOB_EPOCHS_NAME),
+            config.epoch_ms,
+            config.max_blob_store_mb * MIB,
+            config.max_blob_mb_per_account * MIB,
+            self.metrics,
+        )
+        self.blob_api = BlobApi(self)
         self.session: aiohttp.ClientSession | None = None
         self.transport: PeerTransport | None = None
         self._peers: PeerDirectory | None = None
@@ -376,6 +393,7 @@ class Node:
             },
             rotations=self.rotations,
             challenge=challenge,
+            features=(BLOBS_FEATURE,),
         ).sign(self.key)
 
     async def local_keys(
@@ -440,6 +458,10 @@ class Node:
         app.router.add_get("/.well-known/haven/node", partial(federation_api.descriptor, self))
         app.router.add_post("/haven/v1/federation/batch", partial(federation_api.batch, self))
         app.router.add_post("/haven/v1/federation/keys", partial(federation_api.keys, self))
+        app.router.add_post("/haven/v1/federation/blob", partial(federation_api.blob, self))
+        app.router.add_post(
+            "/haven/v1/federation/blob_done", partial(federation_api.blob_done, self)
+        )
         app.router.add_get("/haven/v1/client", partial(client_api.client_ws, self))
         app.router.add_get("/haven/v1/stats", self._stats)
         app.router.add_get("/haven/v1/peers", self._peers_view)
@@ -494,6 +516,7 @@ class Node:
         body = packb(
             self.metrics.snapshot()
             | {"counts": await self.store.counts(), "connections": self.admission.snapshot()}
+            | {"blobs": self.blobs.counts()}
         )
         return web.Response(body=body, content_type="application/msgpack")
 
@@ -585,6 +608,8 @@ class Node:
             self.nonces.not_before = max(self.nonces.not_before, self.role.bus.pg_started_ms)
         try:
             await self.refresh_accounts()
+            blobfiles.return_large_buffers_to_the_os()  # 1 MiB chunk buffers (node/blobfiles.py)
+            await self.blobs.open(self.clock.now_ms())
             self.known_peers = {p.node_id for p in await self.store.all_peers()}
             self.pending_load = await self._load()
             self.quotas.resync(await self.store.outbox_counts(), {})
@@ -643,6 +668,7 @@ class Node:
                 finally:
                     await self.runner.cleanup()
         finally:
+            self.blobs.close()
             if self.role is not None:
                 await self.role.bus.close()
             await self.store.close()
@@ -662,6 +688,7 @@ class Node:
                     tasks.append(tg.create_task(self.role.run()))
                 tasks.append(tg.create_task(self._refresh_caches()))
                 tasks.append(tg.create_task(self._reread_accounts()))
+                tasks.append(tg.create_task(self.blob_api.run()))
                 tasks.append(tg.create_task(self.admission.watchdog()))
                 tasks.append(tg.create_task(self._sample_gauges()))
                 if self.lan_enabled:
