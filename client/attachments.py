@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import nacl.bindings as nb
+import nacl.encoding
 import nacl.exceptions
+import nacl.hash
 
 from federation.errors import HavenError, LocalProtocolError, RemoteProtocolError
 
@@ -72,6 +74,7 @@ class Encrypted:
     padded: int  # ciphertext bytes after padding (what the node stores)
     sha256: bytes  # of the whole padded ciphertext
     hashes: tuple[bytes, ...]  # SHA-256 of each 1 MiB chunk
+    plain_sha256: bytes = b""  # of the file itself (shown to the user, never sent)
 
 
 def messages(size: int) -> int:
@@ -173,6 +176,7 @@ def encrypt_stream(
     state = nb.crypto_secretstream_xchacha20poly1305_state()
     header = nb.crypto_secretstream_xchacha20poly1305_init_push(state, key)
     w = _ChunkHasher(out)
+    plain_hash = hashlib.sha256()
     w.write(bytes(header))
     n = messages(size)
     for i in range(n):
@@ -180,6 +184,7 @@ def encrypt_stream(
         plain = src.read(want)
         if len(plain) != want:
             raise LocalProtocolError("the file changed while it was read", code="file_changed")
+        plain_hash.update(plain)
         tag = _TAG_FINAL if i == n - 1 else _TAG_MESSAGE
         w.write(bytes(nb.crypto_secretstream_xchacha20poly1305_push(state, plain, None, tag)))
         if progress is not None:
@@ -190,7 +195,7 @@ def encrypt_stream(
     while w.written < padded:  # random padding: noise to anyone without the key, too
         w.write(os.urandom(min(MESSAGE, padded - w.written)))
     whole, hashes = w.finish()
-    return Encrypted(key, size, padded, whole, hashes)
+    return Encrypted(key, size, padded, whole, hashes, plain_hash.digest())
 
 
 def encrypt_file(path: str, out_path: str, *, progress: Progress | None = None) -> Encrypted:
@@ -243,12 +248,13 @@ def decrypt_stream(
     padded: int,
     sha256: bytes,
     progress: Progress | None = None,
-) -> None:
+) -> bytes:
     """Check and decrypt a padded ciphertext of a ``size``-byte file into ``out``.
 
     The whole ciphertext (padding included) must hash to ``sha256``; only the last message
     may carry ``TAG_FINAL``; the padding after it is read for the hash and otherwise ignored.
     ``out`` may hold a prefix of the plaintext when this raises: the caller discards it.
+    Returns the SHA-256 of the plaintext.
 
     Raises:
         AttachmentError: ``truncated`` (shorter than ``padded``), ``hash_mismatch``, or
@@ -266,6 +272,7 @@ def decrypt_stream(
         return data
 
     state = nb.crypto_secretstream_xchacha20poly1305_state()
+    plain_hash = hashlib.sha256()
     try:
         nb.crypto_secretstream_xchacha20poly1305_init_pull(state, take(HEADER), key)
         n = messages(size)
@@ -277,6 +284,7 @@ def decrypt_stream(
             if tag != (_TAG_FINAL if i == n - 1 else _TAG_MESSAGE):
                 raise AttachmentError("the file's messages are out of order", code="bad_file")
             out.write(plain)
+            plain_hash.update(plain)
             if progress is not None:
                 progress(i * MESSAGE + want)
     except (nacl.exceptions.CryptoError, ValueError, RuntimeError) as exc:
@@ -288,6 +296,7 @@ def decrypt_stream(
         raise AttachmentError("the file is longer than its size", code="bad_file")
     if whole.digest() != sha256:
         raise AttachmentError("the file does not match its hash", code="hash_mismatch")
+    return plain_hash.digest()
 
 
 def check_sha256(path: str, sha256: bytes) -> None:
@@ -390,6 +399,26 @@ def thumbnail(path: str, mime: str) -> bytes:
                 return buf.getvalue()
         edge //= 2
     return b""
+
+
+def file_token(secret: bytes, device_id: str) -> bytes:
+    """The fetch token of one recipient device: keyed BLAKE2b of its device id under the
+    file's random 32-byte token secret (unguessable without the secret, different per device;
+    the secret never leaves the sending device)."""
+    return bytes(
+        nacl.hash.blake2b(
+            device_id.encode(),
+            key=secret,
+            person=b"haven-filetok",
+            digest_size=32,
+            encoder=nacl.encoding.RawEncoder,
+        )
+    )
+
+
+def token_hash(token: bytes) -> bytes:
+    """What the node stores of a token: its SHA-256."""
+    return hashlib.sha256(token).digest()
 
 
 def error_code(exc: BaseException) -> str:
