@@ -166,12 +166,24 @@ async def _put_all(
         done += len(data)
         tick(done)
 
-    async with asyncio.TaskGroup() as tg:
-        for i in range(A.chunk_count(up.padded)):
-            if i in have:
-                continue
-            await sem.acquire()
-            tg.create_task(put(i, A.read_chunk(up.ct, up.padded, i)))
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for i in range(A.chunk_count(up.padded)):
+                if i in have:
+                    continue
+                await sem.acquire()
+                tg.create_task(put(i, A.read_chunk(up.ct, up.padded, i)))
+    except BaseExceptionGroup as eg:  # one failed put stops the others: raise its error
+        raise _first(eg) from None
+
+
+def _first(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in eg.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return eg
 
 
 # ---- sending --------------------------------------------------------------------------------
