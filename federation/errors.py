@@ -95,6 +95,30 @@ class QuotaExceeded(RemoteProtocolError):
     code = "quota_exceeded"
 
 
+class HashMismatch(RemoteProtocolError):
+    """A blob chunk whose SHA-256 is not the one announced for its index."""
+
+    code = "hash_mismatch"
+
+
+class Conflict(RemoteProtocolError):
+    """A blob id already announced with another size or other chunk hashes."""
+
+    code = "conflict"
+
+
+class NotReady(RemoteProtocolError):
+    """The blob's upload is not complete yet: retry later."""
+
+    code = "not_ready"
+
+
+class Unsupported(RemoteProtocolError):
+    """The other node does not offer this feature (its descriptor does not list it)."""
+
+    code = "unsupported"
+
+
 class LocalProtocolError(HavenError):
     code = "local_error"
 
@@ -105,6 +129,12 @@ class TransportError(HavenError):
 
 class StorageError(HavenError):
     code = "storage_error"
+
+
+class Unavailable(HavenError):
+    """The node holding a blob could not be reached (or failed): retry later."""
+
+    code = "unavailable"
 
 
 class KeysUnavailable(HavenError):

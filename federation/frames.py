@@ -18,11 +18,19 @@ import msgspec
 from .devicelist import MAX_DEVICES, SignedDeviceList
 from .errors import MalformedFrame, TooLarge, UnknownFrame
 from .wire import (
+    CHUNK_SIZE,
     MAX_BATCH_ENVELOPES,
+    MAX_BLOB_SIZE,
+    MAX_CHUNKS,
+    MAX_TOKENS,
+    BlobId,
+    ChunkIndex,
     Code,
     Envelope,
     EnvelopeId,
+    Hash32,
     MailboxId,
+    Token,
     check_envelopes,
     translate,
 )
@@ -186,6 +194,72 @@ class Ack(Frame, frozen=True, tag="ack"):
     ids: Annotated[tuple[EnvelopeId, ...], msgspec.Meta(max_length=MAX_ACK_IDS)]
 
 
+# ---- attachments (blobs, docs/protocol.md §8) -------------------------------------------------
+
+
+class BlobNew(Frame, frozen=True, tag="blob_new"):
+    """Announce (or resume) an upload: padded ciphertext size, chunk hashes, token hashes."""
+
+    rid: Rid
+    blob: BlobId
+    size: Annotated[int, msgspec.Meta(ge=1, le=MAX_BLOB_SIZE)]
+    hashes: Annotated[tuple[Hash32, ...], msgspec.Meta(min_length=1, max_length=MAX_CHUNKS)]
+    tokens: Annotated[tuple[Hash32, ...], msgspec.Meta(min_length=1, max_length=MAX_TOKENS)]
+    ttl: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class BlobOk(Frame, frozen=True, tag="blob_ok"):
+    """Answer to ``blob_new``: the chunk indexes the node already holds."""
+
+    rid: Rid
+    blob: BlobId
+    have: Annotated[tuple[ChunkIndex, ...], msgspec.Meta(max_length=MAX_CHUNKS)]
+
+
+class BlobPut(Frame, frozen=True, tag="blob_put"):
+    """One ciphertext chunk of an announced upload (answered ``ok`` once durable)."""
+
+    rid: Rid
+    blob: BlobId
+    index: ChunkIndex
+    # Not bounded here: a chunk over CHUNK_SIZE is ``too_large`` (the node checks it), and
+    # the frame itself is bounded by MAX_FRAME before decoding.
+    data: bytes
+
+
+class BlobGet(Frame, frozen=True, tag="blob_get"):
+    """Fetch chunk ``index`` of a blob held by node ``node`` (this one or, through it, another)."""
+
+    rid: Rid
+    blob: BlobId
+    node: NodeIdText
+    token: Token
+    index: ChunkIndex
+    # the uploader's home host (from the sender's address): lets this node find a node it has
+    # not pinned yet; a host that answers with another node id is refused (§8.3)
+    host: Annotated[str, msgspec.Meta(max_length=MAX_ADDRESS)] = ""
+
+
+class BlobChunk(Frame, frozen=True, tag="blob_chunk"):
+    """Answer to ``blob_get``. ``chunks`` and ``size`` describe the whole blob."""
+
+    rid: Rid
+    index: ChunkIndex
+    data: Annotated[bytes, msgspec.Meta(max_length=CHUNK_SIZE)]
+    chunks: Annotated[int, msgspec.Meta(ge=0, le=MAX_CHUNKS)] = 0
+    size: Annotated[int, msgspec.Meta(ge=0, le=MAX_BLOB_SIZE)] = 0
+
+
+class BlobDone(Frame, frozen=True, tag="blob_done"):
+    """This device has the whole file and checked its SHA-256: the copies can go."""
+
+    rid: Rid
+    blob: BlobId
+    node: NodeIdText
+    token: Token
+    host: Annotated[str, msgspec.Meta(max_length=MAX_ADDRESS)] = ""
+
+
 _ALL = (
     Challenge,
     AuthOk,
@@ -203,6 +277,12 @@ _ALL = (
     QueryKeys,
     Send,
     Ack,
+    BlobNew,
+    BlobOk,
+    BlobPut,
+    BlobGet,
+    BlobChunk,
+    BlobDone,
 )
 for _c in _ALL:
     _c.T = str(_c.__struct_config__.tag)

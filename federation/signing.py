@@ -252,6 +252,7 @@ class Descriptor:
     limits: dict[str, int]
     rotations: tuple[Rotation, ...] = ()
     challenge: bytes = b""  # echoed from ``?c=``: proves the key holder answered *now*
+    features: tuple[str, ...] = ()  # optional protocol parts this node serves, e.g. "blobs"
 
     def sign(self, key: NodeKey) -> bytes:
         inner = packb(
@@ -263,6 +264,7 @@ class Descriptor:
                 "limits": self.limits,
                 "rotations": [r.to_wire() for r in self.rotations],
                 "challenge": self.challenge,
+                "features": list(self.features),
             }
         )
         return packb({"d": inner, "sig": key.sign(DESC_TAG + inner)})
@@ -288,6 +290,7 @@ class Descriptor:
                 limits={str(k): int(v) for k, v in dict(d.get("limits", {})).items()},
                 rotations=tuple(Rotation.from_wire(r) for r in d.get("rotations", [])),
                 challenge=bytes(d.get("challenge", b"")),
+                features=tuple(str(f)[:64] for f in list(d.get("features", []))[:64]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedFrame("bad descriptor fields") from exc

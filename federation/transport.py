@@ -23,10 +23,22 @@ from .errors import (
     TransportError,
 )
 from .signing import H_SIG, Descriptor, NodeKey, b64e, sign_request, verify_response
-from .wire import MAX_BATCH_BYTES, Batch, BatchResult, ErrorBody, KeyQuery, unpackb
+from .wire import (
+    MAX_BATCH_BYTES,
+    Batch,
+    BatchResult,
+    BlobFetch,
+    BlobFetched,
+    BlobRelease,
+    ErrorBody,
+    KeyQuery,
+    unpackb,
+)
 
 BATCH_PATH = "/haven/v1/federation/batch"
 KEYS_PATH = "/haven/v1/federation/keys"
+BLOB_PATH = "/haven/v1/federation/blob"
+BLOB_DONE_PATH = "/haven/v1/federation/blob_done"
 DESCRIPTOR_PATH = "/.well-known/haven/node"
 CONTENT_TYPE = "application/msgpack"
 
@@ -90,6 +102,22 @@ class PeerTransport:
             raise MalformedFrame("bad keys answer")
         return obj
 
+    async def fetch_blob(
+        self, base_url: str, dest: str, created: int, fetch: BlobFetch
+    ) -> BlobFetched:
+        """One chunk of a blob held by ``dest`` (docs/protocol.md §8.4)."""
+        data = await self._signed_post(base_url, BLOB_PATH, dest, created, fetch.encode())
+        got = BlobFetched.decode(data)
+        if got.index != fetch.index:
+            raise MalformedFrame("blob answer for another chunk")
+        return got
+
+    async def release_blob(
+        self, base_url: str, dest: str, created: int, release: BlobRelease
+    ) -> None:
+        """Tell ``dest`` that the device holding ``release.token`` has the whole file."""
+        await self._signed_post(base_url, BLOB_DONE_PATH, dest, created, release.encode())
+
     async def _signed_post(
         self, base_url: str, path: str, dest: str, created: int, body: bytes
     ) -> bytes:
@@ -119,9 +147,7 @@ class PeerTransport:
                 async with self.session.request(
                     method, url, data=body, headers=headers, timeout=timeout
                 ) as resp:
-                    data = await resp.content.read(MAX_BATCH_BYTES + 1)
-                    if len(data) > MAX_BATCH_BYTES:
-                        raise MalformedFrame("response too large")
+                    data = await _read_all(resp.content, MAX_BATCH_BYTES)
                     if resp.status >= 400:
                         raise _remote_error(resp.status, data)
                     return data, resp.headers.get(H_SIG)
@@ -131,6 +157,19 @@ class PeerTransport:
             # no URL here: node logs name peers by node id, never by address (docs/operations.md §7)
             reason = failure_reason(exc, self.timeout_s)
             raise TransportError(f"peer unreachable ({reason})") from exc
+
+
+async def _read_all(content: aiohttp.StreamReader, max_len: int) -> bytes:
+    """The whole body (``read(n)`` returns what is buffered, so read until EOF), or
+    MalformedFrame as soon as it passes ``max_len``."""
+    parts: list[bytes] = []
+    size = 0
+    while part := await content.read(max_len + 1 - size):
+        parts.append(part)
+        size += len(part)
+        if size > max_len:
+            raise MalformedFrame("response too large")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def failure_reason(exc: BaseException, timeout_s: float) -> str:

@@ -34,6 +34,19 @@ MailboxId = Annotated[bytes, msgspec.Meta(min_length=MAILBOX_ID_LEN, max_length=
 Code = Annotated[str, msgspec.Meta(max_length=MAX_CODE_LEN)]
 EpochMs = Annotated[int, msgspec.Meta(gt=0)]
 
+# ---- attachments (blobs, docs/protocol.md §8) ---------------------------------------------------
+CHUNK_SIZE = 1024 * 1024  # every chunk but the last of a blob is exactly this long
+MAX_CHUNKS = 128  # 128 MiB of padded ciphertext at most (the operator's max_file_mb is lower)
+MAX_BLOB_SIZE = MAX_CHUNKS * CHUNK_SIZE
+MAX_TOKENS = 1024  # recipient devices of one file
+BLOB_ID_LEN = 16
+BlobId = Annotated[bytes, msgspec.Meta(min_length=BLOB_ID_LEN, max_length=BLOB_ID_LEN)]
+Hash32 = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+Token = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+ChunkIndex = Annotated[int, msgspec.Meta(ge=0, lt=MAX_CHUNKS)]
+BLOB_BODY_MAX = 4096  # federation blob request bodies
+BLOB_ANSWER_MAX = CHUNK_SIZE + 4096
+
 
 class Envelope(
     msgspec.Struct,
@@ -204,6 +217,56 @@ class ErrorBody(msgspec.Struct, frozen=True):
         return decode_as(_ERROR_BODY, data, 64 * 1024)
 
 
+class BlobFetch(msgspec.Struct, frozen=True):
+    """Body of ``POST /haven/v1/federation/blob``: one chunk, proven by a recipient's token."""
+
+    blob: BlobId
+    token: Token
+    index: ChunkIndex
+
+    def encode(self) -> bytes:
+        return _ENCODER.encode(self)
+
+    @classmethod
+    def decode(cls, data: bytes) -> BlobFetch:
+        return decode_as(_BLOB_FETCH, data, BLOB_BODY_MAX)
+
+
+class BlobFetched(msgspec.Struct, frozen=True):
+    """Answer to a blob fetch: the chunk, the blob's chunk count and size, and ``ttl``, the
+    milliseconds left before the origin deletes it (relative: the two clocks may differ)."""
+
+    index: ChunkIndex
+    data: Annotated[bytes, msgspec.Meta(max_length=CHUNK_SIZE)]
+    chunks: Annotated[int, msgspec.Meta(ge=1, le=MAX_CHUNKS)]
+    size: Annotated[int, msgspec.Meta(ge=1, le=MAX_BLOB_SIZE)]
+    ttl: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+    def encode(self) -> bytes:
+        return _ENCODER.encode(self)
+
+    @classmethod
+    def decode(cls, data: bytes) -> BlobFetched:
+        return decode_as(_BLOB_FETCHED, data, BLOB_ANSWER_MAX)
+
+
+class BlobRelease(msgspec.Struct, frozen=True):
+    """Body of ``POST /haven/v1/federation/blob_done``: this token's device has the file."""
+
+    blob: BlobId
+    token: Token
+
+    def encode(self) -> bytes:
+        return _ENCODER.encode(self)
+
+    @classmethod
+    def decode(cls, data: bytes) -> BlobRelease:
+        return decode_as(_BLOB_RELEASE, data, BLOB_BODY_MAX)
+
+
+_BLOB_FETCH: Final = msgspec.msgpack.Decoder(BlobFetch)
+_BLOB_FETCHED: Final = msgspec.msgpack.Decoder(BlobFetched)
+_BLOB_RELEASE: Final = msgspec.msgpack.Decoder(BlobRelease)
 _BATCH: Final = msgspec.msgpack.Decoder(Batch)
 _BATCH_RESULT: Final = msgspec.msgpack.Decoder(BatchResult)
 _KEY_QUERY: Final = msgspec.msgpack.Decoder(KeyQuery)

@@ -34,6 +34,9 @@ from federation.wire import MAX_BATCH_BYTES, PROTOCOL_VERSION, Envelope, packb, 
 from . import admission, client_api, federation_api, guard
 from .atrest import EpochKeys
 from .ballast import DiskGuard
+from .blob_api import FEATURE as BLOBS_FEATURE
+from .blob_api import BlobApi
+from .blobs import BLOB_EPOCHS_NAME, BLOBS_DIR, MIB, BlobStore
 from .config import DB_NAME, EPOCH_KEYS_NAME, NodeConfig
 from .lan import LanService
 from .linktokens import LinkTokens
@@ -80,6 +83,11 @@ class Rates:
             "fed": TokenBucket(rate=500, burst=2000),
             "fedverify": TokenBucket(rate=10_000, burst=20_000),  # all signature checks
             "fedkeys": TokenBucket(rate=20, burst=200),
+            # attachments (node/blob_api.py): per account, and per origin for fetches
+            "blobnew": TokenBucket(rate=20, burst=200),
+            "blobget": TokenBucket(rate=5000, burst=10_000),
+            "remoteblob": TokenBucket(rate=1000, burst=2000),
+            "fedblob": TokenBucket(rate=2000, burst=4000),
         }
 
     def take(self, key: str, now: int, cost: float = 1.0) -> bool:
@@ -139,6 +147,15 @@ class Node:
         if config.owner and config.pin_ttl_days > 0:  # personal node: pins = contact list
             self.sweeper.pin_ttl_ms = config.pin_ttl_days * 86_400_000
             self.sweeper.on_pins_dropped = self._pins_dropped
+        self.blobs = BlobStore(  # attachments: files under HOME/blobs (node/blobs.py)
+            os.path.join(home, BLOBS_DIR),
+            os.path.join(home, BLOB_EPOCHS_NAME),
+            config.epoch_ms,
+            config.max_blob_store_mb * MIB,
+            config.max_blob_mb_per_account * MIB,
+            self.metrics,
+        )
+        self.blob_api = BlobApi(self)
         self.session: aiohttp.ClientSession | None = None
         self.transport: PeerTransport | None = None
         self._peers: PeerDirectory | None = None
@@ -261,6 +278,7 @@ class Node:
             },
             rotations=self.rotations,
             challenge=challenge,
+            features=(BLOBS_FEATURE,),
         ).sign(self.key)
 
     async def local_keys(
@@ -324,6 +342,10 @@ class Node:
         app.router.add_get("/.well-known/haven/node", partial(federation_api.descriptor, self))
         app.router.add_post("/haven/v1/federation/batch", partial(federation_api.batch, self))
         app.router.add_post("/haven/v1/federation/keys", partial(federation_api.keys, self))
+        app.router.add_post("/haven/v1/federation/blob", partial(federation_api.blob, self))
+        app.router.add_post(
+            "/haven/v1/federation/blob_done", partial(federation_api.blob_done, self)
+        )
         app.router.add_get("/haven/v1/client", partial(client_api.client_ws, self))
         app.router.add_get("/haven/v1/stats", self._stats)
         app.router.add_get("/haven/v1/peers", self._peers_view)
@@ -343,6 +365,7 @@ class Node:
         body = packb(
             self.metrics.snapshot()
             | {"counts": await self.store.counts(), "connections": self.admission.snapshot()}
+            | {"blobs": self.blobs.counts()}
         )
         return web.Response(body=body, content_type="application/msgpack")
 
@@ -358,6 +381,7 @@ class Node:
         """Serve until ``stop`` is set; then shut down cleanly (nothing acked is lost)."""
         await self.store.open()
         try:
+            await self.blobs.open(self.clock.now_ms())
             self.known_mailboxes = set(await self.store.all_mailboxes())
             self.known_peers = {p.node_id for p in await self.store.all_peers()}
             self.pending_load = await self._load()
@@ -418,6 +442,7 @@ class Node:
                     tg.create_task(self.sweeper.run()),
                 ]
                 tasks.append(tg.create_task(self._refresh_caches()))
+                tasks.append(tg.create_task(self.blob_api.run()))
                 tasks.append(tg.create_task(self.admission.watchdog()))
                 if self.lan_enabled:
                     tasks.append(tg.create_task(self._run_lan()))

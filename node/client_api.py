@@ -38,6 +38,7 @@ from federation.signing import device_auth_message, verify_detached
 from federation.wire import PROTOCOL_VERSION, Envelope
 
 from .admission import PREAUTH_FRAMES, Conn
+from .blob_api import BlobRequests
 from .delivery import DeliveryWindow
 from .guard import WriteQueue, conn_of, send_frames
 
@@ -94,6 +95,7 @@ class ClientSession:
         self._closed = False
         self._held: list[Envelope] | None = None
         self._to_push: list[Envelope] = []  # pushed during this loop pass (see push())
+        self.blobs: BlobRequests | None = None  # attachment frames (node/blob_api.py)
 
     # ---- DeviceLink --------------------------------------------------------------------------
 
@@ -250,6 +252,8 @@ class ClientSession:
                 if self.mailbox and self.conn is not None and not self.conn.authenticated:
                     self.node.admission.authenticated(self.conn)
         finally:
+            if self.blobs is not None:
+                await self.blobs.close()
             if self.mailbox and self.node.mailboxes.links.get(self.mailbox) is self:
                 del self.node.mailboxes.links[self.mailbox]
             if self._answers:  # accepted answers still waiting for their commit
@@ -296,8 +300,15 @@ class ClientSession:
                 await self.on_publish(frame)
             case F.QueryKeys():
                 await self.on_query(frame)
+            case F.BlobNew() | F.BlobPut() | F.BlobGet() | F.BlobDone():
+                await self._blob_requests().submit(frame)  # node/blob_api.py
             case _:
                 raise MalformedFrame("frame not allowed from a device")
+
+    def _blob_requests(self) -> BlobRequests:
+        if self.blobs is None:
+            self.blobs = BlobRequests(self.node.blob_api, self)
+        return self.blobs
 
     # ---- handlers ----------------------------------------------------------------------------
 

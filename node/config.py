@@ -65,6 +65,10 @@ class NodeConfig:
     registrations_per_minute: int = 60  # invite/link redemption attempts, node-wide
     # disk
     ballast_mb: int = 32  # released when the disk fills so deletes and acks still succeed
+    # attachments (node/blobs.py; docs/operations.md §3)
+    max_file_mb: int = 100  # largest file (plaintext MiB; its padded ciphertext may be 12.5% more)
+    max_blob_mb_per_account: int = 300  # bytes in flight per account (memory only)
+    max_blob_store_mb: int = 2048  # node-wide cap on HOME/blobs, fetched copies included
     # logs
     log_lines_per_minute: int = 120  # per kind of error line; the rest are counted
 

@@ -1,4 +1,5 @@
-"""Federation API: signed descriptor, envelope batches and key queries (docs/protocol.md §4).
+"""Federation API: signed descriptor, envelope batches, key queries and blob fetches
+(docs/protocol.md §4, §8).
 
 Checks run cheapest first and all before anything is stored: size, version, destination,
 clock skew (against *our* clock; the sender stamps requests in our clock), rate, origin key,
@@ -26,7 +27,18 @@ from federation.signing import (
     sign_response,
     verify_request,
 )
-from federation.wire import MAX_BATCH_BYTES, Batch, BatchResult, Envelope, KeyQuery, packb
+from federation.wire import (
+    BLOB_BODY_MAX,
+    MAX_BATCH_BYTES,
+    Batch,
+    BatchResult,
+    BlobFetch,
+    BlobFetched,
+    BlobRelease,
+    Envelope,
+    KeyQuery,
+    packb,
+)
 
 from .peer_admission import admit_origin
 
@@ -46,6 +58,7 @@ STATUS = {
     "unsupported_version": 400,
     "malformed": 400,
     "storage_error": 503,
+    "not_ready": 409,
 }
 
 
@@ -161,3 +174,33 @@ async def keys(node: Node, request: web.Request) -> web.Response:
         {"device_list": dl.to_wire(), "claimed": {k: list(v) for k, v in claimed.items()}}
     )
     return signed(node, req, answer)
+
+
+async def blob(node: Node, request: web.Request) -> web.Response:
+    """One chunk of a blob stored here, for the holder of a recipient's token (§8.4). An
+    unknown blob and a wrong token get the same ``not_found``."""
+    try:
+        req, body = await authenticate(node, request, BLOB_BODY_MAX)
+        fetch = BlobFetch.decode(body)
+        now = node.clock.now_ms()
+        if not node.rates.take("fedblob:" + req.origin, now):
+            raise RateLimited("too many blob requests from this peer")
+        served = await node.blobs.read(fetch.blob, fetch.token, fetch.index, now)
+    except HavenError as exc:
+        return error_response(node, exc)
+    node.metrics.event("blob.bytes_served_federation", len(served.data))
+    answer = BlobFetched(fetch.index, served.data, served.chunks, served.size, served.ttl)
+    return signed(node, req, answer.encode())
+
+
+async def blob_done(node: Node, request: web.Request) -> web.Response:
+    """A recipient's device has the whole file: forget its token (no token left: delete)."""
+    try:
+        req, body = await authenticate(node, request, BLOB_BODY_MAX)
+        release = BlobRelease.decode(body)
+        if not node.rates.take("fedblob:" + req.origin, node.clock.now_ms()):
+            raise RateLimited("too many blob requests from this peer")
+        await node.blobs.release(release.blob, release.token)
+    except HavenError as exc:
+        return error_response(node, exc)
+    return signed(node, req, packb({"ok": True}))

@@ -82,6 +82,7 @@ class PeerState:
     key_changed: bool = False  # presented another key with no valid rotation (§4.7)
     url_ignored: bool = False  # its descriptor named another public URL (logged once)
     inflight: int = 1  # requests it takes at once: its descriptor's ``max_inflight`` (§4.1)
+    features: tuple[str, ...] = ()  # its descriptor's ``features`` (§4.1), e.g. "blobs"
     pin: PeerRecord | None = None  # the stored pin, as read at ``pin_read`` (PIN_CACHE_MS)
     pin_read: int = 0
 
@@ -122,6 +123,7 @@ class PeerDirectory:
         st = self.st(node_id)
         st.offset_ms, st.measured, st.key_changed = fetched.offset_ms, True, False
         st.inflight = max(1, min(MAX_INFLIGHT, fetched.descriptor.limits.get("max_inflight", 1)))
+        st.features = fetched.descriptor.features
         return st
 
     def correct_clock(self, node_id: str, peer_now: int) -> None:
