@@ -744,7 +744,14 @@ async def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The ``haven`` entry point; returns the exit status (docs/cli.md, "Exit codes")."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `send ADDRESS --file PATH TEXT`: argparse takes the optional TEXT only before the
+        # options, so a caption after them comes back here
+        if args.cmd == "send" and args.text is None and len(extra) == 1 and extra[0][:1] != "-":
+            args.text = extra[0]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.cmd is None:  # bare `haven`: help, as asked for
         parser.print_help()
         return 0

@@ -1,0 +1,236 @@
+"""Attachments end to end: real nodes, real devices, the ``haven`` CLI (issue 11).
+
+A 20 MB file across two nodes to a recipient with two devices; an upload interrupted by
+killing the sending device, resumed by the next run without sending finished chunks again;
+a hostile file name and HTML/SVG MIME types arriving safely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client import attachments as A
+from client import transfers
+from client.device import Device
+from tests.client.devworld import linked
+
+from .forkcli import haven, invite, join
+from .harness import ROOT, NodeProc, wait_until
+
+
+@pytest.fixture
+def pair(tmp_path: Path, nodes: list[NodeProc]) -> tuple[NodeProc, NodeProc]:
+    a = NodeProc.create(tmp_path, "A").start()
+    b = NodeProc.create(tmp_path, "B").start()
+    nodes += [a, b]
+    return a, b
+
+
+def _random_file(path: Path, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            block = os.urandom(min(left, 1 << 20))
+            f.write(block)
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def _sha(path: str) -> str:
+    return A.file_sha256(path).hex()
+
+
+def _events(node: NodeProc) -> dict[str, int]:
+    return dict(node.stats()["events"])
+
+
+def _recv_files(home: Path, save: Path) -> list[dict[str, Any]]:
+    out = haven(
+        "recv", "--home", str(home), "--wait", "1", "--json", "--save-dir", str(save), timeout=120
+    ).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+    return [r for r in rows if r.get("kind") == "file"]
+
+
+async def _bob_with_two_devices(b: NodeProc, tmp: Path) -> tuple[Path, Path, str]:
+    bob = Device(str(tmp / "dev-bob"))
+    addr = await bob.join(invite(b, "bob"), name="bob-phone")
+    bob2 = await linked(bob, tmp, "dev-bob2")
+    bob.close()
+    bob2.close()
+    return tmp / "dev-bob", tmp / "dev-bob2", addr
+
+
+async def test_20mb_file_reaches_both_devices_across_nodes(
+    tmp_path: Path, pair: tuple[NodeProc, NodeProc]
+) -> None:
+    a, b = pair
+    alice, _ = join(a, tmp_path, "alice")
+    bob1, bob2, bob_addr = await _bob_with_two_devices(b, tmp_path)
+    src = tmp_path / "holiday.bin"
+    size = 20 * 1000 * 1000
+    digest = _random_file(src, size)
+
+    sent = json.loads(
+        haven(
+            "send",
+            "--home",
+            str(alice),
+            bob_addr,
+            "--file",
+            str(src),
+            "the photos",
+            "--json",
+            timeout=120,
+        ).stdout
+    )
+    assert sent["status"] == "sent" and sent["kind"] == "file"
+    assert sent["devices"][bob_addr]["total"] == 2
+    assert sent["file"]["sha256"] == digest and sent["file"]["size"] == size
+    padded = A.padded_size(size)
+    assert _events(a)["blob.chunk_bytes_in"] == padded  # every chunk uploaded once
+
+    for home in (bob1, bob2):
+        save = home.parent / f"save-{home.name}"
+        (row,) = _recv_files(home, save)
+        assert row["text"] == "the photos"
+        f = row["file"]
+        assert f["name"] == "holiday.bin" and f["size"] == size
+        assert f["path"] == str(save / "holiday.bin")
+        assert _sha(f["path"]) == digest == f["sha256"]
+    # both recipient devices have it: the origin deleted the blob, B its fetched copies
+    wait_until(lambda: a.stats()["blobs"]["uploads"] == 0, what="A to delete the blob")
+    wait_until(lambda: b.stats()["blobs"]["copies"] == 0, what="B to drop its copies")
+    hist = haven("history", "--home", str(bob1), "--json", _alice(alice))
+    rows = [json.loads(line) for line in hist.stdout.splitlines()]
+    assert rows[-1]["kind"] == "file" and rows[-1]["file"]["path"] is not None
+
+
+def _alice(home: Path) -> str:
+    return str(json.loads(haven("whoami", "--home", str(home), "--json").stdout)["address"])
+
+
+def _popen_send(alice: Path, to: str, src: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "client.cli", "send", "--home", str(alice), to, "--file", str(src)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
+
+
+async def test_killed_upload_resumes_without_resending_chunks(
+    tmp_path: Path, pair: tuple[NodeProc, NodeProc]
+) -> None:
+    a, b = pair
+    alice, _ = join(a, tmp_path, "alice")
+    bob, bob_addr = join(b, tmp_path, "bob")
+    src = tmp_path / "big.bin"
+    size = 40 * 1000 * 1000
+    digest = _random_file(src, size)
+    padded = A.padded_size(size)
+
+    proc = _popen_send(alice, bob_addr, src)
+    try:
+        wait_until(
+            lambda: _events(a).get("blob.chunk_bytes_in", 0) >= 2 * A.CHUNK or proc.poll(),
+            timeout=60,
+            what="the upload to start",
+        )
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=20)
+    before = _events(a).get("blob.chunk_bytes_in", 0)
+    assert 0 < before < padded, "the upload finished before the device was killed"
+    pending = tmp_path / "dev-alice" / transfers.TRANSFERS_DIR
+    assert [p.name for p in pending.iterdir() if p.name.startswith("up-")]  # copy kept
+
+    sent = json.loads(
+        haven(
+            "send", "--home", str(alice), bob_addr, "--file", str(src), "--json", timeout=120
+        ).stdout
+    )
+    assert sent["status"] == "sent" and sent["resumed"] is True
+    # the node got each chunk once: the resumed run sent only what was missing
+    assert _events(a)["blob.chunk_bytes_in"] == padded
+    assert not [p.name for p in pending.iterdir() if p.name.startswith("up-")]
+    save = tmp_path / "save"
+    (row,) = _recv_files(bob, save)  # one message, not two
+    # over the auto-download size (25 MB): it waits for `haven download`
+    assert row["file"]["path"] is None and row["file"]["state"] == "pending"
+    got = json.loads(
+        haven(
+            "download",
+            "--home",
+            str(bob),
+            row["msg_id"][:8],
+            "--save-dir",
+            str(save),
+            "--json",
+            timeout=120,
+        ).stdout
+    )
+    assert got["file"]["path"] == str(save / "big.bin")
+    assert _sha(got["file"]["path"]) == digest == got["file"]["sha256"]
+
+
+async def test_hostile_name_and_mime_arrive_safely(
+    tmp_path: Path, pair: tuple[NodeProc, NodeProc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = pair
+    bob, bob_addr = join(b, tmp_path, "bob")
+    save = tmp_path / "save"
+    save.mkdir()
+    (save / "x.html").write_text("bob's own file")
+    outside = tmp_path / "outside.html"
+    alice = Device(str(tmp_path / "dev-alice"))
+    await alice.join(invite(a, "alice"))
+    page = tmp_path / "page.html"
+    page.write_text("<script>alert(document.cookie)</script>")
+    svg = tmp_path / "pic.svg"
+    svg.write_text('<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"/>')
+    # a hostile sender: names are not cleaned on its side
+    names = iter(["../../../outside.html\x00", "/etc/passwd"])
+    monkeypatch.setattr(transfers.A, "safe_name", lambda _n: next(names))
+    try:
+        await transfers.send_file(alice, bob_addr, str(page), ttl_ms=60_000, mime="text/html")
+        await transfers.send_file(alice, bob_addr, str(svg), ttl_ms=60_000, mime="image/svg+xml")
+    finally:
+        alice.close()
+    monkeypatch.undo()
+
+    rows = _recv_files(bob, save)
+    by_mime = {r["file"]["mime"]: r["file"] for r in rows}
+    html, pic = by_mime["text/html"], by_mime["image/svg+xml"]
+    assert html["name"] == "outside.html"
+    assert html["path"] == str(save / "outside.html")
+    assert pic["name"] == "passwd" and pic["path"] == str(save / "passwd")
+    assert not outside.exists()
+    assert (save / "x.html").read_text() == "bob's own file"
+    assert sorted(p.name for p in save.iterdir()) == ["outside.html", "passwd", "x.html"]
+    for f in (html, pic):
+        assert os.stat(f["path"]).st_mode & 0o111 == 0  # never executable
+    # the same name again: a new file beside it, nothing overwritten
+    again = tmp_path / "again" / "outside.html"
+    again.parent.mkdir()
+    again.write_text("second")
+    alice = Device(str(tmp_path / "dev-alice"))
+    try:
+        await transfers.send_file(alice, bob_addr, str(again), ttl_ms=60_000)
+    finally:
+        alice.close()
+    (row,) = _recv_files(bob, save)
+    assert row["file"]["path"] == str(save / "outside (1).html")
+    assert (save / "outside.html").read_text().startswith("<script>")
