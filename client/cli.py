@@ -801,6 +801,9 @@ def _main(args: argparse.Namespace) -> int:
         print("error: give an invite or --link CODE", file=sys.stderr)
         return 2
     args.home = device_home(args.home)
+    for path_arg in ("file", "save_dir"):  # the daemon runs elsewhere: absolute paths
+        if getattr(args, path_arg, None):
+            setattr(args, path_arg, os.path.abspath(os.path.expanduser(getattr(args, path_arg))))
     try:
         from .app.ipc import through_daemon
 

@@ -234,3 +234,42 @@ async def test_hostile_name_and_mime_arrive_safely(
     (row,) = _recv_files(bob, save)
     assert row["file"]["path"] == str(save / "outside (1).html")
     assert (save / "outside.html").read_text().startswith("<script>")
+
+
+def test_send_file_and_recv_through_a_running_app(tmp_path: Path, nodes: list[NodeProc]) -> None:
+    from tests.app.daemon import DaemonProc, wait_message
+
+    node = NodeProc.create(tmp_path, "N").start()
+    nodes.append(node)
+    alice, alice_addr = join(node, tmp_path, "alice")
+    bob, bob_addr = join(node, tmp_path, "bob")
+    haven("send", "--home", str(bob), alice_addr, "hello before the app")
+    d = DaemonProc(alice)
+    try:
+        d.start()
+        wait_message(d, bob_addr, lambda m: m["text"] == "hello before the app", 20, "delivery")
+        out_file = tmp_path / "report.pdf"
+        digest = _random_file(out_file, 3 * 1000 * 1000 + 1)
+        # through the daemon: uploaded on its connection, sent by its outbox
+        sent = json.loads(
+            haven("send", "--home", str(alice), bob_addr, "--file", str(out_file), "--json").stdout
+        )
+        assert sent["status"] == "sent" and sent["file"]["mime"] == "application/pdf"
+        (row,) = _recv_files(bob, tmp_path / "bob-save")
+        assert _sha(row["file"]["path"]) == digest
+
+        back = tmp_path / "reply.txt"
+        back.write_text("got it")
+        haven("send", "--home", str(bob), alice_addr, "--file", str(back))
+        save = tmp_path / "alice-save"
+
+        def arrived() -> list[dict[str, Any]]:
+            return _recv_files(alice, save)  # the daemon received it; recv downloads it
+
+        (got,) = wait_until(arrived, timeout=30, what="the file through the app")
+        assert got["file"]["path"] == str(save / "reply.txt")
+        assert (save / "reply.txt").read_text() == "got it"
+        again = json.loads(haven("download", "--home", str(alice), got["msg_id"], "--json").stdout)
+        assert again["file"]["path"] == got["file"]["path"]  # already there: not fetched again
+    finally:
+        d.kill()
