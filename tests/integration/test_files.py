@@ -273,3 +273,69 @@ def test_send_file_and_recv_through_a_running_app(tmp_path: Path, nodes: list[No
         assert again["file"]["path"] == got["file"]["path"]  # already there: not fetched again
     finally:
         d.kill()
+
+
+def _popen_download(home: Path, msg_id: str, save: Path) -> subprocess.Popen[bytes]:
+    argv = ["download", "--home", str(home), msg_id, "--save-dir", str(save), "--json"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "client.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
+
+
+async def test_download_resumes_after_the_recipients_node_is_killed(
+    tmp_path: Path, pair: tuple[NodeProc, NodeProc]
+) -> None:
+    a, b = pair
+    alice, _ = join(a, tmp_path, "alice")
+    bob, bob_addr = join(b, tmp_path, "bob")
+    src = tmp_path / "film.bin"
+    size = 40 * 1000 * 1000
+    digest = _random_file(src, size)
+    padded = A.padded_size(size)
+    haven("send", "--home", str(alice), bob_addr, "--file", str(src), timeout=120)
+    save = tmp_path / "save"
+    (row,) = _recv_files(bob, save)  # over 25 MB: not downloaded by recv
+    assert row["file"]["path"] is None
+
+    proc = _popen_download(bob, row["msg_id"], save)
+    try:
+        wait_until(
+            lambda: _events(b).get("blob.bytes_served", 0) >= 2 * A.CHUNK or proc.poll(),
+            timeout=60,
+            what="the download to start",
+        )
+        b.kill()  # the recipient's node dies mid-download
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and b"node_unreachable" in err
+    part = next((tmp_path / "dev-bob" / transfers.TRANSFERS_DIR).glob("down-*.part"))
+    kept = part.stat().st_size
+    assert 0 < kept < padded and kept % A.CHUNK == 0
+    assert not save.exists() or not list(save.iterdir())  # nothing half-decrypted is left
+    fetched_before = _events(a).get("blob.bytes_served_federation", 0)
+
+    b.start()
+    got = json.loads(
+        haven(
+            "download",
+            "--home",
+            str(bob),
+            row["msg_id"],
+            "--save-dir",
+            str(save),
+            "--json",
+            timeout=120,
+        ).stdout
+    )
+    assert _sha(got["file"]["path"]) == digest
+    # the device fetched only the chunks it did not have (the node's counters restarted)
+    assert _events(b)["blob.bytes_served"] == padded - kept
+    # and B's fetched copy survived its restart: A did not serve the whole file again
+    assert _events(a)["blob.bytes_served_federation"] - fetched_before < padded - kept + 8 * A.CHUNK
+    assert not part.exists()
