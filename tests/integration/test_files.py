@@ -13,6 +13,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +25,37 @@ from client import transfers
 from client.device import Device
 from tests.client.devworld import linked
 
-from .forkcli import haven, invite, join
+from .forkcli import create_node, haven, invite
 from .harness import ROOT, NodeProc, wait_until
 
 
+@pytest.fixture(scope="module")
+def _module_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeProc, NodeProc]]:
+    base = tmp_path_factory.mktemp("nodes")
+    a, b = create_node(base, "A").start(), create_node(base, "B").start()
+    yield a, b
+    a.kill()
+    b.kill()
+
+
 @pytest.fixture
-def pair(tmp_path: Path, nodes: list[NodeProc]) -> tuple[NodeProc, NodeProc]:
-    a = NodeProc.create(tmp_path, "A").start()
-    b = NodeProc.create(tmp_path, "B").start()
-    nodes += [a, b]
-    return a, b
+def pair(_module_pair: tuple[NodeProc, NodeProc]) -> tuple[NodeProc, NodeProc]:
+    """Two federated nodes shared by the module (a node start is paid once); each test has
+    account names of its own and compares counters before and after."""
+    a, b = _module_pair
+    return a.running(), b.running()
+
+
+_NAMES = count(1)
+
+
+def join(node: NodeProc, base: Path, name: str) -> tuple[Path, str]:
+    """A new account (a name no other test of the module uses) with its device at
+    ``base/dev-NAME``."""
+    home = base / f"dev-{name}"
+    account = f"{name}{next(_NAMES)}"
+    out = haven("join", invite(node, account), "--home", str(home)).stdout.strip()
+    return home, out.splitlines()[-1]
 
 
 def _random_file(path: Path, size: int) -> str:
@@ -65,7 +88,7 @@ def _recv_files(home: Path, save: Path) -> list[dict[str, Any]]:
 
 async def _bob_with_two_devices(b: NodeProc, tmp: Path) -> tuple[Path, Path, str]:
     bob = Device(str(tmp / "dev-bob"))
-    addr = await bob.join(invite(b, "bob"), name="bob-phone")
+    addr = await bob.join(invite(b, f"bob{next(_NAMES)}"), name="bob-phone")
     bob2 = await linked(bob, tmp, "dev-bob2")
     bob.close()
     bob2.close()
@@ -81,6 +104,8 @@ async def test_20mb_file_reaches_both_devices_across_nodes(
     src = tmp_path / "holiday.bin"
     size = 20 * 1000 * 1000
     digest = _random_file(src, size)
+    bytes_in = _events(a).get("blob.chunk_bytes_in", 0)
+    uploads, copies = a.stats()["blobs"]["uploads"], b.stats()["blobs"]["copies"]
 
     sent = json.loads(
         haven(
@@ -99,7 +124,8 @@ async def test_20mb_file_reaches_both_devices_across_nodes(
     assert sent["devices"][bob_addr]["total"] == 2
     assert sent["file"]["sha256"] == digest and sent["file"]["size"] == size
     padded = A.padded_size(size)
-    assert _events(a)["blob.chunk_bytes_in"] == padded  # every chunk uploaded once
+    assert _events(a)["blob.chunk_bytes_in"] - bytes_in == padded  # every chunk uploaded once
+    assert a.stats()["blobs"]["uploads"] == uploads + 1
 
     for home in (bob1, bob2):
         save = home.parent / f"save-{home.name}"
@@ -110,8 +136,8 @@ async def test_20mb_file_reaches_both_devices_across_nodes(
         assert f["path"] == str(save / "holiday.bin")
         assert _sha(f["path"]) == digest == f["sha256"]
     # both recipient devices have it: the origin deleted the blob, B its fetched copies
-    wait_until(lambda: a.stats()["blobs"]["uploads"] == 0, what="A to delete the blob")
-    wait_until(lambda: b.stats()["blobs"]["copies"] == 0, what="B to drop its copies")
+    wait_until(lambda: a.stats()["blobs"]["uploads"] == uploads, what="A to delete the blob")
+    wait_until(lambda: b.stats()["blobs"]["copies"] == copies, what="B to drop its copies")
     hist = haven("history", "--home", str(bob1), "--json", _alice(alice))
     rows = [json.loads(line) for line in hist.stdout.splitlines()]
     assert rows[-1]["kind"] == "file" and rows[-1]["file"]["path"] is not None
@@ -141,18 +167,19 @@ async def test_killed_upload_resumes_without_resending_chunks(
     size = 40 * 1000 * 1000
     digest = _random_file(src, size)
     padded = A.padded_size(size)
+    start = _events(a).get("blob.chunk_bytes_in", 0)
 
     proc = _popen_send(alice, bob_addr, src)
     try:
         wait_until(
-            lambda: _events(a).get("blob.chunk_bytes_in", 0) >= 2 * A.CHUNK or proc.poll(),
+            lambda: _events(a).get("blob.chunk_bytes_in", 0) - start >= 2 * A.CHUNK or proc.poll(),
             timeout=60,
             what="the upload to start",
         )
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=20)
-    before = _events(a).get("blob.chunk_bytes_in", 0)
+    before = _events(a).get("blob.chunk_bytes_in", 0) - start
     assert 0 < before < padded, "the upload finished before the device was killed"
     pending = tmp_path / "dev-alice" / transfers.TRANSFERS_DIR
     assert [p.name for p in pending.iterdir() if p.name.startswith("up-")]  # copy kept
@@ -164,7 +191,7 @@ async def test_killed_upload_resumes_without_resending_chunks(
     )
     assert sent["status"] == "sent" and sent["resumed"] is True
     # the node got each chunk once: the resumed run sent only what was missing
-    assert _events(a)["blob.chunk_bytes_in"] == padded
+    assert _events(a)["blob.chunk_bytes_in"] - start == padded
     assert not [p.name for p in pending.iterdir() if p.name.startswith("up-")]
     save = tmp_path / "save"
     (row,) = _recv_files(bob, save)  # one message, not two
@@ -196,7 +223,7 @@ async def test_hostile_name_and_mime_arrive_safely(
     (save / "x.html").write_text("bob's own file")
     outside = tmp_path / "outside.html"
     alice = Device(str(tmp_path / "dev-alice"))
-    await alice.join(invite(a, "alice"))
+    await alice.join(invite(a, f"alice{next(_NAMES)}"))
     page = tmp_path / "page.html"
     page.write_text("<script>alert(document.cookie)</script>")
     svg = tmp_path / "pic.svg"
@@ -301,10 +328,11 @@ async def test_download_resumes_after_the_recipients_node_is_killed(
     (row,) = _recv_files(bob, save)  # over 25 MB: not downloaded by recv
     assert row["file"]["path"] is None
 
+    served = _events(b).get("blob.bytes_served", 0)
     proc = _popen_download(bob, row["msg_id"], save)
     try:
         wait_until(
-            lambda: _events(b).get("blob.bytes_served", 0) >= 2 * A.CHUNK or proc.poll(),
+            lambda: _events(b).get("blob.bytes_served", 0) - served >= 2 * A.CHUNK or proc.poll(),
             timeout=60,
             what="the download to start",
         )
@@ -334,7 +362,7 @@ async def test_download_resumes_after_the_recipients_node_is_killed(
         ).stdout
     )
     assert _sha(got["file"]["path"]) == digest
-    # the device fetched only the chunks it did not have (the node's counters restarted)
+    # the device fetched only the chunks it did not have (B's counters started again at 0)
     assert _events(b)["blob.bytes_served"] == padded - kept
     # and B's fetched copy survived its restart: A did not serve the whole file again
     assert _events(a)["blob.bytes_served_federation"] - fetched_before < padded - kept + 8 * A.CHUNK
