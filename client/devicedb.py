@@ -52,11 +52,13 @@ SCHEMA_V3 = (
 )
 # Schema 3 -> 4 (attachments, client/transfers.py): a received or sent file per history row
 # (its reference and local path sealed under that row's key slot, so deleting or expiring the
-# message shreds them), and uploads in progress (sealed under the storage key) to resume.
+# message shreds them), and uploads in progress to resume (each sealed under a key slot of its
+# own, zeroed when the upload is done: the file key in a remnant of the record opens for nobody).
 SCHEMA_V4 = (
     "CREATE TABLE attachments (msg_id BLOB PRIMARY KEY, meta BLOB NOT NULL, "
     "local BLOB NOT NULL, state TEXT NOT NULL, error TEXT NOT NULL DEFAULT '')",
-    "CREATE TABLE uploads (blob BLOB PRIMARY KEY, record BLOB NOT NULL, created INTEGER NOT NULL)",
+    "CREATE TABLE uploads (blob BLOB PRIMARY KEY, record BLOB NOT NULL, "
+    "slot INTEGER NOT NULL, created INTEGER NOT NULL)",
 )
 SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL);
@@ -355,6 +357,7 @@ def _reconcile(db: Any, keys: KeySlots) -> None:
     try:
         keys.refresh()
         refs = [r[0] for r in db.execute("SELECT slot FROM history").fetchall()]
+        refs += [r[0] for r in db.execute("SELECT slot FROM uploads").fetchall()]
         lost = keys.reconcile(refs)
         if lost:
             db.executemany("DELETE FROM history WHERE slot=?", [(s,) for s in lost])

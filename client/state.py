@@ -546,19 +546,42 @@ class DeviceState:
         return [bytes(r[0]) for r in rows]
 
     def save_upload(self, db: Any, blob: bytes, record: bytes, now: int) -> None:
-        """Remember an upload in progress (``record`` sealed under the storage key)."""
+        """Remember an upload in progress, ``record`` sealed under a key slot of its own."""
+        slot, key = self.keys.allocate()
+        sealed = bytes(nacl.secret.SecretBox(key).encrypt(record))
         db.execute(
-            "INSERT OR REPLACE INTO uploads (blob, record, created) VALUES (?, ?, ?)",
-            (blob, self.seal(record), now),
+            "INSERT INTO uploads (blob, record, slot, created) VALUES (?, ?, ?, ?)",
+            (blob, sealed, slot, now),
         )
 
     def uploads(self) -> list[tuple[bytes, bytes]]:
         """``(blob, record)`` of every upload in progress, oldest first."""
-        rows = self.db.execute("SELECT blob, record FROM uploads ORDER BY created").fetchall()
-        return [(bytes(b), self.open(r)) for b, r in rows]
+        out = []
+        rows = self.db.execute("SELECT blob, record, slot FROM uploads ORDER BY created")
+        for blob, sealed, slot in rows.fetchall():
+            try:
+                out.append((bytes(blob), self._slot_open(slot, sealed)))
+            except nacl.exceptions.CryptoError:
+                self.keys.refresh()  # saved by another process on this home since
+                try:
+                    out.append((bytes(blob), self._slot_open(slot, sealed)))
+                except nacl.exceptions.CryptoError:
+                    continue
+        return out
 
     def drop_upload(self, db: Any, blob: bytes) -> None:
+        """Forget an upload; its key slot is zeroed at commit."""
+        r = db.execute("SELECT slot FROM uploads WHERE blob=?", (blob,)).fetchone()
+        if r is None:
+            return
         db.execute("DELETE FROM uploads WHERE blob=?", (blob,))
+        self.keys.shred(r[0])
+
+    def _slot_open(self, slot: int, sealed: bytes) -> bytes:
+        key = self.keys.key(slot)
+        if key is None:
+            raise nacl.exceptions.CryptoError("no key in that slot")
+        return bytes(nacl.secret.SecretBox(key).decrypt(sealed))
 
     def _outbox_box(self, msg_id: bytes) -> nacl.secret.SecretBox:
         """What seals a queued payload: the key slot of its history row (a text), so that

@@ -207,12 +207,15 @@ async def send_file(
     ttl_ms: int,
     expires_in: int | None = None,
     mime: str | None = None,
+    name: str | None = None,
     progress: Progress | None = None,
 ) -> FileSent:
     """Encrypt, upload (resumably) and send a file to ``address`` and our other devices.
 
     Sending the same file to the same address again while an earlier upload of it was
-    interrupted resumes that upload instead of starting a second one.
+    interrupted resumes that upload instead of starting a second one. ``name`` is the file
+    name recipients see (default: the base name of ``path``, e.g. a dropped file's own name
+    when ``path`` is a temporary copy); ``mime`` its type (default: from the name).
 
     Raises:
         LocalProtocolError: ``no_such_file``, ``too_large``, ``file_changed``,
@@ -231,7 +234,9 @@ async def send_file(
         resumed = await resume_uploads(dev, conn, progress=progress)
         if earlier is not None and earlier.msg_id in resumed:
             return FileSent(_row(dev, earlier.msg_id), resumed=True)
-        up = await _prepare(dev, conn, address, src, caption, ttl_ms, expires_in, mime, progress)
+        up = await _prepare(
+            dev, conn, address, src, caption, ttl_ms, expires_in, mime, name, progress
+        )
         await _finish_upload(dev, conn, up, progress)
         await dev.flush_outbox(conn)
         return FileSent(_row(dev, up.msg_id))
@@ -279,6 +284,7 @@ async def _prepare(
     ttl_ms: int,
     expires_in: int | None,
     mime: str | None,
+    name: str | None,
     progress: Progress | None,
 ) -> Upload:
     """Resolve the recipient devices, encrypt to the ciphertext copy, record the upload."""
@@ -291,7 +297,7 @@ async def _prepare(
     blob = os.urandom(16)
     ct = os.path.join(_dir(dev), f"up-{blob.hex()}.ct")
     st = os.stat(src)
-    name = A.safe_name(os.path.basename(src))
+    name = A.safe_name(name or os.path.basename(src))
     kind = A.safe_mime(mime) if mime else A.guess_mime(name)
     try:
         enc = await asyncio.to_thread(

@@ -196,3 +196,22 @@ def test_tokens_differ_per_device_and_hide_the_secret() -> None:
     assert len(a) == 32 and a != b and secret not in (a, b)
     assert A.file_token(os.urandom(32), "devA") != a
     assert A.token_hash(a) == hashlib.sha256(a).digest()
+
+
+def test_upload_records_survive_reopening_and_are_shredded_when_dropped(tmp_path: Any) -> None:
+    from client.state import DeviceState
+
+    home = str(tmp_path / "dev")
+    s = DeviceState(home)
+    blob = os.urandom(16)
+    with s.tx() as db:
+        s.save_upload(db, blob, b"the record", 1)
+    (slot,) = s.db.execute("SELECT slot FROM uploads").fetchone()
+    s.close()
+    s = DeviceState(home, create=False)  # reconciling key slots keeps the upload's
+    assert s.uploads() == [(blob, b"the record")]
+    assert s.keys.key(slot) is not None
+    with s.tx() as db:
+        s.drop_upload(db, blob)
+    assert s.uploads() == [] and s.keys.key(slot) is None  # its key is zeroed
+    s.close()
