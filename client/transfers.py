@@ -64,6 +64,8 @@ log = logging.getLogger("haven.transfers")
 WINDOW = 8  # chunks in flight (spec: up to 8 puts)
 TRANSFERS_DIR = "transfers"
 NOT_READY_TRIES = 20
+# Node answers to an upload that a later retry may cure (anything else refuses the file).
+RETRY = frozenset({"rate_limited", "busy", "not_ready", "unavailable"})
 # Download failures that a retry will not cure: the file is gone or was never ours.
 PERMANENT = frozenset({"not_found", "hash_mismatch", "bad_file", "truncated", "unsupported"})
 
@@ -237,11 +239,23 @@ async def send_file(
         up = await _prepare(
             dev, conn, address, src, caption, ttl_ms, expires_in, mime, name, progress
         )
-        await _finish_upload(dev, conn, up, progress)
+        try:
+            await _finish_upload(dev, conn, up, progress)
+        except RemoteProtocolError as exc:
+            if exc.code not in RETRY:  # refused (too_large, quota_exceeded, …): forget it
+                _drop(dev, up)
+            raise
         await dev.flush_outbox(conn)
         return FileSent(_row(dev, up.msg_id))
     finally:
         await dev.release(conn)
+
+
+def _drop(dev: Device, up: Upload) -> None:
+    with dev.state.tx() as db:
+        dev.state.drop_upload(db, up.blob)
+    with contextlib.suppress(OSError):
+        os.unlink(up.ct)
 
 
 def _source(path: str) -> tuple[str, os.stat_result]:
@@ -400,12 +414,9 @@ async def resume_uploads(
         try:
             await _finish_upload(dev, conn, up, progress)
         except RemoteProtocolError as exc:
-            if exc.code in ("rate_limited", "busy", "not_ready"):
+            if exc.code in RETRY:
                 raise
-            with dev.state.tx() as db:
-                dev.state.drop_upload(db, blob)
-            with contextlib.suppress(OSError):
-                os.unlink(up.ct)
+            _drop(dev, up)
             log.warning("an interrupted upload was refused by the node (%s)", exc.code)
             continue
         done.add(up.msg_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -367,3 +368,30 @@ async def test_download_resumes_after_the_recipients_node_is_killed(
     # and B's fetched copy survived its restart: A did not serve the whole file again
     assert _events(a)["blob.bytes_served_federation"] - fetched_before < padded - kept + 8 * A.CHUNK
     assert not part.exists()
+
+
+def test_a_refused_file_leaves_nothing_behind(tmp_path: Path, nodes: list[NodeProc]) -> None:
+    node = create_node(tmp_path, "S")
+    conf = node.home / "node.toml"
+    conf.write_text(re.sub(r"max_file_mb = \d+", "max_file_mb = 1", conf.read_text()))
+    nodes.append(node.start())
+    alice, _ = join(node, tmp_path, "alice")
+    bob, bob_addr = join(node, tmp_path, "bob")
+    big = tmp_path / "big.bin"
+    _random_file(big, 2 * 1000 * 1000)
+    res = haven("send", "--home", str(alice), bob_addr, "--file", str(big), "--json", check=False)
+    assert res.returncode == 1
+    assert json.loads(res.stdout)["error"] == "too_large"
+    assert "(too_large)" in res.stderr and "Traceback" not in res.stderr
+    left = tmp_path / "dev-alice" / transfers.TRANSFERS_DIR
+    assert list(left.iterdir()) == []  # no encrypted copy, no upload to resume
+    # nothing else is lost: a small file and a text still go through
+    small = tmp_path / "small.txt"
+    small.write_text("fits")
+    haven("send", "--home", str(alice), bob_addr, "--file", str(small))
+    haven("send", "--home", str(alice), bob_addr, "and a text")
+    out = haven("recv", "--home", str(bob), "--json", "--save-dir", str(tmp_path / "save"))
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert sorted(r["kind"] for r in rows) == ["file", "text"]
+    assert (tmp_path / "save" / "small.txt").read_text() == "fits"
+    assert "big.bin" not in {r.get("file", {}).get("name") for r in rows}
