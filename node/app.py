@@ -31,7 +31,7 @@ from federation.signing import Descriptor, NodeKey, Rotation
 from federation.transport import PeerTransport, RemoteError
 from federation.wire import MAX_BATCH_BYTES, PROTOCOL_VERSION, Envelope, packb, unpackb
 
-from . import admission, client_api, federation_api, guard
+from . import admission, blobfiles, client_api, federation_api, guard
 from .atrest import EpochKeys
 from .ballast import DiskGuard
 from .blob_api import FEATURE as BLOBS_FEATURE
@@ -381,6 +381,7 @@ class Node:
         """Serve until ``stop`` is set; then shut down cleanly (nothing acked is lost)."""
         await self.store.open()
         try:
+            blobfiles.return_large_buffers_to_the_os()  # 1 MiB chunk buffers (node/blobfiles.py)
             await self.blobs.open(self.clock.now_ms())
             self.known_mailboxes = set(await self.store.all_mailboxes())
             self.known_peers = {p.node_id for p in await self.store.all_peers()}
@@ -430,6 +431,7 @@ class Node:
                 finally:
                     await self.runner.cleanup()
         finally:
+            self.blobs.close()
             await self.store.close()
 
     async def _serve(self, stop: asyncio.Event) -> None:

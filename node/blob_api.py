@@ -1,4 +1,4 @@
-"""Attachment frames of the device API, and this node's side of blob federation (§8).
+"""Attachment frames of the device API, and this node's side of blob federation (§10).
 
 A device uploads to its home node (``blob_new``, ``blob_put``) and fetches through its home
 node (``blob_get``, ``blob_done``): for a blob held by another node, this node fetches each
@@ -45,7 +45,7 @@ log = logging.getLogger("haven.blobs")
 T = TypeVar("T")
 
 FEATURE = "blobs"
-MAX_CONCURRENT = 16  # blob frames of one connection handled at once
+MAX_CONCURRENT = 8  # blob frames of one connection handled at once
 RELEASE_RETRY_MS = 3_600_000  # how long a release the origin missed is retried (memory only)
 MAX_PENDING_RELEASES = 10_000
 TICK_S = 1.0
@@ -55,7 +55,7 @@ _PASSED_ON = {NotFound.code: NotFound, NotReady.code: NotReady, RateLimited.code
 
 def max_blob_size(max_file_mb: int) -> int:
     """Largest padded ciphertext for a file of ``max_file_mb`` MiB: Padmé adds at most 12.5%,
-    the secretstream framing a little more (docs/protocol.md §8.1)."""
+    the secretstream framing a little more (docs/protocol.md §10.1)."""
     return max_file_mb * MIB * 9 // 8 + 64 * 1024
 
 
@@ -167,7 +167,7 @@ class BlobApi:
     async def fetch(
         self, origin: str, host: str, blob: bytes, token: bytes, index: int
     ) -> BlobFetched:
-        """One chunk from ``origin`` over signed federation (§8.4)."""
+        """One chunk from ``origin`` over signed federation (§10.4)."""
         node = self.node
         transport = node.transport_or_fail()
         body = BlobFetch(blob, token, index)

@@ -1,4 +1,4 @@
-"""The blob store: attachment ciphertext as files on disk, never rows (docs/protocol.md §8).
+"""The blob store: attachment ciphertext as files on disk, never rows (docs/protocol.md §10).
 
 Each blob, and each *fetched copy* this node keeps of another node's blob for one of its
 devices, is a directory under ``HOME/blobs/`` whose name is random (unrelated to the blob id).
@@ -12,9 +12,10 @@ It holds two files:
   known to be stored, expiry and kind, sealed under the blob store's *own* epoch keys
   (``HOME/blob-epochs.key``, a second :class:`node.atrest.EpochKeys`). At each epoch end every
   meta is sealed again under a fresh key and the old key destroyed; with no blobs there is no
-  key at all. The per-blob key exists only inside the sealed meta, so once the epoch key that
-  sealed a meta is gone, every remnant of that blob (freed blocks of ``data``, old ``meta``
-  copies) is noise: the blob is crypto-shredded without rewriting its data.
+  key at all; after a deletion the other metas move to a fresh key at the next tick (up to
+  :data:`SHRED_RESEAL_MAX` of them). The per-blob key exists only inside the sealed meta, so
+  once the epoch key that sealed a meta is gone, every remnant of that blob (freed blocks of
+  ``data``, old ``meta`` copies) is noise: the blob is crypto-shredded without rewriting it.
 
 A chunk is answered ``ok`` only after its ``data`` bytes are fsynced. The meta is rewritten only
 when something other than the stored chunks changes (creation, completion, a token released,
@@ -22,10 +23,10 @@ a re-seal), not per chunk: at start, chunks the meta does not list yet are found
 their slot (the AEAD tag proves a complete, untorn write), so an interrupted upload resumes
 from what is durable.
 
-Hashing, encryption and file I/O run in worker threads (:func:`asyncio.to_thread`) so a 1 MiB
-chunk never blocks the event loop. The index blob id -> directory is memory only, rebuilt at
-start by opening every meta. Which account uploaded a blob is memory only too (for its quota of
-bytes in flight); it is never written down.
+Hashing, encryption and file I/O (:mod:`node.blobfiles`) run in worker threads
+(a small pool of the store's own), so a 1 MiB chunk never blocks the event loop. The index blob id
+-> directory is memory only, rebuilt at start by opening every meta. Which account uploaded a
+blob is memory only too (for its quota of bytes in flight); it is never written down.
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ import errno
 import hashlib
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
 
 import msgspec
-import nacl.bindings as nb
-import nacl.exceptions
 
 from federation.errors import (
     Conflict,
@@ -56,37 +57,33 @@ from federation.errors import (
 )
 from federation.wire import CHUNK_SIZE, MAX_CHUNKS
 
+from . import blobfiles as files
 from .atrest import EpochKeys
+from .blobfiles import chunk_count, chunk_len, data_len
 from .metrics import Metrics
 
 log = logging.getLogger("haven.blobs")
 
-TAG = 16  # AEAD tag per chunk
-SLOT = CHUNK_SIZE + TAG
 UPLOAD = "upload"
 COPY = "copy"
 BLOBS_DIR = "blobs"
 BLOB_EPOCHS_NAME = "blob-epochs.key"
-META = "meta"
-DATA = "data"
 MIB = 1024 * 1024
 # Free space left to the message store when a blob is announced: a blob never takes the
 # last of the disk (the store's ballast is for the database, node/ballast.py).
 DISK_RESERVE = 64 * MIB
+# After a deletion, the remaining metas are re-sealed under a fresh key at the next tick
+# when there are at most this many (else at the epoch's end, like the message store's rows).
+SHRED_RESEAL_MAX = 1000
+IO_THREADS = 4
+BOOKKEEPING = 64 * 1024  # counted per blob on top of its data (meta ≤ ~37 KiB, directory)
+T = TypeVar("T")
 
 
-def chunk_count(size: int) -> int:
-    return (size + CHUNK_SIZE - 1) // CHUNK_SIZE
-
-
-def chunk_len(size: int, index: int) -> int:
-    """Length of chunk ``index`` of a blob of ``size`` bytes (the last one may be shorter)."""
-    return min(CHUNK_SIZE, size - index * CHUNK_SIZE)
-
-
-def data_len(size: int) -> int:
-    n = chunk_count(size)
-    return (n - 1) * SLOT + chunk_len(size, n - 1) + TAG
+def footprint(size: int) -> int:
+    """What a blob of ``size`` bytes counts against the quotas: its data file plus a flat
+    allowance for its directory and meta, so that a flood of tiny blobs is bounded too."""
+    return data_len(size) + BOOKKEEPING
 
 
 def token_hash(token: bytes) -> bytes:
@@ -143,7 +140,7 @@ class Blob:
 
     @property
     def footprint(self) -> int:
-        return data_len(self.size)
+        return footprint(self.size)
 
     def meta(self) -> _Meta:
         return _Meta(
@@ -168,10 +165,6 @@ class Served:
     chunks: int
     size: int
     ttl: int  # ms left before the blob expires
-
-
-def _nonce(prefix: bytes, index: int) -> bytes:
-    return prefix + index.to_bytes(8, "big")
 
 
 def _translate_os(exc: OSError, what: str) -> HavenError:
@@ -214,42 +207,45 @@ class BlobStore:
         self.copies: dict[tuple[str, bytes, bytes], Blob] = {}  # (origin, blob, token hash)
         self.used = 0  # bytes of data files
         self.in_flight: dict[str, int] = {}  # account -> bytes (memory only)
-        self.free_space: Callable[[], int] = self._free_space
+        self.free_space: Callable[[], int] = lambda: files.free_space(self.root)
         self._creating: set[Blob] = set()
+        # A small pool of its own: chunk hashing, encryption and writes never queue behind
+        # (or crowd out) the default executor's other work; 4 keeps two cores busy while
+        # two threads wait in fdatasync.
+        self._pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="haven-blobs")
+        self._shred = False  # a blob was deleted since the last rotation
 
     # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args))
+
+    def close(self) -> None:
+        """Stop the worker threads (after the requests using them have ended)."""
+        self._pool.shutdown(wait=True)
 
     async def open(self, now: int) -> None:
         """Rebuild the index from every meta; drop what cannot be opened or has expired."""
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         self.keys = EpochKeys(self.keys_path, self.epoch_ms)
-        found = await asyncio.to_thread(self._read_metas)
+        found = await self._io(files.read_metas, self.root)
         for dirname, raw in found:
             blob = self._open_meta(dirname, raw)
             if blob is None or blob.expires <= now:
-                await asyncio.to_thread(self._remove_dir, dirname)
+                await self._io(files.remove, self.root, dirname)
                 if blob is not None:
                     self.metrics.event("blob.deleted_ttl")
                 continue
             if not blob.complete:
-                blob.have |= await asyncio.to_thread(self._scan_have, blob)
+                blob.have |= await self._io(
+                    files.scan, self.root, blob.dirname, blob.key, blob.prefix, blob.size, blob.have
+                )
             self._index(blob)
         keys = self.keys
         in_use = {b.kid for b in self.all()}
         keys.destroy_many([k for k in keys.ids if k not in in_use])
         if found:
             log.info("blob store: %d blobs and copies", len(self.uploads) + len(self.copies))
-
-    def _read_metas(self) -> list[tuple[str, bytes | None]]:
-        out: list[tuple[str, bytes | None]] = []
-        for name in sorted(os.listdir(self.root)):
-            path = os.path.join(self.root, name, META)
-            try:
-                with open(path, "rb") as f:
-                    out.append((name, f.read(1 << 20)))
-            except OSError:
-                out.append((name, None))  # a directory left half-made or half-removed
-        return out
 
     def _open_meta(self, dirname: str, raw: bytes | None) -> Blob | None:
         if not raw or self.keys is None:
@@ -274,31 +270,6 @@ class BlobStore:
             kid=kid,
         )
 
-    def _scan_have(self, blob: Blob) -> set[int]:
-        """Chunks durably stored that the meta does not list yet (written after its last
-        rewrite): their slot opens under the blob key."""
-        found: set[int] = set()
-        try:
-            fd = os.open(os.path.join(self.root, blob.dirname, DATA), os.O_RDONLY)
-        except OSError:
-            return found
-        try:
-            for i in range(blob.chunks):
-                if i in blob.have:
-                    continue
-                n = chunk_len(blob.size, i) + TAG
-                ct = os.pread(fd, n, i * SLOT)
-                try:
-                    nb.crypto_aead_xchacha20poly1305_ietf_decrypt(
-                        ct, None, _nonce(blob.prefix, i), blob.key
-                    )
-                except nacl.exceptions.CryptoError:
-                    continue
-                found.add(i)
-        finally:
-            os.close(fd)
-        return found
-
     def _index(self, blob: Blob) -> None:
         if blob.kind == UPLOAD:
             self.uploads[blob.blob] = blob
@@ -317,10 +288,6 @@ class BlobStore:
             "bytes": self.used,
             "epoch_keys": len(self.keys.ids) if self.keys else 0,
         }
-
-    def _free_space(self) -> int:
-        st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize
 
     # ---- uploads -----------------------------------------------------------------------------
 
@@ -355,10 +322,10 @@ class BlobStore:
                 old.account = account
                 self.in_flight[account] = self.in_flight.get(account, 0) + old.footprint
             return sorted(old.have)
-        footprint = data_len(size)
-        if self.in_flight.get(account, 0) + footprint > self.max_per_account:
+        need = footprint(size)
+        if self.in_flight.get(account, 0) + need > self.max_per_account:
             raise QuotaExceeded("too many bytes of files in flight for this account")
-        self._check_room(footprint)
+        self._check_room(need)
         blob = Blob(
             os.urandom(16).hex(),
             blob_id,
@@ -378,43 +345,34 @@ class BlobStore:
             await self._destroy(blob, None)
             return await self.announce(account, blob_id, size, hashes, tokens, expires, now)
         self._index(blob)
-        self.in_flight[account] = self.in_flight.get(account, 0) + footprint
+        self.in_flight[account] = self.in_flight.get(account, 0) + need
         return []
 
-    def _check_room(self, footprint: int) -> None:
-        if self.used + footprint > self.max_store:
+    def _check_room(self, need: int) -> None:
+        if self.used + need > self.max_store:
             raise QuotaExceeded("this node's file store is full")
         try:
             free = self.free_space()
         except OSError as exc:
             raise _translate_os(exc, "checking free space") from exc
-        if free < footprint + self.disk_reserve:
+        if free < need + self.disk_reserve:
             raise StorageError("not enough disk space for this file")
 
     async def _create(self, blob: Blob, now: int) -> None:
         self._creating.add(blob)  # its meta's key is in use before it is indexed
         try:
             try:
-                await asyncio.to_thread(self._make_files, blob)
+                await self._io(files.make, self.root, blob.dirname, blob.size)
             except OSError as exc:
-                await asyncio.to_thread(self._remove_dir, blob.dirname)
+                await self._io(files.remove, self.root, blob.dirname)
                 raise _translate_os(exc, "creating a blob") from exc
             try:
                 await self._write_meta(blob, now)
             except HavenError:
-                await asyncio.to_thread(self._remove_dir, blob.dirname)
+                await self._io(files.remove, self.root, blob.dirname)
                 raise
         finally:
             self._creating.discard(blob)
-
-    def _make_files(self, blob: Blob) -> None:
-        path = os.path.join(self.root, blob.dirname)
-        os.mkdir(path, 0o700)
-        fd = os.open(os.path.join(path, DATA), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, blob.footprint)
-        finally:
-            os.close(fd)
 
     async def put(self, blob_id: bytes, index: int, data: bytes) -> bool:
         """Store one chunk of an upload; True if it was new (False: already stored).
@@ -449,7 +407,16 @@ class BlobStore:
             raise StorageError("chunk is being written; retry")
         blob.writing.add(index)
         try:
-            await asyncio.to_thread(self._write_chunk, blob, index, data, expect)
+            await self._io(
+                files.write_chunk,
+                self.root,
+                blob.dirname,
+                blob.key,
+                blob.prefix,
+                index,
+                data,
+                expect,
+            )
         except OSError as exc:
             if blob.gone:
                 raise NotFound("no such blob") from exc
@@ -459,19 +426,6 @@ class BlobStore:
         if blob.gone:
             raise NotFound("no such blob")
         blob.have.add(index)
-
-    def _write_chunk(self, blob: Blob, index: int, data: bytes, expect: bytes | None) -> None:
-        if expect is not None and hashlib.sha256(data).digest() != expect:
-            raise HashMismatch("chunk does not match its announced hash")
-        ct = nb.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            data, None, _nonce(blob.prefix, index), blob.key
-        )
-        fd = os.open(os.path.join(self.root, blob.dirname, DATA), os.O_WRONLY)
-        try:
-            os.pwrite(fd, ct, index * SLOT)
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
 
     async def read(self, blob_id: bytes, token: bytes, index: int, now: int) -> Served:
         """Chunk ``index`` of a complete upload, for the holder of ``token``.
@@ -492,26 +446,13 @@ class BlobStore:
 
     async def _read(self, blob: Blob, index: int) -> bytes:
         try:
-            return await asyncio.to_thread(self._read_chunk, blob, index)
+            return await self._io(
+                files.read_chunk, self.root, blob.dirname, blob.key, blob.prefix, blob.size, index
+            )
         except OSError as exc:
             if blob.gone:
                 raise NotFound("no such blob") from exc
             raise _translate_os(exc, "reading a chunk") from exc
-
-    def _read_chunk(self, blob: Blob, index: int) -> bytes:
-        fd = os.open(os.path.join(self.root, blob.dirname, DATA), os.O_RDONLY)
-        try:
-            ct = os.pread(fd, chunk_len(blob.size, index) + TAG, index * SLOT)
-        finally:
-            os.close(fd)
-        try:
-            return bytes(
-                nb.crypto_aead_xchacha20poly1305_ietf_decrypt(
-                    ct, None, _nonce(blob.prefix, index), blob.key
-                )
-            )
-        except nacl.exceptions.CryptoError as exc:
-            raise StorageError("stored chunk failed authentication") from exc
 
     async def release(self, blob_id: bytes, token: bytes) -> bool:
         """The device holding ``token`` has the file: forget the token; with no token left
@@ -615,29 +556,10 @@ class BlobStore:
         kid = self.keys.current(now) if kid is None else kid
         sealed = bytes([kid]) + self.keys.seal(kid, _META_ENC.encode(blob.meta()))
         try:
-            await asyncio.to_thread(self._replace_meta, blob.dirname, sealed)
+            await self._io(files.replace_meta, self.root, blob.dirname, sealed)
         except OSError as exc:
             raise _translate_os(exc, "writing a blob's meta") from exc
         blob.kid = kid
-
-    def _replace_meta(self, dirname: str, sealed: bytes) -> None:
-        # Replaced atomically (write, fsync, rename), so a crash leaves the old or the new one.
-        # The old copy's freed blocks are sealed under an epoch key that dies within an epoch.
-        path = os.path.join(self.root, dirname)
-        tmp = os.path.join(path, META + ".new")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            if os.write(fd, sealed) != len(sealed):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, os.path.join(path, META))
-        dfd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
     async def _rewrite(self, blob: Blob) -> None:
         """Write the meta again under the key that seals it now (rotate() moves it on)."""
@@ -665,33 +587,10 @@ class BlobStore:
                 self.in_flight[blob.account] = left
             else:
                 self.in_flight.pop(blob.account, None)
-        await asyncio.to_thread(self._remove_dir, blob.dirname)
+        await self._io(files.remove, self.root, blob.dirname)
+        self._shred = True
         if event is not None:
             self.metrics.event(event)
-
-    def _remove_dir(self, dirname: str) -> None:
-        """Overwrite the meta (it holds the blob key, sealed), then unlink everything."""
-        path = os.path.join(self.root, dirname)
-        meta = os.path.join(path, META)
-        try:
-            size = os.path.getsize(meta)
-            fd = os.open(meta, os.O_WRONLY)
-            try:
-                os.pwrite(fd, bytes(size), 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass  # no meta (half-made): nothing to overwrite
-        shutil.rmtree(path, ignore_errors=True)
-        try:
-            dfd = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
 
     async def tick(self, now: int) -> dict[str, int]:
         """Delete expired blobs and copies; at an epoch's end re-seal every meta under a fresh
@@ -711,6 +610,11 @@ class BlobStore:
                 keys.destroy_many(keys.ids)
             return 0
         kid = keys.current(now)
+        if self._shred and kid in {b.kid for b in live} and len(live) <= SHRED_RESEAL_MAX:
+            # a blob was deleted: move the others to a fresh key now, so that the dead one's
+            # old metas (and with them its key) die within a tick, not at the epoch's end
+            kid = keys.fresh(now)
+        self._shred = False
         resealed = 0
         for blob in live:
             if blob.kid == kid:
