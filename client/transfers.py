@@ -19,7 +19,7 @@ only their SHA-256. The queued payload holds the secret; the per-device encrypti
 device's own token in its copy (client/device.py). Devices linked after the upload get no
 token, hence no file.
 
-**Download.** Chunks are fetched in order (8 in flight) into ``transfers/down-….part``; a
+**Download.** Chunks are fetched in order (4 in flight) into ``transfers/down-….part``; a
 restart continues at the first missing chunk (the file's length says which). Then the whole
 ciphertext is checked against the payload's SHA-256 and decrypted into a new file in the save
 folder under the sanitised name (never over an existing file), and ``blob_done`` tells the
@@ -61,7 +61,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("haven.transfers")
 
-WINDOW = 8  # chunks in flight (spec: up to 8 puts)
+WINDOW = 8  # puts in flight (spec: up to 8)
+# gets in flight: each answer is ~1 MiB in the node's write queue for this connection (8 MiB
+# at most, docs/protocol.md §10.2), so fewer than puts
+GET_WINDOW = 4
 TRANSFERS_DIR = "transfers"
 NOT_READY_TRIES = 20
 # Node answers to an upload that a later retry may cure (anything else refuses the file).
@@ -433,12 +436,12 @@ async def resume_uploads(
 # ---- receiving ------------------------------------------------------------------------------
 
 
-async def _get(conn: NodeConnection, ref: FileRef, index: int) -> bytes:
+async def _get(conn: NodeConnection, ref: FileRef, index: int, host: str) -> bytes:
     """One chunk; ``not_ready`` (the origin has not got it all yet) is retried a while."""
     delay = 0.1
     for attempt in range(NOT_READY_TRIES):
         try:
-            frame = F.BlobGet(conn.next_rid(), ref.blob, ref.node, ref.token, index)
+            frame = F.BlobGet(conn.next_rid(), ref.blob, ref.node, ref.token, index, host)
             ans = expect(await conn.request(frame), F.BlobChunk)
         except RemoteProtocolError as exc:
             if exc.code != "not_ready" or attempt == NOT_READY_TRIES - 1:
@@ -453,8 +456,11 @@ async def _get(conn: NodeConnection, ref: FileRef, index: int) -> bytes:
     raise RemoteProtocolError("not ready", code="not_ready")  # not reached
 
 
-async def _fetch(conn: NodeConnection, ref: FileRef, part: str, progress: Progress | None) -> None:
-    """Fetch the chunks missing from ``part`` (a prefix of whole chunks), in order."""
+async def _fetch(
+    conn: NodeConnection, ref: FileRef, part: str, progress: Progress | None, host: str = ""
+) -> None:
+    """Fetch the chunks missing from ``part`` (a prefix of whole chunks), in order. ``host``:
+    the uploader's address host, for a home node that has not pinned its node yet."""
     fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         have = os.fstat(fd).st_size
@@ -470,8 +476,8 @@ async def _fetch(conn: NodeConnection, ref: FileRef, part: str, progress: Progre
         nxt = start
         try:
             for i in range(start, n):
-                while nxt < n and len(pending) < WINDOW:
-                    pending.append(asyncio.ensure_future(_get(conn, ref, nxt)))
+                while nxt < n and len(pending) < GET_WINDOW:
+                    pending.append(asyncio.ensure_future(_get(conn, ref, nxt, host)))
                     nxt += 1
                 data = await pending.popleft()
                 os.pwrite(fd, data, i * A.CHUNK)
@@ -545,9 +551,11 @@ async def download(
         finally:
             await dev.release(c)
     ref = att.ref
+    row = dev.state.message(msg_id)
+    host = row.sender.rsplit("@", 1)[-1] if row is not None else ""
     part = os.path.join(_dir(dev), f"down-{msg_id.hex()}.part")
     try:
-        await _fetch(conn, ref, part, progress)
+        await _fetch(conn, ref, part, progress, host)
         path, sha = await asyncio.to_thread(_decrypt_to, ref, part, save_dir, progress)
     except HavenError as exc:
         permanent = exc.code in PERMANENT
@@ -565,7 +573,8 @@ async def download(
     with contextlib.suppress(OSError):
         os.unlink(part)
     try:
-        expect(await conn.request(F.BlobDone(conn.next_rid(), ref.blob, ref.node, ref.token)), F.Ok)
+        done_frame = F.BlobDone(conn.next_rid(), ref.blob, ref.node, ref.token, host)
+        expect(await conn.request(done_frame), F.Ok)
     except HavenError as exc:  # the nodes delete it at its TTL anyway
         log.info("blob_done not acknowledged (%s)", exc.code)
     return done
