@@ -215,3 +215,54 @@ def test_upload_records_survive_reopening_and_are_shredded_when_dropped(tmp_path
         s.drop_upload(db, blob)
     assert s.uploads() == [] and s.keys.key(slot) is None  # its key is zeroed
     s.close()
+
+
+def test_attachment_follows_its_history_row(tmp_path: Any) -> None:
+    """Sealed under the row's key: an edit re-seals it, a delete or expiry removes it."""
+    from client.state import FILE_DOWNLOADED, FILE_PENDING, Attachment, DeviceState, HistoryRow
+
+    s = DeviceState(str(tmp_path / "dev"))
+    ref = FileRef(
+        os.urandom(16),
+        "n" * 52,
+        os.urandom(32),
+        os.urandom(32),
+        5,
+        A.padded_size(5),
+        "a.txt",
+        "text/plain",
+        b"",
+        os.urandom(32),
+    )
+    ids = [os.urandom(16) for _ in range(2)]
+    with s.tx() as db:
+        for i, mid in enumerate(ids):
+            s.add_history(
+                db,
+                HistoryRow(
+                    mid,
+                    "bob@x",
+                    False,
+                    "bob@x",
+                    "cap",
+                    1,
+                    1,
+                    expires_in=10,
+                    expire_at=100 if i else None,
+                ),
+            )
+            s.add_attachment(db, Attachment(mid, ref, FILE_PENDING))
+    assert s.attachment(ids[0]) == Attachment(ids[0], ref, FILE_PENDING)
+    assert s.attachment_ids(FILE_PENDING) == ids
+    with s.tx() as db:
+        s.set_attachment(db, Attachment(ids[0], ref, FILE_DOWNLOADED, "/p", b"h"))
+        s.edit_history(db, ids[0], "new caption")
+    got = s.attachment(ids[0])
+    assert got is not None and got.state == FILE_DOWNLOADED and got.path == "/p"
+    assert s.purge_expired(1000) == 1  # the second row expired: its file goes with it
+    assert s.attachment(ids[1]) is None
+    with s.tx() as db:
+        s.delete_history(db, ids[0])
+    assert s.attachment(ids[0]) is None
+    assert s.db.execute("SELECT count(*) FROM attachments").fetchone()[0] == 0
+    s.close()
