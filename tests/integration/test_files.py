@@ -395,3 +395,28 @@ def test_a_refused_file_leaves_nothing_behind(tmp_path: Path, nodes: list[NodePr
     assert sorted(r["kind"] for r in rows) == ["file", "text"]
     assert (tmp_path / "save" / "small.txt").read_text() == "fits"
     assert "big.bin" not in {r.get("file", {}).get("name") for r in rows}
+
+
+async def test_the_senders_other_device_gets_the_file_too(
+    tmp_path: Path, pair: tuple[NodeProc, NodeProc]
+) -> None:
+    a, b = pair
+    bob, bob_addr = join(b, tmp_path, "bob")
+    alice = Device(str(tmp_path / "dev-alice"))
+    await alice.join(invite(a, f"alice{next(_NAMES)}"), name="alice-phone")
+    laptop = await linked(alice, tmp_path, "dev-alice2")
+    alice.close()
+    laptop.close()
+    src = tmp_path / "notes.txt"
+    src.write_text("shared with my laptop too")
+    sent = json.loads(
+        haven(
+            "send", "--home", str(tmp_path / "dev-alice"), bob_addr, "--file", str(src), "--json"
+        ).stdout
+    )
+    assert sent["status"] == "sent"
+    for home in (tmp_path / "dev-alice2", bob):
+        save = tmp_path / f"save-{home.name}"
+        (row,) = _recv_files(home, save)
+        assert (save / "notes.txt").read_text() == "shared with my laptop too"
+        assert row["msg_id"] == sent["msg_id"]
