@@ -562,7 +562,9 @@ def _user_commands(sub: Any) -> None:
     s = cmd("send", "send an end-to-end encrypted message (or a file, with --file)")
     s.add_argument("address", help="name@host")
     s.add_argument("text", nargs="?", help="the message (with --file: a caption, optional)")
-    s.add_argument("--file", help="send this file (up to the node's limit, 100 MB by default)")
+    s.add_argument(
+        "--file", metavar="PATH", help="send this file (up to the node's limit, 100 MB by default)"
+    )
     s.add_argument("--mime", help="the file's MIME type (default: from its name)")
     s.add_argument("--ttl", default="7d", help="how long nodes may hold it undelivered")
     s.add_argument("--expires", help="disappear this long after it is shown (e.g. 1h, off)")
