@@ -194,7 +194,7 @@ class Ack(Frame, frozen=True, tag="ack"):
     ids: Annotated[tuple[EnvelopeId, ...], msgspec.Meta(max_length=MAX_ACK_IDS)]
 
 
-# ---- attachments (blobs, docs/protocol.md §8) -------------------------------------------------
+# ---- attachments (blobs, docs/protocol.md §10) ----------------------------------------------
 
 
 class BlobNew(Frame, frozen=True, tag="blob_new"):
@@ -236,7 +236,7 @@ class BlobGet(Frame, frozen=True, tag="blob_get"):
     token: Token
     index: ChunkIndex
     # the uploader's home host (from the sender's address): lets this node find a node it has
-    # not pinned yet; a host that answers with another node id is refused (§8.3)
+    # not pinned yet; a host that answers with another node id is refused (§10.3)
     host: Annotated[str, msgspec.Meta(max_length=MAX_ADDRESS)] = ""
 
 

@@ -34,7 +34,7 @@ MailboxId = Annotated[bytes, msgspec.Meta(min_length=MAILBOX_ID_LEN, max_length=
 Code = Annotated[str, msgspec.Meta(max_length=MAX_CODE_LEN)]
 EpochMs = Annotated[int, msgspec.Meta(gt=0)]
 
-# ---- attachments (blobs, docs/protocol.md §8) ---------------------------------------------------
+# ---- attachments (blobs, docs/protocol.md §10) ----------------------------------------------
 CHUNK_SIZE = 1024 * 1024  # every chunk but the last of a blob is exactly this long
 MAX_CHUNKS = 128  # 128 MiB of padded ciphertext at most (the operator's max_file_mb is lower)
 MAX_BLOB_SIZE = MAX_CHUNKS * CHUNK_SIZE

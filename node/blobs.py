@@ -86,6 +86,10 @@ def footprint(size: int) -> int:
     return data_len(size) + BOOKKEEPING
 
 
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
 def token_hash(token: bytes) -> bytes:
     return hashlib.sha256(token).digest()
 
@@ -127,7 +131,7 @@ class Blob:
     kid: int = -1  # epoch key that seals the meta on disk
     account: str | None = None  # memory only: whose bytes in flight this is
     gone: bool = False
-    writing: set[int] = field(default_factory=set)
+    writing: dict[int, asyncio.Future[None]] = field(default_factory=dict)  # chunks in writes
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -321,6 +325,7 @@ class BlobStore:
             if old.account is None:  # announced before a restart: count it again now
                 old.account = account
                 self.in_flight[account] = self.in_flight.get(account, 0) + old.footprint
+            await self._settled(old)
             return sorted(old.have)
         need = footprint(size)
         if self.in_flight.get(account, 0) + need > self.max_per_account:
@@ -393,19 +398,24 @@ class BlobStore:
             raise MalformedFrame("chunk index past the end of the blob")
         if len(data) != chunk_len(blob.size, index):
             raise MalformedFrame("chunk has the wrong length for its index")
-        if index in blob.have:
-            if hashlib.sha256(data).digest() != blob.hashes[index]:
-                raise HashMismatch("chunk does not match its announced hash")
-            return False
-        await self._write(blob, index, data, blob.hashes[index])
-        if blob.complete:
-            await self._rewrite(blob)  # the meta lists every chunk from now on
-        return True
+        if index not in blob.have and await self._write(blob, index, data, blob.hashes[index]):
+            if blob.complete:
+                await self._rewrite(blob)  # the meta lists every chunk from now on
+            return True
+        # already stored (maybe by a put of the same chunk at the same time): still checked
+        if await self._io(_sha256, data) != blob.hashes[index]:
+            raise HashMismatch("chunk does not match its announced hash")
+        return False
 
-    async def _write(self, blob: Blob, index: int, data: bytes, expect: bytes | None) -> None:
-        if index in blob.writing:  # the same chunk twice at once: one write is enough
-            raise StorageError("chunk is being written; retry")
-        blob.writing.add(index)
+    async def _write(self, blob: Blob, index: int, data: bytes, expect: bytes | None) -> bool:
+        """Write chunk ``index``; False if it was already stored (or stored meanwhile by a
+        write of the same chunk under way: that one is waited for, not doubled)."""
+        while (busy := blob.writing.get(index)) is not None:
+            await asyncio.shield(busy)
+        if index in blob.have:
+            return False
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        blob.writing[index] = done
         try:
             await self._io(
                 files.write_chunk,
@@ -422,10 +432,17 @@ class BlobStore:
                 raise NotFound("no such blob") from exc
             raise _translate_os(exc, "writing a chunk") from exc
         finally:
-            blob.writing.discard(index)
+            del blob.writing[index]
+            done.set_result(None)
         if blob.gone:
             raise NotFound("no such blob")
         blob.have.add(index)
+        return True
+
+    async def _settled(self, blob: Blob) -> None:
+        """Wait for the chunk writes under way (a resume then lists what they stored)."""
+        for busy in list(blob.writing.values()):
+            await asyncio.shield(busy)
 
     async def read(self, blob_id: bytes, token: bytes, index: int, now: int) -> Served:
         """Chunk ``index`` of a complete upload, for the holder of ``token``.
@@ -436,6 +453,8 @@ class BlobStore:
         """
         blob = self.uploads.get(blob_id)
         if blob is None or blob.gone or token_hash(token) not in blob.tokens:
+            raise NotFound("no such blob")
+        if blob.expires <= now:  # the next tick deletes it
             raise NotFound("no such blob")
         if index >= blob.chunks:
             raise NotFound("no such chunk")
@@ -480,7 +499,7 @@ class BlobStore:
 
     async def copy_read(self, blob: Blob, index: int, now: int) -> Served | None:
         """Chunk ``index`` from a fetched copy, or None if this node does not have it yet."""
-        if index not in blob.have or index >= blob.chunks:
+        if index not in blob.have or index >= blob.chunks or blob.expires <= now:
             return None
         try:
             data = await self._read(blob, index)
@@ -534,10 +553,7 @@ class BlobStore:
                 self._index(blob)
         if blob.size != size:
             raise MalformedFrame("the origin changed the blob size")
-        if index in blob.have:
-            return
-        await self._write(blob, index, data, None)
-        if blob.complete:
+        if await self._write(blob, index, data, None) and blob.complete:
             await self._rewrite(blob)
 
     async def copy_drop(self, origin: str, blob_id: bytes, token: bytes) -> bool:

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -32,6 +33,12 @@ from tests.integration.rawpeer import RawDevice, set_node_config  # noqa: E402
 from tests.integration.test_blobs_node import register  # noqa: E402
 
 MIB = 1024 * 1024
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid: int, field: str) -> int:
@@ -115,9 +122,9 @@ async def main() -> None:
             ]
             stop = asyncio.Event()
             busy_task = asyncio.create_task(ping_until(pinger, carol.address, stop))
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_s(a.proc.pid)
             await windowed(dev, puts, args.window)
-            up_s = time.perf_counter() - t0
+            up_s, up_cpu = time.perf_counter() - t0, cpu_s(a.proc.pid) - c0
             stop.set()
             busy = await busy_task
             await pinger.close()
@@ -140,15 +147,28 @@ async def main() -> None:
                 await d.close()
                 return elapsed
 
+            c0 = cpu_s(a.proc.pid)
             local_s = await download(a, carol, tokens[1])
+            local_cpu = cpu_s(a.proc.pid) - c0
+            c0, cb = cpu_s(a.proc.pid), cpu_s(b.proc.pid)
             fed_s = await download(b, bob, tokens[0])
+            fed_cpu = (cpu_s(a.proc.pid) - c0, cpu_s(b.proc.pid) - cb)
             await dev.close()
         hwm = {n: rss_kb(p.proc.pid, "VmHWM") for n, p in (("a", a), ("b", b)) if p.proc}
         mb = size / 1e6
         print(f"blob {args.mb} MiB, window {args.window}")
-        print(f"  upload to A            {mb / up_s:8.1f} MB/s  ({up_s:.2f} s)")
-        print(f"  download through A     {mb / local_s:8.1f} MB/s  ({local_s:.2f} s)")
-        print(f"  download A -> B -> dev {mb / fed_s:8.1f} MB/s  ({fed_s:.2f} s)")
+        print(
+            f"  upload to A            {mb / up_s:8.1f} MB/s  "
+            f"({up_s:.2f} s; A used {up_cpu:.2f} s CPU)"
+        )
+        print(
+            f"  download through A     {mb / local_s:8.1f} MB/s  "
+            f"({local_s:.2f} s; A used {local_cpu:.2f} s CPU)"
+        )
+        print(
+            f"  download A -> B -> dev {mb / fed_s:8.1f} MB/s  "
+            f"({fed_s:.2f} s; A used {fed_cpu[0]:.2f} s, B {fed_cpu[1]:.2f} s CPU)"
+        )
         for label, rtts in (("idle", idle), ("during upload", busy)):
             rtts.sort()
             p50, p99 = rtts[len(rtts) // 2], rtts[int(len(rtts) * 0.99)]
@@ -156,11 +176,12 @@ async def main() -> None:
                 f"  another device's key query on A, {label}: p50 {p50:.1f} ms, "
                 f"p99 {p99:.1f} ms, max {rtts[-1]:.1f} ms ({len(rtts)} queries)"
             )
-        for n in ("a", "b"):
-            print(f"  node {n} RSS peak growth {(hwm[n] - rss0[n]) / 1024:6.1f} MB")
+        for name in ("a", "b"):
+            print(f"  node {name} RSS peak growth {(hwm[name] - rss0[name]) / 1024:6.1f} MB")
     finally:
         a.stop()
         b.stop()
+        shutil.rmtree(base, ignore_errors=True)  # the blobs stay until their TTL otherwise
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -348,3 +349,19 @@ async def test_a_deletion_moves_the_other_metas_to_a_fresh_key(tmp_path: Path) -
     again = make_store(tmp_path)
     await again.open(NOW + 2)
     assert list(again.uploads) == [kept.blob]
+
+
+async def test_the_same_chunk_twice_at_once_is_written_once(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    await store.open(NOW)
+    up = Upload(2 * CHUNK_SIZE)
+    await up.announce(store)
+    first, second, resumed = await asyncio.gather(
+        store.put(up.blob, 0, up.chunks[0]),
+        store.put(up.blob, 0, up.chunks[0]),
+        up.announce(store),  # a resume while the write is under way waits for it
+    )
+    assert sorted([first, second]) == [False, True]
+    assert resumed == [0]
+    with pytest.raises(HashMismatch):  # a repeat is still checked
+        await store.put(up.blob, 0, os.urandom(CHUNK_SIZE))
