@@ -58,6 +58,7 @@ from .state import (
 
 if TYPE_CHECKING:
     from .device import Device
+    from .state import DeviceState
 
 log = logging.getLogger("haven.transfers")
 
@@ -519,6 +520,31 @@ def _decrypt_to(
     return path, sha
 
 
+def clean_parts(state: DeviceState) -> int:
+    """Remove partial downloads whose message is gone (deleted or expired meanwhile) or whose
+    file is already saved; how many. Their bytes are ciphertext under a key that went with
+    the message."""
+    folder = os.path.join(state.home, TRANSFERS_DIR)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for name in names:
+        if not (name.startswith("down-") and name.endswith(".part")):
+            continue
+        try:
+            msg_id = bytes.fromhex(name[5:-5])
+        except ValueError:
+            continue
+        att = state.attachment(msg_id)
+        if att is None or att.state in (FILE_DOWNLOADED, FILE_SENT):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+    return removed
+
+
 def default_save_dir() -> str:
     """``~/Downloads/Haven``."""
     return os.path.join(os.path.expanduser("~"), "Downloads", "Haven")
@@ -539,6 +565,7 @@ async def download(
     so far kept; one that it will not (``not_found``: expired or deleted; a bad file) makes
     it ``failed``. Either way the error is raised.
     """
+    clean_parts(dev.state)
     att = dev.state.attachment(msg_id)
     if att is None:
         raise LocalProtocolError("that message has no file", code="not_a_file")

@@ -266,3 +266,38 @@ def test_attachment_follows_its_history_row(tmp_path: Any) -> None:
     assert s.attachment(ids[0]) is None
     assert s.db.execute("SELECT count(*) FROM attachments").fetchone()[0] == 0
     s.close()
+
+
+def test_partial_downloads_of_deleted_messages_are_removed(tmp_path: Any) -> None:
+    from client.state import FILE_PENDING, Attachment, DeviceState, HistoryRow
+
+    s = DeviceState(str(tmp_path / "dev"))
+    ref = FileRef(
+        os.urandom(16),
+        "n" * 52,
+        os.urandom(32),
+        os.urandom(32),
+        5,
+        A.padded_size(5),
+        "a.txt",
+        "text/plain",
+        b"",
+        os.urandom(32),
+    )
+    keep, gone = os.urandom(16), os.urandom(16)
+    with s.tx() as db:
+        for mid in (keep, gone):
+            s.add_history(db, HistoryRow(mid, "bob@x", False, "bob@x", "", 1, 1))
+            s.add_attachment(db, Attachment(mid, ref, FILE_PENDING))
+    folder = tmp_path / "dev" / T.TRANSFERS_DIR
+    folder.mkdir()
+    for mid in (keep, gone):
+        (folder / f"down-{mid.hex()}.part").write_bytes(b"x")
+    (folder / "down-nothex.part").write_bytes(b"x")
+    with s.tx() as db:
+        s.delete_history(db, gone)
+    assert T.clean_parts(s) == 1
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"down-{keep.hex()}.part", "down-nothex.part"]
+    )
+    s.close()
