@@ -10,15 +10,24 @@ and raises a :class:`federation.errors.HavenError` to drop the payload.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import vodozemac as vz
 
-from federation.errors import UntrustedKey
+from federation.errors import MalformedEnvelope, UntrustedKey
 
+from .attachments import padded_size, safe_mime, safe_name
 from .payload import Payload
-from .state import STATUS_DELIVERED, STATUS_READ, DeviceState, HistoryRow, clean_name
+from .state import (
+    FILE_PENDING,
+    STATUS_DELIVERED,
+    STATUS_READ,
+    Attachment,
+    DeviceState,
+    HistoryRow,
+    clean_name,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +69,22 @@ def apply_text(
     if not state.add_history(db, row):
         return None  # a duplicate (e.g. a re-delivered pre-key message, a retried send)
     return ReceivedMessage(sender, p.text, p.sent_at, p.id, p.kind, peer)
+
+
+def apply_file(
+    state: DeviceState, db: Any, sender: str, own: bool, p: Payload, now: int
+) -> ReceivedMessage | None:
+    """A file: a history row (the caption as its text) and its attachment, ``pending`` until
+    downloaded. The name and MIME type are made safe here, before anything uses them."""
+    ref = p.file
+    if ref is None or len(ref.token) != 32 or ref.padded != padded_size(ref.size):
+        raise MalformedEnvelope("a file payload without a usable reference")
+    ref = replace(ref, name=safe_name(ref.name), mime=safe_mime(ref.mime))
+    msg = apply_text(state, db, sender, own, p, now)
+    if msg is None:
+        return None
+    state.add_attachment(db, Attachment(p.id, ref, FILE_PENDING))
+    return msg
 
 
 def apply_change(
@@ -121,6 +146,7 @@ def apply_timer(
 
 APPLIERS: dict[str, Applier] = {
     "text": apply_text,
+    "file": apply_file,
     "edit": apply_change,
     "delete": apply_change,
     "delivered": apply_receipt,

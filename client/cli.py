@@ -29,7 +29,17 @@ from federation.errors import HavenError, LocalProtocolError
 from . import prefix
 from .device import Device, ReceivedMessage
 from .homes import device_home, node_home
-from .state import STATUS_NAMES, HistoryRow
+from .state import (
+    FILE_DOWNLOADED,
+    FILE_FAILED,
+    FILE_PENDING,
+    FILE_SENT,
+    STATUS_NAMES,
+    Attachment,
+    HistoryRow,
+)
+
+AUTO_DOWNLOAD_MB = 25.0  # recv downloads files up to this size (decimal MB)
 
 
 class Out:
@@ -76,6 +86,10 @@ async def cmd_join(args: argparse.Namespace, dev: Device, out: Out) -> int:
 
 async def cmd_send(args: argparse.Namespace, dev: Device, out: Out) -> int:
     expires = None if args.expires is None else _duration_or_off(args.expires)
+    if getattr(args, "file", None):
+        return await _send_file(args, dev, out, expires)
+    if not args.text:
+        raise LocalProtocolError("give the message text, or --file PATH", code="bad_argument")
     res = await dev.send(
         args.address, args.text, ttl_ms=parse_duration(args.ttl), expires_in=expires
     )
@@ -93,6 +107,89 @@ async def cmd_send(args: argparse.Namespace, dev: Device, out: Out) -> int:
         sent_text(args.address, res.devices),
     )
     return 0
+
+
+async def _send_file(args: argparse.Namespace, dev: Device, out: Out, expires: int | None) -> int:
+    from . import transfers
+    from .progress import bar
+
+    with bar(out, args) as progress:
+        res = await transfers.send_file(
+            dev,
+            args.address,
+            args.file,
+            args.text or "",
+            ttl_ms=parse_duration(args.ttl),
+            expires_in=expires,
+            mime=getattr(args, "mime", None),
+            progress=progress,
+        )
+    row = res.row
+    att = dev.state.attachment(row.msg_id)
+    devices = {args.address: {"total": row.devices_total, "verified": row.devices_verified}}
+    status = STATUS_NAMES.get(row.status, "pending")
+    if row.error:
+        raise LocalProtocolError(f"the file to {args.address} could not be sent", code=row.error)
+    obj: dict[str, Any] = {
+        "msg_id": row.msg_id.hex(),
+        "to": args.address,
+        "status": "queued" if status == "pending" else status,
+        "devices": devices,
+        "resumed": res.resumed,
+        "kind": "file",
+        "file": file_json(att),
+    }
+    if status == "pending":
+        out.err("warning: the file is uploaded; its message is queued and sent on the next run")
+        text = "queued"
+    else:
+        text = sent_text(args.address, devices)
+        if res.resumed:
+            text += " (resumed an interrupted upload)"
+    out.emit(args, obj, text)
+    return 0
+
+
+def file_json(att: Attachment | None) -> dict[str, Any] | None:
+    """The ``file`` object of JSON rows: name, size, mime, sha256 (of the file, hex; null
+    until downloaded) and path (null until downloaded)."""
+    if att is None:
+        return None
+    have = att.state in (FILE_DOWNLOADED, FILE_SENT)
+    out: dict[str, Any] = {
+        "name": att.ref.name,
+        "size": att.ref.size,
+        "mime": att.ref.mime,
+        "sha256": att.plain_sha256.hex() if have and att.plain_sha256 else None,
+        "path": att.path if have and att.path else None,
+        "state": att.state,
+    }
+    if att.error:
+        out["error"] = att.error
+    return out
+
+
+def human_size(n: int) -> str:
+    """``1.2 MB`` (decimal units, as file managers show them)."""
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+def file_line(sender: str, att: Attachment, caption: str) -> str:
+    """The text line of a received file: saved where, or how to get it."""
+    what = f"{sender}: [file] {att.ref.name} ({human_size(att.ref.size)}, {att.ref.mime})"
+    if caption:
+        what += f" {caption}"
+    if att.state == FILE_DOWNLOADED:
+        return f"{what} saved to {att.path}"
+    hint = f"haven download {att.msg_id.hex()[:8]}"
+    if att.state == FILE_FAILED:
+        return f"{what} could not be downloaded ({att.error}); try `{hint}`"
+    return f"{what}; get it with `{hint}`"
 
 
 def sent_text(address: str, devices: dict[str, dict[str, int]]) -> str:
@@ -119,7 +216,13 @@ def _msg_json(m: ReceivedMessage) -> dict[str, Any]:
 
 
 async def cmd_recv(args: argparse.Namespace, dev: Device, out: Out) -> int:
+    files: list[ReceivedMessage] = []
+    await _resume_uploads(dev)
+
     def show(m: ReceivedMessage) -> None:
+        if m.kind == "file":
+            files.append(m)  # printed once downloaded (or not: too large)
+            return
         if m.kind not in ("text", "edit", "delete"):
             return  # receipts, profiles and timers are applied, not printed
         if args.json:
@@ -132,9 +235,76 @@ async def cmd_recv(args: argparse.Namespace, dev: Device, out: Out) -> int:
             out.line(f"{m.sender} {verb} a message {target}")
 
     msgs = await dev.receive(wait_s=args.wait, on_message=show)
+    if files:
+        await _auto_download(args, dev, out, files)
     mark_printed(dev, getattr(args, "client", None) or "cli")
-    if not any(m.kind == "text" for m in msgs) and not args.json:
+    if not any(m.kind in ("text", "file") for m in msgs) and not args.json:
         out.err("no new messages")
+    return 0
+
+
+async def _resume_uploads(dev: Device) -> None:
+    """Finish uploads an interrupted ``send --file`` left (only if there are any)."""
+    if not dev.state.uploads():
+        return
+    from . import transfers
+
+    conn = await dev.connect()
+    try:
+        await transfers.resume_uploads(dev, conn)
+    finally:
+        await dev.release(conn)
+
+
+def save_dir(args: argparse.Namespace) -> str:
+    from .transfers import default_save_dir
+
+    return os.path.abspath(
+        os.path.expanduser(getattr(args, "save_dir", None) or default_save_dir())
+    )
+
+
+async def _auto_download(
+    args: argparse.Namespace, dev: Device, out: Out, files: list[ReceivedMessage]
+) -> None:
+    """Download the new files up to ``--auto-download`` MB, then print each one."""
+    from . import transfers
+    from .progress import bar
+
+    limit = int(float(getattr(args, "auto_download", AUTO_DOWNLOAD_MB)) * 1_000_000)
+    conn = await dev.connect()
+    try:
+        for m in files:
+            att = dev.state.attachment(m.msg_id)
+            if att is None:
+                continue
+            if att.ref.size <= limit:
+                try:
+                    with bar(out, args) as progress:
+                        att = await transfers.download(
+                            dev, m.msg_id, save_dir(args), progress=progress, conn=conn
+                        )
+                except HavenError as exc:
+                    out.err(f"warning: {att.ref.name} not downloaded ({exc.code})")
+                    att = dev.state.attachment(m.msg_id) or att
+            if args.json:
+                out.line(json.dumps(_msg_json(m) | {"file": file_json(att)}))
+            else:
+                out.line(file_line(m.sender, att, m.text))
+    finally:
+        await dev.release(conn)
+
+
+async def cmd_download(args: argparse.Namespace, dev: Device, out: Out) -> int:
+    from . import transfers
+    from .progress import bar
+
+    msg_id = prefix.message_id(dev.state.db, args.msg_id)
+    await _resume_uploads(dev)
+    with bar(out, args) as progress:
+        att = await transfers.download(dev, msg_id, save_dir(args), progress=progress)
+    obj = {"msg_id": msg_id.hex(), "kind": "file", "file": file_json(att)}
+    out.emit(args, obj, f"saved to {att.path}")
     return 0
 
 
@@ -147,7 +317,7 @@ def mark_printed(dev: Device, client: str) -> None:
             dev.state.set_cursor(db, client, int(top))
 
 
-def _row_json(r: HistoryRow) -> dict[str, Any]:
+def _row_json(r: HistoryRow, att: Attachment | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "from": r.sender,
         "text": r.text,
@@ -162,16 +332,20 @@ def _row_json(r: HistoryRow) -> dict[str, Any]:
         out["devices"] = {"total": r.devices_total, "verified": r.devices_verified}
     else:
         out["read"] = r.read
+    if att is not None:
+        out["kind"] = "file"
+        out["file"] = file_json(att)
     return out
 
 
 async def cmd_history(args: argparse.Namespace, dev: Device, out: Out) -> int:
     rows = dev.history(args.address)
     for r in rows:
+        att = dev.state.attachment(r.msg_id)
         if args.json:
-            out.line(json.dumps(_row_json(r)))
+            out.line(json.dumps(_row_json(r, att)))
         else:
-            out.line(history_line(r))
+            out.line(history_line(r, att))
     if not args.no_mark_read:
         try:
             await dev.mark_read(args.address)
@@ -180,12 +354,18 @@ async def cmd_history(args: argparse.Namespace, dev: Device, out: Out) -> int:
     return 0
 
 
-def history_line(r: HistoryRow) -> str:
-    """``ID8 > sender: text (edited) [status]``: the short id works with edit and delete."""
+def history_line(r: HistoryRow, att: Attachment | None = None) -> str:
+    """``ID8 > sender: text (edited) [status]``: the short id works with edit and delete
+    (and ``download``, for a file: ``[file NAME, SIZE, STATE]`` before the caption)."""
     mark = f" [{STATUS_NAMES.get(r.status, r.status)}]" if r.outgoing else ""
     edited = " (edited)" if r.edited else ""
     arrow = ">" if r.outgoing else "<"
-    return f"{r.msg_id.hex()[:8]} {arrow} {r.sender}: {r.text}{edited}{mark}"
+    text = r.text
+    if att is not None:
+        where = f": {att.path}" if att.path and att.state != FILE_PENDING else ""
+        info = f"[file {att.ref.name}, {human_size(att.ref.size)}, {att.state}{where}]"
+        text = f"{info} {text}" if text else info
+    return f"{r.msg_id.hex()[:8]} {arrow} {r.sender}: {text}{edited}{mark}"
 
 
 async def cmd_chats(args: argparse.Namespace, dev: Device, out: Out) -> int:
@@ -355,6 +535,7 @@ COMMANDS: dict[str, Handler] = {
     "join": cmd_join,
     "send": cmd_send,
     "recv": cmd_recv,
+    "download": cmd_download,
     "history": cmd_history,
     "chats": cmd_chats,
     "edit": cmd_edit,
@@ -391,9 +572,13 @@ def _user_commands(sub: Any) -> None:
         "give the node's URL instead of an invite",
     )
 
-    s = cmd("send", "send an end-to-end encrypted message")
+    s = cmd("send", "send an end-to-end encrypted message (or a file, with --file)")
     s.add_argument("address", help="name@host")
-    s.add_argument("text")
+    s.add_argument("text", nargs="?", help="the message (with --file: a caption, optional)")
+    s.add_argument(
+        "--file", metavar="PATH", help="send this file (up to the node's limit, 100 MB by default)"
+    )
+    s.add_argument("--mime", help="the file's MIME type (default: from its name)")
     s.add_argument("--ttl", default="7d", help="how long nodes may hold it undelivered")
     s.add_argument("--expires", help="disappear this long after it is shown (e.g. 1h, off)")
 
@@ -409,6 +594,19 @@ def _user_commands(sub: Any) -> None:
         default="cli",
         help="through a running app: the name of this reader's cursor (default cli)",
     )
+
+    save_help = "where received files go (default ~/Downloads/Haven)"
+    r.add_argument("--save-dir", help=save_help)
+    r.add_argument(
+        "--auto-download",
+        type=float,
+        default=AUTO_DOWNLOAD_MB,
+        metavar="MB",
+        help=f"download new files up to this size (default {AUTO_DOWNLOAD_MB:g} MB; 0: none)",
+    )
+    dl = cmd("download", "download the file of a received message")
+    dl.add_argument("msg_id", help="message id (a unique prefix of 8+ hex characters)")
+    dl.add_argument("--save-dir", help=save_help)
 
     h = cmd("history", "show a conversation (marks it read)")
     h.add_argument("address")
@@ -561,7 +759,14 @@ async def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The ``haven`` entry point; returns the exit status (docs/cli.md, "Exit codes")."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `send ADDRESS --file PATH TEXT`: argparse takes the optional TEXT only before the
+        # options, so a caption after them comes back here
+        if args.cmd == "send" and args.text is None and len(extra) == 1 and extra[0][:1] != "-":
+            args.text = extra[0]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.cmd is None:  # bare `haven`: help, as asked for
         parser.print_help()
         return 0
@@ -614,6 +819,9 @@ def _main(args: argparse.Namespace) -> int:
         print("error: --register ACCOUNT takes the node's URL (and no --link)", file=sys.stderr)
         return 2
     args.home = device_home(args.home)
+    for path_arg in ("file", "save_dir"):  # the daemon runs elsewhere: absolute paths
+        if getattr(args, path_arg, None):
+            setattr(args, path_arg, os.path.abspath(os.path.expanduser(getattr(args, path_arg))))
     try:
         from .app.ipc import through_daemon
 

@@ -56,6 +56,7 @@ from federation.wire import Envelope, unpackb
 
 from .applying import APPLIERS, SessionCache
 from .applying import ReceivedMessage as ReceivedMessage  # re-exported: the public API
+from .attachments import file_token
 from .connection import NodeConnection, expect
 from .payload import Payload, device_tag
 from .state import (
@@ -668,6 +669,16 @@ class Device:
             fan.targets.append((addr, dl, contact.node_id, claimed))
         return await self._encrypt_and_send(conn, payload, fan, ttl_ms, record)
 
+    async def recipient_devices(self, conn: NodeConnection, address: str) -> list[str]:
+        """The device ids a payload to ``address`` would reach now: theirs (on their signed
+        list) and our own other devices. A file's fetch tokens are made for exactly these."""
+        fan = _Fanout()
+        ids: list[str] = []
+        for addr in [address] + ([self.address] if address != self.address else []):
+            _, dl = await self._list_for(conn, addr, fan)
+            ids += [d.device_id for d in dl.devices if d.device_id != self.curve_key]
+        return ids
+
     async def _encrypt_and_send(
         self,
         conn: NodeConnection,
@@ -689,6 +700,16 @@ class Device:
             )
             payload = replace(payload, devs=reach)
         data = payload.encode()
+        file_secret = payload.file.token if payload.file is not None else b""
+
+        def data_for(dev: DeviceInfo) -> bytes:
+            # A file payload is built per device: each gets its own fetch token, derived from
+            # the secret the queued payload holds (which itself never leaves, §3.1 "file").
+            if payload.file is None:
+                return data
+            token = file_token(file_secret, dev.device_id)
+            return replace(payload, file=replace(payload.file, token=token)).encode()
+
         items: list[tuple[str, Envelope]] = []
         counts: dict[str, dict[str, int]] = {}
         with self.state.tx() as db:
@@ -696,7 +717,7 @@ class Device:
                 contact = self.state.contact(addr)
                 reached = 0
                 for dev in dl.devices:
-                    olm = self._encrypt_for(db, dev, claimed.get(dev.device_id), data, now)
+                    olm = self._encrypt_for(db, dev, claimed.get(dev.device_id), data_for(dev), now)
                     if olm is None:
                         fan.warnings.append(
                             SendWarning(
@@ -1002,7 +1023,7 @@ class Device:
             return
         me = self.address
         for m in new:
-            if m.kind == "text" and m.sender != me and not m.forwarded:
+            if m.kind in ("text", "file") and m.sender != me and not m.forwarded:
                 self._receipts.setdefault(m.sender, []).append(m.msg_id)
         if not conn.deliveries.empty() and sum(map(len, self._receipts.values())) < 500:
             return  # more is already queued: one receipt will cover it all

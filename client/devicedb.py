@@ -36,7 +36,7 @@ DB_FILE = "device.db"
 KEYS_FILE = "device.keys"
 V1_KEY_FILE = "device.key"
 SQLITE_MAGIC = b"SQLite format 3\x00"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Schema 2 -> 3 (the app): profiles, shared timers, the durable outbox, per-client cursors.
 SCHEMA_V3 = (
     "ALTER TABLE contacts ADD COLUMN display_name TEXT NOT NULL DEFAULT ''",
@@ -49,6 +49,16 @@ SCHEMA_V3 = (
     "peer TEXT NOT NULL, payload BLOB NOT NULL, ttl_ms INTEGER NOT NULL, "
     "created INTEGER NOT NULL)",
     "CREATE TABLE cursors (client TEXT PRIMARY KEY, seq INTEGER NOT NULL)",
+)
+# Schema 3 -> 4 (attachments, client/transfers.py): a received or sent file per history row
+# (its reference and local path sealed under that row's key slot, so deleting or expiring the
+# message shreds them), and uploads in progress to resume (each sealed under a key slot of its
+# own, zeroed when the upload is done: the file key in a remnant of the record opens for nobody).
+SCHEMA_V4 = (
+    "CREATE TABLE attachments (msg_id BLOB PRIMARY KEY, meta BLOB NOT NULL, "
+    "local BLOB NOT NULL, state TEXT NOT NULL, error TEXT NOT NULL DEFAULT '')",
+    "CREATE TABLE uploads (blob BLOB PRIMARY KEY, record BLOB NOT NULL, "
+    "slot INTEGER NOT NULL, created INTEGER NOT NULL)",
 )
 SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL);
@@ -279,7 +289,8 @@ def _migrate_v1(home: str, keys: KeySlots, db_key: bytes, old_key: bytes) -> Non
 
 def _upgrade(db: Any, keys: KeySlots, old_key: bytes | None, new_key: bytes) -> None:
     """Schema 1 → 2: history gets a key slot per row; sealed values move to ``new_key``.
-    Schema 2 → 3: the columns and tables of :data:`SCHEMA_V3`. One transaction for all."""
+    Schema 2 → 3: the columns and tables of :data:`SCHEMA_V3`; 3 → 4: :data:`SCHEMA_V4`.
+    One transaction for all."""
     new = nacl.secret.SecretBox(new_key)
     old = None if old_key is None else nacl.secret.SecretBox(old_key)
 
@@ -294,6 +305,9 @@ def _upgrade(db: Any, keys: KeySlots, old_key: bytes | None, new_key: bytes) -> 
             db.execute("ALTER TABLE history ADD COLUMN slot INTEGER NOT NULL DEFAULT -1")
         if version < 3:
             for stmt in SCHEMA_V3:
+                db.execute(stmt)
+        if version < 4:
+            for stmt in SCHEMA_V4:
                 db.execute(stmt)
         if version < 2 and old is not None and old_key is not None:  # a migrated v1 database
             for seq, text in db.execute("SELECT seq, text FROM history").fetchall():
@@ -343,6 +357,7 @@ def _reconcile(db: Any, keys: KeySlots) -> None:
     try:
         keys.refresh()
         refs = [r[0] for r in db.execute("SELECT slot FROM history").fetchall()]
+        refs += [r[0] for r in db.execute("SELECT slot FROM uploads").fetchall()]
         lost = keys.reconcile(refs)
         if lost:
             db.executemany("DELETE FROM history WHERE slot=?", [(s,) for s in lost])

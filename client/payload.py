@@ -4,7 +4,8 @@ Kinds: ``text`` (with an optional disappearing timer), ``edit`` and ``delete`` (
 message by the same sender), ``delivered`` and ``read`` receipts (listing message ids), and
 ``sync``: a payload one of our own devices received and forwards to our devices its sender
 missed (an outdated device list), ``profile`` (the sender's display name, ``name``) and
-``timer`` (a conversation's disappearing timer, ``expires_in``, set at ``sent_at``). Every
+``timer`` (a conversation's disappearing timer, ``expires_in``, set at ``sent_at``) and
+``file`` (an attachment: :class:`FileRef`, with ``text`` as its caption). Every
 field, timers and names included, travels inside the encryption; nodes never see any of it.
 
 A kind this version does not know (a newer device's: groups, attachments) still decodes, with
@@ -22,11 +23,17 @@ from federation.errors import MalformedEnvelope
 from federation.wire import packb, unpackb
 
 PAYLOAD_VERSION = 1
-KINDS = frozenset({"text", "edit", "delete", "delivered", "read", "sync", "profile", "timer"})
+KINDS = frozenset(
+    {"text", "edit", "delete", "delivered", "read", "sync", "profile", "timer", "file"}
+)
 NAME_MAX = 64  # profile: display name, in characters (longer ones are cut by the receiver)
 KIND_MAX = 32
 DEVICE_TAG_LEN = 8
 MAX_DEVS = 16  # at most one tag per device of the recipient's signed list
+FILE_NAME_MAX = 255  # UTF-8 bytes
+FILE_MIME_MAX = 127
+FILE_THUMB_MAX = 16 * 1024
+FILE_SIZE_MAX = 1 << 40
 
 
 def device_tag(device_id: str) -> bytes:
@@ -37,6 +44,69 @@ def device_tag(device_id: str) -> bytes:
         person=b"haven-devtag",
         encoder=nacl.encoding.RawEncoder,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class FileRef:
+    """A ``file`` payload's attachment (docs/protocol.md §3.1): where the padded ciphertext
+    is (``blob`` on node ``node``), how to open it (``key``) and check it (``sha256``), what
+    it is, and this recipient device's own fetch ``token``."""
+
+    blob: bytes  # 16 random bytes
+    node: str  # node id of the uploader's home node
+    key: bytes  # secretstream key, 32 bytes
+    sha256: bytes  # of the whole padded ciphertext
+    size: int  # plaintext bytes
+    padded: int  # ciphertext bytes as stored
+    name: str
+    mime: str
+    thumb: bytes = b""  # images: a JPEG of at most 16 KiB
+    token: bytes = b""  # 32 bytes, different for each recipient device
+
+    def to_obj(self) -> dict[str, object]:
+        return {
+            "blob": self.blob,
+            "node": self.node,
+            "key": self.key,
+            "sha256": self.sha256,
+            "size": self.size,
+            "padded": self.padded,
+            "name": self.name,
+            "mime": self.mime,
+            "thumb": self.thumb,
+            "token": self.token,
+        }
+
+    @classmethod
+    def from_obj(cls, obj: object) -> FileRef:
+        if not isinstance(obj, dict):
+            raise MalformedEnvelope("bad file reference")
+        f = cls(
+            blob=bytes(obj["blob"]),
+            node=str(obj["node"]),
+            key=bytes(obj["key"]),
+            sha256=bytes(obj["sha256"]),
+            size=int(obj["size"]),
+            padded=int(obj["padded"]),
+            name=str(obj.get("name", "")),
+            mime=str(obj.get("mime", "")),
+            thumb=bytes(obj.get("thumb", b"")),
+            token=bytes(obj.get("token", b"")),
+        )
+        if (
+            len(f.blob) != 16
+            or len(f.key) != 32
+            or len(f.sha256) != 32
+            or len(f.token) not in (0, 32)
+            or not 0 <= f.size <= FILE_SIZE_MAX
+            or not 0 < f.padded <= FILE_SIZE_MAX
+            or not 0 < len(f.node) <= 64
+            or len(f.name.encode()) > FILE_NAME_MAX
+            or len(f.mime) > FILE_MIME_MAX
+            or len(f.thumb) > FILE_THUMB_MAX
+        ):
+            raise MalformedEnvelope("bad file reference fields")
+        return f
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +124,7 @@ class Payload:
     origin: str = ""  # sync: who sent the forwarded payload
     inner: bytes = b""  # sync: the forwarded payload, as its sender encoded it
     name: str = ""  # profile: the sender's display name
+    file: FileRef | None = None  # file: the attachment
 
     @property
     def known(self) -> bool:
@@ -61,7 +132,9 @@ class Payload:
         return self.kind in KINDS
 
     def encode(self) -> bytes:
-        extra = {"name": self.name} if self.name else {}
+        extra: dict[str, object] = {"name": self.name} if self.name else {}
+        if self.file is not None:
+            extra["file"] = self.file.to_obj()
         return packb(
             {
                 **extra,
@@ -102,6 +175,7 @@ class Payload:
                 origin=str(obj.get("origin", "")),
                 inner=bytes(obj.get("inner", b"")),
                 name=str(obj.get("name", "")),
+                file=FileRef.from_obj(obj["file"]) if "file" in obj else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedEnvelope("bad payload") from exc
@@ -111,4 +185,6 @@ class Payload:
             raise MalformedEnvelope("bad payload device tags")
         if (p.kind == "sync") != bool(p.inner) or (p.kind == "sync") != bool(p.origin):
             raise MalformedEnvelope("sync payloads, and only they, carry origin and inner")
+        if (p.kind == "file") != (p.file is not None):
+            raise MalformedEnvelope("file payloads, and only they, carry a file")
         return p

@@ -29,8 +29,10 @@ import nacl.secret
 import sqlcipher3
 
 from federation.errors import LocalProtocolError, StorageError
+from federation.wire import packb, unpackb
 
 from . import devicedb
+from .payload import FileRef
 
 SCHEMA_VERSION = devicedb.SCHEMA_VERSION
 KEY_FILE = devicedb.KEYS_FILE
@@ -97,6 +99,23 @@ class OutboxItem:
     payload: bytes  # an encoded :class:`client.payload.Payload`
     ttl_ms: int
     created: int
+
+
+FILE_PENDING, FILE_DOWNLOADED, FILE_FAILED, FILE_SENT = "pending", "downloaded", "failed", "sent"
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """The file of one history row: its reference (as received, or as sent) and its local
+    copy. ``state``: ``pending`` (not downloaded yet), ``downloaded``, ``failed`` (``error``
+    says why; ``haven download`` tries again), or ``sent`` (ours: ``path`` is the source)."""
+
+    msg_id: bytes
+    ref: FileRef
+    state: str
+    path: str = ""  # where the file is on this device ("" until downloaded)
+    plain_sha256: bytes = b""  # SHA-256 of the file itself (known once encrypted or decrypted)
+    error: str = ""
 
 
 def clean_name(name: str) -> str:
@@ -368,11 +387,14 @@ class DeviceState:
         r = db.execute("SELECT slot FROM history WHERE msg_id=?", (msg_id,)).fetchone()
         if r is None:
             return False
+        att = self.attachment(msg_id)
         slot, sealed = self._seal_text(text)
         db.execute(
             "UPDATE history SET text=?, slot=?, edited=1 WHERE msg_id=?", (sealed, slot, msg_id)
         )
         self.keys.shred(r[0])
+        if att is not None:  # its file reference was sealed under the old key: re-seal
+            self._write_attachment(db, att)
         return True
 
     def delete_history(self, db: Any, msg_id: bytes) -> bool:
@@ -382,6 +404,7 @@ class DeviceState:
             return False
         db.execute("DELETE FROM history WHERE msg_id=?", (msg_id,))
         db.execute("DELETE FROM outbox WHERE msg_id=?", (msg_id,))
+        db.execute("DELETE FROM attachments WHERE msg_id=?", (msg_id,))
         self.keys.shred(r[0])
         return True
 
@@ -466,6 +489,100 @@ class DeviceState:
 
     # ---- the outbox --------------------------------------------------------------------------
 
+    # ---- attachments and uploads (client/transfers.py) --------------------------------------
+
+    def _write_attachment(self, db: Any, a: Attachment) -> None:
+        box = self._outbox_box(a.msg_id)  # the history row's key: shredded with the row
+        meta = bytes(box.encrypt(packb(a.ref.to_obj())))
+        local = bytes(box.encrypt(packb({"path": a.path, "sha256": a.plain_sha256})))
+        db.execute(
+            "INSERT OR REPLACE INTO attachments (msg_id, meta, local, state, error) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (a.msg_id, meta, local, a.state, a.error),
+        )
+
+    def add_attachment(self, db: Any, a: Attachment) -> None:
+        """Store a history row's file (after the row, in the same transaction)."""
+        self._write_attachment(db, a)
+
+    def set_attachment(self, db: Any, a: Attachment) -> None:
+        """Record a changed state, path or error of a row's file."""
+        self._write_attachment(db, a)
+
+    def attachment(self, msg_id: bytes) -> Attachment | None:
+        """The file of a history row, or None (not a file, or its key is gone)."""
+        r = self.db.execute(
+            "SELECT meta, local, state, error FROM attachments WHERE msg_id=?", (msg_id,)
+        ).fetchone()
+        if r is None:
+            return None
+        try:
+            box = self._outbox_box(msg_id)
+            meta, local = bytes(box.decrypt(r[0])), bytes(box.decrypt(r[1]))
+        except nacl.exceptions.CryptoError:
+            self.keys.refresh()  # written by another process on this home since
+            try:
+                box = self._outbox_box(msg_id)
+                meta, local = bytes(box.decrypt(r[0])), bytes(box.decrypt(r[1]))
+            except nacl.exceptions.CryptoError:
+                return None
+        loc = unpackb(local, max_len=len(local))
+        return Attachment(
+            msg_id,
+            FileRef.from_obj(unpackb(meta, max_len=len(meta))),
+            str(r[2]),
+            str(loc.get("path", "")),
+            bytes(loc.get("sha256", b"")),
+            str(r[3]),
+        )
+
+    def attachment_ids(self, state: str) -> list[bytes]:
+        """Message ids of the files in ``state``, oldest first."""
+        rows = self.db.execute(
+            "SELECT a.msg_id FROM attachments a JOIN history h ON h.msg_id=a.msg_id "
+            "WHERE a.state=? ORDER BY h.seq",
+            (state,),
+        ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def save_upload(self, db: Any, blob: bytes, record: bytes, now: int) -> None:
+        """Remember an upload in progress, ``record`` sealed under a key slot of its own."""
+        slot, key = self.keys.allocate()
+        sealed = bytes(nacl.secret.SecretBox(key).encrypt(record))
+        db.execute(
+            "INSERT INTO uploads (blob, record, slot, created) VALUES (?, ?, ?, ?)",
+            (blob, sealed, slot, now),
+        )
+
+    def uploads(self) -> list[tuple[bytes, bytes]]:
+        """``(blob, record)`` of every upload in progress, oldest first."""
+        out = []
+        rows = self.db.execute("SELECT blob, record, slot FROM uploads ORDER BY created")
+        for blob, sealed, slot in rows.fetchall():
+            try:
+                out.append((bytes(blob), self._slot_open(slot, sealed)))
+            except nacl.exceptions.CryptoError:
+                self.keys.refresh()  # saved by another process on this home since
+                try:
+                    out.append((bytes(blob), self._slot_open(slot, sealed)))
+                except nacl.exceptions.CryptoError:
+                    continue
+        return out
+
+    def drop_upload(self, db: Any, blob: bytes) -> None:
+        """Forget an upload; its key slot is zeroed at commit."""
+        r = db.execute("SELECT slot FROM uploads WHERE blob=?", (blob,)).fetchone()
+        if r is None:
+            return
+        db.execute("DELETE FROM uploads WHERE blob=?", (blob,))
+        self.keys.shred(r[0])
+
+    def _slot_open(self, slot: int, sealed: bytes) -> bytes:
+        key = self.keys.key(slot)
+        if key is None:
+            raise nacl.exceptions.CryptoError("no key in that slot")
+        return bytes(nacl.secret.SecretBox(key).decrypt(sealed))
+
     def _outbox_box(self, msg_id: bytes) -> nacl.secret.SecretBox:
         """What seals a queued payload: the key slot of its history row (a text), so that
         deleting, editing or expiring the message shreds the queued copy with it; the storage
@@ -535,6 +652,11 @@ class DeviceState:
             if slots:
                 db.execute(
                     "DELETE FROM outbox WHERE msg_id IN (SELECT msg_id FROM history "
+                    "WHERE expire_at IS NOT NULL AND expire_at <= ?)",
+                    (now,),
+                )
+                db.execute(
+                    "DELETE FROM attachments WHERE msg_id IN (SELECT msg_id FROM history "
                     "WHERE expire_at IS NOT NULL AND expire_at <= ?)",
                     (now,),
                 )

@@ -408,7 +408,7 @@ class AppCore(Actions):
         dev = self.require()
         chats: set[str] = set()
         for m in new:
-            if m.kind == "text":
+            if m.kind in ("text", "file"):  # a file's row: its caption (the UI's files: later)
                 row = dev.state.message(m.msg_id)
                 if row is not None:
                     self._publish(event("message", message=self._message(row)))

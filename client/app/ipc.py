@@ -439,6 +439,9 @@ async def _send(core: Any, args: argparse.Namespace, dev: Any, out: Any) -> int:
     """Queue through the daemon's durable outbox; report ``sent`` once the node accepted it."""
     from client import cli
 
+    if getattr(args, "file", None):  # upload on the daemon's connection, then its outbox
+        async with _lock(core):
+            return await cli.cmd_send(args, dev, out)
     ttl_ms = parse_duration(args.ttl) if getattr(args, "ttl", None) else None
     expires = None if args.expires is None else cli._duration_or_off(args.expires)
     q = core.subscribe()
@@ -528,8 +531,10 @@ async def _recv(core: Any, args: argparse.Namespace, dev: Any, out: Any) -> int:
     client = args.client or "cli"
     wait = float(args.wait)
     q = core.subscribe()
+    files: list[Any] = []
     try:
-        printed = _print_new(dev, client, args, out)
+        printed = _print_new(dev, client, args, out, files)
+        await _files(core, dev, args, out, files)
         loop = asyncio.get_running_loop()
         deadline = math.inf if math.isinf(wait) else loop.time() + wait
         while True:
@@ -542,10 +547,12 @@ async def _recv(core: Any, args: argparse.Namespace, dev: Any, out: Any) -> int:
             except TimeoutError:
                 break
             if ev is None:  # dropped by the core (fell behind): print what is new, and stop
-                printed += _print_new(dev, client, args, out)
+                printed += _print_new(dev, client, args, out, files)
+                await _files(core, dev, args, out, files)
                 break
             if isinstance(ev, dict) and ev.get("type") == "message":
-                n = _print_new(dev, client, args, out)
+                n = _print_new(dev, client, args, out, files)
+                await _files(core, dev, args, out, files)
                 if n and not math.isinf(wait):
                     deadline = loop.time() + wait
                 printed += n
@@ -556,8 +563,44 @@ async def _recv(core: Any, args: argparse.Namespace, dev: Any, out: Any) -> int:
     return 0
 
 
-def _print_new(dev: Any, client: str, args: argparse.Namespace, out: Any) -> int:
-    """Print incoming messages after ``client``'s cursor and move the cursor; how many."""
+async def _files(core: Any, dev: Any, args: argparse.Namespace, out: Any, rows: list[Any]) -> None:
+    """Download the new files up to ``--auto-download`` MB (into the daemon's save folder or
+    ``--save-dir``) and print each; the rest wait for ``haven download``."""
+    from client import cli, transfers
+
+    limit = int(float(getattr(args, "auto_download", cli.AUTO_DOWNLOAD_MB)) * 1_000_000)
+    todo, rows[:] = list(rows), []
+    for r in todo:
+        att = dev.state.attachment(r.msg_id)
+        if att is None:
+            continue
+        if att.ref.size <= limit:
+            try:
+                async with _lock(core):
+                    att = await transfers.download(dev, r.msg_id, cli.save_dir(args))
+            except HavenError as exc:
+                out.err(f"warning: {att.ref.name} not downloaded ({exc.code})")
+                att = dev.state.attachment(r.msg_id) or att
+        if args.json:
+            obj = {
+                "from": r.sender,
+                "text": r.text,
+                "sent_at": r.sent_at,
+                "msg_id": r.msg_id.hex(),
+                "kind": "file",
+                "chat": r.peer,
+                "file": cli.file_json(att),
+            }
+            out.line(json.dumps(obj))
+        else:
+            out.line(cli.file_line(r.sender, att, r.text))
+
+
+def _print_new(
+    dev: Any, client: str, args: argparse.Namespace, out: Any, files: list[Any] | None = None
+) -> int:
+    """Print incoming messages after ``client``'s cursor and move the cursor; how many.
+    Rows with a file go to ``files`` instead (printed by :func:`_files` once downloaded)."""
     n = 0
     seq = dev.state.cursor(client)
     while True:
@@ -568,6 +611,9 @@ def _print_new(dev: Any, client: str, args: argparse.Namespace, out: Any) -> int
             if r.outgoing:
                 continue
             n += 1
+            if files is not None and dev.state.attachment(r.msg_id) is not None:
+                files.append(r)
+                continue
             if args.json:
                 obj = {
                     "from": r.sender,
@@ -627,7 +673,8 @@ async def _history(core: Any, args: argparse.Namespace, dev: Any, out: Any) -> i
     from client import cli
 
     for r in dev.history(args.address):
-        out.line(json.dumps(cli._row_json(r)) if args.json else cli.history_line(r))
+        att = dev.state.attachment(r.msg_id)
+        out.line(json.dumps(cli._row_json(r, att)) if args.json else cli.history_line(r, att))
     if not args.no_mark_read:
         await core.mark_read(args.address)
     return 0
