@@ -204,6 +204,13 @@ class Node:
         self._accounts_applied = 0
         self.role: WorkerRole | None = None  # one of several workers (node/workers.py)
 
+    @property
+    def blobs_enabled(self) -> bool:
+        """Attachments need the blob store of one process: a node served by several workers
+        does not offer them yet (the feature is not advertised and blob requests get
+        ``unsupported``; docs/operations.md §15)."""
+        return self.role is None or self.role.count == 1
+
     def use_role(self, role: WorkerRole) -> None:
         """Serve as one of ``role.count`` workers of this node (before :meth:`run`): rate
         budgets split, requests created before the supervisor's start refused, and only the
@@ -393,7 +400,7 @@ class Node:
             },
             rotations=self.rotations,
             challenge=challenge,
-            features=(BLOBS_FEATURE,),
+            features=(BLOBS_FEATURE,) if self.blobs_enabled else (),
         ).sign(self.key)
 
     async def local_keys(
@@ -609,7 +616,8 @@ class Node:
         try:
             await self.refresh_accounts()
             blobfiles.return_large_buffers_to_the_os()  # 1 MiB chunk buffers (node/blobfiles.py)
-            await self.blobs.open(self.clock.now_ms())
+            if self.blobs_enabled:
+                await self.blobs.open(self.clock.now_ms())
             self.known_peers = {p.node_id for p in await self.store.all_peers()}
             self.pending_load = await self._load()
             self.quotas.resync(await self.store.outbox_counts(), {})
@@ -688,7 +696,8 @@ class Node:
                     tasks.append(tg.create_task(self.role.run()))
                 tasks.append(tg.create_task(self._refresh_caches()))
                 tasks.append(tg.create_task(self._reread_accounts()))
-                tasks.append(tg.create_task(self.blob_api.run()))
+                if self.blobs_enabled:
+                    tasks.append(tg.create_task(self.blob_api.run()))
                 tasks.append(tg.create_task(self.admission.watchdog()))
                 tasks.append(tg.create_task(self._sample_gauges()))
                 if self.lan_enabled:

@@ -37,6 +37,8 @@ from federation.wire import BlobFetch, BlobFetched, BlobRelease
 
 from .blobs import MIB
 
+UNSUPPORTED_WITH_WORKERS = "files are not available on a node served by several workers yet"
+
 if TYPE_CHECKING:
     from .app import Node
     from .client_api import ClientSession
@@ -75,6 +77,8 @@ class BlobApi:
     # ---- device frames -----------------------------------------------------------------------
 
     async def handle(self, session: ClientSession, frame: F.Frame) -> None:
+        if not self.node.blobs_enabled:
+            raise Unsupported(UNSUPPORTED_WITH_WORKERS)
         match frame:
             case F.BlobNew():
                 await self.on_new(session, frame)

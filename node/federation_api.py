@@ -18,6 +18,7 @@ from federation.errors import (
     HavenError,
     RateLimited,
     TooLarge,
+    Unsupported,
     WrongDestination,
 )
 from federation.signing import (
@@ -40,6 +41,7 @@ from federation.wire import (
     packb,
 )
 
+from .blob_api import UNSUPPORTED_WITH_WORKERS
 from .peer_admission import admit_origin
 
 if TYPE_CHECKING:
@@ -190,6 +192,8 @@ async def blob(node: Node, request: web.Request) -> web.Response:
     unknown blob and a wrong token get the same ``not_found``."""
     try:
         req, body = await authenticate(node, request, BLOB_BODY_MAX)
+        if not node.blobs_enabled:
+            raise Unsupported(UNSUPPORTED_WITH_WORKERS)
         fetch = BlobFetch.decode(body)
         now = node.clock.now_ms()
         if not node.rates.take("fedblob:" + req.origin, now):
@@ -208,6 +212,8 @@ async def blob_done(node: Node, request: web.Request) -> web.Response:
     """A recipient's device has the whole file: forget its token (no token left: delete)."""
     try:
         req, body = await authenticate(node, request, BLOB_BODY_MAX)
+        if not node.blobs_enabled:
+            raise Unsupported(UNSUPPORTED_WITH_WORKERS)
         release = BlobRelease.decode(body)
         if not node.rates.take("fedblob:" + req.origin, node.clock.now_ms()):
             raise RateLimited("too many blob requests from this peer")
