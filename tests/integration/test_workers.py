@@ -20,7 +20,7 @@ import pytest
 from client.device import Device, parse_invite
 from client.linking import link_device
 from federation.errors import HavenError
-from federation.signing import b64d, b64e
+from federation.signing import Descriptor, b64d, b64e
 from federation.wire import Batch, packb, unpackb
 
 from .harness import NodeProc, free_port, haven, join, wait_until
@@ -250,6 +250,23 @@ async def test_replayed_request_to_the_other_worker_is_refused(
         assert (replay.status, replay.code) == (401, "replay")
         again = await peer.post_raw(BATCH_PATH, body, peer.headers(req), req)
         assert (again.status, again.code) == (401, "replay")  # and to the first one, as ever
+
+
+async def test_a_node_with_workers_offers_no_files_yet(
+    org_and_peer: tuple[OrgNode, NodeProc],
+) -> None:
+    """The blob store is one process's (docs/operations.md §15.3): several workers do not list
+    ``blobs`` in their descriptor; a one-process peer does."""
+    a, b = org_and_peer
+
+    async def features(url: str) -> tuple[str, ...]:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "/.well-known/haven/node") as r:
+                return Descriptor.verify_decode(await r.read()).features
+
+    assert "blobs" not in await features(a.worker_url(0))
+    assert "blobs" not in await features(a.worker_url(1))
+    assert "blobs" in await features(b.url)
 
 
 async def test_newer_connection_on_worker_1_replaces_older_on_worker_0(
