@@ -1,0 +1,188 @@
+"""A small PostgreSQL carver for raw images: sealed ``bytea`` values wherever they sit.
+
+PostgreSQL keeps a ``bytea`` above 126 bytes inline in its heap tuple with a 4-byte varlena
+header (little-endian ``(length + 4) << 2``; the low two bits 00 mean "4-byte header, not
+compressed"), aligned to 4 within the tuple. A sealed value (XSalsa20-Poly1305, random-looking)
+never compresses, so it is stored exactly as the store wrote it. The carver looks for the
+header of every size a sealed row can have (:func:`sealed_sizes`: the store's padding buckets)
+at *any* byte offset of the input (heap pages, free blocks, WAL records, full-page images) and
+takes the bytes after it as a candidate. Nothing about page or tuple headers is required, so
+dead tuples (VACUUM leaves their bytes in place until the space is reused), stale pages of
+dropped relations and WAL segments in free blocks are all found.
+
+Details the carver handles:
+
+- **WAL page headers.** A WAL record crossing an 8 KiB WAL page has a 24-byte page header
+  (40 at a segment's first page) in the middle of it. WAL pages start on a 4 KiB block of the
+  image, so a candidate crossing a block boundary where a WAL page header (magic ``0xD110``,
+  PostgreSQL 15, "continuation" flag set) sits has that header cut out.
+- **TOAST.** A row over about 2 KiB has its big value moved out of line into the table's TOAST
+  relation, in chunks of :data:`TOAST_CHUNK` bytes (tuples ``chunk_id oid, chunk_seq int4,
+  chunk_data bytea``). Chunks are found by their header, grouped by ``chunk_id`` and put back
+  together in ``chunk_seq`` order for every size a sealed value can have.
+- **Clear columns.** A :class:`Layout` (the columns before the sealed one, as
+  ``node/pg_store.py`` declares them) gives each inline candidate's clear values (keyed hashes,
+  order keys, coarse expiries) for the linkage scoring of ``examine._linkage``. The offsets are
+  computed relative to the sealed value's header, so they hold in heap tuples and in WAL
+  records alike (a WAL insert record copies the tuple's bytes verbatim); a value whose 1-byte
+  short-varlena header does not match is left out.
+
+Carved values come out as :class:`carve.Record` (``kind`` :data:`HEAP` or :data:`TOAST`) so
+that ``examine.node_figures`` scores them like SQLite records.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from .carve import Record, Value
+from .disk import BLOCK
+
+HEAP, TOAST = 0x50, 0x54  # Record.kind of an inline candidate / of a reassembled TOAST value
+TOAST_CHUNK = 1996  # TOAST_MAX_CHUNK_SIZE for 8 KiB pages
+WAL_MAGIC = 0xD110  # XLOG_PAGE_MAGIC, PostgreSQL 15
+XLP_FIRST_IS_CONTRECORD, XLP_LONG_HEADER = 0x0001, 0x0002
+WAL_SHORT_HEADER, WAL_LONG_HEADER = 24, 40  # MAXALIGN(sizeof(XLogPageHeaderData)), long
+MAX_SEALED = 4 * 65536 + 256  # largest sealed size looked for (bigger rows: none in the tests)
+
+
+def varlena4(n: int) -> bytes:
+    """The 4-byte uncompressed varlena header of an ``n``-byte value (little-endian)."""
+    return ((n + 4) << 2).to_bytes(4, "little")
+
+
+def sealed_sizes(limit: int = MAX_SEALED) -> list[int]:
+    """Every size a sealed row blob can have (``node/sqlite_store.py`` ``_pad``: the buckets,
+    then multiples of ``ROW_STEP``), up to ``limit``; the PostgreSQL store pads alike."""
+    from node.sqlite_store import ROW_BUCKETS, ROW_STEP
+
+    sizes = list(ROW_BUCKETS)
+    step = -(-ROW_BUCKETS[-1] // ROW_STEP) * ROW_STEP
+    while step <= limit:
+        if step not in sizes:
+            sizes.append(step)
+        step += ROW_STEP
+    return sorted(s for s in sizes if s <= limit)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The columns stored before the sealed one in one heap tuple, in order: ``"b16"`` a
+    16-byte ``bytea`` (1-byte header, unaligned), ``"i8"`` a ``bigint`` (8-aligned), ``"i4"``
+    an ``integer`` (4-aligned). The tuple's data starts 8-aligned (``t_hoff``)."""
+
+    columns: tuple[str, ...] = ()
+
+    def offsets(self) -> tuple[list[tuple[str, int]], int]:
+        """(kind, offset from the data start) per column, and the sealed header's offset."""
+        pos, out = 0, []
+        for kind in self.columns:
+            if kind == "i8":
+                pos = -(-pos // 8) * 8
+                out.append((kind, pos))
+                pos += 8
+            elif kind == "i4":
+                pos = -(-pos // 4) * 4
+                out.append((kind, pos))
+                pos += 4
+            elif kind == "b16":
+                out.append((kind, pos))
+                pos += 17
+            else:
+                raise ValueError(f"unknown column kind {kind!r}")
+        return out, -(-pos // 4) * 4
+
+    def clear_values(self, buf: bytes, header_at: int) -> tuple[Value, ...]:
+        cols, sealed_at = self.offsets()
+        start = header_at - sealed_at
+        out: list[Value] = []
+        for kind, off in cols:
+            at = start + off
+            if at < 0:
+                out.append(None)
+            elif kind == "b16":
+                ok = buf[at : at + 1] == b"\x23"  # short varlena header of 16 bytes: (17 << 1) | 1
+                out.append(bytes(buf[at + 1 : at + 17]) if ok else None)
+            else:
+                n = 8 if kind == "i8" else 4
+                out.append(int.from_bytes(buf[at : at + n], "little", signed=True))
+        return tuple(out)
+
+
+def _wal_splice(buf: bytes, start: int, n: int) -> bytes:
+    """``n`` bytes from ``start``, with every WAL page header at a block boundary cut out."""
+    out = bytearray()
+    pos = start
+    while len(out) < n:
+        boundary = (pos // BLOCK + 1) * BLOCK
+        take = min(n - len(out), boundary - pos)
+        out += buf[pos : pos + take]
+        pos += take
+        if len(out) >= n or pos + WAL_SHORT_HEADER > len(buf):
+            break
+        magic, info = struct.unpack_from("<HH", buf, pos)
+        if magic == WAL_MAGIC and info & XLP_FIRST_IS_CONTRECORD:
+            pos += WAL_LONG_HEADER if info & XLP_LONG_HEADER else WAL_SHORT_HEADER
+    return bytes(out)
+
+
+def _inline(buf: bytes, sizes: Sequence[int], layout: Layout) -> Iterator[Record]:
+    for size in sizes:
+        for m in re.finditer(re.escape(varlena4(size)), buf):
+            at = m.start() + 4
+            value = buf[at : at + size]
+            if len(value) < size:
+                continue
+            crosses = at // BLOCK != (at + size - 1) // BLOCK
+            values = [value]
+            if crosses:
+                spliced = _wal_splice(buf, at, size)
+                if len(spliced) == size and spliced != value:
+                    values.append(spliced)
+            for v in values:
+                yield Record(m.start(), HEAP, 0, None, (*layout.clear_values(buf, m.start()), v))
+
+
+def _toasted(buf: bytes, sizes: Sequence[int]) -> Iterator[Record]:
+    """Sealed values moved to TOAST: chunks grouped by ``chunk_id``, joined by ``chunk_seq``."""
+    full = varlena4(TOAST_CHUNK)
+    chunks: dict[bytes, dict[int, bytes]] = defaultdict(dict)
+    for m in re.finditer(re.escape(full), buf):
+        h = m.start()
+        if h < 8:
+            continue
+        cid, seq = buf[h - 8 : h - 4], int.from_bytes(buf[h - 4 : h], "little")
+        data = _wal_splice(buf, h + 4, TOAST_CHUNK)
+        if seq < MAX_SEALED // TOAST_CHUNK + 1 and len(data) == TOAST_CHUNK:
+            chunks[cid].setdefault(seq, data)
+    for cid, by_seq in chunks.items():
+        for size in sizes:
+            nfull, rest = divmod(size, TOAST_CHUNK)
+            if size <= TOAST_CHUNK or any(s not in by_seq for s in range(nfull)):
+                continue
+            tail = b""
+            if rest:
+                needle = cid + struct.pack("<I", nfull) + varlena4(rest)
+                at = buf.find(needle)
+                if at < 0:
+                    continue
+                tail = _wal_splice(buf, at + len(needle), rest)
+                if len(tail) != rest:
+                    continue
+            value = b"".join(by_seq[s] for s in range(nfull)) + tail
+            yield Record(0, TOAST, 0, None, (int.from_bytes(cid, "little"), value))
+
+
+def carve_pg(
+    buf: bytes, layout: Layout = Layout(), sizes: Iterable[int] | None = None
+) -> Iterator[Record]:
+    """Every candidate sealed value in ``buf``: inline (with the clear columns of ``layout``)
+    and reassembled from TOAST chunks. Candidates that are not sealed rows simply open under no
+    key; duplicates (a row in its page, in WAL, in a full-page image) are all yielded."""
+    size_list = sorted(sizes) if sizes is not None else sealed_sizes()
+    yield from _inline(buf, size_list, layout)
+    yield from _toasted(buf, size_list)
