@@ -75,17 +75,37 @@ class EpochKeys:
                 raise
             finally:
                 os.close(fd)
-        with open(path, "rb") as f:
+        self._image = b""  # the key file's bytes as this process last read or wrote them
+        self.reload()
+
+    def _read(self) -> bytes:
+        with open(self.path, "rb") as f:
             data = f.read()
         if len(data) != _SLOT.size * SLOTS:
             raise StorageError("epoch key file has the wrong size")
+        return data
+
+    def reload(self) -> bool:
+        """Re-read the key file (another process on this host may have made or destroyed a
+        key: docs/operations.md "PostgreSQL back end"). Keys still there keep their place in
+        the creation order; keys new to this process come after them, oldest first. Returns
+        whether anything changed. One small read: cheap enough for every transaction."""
+        data = self._read()
+        if data == self._image:
+            return False
         found = []
         for i in range(SLOTS):
-            born, key = _SLOT.unpack_from(data, i * _SLOT.size)
-            if born:
-                found.append((born, i, key))
-        for born, i, key in sorted(found):  # oldest first: the newest key gets the top serial
-            self._slots[i] = self._make(born, key)
+            born, raw = _SLOT.unpack_from(data, i * _SLOT.size)
+            old = self._slots[i]
+            if not born:
+                self._slots[i] = None
+            elif old is None or old.raw != raw or old.born != born:
+                found.append((born, i, raw))
+        for born, i, raw in sorted(found):  # oldest first: the newest key gets the top serial
+            self._slots[i] = self._make(born, raw)
+        self._image = data
+        self.generation += 1
+        return True
 
     def _make(self, born: int, raw: bytes) -> _Key:
         self._serial += 1
@@ -145,7 +165,8 @@ class EpochKeys:
                 _SLOT.pack_into(buf, i * _SLOT.size, k.born, k.raw)
         fd = os.open(self.path, os.O_WRONLY)
         try:
-            os.pwrite(fd, bytes(buf), 0)  # overwrite in place: no new file, no old copy
+            self._image = bytes(buf)
+            os.pwrite(fd, self._image, 0)  # overwrite in place: no new file, no old copy
             os.fsync(fd)
         finally:
             os.close(fd)

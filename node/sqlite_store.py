@@ -46,7 +46,6 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any, TypeVar, cast
 
 import aiosqlite
-import msgpack
 
 from federation.clock import Clock, SystemClock
 from federation.errors import StorageError
@@ -54,7 +53,31 @@ from federation.wire import Envelope
 
 from .atrest import EpochKeys
 from .ballast import DiskFull
-from .store import DeviceRecord, PeerRecord, WriteBatch, day
+from .sealed_rows import (
+    ENV_ID,
+    ENV_MB,
+    OBX_DEST,
+    OBX_ID,
+    OBX_MB,
+    ORD_START,
+    ORD_STEP,
+    coarse_expiry,
+    plan_reseal,
+)
+from .sealed_rows import EXPIRY_GRAIN_MS as EXPIRY_GRAIN_MS  # re-exported
+from .sealed_rows import random_words as _random_words
+from .sealed_rows import record as _record
+from .sealed_rows import unrecord as _unrecord
+from .store import (
+    INVITE_REF_DIGITS,
+    AccountInfo,
+    DeviceRecord,
+    InviteInfo,
+    PeerRecord,
+    WriteBatch,
+    day,
+    revoke_prefix,
+)
 
 log = logging.getLogger("haven.store")
 
@@ -63,15 +86,6 @@ T = TypeVar("T")
 WAL_RESERVE_BYTES = 8 * 2**20  # the WAL is pre-sized to this at open and never truncated
 SQLITE_FULL = 13
 
-EXPIRY_GRAIN_MS = 15 * 60_000  # the clear expiry column is rounded down to this, then jittered
-# Sealed rows are padded so the blob is one of these sizes (sender buckets + room for the row's
-# own fields), or a multiple of the last step beyond them: the size links nothing.
-ROW_BUCKETS = (1024 + 256, 4096 + 256, 16384 + 256, 65536 + 256)
-ROW_STEP = 65536
-SEAL_OVERHEAD = 40  # XSalsa20-Poly1305 nonce + tag
-ORD_START = 1 << 61  # a mailbox's first order key is random below this ...
-ORD_STEP = 1 << 24  # ... and each next one is higher by a random step below this (room for
-# about 10**11 rows per mailbox or destination before 2**63)
 MAX_CHAINS = 200_000  # in-memory order floors kept (one per mailbox written to)
 RESEAL_CHUNK = 256  # rows per re-sealing transaction (writes interleave between chunks)
 # While live writes are waiting, a re-seal takes smaller steps and at most this share of the
@@ -86,9 +100,6 @@ RESEAL_PACED_FOR_S = 300.0
 # under a fresh key and destroys the one the delivered rows were sealed under (their remnants
 # then die within seconds, not at the end of the epoch). Above it, the epoch's end does it.
 RESEAL_AFTER_DELIVERY = 1000
-
-# index hash purposes (BLAKE2b personalisation): one per column, so no two columns share values
-ENV_ID, ENV_MB, OBX_ID, OBX_MB, OBX_DEST = b"env-id", b"env-mb", b"obx-id", b"obx-mb", b"obx-dest"
 
 
 def _is_full(exc: sqlite3.Error) -> bool:
@@ -136,6 +147,13 @@ MIGRATIONS: list[str] = [
     # version 3: nothing linkable in clear (module docstring); rows copied and re-sealed by
     # SqliteStore._migrate_v3 between V3_CREATE and V3_SWAP
     "v3",
+    # version 4: operator tools (docs/cli.md "Accounts and invites"): disabled accounts,
+    # per-account mailbox quotas, invites good for several uses
+    """
+    ALTER TABLE accounts ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE accounts ADD COLUMN quota INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE invites ADD COLUMN uses INTEGER NOT NULL DEFAULT 1;
+    """,
 ]
 
 V3_CREATE = """
@@ -156,36 +174,6 @@ CREATE INDEX outbox_dest ON outbox(dh, ord);
 CREATE INDEX outbox_mailbox ON outbox(mbh, ord);
 CREATE INDEX outbox_expiry ON outbox(exp);
 """
-
-
-def _pad(payload: bytes) -> bytes:
-    need = len(payload) + 4 + SEAL_OVERHEAD
-    size = next((b for b in ROW_BUCKETS if need <= b), -(-need // ROW_STEP) * ROW_STEP)
-    return len(payload).to_bytes(4, "big") + payload + bytes(size - need)
-
-
-def _record(env: Envelope, dest: str | None) -> bytes:
-    """The sealed plaintext of one row: everything about it, padded."""
-    payload: bytes = msgpack.packb([env.id, env.to, env.expires, env.body, dest], use_bin_type=True)
-    return _pad(payload)
-
-
-def _unrecord(plain: bytes) -> tuple[Envelope, str | None]:
-    n = int.from_bytes(plain[:4], "big")
-    eid, to, expires, body, dest = msgpack.unpackb(plain[4 : 4 + n], raw=False)
-    return Envelope(bytes(eid), bytes(to), int(expires), bytes(body)), dest
-
-
-def coarse_expiry(expires: int, rand: int) -> int:
-    """The clear expiry: a lower bound of the exact one, unequal across the rows of a send
-    (``rand``: a random 32-bit number)."""
-    return (expires // EXPIRY_GRAIN_MS) * EXPIRY_GRAIN_MS - rand % EXPIRY_GRAIN_MS
-
-
-def _random_words(n: int) -> list[int]:
-    """``n`` random 32-bit numbers from one CSPRNG read (one syscall per batch, not per row)."""
-    raw = os.urandom(4 * n)
-    return [int.from_bytes(raw[i : i + 4], "big") for i in range(0, 4 * n, 4)]
 
 
 SQLITE_FCNTL_PERSIST_WAL = 10
@@ -281,6 +269,30 @@ def _run_tx(
         return False
     rows, _ = _run(conn, _EMPTY_SQL, ())
     return not (rows and rows[0][0])
+
+
+def _redeem_tx(conn: sqlite3.Connection, token_hash: bytes, now: int) -> tuple[Any, ...] | None:
+    """One use of an invite, in one transaction: decrement, delete at zero or once expired
+    (the caller refuses it then), return ``(name, expires, kind)`` or None."""
+    _run(conn, "BEGIN IMMEDIATE", ())
+    try:
+        rows, _ = _run(
+            conn,
+            "UPDATE invites SET uses = uses - 1 WHERE token_hash=? RETURNING name, expires, kind",
+            (token_hash,),
+        )
+        if rows:
+            _run(
+                conn,
+                "DELETE FROM invites WHERE token_hash=? AND (uses <= 0 OR expires <= ?)",
+                (token_hash, now),
+            )
+        _run(conn, "COMMIT", ())
+    except BaseException:
+        if conn.in_transaction:
+            _run(conn, "ROLLBACK", ())
+        raise
+    return tuple(rows[0]) if rows else None
 
 
 _EMPTY_SQL = "SELECT EXISTS(SELECT 1 FROM envelopes) OR EXISTS(SELECT 1 FROM outbox)"
@@ -557,7 +569,9 @@ class SqliteStore:
 
     async def create_account(self, name: str, now: int) -> bool:
         # Stored as the UTC day (docs/threat-model.md: coarse metadata at rest).
-        n = await self._exec("INSERT OR IGNORE INTO accounts VALUES (?, ?)", (name, day(now)))
+        n = await self._exec(
+            "INSERT OR IGNORE INTO accounts (name, created) VALUES (?, ?)", (name, day(now))
+        )
         return n == 1
 
     async def account_exists(self, name: str) -> bool:
@@ -581,21 +595,79 @@ class SqliteStore:
         return len(mbs)
 
     async def add_invite(
-        self, token_hash: bytes, name: str, expires: int, kind: str = "invite"
+        self, token_hash: bytes, name: str, expires: int, kind: str = "invite", uses: int = 1
     ) -> None:
         await self._exec(
-            "INSERT INTO invites (token_hash, name, expires, kind) VALUES (?, ?, ?, ?)",
-            (token_hash, name, expires, kind),
+            "INSERT INTO invites (token_hash, name, expires, kind, uses) VALUES (?, ?, ?, ?, ?)",
+            (token_hash, name, expires, kind, max(1, uses)),
         )
 
     async def redeem_invite(self, token_hash: bytes, now: int) -> tuple[str, str] | None:
-        """Atomically consume a token: ``(account, kind)``, or None if unknown or expired."""
-        row = await self._write_one(
-            "DELETE FROM invites WHERE token_hash=? RETURNING name, expires, kind", (token_hash,)
-        )
+        """Atomically use a token once: ``(account, kind)``, or None if unknown or expired.
+        The decrement and the delete at zero are one transaction under the write lock."""
+        async with self._write_lock:
+            try:
+                row = await _on_thread(self.db, _redeem_tx, token_hash, now)
+            except sqlite3.Error as exc:
+                raise storage_error("write failed", exc) from exc
         if row is None or int(row[1]) <= now:
             return None
         return str(row[0]), str(row[2])
+
+    # ---- operator tools ----------------------------------------------------------------------
+
+    async def list_accounts(self) -> list[AccountInfo]:
+        rows = await self._all(
+            "SELECT a.name, a.created, a.disabled, a.quota, "
+            "(SELECT count(*) FROM devices d WHERE d.account = a.name) "
+            "FROM accounts a ORDER BY a.name"
+        )
+        pending: dict[str, int] = {}
+        counts = await self.pending_counts()
+        if counts:
+            for mb, account in await self._all("SELECT mailbox, account FROM devices"):
+                n = counts.get(bytes(mb), 0)
+                if n:
+                    pending[str(account)] = pending.get(str(account), 0) + n
+        return [
+            AccountInfo(str(n), int(c), bool(d), int(q), int(dv), pending.get(str(n), 0))
+            for n, c, d, q, dv in rows
+        ]
+
+    async def account_status(self, name: str) -> str | None:
+        row = await self._one("SELECT disabled FROM accounts WHERE name=?", (name,))
+        if row is None:
+            return None
+        return "disabled" if row[0] else "active"
+
+    async def set_account_disabled(self, name: str, disabled: bool) -> bool:
+        n = await self._exec("UPDATE accounts SET disabled=? WHERE name=?", (int(disabled), name))
+        return n == 1
+
+    async def set_account_quota(self, name: str, quota: int) -> bool:
+        n = await self._exec("UPDATE accounts SET quota=? WHERE name=?", (max(0, quota), name))
+        return n == 1
+
+    async def list_invites(self, now: int) -> list[InviteInfo]:
+        rows = await self._all(
+            "SELECT token_hash, name, kind, expires, uses FROM invites WHERE expires > ? "
+            "ORDER BY expires, name",
+            (now,),
+        )
+        return [
+            InviteInfo(bytes(h).hex()[:INVITE_REF_DIGITS], str(n), str(k), int(e), int(u))
+            for h, n, k, e, u in rows
+        ]
+
+    async def revoke_invite(self, ref: str) -> int:
+        prefix = revoke_prefix(ref)
+        if prefix is None:
+            return 0
+        # hex() is upper case; the prefix has no LIKE wildcards (hex digits only)
+        return await self._exec(
+            "DELETE FROM invites WHERE substr(hex(token_hash), 1, ?) = ?",
+            (len(prefix), prefix.upper()),
+        )
 
     async def add_device(self, account: str, mailbox: bytes, auth_key: bytes) -> None:
         await self._exec("INSERT INTO devices VALUES (?, ?, ?)", (mailbox, account, auth_key))
@@ -1070,29 +1142,12 @@ class SqliteStore:
     ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         """``(key, sealed)`` rows -> the updates (new index hashes, new blob, key) and the keys
         of rows no live key opens (never readable: deleted)."""
-        ix, updates, dead = self.keys.index, [], []
-        prefer = None if target is None else [k for k in self.keys.ids if k != target]
-        for key, sealed in rows:
-            got = self.keys.try_open(bytes(sealed), prefer)
-            if got is None:
-                dead.append((key,))
-                continue
-            kid, plain = got
-            new = kid if target is None else target
-            if new == kid and dest is None:
-                continue
-            env, old_dest = _unrecord(plain)
-            if table == "envelopes":
-                values: tuple[Any, ...] = (ix(new, ENV_ID, env.id), ix(new, ENV_MB, env.to))
-                record = _record(env, None)
-            else:
-                d = dest if dest is not None else str(old_dest)
-                dh = ix(new, OBX_DEST, d.encode())
-                self._dest_of[dh] = d
-                values = (ix(new, OBX_ID, env.id), dh, ix(new, OBX_MB, env.to))
-                record = _record(env, d)
-            updates.append((*values, self.keys.seal(new, record), key))
-        return updates, dead
+        planned, gone = plan_reseal(self.keys, table, rows, target, dest)
+        for _, values, _, d in planned:
+            if d is not None:
+                self._dest_of[values[1]] = d
+        updates = [(*values, blob, key) for key, values, blob, _ in planned]
+        return updates, [(key,) for key in gone]
 
     async def _store_resealed(
         self,

@@ -41,6 +41,43 @@ class PeerRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class AccountInfo:
+    """One account as an operator sees it: counts only, never content or correspondents."""
+
+    name: str
+    created: int  # ms, day granularity (as stored)
+    disabled: bool
+    quota: int  # max pending envelopes per mailbox of this account; 0 = the node's default
+    devices: int
+    pending: int  # envelopes pending for this account's devices
+
+
+@dataclass(frozen=True, slots=True)
+class InviteInfo:
+    """One unexpired invite: ``ref`` (the first 12 hex digits of the token hash) is what
+    ``haven node invites revoke`` takes; the token itself is never stored."""
+
+    ref: str
+    name: str  # the account it is for
+    kind: str  # "invite" | "link"
+    expires: int  # ms
+    uses_left: int
+
+
+INVITE_REF_DIGITS = 12  # hex digits of the token hash shown as an invite's ref
+MIN_REVOKE_DIGITS = 8  # a revoke names at least this many
+
+
+def revoke_prefix(ref: str) -> str | None:
+    """``ref`` as lowercase hex digits if it can name an invite (8 to 64 hex digits), else
+    None: backends match it against the start of the token hash's hex."""
+    ref = ref.strip().lower()
+    if not MIN_REVOKE_DIGITS <= len(ref) <= 64 or any(c not in "0123456789abcdef" for c in ref):
+        return None
+    return ref
+
+
+@dataclass(frozen=True, slots=True)
 class WriteBatch:
     """One group-commit transaction: everything in it commits together or not at all."""
 
@@ -59,9 +96,44 @@ class Store(Protocol):
     async def account_exists(self, name: str) -> bool: ...
     async def remove_account(self, name: str) -> int: ...
     async def add_invite(
-        self, token_hash: bytes, name: str, expires: int, kind: str = "invite"
-    ) -> None: ...
-    async def redeem_invite(self, token_hash: bytes, now: int) -> tuple[str, str] | None: ...
+        self, token_hash: bytes, name: str, expires: int, kind: str = "invite", uses: int = 1
+    ) -> None:
+        """Store an invite good for ``uses`` redemptions until ``expires`` (ms)."""
+        ...
+
+    async def redeem_invite(self, token_hash: bytes, now: int) -> tuple[str, str] | None:
+        """Use a token once: ``(account, kind)``, or None if unknown or expired. Decrements
+        its uses atomically (two concurrent redemptions of a last use: one wins) and deletes
+        the row when none is left."""
+        ...
+
+    # operator tools (docs/cli.md "Accounts and invites")
+    async def list_accounts(self) -> list[AccountInfo]:
+        """Every account, by name, with device and pending counts."""
+        ...
+
+    async def account_status(self, name: str) -> str | None:
+        """``"active"``, ``"disabled"``, or None for no such account."""
+        ...
+
+    async def set_account_disabled(self, name: str, disabled: bool) -> bool:
+        """Disable or enable an account; False if there is no such account."""
+        ...
+
+    async def set_account_quota(self, name: str, quota: int) -> bool:
+        """Max pending envelopes per mailbox of the account (0 = the node's default); False
+        if there is no such account."""
+        ...
+
+    async def list_invites(self, now: int) -> list[InviteInfo]:
+        """Unexpired invites, soonest expiry first."""
+        ...
+
+    async def revoke_invite(self, ref: str) -> int:
+        """Delete the invites whose token hash starts with the hex digits ``ref`` (at least
+        :data:`MIN_REVOKE_DIGITS`; a shorter or non-hex ref matches nothing). Rows removed."""
+        ...
+
     async def devices_of(self, account: str) -> list[bytes]: ...
     async def add_device(self, account: str, mailbox: bytes, auth_key: bytes) -> None: ...
     async def get_device(self, mailbox: bytes) -> DeviceRecord | None: ...

@@ -167,7 +167,9 @@ async def test_a_failed_group_commit_leaves_the_connection_usable(store: SqliteS
     await store.write(WriteBatch(envelopes=(e,)), 1)
     with pytest.raises(StorageError):
         # the same key twice: a UNIQUE failure in the middle of a transaction
-        await store._tx([("INSERT INTO accounts VALUES (?, ?)", [("bob", 1), ("bob", 1)])])
+        await store._tx(
+            [("INSERT INTO accounts (name, created) VALUES (?, ?)", [("bob", 1), ("bob", 1)])]
+        )
     await store.checkpoint()
     f = env(mb)
     await store.write(WriteBatch(envelopes=(f,)), 2)
