@@ -1,11 +1,14 @@
-"""Storage contract: every backend of node.store.Store must pass these."""
+"""Storage contract: every backend of node.store.Store must pass these.
+
+Every test runs on SQLite and on PostgreSQL (the ``store`` / ``make_store`` fixtures of
+tests/node/conftest.py), except three about SQLite itself: the v2 -> v3 migration, the kept
+WAL file, and a race provoked through SqliteStore's internals (``_all``, ``_ord_floor``)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +17,14 @@ import pytest
 from federation.clock import FakeClock
 from federation.wire import Envelope
 from node.atrest import EpochKeys
+from node.pg_store import PgStore
 from node.sqlite_store import EXPIRY_GRAIN_MS, MIGRATIONS, WAL_RESERVE_BYTES, SqliteStore
 from node.store import PeerRecord, Store, WriteBatch
+from tests.node.conftest import MakeStore
 
 
 def env(to: bytes, expires: int, body: bytes = b"x" * 100) -> Envelope:
     return Envelope(os.urandom(16), to, expires, body)
-
-
-@pytest.fixture(params=["sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s = SqliteStore(str(tmp_path / "store.db"), EpochKeys(str(tmp_path / "epochs.key")))
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def test_envelopes_round_trip_in_order_and_delete(store: Store) -> None:
@@ -114,10 +111,12 @@ async def test_peer_rename_moves_outbox(store: Store) -> None:
     assert await store.outbox_batch("new", 10) == [e]
 
 
-async def test_epoch_rotation_reseals_then_destroys_old_key(tmp_path: Path) -> None:
+async def test_epoch_rotation_reseals_then_destroys_old_key(
+    tmp_path: Path, make_store: MakeStore
+) -> None:
     clock = FakeClock()
     keys = EpochKeys(str(tmp_path / "epochs.key"))
-    store = SqliteStore(str(tmp_path / "store.db"), keys)
+    store = make_store(keys)
     await store.open()
     try:
         mb = os.urandom(16)
@@ -136,7 +135,7 @@ async def test_epoch_rotation_reseals_then_destroys_old_key(tmp_path: Path) -> N
         await store.close()
         keys2 = EpochKeys(str(tmp_path / "epochs.key"))
         assert keys2.epochs == [first_epoch + 1]
-        store = SqliteStore(str(tmp_path / "store.db"), keys2)
+        store = make_store(keys2)
         await store.open()
         assert await store.pending_for(mb, 10) == [pending]
     finally:
@@ -180,15 +179,11 @@ async def test_outbox_page_and_counts(store: Store) -> None:
     assert sorted(await store.outbox_destinations()) == ["p1"]
 
 
-async def test_account_created_is_stored_as_its_day(store: Store, tmp_path: Path) -> None:
-    import sqlite3
-
+async def test_account_created_is_stored_as_its_day(store: Store) -> None:
     now = 1_795_376_903_268  # some millisecond in a day
     assert await store.create_account("carol", now)
-    await store.close()
-    with sqlite3.connect(tmp_path / "store.db") as db:
-        (created,) = db.execute("SELECT created FROM accounts WHERE name='carol'").fetchone()
-    await store.open()
+    rows = await store._all("SELECT created FROM accounts WHERE name='carol'")  # type: ignore[attr-defined]
+    created = int(rows[0][0])
     assert created == now - now % 86_400_000 and created % 86_400_000 == 0
 
 
@@ -211,10 +206,12 @@ async def test_peer_last_seen_is_a_day_and_stale_pins_drop(store: Store) -> None
 # ---- at rest (schema v3) ---------------------------------------------------------------------
 
 
-async def test_rotation_rekeys_the_index_and_lookups_still_work(tmp_path: Path) -> None:
+async def test_rotation_rekeys_the_index_and_lookups_still_work(
+    tmp_path: Path, make_store: MakeStore
+) -> None:
     clock = FakeClock()
     keys = EpochKeys(str(tmp_path / "epochs.key"), 600_000)
-    store = SqliteStore(str(tmp_path / "store.db"), keys)
+    store = make_store(keys)
     await store.open()
     try:
         mb = os.urandom(16)
@@ -252,10 +249,12 @@ async def test_rotation_rekeys_the_index_and_lookups_still_work(tmp_path: Path) 
         await store.close()
 
 
-async def test_duplicate_under_an_older_key_is_not_stored_twice(tmp_path: Path) -> None:
+async def test_duplicate_under_an_older_key_is_not_stored_twice(
+    tmp_path: Path, make_store: MakeStore
+) -> None:
     clock = FakeClock()
     keys = EpochKeys(str(tmp_path / "epochs.key"), 600_000)
-    store = SqliteStore(str(tmp_path / "store.db"), keys)
+    store = make_store(keys)
     await store.open()
     try:
         e = env(os.urandom(16), 10**14)
@@ -270,9 +269,11 @@ async def test_duplicate_under_an_older_key_is_not_stored_twice(tmp_path: Path) 
         await store.close()
 
 
-async def test_key_destroyed_as_soon_as_nothing_is_pending(tmp_path: Path) -> None:
+async def test_key_destroyed_as_soon_as_nothing_is_pending(
+    tmp_path: Path, make_store: MakeStore
+) -> None:
     key_file = tmp_path / "epochs.key"
-    store = SqliteStore(str(tmp_path / "store.db"), EpochKeys(str(key_file)))
+    store = make_store(EpochKeys(str(key_file)))
     await store.open()
     try:
         a, b = env(os.urandom(16), 10**14), env(os.urandom(16), 10**14)
@@ -291,12 +292,12 @@ async def test_key_destroyed_as_soon_as_nothing_is_pending(tmp_path: Path) -> No
 
 
 async def test_shutdown_reseals_under_a_fresh_key_and_start_destroys_the_rest(
-    tmp_path: Path,
+    tmp_path: Path, make_store: MakeStore
 ) -> None:
     clock = FakeClock()
     key_file = tmp_path / "epochs.key"
     keys = EpochKeys(str(key_file), 600_000)
-    store = SqliteStore(str(tmp_path / "store.db"), keys)
+    store = make_store(keys)
     await store.open()
     await store.begin(clock)
     mb = os.urandom(16)
@@ -312,7 +313,7 @@ async def test_shutdown_reseals_under_a_fresh_key_and_start_destroys_the_rest(
     # stopped for longer than an epoch: the start re-seals under this epoch's key
     clock.advance(3 * 600_000)
     keys = EpochKeys(str(key_file), 600_000)
-    store = SqliteStore(str(tmp_path / "store.db"), keys)
+    store = make_store(keys)
     await store.open()
     assert await store.begin(clock) == 4
     started = slot_keys(key_file.read_bytes())
@@ -325,7 +326,7 @@ async def test_shutdown_reseals_under_a_fresh_key_and_start_destroys_the_rest(
     assert len(keys.ids) == 1  # the outbox row is still pending
     await store.close()
     assert len(slot_keys(key_file.read_bytes())) == 1
-    store = SqliteStore(str(tmp_path / "store.db"), EpochKeys(str(key_file), 600_000))
+    store = make_store(EpochKeys(str(key_file), 600_000))
     await store.open()
     await store.begin(clock)
     await store.write(WriteBatch(delete_outbox=tuple(await store_ids(store, "p"))), 1)
@@ -333,19 +334,19 @@ async def test_shutdown_reseals_under_a_fresh_key_and_start_destroys_the_rest(
     assert not any(key_file.read_bytes())
 
 
-async def test_start_destroys_keys_that_seal_nothing(tmp_path: Path) -> None:
+async def test_start_destroys_keys_that_seal_nothing(tmp_path: Path, make_store: MakeStore) -> None:
     """A crash mid-rotation leaves two keys; the start keeps only the one that seals rows."""
     clock = FakeClock()
     key_file = tmp_path / "epochs.key"
     keys = EpochKeys(str(key_file), 600_000)
-    store = SqliteStore(str(tmp_path / "store.db"), keys)
+    store = make_store(keys)
     await store.open()
     e = env(os.urandom(16), 10**14)
     await store.write(WriteBatch(envelopes=(e,)), clock.now_ms())
     keys.fresh(clock.now_ms())  # as if the process died right after making a key
     await store.close()
     assert len(slot_keys(key_file.read_bytes())) == 2
-    store = SqliteStore(str(tmp_path / "store.db"), EpochKeys(str(key_file), 600_000))
+    store = make_store(EpochKeys(str(key_file), 600_000))
     await store.open()
     try:
         await store.begin(clock)
@@ -355,10 +356,12 @@ async def test_start_destroys_keys_that_seal_nothing(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_no_stored_field_is_equal_across_one_send(tmp_path: Path) -> None:
+async def test_no_stored_field_is_equal_across_one_send(
+    tmp_path: Path, make_store: MakeStore, request: pytest.FixtureRequest
+) -> None:
     """One send: the same expiry and body size to a recipient's devices, the sender's own
     other devices (local) and two devices on another node (outbox)."""
-    store = SqliteStore(str(tmp_path / "store.db"), EpochKeys(str(tmp_path / "epochs.key")))
+    store = make_store(EpochKeys(str(tmp_path / "epochs.key")))
     await store.open()
     try:
         expires = 1_700_000_000_000 + 7 * 86_400_000
@@ -383,7 +386,7 @@ async def test_no_stored_field_is_equal_across_one_send(tmp_path: Path) -> None:
             assert all(expires - 2 * EXPIRY_GRAIN_MS < r["exp"] <= expires for r in rows)
         # nothing about the envelopes is in clear anywhere in the files
         await store.checkpoint()
-        data = store_files(tmp_path)
+        data = await backend_files(store, tmp_path, request)
         for e in local + [e for _, e in remote]:
             assert e.id not in data and e.to not in data and e.body not in data
         assert b"peer-0" not in data and b"peer-1" not in data
@@ -436,9 +439,14 @@ async def test_v2_store_migrates_resealing_what_is_pending(tmp_path: Path) -> No
 # ---- helpers -----------------------------------------------------------------------------------
 
 
-async def raw_rows(store: SqliteStore) -> dict[str, list[dict[str, Any]]]:
+async def raw_rows(store: Store) -> dict[str, list[dict[str, Any]]]:
+    """Every stored column of the envelope tables, as the disk holds them."""
     out: dict[str, list[dict[str, Any]]] = {}
     for table in ("envelopes", "outbox"):
+        if isinstance(store, PgStore):
+            out[table] = [dict(r) for r in await store._all(f"SELECT * FROM {table}")]
+            continue
+        assert isinstance(store, SqliteStore)
         cols = [r[1] for r in await store._all(f"PRAGMA table_info({table})")]
         rows = await store._all(f"SELECT {', '.join(cols)} FROM {table}")
         out[table] = [dict(zip(cols, r, strict=True)) for r in rows]
@@ -456,12 +464,27 @@ def wal_file(db: Path) -> tuple[int, int]:
     return st.st_size, st.st_ino
 
 
+async def backend_files(store: Store, home: Path, request: pytest.FixtureRequest) -> bytes:
+    """What the store's files hold: SQLite's store files, or PostgreSQL's WAL and the files
+    of this test's database (after a CHECKPOINT, so the heap pages are on disk too)."""
+    if not isinstance(store, PgStore):
+        return store_files(home)
+    cluster = request.getfixturevalue("pg_cluster")
+    await store._exec("CHECKPOINT")
+    oid = await store._val("SELECT oid FROM pg_database WHERE datname = current_database()")
+    chunks = []
+    for sub in ("pg_wal", f"base/{oid}"):
+        root = Path(cluster.data) / sub
+        chunks += [p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()]
+    return b"".join(chunks)
+
+
 def store_files(home: Path) -> bytes:
     """store.db, its WAL and its index, concatenated."""
     return b"".join(p.read_bytes() for p in sorted(home.iterdir()) if p.name.startswith("store"))
 
 
-async def store_ids(store: SqliteStore, dest: str) -> list[bytes]:
+async def store_ids(store: Store, dest: str) -> list[bytes]:
     return [e.id for e in await store.outbox_batch(dest, 1000)]
 
 
@@ -486,9 +509,11 @@ async def test_wal_is_kept_after_close(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_after_a_delivery_the_few_still_pending_move_to_a_fresh_key(tmp_path: Path) -> None:
+async def test_after_a_delivery_the_few_still_pending_move_to_a_fresh_key(
+    tmp_path: Path, make_store: MakeStore
+) -> None:
     """A delivered row's remnant must not open with a key that stays alive for the pending."""
-    store = SqliteStore(str(tmp_path / "store.db"), EpochKeys(str(tmp_path / "epochs.key")))
+    store = make_store(EpochKeys(str(tmp_path / "epochs.key")))
     await store.open()
     try:
         mb = os.urandom(16)
@@ -505,9 +530,11 @@ async def test_after_a_delivery_the_few_still_pending_move_to_a_fresh_key(tmp_pa
         await store.close()
 
 
-async def test_page_walks_during_a_reseal_miss_nothing(tmp_path: Path) -> None:
+async def test_page_walks_during_a_reseal_miss_nothing(
+    tmp_path: Path, make_store: MakeStore
+) -> None:
     clock = FakeClock()
-    store = SqliteStore(str(tmp_path / "store.db"), EpochKeys(str(tmp_path / "e.key"), 600_000))
+    store = make_store(EpochKeys(str(tmp_path / "e.key"), 600_000))
     await store.open()
     try:
         mb = os.urandom(16)

@@ -28,6 +28,12 @@ from node.store import PeerRecord, WriteBatch
 FAR = 10**13  # an expiry that never passes
 
 
+@pytest.fixture
+def store(sqlite_store: SqliteStore) -> SqliteStore:
+    """SQLite only: this file is about SQLite's statements in progress (see above)."""
+    return sqlite_store
+
+
 def env(to: bytes, expires: int = FAR) -> Envelope:
     return Envelope(os.urandom(16), to, expires, b"x" * 64)
 

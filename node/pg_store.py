@@ -1,0 +1,1111 @@
+"""PostgreSQL backend of :class:`node.store.Store` (asyncpg), for organisation nodes.
+
+The at-rest design is SQLite's (docs/operations.md §5 "At rest", :mod:`node.sealed_rows`):
+every byte about an envelope or outbox row is sealed under an epoch key in one padded blob;
+in clear only keyed hashes (re-keyed on re-seal), the per-mailbox random-step order key and the
+coarse jittered expiry. Dead tuples, WAL segments, archives and replicas of these tables thus
+hold noise once the key that sealed them is destroyed.
+
+**The epoch keys never go into PostgreSQL** (MVCC would keep a "destroyed" key in dead tuples,
+the WAL and every replica): they stay in the key file (:class:`node.atrest.EpochKeys`),
+overwritten in place, shared by the node processes of one host. Only the *leader* process
+rotates, re-seals and destroys keys. Every transaction that seals or re-seals rows takes the
+advisory lock :data:`KEYS_LOCK` shared and then re-reads the key file; the leader changes the
+file only holding that lock exclusively, so no process seals under a key being destroyed and
+each sees the keys another made. A follower that finds no live key makes one under the
+exclusive lock too (it never destroys one).
+
+**Order keys across processes**: a write takes a transaction-level advisory lock per order chain
+it extends (a recipient mailbox, a remote mailbox, a destination; lock ids are unkeyed hashes
+that exist only in the server's memory) and reads the chain's highest stored key, so a row
+written later by any process is above every stored row's key. The outbox read frontier (the
+highest key ``outbox_page`` returned per destination) is kept in the UNLOGGED table
+``outbox_frontier`` under the destination's index hash, so a writer in another process puts new
+rows above it too; it is re-keyed at re-seal and emptied when the keys die.
+
+Errors: every asyncpg/PostgreSQL error becomes :class:`StorageError` with PostgreSQL's message
+and SQLSTATE (53100, disk full, becomes :class:`node.ballast.DiskFull`); a lost connection is
+retried once for idempotent work and otherwise reported as one line. ``synchronous_commit`` is
+on: a write acknowledged is on the server's disk. The schema is versioned (``schema_version``,
+:data:`MIGRATIONS`). :meth:`PgStore.checkpoint` is a no-op (PostgreSQL checkpoints itself) and
+``max_db_mb`` does not apply (quotas in the database are the operator's: docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from typing import Any, TypeVar
+
+import asyncpg
+
+from federation.clock import Clock, SystemClock
+from federation.errors import StorageError
+from federation.wire import Envelope
+
+from .atrest import EpochKeys
+from .ballast import DiskFull
+from .sealed_rows import (
+    ENV_ID,
+    ENV_MB,
+    OBX_DEST,
+    OBX_ID,
+    OBX_MB,
+    ORD_START,
+    coarse_expiry,
+    hashes,
+    next_ord,
+    plan_reseal,
+    random_words,
+    record,
+    unrecord,
+)
+from .store import (
+    INVITE_REF_DIGITS,
+    AccountInfo,
+    DeviceRecord,
+    InviteInfo,
+    PeerRecord,
+    WriteBatch,
+    day,
+    revoke_prefix,
+)
+
+log = logging.getLogger("haven.store")
+
+T = TypeVar("T")
+
+KEYS_LOCK = int.from_bytes(b"havenkey", "big") & (2**63 - 1)  # advisory lock: the key file
+MIGRATE_LOCK = KEYS_LOCK - 1  # advisory lock: one migration at a time
+DISK_FULL = "53100"
+RESEAL_CHUNK = 256
+RESEAL_BUSY_SHARE = 0.15  # as SqliteStore: a re-seal yields to live work ...
+RESEAL_PACED_FOR_S = 300.0  # ... for at most this long
+RESEAL_AFTER_DELIVERY = 1000
+NOTIFY_TAGS = 200  # hex tags per NOTIFY payload (200 x 33 bytes < 7,900)
+ENV_CHANNEL, OBX_CHANNEL = "haven_env", "haven_obx"
+# A connection lost mid-call: retried once where the work is idempotent.
+_LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
+
+MIGRATIONS: list[str] = [
+    # version 1 (= SQLite schema v4: operator tools included)
+    """
+    CREATE TABLE accounts (name text PRIMARY KEY, created bigint NOT NULL,
+                           disabled boolean NOT NULL DEFAULT false,
+                           quota integer NOT NULL DEFAULT 0);
+    CREATE TABLE invites (token_hash bytea PRIMARY KEY, name text NOT NULL,
+                          expires bigint NOT NULL, kind text NOT NULL DEFAULT 'invite',
+                          uses integer NOT NULL DEFAULT 1);
+    CREATE INDEX invites_name ON invites(name);
+    CREATE TABLE devices (mailbox bytea PRIMARY KEY, account text NOT NULL,
+                          auth_key bytea NOT NULL);
+    CREATE INDEX devices_account ON devices(account);
+    CREATE TABLE device_lists (account text PRIMARY KEY, version bigint NOT NULL,
+                               blob bytea NOT NULL, sig bytea NOT NULL);
+    CREATE TABLE otks (mailbox bytea NOT NULL, key_id text NOT NULL, key text NOT NULL,
+                       PRIMARY KEY (mailbox, key_id));
+    CREATE TABLE fallback (mailbox bytea PRIMARY KEY, key_id text NOT NULL, key text NOT NULL);
+    CREATE TABLE envelopes (idh bytea PRIMARY KEY, mbh bytea NOT NULL, ord bigint NOT NULL,
+                            exp bigint NOT NULL, sealed bytea NOT NULL);
+    CREATE INDEX envelopes_mailbox ON envelopes(mbh, ord);
+    CREATE INDEX envelopes_expiry ON envelopes(exp);
+    CREATE TABLE outbox (idh bytea PRIMARY KEY, dh bytea NOT NULL, mbh bytea NOT NULL,
+                         ord bigint NOT NULL, exp bigint NOT NULL, sealed bytea NOT NULL);
+    CREATE INDEX outbox_dest ON outbox(dh, ord);
+    CREATE INDEX outbox_mailbox ON outbox(mbh, ord);
+    CREATE INDEX outbox_expiry ON outbox(exp);
+    -- sealed blobs are random: no compression attempt
+    ALTER TABLE envelopes ALTER COLUMN sealed SET STORAGE EXTERNAL;
+    ALTER TABLE outbox ALTER COLUMN sealed SET STORAGE EXTERNAL;
+    CREATE UNLOGGED TABLE outbox_frontier (dh bytea PRIMARY KEY, ord bigint NOT NULL);
+    CREATE TABLE peers (node_id text PRIMARY KEY, url text NOT NULL, host text NOT NULL,
+                        last_seen bigint NOT NULL);
+    CREATE INDEX peers_host ON peers(host);
+    """,
+]
+
+_EMPTY_SQL = "SELECT NOT (EXISTS(SELECT 1 FROM envelopes) OR EXISTS(SELECT 1 FROM outbox))"
+
+
+def pg_error(what: str, exc: BaseException) -> StorageError:
+    """PostgreSQL's own message and SQLSTATE (:class:`DiskFull` for 53100); a lost or refused
+    connection as one line naming its kind. Never the DSN (it may hold a password)."""
+    if isinstance(exc, asyncpg.PostgresError) and not isinstance(
+        exc, asyncpg.PostgresConnectionError
+    ):
+        state = str(getattr(exc, "sqlstate", "") or "")
+        cls = DiskFull if state == DISK_FULL else StorageError
+        message = str(getattr(exc, "message", "") or exc)
+        return cls(f"{what}: {message} [SQLSTATE {state}]")
+    detail = getattr(exc, "strerror", None) or type(exc).__name__
+    return StorageError(f"{what}: PostgreSQL connection failed ({detail})")
+
+
+def _lock_id(purpose: bytes, value: bytes) -> int:
+    """The advisory lock id of one order chain: the same in every process, never stored."""
+    digest = hashlib.blake2b(value, digest_size=8, person=purpose).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _tags_payloads(tags: Collection[bytes]) -> list[str]:
+    """NOTIFY payloads: space-separated hex tags, :data:`NOTIFY_TAGS` at most per payload."""
+    hexes = sorted({t.hex() for t in tags})
+    return [" ".join(hexes[i : i + NOTIFY_TAGS]) for i in range(0, len(hexes), NOTIFY_TAGS)]
+
+
+class _NoKey(Exception):
+    """A write found no live key under the shared lock (the leader destroyed them all)."""
+
+
+class PgStore:
+    """Store on an asyncpg pool. ``leader``: this process rotates, re-seals and destroys the
+    epoch keys (one leader per key file); the others only seal under them."""
+
+    bus_key: bytes | None = None  # set by the worker supervisor (memory only): NOTIFY tags
+
+    def __init__(
+        self,
+        dsn: str,
+        keys: EpochKeys,
+        *,
+        leader: bool = True,
+        clock: Clock | None = None,
+        pool_size: int = 8,
+    ) -> None:
+        self.dsn = dsn
+        self.keys = keys
+        self.leader = leader
+        self.clock: Clock = clock or SystemClock()
+        self.pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._rotate_lock = asyncio.Lock()
+        self._serving = False
+        self._delivered = False
+        self._writes = 0
+        self._activity: Callable[[], int] = lambda: self._writes
+        # highest order key handed out per (table, chain) in this process: a floor above rows
+        # of this process that were deleted since (the table's own maximum covers the others)
+        self._ord_floor: dict[tuple[str, bytes], int] = {}
+        self._dest_of: dict[bytes, str] = {}  # outbox destination hash -> destination
+
+    # ---- plumbing ----------------------------------------------------------------------------
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StorageError("store is not open")
+        return self._pool
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                server_settings={"synchronous_commit": "on", "application_name": "haven"},
+            )
+            async with self.pool.acquire() as conn:
+                await self._migrate(conn)
+        except (asyncpg.PostgresError, *_LOST) as exc:
+            await self._abandon()
+            raise pg_error("cannot open store", exc) from exc
+        except BaseException:
+            await self._abandon()
+            raise
+
+    async def _abandon(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.terminate()
+
+    async def _migrate(self, conn: asyncpg.Connection) -> None:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer)")
+            version = int(
+                await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+            )
+            if version > len(MIGRATIONS):
+                raise StorageError(f"store schema {version} is newer than this software")
+            for i in range(version, len(MIGRATIONS)):
+                await conn.execute(MIGRATIONS[i])
+                await conn.execute("INSERT INTO schema_version VALUES ($1)", i + 1)
+
+    async def schema_version(self) -> int:
+        """The schema version stored in the database."""
+        return int(await self._val("SELECT max(version) FROM schema_version") or 0)
+
+    async def close(self) -> None:
+        """On a serving leader, re-seal what is pending under a fresh key and destroy every
+        other key first (as :meth:`SqliteStore.close`); then close the pool. Never raises."""
+        if self._pool is None:
+            return
+        if self._serving:
+            self._serving = False
+            if self.leader:
+                try:
+                    await self._reseal_for_shutdown()
+                except StorageError as exc:
+                    log.warning("keys kept at shutdown: %s", exc)
+        pool, self._pool = self._pool, None
+        try:
+            await asyncio.wait_for(pool.close(), 10)
+        except (asyncpg.PostgresError, *_LOST):
+            pool.terminate()
+
+    async def _call(self, what: str, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """``fn`` on a pooled connection; errors translated; a lost connection retried once
+        (every caller's work is idempotent or a single atomic statement)."""
+        for attempt in (0, 1):
+            try:
+                async with self.pool.acquire() as conn:
+                    return await fn(conn)
+            except asyncpg.PostgresConnectionError as exc:
+                if attempt:
+                    raise pg_error(what, exc) from exc
+            except asyncpg.PostgresError as exc:
+                raise pg_error(what, exc) from exc
+            except _LOST as exc:
+                if attempt:
+                    raise pg_error(what, exc) from exc
+            log.info("%s: PostgreSQL connection lost, retrying once", what)
+        raise AssertionError("unreachable")
+
+    async def _all(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return await self._call("read failed", lambda c: c.fetch(sql, *args))
+
+    async def _one(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        return await self._call("read failed", lambda c: c.fetchrow(sql, *args))
+
+    async def _val(self, sql: str, *args: Any) -> Any:
+        return await self._call("read failed", lambda c: c.fetchval(sql, *args))
+
+    async def _exec(self, sql: str, *args: Any) -> int:
+        """One write statement; the number of rows it touched."""
+        status = await self._call("write failed", lambda c: c.execute(sql, *args))
+        tail = status.rsplit(" ", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+    @contextlib.asynccontextmanager
+    async def _tx(self, exclusive: bool | None = None) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction; ``exclusive`` True/False also takes :data:`KEYS_LOCK` exclusive/shared
+        and re-reads the key file under it (False: to seal under the keys; True: to change
+        them). Errors are translated (not retried: the caller decides)."""
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if exclusive is not None:
+                    fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+                    await conn.execute(f"SELECT {fn}({KEYS_LOCK})")
+                    self.keys.reload()
+                yield conn
+        except (asyncpg.PostgresError, *_LOST) as exc:
+            raise pg_error("write failed", exc) from exc
+
+    # ---- accounts, invites, devices ----------------------------------------------------------
+
+    async def create_account(self, name: str, now: int) -> bool:
+        # Stored as the UTC day (docs/threat-model.md: coarse metadata at rest).
+        return (
+            await self._exec(
+                "INSERT INTO accounts (name, created) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                name,
+                day(now),
+            )
+            == 1
+        )
+
+    async def account_exists(self, name: str) -> bool:
+        return await self._one("SELECT 1 FROM accounts WHERE name=$1", name) is not None
+
+    async def remove_account(self, name: str) -> int:
+        mbs = [
+            bytes(r[0])
+            for r in await self._all("SELECT mailbox FROM devices WHERE account=$1", name)
+        ]
+        async with self._tx(exclusive=False) as conn:
+            mbh = [h for mb in mbs for h in hashes(self.keys, ENV_MB, mb)]
+            await conn.execute("DELETE FROM envelopes WHERE mbh = ANY($1::bytea[])", mbh)
+            for table in ("otks", "fallback", "devices"):
+                await conn.execute(f"DELETE FROM {table} WHERE mailbox = ANY($1::bytea[])", mbs)
+            for table, col in (
+                ("device_lists", "account"),
+                ("invites", "name"),
+                ("accounts", "name"),
+            ):
+                await conn.execute(f"DELETE FROM {table} WHERE {col}=$1", name)
+        return len(mbs)
+
+    async def add_invite(
+        self, token_hash: bytes, name: str, expires: int, kind: str = "invite", uses: int = 1
+    ) -> None:
+        await self._exec(
+            "INSERT INTO invites (token_hash, name, expires, kind, uses) "
+            "VALUES ($1, $2, $3, $4, $5)",
+            token_hash,
+            name,
+            expires,
+            kind,
+            max(1, uses),
+        )
+
+    async def redeem_invite(self, token_hash: bytes, now: int) -> tuple[str, str] | None:
+        """Use a token once: ``(account, kind)``, or None if unknown or expired. The decrement
+        (its row lock serialises concurrent redemptions) and the delete at zero or once
+        expired are one transaction."""
+        async with self._tx() as conn:
+            row = await conn.fetchrow(
+                "UPDATE invites SET uses = uses - 1 WHERE token_hash=$1 AND uses > 0 "
+                "RETURNING name, expires, kind, uses",
+                token_hash,
+            )
+            if row is not None and (row["uses"] <= 0 or row["expires"] <= now):
+                await conn.execute("DELETE FROM invites WHERE token_hash=$1", token_hash)
+        if row is None or int(row["expires"]) <= now:
+            return None
+        return str(row["name"]), str(row["kind"])
+
+    async def list_accounts(self) -> list[AccountInfo]:
+        rows = await self._all(
+            "SELECT a.name, a.created, a.disabled, a.quota, "
+            "(SELECT count(*) FROM devices d WHERE d.account = a.name) "
+            "FROM accounts a ORDER BY a.name"
+        )
+        pending: dict[str, int] = {}
+        counts = await self.pending_counts()
+        if counts:
+            for mb, account in await self._all("SELECT mailbox, account FROM devices"):
+                pending[account] = pending.get(account, 0) + counts.get(bytes(mb), 0)
+        return [
+            AccountInfo(str(n), int(c), bool(d), int(q), int(dv), pending.get(n, 0))
+            for n, c, d, q, dv in rows
+        ]
+
+    async def account_status(self, name: str) -> str | None:
+        row = await self._one("SELECT disabled FROM accounts WHERE name=$1", name)
+        return None if row is None else ("disabled" if row[0] else "active")
+
+    async def set_account_disabled(self, name: str, disabled: bool) -> bool:
+        return (
+            await self._exec("UPDATE accounts SET disabled=$1 WHERE name=$2", disabled, name) == 1
+        )
+
+    async def set_account_quota(self, name: str, quota: int) -> bool:
+        return (
+            await self._exec("UPDATE accounts SET quota=$1 WHERE name=$2", max(0, quota), name) == 1
+        )
+
+    async def list_invites(self, now: int) -> list[InviteInfo]:
+        rows = await self._all(
+            "SELECT token_hash, name, kind, expires, uses FROM invites WHERE expires > $1 "
+            "ORDER BY expires, name",
+            now,
+        )
+        return [
+            InviteInfo(bytes(h).hex()[:INVITE_REF_DIGITS], str(n), str(k), int(e), int(u))
+            for h, n, k, e, u in rows
+        ]
+
+    async def revoke_invite(self, ref: str) -> int:
+        prefix = revoke_prefix(ref)
+        if prefix is None:
+            return 0
+        return await self._exec(
+            "DELETE FROM invites WHERE substr(encode(token_hash, 'hex'), 1, $1) = $2",
+            len(prefix),
+            prefix,
+        )
+
+    async def add_device(self, account: str, mailbox: bytes, auth_key: bytes) -> None:
+        await self._exec("INSERT INTO devices VALUES ($1, $2, $3)", mailbox, account, auth_key)
+
+    async def get_device(self, mailbox: bytes) -> DeviceRecord | None:
+        row = await self._one("SELECT account, auth_key FROM devices WHERE mailbox=$1", mailbox)
+        return None if row is None else DeviceRecord(str(row[0]), mailbox, bytes(row[1]))
+
+    async def devices_of(self, account: str) -> list[bytes]:
+        rows = await self._all("SELECT mailbox FROM devices WHERE account=$1", account)
+        return [bytes(r[0]) for r in rows]
+
+    async def remove_device(self, mailbox: bytes) -> None:
+        async with self._tx(exclusive=False) as conn:
+            mbh = list(hashes(self.keys, ENV_MB, mailbox))
+            await conn.execute("DELETE FROM envelopes WHERE mbh = ANY($1::bytea[])", mbh)
+            for table in ("otks", "fallback", "devices"):
+                await conn.execute(f"DELETE FROM {table} WHERE mailbox=$1", mailbox)
+
+    async def set_device_list(self, account: str, version: int, blob: bytes, sig: bytes) -> bool:
+        """Store a newer signed list; refuse a version rollback."""
+        n = await self._exec(
+            "INSERT INTO device_lists VALUES ($1, $2, $3, $4) ON CONFLICT (account) DO UPDATE "
+            "SET version=excluded.version, blob=excluded.blob, sig=excluded.sig "
+            "WHERE excluded.version >= device_lists.version",
+            account,
+            version,
+            blob,
+            sig,
+        )
+        return n == 1
+
+    async def get_device_list(self, account: str) -> tuple[bytes, bytes] | None:
+        row = await self._one("SELECT blob, sig FROM device_lists WHERE account=$1", account)
+        return None if row is None else (bytes(row[0]), bytes(row[1]))
+
+    # ---- keys --------------------------------------------------------------------------------
+
+    async def add_otks(self, mailbox: bytes, keys: list[tuple[str, str]]) -> int:
+        await self._exec(
+            "INSERT INTO otks SELECT $1, k, v FROM unnest($2::text[], $3::text[]) AS t(k, v) "
+            "ON CONFLICT DO NOTHING",
+            mailbox,
+            [k for k, _ in keys],
+            [v for _, v in keys],
+        )
+        return await self.count_otks(mailbox)
+
+    async def set_fallback(self, mailbox: bytes, key_id: str, key: str) -> None:
+        await self._exec(
+            "INSERT INTO fallback VALUES ($1, $2, $3) ON CONFLICT (mailbox) DO UPDATE "
+            "SET key_id=excluded.key_id, key=excluded.key",
+            mailbox,
+            key_id,
+            key,
+        )
+
+    async def claim_otk(self, mailbox: bytes) -> tuple[str, str] | None:
+        """One statement: two concurrent claims never get the same key (SKIP LOCKED: a key
+        another claim holds is passed over; if that claim rolls back, the key stays)."""
+        row = await self._one(
+            "DELETE FROM otks WHERE (mailbox, key_id) = (SELECT mailbox, key_id FROM otks "
+            "WHERE mailbox=$1 LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING key_id, key",
+            mailbox,
+        )
+        if row is None:
+            row = await self._one("SELECT key_id, key FROM fallback WHERE mailbox=$1", mailbox)
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    async def count_otks(self, mailbox: bytes) -> int:
+        return int(await self._val("SELECT count(*) FROM otks WHERE mailbox=$1", mailbox))
+
+    # ---- envelopes and outbox ----------------------------------------------------------------
+
+    def mailbox_tag(self, mailbox: bytes) -> bytes:
+        """The mailbox's NOTIFY tag: 16-byte BLAKE2b keyed with :attr:`bus_key`."""
+        if self.bus_key is None:
+            raise StorageError("no bus key")
+        return hashlib.blake2b(
+            mailbox, digest_size=16, key=self.bus_key, person=b"haven-mailbox"
+        ).digest()
+
+    def dest_tag(self, dest: str) -> bytes:
+        """A destination's NOTIFY tag (16-byte BLAKE2b keyed with :attr:`bus_key`)."""
+        if self.bus_key is None:
+            raise StorageError("no bus key")
+        return hashlib.blake2b(
+            dest.encode(), digest_size=16, key=self.bus_key, person=b"haven-dest"
+        ).digest()
+
+    async def write(self, batch: WriteBatch, now: int) -> None:
+        """One group-commit transaction. Rows already stored (under any live key) are not
+        stored again (``ON CONFLICT DO NOTHING`` on the id hash). On the leader, a batch that
+        leaves nothing pending destroys every key (the next write makes a fresh one)."""
+        self._writes += 1
+        sealing = bool(batch.envelopes or batch.outbox)
+        for attempt in range(5):
+            if (sealing and not self.keys.ids) or attempt:
+                await self._ensure_key(now)
+            try:
+                for retry in (0, 1):
+                    try:
+                        empty = await self._write_tx(batch, now)
+                        break
+                    except StorageError as exc:
+                        if retry or not isinstance(exc.__cause__, _LOST):
+                            raise
+                        log.info("write: PostgreSQL connection lost, retrying once")
+            except _NoKey:
+                continue
+            if batch.delete_envelopes or batch.delete_outbox:
+                self._delivered = True
+                if empty and self.leader:
+                    await self._destroy_if_empty()
+            return
+        raise StorageError("write failed: no epoch key stayed live")
+
+    async def _ensure_key(self, now: int) -> None:
+        """Make a key if none is live (the exclusive lock: never two processes at once)."""
+        async with self._tx(exclusive=True):
+            if not self.keys.ids:
+                self.keys.current(now)
+
+    async def _write_tx(self, batch: WriteBatch, now: int) -> bool:
+        envs, outbox = list(batch.envelopes), list(batch.outbox)
+        deleting = bool(batch.delete_envelopes or batch.delete_outbox)
+        async with self._tx(exclusive=False) as conn:
+            kid = self.keys.newest()
+            if (envs or outbox) and kid is None:
+                raise _NoKey
+            if kid is not None and len(self.keys.ids) > 1:  # a copy may be under an older key
+                if envs:
+                    dup = await self._present(conn, "envelopes", ENV_ID, [e.id for e in envs])
+                    envs = [e for e in envs if e.id not in dup]
+                if outbox:
+                    dup = await self._present(conn, "outbox", OBX_ID, [e.id for _, e in outbox])
+                    outbox = [(d, e) for d, e in outbox if e.id not in dup]
+            args: list[Any] = []
+            if kid is not None and (envs or outbox):
+                args += await self._new_rows(conn, kid, envs, outbox)
+            else:
+                args += [[]] * 11
+            kids = self.keys.ids
+            ix = self.keys.index
+            args.append([ix(k, ENV_ID, i) for i in batch.delete_envelopes for k in kids])
+            args.append([ix(k, OBX_ID, i) for i in batch.delete_outbox for k in kids])
+            channels, payloads = self._notifications(envs, outbox)
+            args += [channels, payloads]
+            await conn.execute(_WRITE_SQL, *args)
+            if deleting and self.leader:
+                return bool(await conn.fetchval(_EMPTY_SQL))
+        return False
+
+    def _notifications(
+        self, envs: list[Envelope], outbox: list[tuple[str, Envelope]]
+    ) -> tuple[list[str], list[str]]:
+        if self.bus_key is None:
+            return [], []
+        channels, payloads = [], []
+        for channel, tags in (
+            (ENV_CHANNEL, {self.mailbox_tag(e.to) for e in envs}),
+            (OBX_CHANNEL, {self.dest_tag(d) for d, _ in outbox}),
+        ):
+            for p in _tags_payloads(tags):
+                channels.append(channel)
+                payloads.append(p)
+        return channels, payloads
+
+    async def _new_rows(
+        self,
+        conn: asyncpg.Connection,
+        kid: int,
+        envs: list[Envelope],
+        outbox: list[tuple[str, Envelope]],
+    ) -> list[Any]:
+        """Lock the order chains, read their tops, seal: the 11 array arguments of the insert
+        part of :data:`_WRITE_SQL` (envelope columns, then outbox columns)."""
+        ix, seal, keys = self.keys.index, self.keys.seal, self.keys
+        env_mbs = {e.to for e in envs}
+        obx_mbs = {e.to for _, e in outbox}
+        dests = {d for d, _ in outbox}
+        locks = sorted(
+            {_lock_id(b"haven-lk-env", mb) for mb in env_mbs}
+            | {_lock_id(b"haven-lk-obx", mb) for mb in obx_mbs}
+            | {_lock_id(b"haven-lk-dest", d.encode()) for d in dests}
+        )
+        await conn.execute(
+            "SELECT count(pg_advisory_xact_lock(x)) FROM "
+            "(SELECT x FROM unnest($1::bigint[]) AS x ORDER BY x) AS s",
+            locks,
+        )
+        env_owner = {h: mb for mb in env_mbs for h in hashes(keys, ENV_MB, mb)}
+        obx_owner = {h: mb for mb in obx_mbs for h in hashes(keys, OBX_MB, mb)}
+        dest_owner = {h: d for d in dests for h in hashes(keys, OBX_DEST, d.encode())}
+        tops = await conn.fetch(_TOPS_SQL, list(env_owner), list(obx_owner), list(dest_owner))
+        env_top: dict[bytes, int] = {}
+        obx_top: dict[bytes, int] = {}
+        frontier: dict[str, int] = {}
+        for t, h, m in tops:
+            if t == 0:
+                mb = env_owner[bytes(h)]
+                env_top[mb] = max(env_top.get(mb, 0), int(m))
+            elif t == 1:
+                mb = obx_owner[bytes(h)]
+                obx_top[mb] = max(obx_top.get(mb, 0), int(m))
+            else:
+                d = dest_owner[bytes(h)]
+                frontier[d] = max(frontier.get(d, 0), int(m))
+        env_ords = self._ords("envelopes", [e.to for e in envs], env_top, [0] * len(envs))
+        obx_ords = self._ords(
+            "outbox", [e.to for _, e in outbox], obx_top, [frontier.get(d, 0) for d, _ in outbox]
+        )
+        rand = random_words(len(envs) + len(outbox))
+        env_rows = [
+            (
+                ix(kid, ENV_ID, e.id),
+                ix(kid, ENV_MB, e.to),
+                o,
+                coarse_expiry(e.expires, r),
+                seal(kid, record(e, None)),
+            )
+            for e, o, r in zip(envs, env_ords, rand[: len(envs)], strict=True)
+        ]
+        dh: dict[str, bytes] = {d: ix(kid, OBX_DEST, d.encode()) for d in dests}
+        for d, h in dh.items():
+            self._dest_of[h] = d
+        obx_rows = [
+            (
+                ix(kid, OBX_ID, e.id),
+                dh[d],
+                ix(kid, OBX_MB, e.to),
+                o,
+                coarse_expiry(e.expires, r),
+                seal(kid, record(e, d)),
+            )
+            for (d, e), o, r in zip(outbox, obx_ords, rand[len(envs) :], strict=True)
+        ]
+        random.shuffle(env_rows)  # insertion (heap) order says nothing either
+        random.shuffle(obx_rows)
+        return [list(c) for c in _columns(env_rows, 5)] + [list(c) for c in _columns(obx_rows, 6)]
+
+    def _ords(
+        self, table: str, chains: list[bytes], top: dict[bytes, int], low: list[int]
+    ) -> list[int]:
+        """Order keys for new rows on ``chains`` (in order), each above its chain's stored top,
+        this process's floor and ``low`` (the read frontier), by a random step."""
+        out = []
+        for mb, r, lo in zip(chains, random_words(len(chains)), low, strict=True):
+            floor = max(self._ord_floor.get((table, mb), 0), top.get(mb, 0))
+            if not floor:
+                floor = secrets.randbelow(ORD_START)
+            o = next_ord(floor, lo, r)
+            self._ord_floor[(table, mb)] = o
+            out.append(o)
+        if len(self._ord_floor) > 200_000:
+            self._ord_floor.clear()  # bounded memory: the stored tops still order the chains
+        return out
+
+    async def _present(
+        self, conn: asyncpg.Connection, table: str, purpose: bytes, ids: list[bytes]
+    ) -> set[bytes]:
+        owner = {self.keys.index(k, purpose, i): i for i in set(ids) for k in self.keys.ids}
+        rows = await conn.fetch(
+            f"SELECT idh FROM {table} WHERE idh = ANY($1::bytea[])", list(owner)
+        )
+        return {owner[bytes(r[0])] for r in rows}
+
+    async def existing_ids(self, ids: list[bytes]) -> set[bytes]:
+        if not ids:
+            return set()
+        self.keys.reload()
+        return await self._call("read failed", lambda c: self._present(c, "envelopes", ENV_ID, ids))
+
+    async def _page(
+        self, table: str, column: str, purpose: bytes, value: bytes, after: int, limit: int
+    ) -> list[tuple[int, Envelope]]:
+        """One page by index hash; read again if the key file changed meanwhile (another
+        process re-sealing rows under hashes this one did not know yet)."""
+        while True:
+            self.keys.reload()
+            generation = self.keys.generation
+            owner = hashes(self.keys, purpose, value)
+            if not owner:
+                return []
+            rows = await self._all(
+                f"SELECT ord, {column}, sealed FROM {table} WHERE {column} = ANY($1::bytea[]) "
+                "AND ord > $2 ORDER BY ord LIMIT $3",
+                list(owner),
+                after,
+                limit,
+            )
+            self.keys.reload()
+            if self.keys.generation == generation:
+                return [
+                    (int(o), unrecord(self.keys.open(owner[bytes(h)], bytes(s)))[0])
+                    for o, h, s in rows
+                ]
+
+    async def pending_for(self, mailbox: bytes, limit: int) -> list[Envelope]:
+        return [e for _, e in await self.pending_page(mailbox, 0, limit)]
+
+    async def outbox_batch(self, dest: str, limit: int) -> list[Envelope]:
+        return [e for _, e in await self.outbox_page(dest, 0, limit)]
+
+    async def pending_page(
+        self, mailbox: bytes, after_seq: int, limit: int
+    ) -> list[tuple[int, Envelope]]:
+        return await self._page("envelopes", "mbh", ENV_MB, mailbox, after_seq, limit)
+
+    async def outbox_page(
+        self, dest: str, after_seq: int, limit: int
+    ) -> list[tuple[int, Envelope]]:
+        """Ordered by ``ord`` (arrival order per remote mailbox). The read and the raise of the
+        destination's frontier hold its chain lock, so a row any process writes later goes
+        above the last seq returned (a reader resuming after it misses nothing)."""
+        lock = _lock_id(b"haven-lk-dest", dest.encode())
+        while True:
+            async with self._tx() as conn:
+                await conn.execute("SET LOCAL synchronous_commit = off")  # UNLOGGED: no fsync
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
+                self.keys.reload()
+                generation = self.keys.generation
+                kid = self.keys.newest()
+                if kid is None:
+                    return []
+                owner = hashes(self.keys, OBX_DEST, dest.encode())
+                rows = await conn.fetch(
+                    "SELECT ord, dh, sealed FROM outbox WHERE dh = ANY($1::bytea[]) "
+                    "AND ord > $2 ORDER BY ord LIMIT $3",
+                    list(owner),
+                    after_seq,
+                    limit,
+                )
+                self.keys.reload()
+                if self.keys.generation != generation:
+                    continue
+                page = [
+                    (int(o), unrecord(self.keys.open(owner[bytes(h)], bytes(s)))[0])
+                    for o, h, s in rows
+                ]
+                if page:
+                    dh = self.keys.index(kid, OBX_DEST, dest.encode())
+                    self._dest_of[dh] = dest
+                    await conn.execute(
+                        "INSERT INTO outbox_frontier VALUES ($1, $2) ON CONFLICT (dh) DO UPDATE "
+                        "SET ord = greatest(outbox_frontier.ord, excluded.ord)",
+                        dh,
+                        page[-1][0],
+                    )
+                return page
+
+    def _open_any(self, sealed: bytes) -> tuple[int, bytes] | None:
+        """Open under whichever live key sealed it; a row under a key this process does not
+        have yet re-reads the key file once before it counts as undecryptable."""
+        got = self.keys.try_open(sealed)
+        if got is None and self.keys.reload():
+            got = self.keys.try_open(sealed)
+        return got
+
+    async def _resolve(
+        self, table: str, column: str, counts: list[asyncpg.Record], known: dict[bytes, bytes]
+    ) -> dict[bytes, int]:
+        """Per-hash counts -> per-value counts: via ``known`` (hash -> value), else by opening
+        one row of that hash (its sealed record names it)."""
+        out: dict[bytes, int] = {}
+        for h, n in counts:
+            value = known.get(bytes(h))
+            if value is None:
+                row = await self._one(f"SELECT sealed FROM {table} WHERE {column}=$1 LIMIT 1", h)
+                got = self._open_any(bytes(row[0])) if row else None
+                if got is None:
+                    continue  # sealed under a destroyed key: unreadable, swept at its expiry
+                env, dest = unrecord(got[1])
+                value = dest.encode() if column == "dh" and dest is not None else env.to
+            out[value] = out.get(value, 0) + int(n)
+        return out
+
+    async def outbox_counts(self) -> dict[str, int]:
+        counts = await self._all("SELECT dh, count(*) FROM outbox GROUP BY dh")
+        known = {h: d.encode() for h, d in self._dest_of.items()}
+        resolved = await self._resolve("outbox", "dh", counts, known)
+        for value in resolved:
+            for h in hashes(self.keys, OBX_DEST, value):
+                self._dest_of[h] = value.decode()
+        return {v.decode(): n for v, n in resolved.items()}
+
+    async def outbox_destinations(self) -> list[str]:
+        return list(await self.outbox_counts())
+
+    async def pending_counts(self) -> dict[bytes, int]:
+        counts = await self._all("SELECT mbh, count(*) FROM envelopes GROUP BY mbh")
+        if not counts:
+            return {}
+        self.keys.reload()
+        known = {h: mb for mb in await self.all_mailboxes() for h in hashes(self.keys, ENV_MB, mb)}
+        return await self._resolve("envelopes", "mbh", counts, known)
+
+    async def sweep_expired(self, now: int) -> int:
+        """Delete rows whose sealed exact expiry has passed (the clear ``exp`` only selects
+        candidates). A row no live key opens is deleted only by the leader: a follower may
+        just not have the key yet."""
+        n = 0
+        for table in ("envelopes", "outbox"):
+            rows = await self._all(f"SELECT idh, sealed FROM {table} WHERE exp <= $1", now)
+            gone = []
+            for idh, sealed in rows:
+                got = self._open_any(bytes(sealed))
+                if (got is None and self.leader) or (
+                    got is not None and unrecord(got[1])[0].expires <= now
+                ):
+                    gone.append(bytes(idh))
+            if gone:
+                n += await self._exec(f"DELETE FROM {table} WHERE idh = ANY($1::bytea[])", gone)
+                self._delivered = True
+        await self._exec("DELETE FROM invites WHERE expires <= $1", now)
+        return n
+
+    # ---- epoch keys (leader only) ------------------------------------------------------------
+
+    async def begin(self, clock: Clock) -> int:
+        """The node starts serving. On the leader as :meth:`SqliteStore.begin`; a follower
+        only takes the clock (it never rotates or destroys keys)."""
+        self.clock = clock
+        self._serving = True
+        return await self.rotate_epochs(clock.now_ms())
+
+    async def rotate_epochs(self, now: int) -> int:
+        """As :meth:`SqliteStore.rotate_epochs`, on the leader; a follower re-reads the key
+        file and returns 0."""
+        if not self.leader:
+            self.keys.reload()
+            return 0
+        async with self._rotate_lock:
+            async with self._tx(exclusive=True) as conn:
+                if await self._destroy_if_empty_locked(conn) or not self.keys.ids:
+                    self._delivered = False
+                    return 0
+                current = self.keys.current(now)
+                old = [k for k in self.keys.ids if k != current]
+                if not old and self._delivered and await self._pending_at_most(conn):
+                    current = self.keys.fresh(now)
+                    old = [k for k in self.keys.ids if k != current]
+                self._delivered = False
+            if not old:
+                return 0
+            return await self._reseal_into(current, old)
+
+    async def _pending_at_most(self, conn: asyncpg.Connection) -> bool:
+        n = RESEAL_AFTER_DELIVERY
+        total = await conn.fetchval(
+            "SELECT (SELECT count(*) FROM (SELECT 1 FROM envelopes LIMIT $1) a) + "
+            "(SELECT count(*) FROM (SELECT 1 FROM outbox LIMIT $1) b)",
+            n + 1,
+        )
+        return int(total) <= n
+
+    async def _destroy_if_empty(self) -> bool:
+        async with self._tx(exclusive=True) as conn:
+            return await self._destroy_if_empty_locked(conn)
+
+    async def _destroy_if_empty_locked(self, conn: asyncpg.Connection) -> bool:
+        """Nothing pending: no key needs to live (KEYS_LOCK held exclusively)."""
+        if self.keys.ids and await conn.fetchval(_EMPTY_SQL):
+            await conn.execute("DELETE FROM outbox_frontier")
+            self.keys.destroy_many(self.keys.ids)
+            self._dest_of.clear()
+            return True
+        return False
+
+    async def _reseal_for_shutdown(self) -> None:
+        async with self._rotate_lock:
+            async with self._tx(exclusive=True) as conn:
+                if await self._destroy_if_empty_locked(conn) or not self.keys.ids:
+                    return
+                fresh = self.keys.fresh(self.clock.now_ms())
+                old = [k for k in self.keys.ids if k != fresh]
+            await self._reseal_into(fresh, old)
+
+    async def _reseal_into(self, target: int, old: list[int]) -> int:
+        """Re-seal every row not under ``target`` in chunks (every process seals new rows under
+        ``target`` already: it was made under the exclusive lock), then, holding the lock
+        exclusively, re-key the outbox frontier and destroy ``old``."""
+        moved = 0
+        for table in ("envelopes", "outbox"):
+            moved += await self._reseal_table(table, target)
+        async with self._tx(exclusive=True) as conn:
+            marks = await conn.fetch("SELECT dh, ord FROM outbox_frontier")
+            await conn.execute("DELETE FROM outbox_frontier")
+            keep = [
+                (self.keys.index(target, OBX_DEST, self._dest_of[bytes(h)].encode()), int(o))
+                for h, o in marks
+                if bytes(h) in self._dest_of
+            ]
+            if keep:
+                await conn.execute(
+                    "INSERT INTO outbox_frontier SELECT * FROM unnest($1::bytea[], $2::bigint[]) "
+                    "ON CONFLICT (dh) DO UPDATE "
+                    "SET ord = greatest(outbox_frontier.ord, excluded.ord)",
+                    [h for h, _ in keep],
+                    [o for _, o in keep],
+                )
+            self.keys.destroy_many([k for k in old if k in self.keys.ids])
+            self._dest_of = {h: d for h, d in self._dest_of.items() if h in {k[0] for k in keep}}
+            await self._destroy_if_empty_locked(conn)
+        return moved
+
+    async def _reseal_table(self, table: str, target: int) -> int:
+        """Every row of ``table`` not under ``target``, by id hash, :data:`RESEAL_CHUNK` rows
+        per transaction; while live work goes on, at most :data:`RESEAL_BUSY_SHARE` of the
+        time (as SqliteStore). Rows re-sealed get new id hashes and may be met again further
+        on: they are under ``target`` by then and skipped."""
+        after, moved, began = b"", 0, time.monotonic()
+        while True:
+            work, t0 = self._activity(), time.monotonic()
+            async with self._tx(exclusive=False) as conn:
+                rows = await conn.fetch(
+                    f"SELECT idh, sealed FROM {table} WHERE idh > $1 ORDER BY idh LIMIT $2 "
+                    "FOR UPDATE",
+                    after,
+                    RESEAL_CHUNK,
+                )
+                if not rows:
+                    return moved
+                after = bytes(rows[-1][0])
+                moved += await self._store_resealed(
+                    conn, table, [(bytes(a), bytes(b)) for a, b in rows], target, None
+                )
+            t1 = time.monotonic()
+            if self._activity() != work and t1 - began < RESEAL_PACED_FOR_S:
+                await asyncio.sleep((t1 - t0) * (1 / RESEAL_BUSY_SHARE - 1))
+
+    async def _store_resealed(
+        self,
+        conn: asyncpg.Connection,
+        table: str,
+        rows: list[tuple[bytes, bytes]],
+        target: int | None,
+        dest: str | None,
+    ) -> int:
+        """Rewrite ``(idh, sealed)`` rows under ``target`` (or each under its own key) with
+        new index hashes; delete those no live key opens. Returns the rows rewritten."""
+        planned, dead = plan_reseal(self.keys, table, rows, target, dest)
+        for _, values, _, d in planned:
+            if d is not None:
+                self._dest_of[values[1]] = d
+        if dead:
+            await conn.execute(f"DELETE FROM {table} WHERE idh = ANY($1::bytea[])", dead)
+        if not planned:
+            return 0
+        olds = [k for k, _, _, _ in planned]
+        cols = list(_columns([(*v, blob) for _, v, blob, _ in planned], len(planned[0][1]) + 1))
+        # a copy of the same envelope already under the new hash: the re-sealed row replaces it
+        await conn.execute(
+            f"DELETE FROM {table} WHERE idh = ANY($1::bytea[]) AND NOT idh = ANY($2::bytea[])",
+            cols[0],
+            olds,
+        )
+        if table == "envelopes":
+            sql = (
+                "UPDATE envelopes AS t SET idh=u.idh, mbh=u.mbh, sealed=u.sealed FROM "
+                "unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::bytea[]) "
+                "AS u(old, idh, mbh, sealed) "
+                "WHERE t.idh = u.old"
+            )
+        else:
+            sql = (
+                "UPDATE outbox AS t SET idh=u.idh, dh=u.dh, mbh=u.mbh, sealed=u.sealed FROM "
+                "unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::bytea[], $5::bytea[]) "
+                "AS u(old, idh, dh, mbh, sealed) WHERE t.idh = u.old"
+            )
+        await conn.execute(sql, olds, *cols)
+        return len(planned)
+
+    def set_activity(self, counter: Callable[[], int]) -> None:
+        self._activity = counter
+
+    async def checkpoint(self) -> None:
+        """A no-op: PostgreSQL checkpoints on its own (docs/operations.md)."""
+
+    # ---- peers -------------------------------------------------------------------------------
+
+    async def get_peer(self, node_id: str) -> PeerRecord | None:
+        row = await self._one(
+            "SELECT node_id, url, host, last_seen FROM peers WHERE node_id=$1", node_id
+        )
+        return None if row is None else PeerRecord(*row)
+
+    async def peer_by_host(self, host: str) -> PeerRecord | None:
+        row = await self._one("SELECT node_id, url, host, last_seen FROM peers WHERE host=$1", host)
+        return None if row is None else PeerRecord(*row)
+
+    async def upsert_peer(self, peer: PeerRecord) -> None:
+        """Pin (or update) a peer; ``last_seen`` is stored as its UTC day."""
+        await self._exec(
+            "INSERT INTO peers VALUES ($1, $2, $3, $4) ON CONFLICT (node_id) DO UPDATE SET "
+            "url=excluded.url, host=excluded.host, last_seen=excluded.last_seen",
+            peer.node_id,
+            peer.url,
+            peer.host,
+            day(peer.last_seen),
+        )
+
+    async def drop_stale_peers(self, before: int, keep: Collection[str] = ()) -> list[str]:
+        """Delete pins last seen before ``before`` (ms), except ``keep``; the ids dropped."""
+        rows = await self._all(
+            "DELETE FROM peers WHERE last_seen < $1 AND NOT node_id = ANY($2::text[]) "
+            "RETURNING node_id",
+            before,
+            list(keep),
+        )
+        return sorted(str(r[0]) for r in rows)
+
+    async def rename_peer(self, old_id: str, new: PeerRecord) -> None:
+        """Follow a signed key rotation: move the pin and re-seal the queued envelopes for the
+        new id (under the newest key: a rotation in progress then has nothing to miss)."""
+        async with self._tx(exclusive=False) as conn:
+            await conn.execute("DELETE FROM peers WHERE node_id=$1", old_id)
+            await conn.execute(
+                "INSERT INTO peers VALUES ($1, $2, $3, $4) ON CONFLICT (node_id) DO UPDATE SET "
+                "url=excluded.url, host=excluded.host, last_seen=excluded.last_seen",
+                new.node_id,
+                new.url,
+                new.host,
+                day(new.last_seen),
+            )
+            owner = list(hashes(self.keys, OBX_DEST, old_id.encode()))
+            rows = await conn.fetch(
+                "SELECT idh, sealed FROM outbox WHERE dh = ANY($1::bytea[]) FOR UPDATE", owner
+            )
+            if rows:
+                await self._store_resealed(
+                    conn,
+                    "outbox",
+                    [(bytes(a), bytes(b)) for a, b in rows],
+                    self.keys.newest(),
+                    new.node_id,
+                )
+
+    async def all_mailboxes(self) -> list[bytes]:
+        return [bytes(r[0]) for r in await self._all("SELECT mailbox FROM devices")]
+
+    async def all_peers(self) -> list[PeerRecord]:
+        rows = await self._all("SELECT node_id, url, host, last_seen FROM peers")
+        return [PeerRecord(*r) for r in rows]
+
+    async def counts(self) -> dict[str, int]:
+        row = await self._one(
+            "SELECT (SELECT count(*) FROM accounts), (SELECT count(*) FROM envelopes), "
+            "(SELECT count(*) FROM outbox), (SELECT count(*) FROM peers)"
+        )
+        values = [int(v) for v in row] if row else [0, 0, 0, 0]
+        return dict(
+            zip(("accounts", "pending_envelopes", "outbox_envelopes", "peers"), values, strict=True)
+        )
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows -> one list per column (``width`` columns; empty lists for no rows)."""
+    return [[r[i] for r in rows] for i in range(width)]
+
+
+# The tops of the order chains a write extends: 0 = recipient mailbox, 1 = remote mailbox,
+# 2 = destination frontier (hash, highest key).
+_TOPS_SQL = """
+SELECT 0, mbh, max(ord) FROM envelopes WHERE mbh = ANY($1::bytea[]) GROUP BY mbh
+UNION ALL SELECT 1, mbh, max(ord) FROM outbox WHERE mbh = ANY($2::bytea[]) GROUP BY mbh
+UNION ALL SELECT 2, dh, ord FROM outbox_frontier WHERE dh = ANY($3::bytea[])
+"""
+
+# One group commit in one statement: inserts (deduped by id hash), deletes, notifications.
+_WRITE_SQL = """
+WITH e AS (
+  INSERT INTO envelopes (idh, mbh, ord, exp, sealed)
+  SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bigint[], $5::bytea[])
+  ON CONFLICT (idh) DO NOTHING RETURNING 1
+), o AS (
+  INSERT INTO outbox (idh, dh, mbh, ord, exp, sealed)
+  SELECT * FROM unnest($6::bytea[], $7::bytea[], $8::bytea[], $9::bigint[], $10::bigint[],
+                       $11::bytea[])
+  ON CONFLICT (idh) DO NOTHING RETURNING 1
+), de AS (
+  DELETE FROM envelopes WHERE idh = ANY($12::bytea[]) RETURNING 1
+), dob AS (
+  DELETE FROM outbox WHERE idh = ANY($13::bytea[]) RETURNING 1
+)
+SELECT (SELECT count(*) FROM e), (SELECT count(*) FROM o), (SELECT count(*) FROM de),
+       (SELECT count(*) FROM dob),
+       (SELECT count(pg_notify(c, p)) FROM unnest($14::text[], $15::text[]) AS n(c, p))
+"""
