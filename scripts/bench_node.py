@@ -19,6 +19,8 @@ Sections (select with ``--sections``):
 * ``per_message``, ``offline_store``, ``federated``, ``connections``, ``growth``, ``drain``: the
   paths users feel (issue 12), in ``scripts/bench_sections.py`` (devices from
   ``scripts/bench_raw.py``). ``--quick`` runs every section at a tiny size (the smoke test).
+* ``org``: ``per_message`` on SQLite, on PostgreSQL with 1 worker and with 2 workers, CPU per
+  component (node workers, PostgreSQL, driver) (issue 13, ``scripts/bench_org.py``).
 
 Every node runs as ``python -m client.cli node serve`` on 127.0.0.1 with a free port, in a
 temporary directory removed at the end (``--keep`` keeps it). ``--profile DIR`` attaches
@@ -147,6 +149,7 @@ class NodeProc:
     port: int
     proc: subprocess.Popen[bytes] | None = None
     node_id: str = ""
+    serve_args: tuple[str, ...] = ()  # extra ``node serve`` arguments (``org``: --workers)
 
     @property
     def url(self) -> str:
@@ -157,8 +160,9 @@ class NodeProc:
         return f"127.0.0.1:{self.port}"
 
     @classmethod
-    def create(cls, base: Path, name: str, **config: Any) -> NodeProc:
-        """``haven node init``; ``config`` overrides node.toml keys (docs/operations.md §3)."""
+    def create(cls, base: Path, name: str, *init_args: str, **config: Any) -> NodeProc:
+        """``haven node init`` (plus ``init_args``, e.g. ``--store DSN``); ``config``
+        overrides node.toml keys (docs/operations.md §3)."""
         port = free_port()
         home = base / name
         out = haven(
@@ -172,6 +176,7 @@ class NodeProc:
             f"127.0.0.1:{port}",
             "--no-lan",
             "--json",
+            *init_args,
         )
         if config:
             from dataclasses import replace
@@ -189,7 +194,7 @@ class NodeProc:
         """Serve; ``clock_offset_ms`` shifts the node's clock (the test-only switch)."""
         logf = open(self.home.parent / f"{self.home.name}.log", "ab")
         entry = ["-c", TRACEBACK_WRAPPER] if NODE_TRACEBACKS else ["-m", "client.cli"]
-        cmd = [sys.executable, *entry, "node", "serve", "--home", str(self.home)]
+        cmd = [sys.executable, *entry, "node", "serve", "--home", str(self.home), *self.serve_args]
         env = child_env()
         if clock_offset_ms:
             sign = "-" if clock_offset_ms < 0 else "+"
@@ -1048,7 +1053,8 @@ async def amain(args: argparse.Namespace, base: Path) -> dict[str, Any]:
 
 OLD_SECTIONS = ("node_only", "one_node", "two_nodes", "device_drain", "ui_latency")
 NEW_SECTIONS = ("per_message", "offline_store", "federated", "connections", "growth", "drain")
-ALL_SECTIONS = (*OLD_SECTIONS[:3], *NEW_SECTIONS, *OLD_SECTIONS[3:])
+ORG_SECTIONS = ("org",)  # issue 13: scripts/bench_org.py
+ALL_SECTIONS = (*OLD_SECTIONS[:3], *NEW_SECTIONS, *ORG_SECTIONS, *OLD_SECTIONS[3:])
 DEFAULT_SECTIONS = "node_only,one_node,two_nodes"
 # --quick: every section in seconds (tests/test_bench_smoke.py); explicit flags still win
 QUICK = {

@@ -40,6 +40,7 @@ Opener = Callable[[bytes, bytes], bytes | None]  # key, sealed -> plaintext or N
 PageDecryptor = Callable[[bytes, bytes], tuple[bytes, int]]  # raw, key -> pages, usable size
 # one carved record, candidate (epoch, key)s -> [(epoch, plaintext)] an examiner gets from it
 NodeRecordOpener = Callable[["Record", Sequence[tuple[int, bytes]]], list[tuple[int, bytes]]]
+Carver = Callable[[bytes], Iterable[Record]]  # a buffer -> the records found in it
 
 
 @dataclass
@@ -211,10 +212,12 @@ class Scan:
     free_records: int
 
     @classmethod
-    def of(cls, name: str, path: Path) -> Scan:
+    def of(cls, name: str, path: Path, carver: Carver = carve) -> Scan:
+        """Read the copy, its unallocated blocks, and carve both (``carver``: SQLite records by
+        default; ``pgcarve.carve_pg`` for a PostgreSQL data directory)."""
         raw = path.read_bytes()
         free = unallocated(path)
-        return cls(name, path, raw, free, list(carve(raw)), sum(1 for _ in carve(free)))
+        return cls(name, path, raw, free, list(carver(raw)), sum(1 for _ in carver(free)))
 
     def found(self, needle: bytes) -> bool:
         return needle in self.raw

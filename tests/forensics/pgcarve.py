@@ -48,6 +48,8 @@ WAL_MAGIC = 0xD110  # XLOG_PAGE_MAGIC, PostgreSQL 15
 XLP_FIRST_IS_CONTRECORD, XLP_LONG_HEADER = 0x0001, 0x0002
 WAL_SHORT_HEADER, WAL_LONG_HEADER = 24, 40  # MAXALIGN(sizeof(XLogPageHeaderData)), long
 MAX_SEALED = 4 * 65536 + 256  # largest sealed size looked for (bigger rows: none in the tests)
+TUPLE_HEADER = 24  # MAXALIGN(offsetof(HeapTupleHeaderData, t_bits)), no null bitmap
+MAX_TUPLES_PER_PAGE = 291  # MaxHeapTuplesPerPage, 8 KiB pages
 
 
 def varlena4(n: int) -> bytes:
@@ -58,7 +60,10 @@ def varlena4(n: int) -> bytes:
 def sealed_sizes(limit: int = MAX_SEALED) -> list[int]:
     """Every size a sealed row blob can have (``node/sqlite_store.py`` ``_pad``: the buckets,
     then multiples of ``ROW_STEP``), up to ``limit``; the PostgreSQL store pads alike."""
-    from node.sqlite_store import ROW_BUCKETS, ROW_STEP
+    try:
+        from node.sealed_rows import ROW_BUCKETS, ROW_STEP
+    except ImportError:  # before the PostgreSQL store (issue 13) the SQLite store had them
+        from node.sqlite_store import ROW_BUCKETS, ROW_STEP  # type: ignore[attr-defined,no-redef]
 
     sizes = list(ROW_BUCKETS)
     step = -(-ROW_BUCKETS[-1] // ROW_STEP) * ROW_STEP
@@ -96,21 +101,52 @@ class Layout:
                 raise ValueError(f"unknown column kind {kind!r}")
         return out, -(-pos // 4) * 4
 
-    def clear_values(self, buf: bytes, header_at: int) -> tuple[Value, ...]:
+    def clear_values(self, buf: bytes, header_at: int) -> tuple[Value, ...] | None:
+        """The clear columns of the tuple whose sealed value's header is at ``header_at``, or
+        None when a 16-byte column's short-varlena header is not where the layout puts it."""
         cols, sealed_at = self.offsets()
         start = header_at - sealed_at
+        if start < 0:
+            return None
         out: list[Value] = []
         for kind, off in cols:
             at = start + off
-            if at < 0:
-                out.append(None)
-            elif kind == "b16":
-                ok = buf[at : at + 1] == b"\x23"  # short varlena header of 16 bytes: (17 << 1) | 1
-                out.append(bytes(buf[at + 1 : at + 17]) if ok else None)
+            if kind == "b16":
+                if buf[at : at + 1] != b"\x23":  # short varlena of 16 bytes: (17 << 1) | 1
+                    return None
+                out.append(bytes(buf[at + 1 : at + 17]))
             else:
                 n = 8 if kind == "i8" else 4
                 out.append(int.from_bytes(buf[at : at + n], "little", signed=True))
         return tuple(out)
+
+    def tuple_head(self, buf: bytes, header_at: int) -> TupleHead | None:
+        """The heap tuple header in front of the columns (``t_xmin``, ``t_ctid``), if one is
+        there: ``t_hoff`` 24, as many attributes as the layout plus the sealed one, a line
+        pointer number a heap page can have. A WAL insert record has its ``xl_heap_header`` at
+        the same place but no ``t_xmin`` (its transaction id is in the record header): the
+        bytes before it are the record's block reference, whose last two (``0xFF``, data
+        length) are no valid line pointer number, so no header is read there."""
+        _, sealed_at = self.offsets()
+        start = header_at - sealed_at - TUPLE_HEADER
+        if start < 0:
+            return None
+        xmin, bhi, blo, posid, infomask2 = struct.unpack_from("<I8xHHHH", buf, start)
+        natts = infomask2 & 0x07FF
+        if buf[start + 22] != TUPLE_HEADER or natts != len(self.columns) + 1:
+            return None
+        if not 1 <= posid <= MAX_TUPLES_PER_PAGE or not xmin:
+            return None
+        return TupleHead(xmin, (bhi << 16) | blo, posid)
+
+
+@dataclass(frozen=True)
+class TupleHead:
+    """What a heap tuple header says about a row: the inserting transaction and its place."""
+
+    xmin: int
+    block: int
+    posid: int
 
 
 def _wal_splice(buf: bytes, start: int, n: int) -> bytes:
@@ -130,7 +166,7 @@ def _wal_splice(buf: bytes, start: int, n: int) -> bytes:
     return bytes(out)
 
 
-def _inline(buf: bytes, sizes: Sequence[int], layout: Layout) -> Iterator[Record]:
+def _inline(buf: bytes, sizes: Sequence[int], layouts: Sequence[Layout]) -> Iterator[Record]:
     for size in sizes:
         for m in re.finditer(re.escape(varlena4(size)), buf):
             at = m.start() + 4
@@ -143,8 +179,14 @@ def _inline(buf: bytes, sizes: Sequence[int], layout: Layout) -> Iterator[Record
                 spliced = _wal_splice(buf, at, size)
                 if len(spliced) == size and spliced != value:
                     values.append(spliced)
+            which, clear = 0, ()
+            for i, layout in enumerate(layouts):
+                got = layout.clear_values(buf, m.start())
+                if got is not None:
+                    which, clear = i + 1, got
+                    break
             for v in values:
-                yield Record(m.start(), HEAP, 0, None, (*layout.clear_values(buf, m.start()), v))
+                yield Record(m.start(), HEAP, which, None, (*clear, v))
 
 
 def _toasted(buf: bytes, sizes: Sequence[int]) -> Iterator[Record]:
@@ -178,11 +220,14 @@ def _toasted(buf: bytes, sizes: Sequence[int]) -> Iterator[Record]:
 
 
 def carve_pg(
-    buf: bytes, layout: Layout = Layout(), sizes: Iterable[int] | None = None
+    buf: bytes, layouts: Sequence[Layout] = (), sizes: Iterable[int] | None = None
 ) -> Iterator[Record]:
-    """Every candidate sealed value in ``buf``: inline (with the clear columns of ``layout``)
-    and reassembled from TOAST chunks. Candidates that are not sealed rows simply open under no
-    key; duplicates (a row in its page, in WAL, in a full-page image) are all yielded."""
+    """Every candidate sealed value in ``buf``: inline ones with the clear columns of the first
+    of ``layouts`` that fits (``Record.cell``: its index + 1; 0 and no clear values if none
+    does) and values reassembled from TOAST chunks (``cell`` 0, ``values`` = (chunk_id,
+    value)). ``Record.offset`` is the varlena header's offset in ``buf``. Candidates that are
+    not sealed rows simply open under no key; duplicates (a row in its page, in WAL, in a
+    full-page image) are all yielded."""
     size_list = sorted(sizes) if sizes is not None else sealed_sizes()
-    yield from _inline(buf, size_list, layout)
+    yield from _inline(buf, size_list, layouts)
     yield from _toasted(buf, size_list)

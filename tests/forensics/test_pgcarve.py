@@ -53,16 +53,22 @@ async def test_carves_inline_toasted_and_wal_copies(pg_cluster: object, pg_dsn: 
     toast = _relation_bytes(pg_cluster, db, toast_rel)
     wal = b"".join(p.read_bytes() for p in sorted((Path(pg_cluster.data) / "pg_wal").glob("0*")))
 
-    found = {r.values[-1]: r for r in carve_pg(heap + toast, LAYOUT) if r.kind in (HEAP, TOAST)}
+    found = {r.values[-1]: r for r in carve_pg(heap + toast, [LAYOUT]) if r.kind in (HEAP, TOAST)}
     for idh, mbh, ord_, exp, sealed in rows[:40]:
         rec = found.get(sealed)
         assert rec is not None and rec.kind == HEAP
         assert rec.values[:4] == (idh, mbh, ord_, exp)  # the clear columns, from the layout
+        assert rec.cell == 1
+    heads = {LAYOUT.tuple_head(heap, r.offset) for r in carve_pg(heap, [LAYOUT])}
+    assert None not in heads and len({h.xmin for h in heads if h}) == 1  # one transaction
+    assert len({(h.block, h.posid) for h in heads if h}) == 40
     for *_, sealed in rows[40:]:
         assert sealed not in heap  # really moved out of line ...
         assert sealed in found and found[sealed].kind == TOAST  # ... and put back together
-    in_wal = {r.values[-1] for r in carve_pg(wal, LAYOUT)}
-    assert {r[-1] for r in rows} <= in_wal  # insert records (page headers cut out)
+    wal_recs = list(carve_pg(wal, [LAYOUT]))
+    assert {r[-1] for r in rows} <= {r.values[-1] for r in wal_recs}  # page headers cut out
+    # insert records carry no t_xmin where a heap tuple has it: no header is read there
+    assert any(LAYOUT.tuple_head(wal, r.offset) is None for r in wal_recs if r.cell)
 
 
 def test_noise_yields_no_candidate() -> None:
