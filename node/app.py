@@ -43,6 +43,7 @@ from .nodekey import load_key
 from .outbox import OutboxSender
 from .peer_admission import NewPeerBudget
 from .peers import PeerDirectory
+from .pg_store import PgStore
 from .quotas import OutboxQuotas
 from .sqlite_store import SqliteStore
 from .store import Store
@@ -101,8 +102,13 @@ def load_rotations(home: str) -> tuple[Rotation, ...]:
         return tuple(Rotation.from_wire(r) for r in unpackb(f.read(), max_len=1 << 20))
 
 
-def open_store(home: str, config: NodeConfig) -> SqliteStore:
+def open_store(home: str, config: NodeConfig, *, leader: bool = True) -> Store:
+    """The node's store (unopened): PostgreSQL if ``config.store`` names a DSN, else SQLite in
+    the home. The epoch keys stay in the home's key file either way (node/pg_store.py).
+    ``leader``: this process rotates and destroys the keys (one per key file)."""
     keys = EpochKeys(os.path.join(home, EPOCH_KEYS_NAME), config.epoch_ms)
+    if config.store:
+        return PgStore(config.store, keys, leader=leader)
     return SqliteStore(os.path.join(home, DB_NAME), keys, config.max_db_mb)
 
 

@@ -24,7 +24,15 @@ from federation.wire import packb, unpackb
 from . import logs, nodekey
 from .app import ROTATIONS_NAME, build, load_node_key, load_rotations
 from .client_api import invite_hash
-from .config import CONFIG_NAME, KEY_NAME, MAX_TTL_MS, NodeConfig, validate_public_url
+from .config import (
+    CONFIG_NAME,
+    KEY_NAME,
+    MAX_TTL_MS,
+    NodeConfig,
+    validate_public_url,
+    validate_store,
+)
+from .pg_store import prepare_database
 from .store import PeerRecord
 
 DAY_MS = 86_400_000
@@ -51,11 +59,14 @@ def init_node(
     tls_key: str = "",
     key_file: str = "",
     key_secret_file: str = "",
+    store: str = "",
 ) -> NodeConfig:
     """Create the node identity, config and store in ``home``.
 
     ``key_file`` puts the node key outside ``home``; ``key_secret_file`` stores it wrapped
-    under that secret (:mod:`node.nodekey`); ``node.toml`` records both.
+    under that secret (:mod:`node.nodekey`); ``node.toml`` records both. ``store``: a
+    PostgreSQL DSN (connected to and migrated first, so a bad one fails before anything is
+    written); "" = SQLite in ``home``.
     """
     os.makedirs(home, mode=0o700, exist_ok=True)
     if os.path.exists(os.path.join(home, KEY_NAME)) or os.path.exists(
@@ -67,6 +78,8 @@ def init_node(
         raise LocalProtocolError("--listen must be HOST:PORT")
     if ttl_ms > MAX_TTL_MS:
         raise LocalProtocolError("--ttl may be at most 14d")
+    if validate_store(store):
+        asyncio.run(prepare_database(store))
     config = NodeConfig(
         public_url=validate_public_url(public_url),
         listen_host=host,
@@ -80,6 +93,7 @@ def init_node(
         tls_key=os.path.abspath(tls_key) if tls_key else "",
         key_file=os.path.abspath(key_file) if key_file else "",
         key_secret_file=_secret_spec(key_secret_file),
+        store=store,
     )
     if bool(tls_cert) != bool(tls_key):
         raise LocalProtocolError("--tls-cert and --tls-key go together")
@@ -321,6 +335,12 @@ def add_commands(sub: Any) -> None:
         "serve refuses to start while it is missing",
     )
     i.add_argument(
+        "--store",
+        default="",
+        help="postgresql://USER@HOST/DB: keep the store in PostgreSQL (default: SQLite in the "
+        "home); put the password in a libpq passfile (PGPASSFILE), not in the DSN",
+    )
+    i.add_argument(
         "--key-secret-file",
         default="",
         help="store the node key wrapped under the bytes of this file (Argon2id + "
@@ -423,6 +443,7 @@ def init_from_args(args: argparse.Namespace) -> NodeConfig:
         tls_key=args.tls_key,
         key_file=args.key_file,
         key_secret_file=args.key_secret_file,
+        store=args.store,
     )
 
 

@@ -36,6 +36,9 @@ class NodeConfig:
     max_pending_per_mailbox: int = 10_000
     max_db_mb: int = 0  # cap on the store's size (PRAGMA max_page_count); 0 = the disk's size
     epoch_ms: int = 600_000  # at-rest key lifetime (node/atrest.py; docs/operations.md §5)
+    # "" = SQLite in the home; a postgresql:// (or postgres://) DSN = PostgreSQL (node/pg_store.py;
+    # docs/operations.md "PostgreSQL back end"). A password belongs in a libpq passfile.
+    store: str = ""
     # ---- limits (docs/operations.md "Limits"); all in memory, none persisted -----------------
     # connection admission (node/admission.py)
     max_connections: int = 4096  # every open TCP connection
@@ -117,3 +120,14 @@ def validate_public_url(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
         raise LocalProtocolError(f"public URL must look like https://host[:port], got {url!r}")
     return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+STORE_SCHEMES = ("postgresql", "postgres")
+
+
+def validate_store(dsn: str) -> str:
+    """``""`` (SQLite in the node home) or a ``postgresql://`` / ``postgres://`` DSN. The
+    message never repeats the DSN (it may hold a password)."""
+    if dsn and urlsplit(dsn).scheme not in STORE_SCHEMES:
+        raise LocalProtocolError("--store must be a postgresql:// or postgres:// DSN")
+    return dsn

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import random
 import secrets
 import time
@@ -84,6 +85,7 @@ T = TypeVar("T")
 KEYS_LOCK = int.from_bytes(b"havenkey", "big") & (2**63 - 1)  # advisory lock: the key file
 MIGRATE_LOCK = KEYS_LOCK - 1  # advisory lock: one migration at a time
 DISK_FULL = "53100"
+CONNECT_TIMEOUT_S = 10.0
 RESEAL_CHUNK = 256
 RESEAL_BUSY_SHARE = 0.15  # as SqliteStore: a re-seal yields to live work ...
 RESEAL_PACED_FOR_S = 300.0  # ... for at most this long
@@ -143,8 +145,42 @@ def pg_error(what: str, exc: BaseException) -> StorageError:
         cls = DiskFull if state == DISK_FULL else StorageError
         message = str(getattr(exc, "message", "") or exc)
         return cls(f"{what}: {message} [SQLSTATE {state}]")
-    detail = getattr(exc, "strerror", None) or type(exc).__name__
+    # an OSError's own text names the address (asyncio: "Connect call failed ('10.0.0.5', 5432)")
+    errno_ = getattr(exc, "errno", None)
+    detail = os.strerror(errno_) if isinstance(errno_, int) and errno_ else type(exc).__name__
     return StorageError(f"{what}: PostgreSQL connection failed ({detail})")
+
+
+async def migrate(conn: asyncpg.Connection) -> int:
+    """Bring the schema to the newest version (one process at a time: an advisory lock);
+    returns the version. Raises if the database is newer than this software."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
+        await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer)")
+        version = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
+        if version > len(MIGRATIONS):
+            raise StorageError(f"store schema {version} is newer than this software")
+        for i in range(version, len(MIGRATIONS)):
+            await conn.execute(MIGRATIONS[i])
+            await conn.execute("INSERT INTO schema_version VALUES ($1)", i + 1)
+    return len(MIGRATIONS)
+
+
+async def prepare_database(dsn: str) -> int:
+    """Connect once and migrate (``haven node init --store``): a bad DSN, a refused login or an
+    unreachable server fails here as one :class:`StorageError` line. Returns the version."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S)
+    except (asyncpg.PostgresError, *_LOST) as exc:
+        raise pg_error("cannot open store", exc) from exc
+    except ValueError as exc:
+        raise StorageError("cannot open store: malformed PostgreSQL DSN") from exc
+    try:
+        return await migrate(conn)
+    except asyncpg.PostgresError as exc:
+        raise pg_error("cannot migrate store", exc) from exc
+    finally:
+        await conn.close()
 
 
 def _lock_id(purpose: bytes, value: bytes) -> int:
@@ -208,13 +244,17 @@ class PgStore:
                 self.dsn,
                 min_size=1,
                 max_size=self.pool_size,
+                timeout=CONNECT_TIMEOUT_S,
                 server_settings={"synchronous_commit": "on", "application_name": "haven"},
             )
             async with self.pool.acquire() as conn:
-                await self._migrate(conn)
+                await migrate(conn)
         except (asyncpg.PostgresError, *_LOST) as exc:
             await self._abandon()
             raise pg_error("cannot open store", exc) from exc
+        except ValueError as exc:  # asyncpg's DSN parser; its text may quote the DSN
+            await self._abandon()
+            raise StorageError("cannot open store: malformed PostgreSQL DSN") from exc
         except BaseException:
             await self._abandon()
             raise
@@ -223,19 +263,6 @@ class PgStore:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.terminate()
-
-    async def _migrate(self, conn: asyncpg.Connection) -> None:
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
-            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer)")
-            version = int(
-                await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
-            )
-            if version > len(MIGRATIONS):
-                raise StorageError(f"store schema {version} is newer than this software")
-            for i in range(version, len(MIGRATIONS)):
-                await conn.execute(MIGRATIONS[i])
-                await conn.execute("INSERT INTO schema_version VALUES ($1)", i + 1)
 
     async def schema_version(self) -> int:
         """The schema version stored in the database."""
