@@ -160,9 +160,8 @@ class NodeProc:
         return f"127.0.0.1:{self.port}"
 
     @classmethod
-    def create(cls, base: Path, name: str, *init_args: str, **config: Any) -> NodeProc:
-        """``haven node init`` (plus ``init_args``, e.g. ``--store DSN``); ``config``
-        overrides node.toml keys (docs/operations.md §3)."""
+    def create(cls, base: Path, name: str, **config: Any) -> NodeProc:
+        """``haven node init``; ``config`` overrides node.toml keys (docs/operations.md §3)."""
         port = free_port()
         home = base / name
         out = haven(
@@ -176,7 +175,6 @@ class NodeProc:
             f"127.0.0.1:{port}",
             "--no-lan",
             "--json",
-            *init_args,
         )
         if config:
             from dataclasses import replace

@@ -5,7 +5,7 @@ frames in flight; :func:`bench_sections.message_run`) three times in one run, on
 nodes:
 
 * ``sqlite``: the embedded default, one process;
-* ``pg_1worker``: the store on PostgreSQL (``haven node init --store postgresql://…``), one
+* ``pg_1worker``: the store on PostgreSQL (``store = "postgresql://…"`` in node.toml), one
   node process;
 * ``pg_2workers``: the same with ``haven node serve --workers 2`` (the devices' connections
   spread over both workers by ``SO_REUSEPORT``).
@@ -138,10 +138,9 @@ async def _run(
     cluster: pgcluster.Cluster | None,
     workers: int,
 ) -> dict[str, Any]:
-    init: list[str] = []
-    if cluster is not None:
-        init = ["--store", pgcluster.fresh_database(cluster, "bench")]
-    node = OrgNode.create(base, f"org-{label}", *init, **BENCH_CONFIG)
+    # store = "" keeps the SQLite run on SQLite even under --store-server
+    store = pgcluster.fresh_database(cluster, "bench") if cluster is not None else ""
+    node = OrgNode.create(base, f"org-{label}", store=store, **BENCH_CONFIG)
     assert isinstance(node, OrgNode)
     if workers > 1:
         node.serve_args = ("--workers", str(workers))
