@@ -29,29 +29,35 @@ retried once for idempotent work and otherwise reported as one line. ``synchrono
 on: a write acknowledged is on the server's disk. The schema is versioned (``schema_version``,
 :data:`MIGRATIONS`). :meth:`PgStore.checkpoint` is a no-op (PostgreSQL checkpoints itself) and
 ``max_db_mb`` does not apply (quotas in the database are the operator's: docs/operations.md).
+
+Layout: :mod:`node.pg_base` (pool, schema, error translation), :mod:`node.pg_accounts` (the
+plain tables), this module (sealed rows, order chains, epoch keys, NOTIFY).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
-import os
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from typing import Any, TypeVar
+from collections.abc import Callable, Collection
+from typing import Any
 
 import asyncpg
 
-from federation.clock import Clock, SystemClock
+from federation.clock import Clock
 from federation.errors import StorageError
 from federation.wire import Envelope
 
 from .atrest import EpochKeys
-from .ballast import DiskFull
+from .pg_accounts import PgAccounts
+from .pg_base import _LOST
+from .pg_base import KEYS_LOCK as KEYS_LOCK  # re-exported
+from .pg_base import MIGRATIONS as MIGRATIONS
+from .pg_base import pg_error as pg_error
+from .pg_base import prepare_database as prepare_database
 from .sealed_rows import (
     ENV_ID,
     ENV_MB,
@@ -59,6 +65,7 @@ from .sealed_rows import (
     OBX_ID,
     OBX_MB,
     ORD_START,
+    PagedReads,
     coarse_expiry,
     hashes,
     next_ord,
@@ -67,120 +74,18 @@ from .sealed_rows import (
     record,
     unrecord,
 )
-from .store import (
-    INVITE_REF_DIGITS,
-    AccountInfo,
-    DeviceRecord,
-    InviteInfo,
-    PeerRecord,
-    WriteBatch,
-    day,
-    revoke_prefix,
-)
+from .store import AccountInfo, PeerRecord, WriteBatch, day
 
 log = logging.getLogger("haven.store")
 
-T = TypeVar("T")
-
-KEYS_LOCK = int.from_bytes(b"havenkey", "big") & (2**63 - 1)  # advisory lock: the key file
-MIGRATE_LOCK = KEYS_LOCK - 1  # advisory lock: one migration at a time
-DISK_FULL = "53100"
-CONNECT_TIMEOUT_S = 10.0
 RESEAL_CHUNK = 256
 RESEAL_BUSY_SHARE = 0.15  # as SqliteStore: a re-seal yields to live work ...
 RESEAL_PACED_FOR_S = 300.0  # ... for at most this long
 RESEAL_AFTER_DELIVERY = 1000
 NOTIFY_TAGS = 200  # hex tags per NOTIFY payload (200 x 33 bytes < 7,900)
 ENV_CHANNEL, OBX_CHANNEL = "haven_env", "haven_obx"
-# A connection lost mid-call: retried once where the work is idempotent.
-_LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
-
-MIGRATIONS: list[str] = [
-    # version 1 (= SQLite schema v4: operator tools included)
-    """
-    CREATE TABLE accounts (name text PRIMARY KEY, created bigint NOT NULL,
-                           disabled boolean NOT NULL DEFAULT false,
-                           quota integer NOT NULL DEFAULT 0);
-    CREATE TABLE invites (token_hash bytea PRIMARY KEY, name text NOT NULL,
-                          expires bigint NOT NULL, kind text NOT NULL DEFAULT 'invite',
-                          uses integer NOT NULL DEFAULT 1);
-    CREATE INDEX invites_name ON invites(name);
-    CREATE TABLE devices (mailbox bytea PRIMARY KEY, account text NOT NULL,
-                          auth_key bytea NOT NULL);
-    CREATE INDEX devices_account ON devices(account);
-    CREATE TABLE device_lists (account text PRIMARY KEY, version bigint NOT NULL,
-                               blob bytea NOT NULL, sig bytea NOT NULL);
-    CREATE TABLE otks (mailbox bytea NOT NULL, key_id text NOT NULL, key text NOT NULL,
-                       PRIMARY KEY (mailbox, key_id));
-    CREATE TABLE fallback (mailbox bytea PRIMARY KEY, key_id text NOT NULL, key text NOT NULL);
-    CREATE TABLE envelopes (idh bytea PRIMARY KEY, mbh bytea NOT NULL, ord bigint NOT NULL,
-                            exp bigint NOT NULL, sealed bytea NOT NULL);
-    CREATE INDEX envelopes_mailbox ON envelopes(mbh, ord);
-    CREATE INDEX envelopes_expiry ON envelopes(exp);
-    CREATE TABLE outbox (idh bytea PRIMARY KEY, dh bytea NOT NULL, mbh bytea NOT NULL,
-                         ord bigint NOT NULL, exp bigint NOT NULL, sealed bytea NOT NULL);
-    CREATE INDEX outbox_dest ON outbox(dh, ord);
-    CREATE INDEX outbox_mailbox ON outbox(mbh, ord);
-    CREATE INDEX outbox_expiry ON outbox(exp);
-    -- sealed blobs are random: no compression attempt
-    ALTER TABLE envelopes ALTER COLUMN sealed SET STORAGE EXTERNAL;
-    ALTER TABLE outbox ALTER COLUMN sealed SET STORAGE EXTERNAL;
-    CREATE UNLOGGED TABLE outbox_frontier (dh bytea PRIMARY KEY, ord bigint NOT NULL);
-    CREATE TABLE peers (node_id text PRIMARY KEY, url text NOT NULL, host text NOT NULL,
-                        last_seen bigint NOT NULL);
-    CREATE INDEX peers_host ON peers(host);
-    """,
-]
 
 _EMPTY_SQL = "SELECT NOT (EXISTS(SELECT 1 FROM envelopes) OR EXISTS(SELECT 1 FROM outbox))"
-
-
-def pg_error(what: str, exc: BaseException) -> StorageError:
-    """PostgreSQL's own message and SQLSTATE (:class:`DiskFull` for 53100); a lost or refused
-    connection as one line naming its kind. Never the DSN (it may hold a password)."""
-    if isinstance(exc, asyncpg.PostgresError) and not isinstance(
-        exc, asyncpg.PostgresConnectionError
-    ):
-        state = str(getattr(exc, "sqlstate", "") or "")
-        cls = DiskFull if state == DISK_FULL else StorageError
-        message = str(getattr(exc, "message", "") or exc)
-        return cls(f"{what}: {message} [SQLSTATE {state}]")
-    # an OSError's own text names the address (asyncio: "Connect call failed ('10.0.0.5', 5432)")
-    errno_ = getattr(exc, "errno", None)
-    detail = os.strerror(errno_) if isinstance(errno_, int) and errno_ else type(exc).__name__
-    return StorageError(f"{what}: PostgreSQL connection failed ({detail})")
-
-
-async def migrate(conn: asyncpg.Connection) -> int:
-    """Bring the schema to the newest version (one process at a time: an advisory lock);
-    returns the version. Raises if the database is newer than this software."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
-        await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer)")
-        version = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
-        if version > len(MIGRATIONS):
-            raise StorageError(f"store schema {version} is newer than this software")
-        for i in range(version, len(MIGRATIONS)):
-            await conn.execute(MIGRATIONS[i])
-            await conn.execute("INSERT INTO schema_version VALUES ($1)", i + 1)
-    return len(MIGRATIONS)
-
-
-async def prepare_database(dsn: str) -> int:
-    """Connect once and migrate (``haven node init --store``): a bad DSN, a refused login or an
-    unreachable server fails here as one :class:`StorageError` line. Returns the version."""
-    try:
-        conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S)
-    except (asyncpg.PostgresError, *_LOST) as exc:
-        raise pg_error("cannot open store", exc) from exc
-    except ValueError as exc:
-        raise StorageError("cannot open store: malformed PostgreSQL DSN") from exc
-    try:
-        return await migrate(conn)
-    except asyncpg.PostgresError as exc:
-        raise pg_error("cannot migrate store", exc) from exc
-    finally:
-        await conn.close()
 
 
 def _lock_id(purpose: bytes, value: bytes) -> int:
@@ -199,7 +104,7 @@ class _NoKey(Exception):
     """A write found no live key under the shared lock (the leader destroyed them all)."""
 
 
-class PgStore:
+class PgStore(PagedReads, PgAccounts):
     """Store on an asyncpg pool. ``leader``: this process rotates, re-seals and destroys the
     epoch keys (one leader per key file); the others only seal under them."""
 
@@ -214,12 +119,7 @@ class PgStore:
         clock: Clock | None = None,
         pool_size: int = 8,
     ) -> None:
-        self.dsn = dsn
-        self.keys = keys
-        self.leader = leader
-        self.clock: Clock = clock or SystemClock()
-        self.pool_size = pool_size
-        self._pool: asyncpg.Pool | None = None
+        super().__init__(dsn, keys, leader=leader, clock=clock, pool_size=pool_size)
         self._rotate_lock = asyncio.Lock()
         self._serving = False
         self._delivered = False
@@ -229,44 +129,6 @@ class PgStore:
         # of this process that were deleted since (the table's own maximum covers the others)
         self._ord_floor: dict[tuple[str, bytes], int] = {}
         self._dest_of: dict[bytes, str] = {}  # outbox destination hash -> destination
-
-    # ---- plumbing ----------------------------------------------------------------------------
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            raise StorageError("store is not open")
-        return self._pool
-
-    async def open(self) -> None:
-        try:
-            self._pool = await asyncpg.create_pool(
-                self.dsn,
-                min_size=1,
-                max_size=self.pool_size,
-                timeout=CONNECT_TIMEOUT_S,
-                server_settings={"synchronous_commit": "on", "application_name": "haven"},
-            )
-            async with self.pool.acquire() as conn:
-                await migrate(conn)
-        except (asyncpg.PostgresError, *_LOST) as exc:
-            await self._abandon()
-            raise pg_error("cannot open store", exc) from exc
-        except ValueError as exc:  # asyncpg's DSN parser; its text may quote the DSN
-            await self._abandon()
-            raise StorageError("cannot open store: malformed PostgreSQL DSN") from exc
-        except BaseException:
-            await self._abandon()
-            raise
-
-    async def _abandon(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.terminate()
-
-    async def schema_version(self) -> int:
-        """The schema version stored in the database."""
-        return int(await self._val("SELECT max(version) FROM schema_version") or 0)
 
     async def close(self) -> None:
         """On a serving leader, re-seal what is pending under a fresh key and destroy every
@@ -280,244 +142,7 @@ class PgStore:
                     await self._reseal_for_shutdown()
                 except StorageError as exc:
                     log.warning("keys kept at shutdown: %s", exc)
-        pool, self._pool = self._pool, None
-        try:
-            await asyncio.wait_for(pool.close(), 10)
-        except (asyncpg.PostgresError, *_LOST):
-            pool.terminate()
-
-    async def _call(self, what: str, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """``fn`` on a pooled connection; errors translated; a lost connection retried once
-        (every caller's work is idempotent or a single atomic statement)."""
-        for attempt in (0, 1):
-            try:
-                async with self.pool.acquire() as conn:
-                    return await fn(conn)
-            except asyncpg.PostgresConnectionError as exc:
-                if attempt:
-                    raise pg_error(what, exc) from exc
-            except asyncpg.PostgresError as exc:
-                raise pg_error(what, exc) from exc
-            except _LOST as exc:
-                if attempt:
-                    raise pg_error(what, exc) from exc
-            log.info("%s: PostgreSQL connection lost, retrying once", what)
-        raise AssertionError("unreachable")
-
-    async def _all(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        return await self._call("read failed", lambda c: c.fetch(sql, *args))
-
-    async def _one(self, sql: str, *args: Any) -> asyncpg.Record | None:
-        return await self._call("read failed", lambda c: c.fetchrow(sql, *args))
-
-    async def _val(self, sql: str, *args: Any) -> Any:
-        return await self._call("read failed", lambda c: c.fetchval(sql, *args))
-
-    async def _exec(self, sql: str, *args: Any) -> int:
-        """One write statement; the number of rows it touched."""
-        status = await self._call("write failed", lambda c: c.execute(sql, *args))
-        tail = status.rsplit(" ", 1)[-1]
-        return int(tail) if tail.isdigit() else 0
-
-    @contextlib.asynccontextmanager
-    async def _tx(self, exclusive: bool | None = None) -> AsyncIterator[asyncpg.Connection]:
-        """A transaction; ``exclusive`` True/False also takes :data:`KEYS_LOCK` exclusive/shared
-        and re-reads the key file under it (False: to seal under the keys; True: to change
-        them). Errors are translated (not retried: the caller decides)."""
-        try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                if exclusive is not None:
-                    fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
-                    await conn.execute(f"SELECT {fn}({KEYS_LOCK})")
-                    self.keys.reload()
-                yield conn
-        except (asyncpg.PostgresError, *_LOST) as exc:
-            raise pg_error("write failed", exc) from exc
-
-    # ---- accounts, invites, devices ----------------------------------------------------------
-
-    async def create_account(self, name: str, now: int) -> bool:
-        # Stored as the UTC day (docs/threat-model.md: coarse metadata at rest).
-        return (
-            await self._exec(
-                "INSERT INTO accounts (name, created) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                name,
-                day(now),
-            )
-            == 1
-        )
-
-    async def account_exists(self, name: str) -> bool:
-        return await self._one("SELECT 1 FROM accounts WHERE name=$1", name) is not None
-
-    async def remove_account(self, name: str) -> int:
-        mbs = [
-            bytes(r[0])
-            for r in await self._all("SELECT mailbox FROM devices WHERE account=$1", name)
-        ]
-        async with self._tx(exclusive=False) as conn:
-            mbh = [h for mb in mbs for h in hashes(self.keys, ENV_MB, mb)]
-            await conn.execute("DELETE FROM envelopes WHERE mbh = ANY($1::bytea[])", mbh)
-            for table in ("otks", "fallback", "devices"):
-                await conn.execute(f"DELETE FROM {table} WHERE mailbox = ANY($1::bytea[])", mbs)
-            for table, col in (
-                ("device_lists", "account"),
-                ("invites", "name"),
-                ("accounts", "name"),
-            ):
-                await conn.execute(f"DELETE FROM {table} WHERE {col}=$1", name)
-        return len(mbs)
-
-    async def add_invite(
-        self, token_hash: bytes, name: str, expires: int, kind: str = "invite", uses: int = 1
-    ) -> None:
-        await self._exec(
-            "INSERT INTO invites (token_hash, name, expires, kind, uses) "
-            "VALUES ($1, $2, $3, $4, $5)",
-            token_hash,
-            name,
-            expires,
-            kind,
-            max(1, uses),
-        )
-
-    async def redeem_invite(self, token_hash: bytes, now: int) -> tuple[str, str] | None:
-        """Use a token once: ``(account, kind)``, or None if unknown or expired. The decrement
-        (its row lock serialises concurrent redemptions) and the delete at zero or once
-        expired are one transaction."""
-        async with self._tx() as conn:
-            row = await conn.fetchrow(
-                "UPDATE invites SET uses = uses - 1 WHERE token_hash=$1 AND uses > 0 "
-                "RETURNING name, expires, kind, uses",
-                token_hash,
-            )
-            if row is not None and (row["uses"] <= 0 or row["expires"] <= now):
-                await conn.execute("DELETE FROM invites WHERE token_hash=$1", token_hash)
-        if row is None or int(row["expires"]) <= now:
-            return None
-        return str(row["name"]), str(row["kind"])
-
-    async def list_accounts(self) -> list[AccountInfo]:
-        rows = await self._all(
-            "SELECT a.name, a.created, a.disabled, a.quota, "
-            "(SELECT count(*) FROM devices d WHERE d.account = a.name) "
-            "FROM accounts a ORDER BY a.name"
-        )
-        pending: dict[str, int] = {}
-        counts = await self.pending_counts()
-        if counts:
-            for mb, account in await self._all("SELECT mailbox, account FROM devices"):
-                pending[account] = pending.get(account, 0) + counts.get(bytes(mb), 0)
-        return [
-            AccountInfo(str(n), int(c), bool(d), int(q), int(dv), pending.get(n, 0))
-            for n, c, d, q, dv in rows
-        ]
-
-    async def account_status(self, name: str) -> str | None:
-        row = await self._one("SELECT disabled FROM accounts WHERE name=$1", name)
-        return None if row is None else ("disabled" if row[0] else "active")
-
-    async def set_account_disabled(self, name: str, disabled: bool) -> bool:
-        return (
-            await self._exec("UPDATE accounts SET disabled=$1 WHERE name=$2", disabled, name) == 1
-        )
-
-    async def set_account_quota(self, name: str, quota: int) -> bool:
-        return (
-            await self._exec("UPDATE accounts SET quota=$1 WHERE name=$2", max(0, quota), name) == 1
-        )
-
-    async def list_invites(self, now: int) -> list[InviteInfo]:
-        rows = await self._all(
-            "SELECT token_hash, name, kind, expires, uses FROM invites WHERE expires > $1 "
-            "ORDER BY expires, name",
-            now,
-        )
-        return [
-            InviteInfo(bytes(h).hex()[:INVITE_REF_DIGITS], str(n), str(k), int(e), int(u))
-            for h, n, k, e, u in rows
-        ]
-
-    async def revoke_invite(self, ref: str) -> int:
-        prefix = revoke_prefix(ref)
-        if prefix is None:
-            return 0
-        return await self._exec(
-            "DELETE FROM invites WHERE substr(encode(token_hash, 'hex'), 1, $1) = $2",
-            len(prefix),
-            prefix,
-        )
-
-    async def add_device(self, account: str, mailbox: bytes, auth_key: bytes) -> None:
-        await self._exec("INSERT INTO devices VALUES ($1, $2, $3)", mailbox, account, auth_key)
-
-    async def get_device(self, mailbox: bytes) -> DeviceRecord | None:
-        row = await self._one("SELECT account, auth_key FROM devices WHERE mailbox=$1", mailbox)
-        return None if row is None else DeviceRecord(str(row[0]), mailbox, bytes(row[1]))
-
-    async def devices_of(self, account: str) -> list[bytes]:
-        rows = await self._all("SELECT mailbox FROM devices WHERE account=$1", account)
-        return [bytes(r[0]) for r in rows]
-
-    async def remove_device(self, mailbox: bytes) -> None:
-        async with self._tx(exclusive=False) as conn:
-            mbh = list(hashes(self.keys, ENV_MB, mailbox))
-            await conn.execute("DELETE FROM envelopes WHERE mbh = ANY($1::bytea[])", mbh)
-            for table in ("otks", "fallback", "devices"):
-                await conn.execute(f"DELETE FROM {table} WHERE mailbox=$1", mailbox)
-
-    async def set_device_list(self, account: str, version: int, blob: bytes, sig: bytes) -> bool:
-        """Store a newer signed list; refuse a version rollback."""
-        n = await self._exec(
-            "INSERT INTO device_lists VALUES ($1, $2, $3, $4) ON CONFLICT (account) DO UPDATE "
-            "SET version=excluded.version, blob=excluded.blob, sig=excluded.sig "
-            "WHERE excluded.version >= device_lists.version",
-            account,
-            version,
-            blob,
-            sig,
-        )
-        return n == 1
-
-    async def get_device_list(self, account: str) -> tuple[bytes, bytes] | None:
-        row = await self._one("SELECT blob, sig FROM device_lists WHERE account=$1", account)
-        return None if row is None else (bytes(row[0]), bytes(row[1]))
-
-    # ---- keys --------------------------------------------------------------------------------
-
-    async def add_otks(self, mailbox: bytes, keys: list[tuple[str, str]]) -> int:
-        await self._exec(
-            "INSERT INTO otks SELECT $1, k, v FROM unnest($2::text[], $3::text[]) AS t(k, v) "
-            "ON CONFLICT DO NOTHING",
-            mailbox,
-            [k for k, _ in keys],
-            [v for _, v in keys],
-        )
-        return await self.count_otks(mailbox)
-
-    async def set_fallback(self, mailbox: bytes, key_id: str, key: str) -> None:
-        await self._exec(
-            "INSERT INTO fallback VALUES ($1, $2, $3) ON CONFLICT (mailbox) DO UPDATE "
-            "SET key_id=excluded.key_id, key=excluded.key",
-            mailbox,
-            key_id,
-            key,
-        )
-
-    async def claim_otk(self, mailbox: bytes) -> tuple[str, str] | None:
-        """One statement: two concurrent claims never get the same key (SKIP LOCKED: a key
-        another claim holds is passed over; if that claim rolls back, the key stays)."""
-        row = await self._one(
-            "DELETE FROM otks WHERE (mailbox, key_id) = (SELECT mailbox, key_id FROM otks "
-            "WHERE mailbox=$1 LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING key_id, key",
-            mailbox,
-        )
-        if row is None:
-            row = await self._one("SELECT key_id, key FROM fallback WHERE mailbox=$1", mailbox)
-        return None if row is None else (str(row[0]), str(row[1]))
-
-    async def count_otks(self, mailbox: bytes) -> int:
-        return int(await self._val("SELECT count(*) FROM otks WHERE mailbox=$1", mailbox))
+        await self._close_pool()
 
     # ---- envelopes and outbox ----------------------------------------------------------------
 
@@ -594,11 +219,8 @@ class PgStore:
             args.append([ix(k, ENV_ID, i) for i in batch.delete_envelopes for k in kids])
             args.append([ix(k, OBX_ID, i) for i in batch.delete_outbox for k in kids])
             channels, payloads = self._notifications(envs, outbox)
-            args += [channels, payloads]
-            await conn.execute(_WRITE_SQL, *args)
-            if deleting and self.leader:
-                return bool(await conn.fetchval(_EMPTY_SQL))
-        return False
+            args += [channels, payloads, deleting and self.leader]
+            return bool(await conn.fetchval(_WRITE_SQL, *args))
 
     def _notifications(
         self, envs: list[Envelope], outbox: list[tuple[str, Envelope]]
@@ -633,15 +255,16 @@ class PgStore:
             | {_lock_id(b"haven-lk-obx", mb) for mb in obx_mbs}
             | {_lock_id(b"haven-lk-dest", d.encode()) for d in dests}
         )
-        await conn.execute(
-            "SELECT count(pg_advisory_xact_lock(x)) FROM "
-            "(SELECT x FROM unnest($1::bigint[]) AS x ORDER BY x) AS s",
-            locks,
-        )
         env_owner = {h: mb for mb in env_mbs for h in hashes(keys, ENV_MB, mb)}
         obx_owner = {h: mb for mb in obx_mbs for h in hashes(keys, OBX_MB, mb)}
         dest_owner = {h: d for d in dests for h in hashes(keys, OBX_DEST, d.encode())}
-        tops = await conn.fetch(_TOPS_SQL, list(env_owner), list(obx_owner), list(dest_owner))
+        tops = await conn.fetch(
+            "SELECT * FROM haven_chain_tops($1, $2, $3, $4)",
+            locks,
+            list(env_owner),
+            list(obx_owner),
+            list(dest_owner),
+        )
         env_top: dict[bytes, int] = {}
         obx_top: dict[bytes, int] = {}
         frontier: dict[str, int] = {}
@@ -745,17 +368,6 @@ class PgStore:
                     for o, h, s in rows
                 ]
 
-    async def pending_for(self, mailbox: bytes, limit: int) -> list[Envelope]:
-        return [e for _, e in await self.pending_page(mailbox, 0, limit)]
-
-    async def outbox_batch(self, dest: str, limit: int) -> list[Envelope]:
-        return [e for _, e in await self.outbox_page(dest, 0, limit)]
-
-    async def pending_page(
-        self, mailbox: bytes, after_seq: int, limit: int
-    ) -> list[tuple[int, Envelope]]:
-        return await self._page("envelopes", "mbh", ENV_MB, mailbox, after_seq, limit)
-
     async def outbox_page(
         self, dest: str, after_seq: int, limit: int
     ) -> list[tuple[int, Envelope]]:
@@ -823,6 +435,22 @@ class PgStore:
                 value = dest.encode() if column == "dh" and dest is not None else env.to
             out[value] = out.get(value, 0) + int(n)
         return out
+
+    async def list_accounts(self) -> list[AccountInfo]:
+        rows = await self._all(
+            "SELECT a.name, a.created, a.disabled, a.quota, "
+            "(SELECT count(*) FROM devices d WHERE d.account = a.name) "
+            "FROM accounts a ORDER BY a.name"
+        )
+        pending: dict[str, int] = {}
+        counts = await self.pending_counts()
+        if counts:
+            for mb, account in await self._all("SELECT mailbox, account FROM devices"):
+                pending[account] = pending.get(account, 0) + counts.get(bytes(mb), 0)
+        return [
+            AccountInfo(str(n), int(c), bool(d), int(q), int(dv), pending.get(n, 0))
+            for n, c, d, q, dv in rows
+        ]
 
     async def outbox_counts(self) -> dict[str, int]:
         counts = await self._all("SELECT dh, count(*) FROM outbox GROUP BY dh")
@@ -1026,39 +654,6 @@ class PgStore:
     async def checkpoint(self) -> None:
         """A no-op: PostgreSQL checkpoints on its own (docs/operations.md)."""
 
-    # ---- peers -------------------------------------------------------------------------------
-
-    async def get_peer(self, node_id: str) -> PeerRecord | None:
-        row = await self._one(
-            "SELECT node_id, url, host, last_seen FROM peers WHERE node_id=$1", node_id
-        )
-        return None if row is None else PeerRecord(*row)
-
-    async def peer_by_host(self, host: str) -> PeerRecord | None:
-        row = await self._one("SELECT node_id, url, host, last_seen FROM peers WHERE host=$1", host)
-        return None if row is None else PeerRecord(*row)
-
-    async def upsert_peer(self, peer: PeerRecord) -> None:
-        """Pin (or update) a peer; ``last_seen`` is stored as its UTC day."""
-        await self._exec(
-            "INSERT INTO peers VALUES ($1, $2, $3, $4) ON CONFLICT (node_id) DO UPDATE SET "
-            "url=excluded.url, host=excluded.host, last_seen=excluded.last_seen",
-            peer.node_id,
-            peer.url,
-            peer.host,
-            day(peer.last_seen),
-        )
-
-    async def drop_stale_peers(self, before: int, keep: Collection[str] = ()) -> list[str]:
-        """Delete pins last seen before ``before`` (ms), except ``keep``; the ids dropped."""
-        rows = await self._all(
-            "DELETE FROM peers WHERE last_seen < $1 AND NOT node_id = ANY($2::text[]) "
-            "RETURNING node_id",
-            before,
-            list(keep),
-        )
-        return sorted(str(r[0]) for r in rows)
-
     async def rename_peer(self, old_id: str, new: PeerRecord) -> None:
         """Follow a signed key rotation: move the pin and re-seal the queued envelopes for the
         new id (under the newest key: a rotation in progress then has nothing to miss)."""
@@ -1085,38 +680,14 @@ class PgStore:
                     new.node_id,
                 )
 
-    async def all_mailboxes(self) -> list[bytes]:
-        return [bytes(r[0]) for r in await self._all("SELECT mailbox FROM devices")]
-
-    async def all_peers(self) -> list[PeerRecord]:
-        rows = await self._all("SELECT node_id, url, host, last_seen FROM peers")
-        return [PeerRecord(*r) for r in rows]
-
-    async def counts(self) -> dict[str, int]:
-        row = await self._one(
-            "SELECT (SELECT count(*) FROM accounts), (SELECT count(*) FROM envelopes), "
-            "(SELECT count(*) FROM outbox), (SELECT count(*) FROM peers)"
-        )
-        values = [int(v) for v in row] if row else [0, 0, 0, 0]
-        return dict(
-            zip(("accounts", "pending_envelopes", "outbox_envelopes", "peers"), values, strict=True)
-        )
-
 
 def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     """Rows -> one list per column (``width`` columns; empty lists for no rows)."""
     return [[r[i] for r in rows] for i in range(width)]
 
 
-# The tops of the order chains a write extends: 0 = recipient mailbox, 1 = remote mailbox,
-# 2 = destination frontier (hash, highest key).
-_TOPS_SQL = """
-SELECT 0, mbh, max(ord) FROM envelopes WHERE mbh = ANY($1::bytea[]) GROUP BY mbh
-UNION ALL SELECT 1, mbh, max(ord) FROM outbox WHERE mbh = ANY($2::bytea[]) GROUP BY mbh
-UNION ALL SELECT 2, dh, ord FROM outbox_frontier WHERE dh = ANY($3::bytea[])
-"""
-
-# One group commit in one statement: inserts (deduped by id hash), deletes, notifications.
+# One group commit in one statement: inserts (deduped by id hash), deletes, notifications,
+# and (leader) whether the tables are empty afterwards.
 _WRITE_SQL = """
 WITH e AS (
   INSERT INTO envelopes (idh, mbh, ord, exp, sealed)
@@ -1132,7 +703,12 @@ WITH e AS (
 ), dob AS (
   DELETE FROM outbox WHERE idh = ANY($13::bytea[]) RETURNING 1
 )
-SELECT (SELECT count(*) FROM e), (SELECT count(*) FROM o), (SELECT count(*) FROM de),
-       (SELECT count(*) FROM dob),
-       (SELECT count(pg_notify(c, p)) FROM unnest($14::text[], $15::text[]) AS n(c, p))
+SELECT
+  -- $16: whether nothing is pending after this commit (the statement sees the tables as
+  -- before it: empty = nothing inserted and every row left is one this commit deletes)
+  $16::boolean AND (SELECT count(*) FROM e) = 0 AND (SELECT count(*) FROM o) = 0
+    AND NOT EXISTS (SELECT 1 FROM envelopes WHERE NOT idh = ANY($12::bytea[]))
+    AND NOT EXISTS (SELECT 1 FROM outbox WHERE NOT idh = ANY($13::bytea[])),
+  (SELECT count(*) FROM de), (SELECT count(*) FROM dob),
+  (SELECT count(pg_notify(c, p)) FROM unnest($14::text[], $15::text[]) AS n(c, p))
 """

@@ -124,3 +124,32 @@ def plan_reseal(
         values, blob, d = resealed_values(keys, table, plain, new, dest)
         updates.append((key, values, blob, d))
     return updates, dead
+
+
+class PagedReads:
+    """The store calls that are one page read, the same on every backend; a backend provides
+    :meth:`_page` (one page of a table by index hash, ``ord > after``) and ``outbox_page``."""
+
+    async def _page(
+        self, table: str, column: str, purpose: bytes, value: bytes, after: int, limit: int
+    ) -> list[tuple[int, Envelope]]:
+        raise NotImplementedError
+
+    async def outbox_page(
+        self, dest: str, after_seq: int, limit: int
+    ) -> list[tuple[int, Envelope]]:
+        raise NotImplementedError
+
+    async def pending_page(
+        self, mailbox: bytes, after_seq: int, limit: int
+    ) -> list[tuple[int, Envelope]]:
+        """Up to ``limit`` envelopes of ``mailbox`` with ``seq > after_seq``, oldest first."""
+        return await self._page("envelopes", "mbh", ENV_MB, mailbox, after_seq, limit)
+
+    async def pending_for(self, mailbox: bytes, limit: int) -> list[Envelope]:
+        """The oldest ``limit`` envelopes of ``mailbox``."""
+        return [e for _, e in await self.pending_page(mailbox, 0, limit)]
+
+    async def outbox_batch(self, dest: str, limit: int) -> list[Envelope]:
+        """The first ``limit`` outbox rows for ``dest``."""
+        return [e for _, e in await self.outbox_page(dest, 0, limit)]

@@ -61,6 +61,7 @@ from .sealed_rows import (
     OBX_MB,
     ORD_START,
     ORD_STEP,
+    PagedReads,
     coarse_expiry,
     plan_reseal,
 )
@@ -310,7 +311,7 @@ def _chunks(items: list[Any], n: int = 500) -> Iterable[list[Any]]:
         yield items[i : i + n]
 
 
-class SqliteStore:
+class SqliteStore(PagedReads):
     """Store on one aiosqlite connection (one writer thread; the event loop never blocks)."""
 
     def __init__(
@@ -936,17 +937,6 @@ class SqliteStore:
             )
             if self.keys.generation == generation:
                 return self._open_rows(rows, owner)
-
-    async def pending_for(self, mailbox: bytes, limit: int) -> list[Envelope]:
-        return [e for _, e in await self.pending_page(mailbox, 0, limit)]
-
-    async def outbox_batch(self, dest: str, limit: int) -> list[Envelope]:
-        return [e for _, e in await self.outbox_page(dest, 0, limit)]
-
-    async def pending_page(
-        self, mailbox: bytes, after_seq: int, limit: int
-    ) -> list[tuple[int, Envelope]]:
-        return await self._page("envelopes", "mbh", ENV_MB, mailbox, after_seq, limit)
 
     async def outbox_page(
         self, dest: str, after_seq: int, limit: int

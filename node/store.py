@@ -3,8 +3,12 @@
 Everything the node persists goes through :class:`Store`. Envelopes and outbox rows are sealed
 at rest by the backend under epoch keys (:mod:`node.atrest`), with nothing linkable left in
 clear (docs/operations.md §5 "At rest"); callers see plain :class:`Envelope` values.
-Backends: :class:`node.sqlite_store.SqliteStore` (default). One contract suite
-(``tests/node/test_store_contract.py``) runs against every backend.
+Backends: :class:`node.sqlite_store.SqliteStore` (the embedded default: a file in the node home)
+and :class:`node.pg_store.PgStore` (PostgreSQL, for organisation nodes; ``store`` in
+``node.toml``). Both share the sealed-row code of :mod:`node.sealed_rows`; the epoch keys stay in
+the home's key file on either (never in a database). One contract suite
+(``tests/node/test_store_contract.py``, with ``tests/node/test_store_accounts.py``) runs against
+every backend.
 """
 
 from __future__ import annotations

@@ -101,6 +101,8 @@ import runpy
 runpy.run_module("client.cli", run_name="__main__", alter_sys=True)  # exactly as with -m
 """
 NODE_TRACEBACKS = False
+# --store-server: every node the bench creates gets a fresh database on this PostgreSQL server
+STORE_SERVER = ""
 
 
 def child_env() -> dict[str, str]:
@@ -176,6 +178,8 @@ class NodeProc:
             "--no-lan",
             "--json",
         )
+        if STORE_SERVER and "store" not in config:
+            config = {**config, "store": fresh_pg_database(STORE_SERVER, name)}
         if config:
             from dataclasses import replace
 
@@ -1163,6 +1167,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="print the traceback of an error that ends a node into its log (debugging)",
     )
+    p.add_argument(
+        "--store-server",
+        default="",
+        help="postgresql://USER@HOST:PORT/DB of a PostgreSQL server: every node keeps its "
+        "store in a fresh database there (dropped at the end) instead of SQLite",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)  # fmt: skip
     if args.quick:
@@ -1184,10 +1194,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+_PG_DATABASES: list[str] = []
+
+
+def fresh_pg_database(server: str, name: str) -> str:
+    """A new empty database on ``server`` for the node ``name``; its DSN."""
+    from urllib.parse import urlsplit
+
+    db = f"bench_{name.replace('-', '_')}_{os.urandom(4).hex()}"
+    subprocess.run(["psql", "-X", "-q", server, "-c", f"CREATE DATABASE {db}"], check=True)
+    _PG_DATABASES.append(db)
+    return urlsplit(server)._replace(path="/" + db).geturl()
+
+
+def drop_pg_databases() -> None:
+    for db in _PG_DATABASES:
+        subprocess.run(
+            ["psql", "-X", "-q", STORE_SERVER, "-c", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"],
+            capture_output=True,
+        )
+    _PG_DATABASES.clear()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    global NODE_TRACEBACKS
+    global NODE_TRACEBACKS, STORE_SERVER
     NODE_TRACEBACKS = args.node_tracebacks
+    STORE_SERVER = args.store_server
     if args.profile is not None:
         Profiler.flags = args.profile_flags.split()
         args.profile.mkdir(parents=True, exist_ok=True)
@@ -1210,6 +1243,7 @@ def main(argv: list[str] | None = None) -> int:
             result = asyncio.run(amain(args, base))
     finally:
         stop_children()
+        drop_pg_databases()
         if args.keep:
             log(f"kept {base}")
         else:

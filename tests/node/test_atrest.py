@@ -76,3 +76,20 @@ def test_slots_are_bounded(tmp_path: Path) -> None:
     keys.destroy_many(keys.ids[:-1])
     assert len(keys.ids) == 1
     keys.fresh(T0)  # a slot is free again
+
+
+def test_reload_sees_keys_another_process_made_and_destroyed(tmp_path: Path) -> None:
+    path = str(tmp_path / "epochs.key")
+    leader, follower = EpochKeys(path, EPOCH), EpochKeys(path, EPOCH)  # two processes
+    assert not follower.reload()  # nothing changed: no work
+    first = leader.current(T0)
+    sealed = leader.seal(first, b"row")
+    assert follower.try_open(sealed) is None  # not read yet
+    assert follower.reload() and follower.open(first, sealed) == b"row"
+    second = leader.fresh(T0 + EPOCH)
+    assert follower.reload() and follower.newest() == second  # a new key is the newest
+    generation = follower.generation
+    leader.destroy(first)
+    assert follower.reload() and follower.generation > generation
+    assert follower.ids == [second] and follower.try_open(sealed) is None
+    assert follower.index(second, b"p", b"v") == leader.index(second, b"p", b"v")
