@@ -7,9 +7,10 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import msgspec
@@ -49,6 +50,9 @@ from .sqlite_store import SqliteStore
 from .store import Store
 from .sweeper import Sweeper
 
+if TYPE_CHECKING:
+    from .worker_role import WorkerRole
+
 log = logging.getLogger("haven.node")
 ROTATIONS_NAME = "rotations.bin"
 REFRESH_MIN_S = 5.0  # cache refresh interval ...
@@ -64,23 +68,32 @@ class Limits:
 
 
 class Rates:
-    """Token buckets by purpose (``purpose:key``), plus the new-peer budget (§4.4)."""
+    """Token buckets by purpose (``purpose:key``), plus the new-peer budget (§4.4).
 
-    def __init__(self, config: NodeConfig | None = None) -> None:
+    ``workers``: the node runs as that many processes (node/workers.py); budgets stay in
+    memory, and each worker gets ``1/workers`` of every rate and burst."""
+
+    def __init__(self, config: NodeConfig | None = None, workers: int = 1) -> None:
         link_per_hour = config.link_tokens_per_hour if config else 30
         reg_per_minute = config.registrations_per_minute if config else 60
+        n = max(1, workers)
         self.new_peers = NewPeerBudget(
-            config.new_peer_rate if config else 20, config.new_peer_burst if config else 100
+            (config.new_peer_rate if config else 20) / n,
+            (config.new_peer_burst if config else 100) / n,
         )
+
+        def bucket(rate: float, burst: float) -> TokenBucket:
+            return TokenBucket(rate=rate / n, burst=max(1.0, burst / n))
+
         self.buckets = {
-            "link": TokenBucket(rate=link_per_hour / 3600, burst=link_per_hour),  # per account
-            "register": TokenBucket(rate=reg_per_minute / 60, burst=reg_per_minute),  # node-wide
-            "send": TokenBucket(rate=50_000, burst=100_000),
-            "keys": TokenBucket(rate=1000, burst=2000),  # local lookups: cheap
-            "remotekeys": TokenBucket(rate=20, burst=200),  # each one costs a federation call
-            "fed": TokenBucket(rate=500, burst=2000),
-            "fedverify": TokenBucket(rate=10_000, burst=20_000),  # all signature checks
-            "fedkeys": TokenBucket(rate=20, burst=200),
+            "link": bucket(link_per_hour / 3600, link_per_hour),  # per account
+            "register": bucket(reg_per_minute / 60, reg_per_minute),  # node-wide
+            "send": bucket(50_000, 100_000),
+            "keys": bucket(1000, 2000),  # local lookups: cheap
+            "remotekeys": bucket(20, 200),  # each one costs a federation call
+            "fed": bucket(500, 2000),
+            "fedverify": bucket(10_000, 20_000),  # all signature checks
+            "fedkeys": bucket(20, 200),
         }
 
     def take(self, key: str, now: int, cost: float = 1.0) -> bool:
@@ -153,6 +166,37 @@ class Node:
         self.port = config.listen_port
         self.ready = asyncio.Event()
         self.lan_enabled = config.lan
+        self.role: WorkerRole | None = None  # one of several workers (node/workers.py)
+
+    def use_role(self, role: WorkerRole) -> None:
+        """Serve as one of ``role.count`` workers of this node (before :meth:`run`): rate
+        budgets split, requests created before the supervisor's start refused, and only the
+        leader sweeps, rotates and destroys epoch keys and announces on the LAN."""
+        self.role = role
+        self.rates = Rates(self.config, role.count)
+        self.nonces = NonceWindow(not_before=role.started_ms)
+        self.lan_enabled = self.lan_enabled and role.leader
+
+    async def _knows_elsewhere(self, mailbox: bytes) -> bool:
+        """Several workers: whether ``mailbox`` was registered through another worker."""
+        if self.role is None or await self.store.get_device(mailbox) is None:
+            return False
+        self.known_mailboxes.add(mailbox)
+        return True
+
+    async def learn(self, items: Iterable[tuple[str, Envelope]]) -> None:
+        """Several workers: mailboxes registered and peers pinned through another worker are
+        not in this one's caches until the next refresh; ask the store before refusing."""
+        asked: set[bytes | str] = set()  # once per call: a batch may name one mailbox often
+        for dest, env in items:
+            if dest == self.key.node_id:
+                if env.to not in self.known_mailboxes and env.to not in asked:
+                    asked.add(env.to)
+                    await self._knows_elsewhere(env.to)
+            elif dest not in self.known_peers and dest not in asked:
+                asked.add(dest)
+                if await self.store.get_peer(dest) is not None:
+                    self.known_peers.add(dest)
 
     # parts that need the HTTP client session exist only while running
     @property
@@ -279,7 +323,7 @@ class Node:
         claimed: dict[str, tuple[str, str]] = {}
         if claim:
             for dev in dl.open().devices:
-                if dev.mailbox in self.known_mailboxes:
+                if dev.mailbox in self.known_mailboxes or await self._knows_elsewhere(dev.mailbox):
                     got = await self.store.claim_otk(dev.mailbox)
                     if got is not None:
                         claimed[dev.device_id] = got
@@ -363,6 +407,9 @@ class Node:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; then shut down cleanly (nothing acked is lost)."""
         await self.store.open()
+        if self.role is not None:
+            self.role.bus.now_ms = self.clock.now_ms
+            await self.role.bus.open()
         try:
             self.known_mailboxes = set(await self.store.all_mailboxes())
             self.known_peers = {p.node_id for p in await self.store.all_peers()}
@@ -384,6 +431,8 @@ class Node:
                     self.quotas,
                 )
                 self.mailboxes.hot_lane = self._outbox  # send before store (node/outbox.py)
+                if self.role is not None:
+                    self.role.bind(self.store, self.mailboxes, self._outbox)
                 fd_limit = admission.raise_fd_limit()
                 self.admission.max_connections = admission.connection_budget(
                     self.config.max_connections, fd_limit
@@ -404,14 +453,25 @@ class Node:
                     self.config.listen_host,
                     self.config.listen_port,
                     ssl_context=self._ssl(),
+                    reuse_port=self.role is not None,  # the workers share one address
                 )
                 await site.start()
                 self.port = _bound_port(site) or self.config.listen_port
+                if self.role is not None and self.role.worker_port:  # behind a reverse proxy
+                    await guard.GuardedSite(
+                        self.runner,
+                        self.admission,
+                        "127.0.0.1",
+                        self.role.worker_port,
+                        ssl_context=self._ssl(),
+                    ).start()
                 try:
                     await self._serve(stop)
                 finally:
                     await self.runner.cleanup()
         finally:
+            if self.role is not None:
+                await self.role.bus.close()
             await self.store.close()
 
     async def _serve(self, stop: asyncio.Event) -> None:
@@ -421,8 +481,12 @@ class Node:
                 tasks = [
                     tg.create_task(self.mailboxes.run()),
                     tg.create_task(self.outbox.run()),
-                    tg.create_task(self.sweeper.run()),
                 ]
+                if self.role is None or self.role.leader:  # the leader alone rotates keys
+                    tasks.append(tg.create_task(self.sweeper.run()))
+                if self.role is not None:
+                    tasks.append(tg.create_task(self.role.bus.run()))
+                    tasks.append(tg.create_task(self.role.run()))
                 tasks.append(tg.create_task(self._refresh_caches()))
                 tasks.append(tg.create_task(self.admission.watchdog()))
                 if self.lan_enabled:

@@ -374,6 +374,19 @@ def add_commands(sub: Any) -> None:
     s.add_argument(
         "--clock-offset", default="", help=argparse.SUPPRESS
     )  # tests only: refused unless HAVEN_TEST_CLOCK=1
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="serve with N processes on one address (PostgreSQL store only; docs/operations.md)",
+    )
+    s.add_argument(
+        "--worker-ports",
+        type=int,
+        default=0,
+        metavar="BASE",
+        help="with --workers: worker i also listens on 127.0.0.1:BASE+i (for a reverse proxy)",
+    )
 
     def cmd(name: str, help_: str) -> Any:
         """A subcommand taking ``--home`` and ``--json``, like every operator command."""
@@ -478,6 +491,22 @@ def _run(args: argparse.Namespace) -> int:
                 raise LocalProtocolError("--clock-offset is a test-only switch")
             sign = -1 if args.clock_offset.startswith("-") else 1
             offset = sign * parse_duration(args.clock_offset.lstrip("+-"))
+        if args.workers != 1 or args.worker_ports:
+            from .workers import check_workers, supervise
+
+            check_workers(NodeConfig.load(args.home), args.workers, args.worker_ports)
+            with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+                runner.run(
+                    supervise(
+                        args.home,
+                        args.workers,
+                        worker_ports=args.worker_ports,
+                        lan=args.lan,
+                        interfaces=args.interface,
+                        clock_offset_ms=offset,
+                    )
+                )
+            return 0
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(serve(args.home, args.lan, args.interface, offset))
         return 0

@@ -94,6 +94,10 @@ class ClientSession:
         self._closed = False
         self._held: list[Envelope] | None = None
         self._to_push: list[Envelope] = []  # pushed during this loop pass (see push())
+        # several workers (node/worker_role.py): envelopes another worker stored for us
+        self._refilling = asyncio.Lock()
+        self._elsewhere = False
+        self._restream: asyncio.Task[None] | None = None
 
     # ---- DeviceLink --------------------------------------------------------------------------
 
@@ -141,15 +145,42 @@ class ClientSession:
         """Stream the stored backlog page by page until the window is full; once the store
         has nothing more, push what is not yet committed. Envelopes pushed by new arrivals
         while the store is read are held and sent after, so order is kept."""
-        self._held = []
-        try:
-            complete = await self._stream_stored()
-            rest = self.node.mailboxes.uncommitted_for(self.mailbox) if complete else []
-        finally:
-            held, self._held = self._held, None
-        if complete:  # else the held ones are in (or will reach) the store behind the cursor
-            self.backlog = False
-            self._push(rest + held)
+        async with self._refilling:  # one at a time (another worker's rows: stored_elsewhere)
+            self._held = []
+            try:
+                complete = await self._stream_stored()
+                rest = self.node.mailboxes.uncommitted_for(self.mailbox) if complete else []
+            finally:
+                held, self._held = self._held, None
+            if complete:  # else the held ones are in (or will reach) the store behind the cursor
+                self.backlog = False
+                self._push(rest + held)
+        if complete and self._elsewhere:  # notified during a backlog: one more pass from 0
+            self.stored_elsewhere()
+
+    def stored_elsewhere(self) -> None:
+        """Another worker committed envelopes for this mailbox (node/worker_role.py): read
+        them from the store as for a backlog. While a backlog is streamed (acks drive that),
+        one more full pass follows it: the rows may sort before its cursor."""
+        if self._closed or not self.mailbox:
+            return
+        self._elsewhere = True
+        if self.backlog or (self._restream is not None and not self._restream.done()):
+            return
+        self._restream = asyncio.create_task(self._read_elsewhere())
+
+    async def _read_elsewhere(self) -> None:
+        while self._elsewhere and not self._closed and not self.backlog:
+            self._elsewhere = False
+            try:
+                await self.refill()
+            except HavenError as exc:  # the device gets them on its next pass or connection
+                log.info("reading envelopes stored by another worker failed (%s)", exc.code)
+                return
+
+    async def replaced(self) -> None:
+        """A newer connection of this device attached to another worker."""
+        await self.ws.close()
 
     async def _stream_stored(self) -> bool:
         """Push stored envelopes after the cursor; False when the window filled first."""
@@ -252,6 +283,10 @@ class ClientSession:
         finally:
             if self.mailbox and self.node.mailboxes.links.get(self.mailbox) is self:
                 del self.node.mailboxes.links[self.mailbox]
+            if self.mailbox and self.node.role is not None:
+                self.node.role.detached(self)
+            if self._restream is not None:
+                self._restream.cancel()
             if self._answers:  # accepted answers still waiting for their commit
                 self._all_answered = asyncio.get_running_loop().create_future()
                 with contextlib.suppress(TimeoutError):
@@ -319,6 +354,8 @@ class ClientSession:
         self.node.mailboxes.links[mailbox] = self
         if old is not None and isinstance(old, ClientSession):
             await old.ws.close()
+        if self.node.role is not None:  # several workers: older connections elsewhere close
+            await self.node.role.attached(self)
         await self.refill()
 
     async def on_auth(self, f: F.Auth) -> None:
@@ -346,7 +383,10 @@ class ClientSession:
         self._check_proof(f.auth_key, f.mailbox, f.sig)
         store, now = self.node.store, self.node.clock.now_ms()
         token = invite_hash(f.invite)
-        linked = self.node.link_tokens.redeem(token, now)  # in memory only
+        if self.node.role is None:
+            linked = self.node.link_tokens.redeem(token, now)  # in memory only
+        else:  # several workers: minted through any of them (node/pg_bus.py)
+            linked = await self.node.role.bus.redeem_link(token, now)
         if linked is not None:
             redeemed: tuple[str, str] | None = (linked, "link")
             if not await store.account_exists(linked):  # removed meanwhile
@@ -382,7 +422,11 @@ class ClientSession:
             raise RateLimited("too many link tokens for this account; try again later")
         token = os.urandom(24)
         # Memory only: a stored row would date the link to the millisecond (node/linktokens.py).
-        expires = self.node.link_tokens.mint(invite_hash(token), self.account, now)
+        if self.node.role is None:
+            expires = self.node.link_tokens.mint(invite_hash(token), self.account, now)
+        else:  # several workers: redeemable through every one of them (node/pg_bus.py)
+            expires = now + self.node.link_tokens.ttl_ms
+            await self.node.role.bus.share_link(invite_hash(token), self.account, expires)
         self.send(F.LinkToken(f.rid, token, expires))
 
     def _check_list(
@@ -471,6 +515,8 @@ class ClientSession:
         local: list[Envelope] = []
         remote: list[tuple[str, Envelope]] = []
         rejected: list[tuple[bytes, str]] = []
+        if node.role is not None:  # registered or pinned through another worker: ask the store
+            await node.learn(f.items)
         for dest, env in f.items:
             env, code = node.admit(env, now)
             if code is None and dest == node.key.node_id:

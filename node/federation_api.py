@@ -80,6 +80,10 @@ async def authenticate(
     if not node.rates.take("fed:" + req.origin, now):
         raise RateLimited("too many requests from this peer")
     node.nonces.check_and_remember(req.origin, req.nonce, req.created, now)
+    if node.role is not None:  # several workers: the nonce must be new to all of them
+        await node.role.bus.remember_nonce(
+            req.origin, req.nonce, max(req.created, now) + node.nonces.skew_ms
+        )
     return req, body
 
 
@@ -124,6 +128,8 @@ async def batch(node: Node, request: web.Request) -> web.Response:
     except HavenError as exc:
         return error_response(node, exc)
     await node.peers.seen(req.origin)
+    if node.role is not None:  # registered through another worker: ask the store
+        await node.learn((node.key.node_id, env) for env in decoded.envelopes)
     now = node.clock.now_ms()
     good: list[Envelope] = []
     rejected: list[tuple[bytes, str]] = []

@@ -88,6 +88,9 @@ class Mailboxes:
         self._env: dict[bytes, _Pending] = {}
         self._out: dict[bytes, tuple[str, _Pending]] = {}
         self.hot_lane: HotLane | None = None
+        # Several workers, with a store that does not notify itself (node/pg_bus.py): told the
+        # mailboxes and destinations of every committed insert, to notify the other workers.
+        self.on_committed: Callable[[set[bytes], set[str]], None] | None = None
         # ids in ``_out`` the sender holds in memory -> loop time they are committed anyway
         # (insertion order is deadline order)
         self._hot: dict[bytes, float] = {}
@@ -340,6 +343,8 @@ class Mailboxes:
             _ok(del_waiters)
         if not inserted:
             return
+        if self.on_committed is not None:
+            self.on_committed({p.env.to for _, p in env_items}, {d for _, (d, _) in out_items})
         for eid, p in env_items:
             self._inflight.pop(eid, None)
             _ok(p.waiters)

@@ -32,6 +32,7 @@ import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from federation.backoff import Backoff, EnvelopeHolds
 from federation.clock import Clock
@@ -53,6 +54,11 @@ PERMANENT = {"not_found", "expired", "malformed", "too_large", "unsupported_vers
 
 
 BATCH_BYTES = MAX_BATCH_BYTES - 64 * 1024  # headroom for msgpack framing
+# Several workers (node/workers.py): a destination's lock is let go after this long idle (kept
+# meanwhile so the next burst still goes the hot lane), and a worker that found it taken tries
+# again after this long while rows are queued (its holder may have died without a word).
+LOCK_LINGER_S = 2.0
+LOCK_RETRY_S = 2.0
 _NO_HOLDS = EnvelopeHolds()  # a hot run opens only with nothing held
 
 
@@ -154,6 +160,18 @@ class _Dest:
     failing: bool = False  # for logging state changes only
 
 
+class _LetGo(Exception):
+    """Idle for :data:`LOCK_LINGER_S` with the destination's lock: let it go."""
+
+
+class DestLocks(Protocol):
+    """One sender per destination across the workers of a node (node/pg_bus.py)."""
+
+    def held(self, dest: str) -> bool: ...
+    async def try_lock(self, dest: str) -> bool: ...
+    async def unlock(self, dest: str) -> None: ...
+
+
 class OutboxSender:
     def __init__(
         self,
@@ -174,6 +192,10 @@ class OutboxSender:
         self.metrics = metrics
         self.dests: dict[str, _Dest] = {}
         self._tg: asyncio.TaskGroup | None = None
+        # Several workers: a worker walks (and takes envelopes in memory for) a destination
+        # only while it holds that destination's lock; rows other workers commit for it are
+        # sent by the holder, woken through its notification (node/pg_bus.py).
+        self.locks: DestLocks | None = None
 
     def wake(self, dest: str) -> None:
         """New committed rows for ``dest``: start or nudge its worker."""
@@ -194,6 +216,8 @@ class OutboxSender:
         d = self.dests.get(dest)
         if d is None or self._tg is None:
             return False
+        if self.locks is not None and not self.locks.held(dest):
+            return False  # committed; the holder is woken by its notification
         if not d.hot_open:
             if not d.started or d.pausing or d.failing or len(d.holds):
                 return False
@@ -225,9 +249,38 @@ class OutboxSender:
 
     async def _worker(self, dest: str, d: _Dest) -> None:
         try:
-            await self._walk(dest, d)
+            if self.locks is None:
+                await self._walk(dest, d)
+                return
+            while True:  # several workers: walk only while holding the destination's lock
+                await self._acquire(dest, d, self.locks)
+                try:
+                    await self._walk(dest, d)  # returns once idle for LOCK_LINGER_S
+                finally:
+                    self._hot_close(d)
+                    # a failed unlock marks the lock connection lost: the worker restarts
+                    with contextlib.suppress(HavenError):
+                        await self.locks.unlock(dest)
         finally:  # cancelled with the node: what it still holds is committed
             self._hot_close(d)
+
+    async def _acquire(self, dest: str, d: _Dest, locks: DestLocks) -> None:
+        """Wait until this worker holds ``dest``'s lock: try when woken (new rows here or a
+        notification from another worker), and every :data:`LOCK_RETRY_S` while rows are
+        queued for it (a holder that died released the lock without telling anyone)."""
+        retry = True  # the first wake: try at once
+        while True:
+            if retry:
+                d.wake.clear()
+                if await locks.try_lock(dest):
+                    d.wake.set()  # walk from the head: rows may have come meanwhile
+                    return
+            try:
+                async with asyncio.timeout(LOCK_RETRY_S):
+                    await d.wake.wait()
+                retry = True
+            except TimeoutError:
+                retry = bool(await self.store.outbox_page(dest, 0, 1))
 
     async def _walk(self, dest: str, d: _Dest) -> None:
         """Walk the queue in passes. A *full* pass starts at the head; when it ends with rows
@@ -269,7 +322,10 @@ class OutboxSender:
             due = d.holds.next_due()
             if due is None:  # nothing held: the queue is empty; a seq may be reused later
                 cursor, full = 0, True
-                await self._idle(dest, d)
+                try:
+                    await self._idle(dest, d)
+                except _LetGo:  # several workers: idle long enough to let the lock go
+                    return
                 continue
             self._hot_close(d)  # held rows: the hot run's envelopes go the stored way
             woken = False
@@ -295,7 +351,14 @@ class OutboxSender:
             d.kick.clear()
             d.idle = True
             try:
-                await d.kick.wait()
+                if self.locks is None:
+                    await d.kick.wait()
+                    continue
+                async with asyncio.timeout(LOCK_LINGER_S):
+                    await d.kick.wait()
+            except TimeoutError:
+                if not d.hot_open and not d.wake.is_set():
+                    raise _LetGo() from None
             finally:
                 d.idle = False
 

@@ -77,6 +77,7 @@ class NodeProc:
     port: int
     proc: subprocess.Popen[bytes] | None = None
     scheme: str = "http"
+    serve_args: tuple[str, ...] = ()  # extra ``node serve`` arguments (e.g. ``--workers 2``)
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -110,7 +111,11 @@ class NodeProc:
     def start(self) -> NodeProc:
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "client.cli", "node", "serve", "--home", str(self.home)],
+            [
+                sys.executable,
+                *("-m", "client.cli", "node", "serve", "--home", str(self.home)),
+                *self.serve_args,
+            ],
             stdout=logf,
             stderr=subprocess.STDOUT,
             cwd=ROOT,

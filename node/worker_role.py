@@ -1,0 +1,195 @@
+"""One worker's part in a node served by several processes (node/workers.py, node/pg_bus.py).
+
+A :class:`WorkerRole` is handed to a :class:`node.app.Node` before it runs. It says which
+worker this is (worker 0 is the leader: sweeper, epoch rotation and key destruction, mDNS),
+and it turns the bus's notifications into what a single process does by itself:
+
+* ``haven_env`` names a mailbox another worker committed envelopes for: if its device is
+  connected here, the device reads its mailbox from the store (the path a device that connects
+  with a backlog takes: :meth:`node.client_api.ClientSession.stored_elsewhere`).
+* ``haven_obx`` names a destination another worker queued rows for: its sender here wakes and
+  tries the destination's lock (node/outbox.py).
+* ``haven_dev`` names a mailbox attached anew somewhere: a connection here that is not the
+  newest one for it (the registry row says which is) is closed.
+
+Notifications are handled in order by one task (:meth:`WorkerRole.run`); what they trigger
+that may take a while (a device's store read) runs in tasks owned by the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from federation.errors import HavenError
+
+from .pg_bus import CH_ENV, CH_OBX, PgBus
+
+if TYPE_CHECKING:
+    from .mailbox import Mailboxes
+    from .outbox import OutboxSender
+    from .store import Store
+
+log = logging.getLogger("haven.worker")
+
+
+class Attached(Protocol):
+    """A device connection, as the role sees it (node/client_api.py)."""
+
+    mailbox: bytes
+
+    def stored_elsewhere(self) -> None: ...
+    async def replaced(self) -> None: ...
+
+
+@dataclass
+class WorkerRole:
+    """Which worker this process is, and its end of the bus."""
+
+    index: int
+    count: int
+    bus: PgBus
+    started_ms: int  # the supervisor's start (or PostgreSQL's, if later): §4.3 "not before"
+    worker_port: int = 0  # also listen on 127.0.0.1:worker_port (reverse-proxy layout)
+    _by_tag: dict[bytes, tuple[Attached, int]] = field(
+        default_factory=dict
+    )  # tag -> (conn, serial)
+    _queue: asyncio.Queue[Callable[[], object]] = field(default_factory=asyncio.Queue)
+    _outbox: OutboxSender | None = None
+    _store: Store | None = None
+    _dest_by_tag: dict[bytes, str] = field(default_factory=dict)
+    _tagged: set[str] = field(default_factory=set)
+    _notify_self: bool = False  # the store does not NOTIFY: this role does, after each commit
+
+    @property
+    def leader(self) -> bool:
+        return self.index == 0
+
+    def share(self, budget: float) -> float:
+        """This worker's share of a node-wide budget (rate limits stay in memory)."""
+        return budget / self.count
+
+    # ---- wiring (node/app.py) ------------------------------------------------------------
+
+    def bind(self, store: Store, mailboxes: Mailboxes, outbox: OutboxSender) -> None:
+        """Connect the bus to the node's parts once they exist (the node is starting)."""
+        self._store, self._outbox = store, outbox
+        outbox.locks = self.bus
+        if hasattr(store, "bus_key"):  # PgStore notifies in the commit's own transaction
+            store.bus_key = self.bus.key
+        else:  # notify after the commit (a lost notification only delays, never loses)
+            self._notify_self = True
+            mailboxes.on_committed = self._committed
+        self.bus.on_env = lambda tags: self._queue.put_nowait(lambda: self._env(tags))
+        self.bus.on_obx = lambda tags: self._queue.put_nowait(lambda: self._obx(tags))
+        self.bus.on_dev = lambda tags: self._queue.put_nowait(lambda: self._dev(tags))
+        self.bus.on_reconnect = lambda: self._queue.put_nowait(self._recheck_all)
+
+    def mailbox_tag(self, mailbox: bytes) -> bytes:
+        """The tag naming ``mailbox`` in notifications: the store's, if it notifies itself."""
+        tagger = getattr(self._store, "mailbox_tag", None)
+        if tagger is not None and not self._notify_self:
+            return bytes(tagger(mailbox))
+        return self.bus.mailbox_tag(mailbox)
+
+    def dest_tags(self, dest: str) -> set[bytes]:
+        tags = {self.bus.dest_tag(dest)}
+        tagger = getattr(self._store, "dest_tag", None)
+        if tagger is not None:
+            tags.add(bytes(tagger(dest)))
+        return tags
+
+    def _committed(self, mailboxes: set[bytes], dests: set[str]) -> None:
+        env = [self.mailbox_tag(m) for m in mailboxes]
+        obx = [self.bus.dest_tag(d) for d in dests]
+        self._queue.put_nowait(lambda: self._notify(env, obx))
+
+    async def _notify(self, env: list[bytes], obx: list[bytes]) -> None:
+        if env:
+            await self.bus.notify(CH_ENV, env)
+        if obx:
+            await self.bus.notify(CH_OBX, obx)
+
+    # ---- device connections (node/client_api.py) -----------------------------------------
+
+    async def attached(self, conn: Attached) -> None:
+        """``conn`` is the newest connection of its device: older ones elsewhere close."""
+        tag = self.mailbox_tag(conn.mailbox)
+        self._by_tag[tag] = (conn, 0)  # 0: claim under way; notifications wait for it
+        serial = await self.bus.claim_device(tag)
+        if self._by_tag.get(tag, (None, 0))[0] is conn:
+            self._by_tag[tag] = (conn, serial)
+            # a newer claim elsewhere may have been announced while ours was under way
+            self._queue.put_nowait(lambda: self._dev([tag]))
+
+    def detached(self, conn: Attached) -> None:
+        tag = self.mailbox_tag(conn.mailbox)
+        entry = self._by_tag.get(tag)
+        if entry is None or entry[0] is not conn:
+            return
+        del self._by_tag[tag]
+        if entry[1]:
+            self._queue.put_nowait(lambda: self.bus.release_device(tag, entry[1]))
+
+    # ---- notifications -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Handle notifications in order (cancelled with the node)."""
+        while True:
+            job = self._queue.get_nowait() if not self._queue.empty() else await self._queue.get()
+            try:
+                result = job()
+                if asyncio.iscoroutine(result):
+                    await result
+            except HavenError as exc:  # one failed lookup must not stop the others
+                log.error("worker notification failed (%s)", exc.code)
+
+    def _env(self, tags: list[bytes]) -> None:
+        for tag in tags:
+            entry = self._by_tag.get(tag)
+            if entry is not None:
+                entry[0].stored_elsewhere()
+
+    async def _obx(self, tags: list[bytes]) -> None:
+        outbox = self._outbox
+        if outbox is None:
+            return
+        by_tag = self._dest_by_tag
+        if len(self._tagged) != len(outbox.dests):  # destinations new to this worker
+            for dest in outbox.dests.keys() - self._tagged:
+                for tag in self.dest_tags(dest):
+                    by_tag[tag] = dest
+            self._tagged = set(outbox.dests)
+        unknown = False
+        for tag in tags:
+            known = by_tag.get(tag)
+            if known is None:
+                unknown = True
+            else:
+                outbox.wake(known)
+        if unknown and self._store is not None:  # a destination new to this worker
+            for dest in await self._store.outbox_destinations():
+                if dest not in outbox.dests:
+                    outbox.wake(dest)
+
+    async def _dev(self, tags: list[bytes]) -> None:
+        for tag in tags:
+            entry = self._by_tag.get(tag)
+            if entry is None or not entry[1]:
+                continue  # not here, or our own claim still under way
+            owner = await self.bus.device_owner(tag)
+            current = self._by_tag.get(tag)
+            if current is entry and owner != (self.index, entry[1]):
+                del self._by_tag[tag]
+                await entry[0].replaced()
+
+    async def _recheck_all(self) -> None:
+        """Notifications were lost while the bus reconnected: re-check everything."""
+        for conn, _ in list(self._by_tag.values()):
+            conn.stored_elsewhere()
+        if self._outbox is not None and self._store is not None:
+            for dest in {*self._outbox.dests, *await self._store.outbox_destinations()}:
+                self._outbox.wake(dest)
