@@ -18,7 +18,8 @@ CPU is reported per component, in µs per delivered envelope over the throughput
 ``workers`` (the node's process tree: supervisor and workers), ``postgresql`` (the postmaster
 and every child: backends, checkpointer, WAL writer; children that exited during the window
 count through the postmaster's ``cutime``/``cstime``) and ``driver`` (this process: the
-devices). All from ``/proc/<pid>/stat`` utime + stime. ``ratios``: PG 1 worker / SQLite and
+devices). Each live process's CPU clock (``clock_getcpuclockid``; utime + stime from
+``/proc/<pid>/stat`` if that fails), plus the reaped children's ``cutime`` + ``cstime``. ``ratios``: PG 1 worker / SQLite and
 PG 2 workers / PG 1 worker, for msgs/s and for CPU per message.
 """
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench_node import CLK_TCK, NodeProc, Receiver, Sender, log
+from bench_node import CLK_TCK, NodeProc, Receiver, Sender, cpu_seconds, log
 from bench_raw import close_all, connect_all, raw_devices
 from bench_sections import BENCH_CONFIG, INFLIGHT, _strip_window, message_run
 
@@ -77,8 +78,13 @@ def tree_cpu(root: int) -> float:
     total = 0.0
     for pid in tree(root):
         st = _stat(pid)
-        if st is not None:
-            total += st[1] + st[2]
+        if st is None:
+            continue
+        try:
+            own = cpu_seconds(pid)  # the process's CPU clock: ns, not 10 ms ticks
+        except OSError:
+            own = st[1]
+        total += own + st[2]
     return total
 
 

@@ -32,7 +32,11 @@ KEPT: dict[str, tuple[str, ...]] = {
     "device_drain": ("msgs_per_s", "node_cpu_us_per_msg", "p50_ms", "p99_ms"),
     "ui_latency": ("p50_ms", "p99_ms"),
 }
-VARIANTS = {"per_message": ("1to1", "50to50"), "growth": ("pending_small", "pending_big")}
+VARIANTS = {
+    "per_message": ("1to1", "50to50"),
+    "growth": ("pending_small", "pending_big"),
+    "org": ("sqlite", "pg_1worker", "pg_2workers"),
+}
 
 
 def sane(value: Any) -> bool:
@@ -86,6 +90,10 @@ def test_backlog_sections_deliver_all_and_hold_connections(bench: dict[str, Any]
     assert sane(bench["growth"]["throughput_ratio"])
     for v in VARIANTS["growth"]:
         assert bench["growth"][v]["epoch_rotation"]["initial_epochs"]  # rows were sealed
+    org = bench["org"]
+    for v in VARIANTS["org"][1:]:  # PostgreSQL's own CPU is measured, per message
+        assert sane(org[v]["cpu_us_per_msg"]["postgresql"]), org[v]
+    assert sane(org["ratios"]["msgs_per_s_pg2_over_pg1"])
     conns = bench["connections"]
     assert conns["connections_held"] == conns["connections_requested"]
     assert math.isfinite(conns["rss_per_connection_kib"])
