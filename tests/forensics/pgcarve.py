@@ -189,7 +189,8 @@ def _inline(buf: bytes, sizes: Sequence[int], layouts: Sequence[Layout]) -> Iter
                 spliced = _wal_splice(buf, at, size)
                 if len(spliced) == size and spliced != value:
                     values.append(spliced)
-            which, clear = 0, ()
+            which: int = 0
+            clear: tuple[Value, ...] = ()
             for i, layout in enumerate(layouts):
                 got = layout.clear_values(buf, hdr)
                 if got is not None:
