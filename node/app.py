@@ -410,6 +410,8 @@ class Node:
         if self.role is not None:
             self.role.bus.now_ms = self.clock.now_ms
             await self.role.bus.open()
+            # crash recovery emptied the replay table: nothing created before it is fresh
+            self.nonces.not_before = max(self.nonces.not_before, self.role.bus.pg_started_ms)
         try:
             self.known_mailboxes = set(await self.store.all_mailboxes())
             self.known_peers = {p.node_id for p in await self.store.all_peers()}

@@ -252,8 +252,10 @@ class OutboxSender:
             if self.locks is None:
                 await self._walk(dest, d)
                 return
+            woken = True  # started by a wake
             while True:  # several workers: walk only while holding the destination's lock
-                await self._acquire(dest, d, self.locks)
+                await self._acquire(dest, d, self.locks, woken)
+                woken = False  # let go when idle: wait for the next wake
                 try:
                     await self._walk(dest, d)  # returns once idle for LOCK_LINGER_S
                 finally:
@@ -264,23 +266,20 @@ class OutboxSender:
         finally:  # cancelled with the node: what it still holds is committed
             self._hot_close(d)
 
-    async def _acquire(self, dest: str, d: _Dest, locks: DestLocks) -> None:
-        """Wait until this worker holds ``dest``'s lock: try when woken (new rows here or a
-        notification from another worker), and every :data:`LOCK_RETRY_S` while rows are
-        queued for it (a holder that died released the lock without telling anyone)."""
-        retry = True  # the first wake: try at once
+    async def _acquire(self, dest: str, d: _Dest, locks: DestLocks, woken: bool) -> None:
+        """Wait until this worker holds ``dest``'s lock: try when woken (rows committed here,
+        or another worker's notification), at most every :data:`LOCK_RETRY_S` while another
+        worker holds it (the holder sends, woken by the same notifications), and again after
+        that while rows are queued (a holder that died released the lock without a word)."""
         while True:
-            if retry:
-                d.wake.clear()
-                if await locks.try_lock(dest):
-                    d.wake.set()  # walk from the head: rows may have come meanwhile
-                    return
-            try:
-                async with asyncio.timeout(LOCK_RETRY_S):
-                    await d.wake.wait()
-                retry = True
-            except TimeoutError:
-                retry = bool(await self.store.outbox_page(dest, 0, 1))
+            if not woken:
+                await d.wake.wait()
+            d.wake.clear()
+            if await locks.try_lock(dest):
+                d.wake.set()  # walk from the head: rows may have come meanwhile
+                return
+            await asyncio.sleep(LOCK_RETRY_S)
+            woken = d.wake.is_set() or bool(await self.store.outbox_page(dest, 0, 1))
 
     async def _walk(self, dest: str, d: _Dest) -> None:
         """Walk the queue in passes. A *full* pass starts at the head; when it ends with rows

@@ -73,6 +73,10 @@ SCHEMA = (
     "CREATE UNLOGGED TABLE IF NOT EXISTS haven_links"
     " (h bytea PRIMARY KEY, sealed bytea NOT NULL, expires bigint NOT NULL)",
 )
+# the supervisor's lease: an unkeyed constant (it names no peer or device)
+SUPERVISOR_LOCK = int.from_bytes(
+    hashlib.blake2b(b"haven-supervisor", digest_size=8).digest(), "big", signed=True
+)
 LINK_GRAIN_MS = 60_000  # a link row's clear expiry: rounded up to the minute
 
 
@@ -100,26 +104,37 @@ def payloads(tags: Iterable[bytes]) -> list[str]:
     ]
 
 
-async def prepare(dsn: str) -> int:
-    """Create (or empty) the shared tables before the workers start. Returns PostgreSQL's own
-    start time (ms): requests created before it cannot be checked against a replay table
-    that crash recovery emptied, so workers refuse them as from before their start."""
+async def pg_started_ms(conn: asyncpg.Connection) -> int:
+    """PostgreSQL's own start (ms). Requests created before it cannot be checked against a
+    replay table that crash recovery emptied: workers refuse them as from before their start."""
+    return int(
+        await conn.fetchval(
+            "SELECT (extract(epoch FROM pg_postmaster_start_time()) * 1000)::bigint"
+        )
+    )
+
+
+async def prepare(dsn: str) -> tuple[asyncpg.Connection, int]:
+    """Before the workers start: take the supervisor lease (a session advisory lock: two
+    supervisors on one store would each think they hold every lock and key their tables
+    apart), create or empty the shared tables. Returns the lease's connection (close it to
+    let go) and :func:`pg_started_ms`."""
     try:
         conn = await asyncpg.connect(dsn)
     except (OSError, asyncpg.PostgresError) as exc:
         raise StorageError(f"cannot reach PostgreSQL ({type(exc).__name__})") from exc
     try:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SUPERVISOR_LOCK):
+            raise StorageError("another `serve --workers` already serves this store")
         for stmt in SCHEMA:
             await conn.execute(stmt)
         await conn.execute("TRUNCATE haven_replay, haven_device_conns, haven_links")
-        started = await conn.fetchval(
-            "SELECT (extract(epoch FROM pg_postmaster_start_time()) * 1000)::bigint"
-        )
-        return int(started)
-    except asyncpg.PostgresError as exc:
-        raise StorageError(f"bus tables: {type(exc).__name__}") from exc
-    finally:
+        return conn, await pg_started_ms(conn)
+    except BaseException as exc:
         await conn.close()
+        if isinstance(exc, asyncpg.PostgresError):
+            raise StorageError(f"bus tables: {type(exc).__name__}") from exc
+        raise
 
 
 class PgBus:
@@ -141,6 +156,7 @@ class PgBus:
         self._pool: asyncpg.Pool | None = None
         self._lock_mutex = asyncio.Lock()  # one statement at a time on the lock connection
         self._held: set[str] = set()
+        self.pg_started_ms = 0  # PostgreSQL's start, read at open()
         self._lost = asyncio.Event()  # the listen connection ended: reconnect
         self._locks_lost = asyncio.Event()
 
@@ -163,6 +179,7 @@ class PgBus:
             self._locks = await asyncpg.connect(self.dsn)
             self._locks.add_termination_listener(lambda _c: self._locks_lost.set())
             await self._connect_listener()
+            self.pg_started_ms = await pg_started_ms(self._locks)
             # a predecessor of this worker killed with its connections left its rows
             await self._pool.execute(
                 "DELETE FROM haven_device_conns WHERE worker = $1", self.worker

@@ -88,6 +88,7 @@ class _Worker:
     started: float = 0.0
     backoff: float = RESTART_MIN_S
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    reader: asyncio.Task[None] | None = None  # waits for the worker's "ready" byte
 
 
 class Supervisor:
@@ -140,7 +141,9 @@ class Supervisor:
         mine.setblocking(False)
         w.sock, w.started = mine, asyncio.get_running_loop().time()
         w.ready.clear()
-        asyncio.get_running_loop().create_task(self._await_ready(w, mine))
+        if w.reader is not None:
+            w.reader.cancel()
+        w.reader = asyncio.get_running_loop().create_task(self._await_ready(w, mine))
 
     async def _await_ready(self, w: _Worker, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -153,11 +156,11 @@ class Supervisor:
         from . import pg_bus
 
         dsn = store_dsn(_load_config(self.home))
-        pg_started = await pg_bus.prepare(dsn)
+        lease, pg_started = await pg_bus.prepare(dsn)
         self.started_ms = max(self.clock.now_ms(), pg_started)
-        for w in self.workers:
-            await self._spawn(w)
         try:
+            for w in self.workers:
+                await self._spawn(w)
             await self._wait_first_ready(stop)
             if stop.is_set():
                 return
@@ -174,6 +177,7 @@ class Supervisor:
         finally:
             self.stopping = True
             await self._stop_all()
+            await lease.close()
 
     async def _wait_first_ready(self, stop: asyncio.Event) -> None:
         async def all_ready() -> None:
@@ -254,6 +258,9 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+        if w.reader is not None:
+            w.reader.cancel()
+            w.reader = None
         if w.sock is not None:
             w.sock.close()
             w.sock = None

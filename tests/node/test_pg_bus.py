@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from federation.errors import Replay
+from federation.errors import Replay, StorageError
 from node import pg_bus
 from node.pg_bus import CH_ENV, PgBus, lock_key, parse_tags, payloads
 
@@ -26,7 +26,7 @@ async def until(pred: Callable[[], object], timeout: float = 10, what: str = "co
 
 @pytest.fixture
 async def buses(pg_dsn: str) -> AsyncIterator[tuple[PgBus, PgBus]]:
-    await pg_bus.prepare(pg_dsn)
+    lease, _ = await pg_bus.prepare(pg_dsn)
     a = PgBus(pg_dsn, KEY, 0, leader=True)
     b = PgBus(pg_dsn, KEY, 1, leader=False)
     await a.open()
@@ -36,6 +36,14 @@ async def buses(pg_dsn: str) -> AsyncIterator[tuple[PgBus, PgBus]]:
     finally:
         await a.close()
         await b.close()
+        await lease.close()
+
+
+async def test_a_second_supervisor_on_one_store_is_refused(
+    pg_dsn: str, buses: tuple[PgBus, PgBus]
+) -> None:
+    with pytest.raises(StorageError, match="already serves"):
+        await pg_bus.prepare(pg_dsn)
 
 
 def test_payloads_stay_under_the_notify_limit_and_parse_back() -> None:
