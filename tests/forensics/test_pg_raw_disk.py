@@ -63,7 +63,6 @@ from .workload import ClockNode, linked, new_device, read_epoch_keys, tap
 N = 10 if LONG else 3  # messages per conversation and phase
 IMAGE_MB = 256 if LONG else 128  # PostgreSQL's cluster is ~40 MB (one 16 MB WAL segment)
 EPOCH_MS = 5_000  # node A's epoch: short, so that (c) and (d) come within the test
-LOCAL = {"alicezq", "carolvk"}  # homed on A
 REMOTE = ("bobxw", "davejt")  # homed on B
 # Columns before ``sealed`` in node/pg_store.py's outbox (idh, dh, mbh, ord, exp) and envelope
 # (idh, mbh, ord, exp) tables: the clear values of inline candidates (pgcarve.Layout)
@@ -103,6 +102,7 @@ async def pg_world(tmp_path: Path) -> AsyncIterator[PgWorld]:
             w.cluster.stop("immediate")
         for img in w.images.values():
             img.unmount()
+            img.path.unlink(missing_ok=True)  # 128 MiB: not kept in pytest's basetemp
         shutil.rmtree(mnt, ignore_errors=True)
 
 
