@@ -19,8 +19,17 @@ CPU is reported per component, in µs per delivered envelope over the throughput
 and every child: backends, checkpointer, WAL writer; children that exited during the window
 count through the postmaster's ``cutime``/``cstime``) and ``driver`` (this process: the
 devices). Each live process's CPU clock (``clock_getcpuclockid``; utime + stime from
-``/proc/<pid>/stat`` if that fails), plus the reaped children's ``cutime`` + ``cstime``. ``ratios``: PG 1 worker / SQLite and
-PG 2 workers / PG 1 worker, for msgs/s and for CPU per message.
+``/proc/<pid>/stat`` if that fails), plus the reaped children's ``cutime`` + ``cstime``.
+``ratios``: PG 1 worker / SQLite and PG 2 workers / PG 1 worker, for msgs/s and for CPU per
+message.
+
+Reading them: on PostgreSQL each commit and each delete is a round trip to the server (and the
+server's own CPU). With 2 workers an envelope whose recipient is connected to the other worker
+(about half of them: ``SO_REUSEPORT`` spreads the 100 connections) is also announced by
+``NOTIFY`` and read back from the table by that worker (a second query, a second opening of the
+sealed row), and the order chains shared by the workers take advisory locks; so CPU per message
+grows with the second worker, and throughput grows only where there are idle cores for it. On a
+2-core machine that PostgreSQL and the driver share (and, in CI, other jobs), there are none.
 """
 
 from __future__ import annotations
