@@ -206,12 +206,13 @@ def _toasted(buf: bytes, sizes: Sequence[int]) -> Iterator[Record]:
     ``(chunk_id, chunk_seq)`` from the 8 bytes in front of the chunk's header."""
     lengths = {TOAST_CHUNK} | {n % TOAST_CHUNK for n in sizes if n > TOAST_CHUNK}
     chunks: dict[tuple[bytes, int, int], bytes] = {}  # (chunk_id, seq, length) -> data
+    max_seq = max(sizes, default=0) // TOAST_CHUNK
     for n in sorted(lengths - {0}):
         for h in _find_all(buf, varlena4(n)):
             if h < 8:
                 continue
             cid, seq = buf[h - 8 : h - 4], int.from_bytes(buf[h - 4 : h], "little")
-            if seq <= MAX_SEALED // TOAST_CHUNK and (cid, seq, n) not in chunks:
+            if seq <= max_seq and (cid, seq, n) not in chunks:
                 data = _wal_splice(buf, h + 4, n)
                 if len(data) == n:
                     chunks[(cid, seq, n)] = data

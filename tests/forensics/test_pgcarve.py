@@ -9,7 +9,7 @@ import asyncpg
 
 from tests import pgcluster
 
-from .pgcarve import HEAP, TOAST, Layout, carve_pg, varlena4
+from .pgcarve import HEAP, TOAST, Layout, carve_pg, sealed_sizes, varlena4
 
 LAYOUT = Layout(("b16", "b16", "i8", "i8"))
 
@@ -53,7 +53,8 @@ async def test_carves_inline_toasted_and_wal_copies(pg_cluster: object, pg_dsn: 
     toast = _relation_bytes(pg_cluster, db, toast_rel)
     wal = b"".join(p.read_bytes() for p in sorted((Path(pg_cluster.data) / "pg_wal").glob("0*")))
 
-    found = {r.values[-1]: r for r in carve_pg(heap + toast, [LAYOUT]) if r.kind in (HEAP, TOAST)}
+    big = sealed_sizes(4 * 65536)  # beyond the buckets too (multiples of ROW_STEP)
+    found = {r.values[-1]: r for r in carve_pg(heap + toast, [LAYOUT], big)}
     for idh, mbh, ord_, exp, sealed in rows[:40]:
         rec = found.get(sealed)
         assert rec is not None and rec.kind == HEAP
@@ -65,7 +66,7 @@ async def test_carves_inline_toasted_and_wal_copies(pg_cluster: object, pg_dsn: 
     for *_, sealed in rows[40:]:
         assert sealed not in heap  # really moved out of line ...
         assert sealed in found and found[sealed].kind == TOAST  # ... and put back together
-    wal_recs = list(carve_pg(wal, [LAYOUT]))
+    wal_recs = list(carve_pg(wal, [LAYOUT], big))
     assert {r[-1] for r in rows} <= {r.values[-1] for r in wal_recs}  # page headers cut out
     # insert records carry no t_xmin where a heap tuple has it: no header is read there
     assert any(LAYOUT.tuple_head(wal, r.offset) is None for r in wal_recs if r.cell)
