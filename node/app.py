@@ -32,14 +32,14 @@ from federation.signing import Descriptor, NodeKey, Rotation
 from federation.transport import PeerTransport, RemoteError
 from federation.wire import MAX_BATCH_BYTES, PROTOCOL_VERSION, Envelope, packb, unpackb
 
-from . import admission, client_api, federation_api, guard
+from . import admin, admission, client_api, federation_api, guard
 from .atrest import EpochKeys
 from .ballast import DiskGuard
 from .config import DB_NAME, EPOCH_KEYS_NAME, NodeConfig
 from .lan import LanService
 from .linktokens import LinkTokens
 from .mailbox import Mailboxes
-from .metrics import Metrics
+from .metrics import GaugeSample, Metrics
 from .nodekey import load_key
 from .outbox import OutboxSender
 from .peer_admission import NewPeerBudget
@@ -58,6 +58,7 @@ ROTATIONS_NAME = "rotations.bin"
 REFRESH_MIN_S = 5.0  # cache refresh interval ...
 REFRESH_COST_FACTOR = 50  # ... at least this many times the last refresh's duration
 SETTLE_AT_STOP_S = 2.0  # a stopping node waits this long at most for queued commits
+GAUGE_EVERY_S = 2.0  # gauges are refreshed from in-memory counts this often (and per scrape)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +166,12 @@ class Node:
         self.runner: web.AppRunner | None = None
         self.port = config.listen_port
         self.ready = asyncio.Event()
+        self.stopping = False
         self.lan_enabled = config.lan
+        self.admin_enabled = True  # False in a worker: its supervisor serves /metrics
+        self.admin: admin.AdminServer | None = None
+        self.sweeper.on_expired = partial(self.metrics.event, "envelopes.expired")
+        self.mailboxes.on_store_error = partial(self.metrics.error, "store")
         self.role: WorkerRole | None = None  # one of several workers (node/workers.py)
 
     def use_role(self, role: WorkerRole) -> None:
@@ -226,6 +232,7 @@ class Node:
                 self.pending_load = await self._load()
                 self.quotas.resync(await self.store.outbox_counts(), self.mailboxes.outbox_load())
             except HavenError as exc:
+                self.metrics.error("store", exc.code)
                 log.error("cache refresh failed (%s)", exc.code)
             except Exception as exc:  # noqa: BLE001 - a refresh bug must not stop the node
                 log.error("cache refresh failed (internal: %s)", type(exc).__name__)
@@ -404,8 +411,78 @@ class Node:
         ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
         return ctx
 
+    # ---- observability (node/admin.py) ----------------------------------------------------------
+
+    def gauge_sample(self) -> GaugeSample:
+        """The gauges' values from what the node counts in memory anyway (no store query)."""
+        keys = getattr(self.store, "keys", None)
+        disk = self.mailboxes.disk
+        return GaugeSample(
+            devices=len(self.mailboxes.links),
+            unauthenticated=self.admission.unauthenticated,
+            open_connections=len(self.admission.conns),
+            max_connections=self.admission.max_connections,
+            known_peers=len(self.known_peers),
+            pending_envelopes=sum(self.pending_load.values()),
+            outbox_envelopes=sum(self.quotas.by_dest.values()),
+            epoch_keys=len(keys.ids) if isinstance(keys, EpochKeys) else 0,
+            disk_full=disk is not None and disk.full,
+            ready=self.ready.is_set() and not self.stopping,
+        )
+
+    def sample_gauges(self) -> None:
+        """Set the gauges now (every scrape, and periodically for multiprocess mode)."""
+        self.metrics.sample(self.gauge_sample())
+
+    async def _sample_gauges(self) -> None:
+        while True:
+            self.sample_gauges()
+            await asyncio.sleep(GAUGE_EVERY_S)
+
+    async def readiness(self) -> str | None:
+        """None when serving, else why not: ``starting``, ``stopping``, ``disk_full``, ``store``."""
+        if self.stopping:
+            return "stopping"
+        if not self.ready.is_set():
+            return "starting"
+        disk = self.mailboxes.disk
+        if disk is not None and disk.full:
+            return "disk_full"
+        try:
+            async with asyncio.timeout(admin.READY_STORE_S):
+                await self.store.account_exists("")  # one indexed lookup
+        except Exception:  # noqa: BLE001 - any failure of the store means "not ready"
+            return "store"
+        return None
+
+    async def _start_admin(self) -> None:
+        host, port = admin.parse_listen(self.config.admin_listen)
+        self.admin = admin.AdminServer(
+            host, port, self.metrics.registry, self.readiness, self.sample_gauges
+        )
+        url = await self.admin.start()
+        admin.write_runtime(self.home, url)
+
+    async def _stop_admin(self) -> None:
+        if self.admin is not None:
+            admin.remove_runtime(self.home)
+            await self.admin.stop()
+            self.admin = None
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set; then shut down cleanly (nothing acked is lost)."""
+        """Serve until ``stop`` is set; then shut down cleanly (nothing acked is lost).
+
+        The admin listener (if enabled) starts first and stops last, so ``/readyz`` says
+        ``starting`` while the store opens and ``stopping`` while queued commits settle."""
+        if self.admin_enabled:
+            await self._start_admin()
+        try:
+            await self._run(stop)
+        finally:
+            self.stopping = True
+            await self._stop_admin()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         await self.store.open()
         if self.role is not None:
             self.role.bus.now_ms = self.clock.now_ms
@@ -491,11 +568,14 @@ class Node:
                     tasks.append(tg.create_task(self.role.run()))
                 tasks.append(tg.create_task(self._refresh_caches()))
                 tasks.append(tg.create_task(self.admission.watchdog()))
+                tasks.append(tg.create_task(self._sample_gauges()))
                 if self.lan_enabled:
                     tasks.append(tg.create_task(self._run_lan()))
                 self.ready.set()
                 log.info("node %s serving", self.key.node_id)
                 await stop.wait()
+                self.stopping = True
+                self.sample_gauges()
                 for t in tasks[1:]:
                     t.cancel()
                 # acks and peers' acceptances that came in are committed before the committer

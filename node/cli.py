@@ -21,7 +21,7 @@ from federation.ids import key_from_node_id, valid_name
 from federation.signing import NodeKey, Rotation, b64d, b64e
 from federation.wire import packb, unpackb
 
-from . import logs, nodekey
+from . import admin, logs, nodekey
 from .app import ROTATIONS_NAME, build, load_node_key, load_rotations
 from .client_api import invite_hash
 from .config import (
@@ -60,14 +60,17 @@ def init_node(
     key_file: str = "",
     key_secret_file: str = "",
     store: str = "",
+    admin_listen: str = admin.DEFAULT_ADMIN_LISTEN,
 ) -> NodeConfig:
     """Create the node identity, config and store in ``home``.
 
     ``key_file`` puts the node key outside ``home``; ``key_secret_file`` stores it wrapped
     under that secret (:mod:`node.nodekey`); ``node.toml`` records both. ``store``: a
     PostgreSQL DSN (connected to and migrated first, so a bad one fails before anything is
-    written); "" = SQLite in ``home``.
+    written); "" = SQLite in ``home``. ``admin_listen`` is the admin listener's
+    ``HOST:PORT`` (:mod:`node.admin`).
     """
+    admin.parse_listen(admin_listen)
     os.makedirs(home, mode=0o700, exist_ok=True)
     if os.path.exists(os.path.join(home, KEY_NAME)) or os.path.exists(
         os.path.join(home, CONFIG_NAME)
@@ -94,6 +97,7 @@ def init_node(
         key_file=os.path.abspath(key_file) if key_file else "",
         key_secret_file=_secret_spec(key_secret_file),
         store=store,
+        admin_listen=admin_listen,
     )
     if bool(tls_cert) != bool(tls_key):
         raise LocalProtocolError("--tls-cert and --tls-key go together")
@@ -135,13 +139,21 @@ async def create_invite(home: str, name: str, expires_ms: int) -> str:
 
 
 async def node_status(home: str) -> dict[str, Any]:
+    """Counts from the store, and ``metrics_url``: the running node's ``/metrics`` (from the
+    runtime file it keeps in its home, :func:`node.admin.read_runtime`), None while stopped."""
     node = build(home)
     await node.store.open()
     try:
         counts = await node.store.counts()
     finally:
         await node.store.close()
-    return {"node_id": node.key.node_id, "public_url": node.config.public_url, **counts}
+    base = admin.read_runtime(home)
+    return {
+        "node_id": node.key.node_id,
+        "public_url": node.config.public_url,
+        **counts,
+        "metrics_url": base + "/metrics" if base else None,
+    }
 
 
 async def remove_account(home: str, name: str) -> int:
@@ -158,11 +170,20 @@ async def remove_account(home: str, name: str) -> int:
 
 
 async def serve(
-    home: str, lan: bool | None = None, interfaces: str = "", clock_offset_ms: int = 0
+    home: str,
+    lan: bool | None = None,
+    interfaces: str = "",
+    clock_offset_ms: int = 0,
+    admin_listen: str = "",
+    log_json: bool = False,
 ) -> None:
     node = build(home, SystemClock(clock_offset_ms) if clock_offset_ms else None)
     # No addresses, ids or tracebacks from peer input; bounded lines (node/logs.py).
-    logs.install(node.config.log_lines_per_minute)
+    json_lines = log_json or node.config.log_format == "json"
+    logs.install(node.config.log_lines_per_minute, json_lines=json_lines)
+    if admin_listen:
+        admin.parse_listen(admin_listen)
+        node.config = replace(node.config, admin_listen=admin_listen)
     asyncio.get_running_loop().set_exception_handler(logs.loop_exception_handler)
     if lan is not None:
         node.lan_enabled = lan
@@ -178,7 +199,8 @@ async def serve(
     if node.ready.is_set():
         print(
             f"haven node {node.key.node_id} listening on "
-            f"{node.config.listen_host}:{node.port} as {node.config.public_url}",
+            f"{node.config.listen_host}:{node.port} as {node.config.public_url}"
+            + (f"; metrics on {node.admin.url}/metrics" if node.admin else ""),
             flush=True,
         )
     ready.cancel()
@@ -297,6 +319,10 @@ def print_qr(text: str) -> None:
 
 
 NODE_HOME_HELP = "node home directory (default: $HAVEN_HOME/node, else ~/.haven/node)"
+ADMIN_HELP = (
+    "HOST:PORT of the admin listener (/metrics, /healthz, /readyz); default 127.0.0.1:0, "
+    "a free loopback port; a non-loopback address needs a firewall or an authenticating proxy"
+)
 
 
 def add_commands(sub: Any) -> None:
@@ -354,6 +380,7 @@ def add_commands(sub: Any) -> None:
         help="announce and discover peers on the LAN (default: on with --owner)",
     )
     i.add_argument("--no-lan", dest="lan", action="store_false")
+    i.add_argument("--admin-listen", default=admin.DEFAULT_ADMIN_LISTEN, help=ADMIN_HELP)
     i.add_argument("--json", action="store_true")
 
     s = nsub.add_parser("serve", help="run the node until SIGINT/SIGTERM")
@@ -371,6 +398,8 @@ def add_commands(sub: Any) -> None:
         default="",
         help="comma-separated interfaces (names or IPv4 addresses) for LAN discovery",
     )
+    s.add_argument("--admin-listen", default="", help=ADMIN_HELP + " (overrides the config)")
+    s.add_argument("--log-json", action="store_true", help="log one JSON object per line on stderr")
     s.add_argument(
         "--clock-offset", default="", help=argparse.SUPPRESS
     )  # tests only: refused unless HAVEN_TEST_CLOCK=1
@@ -402,7 +431,7 @@ def add_commands(sub: Any) -> None:
     v = cmd("invite", "create an account (if new) and print a single-use invite")
     v.add_argument("name")
     v.add_argument("--expires", default="7d", help="invite lifetime (default 7d)")
-    cmd("status", "counts read from the store (running or not)")
+    cmd("status", "counts read from the store (running or not), and the metrics URL")
     cmd("remove-account", "delete an account and purge its mailboxes").add_argument("name")
 
 
@@ -457,6 +486,7 @@ def init_from_args(args: argparse.Namespace) -> NodeConfig:
         key_file=args.key_file,
         key_secret_file=args.key_secret_file,
         store=args.store,
+        admin_listen=args.admin_listen,
     )
 
 
@@ -504,11 +534,22 @@ def _run(args: argparse.Namespace) -> int:
                         lan=args.lan,
                         interfaces=args.interface,
                         clock_offset_ms=offset,
+                        admin_listen=args.admin_listen,
+                        log_json=args.log_json,
                     )
                 )
             return 0
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-            runner.run(serve(args.home, args.lan, args.interface, offset))
+            runner.run(
+                serve(
+                    args.home,
+                    args.lan,
+                    args.interface,
+                    offset,
+                    admin_listen=args.admin_listen,
+                    log_json=args.log_json,
+                )
+            )
         return 0
     if cmd == "rotate-key":
         old_id, new_id = rotate_key(args.home)

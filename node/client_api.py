@@ -98,6 +98,7 @@ class ClientSession:
         self._refilling = asyncio.Lock()
         self._elsewhere = False
         self._restream: asyncio.Task[None] | None = None
+        self._tail = 0  # seq of the last row the last store read returned (see _read_elsewhere)
 
     # ---- DeviceLink --------------------------------------------------------------------------
 
@@ -170,10 +171,19 @@ class ClientSession:
         self._restream = asyncio.create_task(self._read_elsewhere())
 
     async def _read_elsewhere(self) -> None:
+        """Read from after the last row read before, not from 0: the rows pushed and not yet
+        acked would be read again for every notification. On PostgreSQL a row written later
+        sorts after every row still stored for its mailbox (node/pg_store.py), so only when
+        nothing comes after that row (the mailbox may have emptied, and a new row start
+        lower) is a pass from 0 needed."""
         while self._elsewhere and not self._closed and not self.backlog:
             self._elsewhere = False
             try:
+                tail = self._cursor = self._tail
                 await self.refill()
+                if tail and self._tail == tail and not self.backlog:  # nothing after it
+                    self._cursor = 0
+                    await self.refill()
             except HavenError as exc:  # the device gets them on its next pass or connection
                 log.info("reading envelopes stored by another worker failed (%s)", exc.code)
                 return
@@ -200,7 +210,7 @@ class ClientSession:
                 self.backlog = True
                 return False
             if raw:
-                self._cursor = raw[-1][0]
+                self._cursor = self._tail = raw[-1][0]
             if len(raw) < limit:
                 # End of the pass. A seq can be reused once every row above it is deleted,
                 # so the next pass starts over (rows already pushed are skipped).
@@ -535,6 +545,7 @@ class ClientSession:
                 rejected.append((env.id, code))
         local_futs = node.mailboxes.submit_local(local)
         remote_futs = node.mailboxes.submit_outbox(remote)
+        node.metrics.event("client.envelopes_in", len(local) + len(remote))
         node.quotas.watch(remote, remote_futs)  # a failed commit frees its quota
         futs = local_futs + remote_futs
         ids = [e.id for e in local] + [e.id for _, e in remote]
@@ -563,6 +574,7 @@ class ClientSession:
     async def on_ack(self, f: F.Ack) -> None:
         mine = self.window.ack(f.ids)  # only ids pushed on this connection count
         self.node.mailboxes.acked(mine)
+        self.node.metrics.event("envelopes.delivered", len(mine))
         self.node.released(self.mailbox, len(mine))
         if self.backlog and self.window.half_free():
             await self.refill()

@@ -70,6 +70,9 @@ class NodeConfig:
     ballast_mb: int = 32  # released when the disk fills so deletes and acks still succeed
     # logs
     log_lines_per_minute: int = 120  # per kind of error line; the rest are counted
+    log_format: str = "text"  # "text" or "json": one JSON object per line (node/logs.py)
+    # admin listener: /metrics, /healthz, /readyz (node/admin.py); port 0 = the kernel picks
+    admin_listen: str = "127.0.0.1:0"
 
     @property
     def device_url(self) -> str:

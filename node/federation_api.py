@@ -51,6 +51,7 @@ STATUS = {
 
 def error_response(node: Node, exc: HavenError) -> web.Response:
     node.metrics.error("federation", exc.code)
+    node.metrics.request("in", exc.code)
     body = packb({"code": exc.code, "message": str(exc)[:200], "now": node.clock.now_ms()})
     return web.Response(
         status=STATUS.get(exc.code, 400), body=body, content_type="application/msgpack"
@@ -150,6 +151,7 @@ async def batch(node: Node, request: web.Request) -> web.Response:
         else:
             accepted.append(env.id)
     node.metrics.event("federation.envelopes_in", len(accepted))
+    node.metrics.request("in", "ok")
     return signed(node, req, BatchResult(tuple(accepted), tuple(rejected)).encode())
 
 
@@ -166,4 +168,5 @@ async def keys(node: Node, request: web.Request) -> web.Response:
     answer = packb(
         {"device_list": dl.to_wire(), "claimed": {k: list(v) for k, v in claimed.items()}}
     )
+    node.metrics.request("in", "ok")
     return signed(node, req, answer)

@@ -15,12 +15,18 @@ bits of requests, asyncio names transports and sockets. So every record passes t
 
 :func:`loop_exception_handler` routes the event loop's own errors (``socket.accept() out of
 system resource`` at the fd limit, fatal transport errors) through the same path.
+
+With ``log_format = "json"`` (``--log-json``) each line is one JSON object instead:
+``{"ts": "2026-01-01T12:00:00.123Z", "level": "ERROR", "logger": "haven.node", "msg": "…"}``
+plus ``"code"``: the stable error code where the line has one (``extra={"code": …}``, or the
+``(code)`` our lines end with). The text is the same translated, scrubbed, rate-limited text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import re
 import sys
@@ -37,6 +43,7 @@ LIBRARY_QUIET = ("zeroconf", "aiohttp.server", "aiohttp.web", "aiohttp.websocket
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
 _IPV6_CANDIDATE = re.compile(r"(?<![\w:.%])[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[\w.-]+)?")
 _KIND_NOISE = re.compile(r"0x[0-9a-f]+|[0-9a-f]{8,}|\d+")
+_TRAILING_CODE = re.compile(r"\(([a-z][a-z0-9_]{1,47})\)$")
 
 
 def _ipv6_or_keep(match: re.Match[str]) -> str:
@@ -97,6 +104,32 @@ def translate(record: logging.LogRecord) -> tuple[str, str]:
     return kind, scrub(text)
 
 
+def code_of(record: logging.LogRecord, text: str) -> str | None:
+    """The stable error code of a line: ``extra={"code": …}``, else a trailing ``(code)``."""
+    code = getattr(record, "code", None)
+    if isinstance(code, str) and _TRAILING_CODE.fullmatch(f"({code})"):
+        return code
+    found = _TRAILING_CODE.search(text)
+    return found.group(1) if found else None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``ts`` (UTC, ms), ``level``, ``logger``, ``msg``, ``code``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        obj: dict[str, str] = {
+            "ts": f"{ts}.{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        code = getattr(record, "code", None)
+        if isinstance(code, str):
+            obj["code"] = code
+        return json.dumps(obj, ensure_ascii=False)
+
+
 class SafeHandler(logging.StreamHandler[TextIO]):
     """A stream handler that writes only translated, scrubbed, rate-limited lines."""
 
@@ -105,6 +138,7 @@ class SafeHandler(logging.StreamHandler[TextIO]):
         stream: TextIO,
         lines_per_minute: int,
         monotonic: Callable[[], float] = time.monotonic,
+        json_lines: bool = False,
     ) -> None:
         super().__init__(stream)
         self.limit = max(1, lines_per_minute)
@@ -112,7 +146,7 @@ class SafeHandler(logging.StreamHandler[TextIO]):
         self.window_start = monotonic()
         self.seen: Counter[str] = Counter()
         self.suppressed: Counter[str] = Counter()
-        self.setFormatter(logging.Formatter(FORMAT))
+        self.setFormatter(JsonFormatter() if json_lines else logging.Formatter(FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
         kind, text = translate(record)
@@ -136,6 +170,7 @@ class SafeHandler(logging.StreamHandler[TextIO]):
                 "args": None,
                 "created": record.created,
                 "msecs": record.msecs,
+                "code": code_of(record, text),
             }
         )
         super().emit(safe)
@@ -164,12 +199,15 @@ class SafeHandler(logging.StreamHandler[TextIO]):
             super().close()
 
 
-def install(lines_per_minute: int, stream: TextIO | None = None) -> SafeHandler:
-    """Make :class:`SafeHandler` the only root handler (replacing any earlier setup)."""
+def install(
+    lines_per_minute: int, stream: TextIO | None = None, json_lines: bool = False
+) -> SafeHandler:
+    """Make :class:`SafeHandler` the only root handler (replacing any earlier setup);
+    ``json_lines`` writes one JSON object per line."""
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    handler = SafeHandler(stream or sys.stderr, lines_per_minute)
+    handler = SafeHandler(stream or sys.stderr, lines_per_minute, json_lines=json_lines)
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.getLogger("aiohttp.access").disabled = True

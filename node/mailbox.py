@@ -91,6 +91,9 @@ class Mailboxes:
         # Several workers, with a store that does not notify itself (node/pg_bus.py): told the
         # mailboxes and destinations of every committed insert, to notify the other workers.
         self.on_committed: Callable[[set[bytes], set[str]], None] | None = None
+        # Several workers: told the recipient mailboxes of an insert before it is tried, and
+        # again if it failed (so a worker tells its own notifications from the others').
+        self.on_writing: Callable[[set[bytes], bool], None] | None = None
         # ids in ``_out`` the sender holds in memory -> loop time they are committed anyway
         # (insertion order is deadline order)
         self._hot: dict[bytes, float] = {}
@@ -109,6 +112,7 @@ class Mailboxes:
         self.writes_since_checkpoint = 0
         self.disk: DiskGuard | None = None  # the disk-full guard of a serving node
         self._write_error: str | None = None  # last failure logged (one line per state change)
+        self.on_store_error: Callable[[str], None] | None = None  # a failed commit's code
 
     # ---- submission --------------------------------------------------------------------------
 
@@ -305,10 +309,15 @@ class Mailboxes:
             combined = WriteBatch(
                 inserts.envelopes, inserts.outbox, deletes.delete_envelopes, deletes.delete_outbox
             )
+            writing = {e.to for e in inserts.envelopes} if self.on_writing is not None else set()
+            if self.on_writing is not None:
+                self.on_writing(writing, True)
             try:
                 await self.store.write(combined, self.clock.now_ms())
                 inserted = deleted = True
             except StorageError as exc:
+                if self.on_writing is not None:
+                    self.on_writing(writing, False)
                 self._write_failed(exc)
         if not deleted and has_deletes:
             try:
@@ -387,6 +396,8 @@ class Mailboxes:
         """Log SQLite's own message once per state change, not once per batch."""
         if isinstance(exc, DiskFull) and self.disk is not None:
             self.disk.on_full()
+        if self.on_store_error is not None:
+            self.on_store_error(exc.code)
         msg = str(exc)
         if msg != self._write_error:
             self._write_error = msg

@@ -550,11 +550,19 @@ class OutboxSender:
             return await self.transport.post_encoded_batch(url, dest, self.peers.stamp(dest), body)
 
         try:
-            return await self.peers.call(dest, post)
-        except RemoteError as exc:
-            if exc.code == ClockSkew.code and exc.peer_now is not None:
-                self.peers.correct_clock(dest, exc.peer_now)  # re-measured; retry at once
-                return await self.peers.call(dest, post)
-            if exc.code == "wrong_destination":
-                self.peers.invalidate(dest)  # someone else answers there: re-check the key
+            try:
+                result = await self.peers.call(dest, post)
+            except RemoteError as exc:
+                if exc.code == ClockSkew.code and exc.peer_now is not None:
+                    self.peers.correct_clock(dest, exc.peer_now)  # re-measured; retry at once
+                    self.metrics.request("out", exc.code)
+                    result = await self.peers.call(dest, post)
+                else:
+                    if exc.code == "wrong_destination":
+                        self.peers.invalidate(dest)  # someone else answers there: re-check
+                    raise
+        except HavenError as exc:
+            self.metrics.request("out", exc.code)
             raise
+        self.metrics.request("out", "ok")
+        return result

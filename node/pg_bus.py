@@ -125,7 +125,7 @@ async def prepare(dsn: str) -> tuple[asyncpg.Connection, int]:
         raise StorageError(f"cannot reach PostgreSQL ({type(exc).__name__})") from exc
     try:
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SUPERVISOR_LOCK):
-            raise StorageError("another `serve --workers` already serves this store")
+            raise StorageError("another supervisor already serves this store")
         for stmt in SCHEMA:
             await conn.execute(stmt)
         await conn.execute("TRUNCATE haven_replay, haven_device_conns, haven_links")

@@ -52,6 +52,7 @@ class Sweeper:
         self.sweep_every_ms = sweep_every_ms
         self.interval_s = interval_s
         self.disk = disk
+        self.on_expired: Callable[[int], None] | None = None  # envelopes deleted at expiry
         self._last_sweep = -(10**15)
         self.pin_ttl_ms = pin_ttl_ms  # 0: pins are never dropped (organisation nodes)
         self.on_pins_dropped = on_pins_dropped
@@ -76,6 +77,8 @@ class Sweeper:
             self._last_sweep = now
             out["swept"] = 1
             out["expired"] = await self.store.sweep_expired(now)
+            if out["expired"] and self.on_expired is not None:
+                self.on_expired(out["expired"])
             out["resealed"] = await self.store.rotate_epochs(now)
             if out["expired"]:
                 log.debug("expired %d envelopes", out["expired"])  # not a state change

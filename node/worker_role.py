@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -54,23 +55,22 @@ class WorkerRole:
     bus: PgBus
     started_ms: int  # the supervisor's start (or PostgreSQL's, if later): §4.3 "not before"
     worker_port: int = 0  # also listen on 127.0.0.1:worker_port (reverse-proxy layout)
-    _by_tag: dict[bytes, tuple[Attached, int]] = field(
-        default_factory=dict
-    )  # tag -> (conn, serial)
+    # tag -> (connection, serial of its registry row; 0 while the claim is under way)
+    _by_tag: dict[bytes, tuple[Attached, int]] = field(default_factory=dict)
     _queue: asyncio.Queue[Callable[[], object]] = field(default_factory=asyncio.Queue)
     _outbox: OutboxSender | None = None
     _store: Store | None = None
     _dest_by_tag: dict[bytes, str] = field(default_factory=dict)
     _tagged: set[str] = field(default_factory=set)
     _notify_self: bool = False  # the store does not NOTIFY: this role does, after each commit
+    # per mailbox tag: inserts of this worker committing or committed whose notification has
+    # not come back yet (its devices got those envelopes in process: nothing to read)
+    _own: Counter[bytes] = field(default_factory=Counter)
+    _closing: set[asyncio.Task[None]] = field(default_factory=set)  # replaced connections
 
     @property
     def leader(self) -> bool:
         return self.index == 0
-
-    def share(self, budget: float) -> float:
-        """This worker's share of a node-wide budget (rate limits stay in memory)."""
-        return budget / self.count
 
     # ---- wiring (node/app.py) ------------------------------------------------------------
 
@@ -83,6 +83,7 @@ class WorkerRole:
         else:  # notify after the commit (a lost notification only delays, never loses)
             self._notify_self = True
             mailboxes.on_committed = self._committed
+        mailboxes.on_writing = self._writing
         self.bus.on_env = lambda tags: self._queue.put_nowait(lambda: self._env(tags))
         self.bus.on_obx = lambda tags: self._queue.put_nowait(lambda: self._obx(tags))
         self.bus.on_dev = lambda tags: self._queue.put_nowait(lambda: self._dev(tags))
@@ -138,6 +139,13 @@ class WorkerRole:
 
     async def run(self) -> None:
         """Handle notifications in order (cancelled with the node)."""
+        try:
+            await self._handle()
+        finally:
+            for task in self._closing:
+                task.cancel()
+
+    async def _handle(self) -> None:
         while True:
             job = self._queue.get_nowait() if not self._queue.empty() else await self._queue.get()
             try:
@@ -147,8 +155,30 @@ class WorkerRole:
             except HavenError as exc:  # one failed lookup must not stop the others
                 log.error("worker notification failed (%s)", exc.code)
 
+    def _writing(self, mailboxes: set[bytes], started: bool) -> None:
+        """An insert for ``mailboxes`` starts (or failed: no notification will come)."""
+        for mailbox in mailboxes:
+            tag = self.mailbox_tag(mailbox)
+            if started:
+                self._own[tag] += 1
+            elif self._own[tag] > 1:
+                self._own[tag] -= 1
+            else:
+                del self._own[tag]
+
     def _env(self, tags: list[bytes]) -> None:
+        """PostgreSQL delivers notifications in commit order, and a commit's notification
+        names each mailbox once. Skipping one for a mailbox with an insert of ours still
+        unanswered is safe even when the one skipped was another worker's: ours then comes
+        later, and the read it starts finds the other worker's rows, committed before."""
+        own = self._own
         for tag in tags:
+            if own[tag] > 0:
+                own[tag] -= 1
+                if not own[tag]:
+                    del own[tag]
+                continue
+            own.pop(tag, None)  # (a Counter lookup inserts nothing; keep it small anyway)
             entry = self._by_tag.get(tag)
             if entry is not None:
                 entry[0].stored_elsewhere()
@@ -184,7 +214,10 @@ class WorkerRole:
             current = self._by_tag.get(tag)
             if current is entry and owner != (self.index, entry[1]):
                 del self._by_tag[tag]
-                await entry[0].replaced()
+                # not awaited here: a slow close must not hold up the notifications behind it
+                closing = asyncio.get_running_loop().create_task(entry[0].replaced())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
 
     async def _recheck_all(self) -> None:
         """Notifications were lost while the bus reconnected: re-check everything."""

@@ -40,8 +40,9 @@ from typing import TYPE_CHECKING
 from federation.clock import Clock, SystemClock
 from federation.errors import HavenError, LocalProtocolError
 
-from . import logs
-from .config import NodeConfig
+from . import admin, logs
+from .atrest import EpochKeys
+from .config import EPOCH_KEYS_NAME, NodeConfig
 
 if TYPE_CHECKING:
     from .app import Node
@@ -103,8 +104,12 @@ class Supervisor:
         lan: bool | None = None,
         interfaces: str = "",
         clock: Clock | None = None,
+        admin_listen: str = "",
+        log_json: bool = False,
     ) -> None:
         self.home = home
+        self.admin_listen = admin_listen  # "" = no admin listener (node/admin.py)
+        self.log_json = log_json
         self.count = count
         self.worker_ports = worker_ports
         self.lan = lan
@@ -113,7 +118,7 @@ class Supervisor:
         self.key = os.urandom(32)
         self.started_ms = 0
         self.workers = [_Worker(i) for i in range(count)]
-        self.stopping = False
+        self._stopping = False
 
     def _argv(self, w: _Worker, fd: int) -> list[str]:
         argv = [sys.executable, "-m", "node.workers", "--home", self.home]
@@ -127,6 +132,8 @@ class Supervisor:
         offset = getattr(self.clock, "offset_ms", 0)
         if offset:
             argv += ["--clock-offset-ms", str(offset)]
+        if self.log_json:
+            argv.append("--log-json")
         return argv
 
     async def _spawn(self, w: _Worker) -> None:
@@ -155,10 +162,20 @@ class Supervisor:
         """Serve until ``stop`` is set; print the start-up line once every worker serves."""
         from . import pg_bus
 
-        dsn = store_dsn(_load_config(self.home))
+        config = _load_config(self.home)
+        dsn = store_dsn(config)
+        # The shared epoch key file exists before any worker opens it: workers starting at
+        # once on a fresh home would otherwise race to create it (and read it half-written).
+        EpochKeys(os.path.join(self.home, EPOCH_KEYS_NAME), config.epoch_ms)
         lease, pg_started = await pg_bus.prepare(dsn)
         self.started_ms = max(self.clock.now_ms(), pg_started)
+        server: admin.AdminServer | None = None
         try:
+            if self.admin_listen:  # one listener, the supervisor's, sums every worker's values
+                admin.setup_multiprocess(self.home)
+                server = await admin.start_supervisor_admin(
+                    self.home, self.admin_listen, self._readiness
+                )
             for w in self.workers:
                 await self._spawn(w)
             await self._wait_first_ready(stop)
@@ -170,14 +187,25 @@ class Supervisor:
             node_id = load_node_key(self.home, config).node_id
             print(
                 f"haven node {node_id} listening on {config.listen_host}:{config.listen_port}"
-                f" as {config.public_url} ({self.count} workers)",
+                f" as {config.public_url} ({self.count} workers)"
+                + (f"; metrics on {server.url}/metrics" if server is not None else ""),
                 flush=True,
             )
             await self._watch(stop)
         finally:
-            self.stopping = True
+            self._stopping = True
             await self._stop_all()
+            if server is not None:
+                await admin.stop_supervisor_admin(self.home, server)
             await lease.close()
+
+    async def _readiness(self) -> str | None:
+        """/readyz of the node: ready while every worker serves."""
+        if self._stopping:
+            return "stopping"
+        if not all(w.ready.is_set() for w in self.workers):
+            return "starting"
+        return None
 
     async def _wait_first_ready(self, stop: asyncio.Event) -> None:
         async def all_ready() -> None:
@@ -195,15 +223,17 @@ class Supervisor:
         waiter = asyncio.ensure_future(all_ready())
         stopper = asyncio.ensure_future(stop.wait())
         try:
-            async with asyncio.timeout(START_TIMEOUT_S):
-                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {waiter, stopper}, timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             stopper.cancel()
-            if not waiter.done():
+            finished = waiter.done()
+            if not finished:
                 waiter.cancel()
-        if waiter.done() and not waiter.cancelled() and waiter.exception() is not None:
-            raise waiter.exception()  # type: ignore[misc]
-        if not waiter.done() and not stop.is_set():
+        if finished:
+            waiter.result()  # raises if a worker exited at start
+        elif not stop.is_set():
             raise LocalProtocolError("workers did not start in time", code="worker_failed")
 
     async def _watch(self, stop: asyncio.Event) -> None:
@@ -224,6 +254,8 @@ class Supervisor:
                 if f not in done or w.proc is None:
                     continue
                 code = w.proc.returncode
+                admin.worker_exited(w.proc.pid)  # its live gauges leave the sums
+                w.ready.clear()
                 ran = loop.time() - w.started
                 w.backoff = RESTART_MIN_S if ran >= HEALTHY_AFTER_S else w.backoff
                 log.warning("worker %d exited (%s); restarting in %.1f s", w.index, code, w.backoff)
@@ -281,19 +313,32 @@ async def supervise(
     lan: bool | None = None,
     interfaces: str = "",
     clock_offset_ms: int = 0,
+    admin_listen: str = "",
+    log_json: bool = False,
 ) -> None:
-    """``haven node serve --workers N``: run the supervisor until SIGINT/SIGTERM."""
+    """``haven node serve --workers N``: run the supervisor until SIGINT/SIGTERM.
+    ``admin_listen`` overrides the config's (node/admin.py); ``log_json`` as for ``serve``."""
     config = _load_config(home)
     check_workers(config, count, worker_ports)
-    logs.install(config.log_lines_per_minute)
+    json_lines = log_json or config.log_format == "json"
+    logs.install(config.log_lines_per_minute, json_lines=json_lines)
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(logs.loop_exception_handler)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     clock = SystemClock(clock_offset_ms) if clock_offset_ms else SystemClock()
+    if admin_listen:
+        admin.parse_listen(admin_listen)
     sup = Supervisor(
-        home, count, worker_ports=worker_ports, lan=lan, interfaces=interfaces, clock=clock
+        home,
+        count,
+        worker_ports=worker_ports,
+        lan=lan,
+        interfaces=interfaces,
+        clock=clock,
+        admin_listen=admin_listen or config.admin_listen,
+        log_json=json_lines,
     )
     await sup.run(stop)
 
@@ -342,7 +387,10 @@ async def _worker(args: argparse.Namespace) -> None:
     node = build_worker(args.home, args.index, args.count, key, started_ms, args.worker_port, clock)
     del key
     config = node.config
-    logs.install(config.log_lines_per_minute)
+    node.admin_enabled = False  # the supervisor serves /metrics for every worker
+    logs.install(
+        config.log_lines_per_minute, json_lines=args.log_json or config.log_format == "json"
+    )
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(logs.loop_exception_handler)
     if args.lan is not None:
@@ -389,6 +437,7 @@ def worker_main(argv: list[str]) -> int:
     p.add_argument("--no-lan", dest="lan", action="store_false")
     p.add_argument("--interface", default="")
     p.add_argument("--clock-offset-ms", type=int, default=0)
+    p.add_argument("--log-json", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,

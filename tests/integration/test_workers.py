@@ -25,6 +25,7 @@ from federation.wire import Batch, packb, unpackb
 
 from .harness import NodeProc, free_port, haven, join, wait_until
 from .rawpeer import BATCH_PATH, RawPeer, envelope, stats
+from .test_admin import admin_url, get, scrape, value
 from .test_federated_exchange import _send_all
 from .test_federated_exchange import test_exchange_both_ways_offline_and_drained as _exchange
 from .test_federated_exchange import test_kill9_and_restart_lose_nothing_acked as _kill9_restart
@@ -70,7 +71,7 @@ class OrgNode(NodeProc):
     def _started_lines(self) -> int:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"node exited early:\n{self.log.read_text()}")
-        return self.log.read_bytes().count(b"workers)\n") if self.log.exists() else 0
+        return self.log.read_bytes().count(b" workers)") if self.log.exists() else 0
 
     def worker_pids(self) -> dict[int, int]:
         """Worker index -> pid, from the supervisor's children."""
@@ -214,6 +215,18 @@ async def test_device_on_worker_0_gets_what_worker_1_accepted(
         for d in (alice, carol, bob):
             d.close()
 
+    # one /metrics for the node: worker 1's acceptances and worker 0's deliveries, summed
+    def counted() -> bool:
+        s = scrape(a)
+        return (
+            value(s, "haven_envelopes_accepted_total", surface="client") >= 1
+            and value(s, "haven_federation_requests_total", direction="in", result="ok") >= 1
+            and value(s, "haven_envelopes_delivered_total") >= 2
+        )
+
+    wait_until(counted, 20, "the supervisor's /metrics to sum both workers")
+    assert get(admin_url(a) + "/readyz")[0] == 200
+
 
 async def _one(a: OrgNode) -> bool:
     return await _authenticated(a.worker_url(0)) >= 1
@@ -337,3 +350,15 @@ def test_workers_on_sqlite_are_refused(tmp_path: Path) -> None:
     assert out.stderr.strip().splitlines() == [
         "error: --workers needs the PostgreSQL store (bad_argument)"
     ]
+
+
+def test_a_worker_that_cannot_start_stops_serve_with_one_line(tmp_path: Path, pg_dsn: str) -> None:
+    node = make_org(tmp_path, "W", pg_dsn)
+    with socket.socket() as taken:  # worker 1's own port is in use by someone else
+        taken.bind(("127.0.0.1", node.base + 1))
+        taken.listen()
+        out = haven("node", "serve", "--home", str(node.home), *node.serve_args, check=False)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1] == "error: worker 1 exited at start (2) (worker_failed)", lines
+    assert "Traceback" not in out.stderr
