@@ -357,6 +357,8 @@ class Node:
     def _peer_seen(self, node_id: str) -> None:
         if self._outbox is not None:
             self._outbox.peer_seen(node_id)
+        if self.role is not None:  # the worker holding its queue may be another one
+            self.role.peer_seen(node_id, time.monotonic())
 
     # ---- helpers used by the APIs ------------------------------------------------------------
 

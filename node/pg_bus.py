@@ -59,6 +59,7 @@ log = logging.getLogger("haven.bus")
 CH_ENV = "haven_env"
 CH_OBX = "haven_obx"
 CH_DEV = "haven_dev"
+CH_SEEN = "haven_seen"  # a peer node contacted one worker: every worker resets its backoff
 TAG_BYTES = 16
 MAX_TAGS_PER_NOTIFY = 200  # 200 x 33 hex characters: well below the 8,000-byte payload limit
 PURGE_EVERY_S = 10.0
@@ -149,6 +150,7 @@ class PgBus:
         self.on_env: Callable[[list[bytes]], None] = lambda tags: None
         self.on_obx: Callable[[list[bytes]], None] = lambda tags: None
         self.on_dev: Callable[[list[bytes]], None] = lambda tags: None
+        self.on_seen: Callable[[list[bytes]], None] = lambda tags: None
         self.on_reconnect: Callable[[], None] = lambda: None
         self.now_ms: Callable[[], int] = lambda: 0
         self._listen: asyncpg.Connection | None = None
@@ -192,7 +194,7 @@ class PgBus:
         conn = await asyncpg.connect(self.dsn)
         self._lost.clear()
         conn.add_termination_listener(lambda _c: self._lost.set())
-        for channel in (CH_ENV, CH_OBX, CH_DEV):
+        for channel in (CH_ENV, CH_OBX, CH_DEV, CH_SEEN):
             await conn.add_listener(channel, self._notified)
         self._listen = conn
 
@@ -206,6 +208,8 @@ class PgBus:
             self.on_obx(tags)
         elif channel == CH_DEV:
             self.on_dev(tags)
+        elif channel == CH_SEEN:
+            self.on_seen(tags)
 
     async def close(self) -> None:
         for conn in (self._listen, self._locks):

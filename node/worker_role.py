@@ -11,6 +11,8 @@ and it turns the bus's notifications into what a single process does by itself:
   tries the destination's lock (node/outbox.py).
 * ``haven_dev`` names a mailbox attached anew somewhere: a connection here that is not the
   newest one for it (the registry row says which is) is closed.
+* ``haven_seen`` names a peer node that contacted another worker: the sender here resets its
+  backoff for that peer, as one process does when a peer is seen again (node/outbox.py).
 
 Notifications are handled in order by one task (:meth:`WorkerRole.run`); what they trigger
 that may take a while (a device's store read) runs in tasks owned by the connection.
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from federation.errors import HavenError
 
-from .pg_bus import CH_ENV, CH_OBX, PgBus
+from .pg_bus import CH_ENV, CH_OBX, CH_SEEN, PgBus
 
 if TYPE_CHECKING:
     from .mailbox import Mailboxes
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from .store import Store
 
 log = logging.getLogger("haven.worker")
+SEEN_EVERY_S = 1.0  # a worker tells the others a peer is back at most this often per peer
 
 
 class Attached(Protocol):
@@ -67,6 +70,7 @@ class WorkerRole:
     # not come back yet (its devices got those envelopes in process: nothing to read)
     _own: Counter[bytes] = field(default_factory=Counter)
     _closing: set[asyncio.Task[None]] = field(default_factory=set)  # replaced connections
+    _seen_at: dict[str, float] = field(default_factory=dict)  # peer -> last haven_seen sent
 
     @property
     def leader(self) -> bool:
@@ -87,6 +91,7 @@ class WorkerRole:
         self.bus.on_env = lambda tags: self._queue.put_nowait(lambda: self._env(tags))
         self.bus.on_obx = lambda tags: self._queue.put_nowait(lambda: self._obx(tags))
         self.bus.on_dev = lambda tags: self._queue.put_nowait(lambda: self._dev(tags))
+        self.bus.on_seen = lambda tags: self._queue.put_nowait(lambda: self._seen(tags))
         self.bus.on_reconnect = lambda: self._queue.put_nowait(self._recheck_all)
 
     def mailbox_tag(self, mailbox: bytes) -> bytes:
@@ -204,6 +209,27 @@ class WorkerRole:
             for dest in await self._store.outbox_destinations():
                 if dest not in outbox.dests:
                     outbox.wake(dest)
+
+    def peer_seen(self, dest: str, now_s: float) -> None:
+        """A peer node contacted this worker: tell the others, whose sender for it may be
+        backing off (the holder of its lock may be another worker). At most once a second per
+        peer, so a busy peer costs no notification per request."""
+        if now_s - self._seen_at.get(dest, -SEEN_EVERY_S) < SEEN_EVERY_S:
+            return
+        if len(self._seen_at) > 10_000:
+            self._seen_at.clear()
+        self._seen_at[dest] = now_s
+        tags = [self.bus.dest_tag(dest)]
+        self._queue.put_nowait(lambda: self.bus.notify(CH_SEEN, tags))
+
+    def _seen(self, tags: list[bytes]) -> None:
+        outbox = self._outbox
+        if outbox is None:
+            return
+        wanted = set(tags)
+        for dest in list(outbox.dests):
+            if self.bus.dest_tag(dest) in wanted:
+                outbox.peer_seen(dest)
 
     async def _dev(self, tags: list[bytes]) -> None:
         for tag in tags:

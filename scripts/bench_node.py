@@ -19,6 +19,8 @@ Sections (select with ``--sections``):
 * ``per_message``, ``offline_store``, ``federated``, ``connections``, ``growth``, ``drain``: the
   paths users feel (issue 12), in ``scripts/bench_sections.py`` (devices from
   ``scripts/bench_raw.py``). ``--quick`` runs every section at a tiny size (the smoke test).
+* ``org``: ``per_message`` on SQLite, on PostgreSQL with 1 worker and with 2 workers, CPU per
+  component (node workers, PostgreSQL, driver) (issue 13, ``scripts/bench_org.py``).
 
 Every node runs as ``python -m client.cli node serve`` on 127.0.0.1 with a free port, in a
 temporary directory removed at the end (``--keep`` keeps it). ``--profile DIR`` attaches
@@ -149,7 +151,7 @@ class NodeProc:
     port: int
     proc: subprocess.Popen[bytes] | None = None
     node_id: str = ""
-    serve_args: tuple[str, ...] = ()  # e.g. ("--workers", "2") (scripts/bench_org.py)
+    serve_args: tuple[str, ...] = ()  # extra ``node serve`` arguments (``org``: --workers)
 
     @property
     def url(self) -> str:
@@ -1016,10 +1018,6 @@ async def amain(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 drain_base = base / "drain"
                 drain_base.mkdir()
                 result[section] = await device_drain(args.drain_n, drain_base, 120.0)
-            elif section == "org":
-                from bench_org import org
-
-                result[section] = await org(args, base)
             elif section == "ui_latency":
                 from bench_ui import run_section
 
@@ -1056,10 +1054,9 @@ async def amain(args: argparse.Namespace, base: Path) -> dict[str, Any]:
 
 
 OLD_SECTIONS = ("node_only", "one_node", "two_nodes", "device_drain", "ui_latency")
-NEW_SECTIONS = (
-    "per_message", "offline_store", "federated", "connections", "growth", "drain", "org",
-)  # fmt: skip
-ALL_SECTIONS = (*OLD_SECTIONS[:3], *NEW_SECTIONS, *OLD_SECTIONS[3:])
+NEW_SECTIONS = ("per_message", "offline_store", "federated", "connections", "growth", "drain")
+ORG_SECTIONS = ("org",)  # issue 13: scripts/bench_org.py
+ALL_SECTIONS = (*OLD_SECTIONS[:3], *NEW_SECTIONS, *ORG_SECTIONS, *OLD_SECTIONS[3:])
 DEFAULT_SECTIONS = "node_only,one_node,two_nodes"
 # --quick: every section in seconds (tests/test_bench_smoke.py); explicit flags still win
 QUICK = {

@@ -649,6 +649,13 @@ async def connections(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         node.stop(timeout=60)
 
 
+async def org(args: argparse.Namespace, base: Path) -> dict[str, Any]:
+    """The ``org`` section (PostgreSQL, workers): ``scripts/bench_org.py``."""
+    from bench_org import org as run
+
+    return await run(args, base)
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace, Path], Any]] = {
     "per_message": per_message,
     "offline_store": offline_store,
@@ -656,4 +663,5 @@ SECTIONS: dict[str, Callable[[argparse.Namespace, Path], Any]] = {
     "drain": drain,
     "federated": federated,
     "connections": connections,
+    "org": org,
 }

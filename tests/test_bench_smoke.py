@@ -35,7 +35,7 @@ KEPT: dict[str, tuple[str, ...]] = {
 VARIANTS = {
     "per_message": ("1to1", "50to50"),
     "growth": ("pending_small", "pending_big"),
-    "org": ("sqlite", "pg_1w", "pg_2w"),
+    "org": ("sqlite", "pg_1worker", "pg_2workers"),
 }
 
 
@@ -90,6 +90,10 @@ def test_backlog_sections_deliver_all_and_hold_connections(bench: dict[str, Any]
     assert sane(bench["growth"]["throughput_ratio"])
     for v in VARIANTS["growth"]:
         assert bench["growth"][v]["epoch_rotation"]["initial_epochs"]  # rows were sealed
+    org = bench["org"]
+    for v in VARIANTS["org"][1:]:  # PostgreSQL's own CPU is measured, per message
+        assert sane(org[v]["cpu_us_per_msg"]["postgresql"]), org[v]
+    assert sane(org["ratios"]["msgs_per_s_pg2_over_pg1"])
     conns = bench["connections"]
     assert conns["connections_held"] == conns["connections_requested"]
     assert math.isfinite(conns["rss_per_connection_kib"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import struct
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ Opener = Callable[[bytes, bytes], bytes | None]  # key, sealed -> plaintext or N
 PageDecryptor = Callable[[bytes, bytes], tuple[bytes, int]]  # raw, key -> pages, usable size
 # one carved record, candidate (epoch, key)s -> [(epoch, plaintext)] an examiner gets from it
 NodeRecordOpener = Callable[["Record", Sequence[tuple[int, bytes]]], list[tuple[int, bytes]]]
+Carver = Callable[[bytes], Iterable[Record]]  # a buffer -> the records found in it
 
 
 @dataclass
@@ -69,6 +71,24 @@ TEXT = re.compile(rb"txt-[a-z_]+-[0-9]{3}-[0-9a-f]{12}")  # the shape of every w
 def texts_in(corpus: Iterable[bytes]) -> set[bytes]:
     """Workload texts anywhere in ``corpus`` (one regex pass with a literal prefix per buffer)."""
     return {m for buf in corpus for m in TEXT.findall(buf)}
+
+
+def present(buf: bytes, needles: Iterable[bytes]) -> set[bytes]:
+    """The ``needles`` that occur in ``buf``, in about one pass for all of them: a needle of 15
+    bytes or more wholly contains one 8-aligned 8-byte word of ``buf`` wherever it sits, so
+    the words of ``buf`` are checked against the needles' 8-byte slices at every shift and only
+    needles with a hit are searched for. Shorter needles are searched for one by one."""
+    wanted = set(needles)
+    out = {n for n in wanted if len(n) < 15 and n in buf}
+    slices: dict[int, list[bytes]] = defaultdict(list)
+    for n in wanted:
+        if len(n) >= 15:
+            for s in range(8):
+                slices[int.from_bytes(n[s : s + 8], sys.byteorder)].append(n)
+    words = memoryview(buf)[: len(buf) // 8 * 8].cast("Q")
+    for w in set(slices).intersection(words):
+        out.update(n for n in slices[w] if n in buf)
+    return out
 
 
 def secretbox_open(key: bytes, sealed: bytes) -> bytes | None:
@@ -211,10 +231,12 @@ class Scan:
     free_records: int
 
     @classmethod
-    def of(cls, name: str, path: Path) -> Scan:
+    def of(cls, name: str, path: Path, carver: Carver = carve) -> Scan:
+        """Read the copy, its unallocated blocks, and carve both (``carver``: SQLite records by
+        default; ``pgcarve.carve_pg`` for a PostgreSQL data directory)."""
         raw = path.read_bytes()
         free = unallocated(path)
-        return cls(name, path, raw, free, list(carve(raw)), sum(1 for _ in carve(free)))
+        return cls(name, path, raw, free, list(carver(raw)), sum(1 for _ in carver(free)))
 
     def found(self, needle: bytes) -> bool:
         return needle in self.raw

@@ -151,3 +151,34 @@ async def test_a_link_token_minted_on_one_worker_is_redeemed_once_on_another(
     await a.share_link(token, "alice", expires=2_000)
     assert await b.redeem_link(token, now=2_000) is None  # expired
     assert await b.redeem_link(os.urandom(32), now=0) is None
+
+
+async def test_a_peer_seen_by_one_worker_resets_the_others_backoff(
+    buses: tuple[PgBus, PgBus],
+) -> None:
+    """Worker 1 holds peer1's queue and backs off; peer1 contacts worker 0: worker 1's sender
+    hears of it (``haven_seen``) and retries at once, as one process does (node/outbox.py)."""
+    from types import SimpleNamespace
+
+    from node.worker_role import WorkerRole
+
+    a, b = buses
+    seen: list[str] = []
+    roles, tasks = [], []
+    for i, bus in enumerate((a, b)):
+        outbox = SimpleNamespace(dests={"peer1": None, "peer2": None}, peer_seen=seen.append)
+        role = WorkerRole(index=i, count=2, bus=bus, started_ms=0)
+        role.bind(SimpleNamespace(), SimpleNamespace(), outbox)  # type: ignore[arg-type]
+        roles.append(role)
+        tasks.append(asyncio.create_task(role.run()))
+    try:
+        roles[0].peer_seen("peer1", now_s=100.0)
+        await until(lambda: "peer1" in seen, what="worker 1 to hear that peer1 is back")
+        roles[0].peer_seen("peer1", now_s=100.5)  # within a second: not sent again
+        roles[0].peer_seen("peer2", now_s=100.5)
+        await until(lambda: "peer2" in seen, what="peer2 too")
+        assert seen.count("peer1") == 2  # once per worker (the sender's own hears it too)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
