@@ -143,7 +143,6 @@ async def prepare_database(dsn: str) -> int:
         await conn.close()
 
 
-
 async def _light_reset(conn: asyncpg.Connection) -> None:
     """What a pooled connection needs on release: a transaction left open rolled back.
 
@@ -154,6 +153,7 @@ async def _light_reset(conn: asyncpg.Connection) -> None:
     connections), so nothing else can outlive a release."""
     if conn.is_in_transaction():
         await conn.execute("ROLLBACK")
+
 
 class PgBase:
     """The pool, the schema and the statement/transaction helpers (no envelope logic)."""
