@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -40,6 +41,7 @@ from federation.errors import (
 
 from .actions import Actions, clean_name, qr_matrix
 from .events import Obj, event
+from .files import AUTO_DOWNLOAD_MB, Files, default_save_dir
 
 log = logging.getLogger("haven.app")
 
@@ -62,7 +64,7 @@ def _version() -> str:
         return "0"
 
 
-class AppCore(Actions):
+class AppCore(Actions, Files):
     """The daemon's device, link and events.
 
     Args:
@@ -70,8 +72,18 @@ class AppCore(Actions):
         clock: injected time (tests); the system clock otherwise.
     """
 
-    def __init__(self, home: str, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        home: str,
+        clock: Clock | None = None,
+        *,
+        save_dir: str | None = None,
+        auto_download_mb: float = AUTO_DOWNLOAD_MB,
+    ) -> None:
         self.home = home
+        self.save_dir = os.path.abspath(os.path.expanduser(save_dir or default_save_dir()))
+        self.auto_download_bytes = int(auto_download_mb * 1_000_000)
+        self._downloads: dict[bytes, asyncio.Task[None]] = {}
         self.clock = clock or SystemClock()
         self.device: Device | None = None
         self.locked = False
@@ -120,6 +132,10 @@ class AppCore(Actions):
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
+        for task in list(self._downloads.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if self.device is not None:
             self.device.close()
             self.device = None
@@ -408,10 +424,12 @@ class AppCore(Actions):
         dev = self.require()
         chats: set[str] = set()
         for m in new:
-            if m.kind in ("text", "file"):  # a file's row: its caption (the UI's files: later)
+            if m.kind in ("text", "file"):  # a file's row: its caption and its file
                 row = dev.state.message(m.msg_id)
                 if row is not None:
                     self._publish(event("message", message=self._message(row)))
+                    if m.kind == "file":
+                        self.auto_download(m.msg_id)
                 chats.add(m.peer)
             elif m.kind in ("delivered", "read"):
                 self._publish_changed(m.peer)
