@@ -84,8 +84,11 @@ def error(code: str, message: str = "", status: int | None = None) -> web.Respon
 
 def disposition(name: str) -> str:
     """``Content-Disposition: attachment`` with the (already sanitised) name: an ASCII
-    fallback and the UTF-8 form (RFC 6266 / 8187); never a header injection."""
-    ascii_name = "".join(ch if 32 <= ord(ch) < 127 and ch not in '"\\;' else "_" for ch in name)
+    fallback (letters, digits and ``._- ()`` only) and the UTF-8 form (RFC 6266 / 8187), so
+    no name can inject a header or a parameter."""
+    ascii_name = "".join(
+        ch if ch.isascii() and (ch.isalnum() or ch in "._- ()") else "_" for ch in name
+    )
     return (
         f"attachment; filename=\"{ascii_name or 'file'}\"; filename*=UTF-8''{quote(name, safe='')}"
     )

@@ -153,7 +153,9 @@ def test_image_attached_in_one_ui_shows_as_preview_in_the_other(world: World) ->
     # the daemon reports the upload's progress while it runs (to the end) on its event feed
     ev = Events(
         world.alice_d,
-        lambda e: e["type"] == "progress" and e.get("phase") == "upload" and e["done"] == e["total"],
+        lambda e: (
+            e["type"] == "progress" and e.get("phase") == "upload" and e["done"] == e["total"]
+        ),
     )
     alice.page.set_input_files("[data-testid=attach-input]", str(path))
     events = ev.join()
@@ -177,7 +179,9 @@ def test_image_attached_in_one_ui_shows_as_preview_in_the_other(world: World) ->
     )
     thumb = preview_state(bob, got["id"])
     assert thumb["src"].startswith("blob:") and 0 < thumb["w"] <= 320, thumb
-    assert bob.page.text_content(file_el(bob, got["id"]) + " [data-testid=file-name]") == "photo.png"
+    assert (
+        bob.page.text_content(file_el(bob, got["id"]) + " [data-testid=file-name]") == "photo.png"
+    )
     # then the download button: the full image (400 px wide), saved in bob's save folder
     bob.page.click(file_el(bob, got["id"]) + " [data-testid=file-download]")
     bob.wait_js(
@@ -224,7 +228,9 @@ def test_html_file_arrives_as_a_download_and_is_never_rendered(world: World) -> 
     assert got["file"]["mime"] == "text/html" and got["file"]["preview"] is False
     sel = file_el(bob, got["id"])
     # small: downloaded at once into bob's save folder, shown as an entry with a save button
-    bob.page.wait_for_selector(sel + '[data-downloaded="yes"] [data-testid=file-save]', timeout=60000)
+    bob.page.wait_for_selector(
+        sel + '[data-downloaded="yes"] [data-testid=file-save]', timeout=60000
+    )
     assert bob.page.text_content(sel + " [data-testid=file-name]") == shown  # as text
     assert bob.page.locator(sel + " [data-testid=file-preview]").count() == 0
     frames = bob.page.evaluate(
