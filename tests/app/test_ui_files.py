@@ -259,3 +259,30 @@ def test_html_file_arrives_as_a_download_and_is_never_rendered(world: World) -> 
         "GET", f"/api/messages/{got['id']}/thumb", headers={"X-Haven-Key": world.bob_d.secret}
     )
     assert status == 404
+
+
+def test_a_file_gone_from_the_nodes_says_why_it_is_unavailable(world: World) -> None:
+    """After bob's download the nodes deleted the blob (his device was its only recipient).
+    With his saved copy removed, the download button tries again and the message explains."""
+    bob = world.bob
+    got = wait_file_message(world.bob_d, world.alice_addr, "photo.png")
+    assert got["file"]["downloaded"] is True
+    (world.bob_saves / "photo.png").unlink()
+    bob.page.reload()
+    bob.wait_connection("online")
+    bob.open_chat(world.alice_addr)
+    sel = file_el(bob, got["id"])
+    bob.page.click(sel + '[data-downloaded="no"] [data-testid=file-download]')
+    note = bob.page.wait_for_selector(sel + " [data-testid=file-unavailable]", timeout=60000)
+    assert note.text_content() == EN["file.unavailable"]
+    assert bob.page.get_attribute(sel, "data-state") == "failed"
+    assert bob.page.locator(sel + " [data-testid=file-download]").count() == 0
+    # the thumbnail (inside the message itself) still shows
+    bob.wait_js(
+        """(sel) => { const i = document.querySelector(sel + ' [data-testid=file-preview]');
+            return i && i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0; }""",
+        sel,
+    )
+    status, obj = world.bob_d.api("POST", f"/api/messages/{got['id']}/download", {}, expect=None)
+    assert status == 404 and obj["error"] == "not_found"
+    assert not (world.bob_saves / "photo.png").exists()

@@ -60,7 +60,7 @@ async function download(m, button) {
   try {
     await store.api.post(`/api/messages/${m.id}/download`);
   } catch (err) {
-    showError(err);
+    if (err.code !== "not_found") showError(err); // gone: the message's own note says why
   } finally {
     button.disabled = false;
   }
