@@ -2,7 +2,7 @@
 import { enc } from "./api.js";
 import { confirmDialog, openDialog } from "./dialog.js";
 import { announce, h, mount } from "./dom.js";
-import { noteProgress, progressBar } from "./file.js";
+import { noteProgress, progressBar, rememberPreview } from "./file.js";
 import { dayLabel, t } from "./i18n.js";
 import { renderMessage, TIMER_CHOICES, timerLabel } from "./message.js";
 import { changedSince, emit, go, nameOf, on, putChat, store, upsertMessage } from "./store.js";
@@ -181,7 +181,7 @@ export function conversation(address) {
   });
   const send = h("button", { type: "submit", class: "primary", "data-testid": "send", "aria-label": t("composer.send"), text: t("composer.send") });
   const picker = h("input", { type: "file", multiple: true, class: "visually-hidden", "data-testid": "attach-input", "aria-label": t("file.attach"), tabindex: "-1" });
-  const attach = h("button", { type: "button", class: "attach", "data-testid": "attach", "aria-label": t("file.attach"), title: t("file.attach"), text: "📎" });
+  const attach = h("button", { type: "button", class: "attach", "data-testid": "attach", "aria-label": t("file.attach"), title: t("file.attach") });
   attach.addEventListener("click", () => picker.click());
   picker.addEventListener("change", () => {
     const files = [...picker.files];
@@ -196,6 +196,15 @@ export function conversation(address) {
   const scrollDown = () => {
     list.scrollTop = list.scrollHeight;
   };
+  // a preview in the newest message grows it after its bytes arrive: keep the end in view
+  list.addEventListener(
+    "load",
+    (ev) => {
+      const msg = ev.target.closest?.("[data-testid=message]");
+      if (msg && !msg.nextElementSibling) scrollDown();
+    },
+    true,
+  );
   const nearBottom = () => list.scrollHeight - list.scrollTop - list.clientHeight < 80;
 
   function renderAll() {
@@ -293,6 +302,8 @@ export function conversation(address) {
     if (caption) q.set("text", caption);
     try {
       const m = await store.api.upload(`/api/chats/${enc(address)}/files?${q}`, file);
+      rememberPreview(m, file);
+      if (elements.has(m.id)) replace(m); // shown already (its event came first): use it
       if (!store.messages.has(address)) store.messages.set(address, new Map());
       if (!store.messages.get(address).has(m.id)) {
         store.messages.get(address).set(m.id, m);

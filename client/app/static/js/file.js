@@ -45,14 +45,25 @@ async function loadPreview(m, img) {
     const type = kind === "full" ? f.mime : "image/jpeg";
     if (!PREVIEW_TYPES.has(type)) return;
     const blob = await store.api.blob(`/api/messages/${m.id}/${kind === "full" ? "file" : "thumb"}`, type);
+    const now = previews.get(m.id);
+    if (now && (now.kind === "full" || kind === "thumb")) {
+      img.src = now.url; // a better (or the same) one arrived meanwhile
+      return;
+    }
     const url = URL.createObjectURL(blob);
-    const old = previews.get(m.id);
     previews.set(m.id, { kind, url });
-    if (old) URL.revokeObjectURL(old.url);
+    if (now) URL.revokeObjectURL(now.url);
     img.src = url;
   } catch {
     /* no preview: the name and the buttons still show */
   }
+}
+
+/** Our own image just sent from this page: preview it from the local bytes (the daemon keeps
+ * no copy of a file sent from the page, only its thumbnail). */
+export function rememberPreview(m, file) {
+  if (!m.file || !m.file.preview || !PREVIEW_TYPES.has(m.file.mime) || previews.has(m.id)) return;
+  previews.set(m.id, { kind: "full", url: URL.createObjectURL(new Blob([file], { type: m.file.mime })) });
 }
 
 async function download(m, button) {
@@ -107,7 +118,6 @@ export function renderFile(m) {
     h(
       "div",
       { class: "file-row" },
-      h("span", { class: "file-icon", "aria-hidden": "true", text: "📄" }),
       h("span", { class: "file-name", "data-testid": "file-name", dir: "auto", text: f.name }),
       h("span", { class: "file-size", "data-testid": "file-size", text: formatSize(f.size) }),
       button,
