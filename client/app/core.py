@@ -114,6 +114,7 @@ class AppCore(Actions, Files):
 
     async def start(self, passphrase: str | None = None) -> None:
         """Open the device if it can be (else stay unjoined or locked); start the tasks."""
+        self.clean_uploads()
         try:
             self._open(passphrase, create=False)
         except LocalProtocolError as exc:

@@ -167,6 +167,18 @@ class Files:
         self._publish_chat(address)
         return msg
 
+    def clean_uploads(self) -> int:
+        """Remove the page's temporary copies left by a daemon that stopped mid-upload (the
+        encrypted copy of client/transfers.py is what a resumed upload uses); how many."""
+        folder = os.path.join(self.home, UPLOADS_DIR)
+        removed = 0
+        with contextlib.suppress(OSError):
+            for name in os.listdir(folder):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+        return removed
+
     def _attachment(self, msg_id: bytes) -> Attachment:
         att = self.require().state.attachment(msg_id)
         if att is None:

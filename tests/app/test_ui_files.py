@@ -286,3 +286,22 @@ def test_a_file_gone_from_the_nodes_says_why_it_is_unavailable(world: World) -> 
     status, obj = world.bob_d.api("POST", f"/api/messages/{got['id']}/download", {}, expect=None)
     assert status == 404 and obj["error"] == "not_found"
     assert not (world.bob_saves / "photo.png").exists()
+
+
+def test_a_stale_upload_copy_is_removed_at_start(tmp_path: Path) -> None:
+    """A daemon killed mid-upload leaves the page's temporary copy; the next start removes it."""
+    from client.app.core import AppCore
+
+    folder = tmp_path / "dev" / "app-uploads"
+    folder.mkdir(parents=True)
+    (folder / "up-stale").write_bytes(b"plaintext of an interrupted upload")
+
+    async def start_and_close() -> AppCore:
+        core = AppCore(str(tmp_path / "dev"), save_dir=str(tmp_path / "saves"))
+        await core.start()  # an empty home: no device yet, but the leftovers go
+        await core.close()
+        return core
+
+    core = asyncio.run(start_and_close())
+    assert list(folder.iterdir()) == []
+    assert core.save_dir == str(tmp_path / "saves")
