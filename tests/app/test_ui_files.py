@@ -302,6 +302,12 @@ def test_a_stale_upload_copy_is_removed_at_start(tmp_path: Path) -> None:
         await core.close()
         return core
 
-    core = asyncio.run(start_and_close())
+    # in a thread of its own: the module's Playwright (sync API) owns this thread's loop
+    cores: list[AppCore] = []
+    t = threading.Thread(target=lambda: cores.append(asyncio.run(start_and_close())))
+    t.start()
+    t.join(60)
+    assert len(cores) == 1
+    core = cores[0]
     assert list(folder.iterdir()) == []
     assert core.save_dir == str(tmp_path / "saves")
