@@ -84,6 +84,7 @@ class AppCore(Actions, Files):
         self.save_dir = os.path.abspath(os.path.expanduser(save_dir or default_save_dir()))
         self.auto_download_bytes = int(auto_download_mb * 1_000_000)
         self._downloads: dict[bytes, asyncio.Task[None]] = {}
+        self._file_locks: dict[bytes, asyncio.Lock] = {}
         self.clock = clock or SystemClock()
         self.device: Device | None = None
         self.locked = False
@@ -266,6 +267,7 @@ class AppCore(Actions, Files):
             "settings": settings,
             "protection": protection,
             "version": self.version,
+            "auto_download": self.auto_download_bytes,
         }
 
     # ---- the link ------------------------------------------------------------------------------
@@ -425,12 +427,13 @@ class AppCore(Actions, Files):
         dev = self.require()
         chats: set[str] = set()
         for m in new:
-            if m.kind in ("text", "file"):  # a file's row: its caption and its file
+            if m.kind in (
+                "text",
+                "file",
+            ):  # a file's row: its caption and its file (the page asks for small ones at once)
                 row = dev.state.message(m.msg_id)
                 if row is not None:
                     self._publish(event("message", message=self._message(row)))
-                    if m.kind == "file":
-                        self.auto_download(m.msg_id)
                 chats.add(m.peer)
             elif m.kind in ("delivered", "read"):
                 self._publish_changed(m.peer)

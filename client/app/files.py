@@ -3,9 +3,10 @@ daemon's save folder, progress events, and what the page may show of a file.
 
 :class:`Files` is a base of :class:`client.app.core.AppCore` (like
 :class:`client.app.actions.Actions`). The daemon owns the save folder (``--save-dir``, default
-``~/Downloads/Haven``); received files up to the auto-download size (``--auto-download`` MB,
-default 25) are fetched as they arrive, larger ones when the page asks. Uploads and downloads
-publish ``progress`` events (at most one per percent).
+``~/Downloads/Haven``). The page asks for received files up to the auto-download size
+(``--auto-download`` MB, default 25; ``State.auto_download``) as soon as it shows them, and for
+larger ones on its download button; without a page, ``haven recv`` decides as before.
+Uploads and downloads publish ``progress`` events (at most one per percent).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class Files:
     save_dir: str
     auto_download_bytes: int
     _downloads: dict[bytes, asyncio.Task[None]]
+    _file_locks: dict[bytes, asyncio.Lock]
 
     # provided by AppCore / Actions
     def require(self) -> Device:
@@ -97,6 +99,18 @@ class Files:
     async def conn(self) -> NodeConnection:
         """Provided by AppCore."""
         raise NotImplementedError
+
+    @contextlib.asynccontextmanager
+    async def file_lock(self, msg_id: bytes) -> AsyncIterator[None]:
+        """One download of a message's file at a time (the page's, auto-download, and
+        ``haven recv``/``download`` through the daemon share its partial file)."""
+        lock = self._file_locks.setdefault(msg_id, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and self._file_locks.get(msg_id) is lock:
+                del self._file_locks[msg_id]
 
     def _progress(self, **ids: str) -> transfers.Progress:
         """A progress callback publishing ``progress`` events, at most one per percent."""
@@ -204,10 +218,11 @@ class Files:
     async def _download(self, msg_id: bytes) -> None:
         dev = self.require()
         try:
-            conn = await self.conn()  # the daemon's link (never a second connection)
-            await transfers.download(
-                dev, msg_id, self.save_dir, progress=self._progress(id=msg_id.hex()), conn=conn
-            )
+            async with self.file_lock(msg_id):
+                conn = await self.conn()  # the daemon's link (never a second connection)
+                await transfers.download(
+                    dev, msg_id, self.save_dir, progress=self._progress(id=msg_id.hex()), conn=conn
+                )
         except HavenError as exc:
             log.info("a file was not downloaded (%s)", exc.code)
         finally:
@@ -215,14 +230,6 @@ class Files:
             msg = self._message_of(msg_id)
             if msg is not None:
                 self._publish(event("update", message=msg))
-
-    def auto_download(self, msg_id: bytes) -> None:
-        """A file just arrived: fetch it in the background if it is small enough."""
-        att = self.require().state.attachment(msg_id)
-        if att is None or att.state != "pending" or att.ref.size > self.auto_download_bytes:
-            return
-        if msg_id not in self._downloads:
-            self._downloads[msg_id] = asyncio.ensure_future(self._download(msg_id))
 
     def file_path(self, msg_id: bytes) -> tuple[str, Attachment]:
         """The local copy of a message's file (downloaded, or ours as sent)."""

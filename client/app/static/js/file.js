@@ -12,6 +12,8 @@ import { showError } from "./util.js";
 const PREVIEW_TYPES = new Set(["image/png", "image/jpeg", "image/gif", "image/webp"]);
 // message id → {kind: "thumb"|"full", url}: a re-rendered message keeps its preview
 const previews = new Map();
+// message ids this page asked the daemon to download on its own (auto-download)
+const asked = new Set();
 // message id → {done, total} while a download runs (from `progress` events)
 export const transfers = new Map();
 
@@ -92,9 +94,20 @@ async function save(m) {
   }
 }
 
+/** A received file up to the auto-download size (State.auto_download) that is not here
+ * yet: ask the daemon for it once, as soon as it is shown. */
+function autoDownload(m) {
+  const f = m.file;
+  const limit = store.state?.auto_download ?? 0;
+  if (m.outgoing || f.downloaded || f.state !== "pending" || f.error || f.size > limit || asked.has(m.id)) return;
+  asked.add(m.id);
+  store.api.post(`/api/messages/${m.id}/download`).catch(() => {}); // its `update` event shows how it went
+}
+
 /** The content of a `file` message. */
 export function renderFile(m) {
   const f = m.file;
+  autoDownload(m);
   const canPreview = f.preview && PREVIEW_TYPES.has(f.mime) && (f.thumb || f.downloaded);
   let img = null;
   if (canPreview) {
