@@ -10,6 +10,8 @@ system's headless chromium) and writes small PNGs to ``docs/img/`` (900x600, and
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -30,14 +32,31 @@ def shot(ui: UiPage, out: Path, name: str) -> Path:
     path = out / f"{name}.png"
     ui.page.screenshot(path=str(path), type="png")
     size = path.stat().st_size
-    print(f"{path.relative_to(ROOT)}: {size} bytes", file=sys.stderr)
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    print(f"{shown}: {size} bytes", file=sys.stderr)
     if size > LIMIT:
         raise SystemExit(f"{path} is {size} bytes (> {LIMIT})")
     return path
 
 
-def conversation(alice: UiPage, bob: UiPage, alice_addr: str, bob_addr: str) -> None:
-    """A short exchange in both languages, with a timer and a verified contact."""
+def picture(path: Path) -> Path:
+    """A small flat drawing (a sun over hills) that stays small in a PNG screenshot."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (200, 120), (187, 222, 251))
+    d = ImageDraw.Draw(img)
+    d.ellipse((135, 14, 175, 54), fill=(255, 202, 40))
+    d.polygon([(0, 120), (0, 76), (58, 48), (125, 88), (200, 64), (200, 120)], fill=(102, 187, 106))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def conversation(
+    alice: UiPage, bob: UiPage, alice_addr: str, bob_addr: str, tmp: Path | None = None
+) -> None:
+    """A short exchange in both languages, with a timer, a verified contact and a photo."""
     alice.start_chat(bob_addr)
     alice.type_and_send("Hi Minsu! Did you get home all right?")
     bob.wait_badge(alice_addr, "1")
@@ -47,6 +66,17 @@ def conversation(alice: UiPage, bob: UiPage, alice_addr: str, bob_addr: str) -> 
     alice.type_and_send("Great. Lunch on Friday?")
     bob.wait_js("() => document.querySelectorAll('[data-testid=message]').length === 3")
     bob.type_and_send("좋아요, 금요일 12시에 만나요.")
+    if tmp is not None:  # a photo from alice: a preview on both sides
+        alice.wait_js("() => document.querySelectorAll('[data-testid=message]').length === 4")
+        alice.page.set_input_files("[data-testid=attach-input]", str(picture(tmp / "hills.png")))
+        for ui in (alice, bob):
+            ui.wait_js(
+                "() => { const i = document.querySelector('[data-testid=file-preview]');"
+                " return i && i.complete && i.naturalWidth > 0; }"
+            )
+        bob.wait_js(
+            "() => document.querySelector('[data-testid=file]')?.dataset.downloaded === 'yes'"
+        )
     alice.wait_js(
         "() => [...document.querySelectorAll('[data-testid=message].out')]"
         ".every(e => e.dataset.status === 'read')"
@@ -63,8 +93,16 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="haven-shots-") as tmp:
+        # the daemons save received files under ~/Downloads/Haven: keep that in the temp dir
+        os.environ["HOME"] = tmp
+        return shoot(Path(tmp), out)
+
+
+def shoot(tmp_path: Path, out: Path) -> int:
+    """Every screenshot, with the nodes and daemons under ``tmp_path``."""
+    tmp = str(tmp_path)
     with (
-        tempfile.TemporaryDirectory(prefix="haven-shots-") as tmp,
         two_people(Path(tmp), "Alice", "김민수") as w,
         sync_playwright() as p,
     ):
@@ -73,7 +111,7 @@ def main() -> int:
         bob = open_ui(browser, w.bob.url, locale="ko-KR", width=W, height=H)
         alice.wait_connection("online")
         bob.wait_connection("online")
-        conversation(alice, bob, w.alice_addr, w.bob_addr)
+        conversation(alice, bob, w.alice_addr, w.bob_addr, Path(tmp))
         for ui, lang in ((alice, "en"), (bob, "ko")):
             ui.page.focus("[data-testid=composer]")
             shot(ui, out, f"chat-{lang}")

@@ -34,6 +34,7 @@ from federation.errors import (
 from federation.ids import Address
 
 from .events import Obj, chat_obj, contact_obj, event, message_obj
+from .files import with_file
 
 log = logging.getLogger("haven.app")
 
@@ -88,9 +89,14 @@ class Actions:
     # ---- reading -------------------------------------------------------------------------------
 
     def _message(self, row: HistoryRow) -> Obj:
-        msg = message_obj(row, self.clock.now_ms())
+        msg = with_file(message_obj(row, self.clock.now_ms()), self.require().state)
         self._shown[row.msg_id] = (row.status, row.read, row.edited, msg["not_delivered"])
         return msg
+
+    def _message_of(self, msg_id: bytes) -> Obj | None:
+        """The ``Message`` of a stored row, or None."""
+        row = self.require().state.message(msg_id)
+        return None if row is None else self._message(row)
 
     def _contact(self, c: Contact) -> Obj:
         return contact_obj(c, c.address in self._key_changed)
@@ -121,7 +127,7 @@ class Actions:
         return chat_obj(
             address,
             dev.state.contact(address),
-            None if last is None else message_obj(last, self.clock.now_ms()),
+            None if last is None else with_file(message_obj(last, self.clock.now_ms()), dev.state),
             int(unread),
         )
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -40,6 +41,7 @@ from federation.errors import (
 
 from .actions import Actions, clean_name, qr_matrix
 from .events import Obj, event
+from .files import AUTO_DOWNLOAD_MB, Files, default_save_dir
 
 log = logging.getLogger("haven.app")
 
@@ -62,7 +64,7 @@ def _version() -> str:
         return "0"
 
 
-class AppCore(Actions):
+class AppCore(Actions, Files):
     """The daemon's device, link and events.
 
     Args:
@@ -70,8 +72,19 @@ class AppCore(Actions):
         clock: injected time (tests); the system clock otherwise.
     """
 
-    def __init__(self, home: str, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        home: str,
+        clock: Clock | None = None,
+        *,
+        save_dir: str | None = None,
+        auto_download_mb: float = AUTO_DOWNLOAD_MB,
+    ) -> None:
         self.home = home
+        self.save_dir = os.path.abspath(os.path.expanduser(save_dir or default_save_dir()))
+        self.auto_download_bytes = int(auto_download_mb * 1_000_000)
+        self._downloads: dict[bytes, asyncio.Task[None]] = {}
+        self._file_locks: dict[bytes, asyncio.Lock] = {}
         self.clock = clock or SystemClock()
         self.device: Device | None = None
         self.locked = False
@@ -102,6 +115,7 @@ class AppCore(Actions):
 
     async def start(self, passphrase: str | None = None) -> None:
         """Open the device if it can be (else stay unjoined or locked); start the tasks."""
+        self.clean_uploads()
         try:
             self._open(passphrase, create=False)
         except LocalProtocolError as exc:
@@ -120,6 +134,10 @@ class AppCore(Actions):
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
+        for task in list(self._downloads.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if self.device is not None:
             self.device.close()
             self.device = None
@@ -249,6 +267,7 @@ class AppCore(Actions):
             "settings": settings,
             "protection": protection,
             "version": self.version,
+            "auto_download": self.auto_download_bytes,
         }
 
     # ---- the link ------------------------------------------------------------------------------
@@ -408,7 +427,10 @@ class AppCore(Actions):
         dev = self.require()
         chats: set[str] = set()
         for m in new:
-            if m.kind in ("text", "file"):  # a file's row: its caption (the UI's files: later)
+            if m.kind in (
+                "text",
+                "file",
+            ):  # a file's row: its caption and its file (the page asks for small ones at once)
                 row = dev.state.message(m.msg_id)
                 if row is not None:
                     self._publish(event("message", message=self._message(row)))

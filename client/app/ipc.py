@@ -375,6 +375,12 @@ def _lock(core: Any) -> Any:
     return lock if lock is not None else contextlib.nullcontext()
 
 
+def _file_lock(core: Any, msg_id: bytes) -> Any:
+    """The core's per-file download lock if it has one (its auto-download shares the file)."""
+    lock = getattr(core, "file_lock", None)
+    return lock(msg_id) if lock is not None else contextlib.nullcontext()
+
+
 async def run_request(core: Any, req: dict[str, Any], out: Any) -> int:
     """Run one CLI request inside the daemon; returns the exit status."""
     from client import cli
@@ -576,7 +582,7 @@ async def _files(core: Any, dev: Any, args: argparse.Namespace, out: Any, rows: 
             continue
         if att.ref.size <= limit:
             try:
-                async with _lock(core):
+                async with _lock(core), _file_lock(core, r.msg_id):
                     att = await transfers.download(dev, r.msg_id, cli.save_dir(args))
             except HavenError as exc:
                 out.err(f"warning: {att.ref.name} not downloaded ({exc.code})")

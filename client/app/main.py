@@ -43,6 +43,14 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--url", action="store_true", help="print the URL of the running app and exit")
     p.add_argument("--open", action="store_true", help="open the UI in a browser")
+    p.add_argument("--save-dir", help="where received files are saved (default ~/Downloads/Haven)")
+    p.add_argument(
+        "--auto-download",
+        type=float,
+        default=25.0,
+        metavar="MB",
+        help="received files up to this size are downloaded at once (default 25)",
+    )
 
 
 class UsageError(Exception):
@@ -89,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logging.getLogger("haven.app").setLevel(logging.INFO)
     try:
-        return asyncio.run(_serve(home, host, port, args.open))
+        return asyncio.run(_serve(home, host, port, args.open, args.save_dir, args.auto_download))
     except HavenError as exc:
         print(f"error: {exc} ({exc.code})", file=sys.stderr)
         return 1
@@ -146,7 +154,14 @@ async def _ask_passphrase(core: Any) -> None:
             print(f"error: {exc} ({exc.code}); unlock in the app", file=sys.stderr)
 
 
-async def _serve(home: str, host: str, port: int, open_browser: bool) -> int:
+async def _serve(
+    home: str,
+    host: str,
+    port: int,
+    open_browser: bool,
+    save_dir: str | None = None,
+    auto_download_mb: float = 25.0,
+) -> int:
     from .core import AppCore
     from .web import make_app, set_address
 
@@ -157,7 +172,7 @@ async def _serve(home: str, host: str, port: int, open_browser: bool) -> int:
             file=sys.stderr,
         )
         return 1
-    core = AppCore(home)
+    core = AppCore(home, save_dir=save_dir, auto_download_mb=auto_download_mb)
     await core.start()
     await _ask_passphrase(core)
     secret = secrets.token_urlsafe(32)

@@ -15,9 +15,10 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import WSMsgType, web
 
@@ -25,6 +26,7 @@ from federation.errors import HavenError, RemoteProtocolError, TransportError
 
 from .core import AppCore
 from .events import event
+from .files import FILE_CSP, PREVIEW_MIMES
 
 log = logging.getLogger("haven.app.web")
 
@@ -63,8 +65,11 @@ STATUS = {
     "link_busy": 409,
     "keys_unavailable": 502,
     "rate_limited": 429,
+    "too_large": 413,
+    "not_downloaded": 409,
     "internal": 500,
 }
+FILE_RESPONSE = "haven.file_response"  # request key: this answer is a file (its own CSP)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -74,6 +79,18 @@ def error(code: str, message: str = "", status: int | None = None) -> web.Respon
     return web.json_response(
         {"error": code, "message": message or code.replace("_", " ")},
         status=status or STATUS.get(code, 400),
+    )
+
+
+def disposition(name: str) -> str:
+    """``Content-Disposition: attachment`` with the (already sanitised) name: an ASCII
+    fallback (letters, digits and ``._- ()`` only) and the UTF-8 form (RFC 6266 / 8187), so
+    no name can inject a header or a parameter."""
+    ascii_name = "".join(
+        ch if ch.isascii() and (ch.isalnum() or ch in "._- ()") else "_" for ch in name
+    )
+    return (
+        f"attachment; filename=\"{ascii_name or 'file'}\"; filename*=UTF-8''{quote(name, safe='')}"
     )
 
 
@@ -91,7 +108,11 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
     h = response.headers
     hosts = request.app[HOSTS]
     host = request.headers.get("Host", "")
-    h["Content-Security-Policy"] = csp(host if host in hosts else sorted(hosts)[0])
+    if request.get(FILE_RESPONSE):  # a file's bytes: never a document of this origin
+        h["Content-Security-Policy"] = FILE_CSP
+        h.setdefault("Content-Disposition", "attachment")
+    else:
+        h["Content-Security-Policy"] = csp(host if host in hosts else sorted(hosts)[0])
     h["X-Content-Type-Options"] = "nosniff"
     h["Referrer-Policy"] = "no-referrer"
     h["Cross-Origin-Opener-Policy"] = "same-origin"
@@ -217,6 +238,10 @@ class Api:
             web.get("/api/devices", self.devices),
             web.post("/api/devices/link", self.link),
             web.delete("/api/devices/{id}", self.remove_device),
+            web.post(c + "/files", self.send_file),
+            web.post("/api/messages/{id}/download", self.download),
+            web.get("/api/messages/{id}/file", self.file),
+            web.get("/api/messages/{id}/thumb", self.thumb),
             web.put("/api/settings", self.settings),
             web.post("/api/passphrase", self.passphrase),
         ]
@@ -264,6 +289,48 @@ class Api:
 
     async def readers(self, r: web.Request) -> web.Response:
         return _ok({"devices": self.core.readers(self.core.message_id(r.match_info["id"]))})
+
+    async def send_file(self, r: web.Request) -> web.Response:
+        """The raw body is the file; ``?name=`` its name, ``?text=`` a caption, the
+        ``Content-Type`` its type, ``?upload=`` the page's handle in ``progress`` events."""
+        q = r.query
+
+        async def body() -> AsyncIterator[bytes]:
+            async for data in r.content.iter_chunked(1 << 20):
+                yield data
+
+        msg = await self.core.send_file(
+            r.match_info["address"],
+            q.get("name", ""),
+            r.headers.get("Content-Type", ""),
+            q.get("text", ""),
+            body(),
+            q.get("upload", ""),
+        )
+        return _ok(msg)
+
+    async def download(self, r: web.Request) -> web.Response:
+        return _ok(await self.core.download(self.core.message_id(r.match_info["id"])))
+
+    async def file(self, r: web.Request) -> web.StreamResponse:
+        """A file's bytes: always ``attachment``, ``nosniff``, a sandboxing CSP (set on every
+        file answer by :func:`_security_headers`); a type the page may preview keeps its
+        image type, anything else (HTML, SVG, …) is ``application/octet-stream``."""
+        r[FILE_RESPONSE] = True
+        path, att = self.core.file_path(self.core.message_id(r.match_info["id"]))
+        mime = att.ref.mime if att.ref.mime in PREVIEW_MIMES else "application/octet-stream"
+        headers = {"Content-Type": mime, "Content-Disposition": disposition(att.ref.name)}
+        return web.FileResponse(path, headers=headers)
+
+    async def thumb(self, r: web.Request) -> web.Response:
+        """An image's thumbnail (made by the sender, inside the E2E payload): a JPEG."""
+        r[FILE_RESPONSE] = True
+        data = self.core.thumb(self.core.message_id(r.match_info["id"]))
+        return web.Response(
+            body=data,
+            content_type="image/jpeg",
+            headers={"Content-Disposition": disposition("thumbnail.jpg")},
+        )
 
     async def contacts(self, r: web.Request) -> web.Response:
         return _ok(self.core.contacts())

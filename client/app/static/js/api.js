@@ -60,6 +60,51 @@ export class Api {
     return data;
   }
 
+  /** Upload `file` (a File or Blob) as the raw body of a POST; resolves to the JSON answer. */
+  async upload(path, file) {
+    const init = {
+      method: "POST",
+      headers: { "X-Haven-Key": this.key, "Content-Type": file.type || "application/octet-stream" },
+      body: file,
+      cache: "no-store",
+    };
+    let res;
+    try {
+      res = await fetch(path, init);
+    } catch {
+      throw new ApiError("app_unreachable", 0);
+    }
+    let data = null;
+    try {
+      data = await res.json();
+    } catch {
+      data = null;
+    }
+    if (!res.ok) throw new ApiError(data && typeof data.error === "string" ? data.error : "internal", res.status);
+    return data;
+  }
+
+  /** GET `path` as bytes; resolves to a Blob (typed `type`, whatever the answer said). */
+  async blob(path, type = "application/octet-stream") {
+    let res;
+    try {
+      res = await fetch(path, { headers: { "X-Haven-Key": this.key }, cache: "no-store" });
+    } catch {
+      throw new ApiError("app_unreachable", 0);
+    }
+    if (!res.ok) {
+      let code = "internal";
+      try {
+        const data = await res.json();
+        if (data && typeof data.error === "string") code = data.error;
+      } catch {
+        /* not JSON */
+      }
+      throw new ApiError(code, res.status);
+    }
+    return new Blob([await res.arrayBuffer()], { type });
+  }
+
   get(path) {
     return this.call("GET", path);
   }

@@ -13,7 +13,7 @@ export const chatRenderers = {
 function preview(chat) {
   const last = chat.last;
   if (!last) return t("chats.no_messages");
-  const text = last.text || "";
+  const text = last.kind === "file" && last.file ? t("chats.file", { name: last.text || last.file.name }) : last.text || "";
   return last.outgoing ? t("chats.you_prefix", { text }) : text;
 }
 

@@ -2,6 +2,7 @@
 import { enc } from "./api.js";
 import { confirmDialog, openDialog } from "./dialog.js";
 import { announce, h, mount } from "./dom.js";
+import { noteProgress, progressBar, rememberPreview } from "./file.js";
 import { dayLabel, t } from "./i18n.js";
 import { renderMessage, TIMER_CHOICES, timerLabel } from "./message.js";
 import { changedSince, emit, go, nameOf, on, putChat, store, upsertMessage } from "./store.js";
@@ -179,13 +180,31 @@ export function conversation(address) {
     maxlength: "4000",
   });
   const send = h("button", { type: "submit", class: "primary", "data-testid": "send", "aria-label": t("composer.send"), text: t("composer.send") });
-  const form = h("form", { class: "composer" }, composer, send);
+  const picker = h("input", { type: "file", multiple: true, class: "visually-hidden", "data-testid": "attach-input", "aria-label": t("file.attach"), tabindex: "-1" });
+  const attach = h("button", { type: "button", class: "attach", "data-testid": "attach", "aria-label": t("file.attach"), title: t("file.attach") });
+  attach.addEventListener("click", () => picker.click());
+  picker.addEventListener("change", () => {
+    const files = [...picker.files];
+    picker.value = "";
+    for (const f of files) sendFile(f);
+  });
+  const uploads = h("div", { class: "uploads", "data-testid": "uploads", "aria-live": "polite" });
+  const form = h("form", { class: "composer" }, attach, picker, composer, send);
   const elements = new Map();
   let lastDay = null;
 
   const scrollDown = () => {
     list.scrollTop = list.scrollHeight;
   };
+  // a preview in the newest message grows it after its bytes arrive: keep the end in view
+  list.addEventListener(
+    "load",
+    (ev) => {
+      const msg = ev.target.closest?.("[data-testid=message]");
+      if (msg && !msg.nextElementSibling) scrollDown();
+    },
+    true,
+  );
   const nearBottom = () => list.scrollHeight - list.scrollTop - list.clientHeight < 80;
 
   function renderAll() {
@@ -269,6 +288,36 @@ export function conversation(address) {
     composer.focus();
   }
 
+  // uploads from this page: handle → {row, bar}, updated by `progress` events
+  const running = new Map();
+  async function sendFile(file) {
+    const handle = Math.random().toString(36).slice(2, 12);
+    const bar = progressBar("upload-progress", 0, file.size || 1, t("file.uploading", { name: file.name }));
+    const row = h("div", { class: "upload", "data-testid": "upload", "data-upload": handle }, h("span", { class: "file-name", dir: "auto", text: file.name }), bar);
+    running.set(handle, { row, bar });
+    uploads.appendChild(row);
+    const caption = composer.value.trim();
+    composer.value = "";
+    const q = new URLSearchParams({ name: file.name || "file", upload: handle });
+    if (caption) q.set("text", caption);
+    try {
+      const m = await store.api.upload(`/api/chats/${enc(address)}/files?${q}`, file);
+      rememberPreview(m, file);
+      if (elements.has(m.id)) replace(m); // shown already (its event came first): use it
+      if (!store.messages.has(address)) store.messages.set(address, new Map());
+      if (!store.messages.get(address).has(m.id)) {
+        store.messages.get(address).set(m.id, m);
+        add(m);
+      }
+    } catch (err) {
+      if (caption && !composer.value) composer.value = caption;
+      showError(err);
+    } finally {
+      running.delete(handle);
+      row.remove();
+    }
+  }
+
   form.addEventListener("submit", submit);
   composer.addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing && ev.keyCode !== 229) {
@@ -304,10 +353,37 @@ export function conversation(address) {
       if (!focusInHead) mount(head, header(address));
     }),
     on("resync", load),
+    on("progress", (ev) => {
+      const up = ev.upload && running.get(ev.upload);
+      if (up) {
+        up.bar.max = Math.max(ev.total, 1);
+        up.bar.value = Math.min(ev.done, ev.total);
+        up.bar.dataset.phase = ev.phase;
+        return;
+      }
+      if (ev.id && noteProgress(ev)) {
+        const m = store.messages.get(address)?.get(ev.id);
+        if (m) replace(m);
+      }
+    }),
     on("contact", showContact),
   ];
 
-  const el = h("section", { class: "conversation", "aria-label": t("conversation.label") }, head, warning, list, form);
+  const el = h("section", { class: "conversation", "aria-label": t("conversation.label") }, head, warning, list, uploads, form);
+  // drag and drop onto the conversation: each dropped file is sent like an attached one
+  el.addEventListener("dragover", (ev) => {
+    if (![...(ev.dataTransfer?.types || [])].includes("Files")) return;
+    ev.preventDefault();
+    el.classList.add("dropping");
+  });
+  el.addEventListener("dragleave", (ev) => {
+    if (!el.contains(ev.relatedTarget)) el.classList.remove("dropping");
+  });
+  el.addEventListener("drop", (ev) => {
+    ev.preventDefault();
+    el.classList.remove("dropping");
+    for (const f of ev.dataTransfer?.files || []) sendFile(f);
+  });
   if (store.messages.has(address)) {
     queueMicrotask(() => {
       renderAll();

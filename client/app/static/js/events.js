@@ -58,6 +58,9 @@ const handlers = {
   link(ev) {
     emit("link", ev);
   },
+  progress(ev) {
+    emit("progress", ev);
+  },
 };
 
 /** Dispatch one event frame from the daemon. */

@@ -1,11 +1,13 @@
 // One message in a conversation. Message kinds are a registry: attachments or group notices
 // later add a renderer here (`messageRenderers[kind]`), nothing else changes.
 import { h } from "./dom.js";
+import { renderFile } from "./file.js";
 import { errorText, formatDateTime, formatDuration, formatTime, t } from "./i18n.js";
 
 /** kind → function(message) returning the element that shows its content. */
 export const messageRenderers = {
   text: (m) => h("p", { class: "msg-text", "data-testid": "message-text", dir: "auto", text: m.text }),
+  file: (m) => (m.file ? renderFile(m) : messageRenderers.text(m)),
 };
 
 const STATUS_KEYS = {
@@ -41,7 +43,7 @@ export function renderMessage(m, actions) {
     "div",
     { class: "msg-tools" },
     h("button", { type: "button", class: "tool", "data-testid": "message-readers", "aria-label": t("message.readers"), title: t("message.readers"), text: "ⓘ", onclick: () => actions.readers(m) }),
-    m.outgoing ? h("button", { type: "button", class: "tool", "data-testid": "message-edit", "aria-label": t("message.edit"), title: t("message.edit"), text: "✎", onclick: () => actions.edit(m) }) : null,
+    m.outgoing && m.kind !== "file" ? h("button", { type: "button", class: "tool", "data-testid": "message-edit", "aria-label": t("message.edit"), title: t("message.edit"), text: "✎", onclick: () => actions.edit(m) }) : null,
     m.outgoing ? h("button", { type: "button", class: "tool", "data-testid": "message-delete", "aria-label": t("message.delete"), title: t("message.delete"), text: "✕", onclick: () => actions.remove(m) }) : null,
   );
   return h(
