@@ -1048,7 +1048,8 @@ async def amain(args: argparse.Namespace, base: Path) -> dict[str, Any]:
 
 OLD_SECTIONS = ("node_only", "one_node", "two_nodes", "device_drain", "ui_latency")
 NEW_SECTIONS = ("per_message", "offline_store", "federated", "connections", "growth", "drain")
-ALL_SECTIONS = (*OLD_SECTIONS[:3], *NEW_SECTIONS, *OLD_SECTIONS[3:])
+FILE_SECTIONS = ("files",)  # attachments (issue 11; bench_sections.files)
+ALL_SECTIONS = (*OLD_SECTIONS[:3], *NEW_SECTIONS, *FILE_SECTIONS, *OLD_SECTIONS[3:])
 DEFAULT_SECTIONS = "node_only,one_node,two_nodes"
 # --quick: every section in seconds (tests/test_bench_smoke.py); explicit flags still win
 QUICK = {
@@ -1056,7 +1057,7 @@ QUICK = {
     "e2e_n": 10, "e2e_warmup": 2, "e2e_paced_seconds": 0.5, "e2e_max_seconds": 5.0,
     "drain_n": 30, "ui_n": 3, "pm_n": 300, "pm_repeats": 1, "pm_warmup": 20,
     "backlog_n": 400, "growth_small": 40, "rotation_wait_s": 0.0, "conn_n": 40,
-    "conn_rate": 200.0, "max_seconds": 20.0,
+    "conn_rate": 200.0, "max_seconds": 20.0, "files_mb": 3.0,
 }  # fmt: skip
 
 
@@ -1159,6 +1160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="print the traceback of an error that ends a node into its log (debugging)",
     )
+    p.add_argument("--files-mb", type=float, default=100.0, help="files: file size (MB)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)  # fmt: skip
     if args.quick:
