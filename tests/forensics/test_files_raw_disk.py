@@ -160,9 +160,6 @@ def examine(w: World, name: str, label: str, plaintext: list[bytes]) -> dict[str
     metas = carve_blob_metas(scan.raw, image_keys(dest))
     blob_dirs = [p for p in allocated_paths(dest) if p.split("/")[1:2] == ["blobs"]]
     hit = windows_found(raw, windows)
-    if os.environ.get("FS_DEBUG"):
-        miss = [(n, raw.find(x)) for n, x in enumerate(windows) if n not in hit and x in raw]
-        print("missed but present:", miss, sum(1 for x in windows if x in raw))
     f = {
         "ct_windows": len(hit),
         "ct_windows_total": len(windows),
@@ -226,7 +223,8 @@ async def test_seized_nodes_keep_nothing_of_a_delivered_file(world: World) -> No
     w.images["C"].plant(os.urandom(1234) + w.chunks[len(w.chunks) // 2])
     planted = examine(w, "C", "planted", plaintext)
     # (a window straddling two extents of the deleted file is not contiguous on the image:
-    # ext4 may split even a 1 MiB file on a small image, so one or two may be missed)
+    # ext4 splits even a 1 MiB file on a small image; measured: 31 of the 32 windows are
+    # contiguous there, and a plain ``in`` search finds no more than the one-pass search)
     assert planted["ct_windows"] >= WINDOWS - 2, "window sampling missed a chunk in free space"
     assert [w.served[i] for i in sorted(w.chunks)] == [w.chunks[i] for i in sorted(w.chunks)]
 
