@@ -776,9 +776,7 @@ async def _files_run(args: argparse.Namespace, base: Path, federated: bool) -> d
             "send_mb_per_s": round(mb / up["wall_s"], 1),
             "send_mb_per_s_net": round(mb / max(1e-3, up["wall_s"] - base_send["wall_s"]), 1),
             "download_mb_per_s": round(mb / down["wall_s"], 1),
-            "download_mb_per_s_net": round(
-                mb / max(1e-3, down["wall_s"] - base_get["wall_s"]), 1
-            ),
+            "download_mb_per_s_net": round(mb / max(1e-3, down["wall_s"] - base_get["wall_s"]), 1),
             "send_wall_s": round(up["wall_s"], 2),
             "download_wall_s": round(down["wall_s"], 2),
             "sender_cpu_s_per_mb": round(up["cpu_s"] / mb, 4),

@@ -693,8 +693,12 @@ def windows_found(raw: bytes, windows: Sequence[bytes], slab: int = 1 << 20) -> 
 def image_keys(image: Path) -> list[bytes]:
     """Every live key slot of every ``blob-epochs.key`` and ``epochs.key`` on the image (the
     blob store's own epoch keys and the message store's): what an examiner tries on metas."""
-    keys = {k for name in (BLOB_EPOCHS, "epochs.key") for data in files_named(image, name)
-            for _, k in parse_epoch_keys(data)}
+    keys = {
+        k
+        for name in (BLOB_EPOCHS, "epochs.key")
+        for data in files_named(image, name)
+        for _, k in parse_epoch_keys(data)
+    }
     return sorted(keys)
 
 
@@ -744,7 +748,9 @@ def carve_blob_metas(raw: bytes, keys: Sequence[bytes]) -> list[CarvedMeta]:
             if _xor(ct, stream) != head:
                 continue
             limit = min(len(raw) - off - 41, 1 << 16)  # a meta is at most ~37 KiB
-            body = _xor(raw[off + 41 : off + 41 + limit], bytes(box.encrypt(bytes(limit), nonce))[40:])
+            body = _xor(
+                raw[off + 41 : off + 41 + limit], bytes(box.encrypt(bytes(limit), nonce))[40:]
+            )
             unpacker = msgpack.Unpacker(raw=True, max_buffer_size=limit)
             unpacker.feed(body)
             try:
@@ -757,9 +763,7 @@ def carve_blob_metas(raw: bytes, keys: Sequence[bytes]) -> list[CarvedMeta]:
                 meta = _META_DEC.decode(pt)
             except (nacl.exceptions.CryptoError, msgspec.MsgspecError):
                 continue
-            found.append(
-                CarvedMeta(off, meta.blob, meta.kind, meta.key, meta.prefix, meta.size)
-            )
+            found.append(CarvedMeta(off, meta.blob, meta.kind, meta.key, meta.prefix, meta.size))
             break
     return found
 
