@@ -645,7 +645,8 @@ BLOB_EPOCHS = "blob-epochs.key"
 
 def sample_windows(data: bytes, n: int, width: int = 64, seed: int = 0) -> list[bytes]:
     """``n`` windows of ``width`` bytes of ``data``: the first, the last and ``n - 2`` spread
-    evenly between them, each shifted by a seeded pseudo-random amount (not block-aligned)."""
+    evenly between them, each shifted by a seeded pseudo-random amount (0..508 bytes), so not
+    aligned in general."""
     if len(data) <= width:
         return [data]
     span = len(data) - width

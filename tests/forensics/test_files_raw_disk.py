@@ -7,7 +7,8 @@ ciphertext chunk the devices put to A (the ground truth: what the nodes received
 raw image copy (the whole image: allocated and unallocated blocks):
 
 - ``ct_windows``: sampled 64-byte windows of the uploaded ciphertext chunks found
-  (:data:`WINDOWS` per chunk: first, last and spread between, at unaligned offsets);
+  (:data:`WINDOWS` per chunk: first, last and spread between, each shifted by a
+  seeded amount, so not block- or 8-aligned in general);
 - ``pt_windows``: sampled 64-byte windows of the file's plaintext found (:data:`PT_WINDOWS`);
 - ``metas_open``: blob metas carved from the image that open under a key found on the image
   (every slot of ``blob-epochs.key`` and ``epochs.key``): each reveals a per-blob key;
@@ -156,7 +157,7 @@ def examine(w: World, name: str, label: str, plaintext: list[bytes]) -> dict[str
     scan = Scan(f"{name}{label}", dest, raw, unallocated(dest), [], 0)
     t1 = time.monotonic()
     chunks = [w.chunks[i] for i in sorted(w.chunks)]
-    windows = [win for c in chunks for win in sample_windows(c, WINDOWS, seed=len(c))]
+    windows = [win for i, c in enumerate(chunks) for win in sample_windows(c, WINDOWS, seed=i)]
     metas = carve_blob_metas(scan.raw, image_keys(dest))
     blob_dirs = [p for p in allocated_paths(dest) if p.split("/")[1:2] == ["blobs"]]
     hit = windows_found(raw, windows)
