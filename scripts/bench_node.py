@@ -1056,7 +1056,14 @@ async def amain(args: argparse.Namespace, base: Path) -> dict[str, Any]:
 OLD_SECTIONS = ("node_only", "one_node", "two_nodes", "device_drain", "ui_latency")
 NEW_SECTIONS = ("per_message", "offline_store", "federated", "connections", "growth", "drain")
 ORG_SECTIONS = ("org",)  # issue 13: scripts/bench_org.py
-ALL_SECTIONS = (*OLD_SECTIONS[:3], *NEW_SECTIONS, *ORG_SECTIONS, *OLD_SECTIONS[3:])
+FILE_SECTIONS = ("files",)  # attachments (issue 11; bench_sections.files)
+ALL_SECTIONS = (
+    *OLD_SECTIONS[:3],
+    *NEW_SECTIONS,
+    *ORG_SECTIONS,
+    *FILE_SECTIONS,
+    *OLD_SECTIONS[3:],
+)
 DEFAULT_SECTIONS = "node_only,one_node,two_nodes"
 # --quick: every section in seconds (tests/test_bench_smoke.py); explicit flags still win
 QUICK = {
@@ -1064,7 +1071,7 @@ QUICK = {
     "e2e_n": 10, "e2e_warmup": 2, "e2e_paced_seconds": 0.5, "e2e_max_seconds": 5.0,
     "drain_n": 30, "ui_n": 3, "pm_n": 300, "pm_repeats": 1, "pm_warmup": 20,
     "backlog_n": 400, "growth_small": 40, "rotation_wait_s": 0.0, "conn_n": 40,
-    "conn_rate": 200.0, "max_seconds": 20.0,
+    "conn_rate": 200.0, "max_seconds": 20.0, "files_mb": 3.0,
 }  # fmt: skip
 
 
@@ -1173,6 +1180,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="postgresql://USER@HOST:PORT/DB of a PostgreSQL server: every node keeps its "
         "store in a fresh database there (dropped at the end) instead of SQLite",
     )
+    p.add_argument("--files-mb", type=float, default=100.0, help="files: file size (MB)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)  # fmt: skip
     if args.quick:

@@ -665,3 +665,164 @@ SECTIONS: dict[str, Callable[[argparse.Namespace, Path], Any]] = {
     "connections": connections,
     "org": org,
 }
+
+
+# ---- files (issue 11): attachments through one node and across two --------------------------
+
+
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _cli(home: Path, *argv: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "client.cli", *argv[:1], "--home", str(home), *argv[1:]]
+
+
+async def _timed_cli(cmd: list[str]) -> dict[str, Any]:
+    """Run a ``haven`` device command; wall seconds, CPU seconds and the process's peak RSS
+    (``VmHWM``, polled until it exits) and its first RSS seen (after the interpreter start)."""
+    import json as _json
+    import os
+    import subprocess
+    import sys
+
+    from bench_node import cpu_seconds
+
+    root = Path(__file__).resolve().parents[1]
+    t = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=root,
+        env=os.environ | {"PYTHONPATH": str(root)},
+    )  # fmt: skip
+    hwm = cpu = 0.0
+    while proc.poll() is None:
+        hwm = max(hwm, _status_kb(proc.pid, "VmHWM"))
+        with contextlib.suppress(OSError):
+            cpu = cpu_seconds(proc.pid)
+        await asyncio.sleep(0.02)  # sampling interval of a measurement, not synchronisation
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[2:4])} exited {proc.returncode}")
+    del sys
+    rows = [_json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {"wall_s": wall, "cpu_s": cpu, "hwm_kb": hwm, "rows": rows}
+
+
+async def _files_run(args: argparse.Namespace, base: Path, federated: bool) -> dict[str, Any]:
+    import hashlib
+    import os
+    import subprocess
+
+    from bench_node import NodeProc, cpu_seconds
+
+    size = int(args.files_mb * 1_000_000)
+    a = NodeProc.create(base, "a").start()
+    b = NodeProc.create(base, "b").start() if federated else a
+    nodes = {"a": a} | ({"b": b} if federated else {})
+    try:
+        root = Path(__file__).resolve().parents[1]
+        env = os.environ | {"PYTHONPATH": str(root)}
+
+        def join(node: NodeProc, name: str) -> tuple[Path, str]:
+            home = base / f"dev-{name}"
+            cmd = _cli(home, "join", node.invite(name))
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, check=True)
+            return home, out.stdout.strip().splitlines()[-1]
+
+        alice, _ = join(a, "alicebf")
+        bob, bob_addr = join(b, "bobbf")
+        src, tiny = base / "big.bin", base / "tiny.bin"
+        h = hashlib.sha256()
+        with open(src, "wb") as f:
+            for i in range(0, size, 1 << 20):
+                block = os.urandom(min(1 << 20, size - i))
+                h.update(block)
+                f.write(block)
+        tiny.write_bytes(os.urandom(1000))
+        save = base / "save"
+
+        async def send(path: Path) -> dict[str, Any]:
+            return await _timed_cli(_cli(alice, "send", bob_addr, "--file", str(path), "--json"))
+
+        async def fetch() -> dict[str, Any]:
+            got = await _timed_cli(
+                _cli(bob, "recv", "--wait", "1", "--json", "--auto-download", "0",
+                     "--save-dir", str(save))
+            )  # fmt: skip
+            (row,) = [r for r in got["rows"] if r.get("kind") == "file"]
+            return await _timed_cli(
+                _cli(bob, "download", row["msg_id"], "--save-dir", str(save), "--json")
+            )
+
+        # baselines: the same commands with a 1 kB file (interpreter, imports, sign-in)
+        base_send = await send(tiny)
+        base_get = await fetch()
+        pids = {n: p.proc.pid for n, p in nodes.items() if p.proc is not None}
+        rss0 = {n: _status_kb(pid, "VmRSS") for n, pid in pids.items()}
+        cpu0 = {n: cpu_seconds(pid) for n, pid in pids.items()}
+        up = await send(src)
+        cpu1 = {n: cpu_seconds(pid) for n, pid in pids.items()}
+        down = await fetch()
+        cpu2 = {n: cpu_seconds(pid) for n, pid in pids.items()}
+        hwm = {n: _status_kb(pid, "VmHWM") for n, pid in pids.items()}
+        path = down["rows"][0]["file"]["path"]
+        with open(path, "rb") as fh:
+            assert hashlib.file_digest(fh, "sha256").digest() == h.digest(), "corrupt file"
+        mb = size / 1e6
+        res: dict[str, Any] = {
+            "file_mb": round(mb, 1),
+            "send_mb_per_s": round(mb / up["wall_s"], 1),
+            "send_mb_per_s_net": round(mb / max(1e-3, up["wall_s"] - base_send["wall_s"]), 1),
+            "download_mb_per_s": round(mb / down["wall_s"], 1),
+            "download_mb_per_s_net": round(mb / max(1e-3, down["wall_s"] - base_get["wall_s"]), 1),
+            "send_wall_s": round(up["wall_s"], 2),
+            "download_wall_s": round(down["wall_s"], 2),
+            "sender_cpu_s_per_mb": round(up["cpu_s"] / mb, 4),
+            "receiver_cpu_s_per_mb": round(down["cpu_s"] / mb, 4),
+            "sender_rss_growth_mb": round((up["hwm_kb"] - base_send["hwm_kb"]) / 1024, 1),
+            "receiver_rss_growth_mb": round((down["hwm_kb"] - base_get["hwm_kb"]) / 1024, 1),
+        }
+        for n in pids:
+            res[f"node_{n}_cpu_s_per_mb_send"] = round((cpu1[n] - cpu0[n]) / mb, 4)
+            res[f"node_{n}_cpu_s_per_mb_download"] = round((cpu2[n] - cpu1[n]) / mb, 4)
+            res[f"node_{n}_rss_growth_mb"] = round((hwm[n] - rss0[n]) / 1024, 1)
+        return res
+    finally:
+        for n in nodes.values():
+            n.stop(timeout=60)
+
+
+async def files(args: argparse.Namespace, base: Path) -> dict[str, Any]:
+    """``files``: a ``--files-mb`` file sent with ``haven send --file`` (encrypt + upload) and
+    fetched with ``haven download`` (fetch + verify + decrypt), each a device process of its
+    own, through one node (``one_node``) and across two (``two_nodes``). MB/s are the file's
+    size over the command's wall time (``_net``: minus the same command's time for a 1 kB file:
+    interpreter start, sign-in); RSS growth of a device is its peak ``VmHWM`` minus that of the
+    same command with the 1 kB file, of a node its ``VmHWM`` after minus its ``VmRSS`` before.
+    The top-level figures are the one-node run's (``msgs_per_s`` there is files per second)."""
+    out: dict[str, Any] = {}
+    for label, fed in (("one_node", False), ("two_nodes", True)):
+        sub = base / f"files-{label}"
+        sub.mkdir()
+        out[label] = await _files_run(args, sub, fed)
+    one = out["one_node"]
+    out |= {
+        "send_mb_per_s": one["send_mb_per_s"],
+        "download_mb_per_s": one["download_mb_per_s"],
+        "node_cpu_s_per_mb": one["node_a_cpu_s_per_mb_send"],
+        "rss_mb": one["node_a_rss_growth_mb"],
+    }
+    return out
+
+
+SECTIONS["files"] = files

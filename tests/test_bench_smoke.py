@@ -31,6 +31,8 @@ KEPT: dict[str, tuple[str, ...]] = {
     "two_nodes": REQUIRED,
     "device_drain": ("msgs_per_s", "node_cpu_us_per_msg", "p50_ms", "p99_ms"),
     "ui_latency": ("p50_ms", "p99_ms"),
+    # attachments: MB/s and node CPU per MB (RSS growth of a 3 MB run may round to 0)
+    "files": ("send_mb_per_s", "download_mb_per_s", "node_cpu_s_per_mb"),
 }
 VARIANTS = {
     "per_message": ("1to1", "50to50"),

@@ -69,11 +69,16 @@ class LoopImage:
     def plant_canary(self, blocks: int = 8) -> bytes:
         """Write a random marker into ``blocks`` blocks, fsync, delete: it is now free space."""
         marker = b"CANARY-" + secrets.token_hex(12).encode()
-        path = self.mnt / f".canary-{secrets.token_hex(4)}"
         data = (marker + b"\n") * (blocks * BLOCK // (len(marker) + 1) + 1)
+        self.plant(data[: blocks * BLOCK])
+        return marker
+
+    def plant(self, data: bytes) -> None:
+        """Write ``data`` to a new file, fsync it, delete it (durably): it is in free space."""
+        path = self.mnt / f".canary-{secrets.token_hex(4)}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, data[: blocks * BLOCK])
+            os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -83,7 +88,6 @@ class LoopImage:
             os.fsync(dfd)  # the unlink is durable: the blocks are unallocated on disk
         finally:
             os.close(dfd)
-        return marker
 
     def snapshot(self, dest: Path) -> Path:
         """Freeze, copy the raw image, thaw (always): a consistent seizure copy."""
@@ -107,6 +111,12 @@ def nonzero_blocks(buf: bytes) -> bytes:
 def unallocated(image: Path) -> bytes:
     """Every unallocated block of the filesystem in ``image`` (``blkls``), concatenated."""
     return run("blkls", str(image))
+
+
+def allocated_paths(image: Path) -> list[str]:
+    """Paths of every allocated file and directory in ``image`` (``fls -r -p -u``)."""
+    lines = run("fls", "-r", "-p", "-u", str(image)).decode(errors="replace").splitlines()
+    return [line.partition("\t")[2] for line in lines if "\t" in line]
 
 
 def files_named(image: Path, name: str) -> list[bytes]:

@@ -657,3 +657,163 @@ def device_figures(
         "records_with_times": timed,
         "texts_without_phrase": len(texts_in(clear_corpus)),
     }
+
+
+# ---- attachments: the blob store (node/blobs.py, docs/protocol.md §10.5) --------------------
+
+BLOB_EPOCHS = "blob-epochs.key"
+
+
+def sample_windows(data: bytes, n: int, width: int = 64, seed: int = 0) -> list[bytes]:
+    """``n`` windows of ``width`` bytes of ``data``: the first, the last and ``n - 2`` spread
+    evenly between them, each shifted by a seeded pseudo-random amount (0..508 bytes), so not
+    aligned in general."""
+    if len(data) <= width:
+        return [data]
+    span = len(data) - width
+    out = [data[:width], data[span:]]
+    step = span / max(1, n - 1)
+    for i in range(1, n - 1):
+        off = min(span, int(i * step) + (seed * 7919 + i * 104729) % 509)
+        out.append(data[off : off + width])
+    return out[:n]
+
+
+def windows_found(raw: bytes, windows: Sequence[bytes], slab: int = 1 << 20) -> set[int]:
+    """Indexes of the ``windows`` (each at least 16 bytes) that occur anywhere in ``raw``, in one
+    pass whatever their number: an occurrence at offset ``q`` has the 8 bytes at the next
+    8-aligned offset ``q + j`` (``j = -q mod 8``) inside it, so every window's 8 possible
+    8-byte anchors are looked up in the set of 8-aligned words of each slab of ``raw`` (a C
+    set intersection), and each anchor hit is then compared in full. Anchors of all zero
+    bytes are skipped (a window of random bytes has none)."""
+    anchors: dict[bytes, list[tuple[int, int]]] = defaultdict(list)
+    for n, win in enumerate(windows):
+        for j in range(8):
+            a = win[j : j + 8]
+            if any(a):
+                anchors[a].append((n, j))
+    want = {int.from_bytes(a, sys.byteorder) for a in anchors}
+    found: set[int] = set()
+    usable = len(raw) - len(raw) % 8
+    view = memoryview(raw)[:usable]
+    for base in range(0, usable, slab):
+        words = view[base : base + slab].cast("Q")
+        hits = want.intersection(words)
+        for h in hits:
+            a = h.to_bytes(8, sys.byteorder)
+            pos = raw.find(a, base, base + slab + 8)
+            while pos >= 0:
+                if pos % 8 == 0:
+                    for n, j in anchors[a]:
+                        start = pos - j
+                        if start >= 0 and raw[start : start + len(windows[n])] == windows[n]:
+                            found.add(n)
+                pos = raw.find(a, pos + 1, base + slab + 8)
+    return found
+
+
+def image_keys(image: Path) -> list[bytes]:
+    """Every live key slot of every ``blob-epochs.key`` and ``epochs.key`` on the image (the
+    blob store's own epoch keys and the message store's): what an examiner tries on metas."""
+    keys = {
+        k
+        for name in (BLOB_EPOCHS, "epochs.key")
+        for data in files_named(image, name)
+        for _, k in parse_epoch_keys(data)
+    }
+    return sorted(keys)
+
+
+@dataclass(frozen=True)
+class CarvedMeta:
+    """A blob meta the examiner opened: where, and the per-blob key it reveals."""
+
+    offset: int
+    blob: bytes
+    kind: str
+    key: bytes
+    prefix: bytes
+    size: int
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    n = min(len(a), len(b))
+    return (int.from_bytes(a[:n]) ^ int.from_bytes(b[:n])).to_bytes(n)
+
+
+def carve_blob_metas(raw: bytes, keys: Sequence[bytes]) -> list[CarvedMeta]:
+    """Every sealed blob meta on ``raw`` that opens under one of ``keys``.
+
+    A meta file is ``kid (1 byte) || SecretBox(meta)`` (XSalsa20-Poly1305: 24-byte nonce,
+    16-byte tag, ciphertext) and, as every file's data on ext4, starts a block: live metas,
+    replaced ones (``meta.new`` renamed over) and deleted ones in free blocks alike. For each
+    block whose first byte could be a kid, the examiner decrypts the head under each key (the
+    keystream is SecretBox's own encryption of zeros under that nonce) and looks for the
+    msgpack head every meta starts with; a hit is decoded to its end (``msgpack``) and then
+    authenticated in full, so only a real meta counts."""
+    import msgpack
+    import msgspec
+
+    from node.blobs import _META_DEC, _META_ENC, _Meta
+
+    head = _META_ENC.encode(_Meta(bytes(16), "", "", b"", b"", 0, (), (), (), 0))[:8]
+    boxes = [nacl.secret.SecretBox(k) for k in keys]
+    zeros = bytes(len(head))
+    found = []
+    for off in range(0, len(raw) - BLOCK + 1, BLOCK):
+        if raw[off] >= 4 or not any(raw[off + 1 : off + 25]):  # kid < SLOTS; a nonce
+            continue
+        nonce = raw[off + 1 : off + 25]
+        ct = raw[off + 41 : off + 41 + len(head)]
+        for box in boxes:
+            stream = bytes(box.encrypt(zeros, nonce))[40:]
+            if _xor(ct, stream) != head:
+                continue
+            limit = min(len(raw) - off - 41, 1 << 16)  # a meta is at most ~37 KiB
+            body = _xor(
+                raw[off + 41 : off + 41 + limit], bytes(box.encrypt(bytes(limit), nonce))[40:]
+            )
+            unpacker = msgpack.Unpacker(raw=True, max_buffer_size=limit)
+            unpacker.feed(body)
+            try:
+                unpacker.unpack()
+            except (ValueError, msgpack.OutOfData, msgpack.ExtraData):
+                continue
+            n = unpacker.tell()
+            try:
+                pt = bytes(box.decrypt(raw[off + 1 : off + 41 + n]))
+                meta = _META_DEC.decode(pt)
+            except (nacl.exceptions.CryptoError, msgspec.MsgspecError):
+                continue
+            found.append(CarvedMeta(off, meta.blob, meta.kind, meta.key, meta.prefix, meta.size))
+            break
+    return found
+
+
+def node_chunks_decryptable(
+    raw: bytes, metas: Iterable[CarvedMeta], chunks: Sequence[bytes]
+) -> int:
+    """Node-side encrypted chunks on ``raw`` that open under a carved per-blob key (each
+    distinct key once: a blob's replaced metas carry the same key).
+
+    ``chunks`` is the ground truth (what the device uploaded: the node's plaintext). The node
+    stores chunk ``i`` as XChaCha20-Poly1305 IETF under the blob's key with nonce prefix ||
+    ``i``: a stream cipher, so encrypting the first 64 bytes of chunk ``i`` gives the first 64
+    bytes of its stored form. Each occurrence found is then authenticated in full."""
+    import nacl.bindings as nb
+
+    n = 0
+    for m in {(m.key, m.prefix): m for m in metas}.values():  # a blob's metas share its key
+        for i, pt in enumerate(chunks):
+            nonce = m.prefix + i.to_bytes(8, "big")
+            want = nb.crypto_aead_xchacha20poly1305_ietf_encrypt(pt[:64], None, nonce, m.key)[:64]
+            pos = raw.find(want)
+            while pos >= 0:
+                slot = raw[pos : pos + len(pt) + 16]
+                try:
+                    nb.crypto_aead_xchacha20poly1305_ietf_decrypt(slot, None, nonce, m.key)
+                    n += 1
+                    break
+                except nacl.exceptions.CryptoError:
+                    pos = raw.find(want, pos + 1)
+    return n
