@@ -14,11 +14,11 @@ from .sealed_rows import (
     hashes,
 )
 from .store import (
-    INVITE_REF_DIGITS,
     DeviceRecord,
     InviteInfo,
     PeerRecord,
     day,
+    invite_infos,
     revoke_prefix,
 )
 
@@ -109,10 +109,7 @@ class PgAccounts(PgBase):
             "ORDER BY expires, name",
             now,
         )
-        return [
-            InviteInfo(bytes(h).hex()[:INVITE_REF_DIGITS], str(n), str(k), int(e), int(u))
-            for h, n, k, e, u in rows
-        ]
+        return invite_infos(rows)
 
     async def revoke_invite(self, ref: str) -> int:
         prefix = revoke_prefix(ref)

@@ -74,7 +74,14 @@ from .sealed_rows import (
     record,
     unrecord,
 )
-from .store import AccountInfo, PeerRecord, WriteBatch, day
+from .store import (
+    ACCOUNTS_SQL,
+    AccountInfo,
+    PeerRecord,
+    WriteBatch,
+    account_infos,
+    day,
+)
 
 log = logging.getLogger("haven.store")
 
@@ -445,20 +452,10 @@ class PgStore(PagedReads, PgAccounts):
         return out
 
     async def list_accounts(self) -> list[AccountInfo]:
-        rows = await self._all(
-            "SELECT a.name, a.created, a.disabled, a.quota, "
-            "(SELECT count(*) FROM devices d WHERE d.account = a.name) "
-            "FROM accounts a ORDER BY a.name"
-        )
-        pending: dict[str, int] = {}
+        rows = await self._all(ACCOUNTS_SQL)
         counts = await self.pending_counts()
-        if counts:
-            for mb, account in await self._all("SELECT mailbox, account FROM devices"):
-                pending[account] = pending.get(account, 0) + counts.get(bytes(mb), 0)
-        return [
-            AccountInfo(str(n), int(c), bool(d), int(q), int(dv), pending.get(n, 0))
-            for n, c, d, q, dv in rows
-        ]
+        devices = await self._all("SELECT mailbox, account FROM devices") if counts else []
+        return account_infos(rows, devices, counts)
 
     async def outbox_counts(self) -> dict[str, int]:
         counts = await self._all("SELECT dh, count(*) FROM outbox GROUP BY dh")

@@ -70,13 +70,15 @@ from .sealed_rows import random_words as _random_words
 from .sealed_rows import record as _record
 from .sealed_rows import unrecord as _unrecord
 from .store import (
-    INVITE_REF_DIGITS,
+    ACCOUNTS_SQL,
     AccountInfo,
     DeviceRecord,
     InviteInfo,
     PeerRecord,
     WriteBatch,
+    account_infos,
     day,
+    invite_infos,
     revoke_prefix,
 )
 
@@ -618,22 +620,10 @@ class SqliteStore(PagedReads):
     # ---- operator tools ----------------------------------------------------------------------
 
     async def list_accounts(self) -> list[AccountInfo]:
-        rows = await self._all(
-            "SELECT a.name, a.created, a.disabled, a.quota, "
-            "(SELECT count(*) FROM devices d WHERE d.account = a.name) "
-            "FROM accounts a ORDER BY a.name"
-        )
-        pending: dict[str, int] = {}
+        rows = await self._all(ACCOUNTS_SQL)
         counts = await self.pending_counts()
-        if counts:
-            for mb, account in await self._all("SELECT mailbox, account FROM devices"):
-                n = counts.get(bytes(mb), 0)
-                if n:
-                    pending[str(account)] = pending.get(str(account), 0) + n
-        return [
-            AccountInfo(str(n), int(c), bool(d), int(q), int(dv), pending.get(str(n), 0))
-            for n, c, d, q, dv in rows
-        ]
+        devices = await self._all("SELECT mailbox, account FROM devices") if counts else []
+        return account_infos(rows, devices, counts)
 
     async def account_status(self, name: str) -> str | None:
         row = await self._one("SELECT disabled FROM accounts WHERE name=?", (name,))
@@ -655,10 +645,7 @@ class SqliteStore(PagedReads):
             "ORDER BY expires, name",
             (now,),
         )
-        return [
-            InviteInfo(bytes(h).hex()[:INVITE_REF_DIGITS], str(n), str(k), int(e), int(u))
-            for h, n, k, e, u in rows
-        ]
+        return invite_infos(rows)
 
     async def revoke_invite(self, ref: str) -> int:
         prefix = revoke_prefix(ref)

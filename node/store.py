@@ -13,9 +13,9 @@ every backend.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from federation.clock import Clock
 from federation.wire import Envelope
@@ -79,6 +79,39 @@ def revoke_prefix(ref: str) -> str | None:
     if not MIN_REVOKE_DIGITS <= len(ref) <= 64 or any(c not in "0123456789abcdef" for c in ref):
         return None
     return ref
+
+
+ACCOUNTS_SQL = (  # the same in both backends' SQL dialects
+    "SELECT a.name, a.created, a.disabled, a.quota, "
+    "(SELECT count(*) FROM devices d WHERE d.account = a.name) "
+    "FROM accounts a ORDER BY a.name"
+)
+
+
+def account_infos(
+    rows: Iterable[Sequence[Any]],
+    devices: Iterable[Sequence[Any]],
+    pending: dict[bytes, int],
+) -> list[AccountInfo]:
+    """:class:`AccountInfo` rows from ``ACCOUNTS_SQL``'s rows, ``(mailbox, account)`` device
+    rows and the pending count per mailbox (both backends)."""
+    per_account: dict[str, int] = {}
+    for mb, account in devices:
+        n = pending.get(bytes(mb), 0)
+        if n:
+            per_account[str(account)] = per_account.get(str(account), 0) + n
+    return [
+        AccountInfo(str(n), int(c), bool(d), int(q), int(dv), per_account.get(str(n), 0))
+        for n, c, d, q, dv in rows
+    ]
+
+
+def invite_infos(rows: Iterable[Sequence[Any]]) -> list[InviteInfo]:
+    """:class:`InviteInfo` rows from ``(token_hash, name, kind, expires, uses)`` rows."""
+    return [
+        InviteInfo(bytes(h).hex()[:INVITE_REF_DIGITS], str(n), str(k), int(e), int(u))
+        for h, n, k, e, u in rows
+    ]
 
 
 @dataclass(frozen=True, slots=True)
