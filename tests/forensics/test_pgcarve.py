@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from tests import pgcluster
 
@@ -41,8 +43,29 @@ def _relation_bytes(cluster: pgcluster.Cluster, db: str, rel: str) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(base.parent.glob(base.name + "*")))
 
 
-async def test_carves_inline_toasted_and_wal_copies(pg_cluster: object, pg_dsn: str) -> None:
-    assert isinstance(pg_cluster, pgcluster.Cluster)
+def _wal_in_lsn_order(pg_wal: Path) -> bytes:
+    """Every WAL segment, ordered by the address in its first page header (``xlp_pageaddr``,
+    bytes 8-16), as an examiner would order them: a checkpoint recycles old segments by
+    renaming them to future names, so on a long-running server (``scripts/test`` shares one)
+    name order can put a recycled segment between the two halves of a record."""
+    segments = [p.read_bytes() for p in pg_wal.glob("0*")]
+    return b"".join(sorted(segments, key=lambda seg: int.from_bytes(seg[8:16], "little")))
+
+
+@pytest.fixture(scope="module")
+def own_cluster() -> Iterator[pgcluster.Cluster]:
+    """A server of this test's own: what its WAL holds then depends only on this test, not on
+    the checkpoints and segment switches the run's shared server has been through."""
+    cluster = pgcluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def test_carves_inline_toasted_and_wal_copies(own_cluster: pgcluster.Cluster) -> None:
+    pg_cluster = own_cluster
+    pg_dsn = pgcluster.fresh_database(pg_cluster)
     toasted = [4352, 16640, 65792, 2 * 65536]  # buckets 4096+256, 16384+256, 65536+256; a step
     rows = await _fill(pg_dsn, 40, toasted)
     db = pg_dsn.rsplit("/", 1)[1]
@@ -51,7 +74,7 @@ async def test_carves_inline_toasted_and_wal_copies(pg_cluster: object, pg_dsn: 
         "SELECT reltoastrelid::regclass FROM pg_class WHERE relname = 't'", db
     )
     toast = _relation_bytes(pg_cluster, db, toast_rel)
-    wal = b"".join(p.read_bytes() for p in sorted((Path(pg_cluster.data) / "pg_wal").glob("0*")))
+    wal = _wal_in_lsn_order(Path(pg_cluster.data) / "pg_wal")
 
     big = sealed_sizes(4 * 65536)  # beyond the buckets too (multiples of ROW_STEP)
     found = {r.values[-1]: r for r in carve_pg(heap + toast, [LAYOUT], big)}
