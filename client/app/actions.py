@@ -16,8 +16,8 @@ from dataclasses import replace
 from typing import Any
 
 from client import linking, prefix
-from client.connection import NodeConnection, expect
-from client.device import DEFAULT_TTL_MS, Device
+from client.connection import expect
+from client.device import DEFAULT_TTL_MS
 from client.payload import Payload
 from client.safety import safety_number
 from client.state import Contact, HistoryRow, OutboxItem
@@ -34,7 +34,7 @@ from federation.errors import (
 from federation.ids import Address
 
 from .events import Obj, chat_obj, contact_obj, event, message_obj
-from .files import with_file
+from .files import CoreParts, with_file
 
 log = logging.getLogger("haven.app")
 
@@ -51,7 +51,7 @@ def clean_name(text: Any, what: str) -> str:
     return clean
 
 
-class Actions:
+class Actions(CoreParts):
     """The API's operations (a base of :class:`~client.app.core.AppCore`)."""
 
     clock: Clock
@@ -61,23 +61,9 @@ class Actions:
     _profile_due: bool
     _kick: asyncio.Event
 
-    # provided by AppCore
-    def require(self) -> Device:
-        """The open, joined device (else ``locked`` / ``not_joined``)."""
-        raise NotImplementedError
-
+    # provided by AppCore (besides those of CoreParts)
     def state(self) -> Obj:
         """The ``State`` object."""
-        raise NotImplementedError
-
-    async def conn(self) -> NodeConnection:
-        """The daemon's one connection to the home node."""
-        raise NotImplementedError
-
-    def _publish(self, ev: Obj) -> None:
-        raise NotImplementedError
-
-    def _publish_chat(self, address: str) -> None:
         raise NotImplementedError
 
     def _publish_changed(self, address: str) -> None:

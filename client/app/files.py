@@ -65,7 +65,26 @@ def with_file(msg: Obj, state: DeviceState) -> Obj:
     return msg | {"kind": "file", "file": file_obj(att)}
 
 
-class Files:
+class CoreParts:
+    """What :class:`~client.app.core.AppCore` provides to its operation bases (:class:`Actions`,
+    :class:`Files`): declared once here for the type checker."""
+
+    def require(self) -> Device:
+        """The open, joined device (else ``locked`` / ``not_joined``)."""
+        raise NotImplementedError
+
+    async def conn(self) -> NodeConnection:
+        """The daemon's one connection to the home node."""
+        raise NotImplementedError
+
+    def _publish(self, ev: Obj) -> None:
+        raise NotImplementedError
+
+    def _publish_chat(self, address: str) -> None:
+        raise NotImplementedError
+
+
+class Files(CoreParts):
     """The app's file operations (a base of :class:`~client.app.core.AppCore`)."""
 
     home: str
@@ -75,17 +94,7 @@ class Files:
     _downloads: dict[bytes, asyncio.Task[None]]
     _file_locks: dict[bytes, asyncio.Lock]
 
-    # provided by AppCore / Actions
-    def require(self) -> Device:
-        """The open, joined device."""
-        raise NotImplementedError
-
-    def _publish(self, ev: Obj) -> None:
-        raise NotImplementedError
-
-    def _publish_chat(self, address: str) -> None:
-        raise NotImplementedError
-
+    # provided by AppCore / Actions (besides those of CoreParts)
     def _address(self, address: Any) -> str:
         raise NotImplementedError
 
@@ -94,10 +103,6 @@ class Files:
 
     async def open_chat(self, address: Any) -> Obj:
         """Provided by Actions."""
-        raise NotImplementedError
-
-    async def conn(self) -> NodeConnection:
-        """Provided by AppCore."""
         raise NotImplementedError
 
     @contextlib.asynccontextmanager
