@@ -17,6 +17,7 @@ import msgspec
 
 from .devicelist import MAX_DEVICES, SignedDeviceList
 from .errors import MalformedFrame, TooLarge, UnknownFrame
+from .multi import EPH_LEN, HEADER_LEN, MAX_GBODY, MAX_RECIPIENTS
 from .wire import (
     CHUNK_SIZE,
     MAX_BATCH_ENVELOPES,
@@ -40,6 +41,7 @@ MAX_OTKS_PER_FRAME = 100
 MAX_ACK_IDS = 4096
 MAX_ADDRESS = 300
 RID_LIMIT = 2**53  # rids fit a JavaScript number
+MAX_KEY_QUERY = 1000  # addresses per query_keys_multi (a 1,000-member group in one frame)
 
 Rid = Annotated[int, msgspec.Meta(ge=0, lt=RID_LIMIT)]
 Sig = Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
@@ -75,6 +77,8 @@ class Challenge(Frame, frozen=True, tag="challenge"):
     nonce: Annotated[bytes, msgspec.Meta(max_length=64)]
     v: int
     now: int
+    # optional protocol parts this node serves (as its descriptor's, §4.1), e.g. "multi"
+    features: Annotated[tuple[Short, ...], msgspec.Meta(max_length=64)] = ()
 
 
 class AuthOk(Frame, frozen=True, tag="auth_ok"):
@@ -117,6 +121,24 @@ class Accepted(Frame, frozen=True, tag="accepted"):
 
 class Deliver(Frame, frozen=True, tag="deliver"):
     envs: tuple[Envelope, ...]
+
+
+# One result of a batched key query: (address, node id or "", signed list or None, claimed,
+# code). ``code`` is "" on success, else the stable error for that address alone (§11.4).
+KeyResult = tuple[
+    Annotated[str, msgspec.Meta(max_length=MAX_ADDRESS)],
+    NodeIdText,
+    SignedDeviceList | None,
+    Annotated[dict[KeyId, KeyPair], msgspec.Meta(max_length=MAX_DEVICES)],
+    Code,
+]
+
+
+class KeysMulti(Frame, frozen=True, tag="keys_multi"):
+    """Answer to :class:`QueryKeysMulti`: one result per address asked, in the order asked."""
+
+    rid: Rid
+    results: Annotated[tuple[KeyResult, ...], msgspec.Meta(max_length=MAX_KEY_QUERY)]
 
 
 class Error(Frame, frozen=True, tag="error"):
@@ -182,6 +204,49 @@ class QueryKeys(Frame, frozen=True, tag="query_keys"):
     rid: Rid
     address: Annotated[str, msgspec.Meta(max_length=MAX_ADDRESS)]
     claim: bool
+
+
+class QueryKeysMulti(Frame, frozen=True, tag="query_keys_multi"):
+    """Batched key query (§11.4): the home node asks each remote node once for all its names."""
+
+    rid: Rid
+    addresses: Annotated[
+        tuple[Annotated[str, msgspec.Meta(max_length=MAX_ADDRESS)], ...],
+        msgspec.Meta(min_length=1, max_length=MAX_KEY_QUERY),
+    ]
+    claim: bool
+
+
+# One recipient of a multi-recipient submission: (envelope id, mailbox id, header).
+MultiRecipient = tuple[
+    EnvelopeId,
+    MailboxId,
+    Annotated[bytes, msgspec.Meta(min_length=HEADER_LEN, max_length=HEADER_LEN)],
+]
+
+
+class SendMulti(Frame, frozen=True, tag="send_multi"):
+    """One upload for many recipient devices (§11.3): the node composes each recipient's
+    envelope ``[1, id, mailbox, expires, eph || header || body]`` and handles it like a
+    ``send`` item for ``dests[i][0]``. Answered with ``accepted`` (envelope ids)."""
+
+    rid: Rid
+    eph: Annotated[bytes, msgspec.Meta(min_length=EPH_LEN, max_length=EPH_LEN)]
+    expires: Annotated[int, msgspec.Meta(ge=1)]
+    body: Annotated[bytes, msgspec.Meta(min_length=1, max_length=MAX_GBODY)]
+    dests: Annotated[
+        tuple[
+            tuple[
+                NodeIdText,
+                Annotated[
+                    tuple[MultiRecipient, ...],
+                    msgspec.Meta(min_length=1, max_length=MAX_RECIPIENTS),
+                ],
+            ],
+            ...,
+        ],
+        msgspec.Meta(min_length=1, max_length=MAX_RECIPIENTS),
+    ]
 
 
 class Send(Frame, frozen=True, tag="send"):
@@ -279,6 +344,9 @@ _ALL = (
     PublishKeys,
     QueryKeys,
     Send,
+    QueryKeysMulti,
+    KeysMulti,
+    SendMulti,
     Ack,
     BlobNew,
     BlobOk,
@@ -333,6 +401,9 @@ def decode_frame(data: bytes, max_len: int = MAX_FRAME) -> Frame:
         if len(frame.items) > MAX_BATCH_ENVELOPES:
             raise TooLarge("too many envelopes in one send")
         check_envelopes([e for _, e in frame.items])
+    elif isinstance(frame, SendMulti):
+        if sum(len(r) for _, r in frame.dests) > MAX_RECIPIENTS:
+            raise TooLarge(f"more than {MAX_RECIPIENTS} recipients in one send_multi")
     elif isinstance(frame, Deliver):
         check_envelopes(frame.envs)
     return frame
