@@ -500,8 +500,14 @@ class StateBook:
         if not self._valid and (root or state.version == 1):
             return self._add_root(signed, state, identity_key_of)
         if state.version == 1:
-            # A second "creation" of an existing group id: nobody may re-found a group.
-            return AddResult("forged", FORGED, self.current)
+            # A second "creation" of an existing group id: nobody may re-found a group. (A book
+            # that started from a handoff never saw the creation and cannot judge: ignore it.)
+            founded = any(v.state.version == 1 for v in self._valid.values())
+            return (
+                AddResult("forged", FORGED, self.current)
+                if founded
+                else AddResult("old", current=self.current)
+            )
         parent = self._valid.get(state.parent)
         if parent is None:
             return self._keep_pending(signed, state, digest)

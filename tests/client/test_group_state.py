@@ -231,6 +231,7 @@ def test_a_new_member_follows_from_the_handoff_and_sees_the_race() -> None:
         "forged_state"
     )
     assert StateBook(GID).add(v2, lambda a: None, root=True).outcome == "unknown_signer"
+    assert joiner.add(v1, key_of).outcome == "old"  # the creation it never saw: not judged
 
 
 def test_a_book_survives_dump_and_load() -> None:
