@@ -213,9 +213,21 @@ async def test_group_world(world: World) -> None:
         "SELECT count(*) FROM group_inbound WHERE session_id=?", (sid,)
     ).fetchone() == (0,)  # the rotated session's key never reached frank
 
-    # 5. gina joins later: she reads what follows, not what came before
-    await d["alice"].group_add(gid, addr["gina"])
-    await until(w, ["gina"], lambda: d["gina"].group(gid) is not None, "gina's copy")
+    # 5. gina joins later with an invite code: she reads what follows, not what came before
+    code = await d["alice"].group_invite(gid)
+    assert code.startswith("haven:group:")
+    joined = await d["gina"].group_join(code)
+    assert joined == {"group_id": gid.hex(), "name": "hikers", "status": "requested"}
+    await until(w, ["alice", "gina"], lambda: d["gina"].group(gid) is not None, "gina added")
+    g = d["alice"].group(gid)
+    assert g is not None and addr["gina"] in g.members
+    assert await d["carol"].group_join(code) == {  # one use only: a second redemption fails
+        "group_id": gid.hex(),
+        "name": "hikers",
+        "status": "requested",
+    }
+    await d["alice"].receive(wait_s=0.5)
+    assert d["alice"].groups_engine.drops["invalid_group_invite"] == 1
     await d["alice"].group_send(gid, "welcome gina")
     await until(
         w,
