@@ -631,6 +631,10 @@ def _print_new(
                     "chat": r.peer,
                 }
                 out.line(json.dumps(obj))
+            elif r.peer.startswith("group:"):
+                from client.group_cli import recv_line
+
+                out.line(recv_line(dev, r.peer, r.sender, r.text))
             else:
                 out.line(f"{r.sender}: {r.text}")
         seq = rows[-1].seq
