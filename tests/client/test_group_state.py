@@ -220,18 +220,30 @@ def test_a_new_member_follows_from_the_handoff_and_sees_the_race() -> None:
     rival = signed(changed(v2, by="carol@c", at=3, rename="other"))
     admin_book.add(add, key_of)
     chain = admin_book.handoff()
-    assert chain == [v2, add]
-    joiner = StateBook(GID)
-    assert joiner.add(chain[0], key_of, root=True).outcome == "current"
-    assert joiner.add(chain[1], key_of).outcome == "current"
+    assert chain == [add, v2]
     admin_book.add(rival, key_of)
-    joiner.add(rival, key_of)
-    assert joiner.current_signed == admin_book.current_signed
+    for rival_first in (True, False):  # the rival may come before the root's parent, or after
+        joiner = StateBook(GID)
+        assert joiner.add(chain[0], key_of, root=True).outcome == "current"
+        if rival_first:
+            assert joiner.add(rival, key_of).outcome == "pending"
+        parent = joiner.add(chain[1], key_of)
+        assert parent.ok and parent.outcome in ("ancestor", "current")
+        assert v2.open() not in parent.accepted  # not news
+        if not rival_first:
+            joiner.add(rival, key_of)
+        assert joiner.current_signed == admin_book.current_signed
+        assert joiner.superseded() == admin_book.superseded()
     assert StateBook(GID).add(signed(replace(v2.open(), by="dave@a")), key_of, root=True).code == (
         "forged_state"
     )
     assert StateBook(GID).add(v2, lambda a: None, root=True).outcome == "unknown_signer"
-    assert joiner.add(v1, key_of).outcome == "old"  # the creation it never saw: not judged
+    refound = signed(create(GID, "mine", ["bob@b"], "erin@b", at=3))
+    fresh = StateBook(GID)
+    fresh.add(add, key_of, root=True)
+    assert fresh.add(refound, key_of).outcome == "old"  # no creation to judge it against
+    assert joiner.add(v1, key_of).outcome == "ancestor"  # the chain back to the creation
+    assert joiner.add(refound, key_of).code == "forged_state"
 
 
 def test_a_book_survives_dump_and_load() -> None:
