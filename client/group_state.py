@@ -74,7 +74,7 @@ class GroupError(HavenError):
     Codes: ``forged_state``, ``unknown_group``, ``stale_state``, ``too_many_members``,
     ``group_too_large``, ``not_member``, ``not_admin``, ``ambiguous_group``, ``megolm_replay``,
     ``megolm_gap``, ``undecryptable``, ``invalid_group_invite``, ``malformed``, and for local
-    commands ``no_change``, ``last_admin``, ``invalid_name``.
+    commands ``no_change``, ``last_admin``, ``invalid_name``, ``bad_argument``.
     """
 
     code = "group_error"
@@ -265,7 +265,7 @@ def _members(addresses: Iterable[str]) -> tuple[str, ...]:
     out = tuple(sorted(set(addresses)))
     for a in out:
         if not _is_address(a):
-            raise GroupError("not an address: name@host", code=MALFORMED)
+            raise GroupError(f"not an address: {a!r} (expected name@host)", code="bad_argument")
     if len(out) > MAX_MEMBERS:
         raise GroupError(f"a group has at most {MAX_MEMBERS} members", code=TOO_MANY)
     return out

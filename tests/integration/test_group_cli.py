@@ -54,6 +54,12 @@ def test_group_commands_end_to_end(tmp_path: Path, nodes: list[NodeProc]) -> Non
     ref = "group:" + gid
     assert len(gid) == 32 and made["name"] == "team"
     assert made["members"] == sorted([alice, bob, carol])
+    assert haven("group", "list", *al).stdout.split() == [
+        "group:" + gid[:8],
+        "team",
+        "3",
+        "member(s)",
+    ]
     listed = _json("group", "list", *al)
     assert [(g["group_id"], g["name"]) for g in listed] == [(gid, "team")]
     info = _json("group", "info", gid[:8], *al)
@@ -95,6 +101,9 @@ def test_group_commands_end_to_end(tmp_path: Path, nodes: list[NodeProc]) -> Non
 
     # errors a user meets: a non-admin's change, an ambiguous name, a bad invite
     assert _code(haven("group", "add", "team", dave, *bo, "--json", check=False)) == "not_admin"
+    assert _code(haven("group", "add", ref, "nobody", *al, "--json", check=False)) == (
+        "bad_argument"
+    )
     _json("group", "create", "team", *al)  # a second group of that name, alice alone
     assert _code(haven("send", "team", "?", *al, "--json", check=False)) == "ambiguous_group"
     assert _code(haven("group", "info", "nosuch", *al, "--json", check=False)) == "unknown_group"
