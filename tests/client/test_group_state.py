@@ -9,6 +9,8 @@ from dataclasses import replace
 import msgpack
 import nacl.signing
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from client.group_state import (
     MAX_MEMBERS,
@@ -134,6 +136,28 @@ def test_concurrent_admin_changes_converge_in_every_delivery_order() -> None:
     assert ends_two == {winner} and ends_three == {later}
     gone = set(winner.open().members) - set(later.open().members)
     assert gone == {"dave@a"} and later.open().version == 4
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_any_tree_of_changes_converges_on_the_greatest(data: st.DataObject) -> None:
+    v1, v2 = base()
+    states = [v1, v2]
+    for i in range(data.draw(st.integers(1, 6))):
+        parent = data.draw(st.sampled_from(states[1:]))
+        p = parent.open()
+        leavers = sorted(set(p.members) - set(p.admins))
+        if leavers and data.draw(st.booleans()):
+            who = data.draw(st.sampled_from(leavers))
+            states.append(signed(changed(parent, by=who, at=10 + i, leave=who)))
+        else:
+            by = data.draw(st.sampled_from(p.admins))
+            states.append(signed(changed(parent, by=by, at=10 + i, rename=f"n{i}")))
+    books = [book_of(*data.draw(st.permutations(states))) for _ in range(2)]
+    best = max(states, key=lambda s: (s.open().version, PINNED[s.open().by], s.digest))
+    assert books[0].current_signed == books[1].current_signed == best
+    assert books[0].superseded() == books[1].superseded()
+    assert len(books[0].superseded()) == len(states) - best.open().version
 
 
 def test_each_result_says_what_happened() -> None:
