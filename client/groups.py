@@ -184,6 +184,7 @@ class Groups:
     def __init__(self, dev: Device) -> None:
         self.dev = dev
         self.drops: Counter[str] = Counter()  # dropped group input, by stable code
+        self.waited = 0  # copies that had to wait for their session key or group state
         self._after: list[tuple[bytes, str]] = []  # (gid, joiner) to add once a batch is stored
         self._retried: list[ReceivedMessage] = []  # waiting copies a new group's state opened
         self._cache: dict[bytes, _Row] | None = None  # groups loaded during one batch
@@ -831,6 +832,7 @@ class Groups:
 
     def _keep(self, db: Any, inner: GroupInner, sid: str, now: int) -> None:
         """A copy whose session key has not arrived yet: kept sealed, bounded, with a TTL."""
+        self.waited += 1
         db.execute(
             "INSERT INTO group_pending (sender_device, session_id, data, expires) "
             "VALUES (?, ?, ?, ?)",
