@@ -950,8 +950,13 @@ class Groups:
             gid, sid, key = bytes(obj["g"]), str(obj["s"]), str(obj["k"])
         except (HavenError, KeyError, TypeError, ValueError) as exc:
             raise MalformedEnvelope("bad group key") from exc
-        # Kept even before the group's state (or the change adding the sender) arrives: keys,
-        # states and messages travel different paths. Membership is checked per message.
+        # Kept even before the group's state arrives (keys, states and messages travel
+        # different paths); in a group we know, only from a current member. Membership is
+        # checked again per message.
+        row = self._load(gid, db)
+        if row is not None and row.book.current is not None:
+            if sender not in row.book.current.members:
+                raise GroupError("a group key from a non-member", code=gs.NOT_MEMBER)
         inb = Inbound.from_key(key, sender_device=sender_device, gid=gid)
         if inb.session_id != sid:
             raise MalformedEnvelope("the group key does not match its session id")
