@@ -184,6 +184,7 @@ class Groups:
     def __init__(self, dev: Device) -> None:
         self.dev = dev
         self.drops: Counter[str] = Counter()  # dropped group input, by stable code
+        self.waited = 0  # copies that had to wait for their session key or group state
         self._after: list[tuple[bytes, str]] = []  # (gid, joiner) to add once a batch is stored
         self._retried: list[ReceivedMessage] = []  # waiting copies a new group's state opened
         self._cache: dict[bytes, _Row] | None = None  # groups loaded during one batch
@@ -831,6 +832,7 @@ class Groups:
 
     def _keep(self, db: Any, inner: GroupInner, sid: str, now: int) -> None:
         """A copy whose session key has not arrived yet: kept sealed, bounded, with a TTL."""
+        self.waited += 1
         db.execute(
             "INSERT INTO group_pending (sender_device, session_id, data, expires) "
             "VALUES (?, ?, ?, ?)",
@@ -948,8 +950,13 @@ class Groups:
             gid, sid, key = bytes(obj["g"]), str(obj["s"]), str(obj["k"])
         except (HavenError, KeyError, TypeError, ValueError) as exc:
             raise MalformedEnvelope("bad group key") from exc
-        # Kept even before the group's state (or the change adding the sender) arrives: keys,
-        # states and messages travel different paths. Membership is checked per message.
+        # Kept even before the group's state arrives (keys, states and messages travel
+        # different paths); in a group we know, only from a current member. Membership is
+        # checked again per message.
+        row = self._load(gid, db)
+        if row is not None and row.book.current is not None:
+            if sender not in row.book.current.members:
+                raise GroupError("a group key from a non-member", code=gs.NOT_MEMBER)
         inb = Inbound.from_key(key, sender_device=sender_device, gid=gid)
         if inb.session_id != sid:
             raise MalformedEnvelope("the group key does not match its session id")
