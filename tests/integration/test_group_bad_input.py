@@ -27,6 +27,7 @@ import pytest
 
 from client import group_state as gs
 from client.device import Device
+from client.group_state import GroupError
 from client.megolm import Outbound
 from client.payload import Payload
 from federation import frames as F
@@ -233,6 +234,11 @@ async def test_oversized_member_list_signed_by_the_admin(world: World) -> None:
     )  # GroupState.blob() refuses to build it: the admin's device is the malicious one here
     signed = gs.SignedState(blob, alice.identity().sign(gs.STATE_TAG + blob).signature)
     await refused(w, "alice", state_inner(alice, signed), "too_many_members")
+    # an honest device refuses to make one: before anything is signed or sent
+    groups = len(alice.groups())
+    with pytest.raises(GroupError) as err:
+        await alice.group_create("too big", [m for m in many if m != alice.address])
+    assert err.value.code == "too_many_members" and len(alice.groups()) == groups
 
 
 async def test_repeated_index_with_other_content_is_a_replay(world: World) -> None:
