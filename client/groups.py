@@ -704,6 +704,13 @@ class Groups:
         else:
             prev = row.book.current
             res = row.book.add(signed, self._identity_of)
+            if res.outcome == "pending" and not row.active and self.dev.address in st.members:
+                # added back after a removal: the hand-off starts the book over, as for any
+                # newcomer (the changes made while we were out never reached us)
+                fresh = StateBook(st.gid)
+                again = fresh.add(signed, self._identity_of, root=True)
+                if again.ok:
+                    row.book, res, prev = fresh, again, None
         if res.outcome == "pending" and not new_group:
             self._save(db, row)  # kept aside in the book until its parent comes
         if not res.ok or row.book.current is None:
