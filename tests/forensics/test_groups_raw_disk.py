@@ -64,7 +64,7 @@ from .examine import (
 )
 from .workload import ClockNode, linked, new_device, read_epoch_keys
 
-N = 8 if LONG else 2  # messages per member and phase
+N = 8 if LONG else 1  # messages per member and phase
 IMAGE_MB = 128 if LONG else 64
 HOSTED = {"A": ("alicezq", "erinpw"), "B": ("bobxw",), "C": ("carolvk", "davejt")}
 ACCOUNT = {"bobxw2": "bobxw"}  # linked devices (``--long``) -> their account
