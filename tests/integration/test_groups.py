@@ -333,7 +333,20 @@ async def test_group_world(world: World) -> None:
     await until(w, ["alice"], hidden, "erin counted as hidden")
     assert d["alice"].groups_engine.drops["not_member"] == 0
 
-    # 10. both submission paths ran: A used send_multi (and /federation/multi to B); C, the v1
+    # 10. frank is added back: his device starts over from the hand-off and reads what follows
+    await d["alice"].group_add(gid, addr["frank"])
+    await d["alice"].group_send(gid, "welcome back")
+
+    def back() -> bool:
+        g = d["frank"].group(gid)
+        return (
+            g is not None and g.active and "welcome back" in [t for _, t in texts(d["frank"], gid)]
+        )
+
+    await until(w, ["frank"], back, "frank back in the group")
+    assert "after removal" not in [t for _, t in texts(d["frank"], gid)]
+
+    # 11. both submission paths ran: A used send_multi (and /federation/multi to B); C, the v1
     # peer, got per-device envelopes and its devices (whose reads counted above) sent their own
     a, b, c = (n.stats()["events"] for n in w.nodes)
     assert a.get("multi.submissions", 0) > 0 and a.get("multi.requests_out", 0) > 0
