@@ -1,0 +1,190 @@
+"""A group chat in the web UI: two nodes, three ``haven app`` daemons (alice and carol on node
+A, bob on node B), alice's page in headless chromium. alice creates the group in her page
+with bob and carol (typed addresses), sends a message and watches its counter fall 2 → 1 → 0
+as bob's and carol's devices read it (through their daemons' local API: real devices, real
+nodes, real receipts). The members screen marks the admin; a rename and a removal done there
+reach the other members' devices; "who can read this" lists the member devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+from tests.integration.forkcli import create_node, invite
+from tests.integration.harness import NodeProc, wait_until
+
+from .browser import UiPage, catalog, launch, open_ui
+from .daemon import DaemonProc
+
+EN = catalog("en")
+TEXT = "Lunch on Friday? 금요일 점심 어때요?"
+
+
+@dataclass
+class World:
+    alice_d: DaemonProc
+    bob_d: DaemonProc
+    carol_d: DaemonProc
+    alice: UiPage
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp: Path = tmp_path_factory.mktemp("uigroups")
+    procs: list[NodeProc | DaemonProc] = []
+    try:
+        a = create_node(tmp, "A").start()
+        procs.append(a)
+        b = create_node(tmp, "B").start()
+        procs.append(b)
+        people = {}
+        for name, node, shown in (("alice", a, "Alice"), ("bob", b, "Bob"), ("carol", a, "Carol")):
+            d = DaemonProc(tmp / f"dev-{name}").start()
+            procs.append(d)
+            d.join(invite(node, name), shown)
+            people[name] = d
+        with sync_playwright() as p:
+            browser = launch(p)
+            alice = open_ui(browser, people["alice"].url, locale="en-US")
+            alice.wait_connection("online")
+            yield World(people["alice"], people["bob"], people["carol"], alice)
+            browser.close()
+    finally:
+        for proc in reversed(procs):
+            proc.kill()
+
+
+def group_path(ref: str, tail: str = "") -> str:
+    return f"/api/groups/{quote(ref, safe='')}{tail}"
+
+
+def chat_path(ref: str, tail: str) -> str:
+    return f"/api/chats/{quote(ref, safe='')}{tail}"
+
+
+def wait_group_message(d: DaemonProc, ref: str, text: str) -> dict[str, Any]:
+    """Poll a member's daemon until the group and the message with ``text`` are there."""
+
+    def find() -> dict[str, Any] | None:
+        status, msgs = d.api("GET", chat_path(ref, "/messages"), expect=None)
+        if status != 200:
+            return None  # the group is not on this device yet
+        return next((m for m in msgs if m["text"] == text), None)
+
+    found: dict[str, Any] = wait_until(find, 60, f"the group message on {d.home.name}")
+    return found
+
+
+def wait_counter(ui: UiPage, msg_id: str, n: int) -> None:
+    ui.wait_js(
+        """([id, n]) => {
+            const e = document.querySelector(`[data-testid=message][data-id="${id}"]`);
+            if (!e || e.dataset.unread !== String(n)) return false;
+            const c = e.querySelector('[data-testid=unread-count]');
+            return n === 0 ? !c : c?.textContent === String(n); }""",
+        [msg_id, n],
+        60,
+    )
+
+
+def test_group_create_send_counter_members(world: World) -> None:
+    ui, page = world.alice, world.alice.page
+    bob, carol = world.bob_d.address, world.carol_d.address
+
+    # create the group in the page: a name and two typed addresses
+    page.click("[data-testid=group-new]")
+    page.wait_for_selector("[data-testid=group-create-dialog]")
+    page.fill("[data-testid=group-create-name]", "Lunch club")
+    page.fill("[data-testid=group-create-addresses]", f"{bob}, {carol}")
+    page.click("[data-testid=group-create-submit]")
+    page.wait_for_selector("[data-testid=chat-title]:has-text('Lunch club')", timeout=60_000)
+    item = page.locator('[data-testid=chat-item][data-kind="group"]')
+    item.wait_for()
+    ref = str(item.get_attribute("data-address"))
+    assert ref.startswith("group:") and len(ref) == 6 + 32
+    assert item.locator("[data-testid=member-count]").text_content() == " 3"
+    note = page.text_content("[data-testid=group-history-note]")
+    assert note == EN["group.history_note"]
+
+    # send: the counter shows the two members who have not read it
+    ui.type_and_send(TEXT)
+    page.wait_for_selector("[data-testid=message].out")
+    msg_id = str(page.get_attribute("[data-testid=message].out", "data-id"))
+    wait_counter(ui, msg_id, 2)
+
+    # every member sees the counter too (bob's device, before anyone read)
+    seen = wait_group_message(world.bob_d, ref, TEXT)
+    assert seen["id"] == msg_id and seen["sender"] == world.alice_d.address
+    assert seen["unread_by"] == 2
+    wait_group_message(world.carol_d, ref, TEXT)
+
+    # bob reads: 2 → 1, without a reload; the sheet names carol only
+    assert world.bob_d.api("POST", chat_path(ref, "/read"))[1]["count"] == 1
+    wait_counter(ui, msg_id, 1)
+    page.click(f'[data-testid=message][data-id="{msg_id}"] [data-testid=unread-count]')
+    page.wait_for_selector("[data-testid=unread-dialog]")
+    unread = page.eval_on_selector_all(
+        "[data-testid=unread-member]", "els => els.map(e => e.dataset.address)"
+    )
+    assert unread == [carol]
+    page.click("[data-testid=unread-dialog] [data-testid=dialog-cancel]")
+
+    # carol reads: 1 → 0, the counter disappears
+    world.carol_d.api("POST", chat_path(ref, "/read"))
+    wait_counter(ui, msg_id, 0)
+
+    # "who can read this": the member devices (each of the three accounts has one)
+    page.click("[data-testid=group-readers]")
+    page.wait_for_selector("[data-testid=reader]")
+    readers = page.eval_on_selector_all(
+        "[data-testid=reader]", "els => els.map(e => e.querySelector('.reader-addr').textContent)"
+    )
+    assert set(readers) >= {bob, carol}
+    page.click("[data-testid=readers-dialog] [data-testid=dialog-cancel]")
+
+    # the members screen: alice is the admin, the others are not
+    page.click("[data-testid=group-open-members]")
+    page.wait_for_selector("[data-testid=member]")
+    admins = page.eval_on_selector_all(
+        "[data-testid=member]", "els => els.map(e => [e.dataset.address, e.dataset.admin])"
+    )
+    assert dict(admins) == {world.alice_d.address: "yes", bob: "no", carol: "no"}
+
+    # rename: the page and bob's device show the new name
+    page.fill("[data-testid=group-rename-input]", "Friday lunch")
+    page.click("[data-testid=group-rename-save]")
+    page.wait_for_selector("[data-testid=group-title]:has-text('Friday lunch')")
+    wait_until(
+        lambda: world.bob_d.api("GET", group_path(ref))[1]["name"] == "Friday lunch",
+        60,
+        "the rename on bob's device",
+    )
+
+    # remove carol: gone from the list here, and carol's device knows it is out
+    page.click(f'[data-testid=member][data-address="{carol}"] [data-testid=member-remove]')
+    page.click("[data-testid=confirm-dialog] [data-testid=dialog-confirm]")
+    ui.wait_js(
+        "() => document.querySelectorAll('[data-testid=member]').length === 2",
+    )
+    wait_until(
+        lambda: world.carol_d.api("GET", group_path(ref))[1]["active"] is False,
+        60,
+        "carol's device to learn it was removed",
+    )
+    # bob is no admin: the members screen of his API says so, his actions are refused
+    status, err = world.bob_d.api(
+        "PUT", group_path(ref, "/name"), {"name": "mine now"}, expect=None
+    )
+    assert status == 403 and err["error"] == "not_admin", (status, err)
+
+    page.click("[data-testid=back]")
+    page.wait_for_selector("[data-testid=chat-title]:has-text('Friday lunch')")
+    assert "Traceback" not in page.content()
+    assert ui.errors == [] and ui.csp == []
