@@ -60,7 +60,7 @@ export function groupItem(chat, active) {
         "aria-label": unread ? t("group.item_label_unread", { name, count: unread, members: chat.member_count }) : t("group.item_label", { name, members: chat.member_count }),
         onclick: () => go("chat", chat.address),
       },
-      h("span", { class: "avatar group-avatar", "aria-hidden": "true", text: "👥" }),
+      h("span", { class: "avatar group-avatar", "aria-hidden": "true" }),
       h(
         "span",
         { class: "chat-main" },
@@ -291,7 +291,7 @@ function memberRow(g, m) {
     "li",
     { class: "member", "data-testid": "member", "data-address": m.address, "data-admin": m.admin ? "yes" : "no" },
     h("span", { class: "member-name", dir: "auto", text: memberName(m) }),
-    h("span", { class: "addr", text: m.address }),
+    m.me || m.name ? h("span", { class: "addr", text: m.address }) : null,
     m.admin ? h("span", { class: "badge ok", "data-testid": "member-admin", text: t("group.admin") }) : null,
     h("span", { class: "member-tools" }, tools),
   );
