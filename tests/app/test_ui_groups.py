@@ -188,3 +188,25 @@ def test_group_create_send_counter_members(world: World) -> None:
     page.wait_for_selector("[data-testid=chat-title]:has-text('Friday lunch')")
     assert "Traceback" not in page.content()
     assert ui.errors == [] and ui.csp == []
+
+
+def test_group_api_bad_input(world: World) -> None:
+    """Bad requests get stable codes and change nothing; never a traceback or class name."""
+    d = world.alice_d
+    before = d.api("GET", "/api/chats")[1]
+    cases = [
+        ("POST", "/api/groups", {"name": "", "members": []}, 400, "bad_request"),
+        ("POST", "/api/groups", {"name": "x", "members": "bob"}, 400, "bad_request"),
+        ("POST", "/api/groups", {"name": "x", "members": ["not an address"]}, 400, "bad_request"),
+        ("GET", group_path("group:" + "0" * 32), None, 404, "unknown_group"),
+        ("GET", group_path("group:xyz"), None, 400, "bad_request"),
+        ("POST", "/api/groups/join", {"code": "haven:group:nonsense"}, 400, "invalid_group_invite"),
+    ]
+    for method, path, body, status, code in cases:
+        got, err = d.api(method, path, body, expect=None)
+        assert got == status, (path, got, err)
+        assert isinstance(err, dict) and isinstance(err.get("error"), str), err
+        if code is not None:
+            assert err["error"] == code, (path, err)
+        assert "Traceback" not in str(err) and "Error'" not in str(err), err
+    assert d.api("GET", "/api/chats")[1] == before
