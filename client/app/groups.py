@@ -84,6 +84,8 @@ class Groups(CoreParts):
         dev = self.require()
         msg = with_file(message_obj(row, self.clock.now_ms()), dev.state)
         msg |= counter_fields(counts)
+        # no delivery receipts in groups (the counter says more): only a failure is shown
+        msg["not_delivered"] = bool(row.outgoing and row.error)
         msg["group"] = True
         msg["sender_name"] = names.get(row.sender, "")
         msg["unread_names"] = [names.get(a, "") for a in msg["unread_members"]]
