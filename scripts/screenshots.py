@@ -93,7 +93,7 @@ def group(alice: UiPage, bob: UiPage, bob_addr: str, carol_addr: str) -> None:
     (carol has not read: every message still shows "1")."""
     alice.page.click("[data-testid=nav-chats]")
     alice.page.click("[data-testid=group-new]")
-    alice.page.fill("[data-testid=group-create-name]", "Friday lunch 🍜")
+    alice.page.fill("[data-testid=group-create-name]", "Friday lunch · 금요일 점심")
     alice.page.check(f'[data-testid=group-create-contact][data-address="{bob_addr}"]')
     alice.page.fill("[data-testid=group-create-addresses]", carol_addr)
     alice.page.click("[data-testid=group-create-submit]")
