@@ -2,8 +2,9 @@
 A, bob on node B), alice's page in headless chromium. alice creates the group in her page
 with bob and carol (typed addresses), sends a message and watches its counter fall 2 → 1 → 0
 as bob's and carol's devices read it (through their daemons' local API: real devices, real
-nodes, real receipts). The members screen marks the admin; a rename and a removal done there
-reach the other members' devices; "who can read this" lists the member devices.
+nodes, real receipts; carol has read receipts off, so she ends up counted as hidden). The
+members screen marks the admin; a rename and a removal done there reach the other members'
+devices; "who can read this" lists the member devices.
 """
 
 from __future__ import annotations
@@ -136,9 +137,15 @@ def test_group_create_send_counter_members(world: World) -> None:
     assert unread == [carol]
     page.click("[data-testid=unread-dialog] [data-testid=dialog-cancel]")
 
-    # carol reads: 1 → 0, the counter disappears
+    # carol has read receipts off: once she reads, her devices tell the group only that she
+    # hides them; she no longer counts as unread (1 → 0), and counts as "receipts off"
+    world.carol_d.api("PUT", "/api/settings", {"read_receipts": "off"})
     world.carol_d.api("POST", chat_path(ref, "/read"))
     wait_counter(ui, msg_id, 0)
+    hidden = page.get_attribute(
+        f'[data-testid=message][data-id="{msg_id}"]', "data-receipts-hidden"
+    )
+    assert hidden == "1"
 
     # "who can read this": the member devices (each of the three accounts has one)
     page.click("[data-testid=group-readers]")

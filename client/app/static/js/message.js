@@ -75,6 +75,7 @@ export function renderMessage(m, actions) {
       "data-id": m.id,
       "data-status": m.outgoing ? m.status || "pending" : null,
       "data-unread": m.group ? String(m.unread_by || 0) : null,
+      "data-receipts-hidden": m.group ? String(m.receipts_hidden || 0) : null,
       "aria-label": m.outgoing ? t("message.from_me") : t("message.from_them"),
       tabindex: "-1",
     },
