@@ -363,8 +363,14 @@ class AppCore(Actions, Files):
                 envs = get.result()
                 async with self.lock:
                     dev = self.require()
+                    before = self.group_versions()
                     new = await dev.process(conn, envs)
                 self._publish_received(new)
+                # a change the batch caused without a message of its own (an invited member
+                # added by this admin device once the join request was stored)
+                for gid, version in self.group_versions().items():
+                    if before.get(gid) != version:
+                        self.publish_group(gid)
         finally:
             closed.cancel()
 

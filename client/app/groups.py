@@ -187,6 +187,10 @@ class Groups(CoreParts):
         c = dev.group_counts(gid).get(msg_id)
         self._publish(event("message", message=self._group_message(row, c, self._names())))
 
+    def group_versions(self) -> dict[bytes, tuple[int, bool]]:
+        """``gid -> (version, active)`` of every group here (to notice what a batch changed)."""
+        return {g.gid: (g.version, g.active) for g in self.require().groups()}
+
     def publish_group(self, gid: bytes) -> None:
         """``group`` (its state: name, members, admins) and ``chat`` events."""
         if self.require().group(gid) is None:

@@ -4,7 +4,8 @@ with bob and carol (typed addresses), sends a message and watches its counter fa
 as bob's and carol's devices read it (through their daemons' local API: real devices, real
 nodes, real receipts; carol has read receipts off, so she ends up counted as hidden). The
 members screen marks the admin; a rename and a removal done there reach the other members'
-devices; "who can read this" lists the member devices.
+devices; an invite code made in the page brings the removed member back; "who can read this"
+lists the member devices.
 """
 
 from __future__ import annotations
@@ -190,6 +191,21 @@ def test_group_create_send_counter_members(world: World) -> None:
         "PUT", group_path(ref, "/name"), {"name": "mine now"}, expect=None
     )
     assert status == 403 and err["error"] == "not_admin", (status, err)
+
+    # an invite code from the page brings carol back: her device asks, alice's device adds
+    # her, and the open members screen shows it without a reload
+    page.click("[data-testid=group-invite]")
+    code = str(page.text_content("[data-testid=group-invite-code]"))
+    assert code.startswith("haven:group:")
+    assert page.locator("[data-testid=group-invite-qr]").count() == 1
+    joined = world.carol_d.api("POST", "/api/groups/join", {"code": code})[1]
+    assert joined["status"] == "requested" and joined["name"] == "Friday lunch"
+    page.wait_for_selector(f'[data-testid=member][data-address="{carol}"]', timeout=60_000)
+    wait_until(
+        lambda: world.carol_d.api("GET", group_path(ref))[1]["active"] is True,
+        60,
+        "carol's device to be a member again",
+    )
 
     page.click("[data-testid=back]")
     page.wait_for_selector("[data-testid=chat-title]:has-text('Friday lunch')")
