@@ -126,9 +126,15 @@ class Groups(CoreParts):
         info = dev.group(gid)
         if info is None:
             raise LocalProtocolError("no such group", code="unknown_group")
-        rows = dev.group_history(gid)
-        last = rows[-1] if rows else None
-        unread = sum(1 for r in rows if not r.outgoing and not r.read)
+        # the plain columns only: the chat list must not open every text of every group
+        st = dev.state
+        r = st.db.execute(
+            "SELECT msg_id FROM history WHERE peer=? ORDER BY seq DESC LIMIT 1", (info.ref,)
+        ).fetchone()
+        last = None if r is None else st.message(bytes(r[0]))
+        (unread,) = st.db.execute(
+            "SELECT count(*) FROM history WHERE peer=? AND outgoing=0 AND read=0", (info.ref,)
+        ).fetchone()
         last_obj = None
         if last is not None:
             last_obj = with_file(message_obj(last, self.clock.now_ms()), dev.state)
@@ -140,7 +146,7 @@ class Groups(CoreParts):
             "nickname": "",
             "verified": False,
             "last": last_obj,
-            "unread": unread,
+            "unread": int(unread),
             "timer_ms": 0,
             "member_count": len(info.members),
             "active": info.active,
@@ -170,12 +176,18 @@ class Groups(CoreParts):
             return
         counts = dev.group_counts(gid)
         names = self._names()
-        for row in dev.group_history(gid):
-            c = counts.get(row.msg_id)
-            now = (len(c[0]) if c else 0, c[1] if c else 0, row.status, row.read)
-            if self._gshown.get(row.msg_id) == now:
+        st = dev.state
+        for msg_id, status, read in st.db.execute(
+            "SELECT msg_id, status, read FROM history WHERE peer=?", ("group:" + gid.hex(),)
+        ).fetchall():
+            mid = bytes(msg_id)
+            c = counts.get(mid)
+            now = (len(c[0]) if c else 0, c[1] if c else 0, int(status), bool(read))
+            if self._gshown.get(mid) == now:
                 continue
-            self._publish(event("update", message=self._group_message(row, c, names)))
+            row = st.message(mid)  # only the changed ones are opened
+            if row is not None:
+                self._publish(event("update", message=self._group_message(row, c, names)))
         self._publish(event("chat", chat=self.group_chat(gid)))
 
     def publish_group_message(self, msg_id: bytes, gid: bytes) -> None:
