@@ -203,6 +203,15 @@ class Groups(CoreParts):
         """``gid -> (version, active)`` of every group here (to notice what a batch changed)."""
         return {g.gid: (g.version, g.active) for g in self.require().groups()}
 
+    def refresh_groups(self) -> None:
+        """After a CLI command ran in the daemon (``haven group …``, ``haven send GROUP``):
+        publish what it changed — group states and new or changed messages."""
+        if not getattr(self, "joined", False):
+            return
+        for g in self.require().groups():
+            self.publish_group(g.gid)
+            self.publish_group_changed(g.gid)
+
     def publish_group(self, gid: bytes) -> None:
         """``group`` (its state: name, members, admins) and ``chat`` events."""
         if self.require().group(gid) is None:

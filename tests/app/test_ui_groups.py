@@ -19,7 +19,7 @@ from urllib.parse import quote
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.integration.forkcli import create_node, invite
+from tests.integration.forkcli import create_node, haven, invite
 from tests.integration.harness import NodeProc, wait_until
 
 from .browser import UiPage, catalog, launch, open_ui
@@ -209,6 +209,14 @@ def test_group_create_send_counter_members(world: World) -> None:
 
     page.click("[data-testid=back]")
     page.wait_for_selector("[data-testid=chat-title]:has-text('Friday lunch')")
+
+    # a text sent with the CLI through alice's daemon shows in her open page, counter included
+    haven("send", "--home", str(world.alice_d.home), ref, "from the terminal")
+    ui.wait_js(
+        """() => [...document.querySelectorAll('[data-testid=message].out')].some(e =>
+            e.querySelector('[data-testid=message-text]')?.textContent === 'from the terminal'
+            && e.dataset.unread === '2')"""
+    )
     assert "Traceback" not in page.content()
     assert ui.errors == [] and ui.csp == []
 
