@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import Browser, sync_playwright
 
 from tests.integration.forkcli import create_node, haven, invite
 from tests.integration.harness import NodeProc, wait_until
@@ -34,6 +34,7 @@ class World:
     alice_d: DaemonProc
     bob_d: DaemonProc
     carol_d: DaemonProc
+    browser: Browser
     alice: UiPage
 
 
@@ -56,7 +57,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             browser = launch(p)
             alice = open_ui(browser, people["alice"].url, locale="en-US")
             alice.wait_connection("online")
-            yield World(people["alice"], people["bob"], people["carol"], alice)
+            yield World(people["alice"], people["bob"], people["carol"], browser, alice)
             browser.close()
     finally:
         for proc in reversed(procs):
@@ -186,6 +187,16 @@ def test_group_create_send_counter_members(world: World) -> None:
         60,
         "carol's device to learn it was removed",
     )
+    # carol's page: the group stays readable, but says she is out and has no composer
+    cpage = open_ui(world.browser, world.carol_d.url, locale="ko-KR")
+    cpage.page.click(f'[data-testid=chat-item][data-address="{ref}"]')
+    cpage.page.wait_for_selector("[data-testid=message]")
+    note = cpage.page.text_content("[data-testid=group-history-note]")
+    assert note == catalog("ko")["group.left_note"]
+    assert cpage.page.locator("form.composer").is_hidden()
+    assert cpage.errors == []
+    cpage.page.context.close()
+
     # bob is no admin: the members screen of his API says so, his actions are refused
     status, err = world.bob_d.api(
         "PUT", group_path(ref, "/name"), {"name": "mine now"}, expect=None

@@ -198,6 +198,11 @@ export function conversation(address) {
   });
   const uploads = h("div", { class: "uploads", "data-testid": "uploads", "aria-live": "polite" });
   const form = h("form", { class: "composer" }, group ? null : attach, group ? null : picker, composer, send);
+  // a group we left or were removed from: its history stays readable, nothing can be sent
+  const syncComposer = () => {
+    form.hidden = group && store.chats.get(address)?.active === false;
+  };
+  syncComposer();
   const elements = new Map();
   let lastDay = null;
 
@@ -359,7 +364,10 @@ export function conversation(address) {
       if (chat && chat.unread > 0) markRead(address);
       const focusInHead = head.contains(document.activeElement);
       if (!focusInHead) mount(head, header(address));
-      if (group) mount(note, groupNote(address));
+      if (group) {
+        mount(note, groupNote(address));
+        syncComposer();
+      }
     }),
     on("resync", load),
     on("progress", (ev) => {
