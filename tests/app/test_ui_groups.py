@@ -4,8 +4,9 @@ with bob and carol (typed addresses), sends a message and watches its counter fa
 as bob's and carol's devices read it (through their daemons' local API: real devices, real
 nodes, real receipts; carol has read receipts off, so she ends up counted as hidden). The
 members screen marks the admin; a rename and a removal done there reach the other members'
-devices; an invite code made in the page brings the removed member back; "who can read this"
-lists the member devices.
+devices; an invite code made in the page brings the removed member back through the join
+dialog of her (Korean) page; "who can read this" lists the member devices; a text sent with
+the CLI through the daemon shows in the open page.
 """
 
 from __future__ import annotations
@@ -187,36 +188,39 @@ def test_group_create_send_counter_members(world: World) -> None:
         60,
         "carol's device to learn it was removed",
     )
-    # carol's page: the group stays readable, but says she is out and has no composer
-    cpage = open_ui(world.browser, world.carol_d.url, locale="ko-KR")
-    cpage.page.click(f'[data-testid=chat-item][data-address="{ref}"]')
-    cpage.page.wait_for_selector("[data-testid=message]")
-    note = cpage.page.text_content("[data-testid=group-history-note]")
-    assert note == catalog("ko")["group.left_note"]
-    assert cpage.page.locator("form.composer").is_hidden()
-    assert cpage.errors == []
-    cpage.page.context.close()
-
-    # bob is no admin: the members screen of his API says so, his actions are refused
+    # bob is no admin: his rename is refused with a stable code
     status, err = world.bob_d.api(
         "PUT", group_path(ref, "/name"), {"name": "mine now"}, expect=None
     )
     assert status == 403 and err["error"] == "not_admin", (status, err)
 
-    # an invite code from the page brings carol back: her device asks, alice's device adds
-    # her, and the open members screen shows it without a reload
+    # an invite code made in alice's page
     page.click("[data-testid=group-invite]")
     code = str(page.text_content("[data-testid=group-invite-code]"))
     assert code.startswith("haven:group:")
     assert page.locator("[data-testid=group-invite-qr]").count() == 1
-    joined = world.carol_d.api("POST", "/api/groups/join", {"code": code})[1]
-    assert joined["status"] == "requested" and joined["name"] == "Friday lunch"
+
+    # carol's page (Korean): the group stays readable, but says she is out and has no
+    # composer; she joins again with the code in the join dialog, alice's device adds her,
+    # and both pages show it without a reload
+    ko = catalog("ko")
+    cui = open_ui(world.browser, world.carol_d.url, locale="ko-KR")
+    cpage = cui.page
+    cpage.click(f'[data-testid=chat-item][data-address="{ref}"]')
+    cpage.wait_for_selector("[data-testid=message]")
+    assert cpage.text_content("[data-testid=group-history-note]") == ko["group.left_note"]
+    assert cpage.locator("form.composer").is_hidden()
+    cpage.click("[data-testid=group-join-open]")
+    cpage.fill("[data-testid=group-join-code]", code)
+    cpage.click("[data-testid=group-join-submit]")
+    status_text = ko["group.join_requested"].replace("{name}", "Friday lunch")
+    cpage.wait_for_selector(f"[data-testid=group-join-status]:has-text('{status_text}')")
+    cpage.click("[data-testid=group-join-dialog] [data-testid=dialog-cancel]")
     page.wait_for_selector(f'[data-testid=member][data-address="{carol}"]', timeout=60_000)
-    wait_until(
-        lambda: world.carol_d.api("GET", group_path(ref))[1]["active"] is True,
-        60,
-        "carol's device to be a member again",
-    )
+    cpage.wait_for_selector("form.composer", state="visible", timeout=60_000)
+    assert cpage.text_content("[data-testid=group-history-note]") == ko["group.history_note"]
+    assert cui.errors == [] and cui.csp == []
+    cpage.context.close()
 
     page.click("[data-testid=back]")
     page.wait_for_selector("[data-testid=chat-title]:has-text('Friday lunch')")
