@@ -437,12 +437,12 @@ class AppCore(Actions, Files):
         dev = self.require()
         chats: set[str] = set()
         groups: dict[bytes, bool] = {}  # gid -> its state changed
+        texts: dict[bytes, list[bytes]] = {}  # gid -> new message ids
         for m in new:
-            ref = getattr(m, "chat", "") or m.peer
-            if is_group_ref(ref):
-                gid = group_id(ref)
+            if is_group_ref(m.chat):
+                gid = group_id(m.chat)
                 if m.kind in ("text", "file"):
-                    self.publish_group_message(m.msg_id, gid)
+                    texts.setdefault(gid, []).append(m.msg_id)
                 groups[gid] = groups.get(gid, False) or m.kind == "group_state"
                 continue
             if m.kind in (
@@ -479,6 +479,8 @@ class AppCore(Actions, Files):
         for gid, state_changed in groups.items():
             if state_changed:
                 self.publish_group(gid)
+            if gid in texts:
+                self.publish_group_messages(gid, texts[gid])
             self.publish_group_changed(gid)  # receipts: counters fall; and the chat summary
 
     def _publish_changed(self, address: str) -> None:

@@ -190,14 +190,16 @@ class Groups(CoreParts):
                 self._publish(event("update", message=self._group_message(row, c, names)))
         self._publish(event("chat", chat=self.group_chat(gid)))
 
-    def publish_group_message(self, msg_id: bytes, gid: bytes) -> None:
-        """A ``message`` event for a new row of a group conversation."""
+    def publish_group_messages(self, gid: bytes, msg_ids: list[bytes]) -> None:
+        """A ``message`` event for each new row of a group conversation (one count for all)."""
         dev = self.require()
-        row = dev.state.message(msg_id)
-        if row is None:
-            return
-        c = dev.group_counts(gid).get(msg_id)
-        self._publish(event("message", message=self._group_message(row, c, self._names())))
+        counts = dev.group_counts(gid)
+        names = self._names()
+        for msg_id in msg_ids:
+            row = dev.state.message(msg_id)
+            if row is not None:
+                msg = self._group_message(row, counts.get(msg_id), names)
+                self._publish(event("message", message=msg))
 
     def group_versions(self) -> dict[bytes, tuple[int, bool]]:
         """``gid -> (version, active)`` of every group here (to notice what a batch changed)."""
