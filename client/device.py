@@ -1292,7 +1292,7 @@ class Device:
         conn: NodeConnection | None = None,
         ttl_ms: int = DEFAULT_TTL_MS,
     ) -> SendResult:
-        """Send a text to every member device, one upload (docs/protocol.md §12)."""
+        """Send a text to every member device, one upload (docs/protocol.md §11.3)."""
         return await self.groups_engine.send_text(gid, text, conn=conn, ttl_ms=ttl_ms)
 
     def group_history(self, gid: bytes) -> list[HistoryRow]:

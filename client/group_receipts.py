@@ -1,5 +1,5 @@
 """The "1" counter of a group message: how many members have not read it yet
-(docs/protocol.md, group receipts).
+(docs/protocol.md §11.5).
 
 A reader does not send one receipt per message. It sends a **watermark** per sender: "I have
 read every message of this sender up to this ``sent_at``" (payload key ``wm``), in one group

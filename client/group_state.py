@@ -1,5 +1,5 @@
 """Signed group state: who is in a group, who administers it, and how concurrent changes converge
-(docs/protocol.md, group state).
+(docs/protocol.md §11.1).
 
 A group lives on its members' devices, not on nodes. Each change is a :class:`GroupState` with a
 version one above its parent's, signed by the account identity key of the admin who made it
@@ -142,7 +142,7 @@ class GroupState:
             raise GroupError("bad group state", code=MALFORMED)
 
     def blob(self) -> bytes:
-        """The signed bytes (docs/protocol.md, group state)."""
+        """The signed bytes (docs/protocol.md §11.1)."""
         self.check()
         blob = packb(
             {

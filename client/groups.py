@@ -1,6 +1,6 @@
 """Groups on the device: signed state, Megolm sessions, one upload per message, the "1" counter.
 
-A group lives on its members' devices, not on nodes (docs/protocol.md §12). Its state (name,
+A group lives on its members' devices, not on nodes (docs/protocol.md §11). Its state (name,
 members, admins, version) is a chain of changes, each signed by an admin's account identity key
 (:mod:`client.group_state`); every member device verifies each change and agrees on the current
 state by a total order. Messages are Megolm-encrypted (:mod:`client.megolm`): each member device

@@ -1,5 +1,5 @@
 """Megolm sessions for groups, with the duplicate, replay and gap rules vodozemac leaves to us
-(docs/protocol.md, group messages).
+(docs/protocol.md §11.2).
 
 Each member device sends with its own :class:`Outbound` session; its session key travels to the
 other member devices over the existing 1:1 Olm channels (payload kind ``group_key``), and each

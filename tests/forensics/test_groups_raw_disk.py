@@ -23,8 +23,9 @@ from it; values opened with every epoch key found on the image):
 Positive control: image C copied while C still holds pending copies of a submission (carol and
 dave not online yet) must show that submission's ephemeral key and body inside rows opened with
 the live epoch key on the image (the examiner sees the association where it exists), and even
-then no clear field links the copies (``linked_*`` are 0 while pending too). After delivery
-every figure above is 0 on all three images.
+then no clear field links the copies (``linked_*`` are 0 while pending too). The same for
+image A copied while C is down and A holds a submission's copies for C as outbox rows (the
+fan-out's stored fallback). After delivery every figure above is 0 on all three images.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from .examine import (
 )
 from .workload import ClockNode, linked, new_device, read_epoch_keys
 
-N = 8 if LONG else 2  # messages per member and phase
+N = 8 if LONG else 1  # messages per member and phase
 IMAGE_MB = 128 if LONG else 64
 HOSTED = {"A": ("alicezq", "erinpw"), "B": ("bobxw",), "C": ("carolvk", "davejt")}
 ACCOUNT = {"bobxw2": "bobxw"}  # linked devices (``--long``) -> their account
@@ -303,7 +304,7 @@ def check(figures: dict[str, dict[str, Any]]) -> list[str]:
             out.append(f"{name}: the planted canary was not found (the scan is blind)")
         if f["pending_seen"] != f["pending"]:
             out.append(f"{name}: harness attributed {f['pending_seen']}/{f['pending']} pending")
-        if name.endswith("(pending)"):
+        if name.endswith("(pending)") or name.endswith("(outbox)"):
             if not f["sends_multi"] or not f["subm_eph_opened"] or not f["subm_body"]:
                 out.append(f"{name}: the pending submission was not seen (examiner blind)")
         keys = AFTER_ZERO if name.endswith("(after)") else NODE_ZERO
@@ -348,6 +349,25 @@ async def test_seized_nodes_keep_no_group_after_delivery(world: World) -> None:
         await drain(w, not_c, on=("A", "B"))  # delivered on A and B; pending on C
         assert counts(w.nodes["C"])["pending_envelopes"], "no pending copies on C (no control)"
         examine(w, "C", "pending", gid, [name, renamed])
+        # C is down: A's fan-out to it fails, so A keeps the copies for C as outbox rows
+        w.nodes["C"].stop()
+        await alice.group_send(gid, text(w, i))
+        i += 1
+        sub = w.subs[-1]
+        c_id = w.node_ids["C"]
+        for_c = [e for e in (w.ledger.envs[x] for x in sub.ids) if e.dest_node == c_id]
+        assert len(for_c) == len(HOSTED["C"]), "the submission has no copies for C"
+        deadline = time.monotonic() + 30
+        while counts(w.nodes["A"])["outbox_envelopes"] != len(for_c):  # B's copy: forwarded
+            assert time.monotonic() < deadline, "A's outbox does not hold just C's copies"
+            await _tick(w)
+        for e in w.ledger.envs.values():
+            if e.sender_node == w.node_ids["A"] and e.dest_node != c_id:
+                e.forwarded = True
+        examine(w, "A", "outbox", gid, [name, renamed])
+        w.nodes["C"].start()
+        await w.devs["carolvk"].group_send(gid, text(w, i))  # C contacts A: A retries C now
+        i += 1
         await drain(w, everyone)
         for d in everyone:
             await w.devs[d].group_mark_read(gid)

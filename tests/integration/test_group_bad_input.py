@@ -27,6 +27,7 @@ import pytest
 
 from client import group_state as gs
 from client.device import Device
+from client.group_state import GroupError
 from client.megolm import Outbound
 from client.payload import Payload
 from federation import frames as F
@@ -109,8 +110,9 @@ async def inject(w: World, src: str, inner: GroupInner) -> None:
         await dev.release(conn)
 
 
-async def refused(w: World, src: str, inner: GroupInner, code: str) -> None:
-    """Submit ``inner`` and check bob's device drops it with ``code``, changing nothing."""
+async def refused(w: World, src: str, inner: GroupInner, code: str | None) -> None:
+    """Submit ``inner`` and check bob's device drops it with ``code`` (None: ignores it,
+    counting nothing), changing nothing."""
     bob = w.bob
     before = (bob.group(w.gid), [r.msg_id for r in bob.group_history(w.gid)])
     drops = Counter(bob.groups_engine.drops)
@@ -119,7 +121,8 @@ async def refused(w: World, src: str, inner: GroupInner, code: str) -> None:
     assert [m for m in got if m.chat] == [], f"{code}: bob's device applied {got}"
     after = Counter(bob.groups_engine.drops)
     after.subtract(drops)
-    assert +after == Counter({code: 1}), f"expected one {code}, counted {dict(+after)}"
+    want = Counter({code: 1}) if code else Counter()
+    assert +after == want, f"expected {dict(want)}, counted {dict(+after)}"
     assert (bob.group(w.gid), [r.msg_id for r in bob.group_history(w.gid)]) == before
 
 
@@ -183,21 +186,30 @@ async def test_state_change_signed_by_a_non_admin_is_forged(world: World) -> Non
 
 async def test_state_change_of_an_unknown_group(world: World) -> None:
     w = world
-    mallory = w.devs["mallory"]
-    members = tuple(sorted([mallory.address, w.devs["alice"].address]))
-    st = gs.GroupState(
-        gs.new_gid(),
-        2,
-        "elsewhere",
-        members,
-        (mallory.address,),
-        mallory.address,
-        os.urandom(32),
-        mallory.clock.now_ms(),
-    )
-    await refused(
-        w, "mallory", state_inner(mallory, gs.sign_state(st, mallory.identity())), "unknown_group"
-    )
+    mallory, alice, bob = w.devs["mallory"], w.devs["alice"], w.bob
+
+    def state(gid: bytes, members: list[str]) -> gs.SignedState:
+        st = gs.GroupState(
+            gid,
+            2,
+            "elsewhere",
+            tuple(sorted(members)),
+            (alice.address,),
+            mallory.address,  # a member, not an admin, signs a change of a group bob lacks
+            os.urandom(32),
+            mallory.clock.now_ms(),
+        )
+        return gs.sign_state(st, mallory.identity())
+
+    gid = gs.new_gid()
+    members = [alice.address, bob.address, mallory.address]
+    await refused(w, "mallory", state_inner(mallory, state(gid, members)), "forged_state")
+    assert bob.group(gid) is None
+    # a state of an unknown group that does not list bob is what the parent in a newcomer's
+    # hand-off looks like: ignored (not counted), and nothing kept
+    other = gs.new_gid()
+    await refused(w, "mallory", state_inner(mallory, state(other, members[::2])), None)
+    assert bob.group(other) is None and w.gid in {g.gid for g in bob.groups()}
 
 
 async def test_oversized_member_list_signed_by_the_admin(world: World) -> None:
@@ -222,6 +234,11 @@ async def test_oversized_member_list_signed_by_the_admin(world: World) -> None:
     )  # GroupState.blob() refuses to build it: the admin's device is the malicious one here
     signed = gs.SignedState(blob, alice.identity().sign(gs.STATE_TAG + blob).signature)
     await refused(w, "alice", state_inner(alice, signed), "too_many_members")
+    # an honest device refuses to make one: before anything is signed or sent
+    groups = len(alice.groups())
+    with pytest.raises(GroupError) as err:
+        await alice.group_create("too big", [m for m in many if m != alice.address])
+    assert err.value.code == "too_many_members" and len(alice.groups()) == groups
 
 
 async def test_repeated_index_with_other_content_is_a_replay(world: World) -> None:
