@@ -665,8 +665,7 @@ class Groups:
         with self.dev.state.tx() as db:
             self._accept(db, signed, now, local=True)
             row = self._load(st.gid, db)
-            assert row is not None
-            handoff = row.book.handoff()
+            handoff = row.book.handoff() if row is not None else [signed]
         me, key = self.dev.address, self.dev.curve_key
         newcomers = set(st.members) - set(before) - {me}
         old = {t.address for t in res.targets} - newcomers
@@ -676,7 +675,8 @@ class Groups:
                 inner = GroupInner(INNER_STATE, me, key, s.encode())
                 await self.submit(conn, inner, res.devices(newcomers))
         info = self.info(st.gid)
-        assert info is not None
+        if info is None:  # our own change did not apply (cannot happen for a valid change)
+            raise GroupError("the change was not applied here", code=gs.STALE)
         return info
 
     def _accept(

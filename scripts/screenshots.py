@@ -23,6 +23,7 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 
 from tests.app.browser import UiPage, launch, open_ui, two_people  # noqa: E402
 from tests.app.daemon import DaemonProc  # noqa: E402
+from tests.integration.forkcli import invite  # noqa: E402
 
 W, H = 900, 600
 LIMIT = 150_000
@@ -87,6 +88,31 @@ def conversation(
     )
 
 
+def group(alice: UiPage, bob: UiPage, bob_addr: str, carol_addr: str) -> None:
+    """A group of three made in alice's page: a message each from alice and bob, read by bob
+    (carol has not read: every message still shows "1")."""
+    alice.page.click("[data-testid=nav-chats]")
+    alice.page.click("[data-testid=group-new]")
+    alice.page.fill("[data-testid=group-create-name]", "Friday lunch · 금요일 점심")
+    alice.page.check(f'[data-testid=group-create-contact][data-address="{bob_addr}"]')
+    alice.page.fill("[data-testid=group-create-addresses]", carol_addr)
+    alice.page.click("[data-testid=group-create-submit]")
+    alice.page.wait_for_selector("[data-testid=group-history-note]", timeout=60_000)
+    alice.type_and_send("Lunch on Friday at noon? The noodle place again?")
+    bob.page.click("[data-testid=nav-chats]")
+    item = '[data-testid=chat-item][data-kind="group"]'
+    bob.page.wait_for_selector(item, timeout=60_000)
+    bob.page.click(item)
+    bob.wait_js("() => document.querySelectorAll('[data-testid=message]').length === 1", timeout=60)
+    bob.type_and_send("좋아요! 12시에 봐요.")
+    for ui in (alice, bob):
+        ui.wait_js(
+            "() => [...document.querySelectorAll('[data-testid=message]')]"
+            ".map(e => e.dataset.unread).join() === '1,1'",
+            timeout=60,
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "docs" / "img"))
@@ -128,6 +154,17 @@ def shoot(tmp_path: Path, out: Path) -> int:
             ui.open_chat(peer)
             shot(ui, out, f"narrow-{lang}")
             ui.page.set_viewport_size({"width": W, "height": H})
+        # a group with a third person (carol, on alice's node) who has not read yet
+        carol = DaemonProc(Path(tmp) / "dev-carol").start()
+        try:
+            carol.join(invite(w.a, "carol"), "Carol")
+            alice.page.click("[data-testid=nav-chats]")
+            group(alice, bob, w.bob_addr, carol.address)
+            for ui, lang in ((alice, "en"), (bob, "ko")):
+                ui.page.focus("[data-testid=composer]")
+                shot(ui, out, f"group-{lang}")
+        finally:
+            carol.kill()
         # onboarding: a daemon on an empty device home
         new = DaemonProc(Path(tmp) / "dev-new").start()
         try:

@@ -34,7 +34,8 @@ from federation.errors import (
 from federation.ids import Address
 
 from .events import Obj, chat_obj, contact_obj, event, message_obj
-from .files import CoreParts, with_file
+from .files import with_file
+from .groups import Groups, group_id, is_group_ref
 
 log = logging.getLogger("haven.app")
 
@@ -51,8 +52,9 @@ def clean_name(text: Any, what: str) -> str:
     return clean
 
 
-class Actions(CoreParts):
-    """The API's operations (a base of :class:`~client.app.core.AppCore`)."""
+class Actions(Groups):
+    """The API's operations (a base of :class:`~client.app.core.AppCore`); the group ones
+    come from :class:`~client.app.groups.Groups`."""
 
     clock: Clock
     lock: asyncio.Lock  # Device operations that span awaits, one at a time
@@ -75,6 +77,10 @@ class Actions(CoreParts):
     # ---- reading -------------------------------------------------------------------------------
 
     def _message(self, row: HistoryRow) -> Obj:
+        if is_group_ref(row.peer):
+            gid = group_id(row.peer)
+            counts = self.require().group_counts(gid).get(row.msg_id)
+            return self._group_message(row, counts, self._names())
         msg = with_file(message_obj(row, self.clock.now_ms()), self.require().state)
         self._shown[row.msg_id] = (row.status, row.read, row.edited, msg["not_delivered"])
         return msg
@@ -83,6 +89,10 @@ class Actions(CoreParts):
         """The ``Message`` of a stored row, or None."""
         row = self.require().state.message(msg_id)
         return None if row is None else self._message(row)
+
+    def _names(self) -> dict[str, str]:
+        """Address → the name we show (nickname, else display name) for every contact."""
+        return {c.address: c.nickname or c.display_name for c in self.require().state.contacts()}
 
     def _contact(self, c: Contact) -> Obj:
         return contact_obj(c, c.address in self._key_changed)
@@ -104,7 +114,9 @@ class Actions(CoreParts):
         return None if r is None else st.message(bytes(r[0]))
 
     def chat(self, address: str) -> Obj:
-        """One ``Chat``."""
+        """One ``Chat`` (a group's when ``address`` is a group ref)."""
+        if is_group_ref(address):
+            return self.group_chat(group_id(address))
         dev = self.require()
         last = self._last(address)
         (unread,) = dev.state.db.execute(
@@ -118,21 +130,29 @@ class Actions(CoreParts):
         )
 
     def chats(self) -> list[Obj]:
-        """Every conversation, most recent first; contacts without messages after them."""
+        """Every conversation (1:1 and groups), most recent first; contacts without messages
+        after them."""
         dev = self.require()
         self._purge()
-        seen = [p for p, *_ in dev.state.chats()]
+        seen = [p for p, *_ in dev.state.chats() if not p.startswith("group:")]
         others = [
             c.address
             for c in dev.state.contacts()
             if c.address not in seen and c.address != dev.address
         ]
-        return [self.chat(a) for a in seen + others]
+        direct = [self.chat(a) for a in seen]
+        talked = sorted(
+            direct + self.group_chats(),
+            key=lambda c: -(c["last"]["sent_at"] if c["last"] else 0),
+        )
+        return talked + [self.chat(a) for a in others]
 
     def messages(self, address: str) -> list[Obj]:
-        """A conversation, oldest first."""
+        """A conversation (1:1 or group), oldest first."""
         dev = self.require()
         self._purge()
+        if is_group_ref(address):
+            return self.group_messages(address)
         return [self._message(r) for r in dev.state.history(self._address(address))]
 
     def contacts(self) -> list[Obj]:
@@ -174,6 +194,8 @@ class Actions(CoreParts):
         sender, or with read receipts off only to our other devices) like a text: it is sent
         now if the link is up, else on the next connect. Returns how many became read."""
         dev = self.require()
+        if is_group_ref(address):
+            return await self.group_mark_read(address)
         address = self._address(address)
         unread = [
             bytes(r[0])
@@ -233,6 +255,13 @@ class Actions(CoreParts):
         self._shown.pop(msg_id, None)
         self._publish(event("delete", chat=row.peer, id=msg_id.hex()))
         self._publish_chat(row.peer)
+
+    async def message_readers(self, msg_id: bytes) -> list[Obj]:
+        """ "Who can read this" for any message: a group's member devices, else :meth:`readers`."""
+        row = self.require().state.message(msg_id)
+        if row is not None and is_group_ref(row.peer):
+            return await self.group_readers(row.peer)
+        return self.readers(msg_id)
 
     def readers(self, msg_id: bytes) -> list[Obj]:
         """The devices a message was encrypted for: the contact's devices on its pinned signed

@@ -42,6 +42,7 @@ from federation.errors import (
 from .actions import Actions, clean_name, qr_matrix
 from .events import Obj, event
 from .files import AUTO_DOWNLOAD_MB, Files, default_save_dir
+from .groups import group_id, is_group_ref
 
 log = logging.getLogger("haven.app")
 
@@ -109,6 +110,7 @@ class AppCore(Actions, Files):
         self._key_changed: set[str] = set()
         # per message last shown: (status, read, edited, not_delivered)
         self._shown: dict[bytes, tuple[int, bool, bool, bool]] = {}
+        self._gshown: dict[bytes, tuple[int, int, int, bool]] = {}
         self._profile_due = False
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -361,8 +363,14 @@ class AppCore(Actions, Files):
                 envs = get.result()
                 async with self.lock:
                     dev = self.require()
+                    before = self.group_versions()
                     new = await dev.process(conn, envs)
                 self._publish_received(new)
+                # a change the batch caused without a message of its own (an invited member
+                # added by this admin device once the join request was stored)
+                for gid, version in self.group_versions().items():
+                    if before.get(gid) != version:
+                        self.publish_group(gid)
         finally:
             closed.cancel()
 
@@ -409,6 +417,8 @@ class AppCore(Actions, Files):
 
         ``ttl_ms`` and ``expires_in`` are ``haven send --ttl/--expires`` (client/app/ipc.py)."""
         dev = self.require()
+        if is_group_ref(address):
+            return await self.group_send(address, text)
         if not isinstance(text, str) or not text.strip():
             raise LocalProtocolError("the message is empty", code="bad_request")
         address = self._address(address)
@@ -426,7 +436,15 @@ class AppCore(Actions, Files):
     def _publish_received(self, new: Iterable[ReceivedMessage]) -> None:
         dev = self.require()
         chats: set[str] = set()
+        groups: dict[bytes, bool] = {}  # gid -> its state changed
+        texts: dict[bytes, list[bytes]] = {}  # gid -> new message ids
         for m in new:
+            if is_group_ref(m.chat):
+                gid = group_id(m.chat)
+                if m.kind in ("text", "file"):
+                    texts.setdefault(gid, []).append(m.msg_id)
+                groups[gid] = groups.get(gid, False) or m.kind == "group_state"
+                continue
             if m.kind in (
                 "text",
                 "file",
@@ -458,10 +476,19 @@ class AppCore(Actions, Files):
                 chats.add(m.peer)
         for address in chats:
             self._publish_chat(address)
+        for gid, state_changed in groups.items():
+            if state_changed:
+                self.publish_group(gid)
+            if gid in texts:
+                self.publish_group_messages(gid, texts[gid])
+            self.publish_group_changed(gid)  # receipts: counters fall; and the chat summary
 
     def _publish_changed(self, address: str) -> None:
         """``update`` for every message of a chat whose status or read state changed since it
         was last shown (compared on the plain columns: only changed texts are opened)."""
+        if is_group_ref(address):
+            self.publish_group_changed(group_id(address))
+            return
         st = self.require().state
         for msg_id, status, read, edited in st.db.execute(
             "SELECT msg_id, status, read, edited FROM history WHERE peer=?", (address,)
@@ -482,6 +509,8 @@ class AppCore(Actions, Files):
             self._publish_chat(address)
 
     def _publish_chat(self, address: str) -> None:
+        if is_group_ref(address) and self.require().group(group_id(address)) is None:
+            return
         self._publish(event("chat", chat=self.chat(address)))
 
     async def _ticker(self) -> None:

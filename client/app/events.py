@@ -47,6 +47,7 @@ def contact_obj(c: Contact, key_changed: bool = False) -> Obj:
 def chat_obj(address: str, c: Contact | None, last: Obj | None, unread: int) -> Obj:
     """A ``Chat``: a conversation's summary for the chat list and the header."""
     return {
+        "kind": "direct",
         "address": address,
         "display_name": c.display_name if c else "",
         "nickname": c.nickname if c else "",

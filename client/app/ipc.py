@@ -406,6 +406,12 @@ async def run_request(core: Any, req: dict[str, Any], out: Any) -> int:
         if handler is not None:
             return await handler(core, args, dev, out)
         assert plain is not None
+        if name == "group":  # the page shows what the command changed
+            try:
+                async with _lock(core):
+                    return await plain(args, dev, out)
+            finally:
+                _refresh_groups(core)
         if name == "device" and getattr(args, "device_cmd", "") == "link":
             return await plain(args, dev, out)  # waits minutes: never under the lock
         async with _lock(core):
@@ -418,6 +424,15 @@ async def run_request(core: Any, req: dict[str, Any], out: Any) -> int:
         log.error("a CLI command failed inside the app (internal)")
         out.err("error: internal error; please report it (internal)")
         return 70
+
+
+def _refresh_groups(core: Any) -> None:
+    refresh = getattr(core, "refresh_groups", None)
+    if callable(refresh):
+        try:
+            refresh()
+        except HavenError as exc:
+            log.info("groups not refreshed after a CLI command (%s)", exc.code)
 
 
 def _device(core: Any) -> Any:
@@ -447,8 +462,11 @@ async def _send(core: Any, args: argparse.Namespace, dev: Any, out: Any) -> int:
 
     if getattr(args, "file", None) or group_cli.group_target(dev, args.address) is not None:
         # a file: upload on the daemon's connection, then its outbox; a group: one submission
-        async with _lock(core):
-            return await cli.cmd_send(args, dev, out)
+        try:
+            async with _lock(core):
+                return await cli.cmd_send(args, dev, out)
+        finally:
+            _refresh_groups(core)
     ttl_ms = parse_duration(args.ttl) if getattr(args, "ttl", None) else None
     expires = None if args.expires is None else cli._duration_or_off(args.expires)
     q = core.subscribe()

@@ -27,6 +27,7 @@ from federation.errors import HavenError, RemoteProtocolError, TransportError
 from .core import AppCore
 from .events import event
 from .files import FILE_CSP, PREVIEW_MIMES
+from .groups import group_id
 
 log = logging.getLogger("haven.app.web")
 
@@ -67,6 +68,13 @@ STATUS = {
     "rate_limited": 429,
     "too_large": 413,
     "not_downloaded": 409,
+    "unknown_group": 404,
+    "not_admin": 403,
+    "not_member": 403,
+    "ambiguous_group": 400,
+    "too_many_members": 400,
+    "group_too_large": 400,
+    "invalid_group_invite": 400,
     "internal": 500,
 }
 FILE_RESPONSE = "haven.file_response"  # request key: this answer is a file (its own CSP)
@@ -217,6 +225,7 @@ class Api:
     def routes(self) -> list[web.RouteDef]:
         """Every endpoint but the WebSocket, as in docs/app.md's table."""
         c = "/api/chats/{address}"
+        g = "/api/groups/{ref}"
         return [
             web.get("/api/state", self.state),
             web.post("/api/unlock", self.unlock),
@@ -242,6 +251,16 @@ class Api:
             web.post("/api/messages/{id}/download", self.download),
             web.get("/api/messages/{id}/file", self.file),
             web.get("/api/messages/{id}/thumb", self.thumb),
+            web.post("/api/groups", self.group_create),
+            web.post("/api/groups/join", self.group_join),
+            web.get(g, self.group),
+            web.get(g + "/readers", self.group_readers),
+            web.post(g + "/members", self.group_add),
+            web.delete(g + "/members/{address}", self.group_remove),
+            web.put(g + "/admins/{address}", self.group_admin),
+            web.put(g + "/name", self.group_rename),
+            web.post(g + "/leave", self.group_leave),
+            web.post(g + "/invite", self.group_invite),
             web.put("/api/settings", self.settings),
             web.post("/api/passphrase", self.passphrase),
         ]
@@ -288,7 +307,44 @@ class Api:
         return _ok({"deleted": msg_id.hex()})
 
     async def readers(self, r: web.Request) -> web.Response:
-        return _ok({"devices": self.core.readers(self.core.message_id(r.match_info["id"]))})
+        msg_id = self.core.message_id(r.match_info["id"])
+        return _ok({"devices": await self.core.message_readers(msg_id)})
+
+    # ---- groups (docs/app.md "Groups") -----------------------------------------------------
+
+    async def group_create(self, r: web.Request) -> web.Response:
+        body = await _body(r)
+        return _ok(await self.core.group_create(body.get("name"), body.get("members", [])))
+
+    async def group_join(self, r: web.Request) -> web.Response:
+        return _ok(await self.core.group_join((await _body(r)).get("code")))
+
+    async def group(self, r: web.Request) -> web.Response:
+        return _ok(self.core.group_obj(group_id(r.match_info["ref"])))
+
+    async def group_readers(self, r: web.Request) -> web.Response:
+        return _ok({"devices": await self.core.group_readers(r.match_info["ref"])})
+
+    async def group_add(self, r: web.Request) -> web.Response:
+        return _ok(await self.core.group_change(r.match_info["ref"], "add", await _body(r)))
+
+    async def group_remove(self, r: web.Request) -> web.Response:
+        body = {"address": r.match_info["address"]}
+        return _ok(await self.core.group_change(r.match_info["ref"], "remove", body))
+
+    async def group_admin(self, r: web.Request) -> web.Response:
+        body = {"address": r.match_info["address"], "on": (await _body(r)).get("on")}
+        return _ok(await self.core.group_change(r.match_info["ref"], "admin", body))
+
+    async def group_rename(self, r: web.Request) -> web.Response:
+        return _ok(await self.core.group_change(r.match_info["ref"], "rename", await _body(r)))
+
+    async def group_leave(self, r: web.Request) -> web.Response:
+        return _ok(await self.core.group_change(r.match_info["ref"], "leave", {}))
+
+    async def group_invite(self, r: web.Request) -> web.Response:
+        body = await _body(r)
+        return _ok(await self.core.group_invite(r.match_info["ref"], body.get("uses", 1)))
 
     async def send_file(self, r: web.Request) -> web.Response:
         """The raw body is the file; ``?name=`` its name, ``?text=`` a caption, the

@@ -5,6 +5,7 @@ import { chatList, loadChats } from "./js/chat-list.js";
 import { contacts } from "./js/contacts.js";
 import { conversation } from "./js/conversation.js";
 import { devices } from "./js/devices.js";
+import { groupScreen } from "./js/group.js";
 import { h, mount } from "./js/dom.js";
 import { handleEvent } from "./js/events.js";
 import { browserLanguage, currentLanguage, errorText, loadCatalogs, onLanguageChange, setLanguage, t } from "./js/i18n.js";
@@ -78,6 +79,7 @@ function header(withNav) {
 
 const SCREENS = {
   chat: (v) => conversation(v.chat),
+  group: (v) => groupScreen(v.chat),
   contacts: () => contacts(),
   devices: () => devices(),
   settings: () => settings(),
@@ -116,7 +118,7 @@ function renderMain(app) {
   show();
   const offView = on("view", () => {
     app.querySelectorAll(".main-nav [aria-current]").forEach((b) => b.removeAttribute("aria-current"));
-    const screen = store.view.screen === "chat" ? "home" : store.view.screen;
+    const screen = store.view.screen === "chat" || store.view.screen === "group" ? "home" : store.view.screen;
     app.querySelector(`.main-nav [data-testid=nav-${screen === "home" ? "chats" : screen}]`)?.setAttribute("aria-current", "page");
     show();
   });

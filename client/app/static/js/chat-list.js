@@ -1,6 +1,8 @@
 // The chat list: one item per conversation (name, last message, time, unread badge) and the
-// "new chat by address" form. Conversation kinds (groups later) register an item renderer.
+// "new chat by address" form, "new group" and "join a group". Each conversation kind (direct,
+// group) registers an item renderer.
 import { h, mount } from "./dom.js";
+import { createGroupDialog, groupItem, joinGroupDialog } from "./group.js";
 import { shortWhen, t } from "./i18n.js";
 import { changedSince, go, nameOf, on, putChat, store } from "./store.js";
 import { busy, field, showError } from "./util.js";
@@ -8,6 +10,7 @@ import { busy, field, showError } from "./util.js";
 /** kind → function(chat, active) returning the list item. */
 export const chatRenderers = {
   direct: directItem,
+  group: groupItem,
 };
 
 function preview(chat) {
@@ -101,7 +104,13 @@ export function chatList() {
   };
   render();
   const unsubs = [on("chats", render), on("view", render)];
-  const el = h("nav", { class: "chats-pane", "aria-label": t("chats.title") }, h("h2", { class: "pane-title", text: t("chats.title") }), newChatForm(), list);
+  const groupTools = h(
+    "div",
+    { class: "group-tools" },
+    h("button", { type: "button", "data-testid": "group-new", text: t("group.new"), onclick: () => createGroupDialog() }),
+    h("button", { type: "button", "data-testid": "group-join-open", text: t("group.join_open"), onclick: () => joinGroupDialog() }),
+  );
+  const el = h("nav", { class: "chats-pane", "aria-label": t("chats.title") }, h("h2", { class: "pane-title", text: t("chats.title") }), newChatForm(), groupTools, list);
   return {
     el,
     dispose() {

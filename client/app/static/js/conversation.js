@@ -3,6 +3,7 @@ import { enc } from "./api.js";
 import { confirmDialog, openDialog } from "./dialog.js";
 import { announce, h, mount } from "./dom.js";
 import { noteProgress, progressBar, rememberPreview } from "./file.js";
+import { groupHeader, groupNote, groupReaders, isGroup, unreadSheet } from "./group.js";
 import { dayLabel, t } from "./i18n.js";
 import { renderMessage, TIMER_CHOICES, timerLabel } from "./message.js";
 import { changedSince, emit, go, nameOf, on, putChat, store, upsertMessage } from "./store.js";
@@ -87,7 +88,11 @@ const actions = {
       showError(err);
     }
   },
+  unread(m) {
+    return unreadSheet(m);
+  },
   async readers(m) {
+    if (m.group) return groupReaders(m.chat);
     const list = h("ul", { class: "readers", "data-testid": "readers-list" }, h("li", { text: t("common.loading") }));
     const shown = openDialog({
       title: t("message.readers"),
@@ -118,6 +123,7 @@ const actions = {
 };
 
 function header(address) {
+  if (isGroup(address)) return groupHeader(address);
   const chat = store.chats.get(address) || { address, timer_ms: 0, verified: false };
   const select = h("select", {
     "data-testid": "timer-select",
@@ -169,7 +175,9 @@ export function conversation(address) {
     );
     warning.hidden = !c.key_changed;
   };
-  store.api.get("/api/contacts").then((all) => showContact(all.find((c) => c.address === address)), () => {});
+  const group = isGroup(address);
+  if (!group) store.api.get("/api/contacts").then((all) => showContact(all.find((c) => c.address === address)), () => {});
+  const note = h("div", { class: "group-note-wrap" }, group ? groupNote(address) : null);
   const list = h("div", { class: "messages", role: "log", "aria-live": "polite", "aria-label": t("conversation.messages"), "data-testid": "messages" });
   const composer = h("textarea", {
     "data-testid": "composer",
@@ -189,7 +197,12 @@ export function conversation(address) {
     for (const f of files) sendFile(f);
   });
   const uploads = h("div", { class: "uploads", "data-testid": "uploads", "aria-live": "polite" });
-  const form = h("form", { class: "composer" }, attach, picker, composer, send);
+  const form = h("form", { class: "composer" }, group ? null : attach, group ? null : picker, composer, send);
+  // a group we left or were removed from: its history stays readable, nothing can be sent
+  const syncComposer = () => {
+    form.hidden = group && store.chats.get(address)?.active === false;
+  };
+  syncComposer();
   const elements = new Map();
   let lastDay = null;
 
@@ -351,6 +364,10 @@ export function conversation(address) {
       if (chat && chat.unread > 0) markRead(address);
       const focusInHead = head.contains(document.activeElement);
       if (!focusInHead) mount(head, header(address));
+      if (group) {
+        mount(note, groupNote(address));
+        syncComposer();
+      }
     }),
     on("resync", load),
     on("progress", (ev) => {
@@ -369,9 +386,10 @@ export function conversation(address) {
     on("contact", showContact),
   ];
 
-  const el = h("section", { class: "conversation", "aria-label": t("conversation.label") }, head, warning, list, uploads, form);
+  const el = h("section", { class: "conversation", "aria-label": t("conversation.label") }, head, warning, note, list, uploads, form);
   // drag and drop onto the conversation: each dropped file is sent like an attached one
   el.addEventListener("dragover", (ev) => {
+    if (group) return; // files are not sent to groups (yet)
     if (![...(ev.dataTransfer?.types || [])].includes("Files")) return;
     ev.preventDefault();
     el.classList.add("dropping");
@@ -381,6 +399,7 @@ export function conversation(address) {
   });
   el.addEventListener("drop", (ev) => {
     ev.preventDefault();
+    if (group) return;
     el.classList.remove("dropping");
     for (const f of ev.dataTransfer?.files || []) sendFile(f);
   });

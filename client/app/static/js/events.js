@@ -55,6 +55,12 @@ const handlers = {
     if (chat) putChat({ ...chat, display_name: c.display_name, nickname: c.nickname, verified: c.verified });
     emit("contact", c);
   },
+  group(ev) {
+    if (ev.group && ev.group.ref) {
+      store.groups.set(ev.group.ref, ev.group);
+      emit("group", ev.group);
+    }
+  },
   link(ev) {
     emit("link", ev);
   },

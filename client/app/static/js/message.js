@@ -24,7 +24,27 @@ function ticks(status) {
 }
 
 /**
- * The element for `m`. `actions` = {edit(m), remove(m), readers(m)}, called from its buttons.
+ * A group message's counter (KakaoTalk's "1"): how many members have not read it; hidden at 0.
+ * Its button opens the sheet listing them (`actions.unread(m)`).
+ */
+export function unreadCounter(m, actions) {
+  if (!m.group || !m.unread_by) return null;
+  const label = t("group.unread_label", { count: m.unread_by });
+  const hidden = m.receipts_hidden ? ` · ${t("group.receipts_hidden", { count: m.receipts_hidden })}` : "";
+  return h("button", {
+    type: "button",
+    class: "unread-count",
+    "data-testid": "unread-count",
+    "aria-label": label,
+    title: label + hidden,
+    text: String(m.unread_by),
+    onclick: () => actions.unread && actions.unread(m),
+  });
+}
+
+/**
+ * The element for `m`. `actions` = {edit(m), remove(m), readers(m), unread(m)}, called from
+ * its buttons. A group message also shows its sender (incoming) and its counter.
  */
 export function renderMessage(m, actions) {
   const render = messageRenderers[m.kind || "text"] || messageRenderers.text;
@@ -33,6 +53,7 @@ export function renderMessage(m, actions) {
     { class: "msg-meta" },
     m.edited ? h("span", { class: "edited", text: t("message.edited") }) : null,
     m.expire_at ? h("span", { class: "expires", title: formatDateTime(m.expire_at), "aria-label": t("message.disappears"), text: "◔" }) : null,
+    unreadCounter(m, actions),
     h("time", { datetime: new Date(m.sent_at).toISOString(), title: formatDateTime(m.sent_at), text: formatTime(m.sent_at) }),
     m.outgoing ? ticks(m.status || "pending") : null,
   );
@@ -43,8 +64,8 @@ export function renderMessage(m, actions) {
     "div",
     { class: "msg-tools" },
     h("button", { type: "button", class: "tool", "data-testid": "message-readers", "aria-label": t("message.readers"), title: t("message.readers"), text: "ⓘ", onclick: () => actions.readers(m) }),
-    m.outgoing && m.kind !== "file" ? h("button", { type: "button", class: "tool", "data-testid": "message-edit", "aria-label": t("message.edit"), title: t("message.edit"), text: "✎", onclick: () => actions.edit(m) }) : null,
-    m.outgoing ? h("button", { type: "button", class: "tool", "data-testid": "message-delete", "aria-label": t("message.delete"), title: t("message.delete"), text: "✕", onclick: () => actions.remove(m) }) : null,
+    m.outgoing && !m.group && m.kind !== "file" ? h("button", { type: "button", class: "tool", "data-testid": "message-edit", "aria-label": t("message.edit"), title: t("message.edit"), text: "✎", onclick: () => actions.edit(m) }) : null,
+    m.outgoing && !m.group ? h("button", { type: "button", class: "tool", "data-testid": "message-delete", "aria-label": t("message.delete"), title: t("message.delete"), text: "✕", onclick: () => actions.remove(m) }) : null,
   );
   return h(
     "article",
@@ -53,12 +74,15 @@ export function renderMessage(m, actions) {
       "data-testid": "message",
       "data-id": m.id,
       "data-status": m.outgoing ? m.status || "pending" : null,
+      "data-unread": m.group ? String(m.unread_by || 0) : null,
+      "data-receipts-hidden": m.group ? String(m.receipts_hidden || 0) : null,
       "aria-label": m.outgoing ? t("message.from_me") : t("message.from_them"),
       tabindex: "-1",
     },
     h(
       "div",
       { class: "bubble" },
+      m.group && !m.outgoing ? h("p", { class: "msg-sender", "data-testid": "message-sender", dir: "auto", text: m.sender_name || m.sender }) : null,
       render(m),
       meta,
       notDelivered,

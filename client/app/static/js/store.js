@@ -8,6 +8,7 @@ export const store = {
   authFailed: false,
   chats: new Map(), // address → Chat
   messages: new Map(), // address → Map(id → Message), for chats whose history was loaded
+  groups: new Map(), // group ref → Group (members, admins), for groups whose details were loaded
   view: { screen: "home", chat: null },
   welcome: false, // just joined: show the address screen first
   seq: 0, // counts live changes, so a snapshot fetched earlier never overwrites a newer event
@@ -44,7 +45,7 @@ export function connectionState() {
   return store.state?.connection || "offline";
 }
 
-/** Open a screen: `screen` one of home, chat, contacts, devices, settings, verify, welcome. */
+/** Open a screen: `screen` one of home, chat, group, contacts, devices, settings, verify, welcome. */
 export function go(screen, chat = null) {
   store.view = { screen, chat };
   emit("view", store.view);
