@@ -22,6 +22,13 @@ from .errors import (
     RemoteProtocolError,
     TransportError,
 )
+from .fanout import (
+    KEYS_MULTI_ANSWER_MAX,
+    KEYS_MULTI_PATH,
+    MULTI_PATH,
+    KeysMultiAnswer,
+    KeysMultiQuery,
+)
 from .signing import H_SIG, Descriptor, NodeKey, b64e, sign_request, verify_response
 from .wire import (
     MAX_BATCH_BYTES,
@@ -93,6 +100,21 @@ class PeerTransport:
         data = await self._signed_post(base_url, BATCH_PATH, dest, created, body)
         return BatchResult.decode(data)
 
+    async def post_multi(self, base_url: str, dest: str, created: int, body: bytes) -> BatchResult:
+        """POST an encoded :class:`federation.fanout.MultiBatch` (§11.4); the answer has the
+        shape of a batch's. A retry signs the same bytes again with a fresh nonce."""
+        data = await self._signed_post(base_url, MULTI_PATH, dest, created, body)
+        return BatchResult.decode(data)
+
+    async def query_keys_multi(
+        self, base_url: str, dest: str, created: int, query: KeysMultiQuery
+    ) -> KeysMultiAnswer:
+        """One key query for many names on ``dest`` (§11.4); answers up to 4 MiB."""
+        data = await self._signed_post(
+            base_url, KEYS_MULTI_PATH, dest, created, query.encode(), KEYS_MULTI_ANSWER_MAX
+        )
+        return KeysMultiAnswer.decode(data)
+
     async def query_keys(
         self, base_url: str, dest: str, created: int, name: str, claim: bool
     ) -> dict[str, Any]:
@@ -120,14 +142,20 @@ class PeerTransport:
         await self._signed_post(base_url, BLOB_DONE_PATH, dest, created, release.encode())
 
     async def _signed_post(
-        self, base_url: str, path: str, dest: str, created: int, body: bytes
+        self,
+        base_url: str,
+        path: str,
+        dest: str,
+        created: int,
+        body: bytes,
+        max_answer: int = MAX_BATCH_BYTES,
     ) -> bytes:
         # Sign the request target exactly as sent: ``path`` goes on the wire unchanged
         # (encoded=True stops any re-quoting), and the receiver verifies its raw path (§4.4).
         req = sign_request(self.key, "POST", path, dest, body, created)
         headers = req.to_headers() | {"Content-Type": CONTENT_TYPE}
         url = yarl.URL(base_url + path, encoded=True)
-        data, resp_sig = await self._request_with_sig("POST", url, body, headers)
+        data, resp_sig = await self._request_with_sig("POST", url, body, headers, max_answer)
         if resp_sig is None:
             raise MalformedFrame("unsigned response")
         if len(data) > OFF_LOOP_BYTES:  # a blob chunk: hashing 1 MiB would stall the loop
@@ -145,7 +173,12 @@ class PeerTransport:
         return data
 
     async def _request_with_sig(
-        self, method: str, url: str | yarl.URL, body: bytes | None, headers: Any
+        self,
+        method: str,
+        url: str | yarl.URL,
+        body: bytes | None,
+        headers: Any,
+        max_answer: int = MAX_BATCH_BYTES,
     ) -> tuple[bytes, str | None]:
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -153,7 +186,7 @@ class PeerTransport:
                 async with self.session.request(
                     method, url, data=body, headers=headers, timeout=timeout
                 ) as resp:
-                    data = await _read_all(resp.content, MAX_BATCH_BYTES)
+                    data = await _read_all(resp.content, max_answer)
                     if resp.status >= 400:
                         raise _remote_error(resp.status, data)
                     return data, resp.headers.get(H_SIG)

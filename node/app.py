@@ -27,6 +27,7 @@ from federation.errors import (
     TransportError,
 )
 from federation.ids import Address
+from federation.multi import FEATURE as MULTI_FEATURE
 from federation.replay import NonceWindow, TokenBucket
 from federation.signing import Descriptor, NodeKey, Rotation
 from federation.transport import PeerTransport, RemoteError
@@ -39,6 +40,7 @@ from .blob_api import FEATURE as BLOBS_FEATURE
 from .blob_api import BlobApi
 from .blobs import BLOB_EPOCHS_NAME, BLOBS_DIR, MIB, BlobStore
 from .config import DB_NAME, EPOCH_KEYS_NAME, NodeConfig
+from .fanout import KeysFanout
 from .lan import LanService
 from .linktokens import LinkTokens
 from .mailbox import Mailboxes
@@ -183,6 +185,7 @@ class Node:
             self.metrics,
         )
         self.blob_api = BlobApi(self)
+        self.keys_fanout = KeysFanout(self)  # batched key queries (node/fanout.py)
         self.session: aiohttp.ClientSession | None = None
         self.transport: PeerTransport | None = None
         self._peers: PeerDirectory | None = None
@@ -402,8 +405,14 @@ class Node:
             },
             rotations=self.rotations,
             challenge=challenge,
-            features=(BLOBS_FEATURE,) if self.blobs_enabled else (),
+            features=self.features,
         ).sign(self.key)
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """Optional protocol parts served here: the descriptor's and the challenge's list."""
+        out = (BLOBS_FEATURE,) if self.blobs_enabled else ()
+        return (*out, MULTI_FEATURE) if self.config.multi else out
 
     async def local_keys(
         self, name: str, claim: bool
@@ -467,6 +476,10 @@ class Node:
         app.router.add_get("/.well-known/haven/node", partial(federation_api.descriptor, self))
         app.router.add_post("/haven/v1/federation/batch", partial(federation_api.batch, self))
         app.router.add_post("/haven/v1/federation/keys", partial(federation_api.keys, self))
+        app.router.add_post("/haven/v1/federation/multi", partial(federation_api.multi, self))
+        app.router.add_post(
+            "/haven/v1/federation/keys_multi", partial(federation_api.keys_multi, self)
+        )
         app.router.add_post("/haven/v1/federation/blob", partial(federation_api.blob, self))
         app.router.add_post(
             "/haven/v1/federation/blob_done", partial(federation_api.blob_done, self)

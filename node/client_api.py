@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
@@ -34,7 +35,9 @@ from federation.errors import (
     TooLarge,
     Unauthorized,
 )
+from federation.fanout import check_unique
 from federation.ids import Address, valid_name
+from federation.multi import compose
 from federation.signing import device_auth_message, verify_detached
 from federation.wire import PROTOCOL_VERSION, Envelope
 
@@ -42,6 +45,7 @@ from .admission import PREAUTH_FRAMES, Conn
 from .blob_api import BlobRequests
 from .delivery import DeliveryWindow
 from .guard import WriteQueue, conn_of, send_frames
+from .outbox import MultiSub
 
 if TYPE_CHECKING:
     from .app import Node
@@ -259,7 +263,11 @@ class ClientSession:
     async def serve(self) -> None:
         self.send(
             F.Challenge(
-                self.node.key.node_id, self.challenge, PROTOCOL_VERSION, self.node.clock.now_ms()
+                self.node.key.node_id,
+                self.challenge,
+                PROTOCOL_VERSION,
+                self.node.clock.now_ms(),
+                self.node.features,
             )
         )
         writer = asyncio.create_task(self.writer())
@@ -346,6 +354,10 @@ class ClientSession:
                 await self.on_publish(frame)
             case F.QueryKeys():
                 await self.on_query(frame)
+            case F.SendMulti():
+                await self.on_send_multi(frame)
+            case F.QueryKeysMulti():
+                await self.on_query_multi(frame)
             case F.BlobNew() | F.BlobPut() | F.BlobGet() | F.BlobDone():
                 await self._blob_requests().submit(frame)  # node/blob_api.py
             case _:
@@ -579,17 +591,54 @@ class ClientSession:
 
     async def on_send(self, f: F.Send) -> None:
         node = self.node
-        now = node.clock.now_ms()
-        if not node.rates.take("send:" + self.account, now, cost=len(f.items)):
-            from federation.errors import RateLimited
-
+        if not node.rates.take("send:" + self.account, node.clock.now_ms(), cost=len(f.items)):
             raise RateLimited("sending too fast")
+        await self._submit(f.rid, f.items)
+
+    async def on_send_multi(self, f: F.SendMulti) -> None:
+        """One upload for many recipient devices (docs/protocol.md §11.3): each recipient's
+        envelope is composed here and handled exactly like a ``send`` item (rates charged per
+        recipient); the composed envelopes for one peer node that lists ``"multi"`` leave
+        as one ``/federation/multi`` request (node/outbox.py)."""
+        node = self.node
+        if not node.config.multi:  # served as a node without the feature
+            raise F.UnknownFrameType("unknown frame type", f.rid)
+        check_unique(r for _, recips in f.dests for r in recips)
+        n = sum(len(recips) for _, recips in f.dests)
+        if not node.rates.take("send:" + self.account, node.clock.now_ms(), cost=n):
+            raise RateLimited("sending too fast")
+        items = [
+            (dest, Envelope(eid, mailbox, f.expires, compose(f.eph, hdr, f.body)))
+            for dest, recips in f.dests
+            for eid, mailbox, hdr in recips
+        ]
+        node.metrics.event("multi.submissions")
+        node.metrics.event("multi.recipients", n)
+        await self._submit(f.rid, items, MultiSub(f.eph, f.body))
+
+    async def on_query_multi(self, f: F.QueryKeysMulti) -> None:
+        """Keys of many addresses at once: one federation call per remote node (node/fanout.py)."""
+        if not self.node.config.multi:  # served as a node without the feature
+            raise F.UnknownFrameType("unknown frame type", f.rid)
+        results = await self.node.keys_fanout.query(self.account, f.addresses, f.claim)
+        self.send(F.KeysMulti(f.rid, tuple(results)))
+
+    async def _submit(
+        self,
+        rid: int,
+        items: Iterable[tuple[str, Envelope]],
+        sub: MultiSub | None = None,
+    ) -> None:
+        """Admit, store or queue, and answer ``accepted`` once each envelope is durable."""
+        node = self.node
+        now = node.clock.now_ms()
         local: list[Envelope] = []
         remote: list[tuple[str, Envelope]] = []
         rejected: list[tuple[bytes, str]] = []
         if node.role is not None:  # registered or pinned through another worker: ask the store
-            await node.learn(f.items)
-        for dest, env in f.items:
+            items = list(items)
+            await node.learn(items)
+        for dest, env in items:
             env, code = node.admit(env, now)
             if code is None and dest == node.key.node_id:
                 code = node.admit_local(env)
@@ -606,7 +655,13 @@ class ClientSession:
                 node.metrics.error("client", code)
                 rejected.append((env.id, code))
         local_futs = node.mailboxes.submit_local(local)
-        remote_futs = node.mailboxes.submit_outbox(remote)
+        if sub is not None and remote:  # the sender may post these as one request per node
+            for dest in {d for d, _ in remote}:
+                node.outbox.ensure(dest)
+            with node.outbox.multi_submission(sub):
+                remote_futs = node.mailboxes.submit_outbox(remote)
+        else:
+            remote_futs = node.mailboxes.submit_outbox(remote)
         node.metrics.event("client.envelopes_in", len(local) + len(remote))
         node.quotas.watch(remote, remote_futs)  # a failed commit frees its quota
         futs = local_futs + remote_futs
@@ -615,12 +670,12 @@ class ClientSession:
         # frames pipeline into the same group commit instead of one commit each.
         warnings = node.peers.key_warnings(dest for dest, _ in remote)  # queued anyway (§5.4)
         if not futs:
-            self.send(F.Accepted(f.rid, (), tuple(rejected), warnings))
+            self.send(F.Accepted(rid, (), tuple(rejected), warnings))
             return
         # One done callback per envelope instead of a task and a gather per frame: the frames
         # of one group commit are all answered in the same loop pass, so the writer sends
         # their ``accepted`` answers in one write.
-        answer = _SendAnswer(self, f.rid, futs, ids, rejected, warnings)
+        answer = _SendAnswer(self, rid, futs, ids, rejected, warnings)
         self._answers.add(answer)
         for fut in futs:
             fut.add_done_callback(answer.one_done)

@@ -75,6 +75,9 @@ class NodeConfig:
     max_file_mb: int = 100  # largest file (plaintext MiB; its padded ciphertext may be 12.5% more)
     max_blob_mb_per_account: int = 300  # bytes in flight per account (memory only)
     max_blob_store_mb: int = 2048  # node-wide cap on HOME/blobs, fetched copies included
+    # groups: multi-recipient submission and batched key queries (docs/protocol.md §11.3-11.4);
+    # false = serve as a node without the feature (no advert, its frames and endpoints refused)
+    multi: bool = True
     # logs
     log_lines_per_minute: int = 120  # per kind of error line; the rest are counted
     log_format: str = "text"  # "text" or "json": one JSON object per line (node/logs.py)

@@ -1,5 +1,5 @@
-"""Federation API: signed descriptor, envelope batches, key queries and blob fetches
-(docs/protocol.md §4, §10).
+"""Federation API: signed descriptor, envelope batches, key queries, blob fetches and group
+fan-out (docs/protocol.md §4, §10, §11.4).
 
 Checks run cheapest first and all before anything is stored: size, version, destination,
 clock skew (against *our* clock; the sender stamps requests in our clock), rate, origin key,
@@ -10,16 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from federation.errors import (
     HavenError,
+    NotFound,
     RateLimited,
     TooLarge,
     Unsupported,
     WrongDestination,
+)
+from federation.fanout import (
+    KEYS_MULTI_QUERY_MAX,
+    MULTI_BODY_MAX,
+    KeysMultiAnswer,
+    KeysMultiQuery,
+    MultiBatch,
 )
 from federation.signing import (
     H_SIG,
@@ -38,6 +46,7 @@ from federation.wire import (
     BlobRelease,
     Envelope,
     KeyQuery,
+    check_envelopes,
     packb,
 )
 
@@ -143,13 +152,33 @@ async def batch(node: Node, request: web.Request) -> web.Response:
         decoded = Batch.decode(body)
     except HavenError as exc:
         return error_response(node, exc)
+    return await _take(node, req, list(decoded.envelopes))
+
+
+async def multi(node: Node, request: web.Request) -> web.Response:
+    """One submission's recipients on this node (§11.4): checked exactly as a batch (same
+    order, rates and replay window), then each composed envelope is taken like a batch's."""
+    try:
+        if not node.config.multi:  # served as a node without the feature
+            raise NotFound("no such endpoint")
+        req, body = await authenticate(node, request, MULTI_BODY_MAX)
+        envs = MultiBatch.decode(body).envelopes()
+        check_envelopes(envs)
+    except HavenError as exc:
+        return error_response(node, exc)
+    node.metrics.event("multi.requests_in")
+    return await _take(node, req, envs)
+
+
+async def _take(node: Node, req: SignedRequest, envs: list[Envelope]) -> web.Response:
+    """Admit and store envelopes for mailboxes here; answer the signed batch result."""
     await node.peers.seen(req.origin)
     if node.role is not None:  # registered through another worker: ask the store
-        await node.learn((node.key.node_id, env) for env in decoded.envelopes)
+        await node.learn((node.key.node_id, env) for env in envs)
     now = node.clock.now_ms()
     good: list[Envelope] = []
     rejected: list[tuple[bytes, str]] = []
-    for env in decoded.envelopes:
+    for env in envs:
         env, code = node.admit(env, now)
         if code is None:
             code = node.admit_local(env)
@@ -185,6 +214,32 @@ async def keys(node: Node, request: web.Request) -> web.Response:
     )
     node.metrics.request("in", "ok")
     return signed(node, req, answer)
+
+
+async def keys_multi(node: Node, request: web.Request) -> web.Response:
+    """Keys of many users here in one request (§11.4): one ``fedkeys`` token per call, one
+    claimed key per hosted device as ``/keys``; a missing name gets ``not_found`` alone."""
+    try:
+        if not node.config.multi:  # served as a node without the feature
+            raise NotFound("no such endpoint")
+        req, body = await authenticate(node, request, KEYS_MULTI_QUERY_MAX)
+        query = KeysMultiQuery.decode(body)
+        if not node.rates.take("fedkeys:" + req.origin, node.clock.now_ms()):
+            raise RateLimited("too many key queries from this peer")
+        await node.peers.seen(req.origin)
+        rows: list[Any] = []
+        for name in query.names:
+            try:
+                dl, claimed = await node.local_keys(name, query.claim)
+            except NotFound:
+                rows.append((name, None, {}, NotFound.code))
+            else:
+                rows.append((name, dl, claimed, ""))
+    except HavenError as exc:
+        return error_response(node, exc)
+    node.metrics.event("keys_multi.requests_in")
+    node.metrics.request("in", "ok")
+    return signed(node, req, KeysMultiAnswer(tuple(rows)).encode())
 
 
 async def blob(node: Node, request: web.Request) -> web.Response:

@@ -31,12 +31,15 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from federation.backoff import Backoff, EnvelopeHolds
 from federation.clock import Clock
 from federation.errors import ClockSkew, HavenError, RateLimited
+from federation.fanout import MultiBatch
+from federation.multi import COPY_OVERHEAD, EPH_LEN, FEATURE, MAX_RECIPIENTS
 from federation.transport import PeerTransport, RemoteError
 from federation.wire import MAX_BATCH_BYTES, Batch, BatchResult, Envelope
 
@@ -140,6 +143,16 @@ def _page_rows(d: _Dest, inflight: int) -> int:
     return BATCH_SIZE * inflight if d.wide else BATCH_SIZE
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class MultiSub:
+    """One multi-recipient submission (docs/protocol.md §11.3), as the sender sees it: the
+    shared parts of the envelopes composed from it. Compared by identity: the envelopes a
+    hot run holds that name the same submission go to their node as one ``/multi`` request."""
+
+    eph: bytes
+    body: bytes
+
+
 @dataclass
 class _Dest:
     backoff: Backoff = field(default_factory=Backoff)
@@ -155,6 +168,7 @@ class _Dest:
     rewind: bool = False  # a hot run gave rows up: the next pass starts at the head
     hot_open: bool = False
     hot: dict[bytes, Envelope] = field(default_factory=dict)  # taken, not posted yet
+    subs: dict[bytes, MultiSub] = field(default_factory=dict)  # hot ids of a multi submission
     flight: set[bytes] = field(default_factory=set)  # taken, posted, no answer yet
     wide: bool = True  # the last page split into several requests: read k batches' worth
     failing: bool = False  # for logging state changes only
@@ -196,6 +210,16 @@ class OutboxSender:
         # only while it holds that destination's lock; rows other workers commit for it are
         # sent by the holder, woken through its notification (node/pg_bus.py).
         self.locks: DestLocks | None = None
+        self._sub: MultiSub | None = None  # the submission take() is called for, if any
+
+    @contextlib.contextmanager
+    def multi_submission(self, sub: MultiSub) -> Iterator[None]:
+        """Envelopes :meth:`take` takes meanwhile are composed from ``sub``."""
+        self._sub = sub
+        try:
+            yield
+        finally:
+            self._sub = None
 
     def wake(self, dest: str) -> None:
         """New committed rows for ``dest``: start or nudge its worker."""
@@ -207,6 +231,12 @@ class OutboxSender:
             self._tg.create_task(self._worker(dest, d))
         d.wake.set()
         d.kick.set()
+
+    def ensure(self, dest: str) -> None:
+        """Start ``dest``'s worker if it has none yet, so that envelopes for it can go the hot
+        lane from the first one on (a multi submission's ``/multi`` request needs that)."""
+        if dest not in self.dests:
+            self.wake(dest)
 
     def take(self, dest: str, env: Envelope) -> bool:
         """Take ``env`` to post from memory (:class:`node.mailbox.HotLane`): into the open hot
@@ -225,6 +255,8 @@ class OutboxSender:
             d.kick.set()
         if env.id not in d.hot and env.id not in d.flight:
             d.hot[env.id] = env
+            if self._sub is not None:
+                d.subs[env.id] = self._sub
         return True
 
     def peer_seen(self, dest: str) -> None:
@@ -363,18 +395,18 @@ class OutboxSender:
 
     async def _hot_run(self, dest: str, d: _Dest) -> bool:
         """Post what :meth:`take` took, as stored rows would go (bounded batches; several at
-        once only in lanes that share no mailbox), until nothing is held. True if the peer
-        accepted all of it; otherwise what is still held goes the stored way."""
+        once only in lanes that share no mailbox), until nothing is held. The envelopes of one
+        multi-recipient submission go as one ``/multi`` request to a peer that lists
+        ``"multi"`` (:meth:`_next_requests`). True if the peer accepted all of it; otherwise
+        what is still held goes the stored way (``/batch``)."""
         while d.hot:
-            k = self.peers.max_inflight(dest)
-            page = [(0, env) for env in itertools.islice(d.hot.values(), BATCH_SIZE * k)]
-            lanes, consumed = _plan(page, _NO_HOLDS, 0, set(), k)
-            for _, env in page[:consumed]:
-                del d.hot[env.id]
-                d.flight.add(env.id)
-            results = await asyncio.gather(
-                *(self._post(dest, envs) for envs in lanes), return_exceptions=True
-            )
+            if d.subs:  # the peer's features decide how a submission goes: know them first
+                with contextlib.suppress(HavenError):
+                    await self.peers.ensure_measured(dest)
+            if not d.hot:  # given up meanwhile
+                break
+            requests = self._next_requests(dest, d)
+            results = await asyncio.gather(*requests, return_exceptions=True)
             accepted: set[bytes] = set()
             failure: HavenError | None = None
             for res in results:
@@ -406,6 +438,38 @@ class OutboxSender:
         d.hot_open = False
         return True
 
+    def _next_requests(self, dest: str, d: _Dest) -> list[Coroutine[Any, Any, BatchResult]]:
+        """The next requests of a hot run, in submission order: the held envelopes of one
+        multi submission (a peer with ``"multi"``: one ``/multi`` request), or the batches
+        of the envelopes up to the next such submission. Moves them from hot to flight."""
+        multi = FEATURE in self.peers.features(dest)
+        first = next(iter(d.hot))
+        sub = d.subs.get(first) if multi else None
+        if sub is not None:
+            envs = list(
+                itertools.takewhile(
+                    lambda e: d.subs.get(e.id) is sub,
+                    itertools.islice(d.hot.values(), MAX_RECIPIENTS),
+                )
+            )
+            self._to_flight(d, envs)
+            return [self._post_multi(dest, sub, envs)]
+        k = self.peers.max_inflight(dest)
+        held: Iterable[Envelope] = d.hot.values()
+        if multi:
+            held = itertools.takewhile(lambda e: e.id not in d.subs, held)
+        page = [(0, env) for env in itertools.islice(held, BATCH_SIZE * k)]
+        lanes, consumed = _plan(page, _NO_HOLDS, 0, set(), k)
+        self._to_flight(d, [env for _, env in page[:consumed]])
+        return [self._post(dest, envs) for envs in lanes]
+
+    @staticmethod
+    def _to_flight(d: _Dest, envs: list[Envelope]) -> None:
+        for env in envs:
+            del d.hot[env.id]
+            d.subs.pop(env.id, None)
+            d.flight.add(env.id)
+
     def _hot_close(self, d: _Dest) -> None:
         """End the hot run: what it still holds is committed and goes the stored way (from
         the head of the queue: the walk may have passed such rows while the run held them)."""
@@ -413,6 +477,7 @@ class OutboxSender:
         held = [*d.flight, *d.hot]
         d.flight.clear()
         d.hot.clear()
+        d.subs.clear()
         if held:
             d.rewind = True
             self.mailboxes.hot_unsent(held)
@@ -542,12 +607,42 @@ class OutboxSender:
 
         self.mailboxes.delete_outbox(ids).add_done_callback(committed)
 
+    async def _post_multi(self, dest: str, sub: MultiSub, envs: list[Envelope]) -> BatchResult:
+        """POST one submission's envelopes for ``dest`` as one ``/multi`` request (§11.4).
+        A peer that answers ``not_found`` no longer serves it: its features are re-read with
+        its next descriptor, and meanwhile its envelopes go as batches."""
+        multi = MultiBatch(
+            sub.eph,
+            envs[0].expires,  # admitted together: one expiry for all
+            sub.body,
+            tuple((e.id, e.to, e.body[EPH_LEN:COPY_OVERHEAD]) for e in envs),
+        )
+        body = multi.encode()
+        try:
+            result = await self._call(dest, body, self.transport.post_multi)
+        except RemoteError as exc:
+            if exc.code == "not_found":
+                self.peers.drop_feature(dest, FEATURE)
+            raise
+        self.metrics.event("multi.requests_out")
+        return result
+
     async def _post(self, dest: str, envs: list[Envelope]) -> BatchResult:
         """POST one signed batch through the peer's locators; re-measure its clock once."""
         body = Batch(tuple(envs)).encode()  # once: every retry below re-signs only (§4.2)
+        return await self._call(dest, body, self.transport.post_encoded_batch)
+
+    async def _call(
+        self,
+        dest: str,
+        body: bytes,
+        method: Callable[[str, str, int, bytes], Awaitable[BatchResult]],
+    ) -> BatchResult:
+        """POST ``body`` with ``method`` through the peer's locators; re-measure its clock
+        once."""
 
         async def post(url: str) -> BatchResult:
-            return await self.transport.post_encoded_batch(url, dest, self.peers.stamp(dest), body)
+            return await method(url, dest, self.peers.stamp(dest), body)
 
         try:
             try:

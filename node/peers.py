@@ -119,6 +119,18 @@ class PeerDirectory:
         st = self.state.get(node_id)
         return 1 if st is None else st.inflight
 
+    def features(self, node_id: str) -> tuple[str, ...]:
+        """The optional protocol parts ``node_id``'s last descriptor listed (§4.1)."""
+        st = self.state.get(node_id)
+        return () if st is None else st.features
+
+    def drop_feature(self, node_id: str, feature: str) -> None:
+        """``node_id`` no longer serves ``feature`` (it answered ``not_found``): until its
+        next descriptor is read, act as if it did not list it."""
+        st = self.state.get(node_id)
+        if st is not None:
+            st.features = tuple(f for f in st.features if f != feature)
+
     def _measured(self, node_id: str, fetched: FetchedDescriptor) -> PeerState:
         st = self.st(node_id)
         st.offset_ms, st.measured, st.key_changed = fetched.offset_ms, True, False
