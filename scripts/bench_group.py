@@ -250,7 +250,10 @@ class Member:
         self.kinds[kind] += 1
         if kind == "group_key":
             gk = unpackb(p["gkey"], max_len=len(p["gkey"]))
-            sess = vz.InboundGroupSession(vz.SessionKey(gk["k"]))
+            try:
+                sess = vz.InboundGroupSession(vz.SessionKey(gk["k"]))
+            except Exception:  # noqa: BLE001 - an exported key (vodozemac's errors unexported)
+                sess = vz.InboundGroupSession.import_session(vz.ExportedSessionKey(gk["k"]))
             self.inbound[(sc.sender_device, str(gk["s"]))] = sess
             held, self.held = self.held, []
             for inner in held:
@@ -424,6 +427,8 @@ class ByteCounter:
         self.frames: Counter[str] = Counter()
         self.body = 0  # group body bytes of send_multi frames
         self.recipients = 0
+        self.t0 = time.perf_counter()
+        self.times: dict[str, list[float]] = {}  # frame type -> [first, last] sent, since reset
         orig = ws.send_bytes
 
         async def send_bytes(data: bytes, *a: Any, **k: Any) -> None:
@@ -431,6 +436,8 @@ class ByteCounter:
             with contextlib.suppress(HavenError, ValueError):
                 fr = F.decode_frame(data)
                 self.frames[fr.T] += 1
+                now = time.perf_counter() - self.t0
+                self.times.setdefault(fr.T, [now, now])[1] = now
                 if isinstance(fr, F.SendMulti):
                     self.body += len(fr.body)
                     self.recipients += sum(len(r) for _, r in fr.dests)
@@ -443,6 +450,12 @@ class ByteCounter:
     def reset(self) -> None:
         self.sent, self.body, self.recipients = 0, 0, 0
         self.frames.clear()
+        self.times.clear()
+        self.t0 = time.perf_counter()
+
+    def timeline(self) -> dict[str, list[float]]:
+        """When each frame type first and last went out since :meth:`reset` (s)."""
+        return {k: [round(v[0], 3), round(v[1], 3)] for k, v in self.times.items()}
 
 
 class StandIn:
@@ -611,6 +624,8 @@ async def one_size(
     addrs = [m.address for m in members]
     nodes = world.nodes
     log(f"group {label}: {n} members, sender path {sender.path}")
+    sender.bytes.reset()
+    c_setup = counters(nodes)
     t0 = time.perf_counter()
     parts = await sender.create(f"bench {label}", addrs)
     first = f"{label}-0"
@@ -625,6 +640,10 @@ async def one_size(
         raise RuntimeError(f"{missing}/{len(members)} members lack the first message; {dict(errs)}")
     setup = {
         **{k: round(v, 3) for k, v in parts.items()},
+        "frames": dict(sender.bytes.frames),
+        "frame_timeline_s": sender.bytes.timeline(),
+        "upload_bytes": sender.bytes.sent,
+        "fed_requests": node_delta(c_setup, counters(nodes))["fed_requests"],
         "first_send_accepted_s": round(t_acc - t1, 3),
         "first_message_all_decrypted_s": round(t2 - t1, 3),
     }
