@@ -699,13 +699,17 @@ async def one_size(
 async def settled(
     nodes: Sequence[NodeProc], value: Any, target: int, c0: list[dict[str, float]]
 ) -> dict[str, Any]:
-    """Node counter deltas once ``value(delta) >= target`` (or after 10 s of polling)."""
+    """Node counter deltas once ``value(delta) >= target`` and two scrapes 0.1 s apart agree
+    (a node counts a federation request when its answer is in, which can be after the
+    recipients acked), or after 10 s of polling."""
     end = time.perf_counter() + 10
+    last: dict[str, Any] | None = None
     while True:
         d = node_delta(c0, counters(nodes))
-        if value(d) >= target or time.perf_counter() > end:
+        if (value(d) >= target and d == last) or time.perf_counter() > end:
             return d
-        await asyncio.sleep(0.05)  # polling a counter with a deadline, not synchronisation
+        last = d
+        await asyncio.sleep(0.1)  # polling counters with a deadline, not synchronisation
 
 
 # ---- receipts ---------------------------------------------------------------------------------
