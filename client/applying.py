@@ -44,6 +44,7 @@ class ReceivedMessage:
     peer: str = ""
     target: bytes = b""
     forwarded: bool = False  # relayed by one of our own devices (a ``sync`` payload)
+    chat: str = ""  # a group message or state change: "group:<hex>" (and ``peer`` the same)
 
 
 Applier = Callable[[DeviceState, Any, str, bool, Payload, int], "ReceivedMessage | None"]

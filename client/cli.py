@@ -85,6 +85,11 @@ async def cmd_join(args: argparse.Namespace, dev: Device, out: Out) -> int:
 
 
 async def cmd_send(args: argparse.Namespace, dev: Device, out: Out) -> int:
+    from . import group_cli
+
+    gid = group_cli.group_target(dev, args.address)
+    if gid is not None:
+        return await group_cli.send(args, dev, out, gid)
     expires = None if args.expires is None else _duration_or_off(args.expires)
     if getattr(args, "file", None):
         return await _send_file(args, dev, out, expires)
@@ -208,7 +213,7 @@ def _msg_json(m: ReceivedMessage) -> dict[str, Any]:
         "sent_at": m.sent_at,
         "msg_id": m.msg_id.hex(),
         "kind": m.kind,
-        "chat": m.peer,
+        "chat": getattr(m, "chat", "") or m.peer,
     }
     if m.target:
         out["target"] = m.target.hex()
@@ -223,10 +228,15 @@ async def cmd_recv(args: argparse.Namespace, dev: Device, out: Out) -> int:
         if m.kind == "file":
             files.append(m)  # printed once downloaded (or not: too large)
             return
-        if m.kind not in ("text", "edit", "delete"):
+        if m.kind not in ("text", "edit", "delete", "group_state"):
             return  # receipts, profiles and timers are applied, not printed
+        chat = getattr(m, "chat", "")
         if args.json:
             out.line(json.dumps(_msg_json(m)))
+        elif chat:
+            from .group_cli import recv_line
+
+            out.line(recv_line(dev, chat, m.sender, m.text))
         elif m.kind == "text":
             out.line(f"{m.sender}: {m.text}")
         else:
@@ -339,6 +349,11 @@ def _row_json(r: HistoryRow, att: Attachment | None = None) -> dict[str, Any]:
 
 
 async def cmd_history(args: argparse.Namespace, dev: Device, out: Out) -> int:
+    from . import group_cli
+
+    gid = group_cli.group_target(dev, args.address)
+    if gid is not None:
+        return await group_cli.history(args, dev, out, gid)
     rows = dev.history(args.address)
     for r in rows:
         att = dev.state.attachment(r.msg_id)
@@ -519,6 +534,12 @@ def _new_passphrase() -> str:
     return new
 
 
+async def cmd_group(args: argparse.Namespace, dev: Device, out: Out) -> int:
+    from .group_cli import cmd_group as run
+
+    return await run(args, dev, out)
+
+
 async def cmd_passphrase(args: argparse.Namespace, dev: Device, out: Out) -> int:
     if args.remove:
         dev.state.change_passphrase(None)
@@ -546,6 +567,7 @@ COMMANDS: dict[str, Handler] = {
     "device": cmd_device,
     "whoami": cmd_whoami,
     "passphrase": cmd_passphrase,
+    "group": cmd_group,
 }
 
 
@@ -573,7 +595,7 @@ def _user_commands(sub: Any) -> None:
     )
 
     s = cmd("send", "send an end-to-end encrypted message (or a file, with --file)")
-    s.add_argument("address", help="name@host")
+    s.add_argument("address", help="name@host, or a group (group:ID, an ID prefix or its name)")
     s.add_argument("text", nargs="?", help="the message (with --file: a caption, optional)")
     s.add_argument(
         "--file", metavar="PATH", help="send this file (up to the node's limit, 100 MB by default)"
@@ -609,7 +631,7 @@ def _user_commands(sub: Any) -> None:
     dl.add_argument("--save-dir", help=save_help)
 
     h = cmd("history", "show a conversation (marks it read)")
-    h.add_argument("address")
+    h.add_argument("address", help="name@host, or a group (group:ID, an ID prefix or its name)")
     h.add_argument("--no-mark-read", action="store_true", help="leave unread messages unread")
 
     cmd("chats", "list conversations with unread counts")
@@ -652,6 +674,10 @@ def _user_commands(sub: Any) -> None:
         "--remove", action="store_true", help="store the key unprotected (not recommended)"
     )
     how.add_argument("--keyring", action="store_true", help="wrap the key by the OS keyring")
+
+    from .group_cli import add_parser as add_group_parser
+
+    add_group_parser(sub, HOME_HELP)
 
     dv = sub.add_parser("device", help="link, list and remove your devices")
     dsub = dv.add_subparsers(dest="device_cmd", required=True)
@@ -819,6 +845,10 @@ def _main(args: argparse.Namespace) -> int:
         print("error: --register ACCOUNT takes the node's URL (and no --link)", file=sys.stderr)
         return 2
     args.home = device_home(args.home)
+    if args.cmd == "group":
+        from .group_cli import prepare
+
+        prepare(args)  # scalar arguments only, for the daemon
     for path_arg in ("file", "save_dir"):  # the daemon runs elsewhere: absolute paths
         if getattr(args, path_arg, None):
             setattr(args, path_arg, os.path.abspath(os.path.expanduser(getattr(args, path_arg))))

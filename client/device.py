@@ -50,6 +50,7 @@ from federation.errors import (
     UntrustedKey,
 )
 from federation.ids import Address, new_envelope_id, new_mailbox_id
+from federation.multi import GroupInner, open_copy
 from federation.sealing import SealedContent, opener, seal, unseal
 from federation.signing import b64d, device_auth_message
 from federation.wire import Envelope, unpackb
@@ -58,6 +59,7 @@ from .applying import APPLIERS, SessionCache
 from .applying import ReceivedMessage as ReceivedMessage  # re-exported: the public API
 from .attachments import file_token
 from .connection import NodeConnection, expect
+from .groups import GroupInfo, Groups
 from .payload import Payload, device_tag
 from .state import (
     STATUS_PENDING,
@@ -198,6 +200,7 @@ class Device:
         self._provider: Callable[[], Awaitable[NodeConnection]] | None = None
         # connections the provider lent us: never closed here
         self._borrowed: weakref.WeakSet[NodeConnection] = weakref.WeakSet()
+        self.groups_engine = Groups(self)  # groups: client/groups.py
         self.state.purge_expired(self.clock.now_ms())
 
     def close(self) -> None:
@@ -500,7 +503,29 @@ class Device:
                     code="no_such_account",
                 ) from exc
             raise KeysUnavailable(f"keys for {address} unavailable ({exc.code})") from exc
-        dl = keys.device_list.open(expected_address=address)
+        contact, dl = self.pin_list(
+            address, keys.node_id, keys.device_list, accept_new_key=accept_new_key
+        )
+        return contact, dl, dict(keys.claimed)
+
+    def pin_list(
+        self,
+        address: str,
+        node_id: str,
+        signed: SignedDeviceList,
+        *,
+        accept_new_key: bool = False,
+        db: Any = None,
+    ) -> tuple[Contact, DeviceList]:
+        """Verify a served device list and pin it (TOFU on the identity key), as
+        :meth:`fetch_contact` does for one address and groups do for many at once (inside
+        their transaction ``db``, if given: one fsync for all).
+
+        Raises:
+            IdentityChanged: the identity key differs from the pinned one.
+            UntrustedKey: the list does not verify under its identity key, or rolled back.
+        """
+        dl = signed.open(expected_address=address)
         pinned = self.state.contact(address)
         verified, timer = (pinned.verified, pinned.timer_ms) if pinned else (False, 0)
         if pinned is not None and pinned.identity_key != dl.identity_key:
@@ -517,9 +542,9 @@ class Device:
         contact = Contact(
             address,
             dl.identity_key,
-            keys.node_id,
-            keys.device_list.blob,
-            keys.device_list.signature,
+            node_id,
+            signed.blob,
+            signed.signature,
             verified,
             timer,
         )
@@ -531,10 +556,12 @@ class Device:
                 timer_at=pinned.timer_at,
                 profile_sent=pinned.profile_sent,
             )
-        if contact != pinned:  # most sends see an unchanged list: skip the write (an fsync)
-            with self.state.tx() as db:
-                self.state.save_contact(db, contact)
-        return contact, dl, dict(keys.claimed)
+        if contact != pinned and db is not None:
+            self.state.save_contact(db, contact)
+        elif contact != pinned:  # most sends see an unchanged list: skip the write (an fsync)
+            with self.state.tx() as tx:
+                self.state.save_contact(tx, contact)
+        return contact, dl
 
     async def _list_for(
         self, conn: NodeConnection, address: str, fan: _Fanout
@@ -892,6 +919,7 @@ class Device:
         if forwards:  # best effort, before the ack (a crash in between loses only the forward)
             await self._forward_missed(conn, forwards)
         await conn.ack([env.id for env in envs])
+        await self.groups_engine.after_batch(conn)
         new.sort(key=lambda m: (m.sender, m.sent_at))
         await self._send_receipts(conn, new)
         if self._claims_used:  # sessions started with us used one-time keys: refill
@@ -903,16 +931,23 @@ class Device:
 
     async def _unseal_batch(
         self, conn: NodeConnection, envs: list[Envelope]
-    ) -> list[SealedContent]:
-        """Phase 1: unseal each envelope and check its sender device is on the sender's
-        signed list (fetched once per sender and batch if the pinned one lacks it)."""
+    ) -> list[SealedContent | GroupInner]:
+        """Phase 1: unseal each envelope (a body that is not a sealed box for us is tried as
+        a group copy) and check its sender device is on the sender's signed list (fetched
+        once per sender and batch if the pinned one lacks it)."""
         sealing = self._sealing()
         box = opener(sealing)  # once per batch: it derives the public key
+        sealing_pub = bytes(nacl.public.PrivateKey(sealing).public_key)
         lists: dict[str, DeviceList] = {}
-        out: list[SealedContent] = []
+        out: list[SealedContent | GroupInner] = []
         for env in envs:
             try:
-                sc = unseal(sealing, env.body, box=box)
+                sc: SealedContent | GroupInner
+                try:
+                    sc = unseal(sealing, env.body, box=box)
+                except MalformedEnvelope:
+                    sc = open_copy(sealing, sealing_pub, env.body)
+                    await self.groups_engine.prepare(conn, sc)
                 Address.parse(sc.sender)
                 dl = lists.get(sc.sender)
                 if dl is None or not any(d.device_id == sc.sender_device for d in dl.devices):
@@ -928,7 +963,7 @@ class Device:
         return out
 
     def _store_batch(
-        self, opened: list[SealedContent], forwards: list[tuple[str, Payload, bytes]]
+        self, opened: list[SealedContent | GroupInner], forwards: list[tuple[str, Payload, bytes]]
     ) -> list[ReceivedMessage]:
         """Phase 2: decrypt and apply in order, one transaction, one savepoint per envelope;
         each touched session (and the account, if a pre-key message used a one-time key) is
@@ -942,14 +977,19 @@ class Device:
                 for sc in opened:
                     db.execute("SAVEPOINT envelope")
                     try:
-                        msg = self._open_one(db, sc, me, now, cache, forwards)
+                        if isinstance(sc, GroupInner):
+                            msgs = self.groups_engine.apply_copy(db, sc, now)
+                        else:
+                            msgs = self._open_one(db, sc, me, now, cache, forwards)
                     except HavenError as exc:
                         db.execute("ROLLBACK TO envelope")
-                        log.warning("dropped an envelope that failed checks (%s)", exc.code)
-                        msg = None
+                        if isinstance(sc, GroupInner):
+                            self.groups_engine.drop(exc.code)
+                        else:
+                            log.warning("dropped an envelope that failed checks (%s)", exc.code)
+                        msgs = []
                     db.execute("RELEASE envelope")
-                    if msg is not None:
-                        new.append(msg)
+                    new.extend(msgs)
                 cache.save(db, now)
                 if cache.account_changed:
                     self._save_account(db)
@@ -966,7 +1006,7 @@ class Device:
         now: int,
         cache: SessionCache,
         forwards: list[tuple[str, Payload, bytes]],
-    ) -> ReceivedMessage | None:
+    ) -> list[ReceivedMessage]:
         """Decrypt and apply one envelope. A payload from someone else that names the devices
         it reached (``devs``) is appended to ``forwards`` for :meth:`_forward_missed`."""
         payload_bytes = self._decrypt_cached(sc, cache)
@@ -977,11 +1017,17 @@ class Device:
         if p.kind == "sync":
             if not own:
                 raise UntrustedKey("a sync payload is accepted only from our own devices")
-            return self._apply_sync(db, p, now)
+            synced = self._apply_sync(db, p, now)
+            return [] if synced is None else [synced]
+        if p.kind == "group_key":  # a Megolm session key, bound to the Olm sender device
+            return self.groups_engine.apply_key(db, sc.sender, sc.sender_device, p, now)
+        if p.kind == "group_join":
+            self.groups_engine.apply_join(db, sc.sender, p, now)
+            return []
         msg = self._apply(db, sc.sender, own, p, now)
         if not own and p.devs:
             forwards.append((sc.sender, p, payload_bytes))
-        return msg
+        return [] if msg is None else [msg]
 
     async def _forward_missed(
         self, conn: NodeConnection, forwards: list[tuple[str, Payload, bytes]]
@@ -1023,7 +1069,7 @@ class Device:
             return
         me = self.address
         for m in new:
-            if m.kind in ("text", "file") and m.sender != me and not m.forwarded:
+            if m.kind in ("text", "file") and m.sender != me and not m.forwarded and not m.chat:
                 self._receipts.setdefault(m.sender, []).append(m.msg_id)
         if not conn.deliveries.empty() and sum(map(len, self._receipts.values())) < 500:
             return  # more is already queued: one receipt will cover it all
@@ -1164,6 +1210,93 @@ class Device:
             return await self.flush_outbox(c)
         finally:
             await self.release(c)
+
+    # ---- groups (client/groups.py) -----------------------------------------------------------
+
+    async def group_create(
+        self, name: str, members: list[str], *, conn: NodeConnection | None = None
+    ) -> GroupInfo:
+        """Create a group with us as its admin and ``members`` (addresses) in it."""
+        return await self.groups_engine.create(name, members, conn=conn)
+
+    async def group_add(
+        self, gid: bytes, address: str, *, conn: NodeConnection | None = None
+    ) -> GroupInfo:
+        """Add a member (admins only). They do not get earlier messages."""
+        return await self.groups_engine.change(gid, conn=conn, add=[address])
+
+    async def group_remove(
+        self, gid: bytes, address: str, *, conn: NodeConnection | None = None
+    ) -> GroupInfo:
+        """Remove a member (admins only); every sender starts a new session next time."""
+        return await self.groups_engine.change(gid, conn=conn, remove=[address])
+
+    async def group_set_admin(
+        self, gid: bytes, address: str, on: bool, *, conn: NodeConnection | None = None
+    ) -> GroupInfo:
+        """Promote (``on``) or demote a member (admins only)."""
+        return await self.groups_engine.change(gid, conn=conn, admin=(address, on))
+
+    async def group_rename(
+        self, gid: bytes, name: str, *, conn: NodeConnection | None = None
+    ) -> GroupInfo:
+        """Rename a group (admins only)."""
+        return await self.groups_engine.change(gid, conn=conn, rename=name)
+
+    async def group_leave(self, gid: bytes, *, conn: NodeConnection | None = None) -> GroupInfo:
+        """Leave a group (we sign our own removal)."""
+        return await self.groups_engine.change(gid, conn=conn, leave=self.address)
+
+    async def group_invite(self, gid: bytes, *, uses: int = 1, ttl_ms: int = 7 * 86_400_000) -> str:
+        """An invite code (``haven:group:…``) for ``uses`` joins until ``ttl_ms`` from now."""
+        return self.groups_engine.invite(gid, uses=uses, ttl_ms=ttl_ms)
+
+    async def group_join(self, code: str, *, conn: NodeConnection | None = None) -> dict[str, Any]:
+        """Redeem an invite code: asks the inviting admin's devices to add us."""
+        return await self.groups_engine.join(code, conn=conn)
+
+    def groups(self) -> list[GroupInfo]:
+        """Every group this device knows."""
+        return self.groups_engine.all()
+
+    def group(self, gid: bytes) -> GroupInfo | None:
+        """One group (None if this device does not know it)."""
+        return self.groups_engine.info(gid)
+
+    def resolve_group(self, ref: str) -> bytes:
+        """``group:<hex>``, an id prefix or a unique name → group id (GroupError
+        ``unknown_group`` / ``ambiguous_group``)."""
+        return self.groups_engine.resolve(ref)
+
+    async def group_send(
+        self,
+        gid: bytes,
+        text: str,
+        *,
+        conn: NodeConnection | None = None,
+        ttl_ms: int = DEFAULT_TTL_MS,
+    ) -> SendResult:
+        """Send a text to every member device, one upload (docs/protocol.md §12)."""
+        return await self.groups_engine.send_text(gid, text, conn=conn, ttl_ms=ttl_ms)
+
+    def group_history(self, gid: bytes) -> list[HistoryRow]:
+        """A group's messages (``peer`` = ``group:<hex>``)."""
+        self.state.purge_expired(self.clock.now_ms())
+        return self.groups_engine.history(gid)
+
+    def group_counts(self, gid: bytes) -> dict[bytes, tuple[tuple[str, ...], int]]:
+        """Per message of the group: ``(unread_members, receipts_hidden)``."""
+        return self.groups_engine.counts(gid)
+
+    async def group_mark_read(self, gid: bytes, *, conn: NodeConnection | None = None) -> int:
+        """Mark a group read and send one watermark upload; returns rows newly read."""
+        return await self.groups_engine.mark_read(gid, conn=conn)
+
+    async def group_readers(
+        self, gid: bytes, *, conn: NodeConnection | None = None
+    ) -> list[dict[str, Any]]:
+        """Who can read this group: ``[{"address", "device_id", "verified", "changed"}]``."""
+        return await self.groups_engine.readers(gid, conn=conn)
 
     # ---- profile and nicknames ---------------------------------------------------------------
 

@@ -36,7 +36,7 @@ DB_FILE = "device.db"
 KEYS_FILE = "device.keys"
 V1_KEY_FILE = "device.key"
 SQLITE_MAGIC = b"SQLite format 3\x00"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Schema 2 -> 3 (the app): profiles, shared timers, the durable outbox, per-client cursors.
 SCHEMA_V3 = (
     "ALTER TABLE contacts ADD COLUMN display_name TEXT NOT NULL DEFAULT ''",
@@ -59,6 +59,27 @@ SCHEMA_V4 = (
     "local BLOB NOT NULL, state TEXT NOT NULL, error TEXT NOT NULL DEFAULT '')",
     "CREATE TABLE uploads (blob BLOB PRIMARY KEY, record BLOB NOT NULL, "
     "slot INTEGER NOT NULL, created INTEGER NOT NULL)",
+)
+# Schema 4 -> 5 (groups, client/groups.py): per group its book of signed states (the chain every
+# member device verifies, client/group_state.py), the read watermarks and when each member joined;
+# our Megolm sessions (outbound per group, inbound per sender device and session with its window
+# of seen indices); hashes of the invite secrets we issued; group copies waiting for their session
+# key. Books, watermarks, pickles and waiting copies are sealed under the storage key; group ids
+# stay bare (random, and the database is encrypted as a whole).
+SCHEMA_V5 = (
+    "CREATE TABLE groups (gid BLOB PRIMARY KEY, joined_at INTEGER NOT NULL, "
+    "active INTEGER NOT NULL DEFAULT 1, rotate INTEGER NOT NULL DEFAULT 0, "
+    "book BLOB NOT NULL, marks BLOB NOT NULL, since BLOB NOT NULL)",
+    "CREATE TABLE group_outbound (gid BLOB PRIMARY KEY, pickle BLOB NOT NULL)",
+    "CREATE TABLE group_inbound (sender_device TEXT NOT NULL, session_id TEXT NOT NULL, "
+    "gid BLOB NOT NULL, sender TEXT NOT NULL, pickle BLOB NOT NULL, "
+    "PRIMARY KEY (sender_device, session_id))",
+    "CREATE TABLE group_invites (hash BLOB PRIMARY KEY, gid BLOB NOT NULL, "
+    "uses INTEGER NOT NULL, expires INTEGER NOT NULL)",
+    "CREATE TABLE group_pending (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+    "sender_device TEXT NOT NULL, session_id TEXT NOT NULL, data BLOB NOT NULL, "
+    "expires INTEGER NOT NULL)",
+    "CREATE INDEX group_pending_session ON group_pending(sender_device, session_id)",
 )
 SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL);
@@ -289,7 +310,8 @@ def _migrate_v1(home: str, keys: KeySlots, db_key: bytes, old_key: bytes) -> Non
 
 def _upgrade(db: Any, keys: KeySlots, old_key: bytes | None, new_key: bytes) -> None:
     """Schema 1 → 2: history gets a key slot per row; sealed values move to ``new_key``.
-    Schema 2 → 3: the columns and tables of :data:`SCHEMA_V3`; 3 → 4: :data:`SCHEMA_V4`.
+    Schema 2 → 3: the columns and tables of :data:`SCHEMA_V3`; 3 → 4: :data:`SCHEMA_V4`;
+    4 → 5: :data:`SCHEMA_V5`.
     One transaction for all."""
     new = nacl.secret.SecretBox(new_key)
     old = None if old_key is None else nacl.secret.SecretBox(old_key)
@@ -308,6 +330,9 @@ def _upgrade(db: Any, keys: KeySlots, old_key: bytes | None, new_key: bytes) -> 
                 db.execute(stmt)
         if version < 4:
             for stmt in SCHEMA_V4:
+                db.execute(stmt)
+        if version < 5:
+            for stmt in SCHEMA_V5:
                 db.execute(stmt)
         if version < 2 and old is not None and old_key is not None:  # a migrated v1 database
             for seq, text in db.execute("SELECT seq, text FROM history").fetchall():

@@ -5,7 +5,10 @@ message by the same sender), ``delivered`` and ``read`` receipts (listing messag
 ``sync``: a payload one of our own devices received and forwards to our devices its sender
 missed (an outdated device list), ``profile`` (the sender's display name, ``name``) and
 ``timer`` (a conversation's disappearing timer, ``expires_in``, set at ``sent_at``) and
-``file`` (an attachment: :class:`FileRef`, with ``text`` as its caption). Every
+``file`` (an attachment: :class:`FileRef`, with ``text`` as its caption). Groups
+(client/groups.py) add ``group_key`` (a Megolm session key, ``gkey``) and ``group_join`` (an
+invite secret, ``gkey``), both 1:1, and inside Megolm (``to = "group:<hex>"``) ``text`` and
+``read`` with ``wm`` (per-sender read watermarks) or ``hide`` (read receipts off). Every
 field, timers and names included, travels inside the encryption; nodes never see any of it.
 
 A kind this version does not know (a newer device's: groups, attachments) still decodes, with
@@ -24,8 +27,23 @@ from federation.wire import packb, unpackb
 
 PAYLOAD_VERSION = 1
 KINDS = frozenset(
-    {"text", "edit", "delete", "delivered", "read", "sync", "profile", "timer", "file"}
+    {
+        "text",
+        "edit",
+        "delete",
+        "delivered",
+        "read",
+        "sync",
+        "profile",
+        "timer",
+        "file",
+        "group_key",
+        "group_join",
+    }
 )
+GKEY_MAX = 4096  # group_key / group_join: the msgpack map in ``gkey``
+WM_MAX = 1000  # read watermarks in one group ``read`` payload (one per member at most)
+ADDRESS_MAX = 320
 NAME_MAX = 64  # profile: display name, in characters (longer ones are cut by the receiver)
 KIND_MAX = 32
 DEVICE_TAG_LEN = 8
@@ -125,6 +143,10 @@ class Payload:
     inner: bytes = b""  # sync: the forwarded payload, as its sender encoded it
     name: str = ""  # profile: the sender's display name
     file: FileRef | None = None  # file: the attachment
+    # group read: address -> sent_at ms ("I have read every message of this sender up to it")
+    wm: dict[str, int] = field(default_factory=dict)
+    hide: bool = False  # group read: "my read receipts are off" (counted as hidden)
+    gkey: bytes = b""  # group_key / group_join: a msgpack map (client/groups.py)
 
     @property
     def known(self) -> bool:
@@ -135,6 +157,12 @@ class Payload:
         extra: dict[str, object] = {"name": self.name} if self.name else {}
         if self.file is not None:
             extra["file"] = self.file.to_obj()
+        if self.wm:
+            extra["wm"] = dict(self.wm)
+        if self.hide:
+            extra["hide"] = True
+        if self.gkey:
+            extra["gkey"] = self.gkey
         return packb(
             {
                 **extra,
@@ -176,6 +204,9 @@ class Payload:
                 inner=bytes(obj.get("inner", b"")),
                 name=str(obj.get("name", "")),
                 file=FileRef.from_obj(obj["file"]) if "file" in obj else None,
+                wm=_watermarks(obj.get("wm", {})),
+                hide=bool(obj.get("hide", False)),
+                gkey=bytes(obj.get("gkey", b"")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedEnvelope("bad payload") from exc
@@ -187,4 +218,18 @@ class Payload:
             raise MalformedEnvelope("sync payloads, and only they, carry origin and inner")
         if (p.kind == "file") != (p.file is not None):
             raise MalformedEnvelope("file payloads, and only they, carry a file")
+        if len(p.gkey) > GKEY_MAX or (p.kind in ("group_key", "group_join")) != bool(p.gkey):
+            raise MalformedEnvelope("group key payloads, and only they, carry gkey")
         return p
+
+
+def _watermarks(obj: object) -> dict[str, int]:
+    """``wm``: at most :data:`WM_MAX` entries of address -> non-negative ms."""
+    if not isinstance(obj, dict) or len(obj) > WM_MAX:
+        raise MalformedEnvelope("bad read watermarks")
+    out: dict[str, int] = {}
+    for k, v in obj.items():
+        if not isinstance(k, str) or len(k) > ADDRESS_MAX or not isinstance(v, int) or v < 0:
+            raise MalformedEnvelope("bad read watermark")
+        out[k] = v
+    return out

@@ -171,7 +171,7 @@ def test_migration_v2_to_v3(tmp_path: Path) -> None:
     home = tmp_path / "old"
     msg_id = _v2_home(home)
     s = DeviceState(str(home), create=False)
-    assert s.db.execute("PRAGMA user_version").fetchone()[0] == devicedb.SCHEMA_VERSION == 4
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == devicedb.SCHEMA_VERSION == 5
     c = s.contact("bob@x")
     assert c is not None and c.verified and c.timer_ms == 30_000
     assert (c.display_name, c.nickname, c.timer_at, c.profile_sent) == ("", "", 0, 0)

@@ -1,0 +1,1077 @@
+"""Groups on the device: signed state, Megolm sessions, one upload per message, the "1" counter.
+
+A group lives on its members' devices, not on nodes (docs/protocol.md §12). Its state (name,
+members, admins, version) is a chain of changes, each signed by an admin's account identity key
+(:mod:`client.group_state`); every member device verifies each change and agrees on the current
+state by a total order. Messages are Megolm-encrypted (:mod:`client.megolm`): each member device
+has one outbound session per group whose key travels to every other member device over the
+existing 1:1 Olm channels (a ``group_key`` payload). The Megolm ciphertext is sealed once under a
+fresh key K, with one 48-byte header per recipient device (:mod:`federation.multi`), and
+submitted once: the home node fans it out (``send_multi``), or, when it lacks the ``multi``
+feature, the device composes each recipient's copy and sends them as ordinary envelopes.
+
+Receiving: a body that is not a sealed box for us is tried as a group copy. A state change is
+checked against the chain; a Megolm message is decrypted with the sender device's inbound
+session (duplicates dropped, replays and absurd gaps refused) and applied only if the sender is
+a current member and the payload names the session's group. A copy whose session key has not
+arrived yet waits, sealed, in a bounded table until the ``group_key`` does (keys and messages
+travel different paths). Every drop has a stable code, is logged by that code and counted in
+:attr:`Groups.drops`; nothing is changed by a dropped copy.
+
+Read receipts are per-reader watermarks (``wm``: sender → sent_at) in one group upload per read;
+the counter of every message is computed from them on every member device
+(:mod:`client.group_receipts`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from federation import frames as F
+from federation.devicelist import DeviceInfo, SignedDeviceList
+from federation.errors import (
+    HavenError,
+    IdentityChanged,
+    KeysUnavailable,
+    MalformedEnvelope,
+    RemoteProtocolError,
+    UntrustedKey,
+)
+from federation.ids import Address, new_envelope_id
+from federation.multi import (
+    FEATURE,
+    INNER_MEGOLM,
+    INNER_STATE,
+    MAX_RECIPIENTS,
+    GroupInner,
+    seal_multi,
+)
+from federation.sealing import SealedContent, seal
+from federation.wire import Envelope, packb, unpackb
+
+from . import group_state as gs
+from .applying import ReceivedMessage
+from .connection import NodeConnection, expect
+from .group_receipts import Watermarks, count_unread, watermarks_for
+from .group_state import GroupError, GroupState, SignedState, StateBook
+from .megolm import Inbound, Outbound
+from .payload import Payload
+from .state import HistoryRow
+
+if TYPE_CHECKING:
+    from .device import Device, SendResult, SendWarning
+
+log = logging.getLogger("haven.groups")
+
+MAX_GROUP_DEVICES = gs.MAX_GROUP_DEVICES  # recipient devices per group (members' and ours)
+SEND_CHUNK = 200  # items per ``send`` frame (key shares, the per-device fallback)
+QUERY_CHUNK = 1000  # addresses per ``query_keys_multi``
+PENDING_MAX = 5000  # group copies waiting for their session key (the oldest go first)
+DEFAULT_TTL_MS = 7 * 86_400_000
+INVITE_TTL_MS = 7 * 86_400_000
+REF_PREFIX = "group:"
+ref_of = gs.ref_of
+
+
+def gid_of_ref(ref: str) -> bytes | None:
+    """The group id in ``group:<hex>`` (None if ``ref`` is not one)."""
+    if not ref.startswith(REF_PREFIX):
+        return None
+    try:
+        gid = bytes.fromhex(ref[len(REF_PREFIX) :])
+    except ValueError:
+        return None
+    return gid if len(gid) == gs.GID_LEN else None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """A group as this device knows it (its current state)."""
+
+    gid: bytes
+    name: str
+    members: tuple[str, ...]
+    admins: tuple[str, ...]
+    version: int
+    joined_at: int  # ms, when this device learnt it is a member
+    active: bool  # False after we left or were removed
+    superseded: tuple[dict[str, Any], ...] = ()  # losing changes: {"version", "by", "at", "change"}
+
+    @property
+    def ref(self) -> str:
+        """``group:<hex>``."""
+        return ref_of(self.gid)
+
+    def to_json(self) -> dict[str, Any]:
+        """The CLI's ``group info --json`` shape (without ``readers``)."""
+        return {
+            "group_id": self.gid.hex(),
+            "name": self.name,
+            "members": list(self.members),
+            "admins": list(self.admins),
+            "version": self.version,
+            "active": self.active,
+            "superseded": [dict(s) for s in self.superseded],
+        }
+
+
+@dataclass
+class Target:
+    """One member's devices a group upload goes to, from its verified (pinned) list."""
+
+    address: str
+    node_id: str
+    devices: list[DeviceInfo]
+    verified: bool
+    identity_key: bytes
+    list_version: int
+    claimed: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+@dataclass
+class Resolved:
+    """The verified device lists of a group's members (and ours), and what went wrong."""
+
+    targets: list[Target] = field(default_factory=list)
+    warnings: list[SendWarning] = field(default_factory=list)
+
+    def devices(self, only: set[str] | None = None) -> list[tuple[str, DeviceInfo]]:
+        """``(node_id, device)`` of every target (or of the addresses in ``only``)."""
+        return [
+            (t.node_id, d)
+            for t in self.targets
+            if only is None or t.address in only
+            for d in t.devices
+        ]
+
+
+@dataclass
+class _Row:
+    gid: bytes
+    joined_at: int
+    active: bool
+    rotate: bool
+    book: StateBook
+    marks: Watermarks
+    since: dict[str, int]
+
+
+def multi_supported(conn: NodeConnection) -> bool:
+    """Whether the home node advertised the ``multi`` feature in its challenge."""
+    ch = conn.challenge
+    return ch is not None and FEATURE in tuple(ch.features or ())
+
+
+def _warning(code: str, peer: str, text: str) -> SendWarning:
+    from .device import SendWarning
+
+    return SendWarning(code, peer, text)
+
+
+def _check_accepted(ans: F.Accepted) -> None:
+    if ans.rejected:
+        codes = sorted({c for _, c in ans.rejected})
+        raise RemoteProtocolError(f"node refused envelopes: {', '.join(codes)}", code=codes[0])
+
+
+class Groups:
+    """The group half of a :class:`client.device.Device` (which delegates to it)."""
+
+    def __init__(self, dev: Device) -> None:
+        self.dev = dev
+        self.drops: Counter[str] = Counter()  # dropped group input, by stable code
+        self._after: list[tuple[bytes, str]] = []  # (gid, joiner) to add once a batch is stored
+
+    # ---- storage -----------------------------------------------------------------------------
+
+    def _identity_of(self, address: str) -> bytes | None:
+        """The pinned account identity key of ``address`` (ours for our own address)."""
+        if address == self.dev.address:
+            return bytes(self.dev.identity().verify_key)
+        c = self.dev.state.contact(address)
+        return None if c is None else bytes(c.identity_key)
+
+    def _load(self, gid: bytes, db: Any = None) -> _Row | None:
+        db = self.dev.state.db if db is None else db
+        r = db.execute(
+            "SELECT joined_at, active, rotate, book, marks, since FROM groups WHERE gid=?", (gid,)
+        ).fetchone()
+        if r is None:
+            return None
+        st = self.dev.state
+        raw_since = st.open(r[5])
+        since = unpackb(raw_since, max_len=len(raw_since))
+        return _Row(
+            gid,
+            int(r[0]),
+            bool(r[1]),
+            bool(r[2]),
+            StateBook.load(st.open(r[3])),
+            Watermarks.load(st.open(r[4])),
+            {str(k): int(v) for k, v in dict(since).items()},
+        )
+
+    def _save(self, db: Any, row: _Row) -> None:
+        st = self.dev.state
+        db.execute(
+            "INSERT OR REPLACE INTO groups VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.gid,
+                row.joined_at,
+                int(row.active),
+                int(row.rotate),
+                st.seal(row.book.dump()),
+                st.seal(row.marks.dump()),
+                st.seal(packb(row.since)),
+            ),
+        )
+
+    def _outbound(self, gid: bytes) -> Outbound | None:
+        r = self.dev.state.db.execute(
+            "SELECT pickle FROM group_outbound WHERE gid=?", (gid,)
+        ).fetchone()
+        if r is None:
+            return None
+        return Outbound.from_pickle(r[0], self.dev.state.storage_key)
+
+    def _save_outbound(self, db: Any, gid: bytes, out: Outbound) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO group_outbound VALUES (?, ?)",
+            (gid, out.pickle(self.dev.state.storage_key)),
+        )
+
+    def _inbound(self, db: Any, sender_device: str, sid: str) -> tuple[str, Inbound] | None:
+        r = db.execute(
+            "SELECT sender, pickle FROM group_inbound WHERE sender_device=? AND session_id=?",
+            (sender_device, sid),
+        ).fetchone()
+        if r is None:
+            return None
+        return str(r[0]), Inbound.from_pickle(r[1], self.dev.state.storage_key)
+
+    def _save_inbound(self, db: Any, sender: str, inb: Inbound) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO group_inbound VALUES (?, ?, ?, ?, ?)",
+            (
+                inb.sender_device,
+                inb.session_id,
+                inb.gid,
+                sender,
+                inb.pickle(self.dev.state.storage_key),
+            ),
+        )
+
+    # ---- reading state -----------------------------------------------------------------------
+
+    def _info(self, row: _Row) -> GroupInfo | None:
+        st = row.book.current
+        if st is None:
+            return None
+        return GroupInfo(
+            row.gid,
+            st.name,
+            tuple(st.members),
+            tuple(st.admins),
+            st.version,
+            row.joined_at,
+            row.active and self.dev.address in st.members,
+            row.book.superseded(),
+        )
+
+    def info(self, gid: bytes) -> GroupInfo | None:
+        """What we know of one group (None: not a group of ours)."""
+        row = self._load(gid)
+        return None if row is None else self._info(row)
+
+    def all(self) -> list[GroupInfo]:
+        """Every group this device knows, most recently joined first."""
+        rows = self.dev.state.db.execute(
+            "SELECT gid FROM groups ORDER BY joined_at DESC, rowid DESC"
+        ).fetchall()
+        out = [self.info(bytes(r[0])) for r in rows]
+        return [g for g in out if g is not None]
+
+    def resolve(self, ref: str) -> bytes:
+        """``group:<hex>``, a hex prefix (with or without ``group:``) or a unique name → the
+        group id. Raises GroupError ``unknown_group`` or ``ambiguous_group``."""
+        groups = self.all()
+        gid = gid_of_ref(ref)
+        if gid is not None:
+            if any(g.gid == gid for g in groups):
+                return gid
+            raise GroupError("no such group on this device", code=gs.UNKNOWN_GROUP)
+        text = ref[len(REF_PREFIX) :] if ref.startswith(REF_PREFIX) else ref
+        low = text.lower()
+        by_prefix = (
+            [g for g in groups if g.gid.hex().startswith(low)]
+            if low and all(c in "0123456789abcdef" for c in low)
+            else []
+        )
+        by_name = [g for g in groups if g.name == text]
+        found = {g.gid for g in (by_prefix or by_name)}
+        if len(found) > 1:
+            raise GroupError("more than one group matches; use group:<id>", code=gs.AMBIGUOUS)
+        if not found:
+            raise GroupError("no such group on this device", code=gs.UNKNOWN_GROUP)
+        return found.pop()
+
+    def _member_row(self, gid: bytes) -> tuple[_Row, GroupState, SignedState]:
+        row = self._load(gid)
+        if row is None or row.book.current is None or row.book.current_signed is None:
+            raise GroupError("no such group on this device", code=gs.UNKNOWN_GROUP)
+        if not row.active or self.dev.address not in row.book.current.members:
+            raise GroupError("you are not a member of this group", code=gs.NOT_MEMBER)
+        return row, row.book.current, row.book.current_signed
+
+    def history(self, gid: bytes) -> list[HistoryRow]:
+        """The group's messages, in local order (``peer`` = the group's ref)."""
+        return self.dev.history(ref_of(gid))
+
+    # ---- member device resolution ------------------------------------------------------------
+
+    async def _query(
+        self, conn: NodeConnection, addresses: list[str], claim: bool
+    ) -> dict[str, tuple[str, SignedDeviceList | None, dict[str, tuple[str, str]], str]]:
+        """``address -> (node_id, signed list or None, claimed, code)``: one batched query per
+        1,000 addresses when the home node has ``multi``, else one query per address."""
+        out: dict[str, tuple[str, SignedDeviceList | None, dict[str, tuple[str, str]], str]] = {}
+        if multi_supported(conn):
+            for i in range(0, len(addresses), QUERY_CHUNK):
+                chunk = tuple(addresses[i : i + QUERY_CHUNK])
+                ans = expect(
+                    await conn.request(F.QueryKeysMulti(conn.next_rid(), chunk, claim)),
+                    F.KeysMulti,
+                )
+                for addr, node_id, signed, claimed, code in ans.results:
+                    out[str(addr)] = (str(node_id), signed, dict(claimed), str(code))
+            return out
+        for addr in addresses:
+            try:
+                keys = expect(await conn.request(F.QueryKeys(conn.next_rid(), addr, claim)), F.Keys)
+                out[addr] = (keys.node_id, keys.device_list, dict(keys.claimed), "")
+            except RemoteProtocolError as exc:
+                out[addr] = ("", None, {}, exc.code)
+        return out
+
+    async def resolve_members(self, conn: NodeConnection, members: list[str]) -> Resolved:
+        """Every member's verified device list (and ours, for our other devices), verified
+        and pinned as :meth:`Device.fetch_contact` pins one, in one transaction. A changed
+        identity key skips that member with a warning (never sent to an unverified list); a
+        list that does not verify or cannot be fetched falls back to the pinned one.
+
+        Raises GroupError ``group_too_large`` above :data:`MAX_GROUP_DEVICES` devices.
+        """
+        me = self.dev.address
+        addrs = sorted(set(members) | {me})
+        res = Resolved()
+        answers = await self._query(conn, addrs, False)
+        with self.dev.state.tx() as db:
+            for addr in addrs:
+                node_id, signed, _, code = answers.get(addr, ("", None, {}, "keys_unavailable"))
+                t = self._pin(db, addr, node_id, signed, code, res)
+                if t is not None:
+                    res.targets.append(t)
+        total = sum(len(t.devices) for t in res.targets)
+        if total > MAX_GROUP_DEVICES:
+            raise GroupError(f"more than {MAX_GROUP_DEVICES} member devices", code=gs.TOO_LARGE)
+        return res
+
+    def _pin(
+        self,
+        db: Any,
+        addr: str,
+        node_id: str,
+        signed: SignedDeviceList | None,
+        code: str,
+        res: Resolved,
+    ) -> Target | None:
+        dev = self.dev
+        known = dev.state.contact(addr)
+        try:
+            if signed is None:
+                raise KeysUnavailable(f"keys for {addr} unavailable ({code or 'none'})")
+            contact, dl = dev.pin_list(addr, node_id, signed, db=db)
+        except IdentityChanged:
+            res.warnings.append(
+                _warning(
+                    "identity_changed",
+                    addr,
+                    f"the identity key of {addr} changed; nothing goes to them until you "
+                    f"check the safety number (`haven verify {addr} --accept-new-key`)",
+                )
+            )
+            log.warning("a group member's identity key changed; skipped")
+            return None
+        except (KeysUnavailable, UntrustedKey, MalformedEnvelope) as exc:
+            if known is None:
+                res.warnings.append(
+                    _warning("keys_unavailable", addr, f"no verified keys for {addr}; skipped")
+                )
+                log.warning("no keys for a group member (%s)", exc.code)
+                return None
+            dl = SignedDeviceList(known.device_list, known.sig).open(expected_address=addr)
+            contact = known
+            res.warnings.append(
+                _warning(
+                    "device_list_stale",
+                    addr,
+                    f"the keys of {addr} could not be checked now; used the last verified list",
+                )
+            )
+        devices = [d for d in dl.devices if d.device_id != dev.curve_key]
+        return Target(
+            addr,
+            contact.node_id,
+            devices,
+            addr == dev.address or contact.verified,
+            dl.identity_key,
+            dl.version,
+        )
+
+    async def _claim(self, conn: NodeConnection, res: Resolved, need: set[str]) -> None:
+        """One-time keys for the devices in ``need`` that have no Olm session with us yet."""
+        state = self.dev.state
+        lacking = [
+            t
+            for t in res.targets
+            if any(d.device_id in need and not state.has_session(d.device_id) for d in t.devices)
+        ]
+        if not lacking:
+            return
+        answers = await self._query(conn, [t.address for t in lacking], True)
+        for t in lacking:
+            _, signed, claimed, _ = answers.get(t.address, ("", None, {}, ""))
+            if signed is None:
+                continue
+            try:
+                dl = signed.open(expected_address=t.address)
+            except HavenError:
+                continue
+            if dl.version == t.list_version and dl.identity_key == t.identity_key:
+                t.claimed = claimed
+
+    # ---- submission ----------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        conn: NodeConnection,
+        inner: GroupInner,
+        devices: list[tuple[str, DeviceInfo]],
+        ttl_ms: int = DEFAULT_TTL_MS,
+    ) -> int:
+        """Seal ``inner`` once for all ``devices`` and submit it: ``send_multi`` grouped by node
+        when the home node has ``multi``, else one composed envelope per device in ``send``
+        frames. Returns the number of envelopes."""
+        if not devices:
+            return 0
+        sealed = seal_multi(inner, [d.sealing for _, d in devices])
+        expires = self.dev.clock.now_ms() + ttl_ms
+        ids = [new_envelope_id() for _ in devices]
+        if multi_supported(conn):
+            for start in range(0, len(devices), MAX_RECIPIENTS):
+                by_node: dict[str, list[tuple[bytes, bytes, bytes]]] = {}
+                for i in range(start, min(start + MAX_RECIPIENTS, len(devices))):
+                    node_id, d = devices[i]
+                    by_node.setdefault(node_id, []).append((ids[i], d.mailbox, sealed.headers[i]))
+                dests = tuple((n, tuple(r)) for n, r in by_node.items())
+                frame = F.SendMulti(conn.next_rid(), sealed.eph, expires, sealed.gbody, dests)
+                _check_accepted(expect(await conn.request(frame), F.Accepted))
+            return len(devices)
+        items = [
+            (node_id, Envelope(ids[i], d.mailbox, expires, sealed.copy_for(i)))
+            for i, (node_id, d) in enumerate(devices)
+        ]
+        await self._send_items(conn, items)
+        return len(items)
+
+    async def _send_items(self, conn: NodeConnection, items: list[tuple[str, Envelope]]) -> None:
+        for start in range(0, len(items), SEND_CHUNK):
+            chunk = tuple(items[start : start + SEND_CHUNK])
+            _check_accepted(expect(await conn.request(F.Send(conn.next_rid(), chunk)), F.Accepted))
+
+    # ---- key distribution ------------------------------------------------------------------
+
+    def _share_key(
+        self, db: Any, gid: bytes, out: Outbound, res: Resolved, need: set[str], now: int
+    ) -> list[tuple[str, Envelope]]:
+        """``group_key`` payloads (1:1 Olm, the per-device path) for the devices in ``need``,
+        encrypted inside ``db`` (their Olm sessions commit with it); the caller sends them."""
+        dev = self.dev
+        gkey = packb({"g": gid, "s": out.session_id, "k": out.session_key()})
+        items: list[tuple[str, Envelope]] = []
+        for t in res.targets:
+            data = Payload(os.urandom(16), "group_key", t.address, now, gkey=gkey).encode()
+            for d in t.devices:
+                if d.device_id not in need:
+                    continue
+                olm = dev._encrypt_for(db, d, t.claimed.get(d.device_id), data, now)
+                if olm is None:
+                    res.warnings.append(
+                        _warning(
+                            "no_keys_left",
+                            t.address,
+                            f"a device of {t.address} has no keys left; it cannot read this "
+                            "group until it comes online",
+                        )
+                    )
+                    continue
+                body = seal(d.sealing, SealedContent(dev.address, dev.curve_key, *olm))
+                env = Envelope(new_envelope_id(), d.mailbox, now + DEFAULT_TTL_MS, body)
+                items.append((t.node_id, env))
+                out.mark_shared([d.device_id])
+        return items
+
+    # ---- sending -----------------------------------------------------------------------------
+
+    async def send_payload(
+        self,
+        gid: bytes,
+        payload: Payload,
+        *,
+        conn: NodeConnection | None = None,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        record: str | None = None,
+        only_own: bool = False,
+    ) -> SendResult:
+        """Megolm-encrypt ``payload`` (``to`` = the group) and submit it once to every current
+        member device (or, ``only_own``, only to our other devices), after sharing our session
+        key with the devices that lack it. A new session first when members or devices were
+        removed since the key was shared, or after ROTATE_MESSAGES / ROTATE_MS. Durable first:
+        the session, the key shares' Olm sessions and the history row commit before any
+        ciphertext leaves."""
+        from .device import SendResult
+
+        if conn is None:
+            c = await self.dev.connect()
+            try:
+                return await self.send_payload(
+                    gid, payload, conn=c, ttl_ms=ttl_ms, record=record, only_own=only_own
+                )
+            finally:
+                await self.dev.release(c)
+        row, st, _ = self._member_row(gid)
+        me = self.dev.address
+        res = await self.resolve_members(conn, [me] if only_own else list(st.members))
+        now = self.dev.clock.now_ms()
+        member_devs = {d.device_id for _, d in self.resolve_all_devices(res)}
+        out = self._outbound(gid)
+        if (
+            out is None
+            or row.rotate
+            or out.needs_rotation(now)
+            or (not only_own and bool(out.shared_with - member_devs))
+        ):
+            out = Outbound.new(now)
+            if only_own:
+                row.rotate = True  # the others get a fresh session with the next full send
+        need = set(out.missing(member_devs))
+        if need:
+            await self._claim(conn, res, need)
+        counts = _counts(res)
+        with self.dev.state.tx() as db:
+            key_items = self._share_key(db, gid, out, res, need, now)
+            message = out.encrypt(payload.encode())
+            self._save_outbound(db, gid, out)
+            if not only_own:
+                db.execute("UPDATE groups SET rotate=0 WHERE gid=?", (gid,))
+            if record is not None:
+                others = {a: v for a, v in counts.items() if a != me}
+                self.dev.state.add_history(
+                    db,
+                    HistoryRow(
+                        payload.id,
+                        ref_of(gid),
+                        True,
+                        me,
+                        record,
+                        payload.sent_at,
+                        now,
+                        read=True,
+                        devices_total=sum(v["total"] for v in others.values()),
+                        devices_verified=sum(v["verified"] for v in others.values()),
+                        ttl_at=now + ttl_ms,
+                    ),
+                )
+        inner = GroupInner(INNER_MEGOLM, me, self.dev.curve_key, packb([out.session_id, message]))
+        try:
+            if key_items:
+                await self._send_items(conn, key_items)
+            n = await self.submit(conn, inner, res.devices(), ttl_ms)
+        except HavenError:
+            if record is not None:  # not accepted: don't show it as sent
+                with self.dev.state.tx() as db:
+                    self.dev.state.delete_history(db, payload.id)
+            raise
+        return SendResult(payload.id, counts, n + len(key_items), tuple(res.warnings))
+
+    @staticmethod
+    def resolve_all_devices(res: Resolved) -> list[tuple[str, DeviceInfo]]:
+        """Every device of a resolution (members' and our other devices)."""
+        return res.devices()
+
+    async def send_text(
+        self,
+        gid: bytes,
+        text: str,
+        *,
+        conn: NodeConnection | None = None,
+        ttl_ms: int = DEFAULT_TTL_MS,
+    ) -> SendResult:
+        """Send a text to the group; its history row has ``peer`` = the group's ref."""
+        p = Payload(os.urandom(16), "text", ref_of(gid), self.dev.clock.now_ms(), text=text)
+        return await self.send_payload(gid, p, conn=conn, ttl_ms=ttl_ms, record=text)
+
+    # ---- state changes -------------------------------------------------------------------------
+
+    async def _publish(
+        self, conn: NodeConnection | None, signed: SignedState, before: tuple[str, ...]
+    ) -> GroupInfo:
+        """Apply our own signed change here, then send it to the old and new members' devices; a
+        newcomer gets the book's hand-off (the change and its parent) instead."""
+        if conn is None:
+            c = await self.dev.connect()
+            try:
+                return await self._publish(c, signed, before)
+            finally:
+                await self.dev.release(c)
+        st = signed.open()
+        now = self.dev.clock.now_ms()
+        res = await self.resolve_members(conn, sorted(set(before) | set(st.members)))
+        with self.dev.state.tx() as db:
+            self._accept(db, signed, now, local=True)
+            row = self._load(st.gid, db)
+            assert row is not None
+            handoff = row.book.handoff()
+        me, key = self.dev.address, self.dev.curve_key
+        newcomers = set(st.members) - set(before) - {me}
+        old = {t.address for t in res.targets} - newcomers
+        await self.submit(conn, GroupInner(INNER_STATE, me, key, signed.encode()), res.devices(old))
+        if newcomers:
+            for s in handoff:
+                inner = GroupInner(INNER_STATE, me, key, s.encode())
+                await self.submit(conn, inner, res.devices(newcomers))
+        info = self.info(st.gid)
+        assert info is not None
+        return info
+
+    def _accept(
+        self, db: Any, signed: SignedState, now: int, *, local: bool = False
+    ) -> tuple[gs.AddResult, GroupState | None]:
+        """Add a signed change to its group's book (creating the group when it is new to us
+        and lists us). Returns the book's verdict and the current state before it."""
+        st = signed.open()
+        row = self._load(st.gid, db)
+        if row is None:
+            if not local and self.dev.address not in st.members:
+                return gs.AddResult("unknown_group", gs.UNKNOWN_GROUP), None
+            book = StateBook(st.gid)
+            row = _Row(st.gid, now, True, False, book, Watermarks(), {})
+            res = book.add(signed, self._identity_of, root=True)
+        else:
+            res = row.book.add(signed, self._identity_of)
+        before = None
+        if res.accepted:
+            before = _parent_of(row, res.accepted[0])
+        if not res.ok:
+            return res, before
+        cur = row.book.current
+        if cur is None:
+            return res, before
+        if res.changed or res.outcome == "current":
+            self._follow(row, before, cur)
+        self._save(db, row)
+        return res, before
+
+    def _follow(self, row: _Row, before: GroupState | None, cur: GroupState) -> None:
+        """The current state changed from ``before`` to ``cur``: membership, join times,
+        rotation after a removal (post-removal secrecy), our own membership."""
+        me = self.dev.address
+        old = set(before.members) if before is not None else set()
+        if before is None:
+            for m in cur.members:
+                row.since.setdefault(m, cur.at if cur.version == 1 else 0)
+        for m in set(cur.members) - old:
+            row.since.setdefault(m, cur.at)
+        gone = old - set(cur.members)
+        for m in gone:
+            row.since.pop(m, None)
+        if gone:
+            row.rotate = True
+            row.marks.forget(gone)
+        was = row.active
+        row.active = me in cur.members
+        if row.active and not was:
+            row.joined_at = self.dev.clock.now_ms()
+
+    async def create(
+        self, name: str, members: list[str], *, conn: NodeConnection | None = None
+    ) -> GroupInfo:
+        """A new group: us as its only admin, ``members`` (addresses) as the others."""
+        for m in members:
+            Address.parse(m)
+        me = self.dev.address
+        st = gs.create(gs.new_gid(), name, members, me, at=self.dev.clock.now_ms())
+        return await self._publish(conn, gs.sign_state(st, self.dev.identity()), ())
+
+    async def change(
+        self, gid: bytes, *, conn: NodeConnection | None = None, **how: Any
+    ) -> GroupInfo:
+        """Sign and publish one change of :func:`client.group_state.changed` (``add``,
+        ``remove``, ``rename``, ``admin``, ``leave``)."""
+        row = self._load(gid)
+        if row is None or row.book.current_signed is None or row.book.current is None:
+            raise GroupError("no such group on this device", code=gs.UNKNOWN_GROUP)
+        if not row.active:
+            raise GroupError("you are not a member of this group", code=gs.NOT_MEMBER)
+        before = tuple(row.book.current.members)
+        new = gs.changed(
+            row.book.current_signed, by=self.dev.address, at=self.dev.clock.now_ms(), **how
+        )
+        return await self._publish(conn, gs.sign_state(new, self.dev.identity()), before)
+
+    # ---- invites -------------------------------------------------------------------------------
+
+    def invite(self, gid: bytes, *, uses: int = 1, ttl_ms: int = INVITE_TTL_MS) -> str:
+        """An invite code for the group (admins only): redeemable ``uses`` times until it
+        expires. Only a hash of its secret stays here."""
+        _, st, _ = self._member_row(gid)
+        me = self.dev.address
+        if me not in st.admins:
+            raise GroupError("only an admin can invite", code=gs.NOT_ADMIN)
+        if uses < 1:
+            raise GroupError("an invite has at least one use", code=gs.BAD_INVITE)
+        secret = os.urandom(gs.INVITE_SECRET_LEN)
+        with self.dev.state.tx() as db:
+            db.execute(
+                "INSERT INTO group_invites VALUES (?, ?, ?, ?)",
+                (gs.invite_secret_hash(secret), gid, uses, self.dev.clock.now_ms() + ttl_ms),
+            )
+        return gs.invite_code(gid, me, secret, st.name)
+
+    async def join(self, code: str, *, conn: NodeConnection | None = None) -> dict[str, Any]:
+        """Ask the inviting admin's devices to add us (a 1:1 ``group_join`` payload)."""
+        inv = gs.parse_invite_code(code)
+        gkey = packb({"g": inv.gid, "k": inv.secret})
+        p = Payload(os.urandom(16), "group_join", inv.admin, self.dev.clock.now_ms(), gkey=gkey)
+        await self.dev.send_payload(inv.admin, p, conn=conn, include_self=False)
+        return {"group_id": inv.gid.hex(), "name": inv.name, "status": "requested"}
+
+    # ---- receiving -----------------------------------------------------------------------------
+
+    def drop(self, code: str) -> None:
+        """Count and log one dropped piece of group input by its stable code."""
+        self.drops[code] += 1
+        log.warning("dropped a group message that failed checks (%s)", code)
+
+    async def prepare(self, conn: NodeConnection, inner: GroupInner) -> None:
+        """Phase 1 of a batch (may ask the node): pin the identity key of a state's signer
+        that is not a contact yet (TOFU, as for any first contact)."""
+        if inner.kind != INNER_STATE:
+            return
+        try:
+            by = SignedState.decode(inner.data).open().by
+            if self._identity_of(by) is None:
+                await self.dev.fetch_contact(conn, by, claim=False)
+        except HavenError as exc:
+            log.info("a group change's signer is unknown (%s)", exc.code)
+
+    def apply_copy(self, db: Any, inner: GroupInner, now: int) -> list[ReceivedMessage]:
+        """Phase 2: apply one opened group copy inside the batch's transaction. Raises
+        HavenError (a stable code) to drop it; a copy whose key has not come yet waits."""
+        if inner.kind == INNER_STATE:
+            return self._apply_state(db, inner, now)
+        if inner.kind != INNER_MEGOLM:
+            log.debug("ignored a group body of a kind this version does not know")
+            return []
+        try:
+            sid, message = unpackb(inner.data, max_len=len(inner.data))
+            sid, message = str(sid), bytes(message)
+        except (HavenError, TypeError, ValueError) as exc:
+            raise MalformedEnvelope("bad group message") from exc
+        got = self._inbound(db, inner.sender_device, sid)
+        if got is None:
+            self._keep(db, inner, sid, now)
+            return []
+        return self._decrypt(db, inner, got[0], got[1], message, now)
+
+    def _keep(self, db: Any, inner: GroupInner, sid: str, now: int) -> None:
+        """A copy whose session key has not arrived yet: kept sealed, bounded, with a TTL."""
+        db.execute(
+            "INSERT INTO group_pending (sender_device, session_id, data, expires) "
+            "VALUES (?, ?, ?, ?)",
+            (inner.sender_device, sid, self.dev.state.seal(inner.encode()), now + DEFAULT_TTL_MS),
+        )
+        db.execute("DELETE FROM group_pending WHERE expires <= ?", (now,))
+        (n,) = db.execute("SELECT count(*) FROM group_pending").fetchone()
+        if n > PENDING_MAX:
+            db.execute(
+                "DELETE FROM group_pending WHERE seq IN "
+                "(SELECT seq FROM group_pending ORDER BY seq LIMIT ?)",
+                (n - PENDING_MAX,),
+            )
+            self.drop("pending_full")
+
+    def _decrypt(
+        self,
+        db: Any,
+        inner: GroupInner,
+        key_sender: str,
+        inb: Inbound,
+        message: bytes,
+        now: int,
+    ) -> list[ReceivedMessage]:
+        if key_sender != inner.sender:
+            raise UntrustedKey("the group session is not the sender's")
+        plain, _, duplicate = inb.decrypt(message)
+        if duplicate:
+            return []
+        p = Payload.decode(plain)
+        row = self._load(inb.gid, db)
+        ref = ref_of(inb.gid)
+        if row is None or row.book.current is None or p.to != ref:
+            raise GroupError("a group message for another group", code=gs.UNKNOWN_GROUP)
+        if inner.sender not in row.book.current.members:
+            raise GroupError("the sender is not a member of this group", code=gs.NOT_MEMBER)
+        self._save_inbound(db, key_sender, inb)  # the seen index, before anything applies
+        own = inner.sender == self.dev.address
+        if p.kind == "text":
+            added = self.dev.state.add_history(
+                db,
+                HistoryRow(
+                    p.id, ref, own, inner.sender, p.text, p.sent_at, now, read=own, ttl_at=None
+                ),
+            )
+            if not added:
+                return []
+            return [ReceivedMessage(inner.sender, p.text, p.sent_at, p.id, "text", ref, chat=ref)]
+        if p.kind == "read":
+            hide = True if p.hide else (False if p.wm else None)
+            row.marks.update(inner.sender, p.wm, hide=hide)
+            if own:
+                self._mark_local(db, ref, p.wm)
+            self._save(db, row)
+            return [ReceivedMessage(inner.sender, "", p.sent_at, p.id, "read", ref, chat=ref)]
+        log.debug("ignored a group payload of a kind this version does not know")
+        return []
+
+    def _mark_local(self, db: Any, ref: str, wm: dict[str, int]) -> None:
+        for sender, at in wm.items():
+            db.execute(
+                "UPDATE history SET read=1 WHERE peer=? AND outgoing=0 AND sender=? AND sent_at<=?",
+                (ref, sender, at),
+            )
+
+    def _apply_state(self, db: Any, inner: GroupInner, now: int) -> list[ReceivedMessage]:
+        signed = SignedState.decode(inner.data)
+        st = signed.open()
+        res, before = self._accept(db, signed, now)
+        if res.outcome == "unknown_signer":
+            raise GroupError("the signer of a group change is unknown", code=gs.FORGED)
+        if res.outcome == "pending":
+            log.info("a group change waits for its parent (stale_state)")
+            return []
+        if not res.ok:
+            raise GroupError("a group change was refused", code=res.code or gs.MALFORMED)
+        if res.outcome == "duplicate":
+            return []
+        ref = ref_of(st.gid)
+        out = [
+            ReceivedMessage(
+                s.by,
+                gs.describe(_parent_state(db, self, s), s),
+                s.at,
+                signed.digest[:16],
+                "group_state",
+                ref,
+                chat=ref,
+            )
+            for s in res.accepted
+        ]
+        del before
+        if not out and res.outcome == "superseded":
+            out.append(
+                ReceivedMessage(
+                    st.by, "superseded", st.at, signed.digest[:16], "group_state", ref, chat=ref
+                )
+            )
+        return out
+
+    def apply_key(
+        self,
+        db: Any,
+        sender: str,
+        sender_device: str,
+        p: Payload,
+        now: int,
+    ) -> list[ReceivedMessage]:
+        """A ``group_key`` (1:1 Olm, from ``sender_device`` of ``sender``): store the inbound
+        session, then open the copies that were waiting for it."""
+        try:
+            obj = unpackb(p.gkey, max_len=len(p.gkey))
+            gid, sid, key = bytes(obj["g"]), str(obj["s"]), str(obj["k"])
+        except (HavenError, KeyError, TypeError, ValueError) as exc:
+            raise MalformedEnvelope("bad group key") from exc
+        row = self._load(gid, db)
+        if row is None or row.book.current is None:
+            raise GroupError("a key for a group we do not know", code=gs.UNKNOWN_GROUP)
+        if sender not in row.book.current.members:
+            raise GroupError("a key from a non-member", code=gs.NOT_MEMBER)
+        inb = Inbound.from_key(key, sender_device=sender_device, gid=gid)
+        if inb.session_id != sid:
+            raise MalformedEnvelope("the group key does not match its session id")
+        if self._inbound(db, sender_device, sid) is None:
+            self._save_inbound(db, sender, inb)
+        return self.retry_pending(db, sender_device, sid, now)
+
+    def retry_pending(
+        self, db: Any, sender_device: str, sid: str, now: int
+    ) -> list[ReceivedMessage]:
+        """Open the waiting copies of one session, each in its own savepoint."""
+        rows = db.execute(
+            "SELECT seq, data, expires FROM group_pending WHERE sender_device=? AND "
+            "session_id=? ORDER BY seq",
+            (sender_device, sid),
+        ).fetchall()
+        out: list[ReceivedMessage] = []
+        for seq, data, expires in rows:
+            db.execute("DELETE FROM group_pending WHERE seq=?", (seq,))
+            if expires <= now:
+                continue
+            db.execute("SAVEPOINT pending_copy")
+            try:
+                inner = GroupInner.decode(self.dev.state.open(data))
+                out += self.apply_copy(db, inner, now)
+            except HavenError as exc:
+                db.execute("ROLLBACK TO pending_copy")
+                db.execute("DELETE FROM group_pending WHERE seq=?", (seq,))
+                self.drop(exc.code)
+            db.execute("RELEASE pending_copy")
+        return out
+
+    def apply_join(self, db: Any, sender: str, p: Payload, now: int) -> None:
+        """A ``group_join`` to us, an admin: with a live invite secret, consume one use and
+        add the joiner once the batch is stored."""
+        try:
+            obj = unpackb(p.gkey, max_len=len(p.gkey))
+            gid, secret = bytes(obj["g"]), bytes(obj["k"])
+        except (HavenError, KeyError, TypeError, ValueError) as exc:
+            raise MalformedEnvelope("bad group join") from exc
+        h = gs.invite_secret_hash(secret)
+        r = db.execute(
+            "SELECT uses, expires FROM group_invites WHERE hash=? AND gid=?", (h, gid)
+        ).fetchone()
+        if r is None or r[1] <= now or r[0] < 1:
+            raise GroupError("no such invite, or it expired", code=gs.BAD_INVITE)
+        if r[0] <= 1:
+            db.execute("DELETE FROM group_invites WHERE hash=?", (h,))
+        else:
+            db.execute("UPDATE group_invites SET uses=uses-1 WHERE hash=?", (h,))
+        self._after.append((gid, sender))
+
+    async def after_batch(self, conn: NodeConnection) -> None:
+        """Changes a stored batch asked for: add the joiners whose invite was valid."""
+        todo, self._after = self._after, []
+        for gid, joiner in todo:
+            info = self.info(gid)
+            if info is None or joiner in info.members:
+                continue
+            try:
+                await self.change(gid, conn=conn, add=[joiner])
+            except HavenError as exc:
+                log.warning("an invited member was not added (%s)", exc.code)
+
+    # ---- receipts and the counter --------------------------------------------------------------
+
+    async def mark_read(self, gid: bytes, *, conn: NodeConnection | None = None) -> int:
+        """Mark the group read here and send one watermark upload (``read`` with ``wm``): to
+        every member, or, with read receipts off, ``hide`` once to every member and the
+        watermarks only to our own devices. Returns how many rows became read."""
+        ref = ref_of(gid)
+        me = self.dev.address
+        rows = self.dev.state.history(ref)
+        unread = [r.msg_id for r in rows if not r.outgoing and not r.read]
+        if not unread:
+            return 0
+        wm = watermarks_for((r.sender, r.sent_at) for r in rows if not r.outgoing)
+        receipts = self.dev.setting("read_receipts", "on") == "on"
+        with self.dev.state.tx() as db:
+            db.executemany("UPDATE history SET read=1 WHERE msg_id=?", [(m,) for m in unread])
+            row = self._load(gid, db)
+            if row is not None:
+                row.marks.update(me, wm, hide=not receipts)
+                self._save(db, row)
+        now = self.dev.clock.now_ms()
+        if receipts:
+            p = Payload(os.urandom(16), "read", ref, now, wm=wm)
+            await self.send_payload(gid, p, conn=conn)
+            self.dev.set_setting(f"group_hide:{gid.hex()}", "0")
+        else:
+            if self.dev.setting(f"group_hide:{gid.hex()}", "0") != "1":
+                hide = Payload(os.urandom(16), "read", ref, now, hide=True)
+                await self.send_payload(gid, hide, conn=conn)
+                self.dev.set_setting(f"group_hide:{gid.hex()}", "1")
+            p = Payload(os.urandom(16), "read", ref, now, wm=wm, hide=True)
+            await self.send_payload(gid, p, conn=conn, only_own=True)
+        return len(unread)
+
+    def counts(self, gid: bytes) -> dict[bytes, tuple[tuple[str, ...], int]]:
+        """``msg_id -> (unread_members, receipts_hidden)`` for every message of the group."""
+        row = self._load(gid)
+        if row is None or row.book.current is None:
+            raise GroupError("no such group on this device", code=gs.UNKNOWN_GROUP)
+        members = row.book.current.members
+        out: dict[bytes, tuple[tuple[str, ...], int]] = {}
+        for r in self.dev.state.history(ref_of(gid)):
+            u = count_unread(r.sender, r.sent_at, members, row.marks, row.since)
+            out[r.msg_id] = (u.unread_members, u.receipts_hidden)
+        return out
+
+    async def readers(
+        self, gid: bytes, *, conn: NodeConnection | None = None
+    ) -> list[dict[str, Any]]:
+        """ "Who can read this": every member device a message to the group is encrypted to,
+        whether its account is verified, and ``changed`` when its device list or identity key
+        changed since it was verified."""
+        if conn is None:
+            c = await self.dev.connect()
+            try:
+                return await self.readers(gid, conn=c)
+            finally:
+                await self.dev.release(c)
+        _, st, _ = self._member_row(gid)
+        res = await self.resolve_members(conn, list(st.members))
+        out: list[dict[str, Any]] = []
+        for t in res.targets:
+            mark = self.dev.state.get("verified_list:" + t.address)
+            changed = mark is not None and mark != t.identity_key + str(t.list_version).encode()
+            for d in t.devices:
+                out.append(
+                    {
+                        "address": t.address,
+                        "device_id": d.device_id,
+                        "verified": t.verified,
+                        "changed": changed,
+                    }
+                )
+        return out
+
+
+def _parent_of(row: _Row, state: GroupState) -> GroupState | None:
+    return row.book.get(state.parent) if state.parent else None
+
+
+def _parent_state(db: Any, groups: Groups, state: GroupState) -> GroupState | None:
+    row = groups._load(state.gid, db)
+    return None if row is None else _parent_of(row, state)
+
+
+def _counts(res: Resolved) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for t in res.targets:
+        n = len(t.devices)
+        out[t.address] = {"total": n, "verified": n if t.verified else 0}
+    return out

@@ -1,0 +1,267 @@
+"""Signed group state: codec bounds, validity rules, convergence of concurrent admin changes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import replace
+
+import msgpack
+import nacl.signing
+import pytest
+
+from client.group_state import (
+    MAX_MEMBERS,
+    GroupError,
+    GroupState,
+    SignedState,
+    StateBook,
+    changed,
+    create,
+    invite_code,
+    parse_invite_code,
+    sign_state,
+)
+
+NAMES = ["alice@a", "bob@b", "carol@c", "dave@a", "erin@b"]
+KEYS = {n: nacl.signing.SigningKey(bytes([i + 1]) * 32) for i, n in enumerate(NAMES)}
+PINNED = {n: bytes(k.verify_key) for n, k in KEYS.items()}
+GID = bytes(range(16))
+
+
+def key_of(address: str) -> bytes | None:
+    return PINNED.get(address)
+
+
+def signed(state: GroupState) -> SignedState:
+    return sign_state(state, KEYS[state.by])
+
+
+def base() -> tuple[SignedState, SignedState]:
+    """v1: alice creates with bob, carol, dave; v2: alice makes bob and carol admins."""
+    v1 = signed(create(GID, "team", ["bob@b", "carol@c", "dave@a"], "alice@a", at=1))
+    v2 = signed(changed(v1, by="alice@a", at=2, admin=("bob@b", True)))
+    v2 = signed(replace(v2.open(), admins=("alice@a", "bob@b", "carol@c")))
+    return v1, v2
+
+
+def book_of(*states: SignedState) -> StateBook:
+    book = StateBook(GID)
+    for s in states:
+        book.add(s, key_of)
+    return book
+
+
+def test_a_signed_state_round_trips_and_keeps_its_lists_sorted() -> None:
+    v1 = create(GID, " team ", ["dave@a", "bob@b", "bob@b"], "alice@a", at=5)
+    assert v1.members == ("alice@a", "bob@b", "dave@a") and v1.admins == ("alice@a",)
+    assert v1.name == "team" and v1.version == 1 and v1.parent == b""
+    s = signed(v1)
+    back = SignedState.decode(s.encode())
+    assert back == s and back.open() == v1
+    back.verify(PINNED["alice@a"])
+    with pytest.raises(GroupError) as e:
+        back.verify(PINNED["bob@b"])
+    assert e.value.code == "forged_state"
+
+
+def _blob(**change: object) -> bytes:
+    obj: dict[str, object] = {
+        "v": 1,
+        "g": GID,
+        "ver": 1,
+        "name": "n",
+        "members": ["alice@a", "bob@b"],
+        "admins": ["alice@a"],
+        "by": "alice@a",
+        "parent": b"",
+        "at": 0,
+    }
+    obj.update(change)
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"v": 2}, "malformed"),
+        ({"members": ["bob@b", "alice@a"]}, "malformed"),
+        ({"members": ["alice@a", "alice@a"]}, "malformed"),
+        ({"admins": ["carol@c"]}, "malformed"),
+        ({"admins": []}, "malformed"),
+        ({"parent": b"x" * 32}, "malformed"),
+        ({"ver": 2}, "malformed"),
+        ({"name": "x" * 65}, "malformed"),
+        ({"g": b"short"}, "malformed"),
+        ({"members": [f"u{i:04}@h" for i in range(MAX_MEMBERS + 1)]}, "too_many_members"),
+    ],
+)
+def test_bad_states_are_refused_with_a_stable_code(change: dict[str, object], code: str) -> None:
+    GroupState.from_blob(_blob())  # the unchanged blob is fine
+    with pytest.raises(GroupError) as e:
+        GroupState.from_blob(_blob(**change))
+    assert e.value.code == code
+    book = StateBook(GID)
+    res = book.add(SignedState(_blob(**change), bytes(64)), key_of)
+    assert res.code == code and not res.ok and book.current is None
+
+
+def test_random_bytes_raise_only_group_errors() -> None:
+    for n in range(200):
+        raw = os.urandom(n % 90)
+        with pytest.raises(GroupError):
+            SignedState.decode(raw).open()
+
+
+def test_concurrent_admin_changes_converge_in_every_delivery_order() -> None:
+    v1, v2 = base()
+    by_bob = signed(changed(v2, by="bob@b", at=3, add=["erin@b"]))
+    by_carol = signed(changed(v2, by="carol@c", at=3, rename="team two"))
+    winner, loser = (
+        (by_bob, by_carol) if PINNED["bob@b"] > PINNED["carol@c"] else (by_carol, by_bob)
+    )
+    later = signed(changed(winner, by=winner.open().by, at=4, remove=["dave@a"]))
+    ends_two, ends_three = set(), set()
+    for order in itertools.permutations([v1, v2, by_bob, by_carol]):
+        book = book_of(*order)
+        ends_two.add(book.current_signed)
+        assert [s["version"] for s in book.superseded()] == [3]
+    for order in itertools.permutations([v1, v2, by_bob, by_carol, later]):
+        book = book_of(*order)
+        ends_three.add(book.current_signed)
+        lost = book.superseded()
+        assert len(lost) == 1 and lost[0]["by"] == loser.open().by
+    assert ends_two == {winner} and ends_three == {later}
+    gone = set(winner.open().members) - set(later.open().members)
+    assert gone == {"dave@a"} and later.open().version == 4
+
+
+def test_each_result_says_what_happened() -> None:
+    v1, v2 = base()
+    book = StateBook(GID)
+    first = book.add(v1, key_of)
+    assert first.outcome == "current" and first.changed and first.current == v1.open()
+    assert book.add(v1, key_of).outcome == "duplicate"
+    v3 = signed(changed(v2, by="alice@a", at=3, add=["erin@b"]))
+    early = book.add(v3, key_of)  # parent v2 not here yet: kept aside
+    assert (early.outcome, early.code, early.current) == ("pending", "stale_state", v1.open())
+    late = book.add(v2, key_of)
+    assert late.outcome == "current" and late.current == v3.open()
+    assert late.accepted == (v2.open(), v3.open())
+    skip = signed(replace(v3.open(), version=5, parent=v3.digest))
+    assert book.add(skip, key_of).code == "stale_state" and book.current == v3.open()
+
+
+def test_forged_changes_are_refused_and_change_nothing() -> None:
+    v1, v2 = base()
+    book = book_of(v1, v2)
+    add = changed(v2, by="bob@b", at=3, add=["erin@b"])
+    wrong_key = sign_state(add, KEYS["erin@b"])
+    non_admin = signed(replace(add, by="dave@a"))
+    other_gid = signed(create(os.urandom(16), "x", ["bob@b"], "alice@a", at=3))
+    refound = signed(create(GID, "mine", ["bob@b"], "erin@b", at=3))
+    unsigned_by = SignedState(add.blob(), bytes(64))
+    for bad, code in [
+        (wrong_key, "forged_state"),
+        (non_admin, "forged_state"),
+        (unsigned_by, "forged_state"),
+        (other_gid, "unknown_group"),
+        (refound, "forged_state"),
+    ]:
+        res = book.add(bad, key_of)
+        assert res.code == code and not res.ok and res.current == v2.open()
+    assert book.superseded() == ()
+    stranger = sign_state(replace(add, by="zed@z"), KEYS["erin@b"])
+    res = book.add(stranger, key_of)
+    assert res.outcome == "forged" and book.current == v2.open()
+
+
+def test_a_member_may_sign_only_its_own_leave() -> None:
+    v1, v2 = base()
+    book = book_of(v1, v2)
+    with pytest.raises(GroupError) as e:
+        changed(v2, by="dave@a", at=3, add=["erin@b"])
+    assert e.value.code == "not_admin"
+    with pytest.raises(GroupError) as e:
+        changed(v2, by="dave@a", at=3, leave="bob@b")
+    assert e.value.code == "not_admin"
+    leave = changed(v2, by="dave@a", at=3, leave="dave@a")
+    sneaky = signed(replace(leave, name="mine"))
+    assert book.add(sneaky, key_of).code == "forged_state"
+    swap = signed(replace(leave, members=("alice@a", "bob@b", "carol@c", "erin@b")))
+    assert book.add(swap, key_of).code == "forged_state"
+    res = book.add(signed(leave), key_of)
+    assert res.outcome == "current" and "dave@a" not in res.current.members  # type: ignore[union-attr]
+
+
+def test_the_last_admin_leaving_hands_the_group_on() -> None:
+    v1 = signed(create(GID, "t", ["bob@b", "carol@c"], "alice@a", at=1))
+    gone = changed(v1, by="alice@a", at=2, leave="alice@a")
+    assert gone.members == ("bob@b", "carol@c") and gone.admins == ("bob@b",)
+    for kw, code in [
+        ({"admin": ("alice@a", False)}, "last_admin"),
+        ({"remove": ["erin@b"]}, "not_member"),
+        ({"add": ["bob@b"]}, "no_change"),
+        ({"rename": "  "}, "invalid_name"),
+        ({"add": [f"u{i:04}@h" for i in range(MAX_MEMBERS)]}, "too_many_members"),
+    ]:
+        with pytest.raises(GroupError) as e:
+            changed(v1, by="alice@a", at=2, **kw)  # type: ignore[arg-type]
+        assert e.value.code == code
+    with pytest.raises(GroupError) as e:
+        changed(v1, by="erin@b", at=2, leave="erin@b")
+    assert e.value.code == "not_member"
+
+
+def test_a_new_member_follows_from_the_handoff_and_sees_the_race() -> None:
+    v1, v2 = base()
+    admin_book = book_of(v1, v2)
+    add = signed(changed(v2, by="alice@a", at=3, add=["erin@b"]))
+    rival = signed(changed(v2, by="carol@c", at=3, rename="other"))
+    admin_book.add(add, key_of)
+    chain = admin_book.handoff()
+    assert chain == [v2, add]
+    joiner = StateBook(GID)
+    assert joiner.add(chain[0], key_of, root=True).outcome == "current"
+    assert joiner.add(chain[1], key_of).outcome == "current"
+    admin_book.add(rival, key_of)
+    joiner.add(rival, key_of)
+    assert joiner.current_signed == admin_book.current_signed
+    assert StateBook(GID).add(signed(replace(v2.open(), by="dave@a")), key_of, root=True).code == (
+        "forged_state"
+    )
+    assert StateBook(GID).add(v2, lambda a: None, root=True).outcome == "unknown_signer"
+    assert joiner.add(v1, key_of).outcome == "old"  # the creation it never saw: not judged
+
+
+def test_a_book_survives_dump_and_load() -> None:
+    v1, v2 = base()
+    by_bob = signed(changed(v2, by="bob@b", at=3, add=["erin@b"]))
+    by_carol = signed(changed(v2, by="carol@c", at=3, rename="two"))
+    ahead = signed(changed(by_bob, by="bob@b", at=9, remove=["dave@a"]))
+    ahead = signed(replace(ahead.open(), version=5, parent=os.urandom(32)))
+    book = book_of(v1, v2, by_bob, by_carol, ahead)
+    back = StateBook.load(book.dump())
+    assert back.current_signed == book.current_signed and back.superseded() == book.superseded()
+    assert back.add(ahead, key_of).outcome == "pending"  # still waiting, not lost
+    with pytest.raises(GroupError):
+        StateBook.load(b"\x93\x01\x02")
+
+
+def test_invite_codes_round_trip_and_garbage_is_refused() -> None:
+    secret = os.urandom(32)
+    code = invite_code(GID, "alice@a", secret, "team")
+    assert code.startswith("haven:group:")
+    inv = parse_invite_code("  " + code + "\n")
+    assert (inv.gid, inv.admin, inv.secret, inv.name) == (GID, "alice@a", secret, "team")
+    for bad in [
+        "",
+        "haven:link:abc",
+        "haven:group:",
+        "haven:group:!!!!",
+        code[:-8],
+        code + "x" * 2000,
+    ]:
+        with pytest.raises(GroupError) as e:
+            parse_invite_code(bad)
+        assert e.value.code == "invalid_group_invite"

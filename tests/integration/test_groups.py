@@ -1,0 +1,276 @@
+"""Groups across three real nodes: six members (two of them with two linked devices) in one
+module-scoped world.
+
+Every message reaches every member device exactly once, in order per sender; read watermarks
+bring a message's counter from 5 to 0; a removed member gets nothing sent after the removal and
+cannot decrypt it when handed the ciphertext; a member added later cannot decrypt an earlier
+message; two admins changing the same version converge on every device, the loser shown as
+superseded. Which submission path ran (``send_multi`` or per-device envelopes) is asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from client.device import Device
+from client.groups import Groups
+from client.linking import link_device
+from client.megolm import Inbound
+from federation.multi import INNER_MEGOLM, GroupInner
+from federation.wire import unpackb
+
+from .harness import NodeProc
+
+
+@dataclass
+class World:
+    nodes: list[NodeProc]
+    devs: dict[str, Device]  # alice, alice2, bob, bob2, carol, dave, erin, frank, gina
+    addr: dict[str, str]  # account name -> address
+    sent: list[GroupInner] = field(default_factory=list)  # what alice's devices submitted
+
+    def members(self) -> list[str]:
+        return [self.addr[n] for n in ("alice", "bob", "carol", "dave", "erin", "frank")]
+
+
+async def _new(node: NodeProc, home: Path, name: str) -> Device:
+    dev = Device(str(home))
+    await dev.join(node.invite(name), name=f"{name}-phone")
+    return dev
+
+
+async def _linked(dev: Device, home: Path, name: str) -> Device:
+    code: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    linker = asyncio.create_task(link_device(dev, code.set_result, timeout_s=30))
+    new = Device(str(home))
+    await new.join(await code, name=name)
+    await linker
+    return new
+
+
+async def _build(base: Path, nodes: list[NodeProc]) -> World:
+    a, b, c = nodes
+    devs: dict[str, Device] = {}
+    for name, node in (("alice", a), ("bob", b), ("carol", c), ("dave", a), ("erin", b)):
+        devs[name] = await _new(node, base / name, name)
+    for name, node in (("frank", c), ("gina", c)):
+        devs[name] = await _new(node, base / name, name)
+    devs["alice2"] = await _linked(devs["alice"], base / "alice2", "alice-laptop")
+    devs["bob2"] = await _linked(devs["bob"], base / "bob2", "bob-laptop")
+    addr = {n: d.address for n, d in devs.items() if not n.endswith("2")}
+    return World(nodes, devs, addr)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    base = tmp_path_factory.mktemp("groups")
+    nodes = [NodeProc.create(base, n).start() for n in ("A", "B", "C")]
+    try:
+        w = asyncio.run(_build(base, nodes))
+        yield w
+        for d in w.devs.values():
+            d.close()
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def _spy(w: World, dev: Device) -> None:
+    """Record what a device submits (the real submission still runs)."""
+    engine = dev.groups_engine
+    real = engine.submit
+
+    async def recording(conn, inner, devices, ttl_ms=Groups.submit.__defaults__[0]):  # type: ignore[no-untyped-def]
+        w.sent.append(inner)
+        return await real(conn, inner, devices, ttl_ms)
+
+    engine.submit = recording  # type: ignore[method-assign]
+
+
+async def until(w: World, names: list[str], pred: Callable[[], bool], what: str) -> None:
+    """Receive on ``names`` until ``pred`` holds (deadline 30 s)."""
+    deadline = time.monotonic() + 30
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        for n in names:
+            await w.devs[n].receive(wait_s=0.2)
+
+
+ALL = ["alice", "alice2", "bob", "bob2", "carol", "dave", "erin", "frank"]
+
+
+def texts(dev: Device, gid: bytes) -> list[tuple[str, str]]:
+    return [(r.sender, r.text) for r in dev.group_history(gid)]
+
+
+async def test_group_world(world: World) -> None:
+    w = world
+    d, addr = w.devs, w.addr
+    _spy(w, d["alice"])
+    others = [addr[n] for n in ("bob", "carol", "dave", "erin", "frank")]
+    info = await d["alice"].group_create("hikers", others)
+    gid = info.gid
+    assert info.ref == "group:" + gid.hex() and len(gid) == 16
+    assert set(info.members) == set(w.members()) and info.admins == (addr["alice"],)
+
+    # 1. the creation reaches every device, the other device of the creator included
+    await until(w, ALL, lambda: all(d[n].group(gid) is not None for n in ALL), "the group")
+    for n in ALL:
+        g = d[n].group(gid)
+        assert g is not None and g.version == 1 and g.active and g.name == "hikers"
+
+    # 2. messages from two senders: every device has each exactly once, in order per sender
+    for i in range(3):
+        await d["alice"].group_send(gid, f"a{i}")
+    for i in range(2):
+        await d["bob"].group_send(gid, f"b{i}")
+    await d["alice"].group_send(gid, "a3")
+    want = {("a", f"a{i}") for i in range(4)} | {("b", f"b{i}") for i in range(2)}
+
+    def complete() -> bool:
+        return all(len(d[n].group_history(gid)) == len(want) for n in ALL)
+
+    await until(w, ALL, complete, "all messages on all devices")
+    for n in ALL:
+        rows = texts(d[n], gid)
+        assert len(rows) == len(want) == len(set(rows))
+        by_alice = [t for s, t in rows if s == addr["alice"]]
+        by_bob = [t for s, t in rows if s == addr["bob"]]
+        assert by_alice == ["a0", "a1", "a2", "a3"] and by_bob == ["b0", "b1"]
+        assert all(r.peer == info.ref for r in d[n].group_history(gid))
+    for n in ALL:
+        assert [m for m in await d[n].receive(wait_s=0.3) if m.kind == "text"] == []
+        assert len(d[n].group_history(gid)) == len(want)  # nothing shown twice
+    own = [r for r in d["alice2"].group_history(gid) if r.sender == addr["alice"]]
+    assert own and all(r.outgoing for r in own)
+
+    # 3. the counter of alice's first message falls from 5 to 0 as the others read
+    first = d["alice"].group_history(gid)[0]
+    assert first.text == "a0"
+    unread, hidden = d["alice"].group_counts(gid)[first.msg_id]
+    assert len(unread) == 5 and hidden == 0
+    for step, reader in enumerate(("bob", "carol", "dave", "erin", "frank"), start=1):
+        assert await d[reader].group_mark_read(gid) > 0
+
+        def fell(step: int = step) -> bool:
+            return len(d["alice"].group_counts(gid)[first.msg_id][0]) == 5 - step
+
+        await until(w, ["alice"], fell, f"the counter at {5 - step}")
+        assert addr[reader] not in d["alice"].group_counts(gid)[first.msg_id][0]
+    assert d["alice"].group_counts(gid)[first.msg_id] == ((), 0)
+    # every member sees the counter: carol's copy agrees once the receipts reached her
+    await until(
+        w, ["carol"], lambda: d["carol"].group_counts(gid)[first.msg_id] == ((), 0), "carol"
+    )
+    # bob read on one device: his other device shows the rows read too
+    await until(
+        w,
+        ["bob2"],
+        lambda: all(r.read for r in d["bob2"].group_history(gid)),
+        "bob's other device to mark read",
+    )
+
+    # 4. frank is removed; what alice sends afterwards does not reach him
+    before_frank = len(d["frank"].group_history(gid))
+    await d["alice"].group_remove(gid, addr["frank"])
+    await until(
+        w,
+        ALL,
+        lambda: all(addr["frank"] not in (d[n].group(gid) or info).members for n in ALL),
+        "the removal everywhere",
+    )
+    g_frank = d["frank"].group(gid)
+    assert g_frank is not None and not g_frank.active
+    w.sent.clear()
+    await d["alice"].group_send(gid, "after removal")
+    secret = [i for i in w.sent if i.kind == INNER_MEGOLM][-1]
+    rest = [n for n in ALL if n != "frank"]
+    await until(
+        w,
+        rest,
+        lambda: all(("after removal" in [t for _, t in texts(d[n], gid)]) for n in rest),
+        "the message after removal",
+    )
+    await d["frank"].receive(wait_s=0.5)
+    assert len(d["frank"].group_history(gid)) == before_frank
+    assert "after removal" not in [t for _, t in texts(d["frank"], gid)]
+    sid, message = unpackb(secret.data, max_len=len(secret.data))
+    assert not _can_decrypt(d["frank"], secret.sender_device, message)
+    assert d["frank"].state.db.execute(
+        "SELECT count(*) FROM group_inbound WHERE session_id=?", (sid,)
+    ).fetchone() == (0,)  # the rotated session's key never reached frank
+
+    # 5. gina joins later: she reads what follows, not what came before
+    await d["alice"].group_add(gid, addr["gina"])
+    await until(w, ["gina"], lambda: d["gina"].group(gid) is not None, "gina's copy")
+    await d["alice"].group_send(gid, "welcome gina")
+    await until(
+        w,
+        ["gina"],
+        lambda: [t for _, t in texts(d["gina"], gid)] == ["welcome gina"],
+        "gina's first message",
+    )
+    assert not _can_decrypt(d["gina"], secret.sender_device, message)  # same session, earlier
+    assert d["gina"].state.db.execute(
+        "SELECT count(*) FROM group_inbound WHERE session_id=?", (sid,)
+    ).fetchone() == (1,)  # she holds that session, from a later index only
+
+    # 6. two admins change the same version at once; every device converges
+    await d["alice"].group_set_admin(gid, addr["bob"], True)
+    everyone = [*rest, "gina"]
+    await until(
+        w,
+        everyone,
+        lambda: all(addr["bob"] in (d[n].group(gid) or info).admins for n in everyone),
+        "bob an admin everywhere",
+    )
+    v = d["alice"].group(gid)
+    assert v is not None
+    r1 = await d["alice"].group_rename(gid, "by alice")
+    r2 = await d["bob"].group_rename(gid, "by bob")
+    assert r1.version == r2.version == v.version + 1
+
+    def converged() -> bool:
+        states = [d[n].group(gid) for n in everyone]
+        return all(s is not None and len(s.superseded) == 1 for s in states) and (
+            len({(s.name, s.version) for s in states if s is not None}) == 1
+        )
+
+    await until(w, everyone, converged, "the concurrent renames to converge")
+    winner = d["carol"].group(gid)
+    assert winner is not None and winner.name in ("by alice", "by bob")
+    loser = "by bob" if winner.name == "by alice" else "by alice"
+    for n in everyone:
+        g = d[n].group(gid)
+        assert g is not None and g.name == winner.name
+        assert g.superseded[0]["version"] == v.version + 1
+        assert "renamed" in g.superseded[0]["change"] and loser not in str(g.superseded)
+
+    # 7. who can read this: every member device, with its verified flag
+    readers = await d["alice"].group_readers(gid)
+    assert {r["address"] for r in readers} == set(winner.members)
+    assert sum(r["address"] == addr["bob"] for r in readers) == 2
+    assert all(r["verified"] is False for r in readers if r["address"] != addr["alice"])
+    assert d["alice"].groups_engine.drops["not_member"] == 0
+
+
+def _can_decrypt(dev: Device, sender_device: str, message: bytes) -> bool:
+    """Whether any inbound session ``dev`` holds for that sender device opens ``message``."""
+    rows = dev.state.db.execute(
+        "SELECT pickle FROM group_inbound WHERE sender_device=?", (sender_device,)
+    ).fetchall()
+    for (pickle,) in rows:
+        inb = Inbound.from_pickle(pickle, dev.state.storage_key)
+        try:
+            inb.decrypt(message)
+            return True
+        except Exception:  # noqa: BLE001 - any refusal means "cannot read it"
+            continue
+    return False
