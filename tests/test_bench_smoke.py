@@ -122,9 +122,13 @@ def test_group_section_reports_its_figures() -> None:
     assert check("group", group, GROUP_FIGURES) == [], proc.stderr[-4000:]
     size = group["size_5"]
     assert size["members"] == 5 and size["recipient_devices"] == 4
-    assert len(size["envelopes_handled"]) == 3 and sum(size["envelopes_handled"]) >= 4
+    # per node: A, B, C (and D, the multi = false node of the comparison)
+    assert len(size["envelopes_handled"]) >= 3 and sum(size["envelopes_handled"]) >= 4
     assert size["receipts"]["complete"] and size["receipts"]["readers"] == 4
     # each of the 4 readers' watermarks reached the 3 other members (and the sender)
     assert size["receipts"]["copies_decrypted_by_members"] == 4 * 3
-    if "skipped" not in group["fallback"]:  # nodes with the multi option: the v1 comparison
-        assert sane(group["fallback"]["ratios_5"]["upload_bytes_fallback_over_multi"])
+    # the multi = false comparison: the Device's per-device path (and the bench-driven one)
+    fallback = group["fallback"]
+    got = [v for k, v in fallback.items() if k.endswith("ratios_5")]
+    assert got and all(sane(r["upload_bytes_fallback_over_multi"]) for r in got), fallback
+    assert all(r["upload_bytes_fallback_over_multi"] > 1 for r in got), fallback
