@@ -1019,15 +1019,27 @@ class Device:
                 raise UntrustedKey("a sync payload is accepted only from our own devices")
             synced = self._apply_sync(db, p, now)
             return [] if synced is None else [synced]
-        if p.kind == "group_key":  # a Megolm session key, bound to the Olm sender device
-            return self.groups_engine.apply_key(db, sc.sender, sc.sender_device, p, now)
-        if p.kind == "group_join":
-            self.groups_engine.apply_join(db, sc.sender, p, now)
-            return []
+        if p.kind in ("group_key", "group_join"):
+            return self._apply_group_1to1(db, sc, p, now)
         msg = self._apply(db, sc.sender, own, p, now)
         if not own and p.devs:
             forwards.append((sc.sender, p, payload_bytes))
         return [] if msg is None else [msg]
+
+    def _apply_group_1to1(
+        self, db: sqlite3.Connection, sc: SealedContent, p: Payload, now: int
+    ) -> list[ReceivedMessage]:
+        """A group's 1:1 payload: a Megolm session key (bound to the Olm sender device) or a
+        join request with an invite secret. A refusal is counted with the group drops."""
+        g = self.groups_engine
+        try:
+            if p.kind == "group_key":
+                return g.apply_key(db, sc.sender, sc.sender_device, p, now)
+            g.apply_join(db, sc.sender, p, now)
+            return []
+        except HavenError as exc:
+            g.drops[exc.code] += 1
+            raise
 
     async def _forward_missed(
         self, conn: NodeConnection, forwards: list[tuple[str, Payload, bytes]]

@@ -667,7 +667,8 @@ class Groups:
         row = self._load(st.gid, db)
         if row is None:
             if not local and self.dev.address not in st.members:
-                return gs.AddResult("unknown_group", gs.UNKNOWN_GROUP), None
+                # a group we are not in (the parent in a newcomer's hand-off): nothing to keep
+                return gs.AddResult("ignored"), None
             book = StateBook(st.gid)
             row = _Row(st.gid, now, True, False, book, Watermarks(), {})
             res = book.add(signed, self._identity_of, root=True)
@@ -871,6 +872,8 @@ class Groups:
         res, before = self._accept(db, signed, now)
         if res.outcome == "unknown_signer":
             raise GroupError("the signer of a group change is unknown", code=gs.FORGED)
+        if res.outcome == "ignored":
+            return []
         if res.outcome == "pending":
             log.info("a group change waits for its parent (stale_state)")
             return []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from federation.devicelist import SignedDeviceList
 from federation.errors import LocalProtocolError
 
 from .device import Device
@@ -39,6 +40,9 @@ async def verify(
     number = safety_number(dev.address, own.identity_key, address, c.identity_key)
     if confirm and not c.verified:
         c = Contact(c.address, c.identity_key, c.node_id, c.device_list, c.sig, True, c.timer_ms)
+        version = SignedDeviceList(c.device_list, c.sig).open().version
         with dev.state.tx() as db:
             dev.state.save_contact(db, c)
+            # what was verified: "who can read this" warns when either changes (client/groups.py)
+            dev.state.put(db, "verified_list:" + address, c.identity_key + str(version).encode())
     return {"address": address, "safety_number": number, "verified": c.verified}

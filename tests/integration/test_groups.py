@@ -5,7 +5,9 @@ Every message reaches every member device exactly once, in order per sender; rea
 bring a message's counter from 5 to 0; a removed member gets nothing sent after the removal and
 cannot decrypt it when handed the ciphertext; a member added later cannot decrypt an earlier
 message; two admins changing the same version converge on every device, the loser shown as
-superseded. Which submission path ran (``send_multi`` or per-device envelopes) is asserted.
+superseded. Node C runs with ``multi = false`` (a v1 peer): A and B fan submissions out with
+``send_multi``/``/federation/multi`` and send C per-device envelopes, and the devices on C
+(carol, frank, gina) submit per-device envelopes themselves; both paths are asserted.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from federation.multi import INNER_MEGOLM, GroupInner
 from federation.wire import unpackb
 
 from .harness import NodeProc
+from .rawpeer import set_node_config
 
 
 @dataclass
@@ -70,7 +73,10 @@ async def _build(base: Path, nodes: list[NodeProc]) -> World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     base = tmp_path_factory.mktemp("groups")
-    nodes = [NodeProc.create(base, n).start() for n in ("A", "B", "C")]
+    nodes = [NodeProc.create(base, n) for n in ("A", "B", "C")]
+    set_node_config(nodes[2].home, multi=False)  # C: a "v1 peer", without the feature
+    for n in nodes:
+        n.start()
     try:
         w = asyncio.run(_build(base, nodes))
         yield w
@@ -207,9 +213,21 @@ async def test_group_world(world: World) -> None:
         "SELECT count(*) FROM group_inbound WHERE session_id=?", (sid,)
     ).fetchone() == (0,)  # the rotated session's key never reached frank
 
-    # 5. gina joins later: she reads what follows, not what came before
-    await d["alice"].group_add(gid, addr["gina"])
-    await until(w, ["gina"], lambda: d["gina"].group(gid) is not None, "gina's copy")
+    # 5. gina joins later with an invite code: she reads what follows, not what came before
+    code = await d["alice"].group_invite(gid)
+    assert code.startswith("haven:group:")
+    joined = await d["gina"].group_join(code)
+    assert joined == {"group_id": gid.hex(), "name": "hikers", "status": "requested"}
+    await until(w, ["alice", "gina"], lambda: d["gina"].group(gid) is not None, "gina added")
+    g = d["alice"].group(gid)
+    assert g is not None and addr["gina"] in g.members
+    assert await d["carol"].group_join(code) == {  # one use only: a second redemption fails
+        "group_id": gid.hex(),
+        "name": "hikers",
+        "status": "requested",
+    }
+    await d["alice"].receive(wait_s=0.5)
+    assert d["alice"].groups_engine.drops["invalid_group_invite"] == 1
     await d["alice"].group_send(gid, "welcome gina")
     await until(
         w,
@@ -259,6 +277,13 @@ async def test_group_world(world: World) -> None:
     assert sum(r["address"] == addr["bob"] for r in readers) == 2
     assert all(r["verified"] is False for r in readers if r["address"] != addr["alice"])
     assert d["alice"].groups_engine.drops["not_member"] == 0
+
+    # 8. both submission paths ran: A used send_multi (and /federation/multi to B); C, the v1
+    # peer, got per-device envelopes and its devices (whose reads counted above) sent their own
+    a, b, c = (n.stats()["events"] for n in w.nodes)
+    assert a.get("multi.submissions", 0) > 0 and a.get("multi.requests_out", 0) > 0
+    assert b.get("multi.requests_in", 0) > 0
+    assert c.get("multi.submissions", 0) == 0 and c.get("multi.requests_in", 0) == 0
 
 
 def _can_decrypt(dev: Device, sender_device: str, message: bytes) -> bool:

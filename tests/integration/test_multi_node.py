@@ -302,6 +302,22 @@ async def test_send_multi_bad_input(world: World, http: aiohttp.ClientSession) -
             ),
             "too_large",
         ),
+        (  # more than allowed for one node
+            send_multi(
+                sender.next_rid(),
+                sealed,
+                [
+                    (
+                        w.ids["b"],
+                        [
+                            (os.urandom(16), os.urandom(16), sealed.headers[0])
+                            for _ in range(MAX_RECIPIENTS + 1)
+                        ],
+                    )
+                ],
+            ),
+            "too_large",
+        ),
         (  # a header one byte short
             {
                 "t": "send_multi",

@@ -24,12 +24,22 @@ from node.sqlite_store import SqliteStore
 
 
 class FakePeers:
-    def __init__(self, inflight: int = 1) -> None:
+    def __init__(self, inflight: int = 1, features: tuple[str, ...] = ()) -> None:
         self.calls = 0
         self.inflight = inflight
+        self.listed = features
 
     def max_inflight(self, node_id: str) -> int:
         return self.inflight
+
+    def features(self, node_id: str) -> tuple[str, ...]:
+        return self.listed
+
+    def drop_feature(self, node_id: str, feature: str) -> None:
+        self.listed = tuple(f for f in self.listed if f != feature)
+
+    async def ensure_measured(self, node_id: str) -> None:
+        return None
 
     def stamp(self, node_id: str) -> int:
         return 0

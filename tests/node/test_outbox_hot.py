@@ -15,12 +15,15 @@ import pytest
 
 from federation.clock import FakeClock
 from federation.errors import TransportError
+from federation.fanout import MultiBatch
+from federation.multi import FEATURE, INNER_MEGOLM, GroupInner, seal_multi
+from federation.transport import RemoteError
 from federation.wire import Batch, BatchResult, Envelope
 from node import mailbox
 from node.atrest import EpochKeys
 from node.mailbox import Mailboxes
 from node.metrics import Metrics
-from node.outbox import OutboxSender
+from node.outbox import MultiSub, OutboxSender
 from node.quotas import OutboxQuotas
 from node.sqlite_store import SqliteStore
 from node.store import WriteBatch
@@ -115,7 +118,9 @@ class Node:
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, peer: Peer, inflight: int = 1) -> AsyncIterator[Node]:
+async def running(
+    tmp_path: Path, peer: Peer, inflight: int = 1, features: tuple[str, ...] = ()
+) -> AsyncIterator[Node]:
     clock = FakeClock()
     store = RecordingStore(str(tmp_path / "s.db"), EpochKeys(str(tmp_path / "e.key")))
     await store.open()
@@ -125,7 +130,7 @@ async def running(tmp_path: Path, peer: Peer, inflight: int = 1) -> AsyncIterato
     sender = OutboxSender(
         store,
         mailboxes,
-        FakePeers(inflight),  # type: ignore[arg-type]
+        FakePeers(inflight, features),  # type: ignore[arg-type]
         peer,  # type: ignore[arg-type]
         clock,
         Metrics(),
@@ -372,3 +377,66 @@ async def test_stopping_commits_what_is_only_held_in_memory(
         assert await node.mailboxes.settle(5)
         await done(futs)  # durable: committed
         assert await node.stored() == 3
+
+
+class MultiPeer(Peer):
+    """Also serves ``/multi`` (or answers it ``not_found``, as a node that turned it off)."""
+
+    def __init__(self, serve: bool = True) -> None:
+        super().__init__()
+        self.serve = serve
+        self.multi: list[MultiBatch] = []
+
+    async def post_multi(self, url: str, dest: str, created: int, body: bytes) -> BatchResult:
+        if not self.serve:
+            raise RemoteError("not_found", "no such endpoint")
+        got = MultiBatch.decode(body)
+        self.multi.append(got)
+        envs = got.envelopes()
+        self.accepted += envs
+        return BatchResult(tuple(e.id for e in envs))
+
+
+def _submission(node: Node, n: int) -> tuple[list[Envelope], list[asyncio.Future[None]]]:
+    """``n`` envelopes composed from one multi submission, handed over as client_api does."""
+    sealed = seal_multi(GroupInner(INNER_MEGOLM, "a@x", "d", b"hi"), [os.urandom(32)] * n)
+    envs = [Envelope(os.urandom(16), os.urandom(16), 10**14, sealed.copy_for(i)) for i in range(n)]
+    with node.sender.multi_submission(MultiSub(sealed.eph, sealed.gbody)):
+        futs = node.send(envs)
+    return envs, futs
+
+
+async def test_a_multi_submission_goes_as_one_request_and_others_as_batches(
+    tmp_path: Path, long_grace: None
+) -> None:
+    peer = MultiPeer()
+    async with running(tmp_path, peer, 4, (FEATURE,)) as node:
+        await node.warm()
+        written = list(node.store.inserted)
+        peer.gate.clear()  # batches wait: the submissions queue up behind the first one
+        first = node.send([_env(X)])
+        await until(lambda: peer.waiting)
+        envs, futs = _submission(node, 300)  # more than one batch's worth
+        single = node.send([_env(Y)])
+        envs2, futs2 = _submission(node, 3)
+        peer.gate.set()
+        await done(first + futs + single + futs2)
+        assert [len(m.recips) for m in peer.multi] == [300, 3]  # one request each
+        assert [r[0] for r in peer.multi[0].recips] == [e.id for e in envs]
+        got = {e.id: e for e in peer.accepted}
+        assert all(got[e.id] == e for e in envs + envs2)  # composed exactly as sent
+        assert node.store.inserted == written  # accepted in time: nothing touched the disk
+        assert not peer.twice
+
+
+async def test_a_peer_that_stopped_serving_multi_gets_batches(
+    tmp_path: Path, long_grace: None
+) -> None:
+    peer = MultiPeer(serve=False)
+    async with running(tmp_path, peer, 1, (FEATURE,)) as node:
+        await node.warm()
+        envs, futs = _submission(node, 5)
+        await done(futs)  # committed: they go the stored way, by /batch
+        await until(lambda: {e.id for e in envs} <= {e.id for e in peer.accepted})
+        assert peer.multi == []
+        assert node.sender.peers.features("peer") == ()  # until its next descriptor

@@ -1,0 +1,289 @@
+"""Bad group input at a real device: each case has a stable code, is counted, changes nothing.
+
+One node and one group serve the whole module: alice (the admin), bob (the device under
+attack), mallory (a member whose device misbehaves), rita (a member, removed half-way) and
+oscar (not a member). The bad inputs are crafted with the pure modules (``client.group_state``,
+``client.megolm``, ``federation.multi``), with the keys the malicious device really holds, and
+submitted over a raw ``send`` frame as a malicious member device would: the node cannot tell
+them from good ones. Each case checks three things on bob's device:
+
+(a) the stable code, counted once in ``Groups.drops`` (and nothing else counted);
+(b) nothing changed: the group as bob's device knows it (state, version, members) and its
+    history are the same as before;
+(c) the crafting is not what fails: the same path with a valid input is accepted (a message
+    from mallory, and from rita before her removal, arrive through it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from client import group_state as gs
+from client.device import Device
+from client.megolm import Outbound
+from client.payload import Payload
+from federation import frames as F
+from federation.ids import new_envelope_id
+from federation.multi import INNER_MEGOLM, INNER_STATE, GroupInner, seal_multi
+from federation.wire import Envelope, packb
+
+from .harness import NodeProc
+
+TTL_MS = 3_600_000
+
+
+@dataclass
+class World:
+    node: NodeProc
+    devs: dict[str, Device]
+    gid: bytes
+
+    @property
+    def bob(self) -> Device:
+        return self.devs["bob"]
+
+
+async def _new(node: NodeProc, home: Path, name: str) -> Device:
+    dev = Device(str(home))
+    await dev.join(node.invite(name), name=f"{name}-phone")
+    return dev
+
+
+async def _drain(w: World) -> None:
+    for d in w.devs.values():
+        await d.receive(wait_s=0.4)
+
+
+async def _build(base: Path, node: NodeProc) -> World:
+    devs: dict[str, Device] = {}
+    for name in ("alice", "bob", "mallory", "rita", "oscar"):
+        devs[name] = await _new(node, base / name, name)
+    members = [devs[n].address for n in ("bob", "mallory", "rita")]
+    info = await devs["alice"].group_create("bad-input", members)
+    w = World(node, devs, info.gid)
+    await _drain(w)
+    for n in ("mallory", "rita"):  # their sessions reach bob over the normal path
+        await devs[n].group_send(w.gid, f"hello from {n}")
+    await _drain(w)
+    got = [r.text for r in w.bob.group_history(w.gid)]
+    assert sorted(got) == ["hello from mallory", "hello from rita"], got
+    return w
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    base = tmp_path_factory.mktemp("group-bad")
+    node = NodeProc.create(base, "A")
+    node.start()
+    try:
+        w = asyncio.run(_build(base, node))
+        yield w
+        for d in w.devs.values():
+            d.close()
+    finally:
+        node.stop()
+
+
+async def inject(w: World, src: str, inner: GroupInner) -> None:
+    """Seal ``inner`` to bob's device and submit it from ``src``'s device in a raw ``send``."""
+    dev, bob = w.devs[src], w.bob
+    conn = await dev.connect()
+    try:
+        _, dl, _ = await dev.fetch_contact(conn, bob.address, claim=False)
+        target = next(d for d in dl.devices if d.device_id == bob.curve_key)
+        sealed = seal_multi(inner, [target.sealing])
+        env = Envelope(
+            new_envelope_id(), target.mailbox, dev.clock.now_ms() + TTL_MS, sealed.copy_for(0)
+        )
+        node_id = conn.challenge.node_id if conn.challenge else ""
+        ans = await conn.request(F.Send(rid=conn.next_rid(), items=((node_id, env),)))
+        assert isinstance(ans, F.Accepted) and ans.ids == (env.id,), ans
+    finally:
+        await dev.release(conn)
+
+
+async def refused(w: World, src: str, inner: GroupInner, code: str) -> None:
+    """Submit ``inner`` and check bob's device drops it with ``code``, changing nothing."""
+    bob = w.bob
+    before = (bob.group(w.gid), [r.msg_id for r in bob.group_history(w.gid)])
+    drops = Counter(bob.groups_engine.drops)
+    await inject(w, src, inner)
+    got = await bob.receive(wait_s=0.5)
+    assert [m for m in got if m.chat] == [], f"{code}: bob's device applied {got}"
+    after = Counter(bob.groups_engine.drops)
+    after.subtract(drops)
+    assert +after == Counter({code: 1}), f"expected one {code}, counted {dict(+after)}"
+    assert (bob.group(w.gid), [r.msg_id for r in bob.group_history(w.gid)]) == before
+
+
+def state_inner(dev: Device, signed: gs.SignedState) -> GroupInner:
+    return GroupInner(INNER_STATE, dev.address, dev.curve_key, signed.encode())
+
+
+def megolm_inner(dev: Device, out: Outbound, to: str, text: str) -> GroupInner:
+    p = Payload(os.urandom(16), "text", to, dev.clock.now_ms(), text=text)
+    data = packb([out.session_id, out.encrypt(p.encode())])
+    return GroupInner(INNER_MEGOLM, dev.address, dev.curve_key, data)
+
+
+def current(w: World) -> tuple[gs.GroupState, bytes]:
+    """The admin's current state and its digest (the parent of a next version)."""
+    book = w.devs["alice"].groups_engine._load(w.gid)
+    assert book is not None and book.book.current_signed is not None
+    signed = book.book.current_signed
+    return signed.open(), signed.digest
+
+
+def outbound(dev: Device, gid: bytes) -> Outbound:
+    out = dev.groups_engine._outbound(gid)
+    assert out is not None, "the device has no sending session for the group"
+    return out
+
+
+def keep_outbound(dev: Device, gid: bytes, out: Outbound) -> None:
+    """Store a crafted session's advanced index, so the device's own next send does not reuse
+    an index (which bob would rightly call a replay)."""
+    with dev.state.tx() as db:
+        dev.groups_engine._save_outbound(db, gid, out)
+
+
+async def test_state_change_signed_by_a_non_admin_is_forged(world: World) -> None:
+    w = world
+    mallory = w.devs["mallory"]
+    cur, digest = current(w)
+    oscar = w.devs["oscar"].address
+    grab = replace(
+        cur,
+        version=cur.version + 1,
+        members=tuple(sorted({*cur.members, oscar})),
+        admins=tuple(sorted({*cur.admins, mallory.address})),
+        by=mallory.address,
+        parent=digest,
+        at=mallory.clock.now_ms(),
+    )
+    await refused(
+        w, "mallory", state_inner(mallory, gs.sign_state(grab, mallory.identity())), "forged_state"
+    )
+    # the same change claimed as alice's, but signed with mallory's identity key
+    as_alice = replace(grab, by=w.devs["alice"].address)
+    await refused(
+        w,
+        "mallory",
+        state_inner(mallory, gs.sign_state(as_alice, mallory.identity())),
+        "forged_state",
+    )
+
+
+async def test_state_change_of_an_unknown_group(world: World) -> None:
+    w = world
+    mallory = w.devs["mallory"]
+    members = tuple(sorted([mallory.address, w.devs["alice"].address]))
+    st = gs.GroupState(
+        gs.new_gid(),
+        2,
+        "elsewhere",
+        members,
+        (mallory.address,),
+        mallory.address,
+        os.urandom(32),
+        mallory.clock.now_ms(),
+    )
+    await refused(
+        w, "mallory", state_inner(mallory, gs.sign_state(st, mallory.identity())), "unknown_group"
+    )
+
+
+async def test_oversized_member_list_signed_by_the_admin(world: World) -> None:
+    w = world
+    alice = w.devs["alice"]
+    cur, digest = current(w)
+    host = alice.address.split("@", 1)[1]
+    many = sorted({*cur.members, *(f"m{i:04d}@{host}" for i in range(gs.MAX_MEMBERS))})
+    assert len(many) > gs.MAX_MEMBERS
+    blob = packb(
+        {
+            "v": 1,
+            "g": w.gid,
+            "ver": cur.version + 1,
+            "name": cur.name,
+            "members": many,
+            "admins": list(cur.admins),
+            "by": alice.address,
+            "parent": digest,
+            "at": alice.clock.now_ms(),
+        }
+    )  # GroupState.blob() refuses to build it: the admin's device is the malicious one here
+    signed = gs.SignedState(blob, alice.identity().sign(gs.STATE_TAG + blob).signature)
+    await refused(w, "alice", state_inner(alice, signed), "too_many_members")
+
+
+async def test_repeated_index_with_other_content_is_a_replay(world: World) -> None:
+    w = world
+    mallory = w.devs["mallory"]
+    ref = gs.ref_of(w.gid)
+    first = outbound(mallory, w.gid)
+    again = outbound(mallory, w.gid)  # the same session at the same index
+    await inject(w, "mallory", megolm_inner(mallory, first, ref, "first at this index"))
+    got = await w.bob.receive(wait_s=0.5)
+    assert [m.text for m in got if m.chat] == ["first at this index"]  # (c): the path works
+    keep_outbound(mallory, w.gid, first)
+    await refused(
+        w, "mallory", megolm_inner(mallory, again, ref, "other text, same index"), "megolm_replay"
+    )
+
+
+async def test_message_naming_another_group_is_refused(world: World) -> None:
+    w = world
+    mallory = w.devs["mallory"]
+    out = outbound(mallory, w.gid)
+    inner = megolm_inner(mallory, out, gs.ref_of(gs.new_gid()), "for a group bob is not in")
+    keep_outbound(mallory, w.gid, out)
+    await refused(w, "mallory", inner, "unknown_group")
+
+
+async def test_removed_members_late_message(world: World) -> None:
+    w = world
+    rita = w.devs["rita"]
+    kept = outbound(rita, w.gid)  # rita's device keeps its old session after the removal
+    await w.devs["alice"].group_remove(w.gid, rita.address)
+    await _drain(w)
+    g = w.bob.group(w.gid)
+    assert g is not None and rita.address not in g.members
+    late = megolm_inner(rita, kept, gs.ref_of(w.gid), "rita, after her removal")
+    await refused(w, "rita", late, "not_member")
+
+
+async def test_non_member_message(world: World) -> None:
+    w = world
+    oscar, bob = w.devs["oscar"], w.bob
+    out = Outbound.new(oscar.clock.now_ms())
+    gkey = packb({"g": w.gid, "s": out.session_id, "k": out.session_key()})
+    key = Payload(os.urandom(16), "group_key", bob.address, oscar.clock.now_ms(), gkey=gkey)
+    drops = Counter(bob.groups_engine.drops)
+    await oscar.send_payload(bob.address, key, include_self=False)
+    await bob.receive(wait_s=0.5)
+    after = Counter(bob.groups_engine.drops)
+    after.subtract(drops)
+    assert +after == Counter({"not_member": 1}), f"oscar's key: counted {dict(+after)}"
+    # and his message: no session for it, so it can never be applied (it waits, bounded, for
+    # a key that bob's device will not take from a non-member)
+    history = [r.msg_id for r in bob.group_history(w.gid)]
+    await inject(w, "oscar", megolm_inner(oscar, out, gs.ref_of(w.gid), "oscar was never in"))
+    got = await bob.receive(wait_s=0.5)
+    assert [m for m in got if m.chat] == []
+    assert [r.msg_id for r in bob.group_history(w.gid)] == history
+
+
+async def test_the_group_still_works(world: World) -> None:
+    w = world
+    await w.devs["mallory"].group_send(w.gid, "still here")
+    got = await w.bob.receive(wait_s=0.5)
+    assert [m.text for m in got if m.chat] == ["still here"]
+    assert not any(m.text.startswith("oscar") for m in w.bob.group_history(w.gid))
