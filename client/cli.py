@@ -236,7 +236,7 @@ async def cmd_recv(args: argparse.Namespace, dev: Device, out: Out) -> int:
         elif chat:
             from .group_cli import recv_line
 
-            out.line(recv_line(dev, chat, m.sender, m.text))
+            out.line(recv_line(dev, chat, m.sender, m.text, m.kind))
         elif m.kind == "text":
             out.line(f"{m.sender}: {m.text}")
         else:
@@ -248,7 +248,7 @@ async def cmd_recv(args: argparse.Namespace, dev: Device, out: Out) -> int:
     if files:
         await _auto_download(args, dev, out, files)
     mark_printed(dev, getattr(args, "client", None) or "cli")
-    if not any(m.kind in ("text", "file") for m in msgs) and not args.json:
+    if not any(m.kind in ("text", "file", "group_state") for m in msgs) and not args.json:
         out.err("no new messages")
     return 0
 

@@ -972,6 +972,7 @@ class Device:
         now = self.clock.now_ms()
         me = self.address
         cache = SessionCache(self.state)
+        self.groups_engine.begin_batch()
         try:
             with self.state.tx() as db:
                 for sc in opened:
@@ -983,6 +984,7 @@ class Device:
                             msgs = self._open_one(db, sc, me, now, cache, forwards)
                     except HavenError as exc:
                         db.execute("ROLLBACK TO envelope")
+                        self.groups_engine.forget()
                         if isinstance(sc, GroupInner):
                             self.groups_engine.drop(exc.code)
                         else:
@@ -996,6 +998,8 @@ class Device:
         except BaseException:
             self._account = None  # reload it as stored: the one-time keys it used are back
             raise
+        finally:
+            self.groups_engine.end_batch()
         return new
 
     def _open_one(

@@ -274,8 +274,9 @@ async def history(args: argparse.Namespace, dev: Device, out: Out, gid: bytes) -
     return 0
 
 
-def recv_line(dev: Device, chat: str, sender: str, text: str) -> str:
-    """The text line of a received group message: ``[NAME] sender: text``."""
+def recv_line(dev: Device, chat: str, sender: str, text: str, kind: str = "text") -> str:
+    """The text line of a received group message, ``[NAME] sender: text``, or of a change of
+    the group, ``[NAME] description``."""
     name = chat[:14]
     try:
         info = dev.group(bytes.fromhex(chat.removeprefix("group:")))
@@ -283,7 +284,7 @@ def recv_line(dev: Device, chat: str, sender: str, text: str) -> str:
         info = None
     if info is not None:
         name = info.name
-    return f"[{name}] {sender}: {text}"
+    return f"[{name}] {text}" if kind == "group_state" else f"[{name}] {sender}: {text}"
 
 
 # ---- the parser ---------------------------------------------------------------------------

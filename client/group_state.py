@@ -74,7 +74,7 @@ class GroupError(HavenError):
     Codes: ``forged_state``, ``unknown_group``, ``stale_state``, ``too_many_members``,
     ``group_too_large``, ``not_member``, ``not_admin``, ``ambiguous_group``, ``megolm_replay``,
     ``megolm_gap``, ``undecryptable``, ``invalid_group_invite``, ``malformed``, and for local
-    commands ``no_change``, ``last_admin``, ``invalid_name``.
+    commands ``no_change``, ``last_admin``, ``invalid_name``, ``bad_argument``.
     """
 
     code = "group_error"
@@ -265,7 +265,7 @@ def _members(addresses: Iterable[str]) -> tuple[str, ...]:
     out = tuple(sorted(set(addresses)))
     for a in out:
         if not _is_address(a):
-            raise GroupError("not an address: name@host", code=MALFORMED)
+            raise GroupError(f"not an address: {a!r} (expected name@host)", code="bad_argument")
     if len(out) > MAX_MEMBERS:
         raise GroupError(f"a group has at most {MAX_MEMBERS} members", code=TOO_MANY)
     return out
@@ -379,7 +379,9 @@ class AddResult:
     """What :meth:`StateBook.add` made of one received state.
 
     ``outcome``: ``current`` (the current state changed: to this one or to a change waiting on
-    it), ``superseded`` (valid but outranked), ``duplicate``, ``pending`` (parent unknown: kept
+    it), ``superseded`` (valid but outranked), ``duplicate``, ``ancestor`` (the parent of the
+    state the book started from: valid, not news; ``accepted`` lists only changes that were
+    waiting on it), ``pending`` (parent unknown: kept
     aside, code ``stale_state``), ``old`` (below the kept window: ignored), ``unknown_signer``
     (no pinned identity key for the signer yet: fetch it and add again), or a refusal with
     ``code``: ``forged`` (``forged_state``), ``stale`` (``stale_state``: version is not
@@ -394,7 +396,7 @@ class AddResult:
 
     @property
     def ok(self) -> bool:
-        return self.outcome in ("current", "superseded", "duplicate")
+        return self.outcome in ("current", "superseded", "duplicate", "ancestor")
 
 
 @dataclass(slots=True)
@@ -433,13 +435,15 @@ class StateBook:
         return v.state if v else None
 
     def handoff(self) -> list[SignedState]:
-        """What to give a new member so its book can follow this one: the current state and its
-        parent (the parent first), to pass to :meth:`add` with ``root=True`` for the first."""
+        """What to give a new member so its book can follow this one: the current state, then
+        its parent. The first goes to :meth:`add` with ``root=True``; the parent then comes in
+        as an *ancestor* (authenticated by the root's digest of it), so that a concurrent
+        change of the same parent validates on the new member's device too."""
         cur = self._valid.get(self._current)
         if cur is None:
             return []
         parent = self._valid.get(cur.state.parent)
-        return [parent.signed, cur.signed] if parent else [cur.signed]
+        return [cur.signed, parent.signed] if parent else [cur.signed]
 
     def _chain(self) -> set[bytes]:
         out: set[bytes] = set()
@@ -499,6 +503,8 @@ class StateBook:
             return AddResult("old", current=self.current)
         if not self._valid and (root or state.version == 1):
             return self._add_root(signed, state, identity_key_of)
+        if any(v.state.parent == digest for v in self._valid.values()):
+            return self._add_ancestor(signed, state, identity_key_of)
         if state.version == 1:
             # A second "creation" of an existing group id: nobody may re-found a group. (A book
             # that started from a handoff never saw the creation and cannot judge: ignore it.)
@@ -537,6 +543,25 @@ class StateBook:
         self._insert(_Valid(signed, state, key))
         accepted = [state, *self._resolve(signed.digest, identity_key_of)]
         return AddResult("current", "", self.current, True, tuple(accepted))
+
+    def _add_ancestor(
+        self, signed: SignedState, state: GroupState, identity_key_of: IdentityKeyOf
+    ) -> AddResult:
+        """The parent of a state we started from (a handoff's root). Its content is bound by
+        the root's ``parent`` digest; the signature is checked anyway, and the signer's key
+        ranks it against its siblings."""
+        key = identity_key_of(state.by)
+        if key is None:
+            return AddResult("unknown_signer", "", self.current)
+        try:
+            signed.verify(key)
+        except GroupError as exc:
+            return AddResult("forged", exc.code, self.current)
+        before = self._current
+        self._insert(_Valid(signed, state, key))
+        resolved = tuple(self._resolve(signed.digest, identity_key_of))
+        changed = self._current != before
+        return AddResult("current" if changed else "ancestor", "", self.current, changed, resolved)
 
     def _keep_pending(self, signed: SignedState, state: GroupState, digest: bytes) -> AddResult:
         if digest not in self._pending:

@@ -184,7 +184,23 @@ class Groups:
     def __init__(self, dev: Device) -> None:
         self.dev = dev
         self.drops: Counter[str] = Counter()  # dropped group input, by stable code
+        self.waited = 0  # copies that had to wait for their session key or group state
         self._after: list[tuple[bytes, str]] = []  # (gid, joiner) to add once a batch is stored
+        self._retried: list[ReceivedMessage] = []  # waiting copies a new group's state opened
+        self._cache: dict[bytes, _Row] | None = None  # groups loaded during one batch
+
+    def begin_batch(self) -> None:
+        """Keep groups loaded while one delivered batch is stored (one book load per group)."""
+        self._cache = {}
+
+    def end_batch(self) -> None:
+        """Forget what the batch loaded (another process may change the store next)."""
+        self._cache = None
+
+    def forget(self) -> None:
+        """A savepoint rolled back: what the batch loaded may be ahead of the store."""
+        if self._cache is not None:
+            self._cache = {}
 
     # ---- storage -----------------------------------------------------------------------------
 
@@ -196,6 +212,8 @@ class Groups:
         return None if c is None else bytes(c.identity_key)
 
     def _load(self, gid: bytes, db: Any = None) -> _Row | None:
+        if self._cache is not None and gid in self._cache:
+            return self._cache[gid]
         db = self.dev.state.db if db is None else db
         r = db.execute(
             "SELECT joined_at, active, rotate, book, marks, since FROM groups WHERE gid=?", (gid,)
@@ -205,7 +223,7 @@ class Groups:
         st = self.dev.state
         raw_since = st.open(r[5])
         since = unpackb(raw_since, max_len=len(raw_since))
-        return _Row(
+        row = _Row(
             gid,
             int(r[0]),
             bool(r[1]),
@@ -214,6 +232,9 @@ class Groups:
             Watermarks.load(st.open(r[4])),
             {str(k): int(v) for k, v in dict(since).items()},
         )
+        if self._cache is not None:
+            self._cache[gid] = row
+        return row
 
     def _save(self, db: Any, row: _Row) -> None:
         st = self.dev.state
@@ -228,6 +249,13 @@ class Groups:
                 st.seal(row.marks.dump()),
                 st.seal(packb(row.since)),
             ),
+        )
+
+    def _save_marks(self, db: Any, row: _Row) -> None:
+        """Only the watermarks changed (a read receipt): the book is not rewritten."""
+        db.execute(
+            "UPDATE groups SET marks=? WHERE gid=?",
+            (self.dev.state.seal(row.marks.dump()), row.gid),
         )
 
     def _outbound(self, gid: bytes) -> Outbound | None:
@@ -665,27 +693,30 @@ class Groups:
         and lists us). Returns the book's verdict and the current state before it."""
         st = signed.open()
         row = self._load(st.gid, db)
+        new_group = row is None
         if row is None:
             if not local and self.dev.address not in st.members:
                 # a group we are not in (the parent in a newcomer's hand-off): nothing to keep
                 return gs.AddResult("ignored"), None
-            book = StateBook(st.gid)
-            row = _Row(st.gid, now, True, False, book, Watermarks(), {})
-            res = book.add(signed, self._identity_of, root=True)
+            prev = None
+            row = _Row(st.gid, now, True, False, StateBook(st.gid), Watermarks(), {})
+            res = row.book.add(signed, self._identity_of, root=True)
         else:
+            prev = row.book.current
             res = row.book.add(signed, self._identity_of)
-        before = None
-        if res.accepted:
-            before = _parent_of(row, res.accepted[0])
-        if not res.ok:
-            return res, before
-        cur = row.book.current
-        if cur is None:
-            return res, before
-        if res.changed or res.outcome == "current":
-            self._follow(row, before, cur)
+        if res.outcome == "pending" and not new_group:
+            self._save(db, row)  # kept aside in the book until its parent comes
+        if not res.ok or row.book.current is None:
+            return res, prev
+        if res.changed:
+            self._follow(row, prev, row.book.current)
         self._save(db, row)
-        return res, before
+        if new_group and not local:  # messages that came before the group's state
+            for dev_id, sid in db.execute(
+                "SELECT sender_device, session_id FROM group_inbound WHERE gid=?", (st.gid,)
+            ).fetchall():
+                self._retried += self.retry_pending(db, dev_id, sid, now)
+        return res, prev
 
     def _follow(self, row: _Row, before: GroupState | None, cur: GroupState) -> None:
         """The current state changed from ``before`` to ``cur``: membership, join times,
@@ -801,6 +832,7 @@ class Groups:
 
     def _keep(self, db: Any, inner: GroupInner, sid: str, now: int) -> None:
         """A copy whose session key has not arrived yet: kept sealed, bounded, with a TTL."""
+        self.waited += 1
         db.execute(
             "INSERT INTO group_pending (sender_device, session_id, data, expires) "
             "VALUES (?, ?, ?, ?)",
@@ -827,13 +859,16 @@ class Groups:
     ) -> list[ReceivedMessage]:
         if key_sender != inner.sender:
             raise UntrustedKey("the group session is not the sender's")
+        row = self._load(inb.gid, db)
+        if row is None or row.book.current is None:  # its state has not come yet: wait
+            self._keep(db, inner, inb.session_id, now)
+            return []
         plain, _, duplicate = inb.decrypt(message)
         if duplicate:
             return []
         p = Payload.decode(plain)
-        row = self._load(inb.gid, db)
         ref = ref_of(inb.gid)
-        if row is None or row.book.current is None or p.to != ref:
+        if p.to != ref:
             raise GroupError("a group message for another group", code=gs.UNKNOWN_GROUP)
         if inner.sender not in row.book.current.members:
             raise GroupError("the sender is not a member of this group", code=gs.NOT_MEMBER)
@@ -854,7 +889,7 @@ class Groups:
             row.marks.update(inner.sender, p.wm, hide=hide)
             if own:
                 self._mark_local(db, ref, p.wm)
-            self._save(db, row)
+            self._save_marks(db, row)
             return [ReceivedMessage(inner.sender, "", p.sent_at, p.id, "read", ref, chat=ref)]
         log.debug("ignored a group payload of a kind this version does not know")
         return []
@@ -869,7 +904,9 @@ class Groups:
     def _apply_state(self, db: Any, inner: GroupInner, now: int) -> list[ReceivedMessage]:
         signed = SignedState.decode(inner.data)
         st = signed.open()
-        res, before = self._accept(db, signed, now)
+        self._retried = []
+        res, _ = self._accept(db, signed, now)
+        retried, self._retried = self._retried, []
         if res.outcome == "unknown_signer":
             raise GroupError("the signer of a group change is unknown", code=gs.FORGED)
         if res.outcome == "ignored":
@@ -882,26 +919,20 @@ class Groups:
         if res.outcome == "duplicate":
             return []
         ref = ref_of(st.gid)
+        lost = " (superseded)" if res.outcome == "superseded" else ""
         out = [
             ReceivedMessage(
                 s.by,
-                gs.describe(_parent_state(db, self, s), s),
+                gs.describe(_parent_state(db, self, s), s) + lost,
                 s.at,
-                signed.digest[:16],
+                gs.state_digest(s.blob())[:16],
                 "group_state",
                 ref,
                 chat=ref,
             )
             for s in res.accepted
         ]
-        del before
-        if not out and res.outcome == "superseded":
-            out.append(
-                ReceivedMessage(
-                    st.by, "superseded", st.at, signed.digest[:16], "group_state", ref, chat=ref
-                )
-            )
-        return out
+        return out + retried
 
     def apply_key(
         self,
@@ -912,17 +943,20 @@ class Groups:
         now: int,
     ) -> list[ReceivedMessage]:
         """A ``group_key`` (1:1 Olm, from ``sender_device`` of ``sender``): store the inbound
-        session, then open the copies that were waiting for it."""
+        session, then open the copies that were waiting for it. A key is bound to the Olm
+        sender device that brought it; a message is accepted only from a current member."""
         try:
             obj = unpackb(p.gkey, max_len=len(p.gkey))
             gid, sid, key = bytes(obj["g"]), str(obj["s"]), str(obj["k"])
         except (HavenError, KeyError, TypeError, ValueError) as exc:
             raise MalformedEnvelope("bad group key") from exc
+        # Kept even before the group's state arrives (keys, states and messages travel
+        # different paths); in a group we know, only from a current member. Membership is
+        # checked again per message.
         row = self._load(gid, db)
-        if row is None or row.book.current is None:
-            raise GroupError("a key for a group we do not know", code=gs.UNKNOWN_GROUP)
-        if sender not in row.book.current.members:
-            raise GroupError("a key from a non-member", code=gs.NOT_MEMBER)
+        if row is not None and row.book.current is not None:
+            if sender not in row.book.current.members:
+                raise GroupError("a group key from a non-member", code=gs.NOT_MEMBER)
         inb = Inbound.from_key(key, sender_device=sender_device, gid=gid)
         if inb.session_id != sid:
             raise MalformedEnvelope("the group key does not match its session id")
@@ -950,6 +984,7 @@ class Groups:
                 out += self.apply_copy(db, inner, now)
             except HavenError as exc:
                 db.execute("ROLLBACK TO pending_copy")
+                self.forget()
                 db.execute("DELETE FROM group_pending WHERE seq=?", (seq,))
                 self.drop(exc.code)
             db.execute("RELEASE pending_copy")
@@ -1006,7 +1041,7 @@ class Groups:
             row = self._load(gid, db)
             if row is not None:
                 row.marks.update(me, wm, hide=not receipts)
-                self._save(db, row)
+                self._save_marks(db, row)
         now = self.dev.clock.now_ms()
         if receipts:
             p = Payload(os.urandom(16), "read", ref, now, wm=wm)

@@ -443,9 +443,10 @@ SEND_WAIT_S = 10.0  # how long `send` waits for the node to accept before saying
 
 async def _send(core: Any, args: argparse.Namespace, dev: Any, out: Any) -> int:
     """Queue through the daemon's durable outbox; report ``sent`` once the node accepted it."""
-    from client import cli
+    from client import cli, group_cli
 
-    if getattr(args, "file", None):  # upload on the daemon's connection, then its outbox
+    if getattr(args, "file", None) or group_cli.group_target(dev, args.address) is not None:
+        # a file: upload on the daemon's connection, then its outbox; a group: one submission
         async with _lock(core):
             return await cli.cmd_send(args, dev, out)
     ttl_ms = parse_duration(args.ttl) if getattr(args, "ttl", None) else None
@@ -630,6 +631,10 @@ def _print_new(
                     "chat": r.peer,
                 }
                 out.line(json.dumps(obj))
+            elif r.peer.startswith("group:"):
+                from client.group_cli import recv_line
+
+                out.line(recv_line(dev, r.peer, r.sender, r.text))
             else:
                 out.line(f"{r.sender}: {r.text}")
         seq = rows[-1].seq
@@ -676,8 +681,11 @@ async def _timer(core: Any, args: argparse.Namespace, dev: Any, out: Any) -> int
 
 async def _history(core: Any, args: argparse.Namespace, dev: Any, out: Any) -> int:
     """``history``; marking read goes through the core (unread badges in the window)."""
-    from client import cli
+    from client import cli, group_cli
 
+    if group_cli.group_target(dev, args.address) is not None:
+        async with _lock(core):
+            return await cli.cmd_history(args, dev, out)
     for r in dev.history(args.address):
         att = dev.state.attachment(r.msg_id)
         out.line(json.dumps(cli._row_json(r, att)) if args.json else cli.history_line(r, att))

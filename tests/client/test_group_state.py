@@ -9,6 +9,8 @@ from dataclasses import replace
 import msgpack
 import nacl.signing
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from client.group_state import (
     MAX_MEMBERS,
@@ -136,6 +138,28 @@ def test_concurrent_admin_changes_converge_in_every_delivery_order() -> None:
     assert gone == {"dave@a"} and later.open().version == 4
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_any_tree_of_changes_converges_on_the_greatest(data: st.DataObject) -> None:
+    v1, v2 = base()
+    states = [v1, v2]
+    for i in range(data.draw(st.integers(1, 6))):
+        parent = data.draw(st.sampled_from(states[1:]))
+        p = parent.open()
+        leavers = sorted(set(p.members) - set(p.admins))
+        if leavers and data.draw(st.booleans()):
+            who = data.draw(st.sampled_from(leavers))
+            states.append(signed(changed(parent, by=who, at=10 + i, leave=who)))
+        else:
+            by = data.draw(st.sampled_from(p.admins))
+            states.append(signed(changed(parent, by=by, at=10 + i, rename=f"n{i}")))
+    books = [book_of(*data.draw(st.permutations(states))) for _ in range(2)]
+    best = max(states, key=lambda s: (s.open().version, PINNED[s.open().by], s.digest))
+    assert books[0].current_signed == books[1].current_signed == best
+    assert books[0].superseded() == books[1].superseded()
+    assert len(books[0].superseded()) == len(states) - best.open().version
+
+
 def test_each_result_says_what_happened() -> None:
     v1, v2 = base()
     book = StateBook(GID)
@@ -220,18 +244,30 @@ def test_a_new_member_follows_from_the_handoff_and_sees_the_race() -> None:
     rival = signed(changed(v2, by="carol@c", at=3, rename="other"))
     admin_book.add(add, key_of)
     chain = admin_book.handoff()
-    assert chain == [v2, add]
-    joiner = StateBook(GID)
-    assert joiner.add(chain[0], key_of, root=True).outcome == "current"
-    assert joiner.add(chain[1], key_of).outcome == "current"
+    assert chain == [add, v2]
     admin_book.add(rival, key_of)
-    joiner.add(rival, key_of)
-    assert joiner.current_signed == admin_book.current_signed
+    for rival_first in (True, False):  # the rival may come before the root's parent, or after
+        joiner = StateBook(GID)
+        assert joiner.add(chain[0], key_of, root=True).outcome == "current"
+        if rival_first:
+            assert joiner.add(rival, key_of).outcome == "pending"
+        parent = joiner.add(chain[1], key_of)
+        assert parent.ok and parent.outcome in ("ancestor", "current")
+        assert v2.open() not in parent.accepted  # not news
+        if not rival_first:
+            joiner.add(rival, key_of)
+        assert joiner.current_signed == admin_book.current_signed
+        assert joiner.superseded() == admin_book.superseded()
     assert StateBook(GID).add(signed(replace(v2.open(), by="dave@a")), key_of, root=True).code == (
         "forged_state"
     )
     assert StateBook(GID).add(v2, lambda a: None, root=True).outcome == "unknown_signer"
-    assert joiner.add(v1, key_of).outcome == "old"  # the creation it never saw: not judged
+    refound = signed(create(GID, "mine", ["bob@b"], "erin@b", at=3))
+    fresh = StateBook(GID)
+    fresh.add(add, key_of, root=True)
+    assert fresh.add(refound, key_of).outcome == "old"  # no creation to judge it against
+    assert joiner.add(v1, key_of).outcome == "ancestor"  # the chain back to the creation
+    assert joiner.add(refound, key_of).code == "forged_state"
 
 
 def test_a_book_survives_dump_and_load() -> None:

@@ -25,7 +25,7 @@ from client.groups import Groups
 from client.linking import link_device
 from client.megolm import Inbound
 from federation.multi import INNER_MEGOLM, GroupInner
-from federation.wire import unpackb
+from federation.wire import Envelope, unpackb
 
 from .harness import NodeProc
 from .rawpeer import set_node_config
@@ -198,6 +198,25 @@ async def test_group_world(world: World) -> None:
     await d["alice"].group_send(gid, "after removal")
     secret = [i for i in w.sent if i.kind == INNER_MEGOLM][-1]
     rest = [n for n in ALL if n != "frank"]
+    # carol opens the new session's message before its key (they travel different paths):
+    # the copy waits, sealed, and opens when the key comes
+    carol = d["carol"]
+    conn = await carol.connect()
+    try:
+        envs: list[Envelope] = []
+        deadline = time.monotonic() + 30
+        while len(envs) < 2:  # the group_key (1:1) and the group copy
+            assert time.monotonic() < deadline, "carol's two envelopes"
+            async with asyncio.timeout(30):
+                envs += await conn.deliveries.get()
+        waited = carol.groups_engine.waited
+        got = await carol.process(conn, list(reversed(envs)))
+        assert carol.groups_engine.waited == waited + 1
+    finally:
+        await carol.release(conn)
+    assert [m.text for m in got if m.kind == "text"] == ["after removal"]
+    assert got[-1].chat == info.ref and got[-1].peer == info.ref
+    assert carol.state.db.execute("SELECT count(*) FROM group_pending").fetchone() == (0,)
     await until(
         w,
         rest,
