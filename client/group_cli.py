@@ -22,6 +22,7 @@ from federation.errors import HavenError, LocalProtocolError
 from .cli import Out, _row_json, history_line
 from .device import Device
 from .group_state import GroupError, parse_invite_code, ref_of
+from .groups import GroupInfo
 
 GROUP_HELP = "group:<id>, a unique prefix of the id, or a unique group name"
 INVITE_DEFAULT_TTL = "7d"
@@ -40,16 +41,11 @@ def _members(args: argparse.Namespace) -> list[str]:
     return [m.strip() for m in raw.split(",") if m.strip()]
 
 
-def _info_json(info: Any) -> dict[str, Any]:
-    obj: dict[str, Any] = dict(info.to_json())
-    return obj
-
-
 def _short(gid: bytes) -> str:
     return ref_of(gid)[:14]
 
 
-def _info_lines(info: Any, me: str) -> list[str]:
+def _info_lines(info: GroupInfo, me: str) -> list[str]:
     role = ", you are an admin" if me in info.admins else ""
     state = "" if info.active else " (you are no longer a member)"
     lines = [
@@ -68,15 +64,13 @@ def group_target(dev: Device, arg: str) -> bytes | None:
 
     An argument with ``@`` is a contact; one starting with ``group:`` is a group (errors if
     unknown); any other is a group if it names one (``ambiguous_group`` if several)."""
-    if "@" in arg or not hasattr(dev, "resolve_group"):
+    if "@" in arg:
         return None
-    if arg.startswith("group:"):
-        return bytes(dev.resolve_group(arg))
     try:
-        return bytes(dev.resolve_group(arg))
+        return dev.resolve_group(arg)
     except GroupError as exc:
-        if exc.code == "unknown_group":
-            return None
+        if exc.code == "unknown_group" and not arg.startswith("group:"):
+            return None  # not a group: the contact path says what is wrong with it
         raise
 
 
@@ -97,8 +91,8 @@ async def _create(args: argparse.Namespace, dev: Device, out: Out) -> int:
     return 0
 
 
-def _changed(args: argparse.Namespace, out: Out, info: Any, text: str) -> int:
-    out.emit(args, _info_json(info), text)
+def _changed(args: argparse.Namespace, out: Out, info: GroupInfo, text: str) -> int:
+    out.emit(args, info.to_json(), text)
     return 0
 
 
@@ -155,7 +149,7 @@ async def _join(args: argparse.Namespace, dev: Device, out: Out) -> int:
 async def _list(args: argparse.Namespace, dev: Device, out: Out) -> int:
     groups = dev.groups()
     if args.json:
-        out.line(json.dumps([_info_json(g) for g in groups]))
+        out.line(json.dumps([g.to_json() for g in groups]))
         return 0
     if not groups:
         out.err("no groups yet: `haven group create NAME --member ADDRESS`")
@@ -179,7 +173,7 @@ async def _info(args: argparse.Namespace, dev: Device, out: Out) -> int:
     if warning:
         out.err(warning)
     if args.json:
-        out.line(json.dumps(_info_json(info) | {"readers": readers}))
+        out.line(json.dumps(info.to_json() | {"readers": readers}))
         return 0
     for line in _info_lines(info, dev.address):
         out.line(line)
@@ -310,7 +304,10 @@ def add_parser(sub: Any, home_help: str) -> None:
         metavar="ADDR",
         help="name@host to add (several after one --member, or --member repeated)",
     )
-    for name, help_ in (("add", "add a member"), ("remove", "remove a member (admins only)")):
+    for name, help_ in (
+        ("add", "add a member (admins only)"),
+        ("remove", "remove a member (admins only)"),
+    ):
         p = cmd(name, help_)
         p.add_argument("group", help=GROUP_HELP)
         p.add_argument("address", help="name@host")

@@ -49,7 +49,8 @@ MAX_GROUP_DEVICES = 2000  # recipient devices of one group message
 MAX_STATE_BYTES = 63 * 1024
 MAX_SIGNED_BYTES = MAX_STATE_BYTES + 128
 MAX_PENDING = 64  # changes kept aside per group while their parent is missing
-KEEP_VERSIONS = 32  # valid states kept below the current version (older ones cannot win)
+KEEP_VERSIONS = 8  # valid states kept below the current version (older ones cannot win;
+# a 1,000-member state is ~28 KiB, and the book is stored whole)
 MAX_SUPERSEDED_SHOWN = 20
 INVITE_PREFIX = "haven:group:"
 INVITE_SECRET_LEN = 32
@@ -404,9 +405,13 @@ class _Valid:
     signed: SignedState
     state: GroupState
     by_key: bytes
+    digest: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.digest = self.signed.digest  # hashed once: a 1,000-member blob is ~25 KiB
 
     def rank(self) -> tuple[int, bytes, bytes]:
-        return (self.state.version, self.by_key, self.signed.digest)
+        return (self.state.version, self.by_key, self.digest)
 
 
 @dataclass(slots=True)
@@ -595,10 +600,10 @@ class StateBook:
         return None
 
     def _insert(self, v: _Valid) -> None:
-        self._valid[v.signed.digest] = v
+        self._valid[v.digest] = v
         cur = self._valid.get(self._current)
         if cur is None or v.rank() > cur.rank():
-            self._current = v.signed.digest
+            self._current = v.digest
 
     def _resolve(self, digest: bytes, identity_key_of: IdentityKeyOf) -> list[GroupState]:
         """Validate pending changes that were waiting on ``digest`` (and on those, in turn)."""

@@ -301,3 +301,18 @@ def test_invite_codes_round_trip_and_garbage_is_refused() -> None:
         with pytest.raises(GroupError) as e:
             parse_invite_code(bad)
         assert e.value.code == "invalid_group_invite"
+
+
+def test_the_book_keeps_a_bounded_window_of_versions() -> None:
+    v1, v2 = base()
+    book = book_of(v1, v2)
+    chain = [v1, v2]
+    for i in range(12):
+        chain.append(signed(changed(chain[-1], by="alice@a", at=3 + i, rename=f"n{i}")))
+        book.add(chain[-1], key_of)
+    assert book.current_signed == chain[-1] and book.current.version == 14  # type: ignore[union-attr]
+    late = signed(changed(chain[2], by="bob@b", at=99, rename="late"))  # a rival of version 4
+    assert book.add(late, key_of).outcome == "old" and book.get(chain[1].digest) is None
+    rival = signed(changed(chain[-3], by="carol@c", at=99, rename="rival"))  # of version 13
+    assert book.add(rival, key_of).outcome == "superseded"
+    assert len(msgpack.unpackb(book.dump())["s"]) <= 10
