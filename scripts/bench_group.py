@@ -50,6 +50,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import time
 import urllib.request
@@ -853,6 +854,7 @@ async def group(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     if not cmp_sizes and sizes:
         cmp_sizes = [sizes[-1]] if args.quick or max(sizes) < 100 else []
     raise_fd_limit()
+    logging.getLogger("haven").setLevel(logging.ERROR)  # skipped members are counted instead
     with_d = has_multi_option() and bool(cmp_sizes)
     nodes = [NodeProc.create(base, f"group-{x}", **node_config(True)) for x in "abc"]
     if with_d:
@@ -885,27 +887,43 @@ async def group(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         out["home_node_multi"] = M.FEATURE in tuple(getattr(conns[0].challenge, "features", ()))
         for s in sizes:
             out[f"size_{s}"] = await one_size(args, world, sender, per_size[s], f"g{s}")
+        if sender.api:  # the bench-driven path through A too: Device costs vs wire costs
+            out["stand_in_multi"] = sm = {"home_node_multi": out["home_node_multi"]}
+            for s in cmp_sizes:
+                conns.append(await dev.connect())
+                devs.insert(0, dev)  # keeps conns[i] paired with the device that opened it
+                si = Sender(dev, conns[-1], stand_in=True)
+                try:
+                    sm[f"size_{s}"] = await one_size(
+                        args, world, si, per_size[s], f"sm{s}", receipts=False
+                    )
+                except (Incomplete, HavenError) as exc:
+                    sm[f"size_{s}"] = {"error": str(exc)}
         if with_d:
             d = Device(str(base / "dev-sender-d"))
+            devs.append(d)  # closed below even if joining fails
             await d.join(inv[1])
-            devs.append(d)
-            conns.append(await d.connect())
             out["fallback"] = fo = {"home_node_multi": False}
-            paths = [Sender(d, conns[1])]
-            if paths[0].api:  # and the bench-driven per-device path, for like-for-like figures
-                paths.append(Sender(d, conns[1], stand_in=True))
-            for fb in paths:
+            # the Device's own per-device path, then the bench-driven one (like for like)
+            for stand_in in (False, True) if sender.api else (True,):
                 for s in cmp_sizes:
+                    conns.append(await d.connect())  # a connection per run: a failure ends one
+                    fb = Sender(d, conns[-1], stand_in=stand_in)
                     key = f"{fb.path}.size_{s}"
                     try:
                         fo[key] = await one_size(
                             args, world, fb, per_size[s], f"fb{s}{fb.path[:3]}", receipts=False
                         )
-                    except Incomplete as exc:
+                    except (Incomplete, HavenError) as exc:
                         log(f"group fallback {key}: {exc}")
-                        fo[key] = {"error": str(exc)}
+                        fo[key] = {"error": str(exc), "sender_warnings": dict(fb.warnings)}
                         continue
-                    fo[f"{fb.path}.ratios_{s}"] = ratios(out[f"size_{s}"], fo[key])
+                    base_run = out[f"size_{s}"]  # like for like: the same sender path on A
+                    if stand_in and "error" not in out.get("stand_in_multi", {}).get(
+                        f"size_{s}", {"error": ""}
+                    ):
+                        base_run = out["stand_in_multi"][f"size_{s}"]
+                    fo[f"{fb.path}.ratios_{s}"] = ratios(base_run, fo[key])
         else:
             out["fallback"] = {"skipped": "this node has no multi option (no multi feature yet)"}
         out["registration_s"] = round(reg_s, 1)
@@ -920,10 +938,10 @@ async def group(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         out["receipt_envelopes"] = head["receipts"]["receipt_envelopes"]
         return out
     finally:
-        for c, dv in zip(conns, devs, strict=False):
+        for i, c in enumerate(conns):  # A's connections first, then D's
             with contextlib.suppress(Exception):
-                await dv.release(c)
-        for dv in devs:
+                await devs[min(i, len(devs) - 1)].release(c)
+        for dv in {id(x): x for x in devs}.values():
             dv.close()
         await world.close()
         for nd in nodes:
