@@ -428,12 +428,14 @@ class ByteCounter:
         self.frames: Counter[str] = Counter()
         self.body = 0  # group body bytes of send_multi frames
         self.recipients = 0
+        self.largest = 0  # the largest frame sent since reset (bytes)
         self.t0 = time.perf_counter()
         self.times: dict[str, list[float]] = {}  # frame type -> [first, last] sent, since reset
         orig = ws.send_bytes
 
         async def send_bytes(data: bytes, *a: Any, **k: Any) -> None:
             self.sent += len(data)
+            self.largest = max(self.largest, len(data))
             with contextlib.suppress(HavenError, ValueError):
                 fr = F.decode_frame(data)
                 self.frames[fr.T] += 1
@@ -449,7 +451,7 @@ class ByteCounter:
         ws.send_bytes = send_bytes
 
     def reset(self) -> None:
-        self.sent, self.body, self.recipients = 0, 0, 0
+        self.sent, self.body, self.recipients, self.largest = 0, 0, 0, 0
         self.frames.clear()
         self.times.clear()
         self.t0 = time.perf_counter()
@@ -916,7 +918,13 @@ async def group(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                         )
                     except (Incomplete, HavenError) as exc:
                         log(f"group fallback {key}: {exc}")
-                        fo[key] = {"error": str(exc), "sender_warnings": dict(fb.warnings)}
+                        fo[key] = {
+                            "error": str(exc),
+                            "sender_warnings": dict(fb.warnings),
+                            "largest_frame_bytes": fb.bytes.largest,
+                            "frame_limit_bytes": F.MAX_FRAME,
+                            "frames": dict(fb.bytes.frames),
+                        }
                         continue
                     base_run = out[f"size_{s}"]  # like for like: the same sender path on A
                     if stand_in and "error" not in out.get("stand_in_multi", {}).get(
