@@ -585,7 +585,7 @@ class Groups:
         me = self.dev.address
         res = await self.resolve_members(conn, [me] if only_own else list(st.members))
         now = self.dev.clock.now_ms()
-        member_devs = {d.device_id for _, d in self.resolve_all_devices(res)}
+        member_devs = {d.device_id for _, d in res.devices()}
         out = self._outbound(gid)
         if (
             out is None
@@ -593,9 +593,7 @@ class Groups:
             or out.needs_rotation(now)
             or (not only_own and bool(out.shared_with - member_devs))
         ):
-            out = Outbound.new(now)
-            if only_own:
-                row.rotate = True  # the others get a fresh session with the next full send
+            out = Outbound.new(now)  # the others get its key, from then on, with the next send
         need = set(out.missing(member_devs))
         if need:
             await self._claim(conn, res, need)
@@ -636,11 +634,6 @@ class Groups:
             raise
         return SendResult(payload.id, counts, n + len(key_items), tuple(res.warnings))
 
-    @staticmethod
-    def resolve_all_devices(res: Resolved) -> list[tuple[str, DeviceInfo]]:
-        """Every device of a resolution (members' and our other devices)."""
-        return res.devices()
-
     async def send_text(
         self,
         gid: bytes,
@@ -672,8 +665,7 @@ class Groups:
         with self.dev.state.tx() as db:
             self._accept(db, signed, now, local=True)
             row = self._load(st.gid, db)
-            assert row is not None
-            handoff = row.book.handoff()
+            handoff = row.book.handoff() if row is not None else [signed]
         me, key = self.dev.address, self.dev.curve_key
         newcomers = set(st.members) - set(before) - {me}
         old = {t.address for t in res.targets} - newcomers
@@ -683,7 +675,8 @@ class Groups:
                 inner = GroupInner(INNER_STATE, me, key, s.encode())
                 await self.submit(conn, inner, res.devices(newcomers))
         info = self.info(st.gid)
-        assert info is not None
+        if info is None:  # our own change did not apply (cannot happen for a valid change)
+            raise GroupError("the change was not applied here", code=gs.STALE)
         return info
 
     def _accept(
@@ -704,6 +697,13 @@ class Groups:
         else:
             prev = row.book.current
             res = row.book.add(signed, self._identity_of)
+            if res.outcome == "pending" and not row.active and self.dev.address in st.members:
+                # added back after a removal: the hand-off starts the book over, as for any
+                # newcomer (the changes made while we were out never reached us)
+                fresh = StateBook(st.gid)
+                again = fresh.add(signed, self._identity_of, root=True)
+                if again.ok:
+                    row.book, res, prev = fresh, again, None
         if res.outcome == "pending" and not new_group:
             self._save(db, row)  # kept aside in the book until its parent comes
         if not res.ok or row.book.current is None:

@@ -22,8 +22,9 @@ import pytest
 
 from client.device import Device
 from client.groups import Groups
-from client.linking import link_device
+from client.linking import link_device, remove_device
 from client.megolm import Inbound
+from client.trust import verify
 from federation.multi import INNER_MEGOLM, GroupInner
 from federation.wire import Envelope, unpackb
 
@@ -295,9 +296,57 @@ async def test_group_world(world: World) -> None:
     assert {r["address"] for r in readers} == set(winner.members)
     assert sum(r["address"] == addr["bob"] for r in readers) == 2
     assert all(r["verified"] is False for r in readers if r["address"] != addr["alice"])
+    await verify(d["alice"], addr["bob"], confirm=True)
+    bob_rows = [r for r in await d["alice"].group_readers(gid) if r["address"] == addr["bob"]]
+    assert len(bob_rows) == 2 and all(r["verified"] and not r["changed"] for r in bob_rows)
+
+    # 8. bob removes his second device: alice's next message starts a new session that the
+    # removed device never gets, and "who can read this" flags bob's changed list
+    await remove_device(d["bob"], d["bob2"].curve_key)
+    w.sent.clear()
+    await d["alice"].group_send(gid, "after bob's device left")
+    rotated = [i for i in w.sent if i.kind == INNER_MEGOLM][-1]
+    sid2, _ = unpackb(rotated.data, max_len=len(rotated.data))
+    assert sid2 != sid  # rotated: a device was removed since the key was shared
+    bob_rows = [r for r in await d["alice"].group_readers(gid) if r["address"] == addr["bob"]]
+    assert len(bob_rows) == 1 and bob_rows[0]["changed"] and bob_rows[0]["verified"]
+    assert d["bob2"].state.db.execute(
+        "SELECT count(*) FROM group_inbound WHERE session_id=?", (sid2,)
+    ).fetchone() == (0,)
+
+    # 9. erin turns read receipts off: she counts as hidden, not as unread
+    await until(
+        w,
+        ["erin"],
+        lambda: "after bob's device left" in [t for _, t in texts(d["erin"], gid)],
+        "erin's copy",
+    )
+    d["erin"].set_setting("read_receipts", "off")
+    assert await d["erin"].group_mark_read(gid) > 0
+    last = d["alice"].group_history(gid)[-1]
+    assert last.text == "after bob's device left"
+
+    def hidden() -> bool:
+        unread, n_hidden = d["alice"].group_counts(gid)[last.msg_id]
+        return n_hidden == 1 and addr["erin"] not in unread
+
+    await until(w, ["alice"], hidden, "erin counted as hidden")
     assert d["alice"].groups_engine.drops["not_member"] == 0
 
-    # 8. both submission paths ran: A used send_multi (and /federation/multi to B); C, the v1
+    # 10. frank is added back: his device starts over from the hand-off and reads what follows
+    await d["alice"].group_add(gid, addr["frank"])
+    await d["alice"].group_send(gid, "welcome back")
+
+    def back() -> bool:
+        g = d["frank"].group(gid)
+        return (
+            g is not None and g.active and "welcome back" in [t for _, t in texts(d["frank"], gid)]
+        )
+
+    await until(w, ["frank"], back, "frank back in the group")
+    assert "after removal" not in [t for _, t in texts(d["frank"], gid)]
+
+    # 11. both submission paths ran: A used send_multi (and /federation/multi to B); C, the v1
     # peer, got per-device envelopes and its devices (whose reads counted above) sent their own
     a, b, c = (n.stats()["events"] for n in w.nodes)
     assert a.get("multi.submissions", 0) > 0 and a.get("multi.requests_out", 0) > 0

@@ -53,8 +53,9 @@ class World:
 
 
 async def register(node: NodeProc, name: str) -> RawIdentity:
+    """A raw device registered by invite (at the invite's host), two one-time keys published."""
     inv = parse_invite(node.invite(name))
-    ident = RawIdentity(address=f"{inv['name']}@{node.host}")
+    ident = RawIdentity(address=f"{inv['name']}@{inv['host']}")
     async with aiohttp.ClientSession() as http:
         dev = await RawDevice.connect(http, node.url)
         reg = await dev.register(ident, inv["t"], ident.address)

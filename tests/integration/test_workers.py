@@ -379,3 +379,57 @@ def test_a_worker_that_cannot_start_stops_serve_with_one_line(tmp_path: Path, pg
     lines = out.stderr.strip().splitlines()
     assert lines[-1] == "error: worker 1 exited at start (2) (worker_failed)", lines
     assert "Traceback" not in out.stderr
+
+
+async def test_send_multi_through_workers_reaches_both_nodes(
+    org_and_peer: tuple[OrgNode, NodeProc],
+) -> None:
+    """Group fan-out (docs/protocol.md §11.4) on a node served by two workers: the sender's
+    device on worker 0 asks for keys in one batch and submits one ``send_multi``; a recipient
+    device on worker 1 and one on the peer each get their composed copy."""
+    from federation import frames as F
+    from federation.multi import INNER_MEGOLM, GroupInner, open_copy, seal_multi
+
+    from .rawpeer import RawDevice, now_ms
+    from .test_multi_node import delivered, register
+
+    a, b = org_and_peer
+    alice, carol, bob = (
+        await register(a, "alice"),
+        await register(a, "carol"),
+        await register(b, "bob"),
+    )
+    async with aiohttp.ClientSession() as http:
+        devs = []
+        for url, ident in ((a.worker_url(0), alice), (a.worker_url(1), carol), (b.url, bob)):
+            dev = await RawDevice.connect(http, url)
+            assert isinstance(await dev.auth(ident), F.AuthOk)
+            devs.append(dev)
+        sender, on_worker_1, on_peer = devs
+        ans = await sender.request(
+            F.QueryKeysMulti(sender.next_rid(), (carol.address, bob.address), True)
+        )
+        assert isinstance(ans, F.KeysMulti) and [r[4] for r in ans.results] == ["", ""], ans
+        node_a, node_b = ans.results[0][1], ans.results[1][1]
+        inner = GroupInner(INNER_MEGOLM, alice.address, "d", b"through workers")
+        sealed = seal_multi(inner, [bytes(carol.sealing.public_key), bytes(bob.sealing.public_key)])
+        ids = [os.urandom(16), os.urandom(16)]
+        frame = F.SendMulti(
+            sender.next_rid(),
+            sealed.eph,
+            now_ms() + 3_600_000,
+            sealed.gbody,
+            (
+                (node_a, ((ids[0], carol.mailbox, sealed.headers[0]),)),
+                (node_b, ((ids[1], bob.mailbox, sealed.headers[1]),)),
+            ),
+        )
+        got = await sender.request(frame)
+        assert isinstance(got, F.Accepted) and sorted(got.ids) == sorted(ids), got
+        for i, (dev, ident) in enumerate(((on_worker_1, carol), (on_peer, bob))):
+            (env,) = await delivered(dev, 1)
+            assert env.id == ids[i] and env.body == sealed.copy_for(i)
+            opened = open_copy(bytes(ident.sealing), bytes(ident.sealing.public_key), env.body)
+            assert opened.data == b"through workers"
+        for dev in devs:
+            await dev.close()
