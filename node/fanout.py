@@ -39,6 +39,8 @@ Result = tuple[str, str, SignedDeviceList | None, Claimed, str]
 # codes a peer may give for one name that are passed on as they are; others: keys_unavailable
 PASSED_ON = {NotFound.code, KeysUnavailable.code, MalformedFrame.code, RateLimited.code}
 V1_PARALLEL = 8  # /keys requests at once to a node without "multi"
+V1_PATIENCE_S = 20.0  # how long names for such a node wait for the remotekeys budget ...
+V1_RETRY_S = 0.05  # ... looking again this often; then they get rate_limited
 
 
 class KeysFanout:
@@ -164,24 +166,36 @@ class KeysFanout:
         self, account: str, host: str, names: list[str], claim: bool
     ) -> dict[str, tuple[SignedDeviceList | None, Claimed, str]]:
         """A node without ``"multi"``: ``/keys`` name by name, a few at once, each costing a
-        ``remotekeys`` token as a ``query_keys`` frame does."""
+        ``remotekeys`` token as a ``query_keys`` frame does (waited for up to
+        :data:`V1_PATIENCE_S`, so a group larger than the bucket's burst still gets its keys)."""
         node = self.node
         gate = asyncio.Semaphore(V1_PARALLEL)
 
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + V1_PATIENCE_S
+
         async def one(name: str) -> tuple[SignedDeviceList | None, Claimed, str]:
-            if not node.rates.take("remotekeys:" + account, node.clock.now_ms()):
-                return None, {}, RateLimited.code
             async with gate:
-                try:
-                    _, dl, claimed = await node.remote_keys(Address(name, host), claim)
-                except NotFound:
-                    return None, {}, NotFound.code
-                except RemoteError as exc:
-                    code = exc.code if exc.code in PASSED_ON else KeysUnavailable.code
-                    return None, {}, code
-                except HavenError:
-                    return None, {}, KeysUnavailable.code
-            return dl, claimed, ""
+                while True:
+                    # the budgets (ours and the peer's) refill at 20/s: a large group waits
+                    # for them, up to a bound
+                    if not node.rates.take("remotekeys:" + account, node.clock.now_ms()):
+                        if loop.time() > deadline:
+                            return None, {}, RateLimited.code
+                        await asyncio.sleep(V1_RETRY_S)
+                        continue
+                    try:
+                        _, dl, claimed = await node.remote_keys(Address(name, host), claim)
+                    except NotFound:
+                        return None, {}, NotFound.code
+                    except RemoteError as exc:
+                        if exc.code == RateLimited.code and loop.time() < deadline:
+                            continue
+                        code = exc.code if exc.code in PASSED_ON else KeysUnavailable.code
+                        return None, {}, code
+                    except HavenError:
+                        return None, {}, KeysUnavailable.code
+                    return dl, claimed, ""
 
         got = await asyncio.gather(*(one(n) for n in names))
         return dict(zip(names, got, strict=True))

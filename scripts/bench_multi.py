@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,10 @@ async def one_size(
         F.QueryKeysMulti(sender.dev.next_rid(), tuple(r.ident.address for r in receivers), False)
     )
     keys_s = time.monotonic() - t0
-    assert isinstance(ans, F.KeysMulti) and all(res[4] == "" for res in ans.results), ans
+    assert isinstance(ans, F.KeysMulti), type(ans).__name__
+    failed = Counter(res[4] for res in ans.results if res[4])
+    if failed:  # e.g. rate_limited names of a node without "multi"
+        raise SystemExit(f"key query: {dict(failed)} of {n} addresses failed")
     sealing = [ans.results[i][2].open().devices[0].sealing for i in range(n)]  # type: ignore[union-attr]
     # one group message
     inner = GroupInner(INNER_MEGOLM, sender.ident.address, "bench", os.urandom(200))
