@@ -382,8 +382,19 @@ def scrape(node: NodeProc) -> dict[str, float]:
         if line.startswith("#") or not line.strip():
             continue
         name, _, value = line.rpartition(" ")
-        if name.startswith(("haven_envelopes", "haven_federation", "haven_deliver")):
+        if name.startswith(
+            ("haven_envelopes", "haven_federation", "haven_deliver", "haven_refused")
+        ):
             out[name] = float(value)
+    return out
+
+
+def refused_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    """``haven_refused_total`` growth by label set (surface and stable code)."""
+    out = {}
+    for k, v in after.items():
+        if k.startswith("haven_refused_total") and v - before.get(k, 0.0) > 0:
+            out[k.removeprefix("haven_refused_total")] = int(v - before.get(k, 0.0))
     return out
 
 
@@ -911,6 +922,7 @@ async def group(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 for s in cmp_sizes:
                     conns.append(await d.connect())  # a connection per run: a failure ends one
                     fb = Sender(d, conns[-1], stand_in=stand_in)
+                    r0 = scrape(nodes[3])
                     key = f"{fb.path}.size_{s}"
                     try:
                         fo[key] = await one_size(
@@ -924,6 +936,7 @@ async def group(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                             "largest_frame_bytes": fb.bytes.largest,
                             "frame_limit_bytes": F.MAX_FRAME,
                             "frames": dict(fb.bytes.frames),
+                            "node_d_refused": refused_delta(r0, scrape(nodes[3])),
                         }
                         continue
                     base_run = out[f"size_{s}"]  # like for like: the same sender path on A
