@@ -35,13 +35,18 @@ Per size (JSON ``group.size_N``):
 ``multi = false`` comparison (``group.fallback``): a fourth node D with ``multi = false`` and a
 second real Device on it sends to the same members of size 100 (and of 1,000 with
 ``--fallback-1000``); the device then submits per-device envelopes, D forwards them per envelope.
-``ratios`` compare the two paths.
+Two runs per size: through the Device API (``device_api.size_N``; a run that does not reach
+every member is reported with the sender's warnings, its largest frame and D's refusals) and
+through the bench-driven path (``bench_stand_in.size_N``). ``*.ratios_N`` compare each with the
+same sender path through A (``size_N`` for the Device, ``group.stand_in_multi.size_N`` for the
+bench-driven one, which separates the Device's own costs from the wire's).
 
 The sender path is the Device API (``group_create`` / ``group_send``) when ``client.device``
-has it; otherwise a stand-in driven here over the Device's own Olm account, sessions and
-connection (``sender_path`` says which): per-address ``query_keys`` or ``query_keys_multi``
-when the home node advertises ``multi``, ``group_key`` over Olm, one ``send_multi`` (or
-per-device ``send`` frames of the same group copies when the node lacks ``multi``).
+has it; the bench-driven path (also the whole sender before that API existed) works over the
+Device's own Olm account, sessions and connection (``sender_path`` says which): per-address
+``query_keys`` (retried while rate-limited) or ``query_keys_multi`` when the home node
+advertises ``multi``, ``group_key`` over Olm, one ``send_multi`` (or per-device ``send`` frames
+of the same group copies when the node lacks ``multi``).
 """
 
 from __future__ import annotations
