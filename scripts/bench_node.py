@@ -21,6 +21,9 @@ Sections (select with ``--sections``):
   ``scripts/bench_raw.py``). ``--quick`` runs every section at a tiny size (the smoke test).
 * ``org``: ``per_message`` on SQLite, on PostgreSQL with 1 worker and with 2 workers, CPU per
   component (node workers, PostgreSQL, driver) (issue 13, ``scripts/bench_org.py``).
+* ``group``: one sender to groups of ``--group-sizes`` members over 3 nodes, light members that
+  still decrypt; setup, upload per message, envelopes, receipts, delivery time; and the same
+  through a ``multi = false`` node (issue 10, ``scripts/bench_group.py``).
 
 Every node runs as ``python -m client.cli node serve`` on 127.0.0.1 with a free port, in a
 temporary directory removed at the end (``--keep`` keeps it). ``--profile DIR`` attaches
@@ -1022,6 +1025,10 @@ async def amain(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 from bench_ui import run_section
 
                 result[section] = await run_section(args.ui_n)
+            elif section == "group":
+                from bench_group import group
+
+                result[section] = await group(args, base)
             else:
                 from bench_sections import SECTIONS
 
@@ -1057,11 +1064,13 @@ OLD_SECTIONS = ("node_only", "one_node", "two_nodes", "device_drain", "ui_latenc
 NEW_SECTIONS = ("per_message", "offline_store", "federated", "connections", "growth", "drain")
 ORG_SECTIONS = ("org",)  # issue 13: scripts/bench_org.py
 FILE_SECTIONS = ("files",)  # attachments (issue 11; bench_sections.files)
+GROUP_SECTIONS = ("group",)  # issue 10: scripts/bench_group.py
 ALL_SECTIONS = (
     *OLD_SECTIONS[:3],
     *NEW_SECTIONS,
     *ORG_SECTIONS,
     *FILE_SECTIONS,
+    *GROUP_SECTIONS,
     *OLD_SECTIONS[3:],
 )
 DEFAULT_SECTIONS = "node_only,one_node,two_nodes"
@@ -1071,7 +1080,8 @@ QUICK = {
     "e2e_n": 10, "e2e_warmup": 2, "e2e_paced_seconds": 0.5, "e2e_max_seconds": 5.0,
     "drain_n": 30, "ui_n": 3, "pm_n": 300, "pm_repeats": 1, "pm_warmup": 20,
     "backlog_n": 400, "growth_small": 40, "rotation_wait_s": 0.0, "conn_n": 40,
-    "conn_rate": 200.0, "max_seconds": 20.0, "files_mb": 3.0,
+    "conn_rate": 200.0, "max_seconds": 20.0, "files_mb": 3.0, "group_sizes": "10,100",
+    "group_msgs": 2,
 }  # fmt: skip
 
 
@@ -1181,6 +1191,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "store in a fresh database there (dropped at the end) instead of SQLite",
     )
     p.add_argument("--files-mb", type=float, default=100.0, help="files: file size (MB)")
+    p.add_argument(
+        "--group-sizes", default="10,100,1000", help="group: members per group (sender included)"
+    )
+    p.add_argument("--group-msgs", type=int, default=5, help="group: messages timed per size")
+    p.add_argument(
+        "--receipt-sample",
+        type=int,
+        default=50,
+        help="group: readers in the receipt round above 100 members (the rest extrapolated)",
+    )
+    p.add_argument(
+        "--fallback-1000",
+        action="store_true",
+        help="group: also run the multi = false comparison at 1,000 members",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)  # fmt: skip
     if args.quick:

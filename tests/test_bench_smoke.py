@@ -1,7 +1,8 @@
 """Every ``scripts/bench`` section runs at a tiny size and reports its figures.
 
 One subprocess runs ``scripts/bench_node.py --quick --sections all`` (real nodes on 127.0.0.1;
-``ui_latency`` drives the system chromium that ``scripts/test`` installs). No timing is
+``ui_latency`` drives the system chromium that ``scripts/test`` installs); ``group`` runs in a
+subprocess of its own with one group of 5 members. No timing is
 asserted: only that each section (or each of its variants) produced every required figure as a
 positive, finite number, so a section that stops working fails the suite.
 """
@@ -58,9 +59,16 @@ def check(name: str, figures: dict[str, Any], keys: tuple[str, ...]) -> list[str
     return [f"{name}.{k} = {figures.get(k)!r}" for k in keys if not sane(figures.get(k))]
 
 
+GROUP_FIGURES = (
+    "setup_s", "upload_bytes_per_msg", "per_recipient_bytes", "fed_requests", "deliver_s_p50",
+    "deliver_s_max", "receipt_bytes", "receipt_envelopes",
+)  # fmt: skip
+SEPARATE = ("group",)  # run below at a tiny size of their own
+
+
 @pytest.fixture(scope="module")
 def bench() -> dict[str, Any]:
-    sections = list(ALL_SECTIONS)
+    sections = [s for s in ALL_SECTIONS if s not in SEPARATE]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_node.py"), "--quick",
          "--sections", ",".join(sections)],
@@ -74,7 +82,7 @@ def bench() -> dict[str, Any]:
 
 def test_every_section_reports_its_figures(bench: dict[str, Any]) -> None:
     problems = []
-    for name in ALL_SECTIONS:
+    for name in (s for s in ALL_SECTIONS if s not in SEPARATE):
         section = bench[name]
         if name in VARIANTS:
             if "error" in section:
@@ -99,3 +107,28 @@ def test_backlog_sections_deliver_all_and_hold_connections(bench: dict[str, Any]
     conns = bench["connections"]
     assert conns["connections_held"] == conns["connections_requested"]
     assert math.isfinite(conns["rss_per_connection_kib"])
+
+
+def test_group_section_reports_its_figures() -> None:
+    """One sender and a group of 5 (4 light members over 3 nodes): every member decrypted each
+    message (the section fails otherwise), and each figure is there."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_node.py"), "--quick", "--sections",
+         "group", "--group-sizes", "5", "--group-msgs", "1"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    group = json.loads(proc.stdout)["group"]
+    assert check("group", group, GROUP_FIGURES) == [], proc.stderr[-4000:]
+    size = group["size_5"]
+    assert size["members"] == 5 and size["recipient_devices"] == 4
+    # per node: A, B, C (and D, the multi = false node of the comparison)
+    assert len(size["envelopes_handled"]) >= 3 and sum(size["envelopes_handled"]) >= 4
+    assert size["receipts"]["complete"] and size["receipts"]["readers"] == 4
+    # each of the 4 readers' watermarks reached the 3 other members (and the sender)
+    assert size["receipts"]["copies_decrypted_by_members"] == 4 * 3
+    # the multi = false comparison: the Device's per-device path (and the bench-driven one)
+    fallback = group["fallback"]
+    got = [v for k, v in fallback.items() if k.endswith("ratios_5")]
+    assert got and all(sane(r["upload_bytes_fallback_over_multi"]) for r in got), fallback
+    assert all(r["upload_bytes_fallback_over_multi"] > 1 for r in got), fallback
