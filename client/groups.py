@@ -25,6 +25,7 @@ the counter of every message is computed from them on every member device
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections import Counter
@@ -70,6 +71,7 @@ log = logging.getLogger("haven.groups")
 MAX_GROUP_DEVICES = gs.MAX_GROUP_DEVICES  # recipient devices per group (members' and ours)
 SEND_CHUNK = 200  # items per ``send`` frame (key shares, the per-device fallback)
 QUERY_CHUNK = 1000  # addresses per ``query_keys_multi``
+FALLBACK_IN_FLIGHT = 16  # ``query_keys`` in flight at once on a home node without ``multi``
 PENDING_MAX = 5000  # group copies waiting for their session key (the oldest go first)
 DEFAULT_TTL_MS = 7 * 86_400_000
 INVITE_TTL_MS = 7 * 86_400_000
@@ -365,7 +367,8 @@ class Groups:
         self, conn: NodeConnection, addresses: list[str], claim: bool
     ) -> dict[str, tuple[str, SignedDeviceList | None, dict[str, tuple[str, str]], str]]:
         """``address -> (node_id, signed list or None, claimed, code)``: one batched query per
-        1,000 addresses when the home node has ``multi``, else one query per address."""
+        1,000 addresses when the home node has ``multi``, else one query per address (a few
+        in flight at once on the one connection)."""
         out: dict[str, tuple[str, SignedDeviceList | None, dict[str, tuple[str, str]], str]] = {}
         if multi_supported(conn):
             for i in range(0, len(addresses), QUERY_CHUNK):
@@ -377,12 +380,18 @@ class Groups:
                 for addr, node_id, signed, claimed, code in ans.results:
                     out[str(addr)] = (str(node_id), signed, dict(claimed), str(code))
             return out
-        for addr in addresses:
-            try:
-                keys = expect(await conn.request(F.QueryKeys(conn.next_rid(), addr, claim)), F.Keys)
-                out[addr] = (keys.node_id, keys.device_list, dict(keys.claimed), "")
-            except RemoteProtocolError as exc:
-                out[addr] = ("", None, {}, exc.code)
+        gate = asyncio.Semaphore(FALLBACK_IN_FLIGHT)
+
+        async def one(addr: str) -> None:
+            async with gate:
+                try:
+                    frame = F.QueryKeys(conn.next_rid(), addr, claim)
+                    keys = expect(await conn.request(frame), F.Keys)
+                    out[addr] = (keys.node_id, keys.device_list, dict(keys.claimed), "")
+                except RemoteProtocolError as exc:
+                    out[addr] = ("", None, {}, exc.code)
+
+        await asyncio.gather(*(one(a) for a in addresses))
         return out
 
     async def resolve_members(self, conn: NodeConnection, members: list[str]) -> Resolved:
