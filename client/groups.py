@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -70,12 +72,18 @@ log = logging.getLogger("haven.groups")
 
 MAX_GROUP_DEVICES = gs.MAX_GROUP_DEVICES  # recipient devices per group (members' and ours)
 SEND_CHUNK = 200  # items per ``send`` frame (key shares, the per-device fallback)
+SEND_FRAME_BYTES = 3_670_016  # 3.5 MiB: a ``send`` frame stays well under the 4 MiB frame limit
+ITEM_OVERHEAD = 96  # bytes a ``send`` item adds to its body and node id (ids, expiry, msgpack)
+RETRY_DELAY_S = (0.25, 1.0)  # between rounds of rate-limited key queries (docs/protocol.md §6)
+RETRY_STALLS = 3  # rounds in a row without one answer before the rest count as unreachable
+RETRY_BUDGET_S = 60.0  # at most this long retrying rate-limited key queries for one call
 QUERY_CHUNK = 1000  # addresses per ``query_keys_multi``
 FALLBACK_IN_FLIGHT = 16  # ``query_keys`` in flight at once on a home node without ``multi``
 PENDING_MAX = 5000  # group copies waiting for their session key (the oldest go first)
 DEFAULT_TTL_MS = 7 * 86_400_000
 INVITE_TTL_MS = 7 * 86_400_000
 REF_PREFIX = "group:"
+RATE_LIMITED = "rate_limited"
 ref_of = gs.ref_of
 
 
@@ -140,6 +148,8 @@ class Resolved:
 
     targets: list[Target] = field(default_factory=list)
     warnings: list[SendWarning] = field(default_factory=list)
+    unreachable: set[str] = field(default_factory=set)  # members nothing could reach now
+    refused: dict[str, str] = field(default_factory=dict)  # address -> code of a failed claim
 
     def devices(self, only: set[str] | None = None) -> list[tuple[str, DeviceInfo]]:
         """``(node_id, device)`` of every target (or of the addresses in ``only``)."""
@@ -160,6 +170,26 @@ class _Row:
     book: StateBook
     marks: Watermarks
     since: dict[str, int]
+
+
+def send_chunks(
+    items: list[tuple[str, Envelope]],
+) -> list[tuple[tuple[str, Envelope], ...]]:
+    """``items`` cut into ``send`` frames of at most SEND_CHUNK items and SEND_FRAME_BYTES
+    encoded bytes (200 state copies of 64 KiB would be a 13 MB frame, which a node refuses)."""
+    out: list[tuple[tuple[str, Envelope], ...]] = []
+    cur: list[tuple[str, Envelope]] = []
+    size = 0
+    for node_id, env in items:
+        n = len(env.body) + len(node_id) + ITEM_OVERHEAD
+        if cur and (len(cur) >= SEND_CHUNK or size + n > SEND_FRAME_BYTES):
+            out.append(tuple(cur))
+            cur, size = [], 0
+        cur.append((node_id, env))
+        size += n
+    if cur:
+        out.append(tuple(cur))
+    return out
 
 
 def multi_supported(conn: NodeConnection) -> bool:
@@ -380,18 +410,46 @@ class Groups:
                 for addr, node_id, signed, claimed, code in ans.results:
                     out[str(addr)] = (str(node_id), signed, dict(claimed), str(code))
             return out
+        # Without ``multi`` the node charges each remote address to ``remotekeys:<account>``
+        # (20/s, burst 200): a large group runs it dry. Rate-limited addresses are asked again
+        # in rounds 0.25-1 s apart while the rounds make progress (bounded: RETRY_STALLS rounds
+        # without an answer, RETRY_BUDGET_S in all); what is left keeps ``rate_limited``.
         gate = asyncio.Semaphore(FALLBACK_IN_FLIGHT)
+        todo = list(addresses)
+        stalls = 0
+        deadline = time.monotonic() + RETRY_BUDGET_S
 
-        async def one(addr: str) -> None:
+        async def one(addr: str, limited: list[str], answered: list[int]) -> None:
             async with gate:
+                if limited:  # the budget is empty: wait for the next round
+                    limited.append(addr)
+                    return
                 try:
                     frame = F.QueryKeys(conn.next_rid(), addr, claim)
                     keys = expect(await conn.request(frame), F.Keys)
                     out[addr] = (keys.node_id, keys.device_list, dict(keys.claimed), "")
+                    answered.append(1)
                 except RemoteProtocolError as exc:
-                    out[addr] = ("", None, {}, exc.code)
+                    if exc.code == RATE_LIMITED:
+                        limited.append(addr)
+                    else:
+                        out[addr] = ("", None, {}, exc.code)
+                        answered.append(1)
 
-        await asyncio.gather(*(one(a) for a in addresses))
+        while todo:
+            limited: list[str] = []
+            answered: list[int] = []
+            await asyncio.gather(*(one(a, limited, answered) for a in todo))
+            todo = limited
+            stalls = 0 if answered else stalls + 1
+            if todo and (stalls >= RETRY_STALLS or time.monotonic() >= deadline):
+                break
+            if todo:
+                await asyncio.sleep(random.uniform(*RETRY_DELAY_S))
+        for addr in todo:
+            out[addr] = ("", None, {}, RATE_LIMITED)
+        if todo:
+            log.warning("key queries for %d group members stayed rate-limited", len(todo))
         return out
 
     async def resolve_members(self, conn: NodeConnection, members: list[str]) -> Resolved:
@@ -448,6 +506,7 @@ class Groups:
                 res.warnings.append(
                     _warning("keys_unavailable", addr, f"no verified keys for {addr}; skipped")
                 )
+                res.unreachable.add(addr)
                 log.warning("no keys for a group member (%s)", exc.code)
                 return None
             dl = SignedDeviceList(known.device_list, known.sig).open(expected_address=addr)
@@ -481,8 +540,9 @@ class Groups:
             return
         answers = await self._query(conn, [t.address for t in lacking], True)
         for t in lacking:
-            _, signed, claimed, _ = answers.get(t.address, ("", None, {}, ""))
+            _, signed, claimed, code = answers.get(t.address, ("", None, {}, "keys_unavailable"))
             if signed is None:
+                res.refused[t.address] = code or "keys_unavailable"
                 continue
             try:
                 dl = signed.open(expected_address=t.address)
@@ -526,8 +586,7 @@ class Groups:
         return len(items)
 
     async def _send_items(self, conn: NodeConnection, items: list[tuple[str, Envelope]]) -> None:
-        for start in range(0, len(items), SEND_CHUNK):
-            chunk = tuple(items[start : start + SEND_CHUNK])
+        for chunk in send_chunks(items):
             _check_accepted(expect(await conn.request(F.Send(conn.next_rid(), chunk)), F.Accepted))
 
     # ---- key distribution ------------------------------------------------------------------
@@ -546,6 +605,9 @@ class Groups:
                 if d.device_id not in need:
                     continue
                 olm = dev._encrypt_for(db, d, t.claimed.get(d.device_id), data, now)
+                if olm is None and t.address in res.refused:  # the claim itself failed
+                    res.unreachable.add(t.address)
+                    continue
                 if olm is None:
                     res.warnings.append(
                         _warning(
@@ -641,7 +703,9 @@ class Groups:
                 with self.dev.state.tx() as db:
                     self.dev.state.delete_history(db, payload.id)
             raise
-        return SendResult(payload.id, counts, n + len(key_items), tuple(res.warnings))
+        return SendResult(
+            payload.id, counts, n + len(key_items), tuple(_with_unreachable(res, ref_of(gid)))
+        )
 
     async def send_text(
         self,
@@ -1114,6 +1178,21 @@ def _parent_of(row: _Row, state: GroupState) -> GroupState | None:
 def _parent_state(db: Any, groups: Groups, state: GroupState) -> GroupState | None:
     row = groups._load(state.gid, db)
     return None if row is None else _parent_of(row, state)
+
+
+def _with_unreachable(res: Resolved, ref: str) -> list[SendWarning]:
+    """The send's warnings, plus one ``members_unreachable`` with the count of members (or
+    devices of members) nothing reached now: never a silent drop. Their devices get the
+    session key on a later send (it is shared with every device that lacks it)."""
+    if not res.unreachable:
+        return list(res.warnings)
+    n = len(res.unreachable)
+    codes = sorted(set(res.refused.values())) or ["keys_unavailable"]
+    text = (
+        f"{n} member{'s' if n != 1 else ''} could not be reached now ({', '.join(codes)}): "
+        "a later send tries again"
+    )
+    return [*res.warnings, _warning("members_unreachable", ref, text)]
 
 
 def _counts(res: Resolved) -> dict[str, dict[str, int]]:
