@@ -31,7 +31,7 @@ import os
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from federation import frames as F
@@ -79,11 +79,22 @@ RETRY_STALLS = 3  # rounds in a row without one answer before the rest count as 
 RETRY_BUDGET_S = 60.0  # at most this long retrying rate-limited key queries for one call
 QUERY_CHUNK = 1000  # addresses per ``query_keys_multi``
 FALLBACK_IN_FLIGHT = 16  # ``query_keys`` in flight at once on a home node without ``multi``
+# Verified member device lists are reused for LIST_TTL_S by sends and read receipts: asking
+# for every member's keys on every message costs ~25 bytes per member on the upload and, on a
+# home node without ``multi``, one rate-limited (20/s) query per remote member. Reuse is
+# dropped at once after any group state change, when our own device list changed, when a
+# group copy or key comes from a device of a member we do not have listed, after a failed
+# send, and whenever the lists came with warnings. The cost: a device a member removes (or
+# links) may be missed (or still addressed) by our sends for up to LIST_TTL_S, the same
+# delay a contact's device change has until its lists are next fetched (docs/protocol.md §11).
+LIST_TTL_S = 60.0
 PENDING_MAX = 5000  # group copies waiting for their session key (the oldest go first)
 DEFAULT_TTL_MS = 7 * 86_400_000
 INVITE_TTL_MS = 7 * 86_400_000
 REF_PREFIX = "group:"
 RATE_LIMITED = "rate_limited"
+NOT_FOUND = "not_found"
+NO_SUCH_ACCOUNT = "no_such_account"  # the 1:1 code (Device.fetch_contact)
 ref_of = gs.ref_of
 
 
@@ -150,6 +161,7 @@ class Resolved:
     warnings: list[SendWarning] = field(default_factory=list)
     unreachable: set[str] = field(default_factory=set)  # members nothing could reach now
     refused: dict[str, str] = field(default_factory=dict)  # address -> code of a failed claim
+    no_account: set[str] = field(default_factory=set)  # addresses whose node has no such account
 
     def devices(self, only: set[str] | None = None) -> list[tuple[str, DeviceInfo]]:
         """``(node_id, device)`` of every target (or of the addresses in ``only``)."""
@@ -220,6 +232,10 @@ class Groups:
         self._after: list[tuple[bytes, str]] = []  # (gid, joiner) to add once a batch is stored
         self._retried: list[ReceivedMessage] = []  # waiting copies a new group's state opened
         self._cache: dict[bytes, _Row] | None = None  # groups loaded during one batch
+        # reused verified member lists: member addresses -> (expires, our list's sig, lists)
+        self._lists: dict[tuple[str, ...], tuple[float, bytes, Resolved]] = {}
+        self._listed: set[str] = set()  # device ids in the reused lists
+        self.list_queries = 0  # member key queries made (reused lists ask nothing)
 
     def begin_batch(self) -> None:
         """Keep groups loaded while one delivered batch is stored (one book load per group)."""
@@ -432,8 +448,9 @@ class Groups:
                 except RemoteProtocolError as exc:
                     if exc.code == RATE_LIMITED:
                         limited.append(addr)
-                    else:
-                        out[addr] = ("", None, {}, exc.code)
+                    else:  # a remote node's not_found comes back inside keys_unavailable
+                        code = NOT_FOUND if f"({NOT_FOUND})" in str(exc) else exc.code
+                        out[addr] = ("", None, {}, code)
                         answered.append(1)
 
         while todo:
@@ -452,6 +469,41 @@ class Groups:
             log.warning("key queries for %d group members stayed rate-limited", len(todo))
         return out
 
+    def forget_lists(self) -> None:
+        """Drop the reused member device lists: the next send asks for them again."""
+        self._lists.clear()
+        self._listed.clear()
+
+    def seen_device(self, device_id: str) -> None:
+        """A group copy or key came from ``device_id``: a device not in the reused lists
+        means a member's list changed, so the next send asks again."""
+        if self._lists and device_id not in self._listed and device_id != self.dev.curve_key:
+            self.forget_lists()
+
+    def _own_mark(self) -> bytes:
+        own = self.dev.state.contact(self.dev.address)
+        return b"" if own is None else bytes(own.sig)
+
+    async def members_for(self, conn: NodeConnection, members: list[str]) -> Resolved:
+        """:meth:`resolve_members`, reusing the lists of the last LIST_TTL_S seconds (see
+        LIST_TTL_S for when they are dropped). Each caller gets its own copy (claims and
+        warnings are per send)."""
+        key = tuple(sorted(set(members) | {self.dev.address}))
+        hit = self._lists.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now and hit[1] == self._own_mark():
+            return Resolved(
+                [replace(t, devices=list(t.devices), claimed={}) for t in hit[2].targets]
+            )
+        res = await self.resolve_members(conn, members)
+        if res.warnings or res.unreachable:
+            self._lists.pop(key, None)
+        else:
+            self._lists[key] = (now + LIST_TTL_S, self._own_mark(), res)
+            self._listed.update(d.device_id for _, d in res.devices())
+            res = Resolved([replace(t, devices=list(t.devices), claimed={}) for t in res.targets])
+        return res
+
     async def resolve_members(self, conn: NodeConnection, members: list[str]) -> Resolved:
         """Every member's verified device list (and ours, for our other devices), verified
         and pinned as :meth:`Device.fetch_contact` pins one, in one transaction. A changed
@@ -463,6 +515,7 @@ class Groups:
         me = self.dev.address
         addrs = sorted(set(members) | {me})
         res = Resolved()
+        self.list_queries += 1
         answers = await self._query(conn, addrs, False)
         with self.dev.state.tx() as db:
             for addr in addrs:
@@ -486,6 +539,8 @@ class Groups:
     ) -> Target | None:
         dev = self.dev
         known = dev.state.contact(addr)
+        if signed is None and code == NOT_FOUND:
+            res.no_account.add(addr)
         try:
             if signed is None:
                 raise KeysUnavailable(f"keys for {addr} unavailable ({code or 'none'})")
@@ -654,7 +709,7 @@ class Groups:
                 await self.dev.release(c)
         row, st, _ = self._member_row(gid)
         me = self.dev.address
-        res = await self.resolve_members(conn, [me] if only_own else list(st.members))
+        res = await self.members_for(conn, [me] if only_own else list(st.members))
         now = self.dev.clock.now_ms()
         member_devs = {d.device_id for _, d in res.devices()}
         out = self._outbound(gid)
@@ -699,6 +754,7 @@ class Groups:
                 await self._send_items(conn, key_items)
             n = await self.submit(conn, inner, res.devices(), ttl_ms)
         except HavenError:
+            self.forget_lists()
             if record is not None:  # not accepted: don't show it as sent
                 with self.dev.state.tx() as db:
                     self.dev.state.delete_history(db, payload.id)
@@ -735,6 +791,12 @@ class Groups:
         st = signed.open()
         now = self.dev.clock.now_ms()
         res = await self.resolve_members(conn, sorted(set(before) | set(st.members)))
+        nobody = sorted(res.no_account & (set(st.members) - set(before)))
+        if nobody:  # refused before anything is stored or sent
+            raise KeysUnavailable(
+                f"there is no account {nobody[0]} (its node is reachable; check the name)",
+                code=NO_SUCH_ACCOUNT,
+            )
         with self.dev.state.tx() as db:
             self._accept(db, signed, now, local=True)
             row = self._load(st.gid, db)
@@ -782,6 +844,7 @@ class Groups:
         if not res.ok or row.book.current is None:
             return res, prev
         if res.changed:
+            self.forget_lists()
             self._follow(row, prev, row.book.current)
         self._save(db, row)
         if new_group and not local:  # messages that came before the group's state
@@ -887,6 +950,7 @@ class Groups:
     def apply_copy(self, db: Any, inner: GroupInner, now: int) -> list[ReceivedMessage]:
         """Phase 2: apply one opened group copy inside the batch's transaction. Raises
         HavenError (a stable code) to drop it; a copy whose key has not come yet waits."""
+        self.seen_device(inner.sender_device)
         if inner.kind == INNER_STATE:
             return self._apply_state(db, inner, now)
         if inner.kind != INNER_MEGOLM:
@@ -1018,6 +1082,7 @@ class Groups:
         """A ``group_key`` (1:1 Olm, from ``sender_device`` of ``sender``): store the inbound
         session, then open the copies that were waiting for it. A key is bound to the Olm
         sender device that brought it; a message is accepted only from a current member."""
+        self.seen_device(sender_device)
         try:
             obj = unpackb(p.gkey, max_len=len(p.gkey))
             gid, sid, key = bytes(obj["g"]), str(obj["s"]), str(obj["k"])
