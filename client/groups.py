@@ -1195,15 +1195,16 @@ class Groups:
         return len(unread)
 
     def counts(self, gid: bytes) -> dict[bytes, tuple[tuple[str, ...], int]]:
-        """``msg_id -> (unread_members, receipts_hidden)`` for every message of the group."""
+        """``msg_id -> (unread_members, receipts_hidden)`` for every message of the group.
+        Reads only each row's id, sender and sent_at: no message text is opened."""
         row = self._load(gid)
         if row is None or row.book.current is None:
             raise GroupError("no such group on this device", code=gs.UNKNOWN_GROUP)
         members = row.book.current.members
         out: dict[bytes, tuple[tuple[str, ...], int]] = {}
-        for r in self.dev.state.history(ref_of(gid)):
-            u = count_unread(r.sender, r.sent_at, members, row.marks, row.since)
-            out[r.msg_id] = (u.unread_members, u.receipts_hidden)
+        for msg_id, sender, sent_at in self.dev.state.history_keys(ref_of(gid)):
+            u = count_unread(sender, sent_at, members, row.marks, row.since)
+            out[msg_id] = (u.unread_members, u.receipts_hidden)
         return out
 
     async def readers(

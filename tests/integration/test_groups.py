@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from client.device import Device
+from client.group_receipts import count_unread
 from client.groups import Groups
 from client.linking import link_device, remove_device
 from client.megolm import Inbound
@@ -190,6 +191,27 @@ async def test_group_world(world: World) -> None:
         await until(w, ["alice"], fell, f"the counter at {5 - step}")
         assert addr[reader] not in d["alice"].group_counts(gid)[first.msg_id][0]
     assert d["alice"].group_counts(gid)[first.msg_id] == ((), 0)
+    # the counter opens no message text, and agrees with one computed from the full rows
+    row = engine._load(gid)
+    assert row is not None and row.book.current is not None
+    full = {
+        r.msg_id: count_unread(r.sender, r.sent_at, row.book.current.members, row.marks, row.since)
+        for r in d["alice"].group_history(gid)
+    }
+    opened: list[int] = []
+    real_text = d["alice"].state._text
+
+    def counting(*a: object) -> str:
+        opened.append(1)
+        return real_text(*a)  # type: ignore[arg-type]
+
+    d["alice"].state._text = counting  # type: ignore[method-assign]
+    try:
+        counts = d["alice"].group_counts(gid)
+    finally:
+        del d["alice"].state._text
+    assert opened == [] and len(counts) == len(want)
+    assert counts == {m: (u.unread_members, u.receipts_hidden) for m, u in full.items()}
     # every member sees the counter: carol's copy agrees once the receipts reached her
     await until(
         w, ["carol"], lambda: d["carol"].group_counts(gid)[first.msg_id] == ((), 0), "carol"
