@@ -88,11 +88,13 @@ FALLBACK_IN_FLIGHT = 16  # ``query_keys`` in flight at once on a home node witho
 # links) may be missed (or still addressed) by our sends for up to LIST_TTL_S, the same
 # delay a contact's device change has until its lists are next fetched (docs/protocol.md §11).
 LIST_TTL_S = 60.0
+UNKNOWN_KEYS_MAX = 256  # session keys kept for groups we do not know yet (the oldest go first)
 PENDING_MAX = 5000  # group copies waiting for their session key (the oldest go first)
 DEFAULT_TTL_MS = 7 * 86_400_000
 INVITE_TTL_MS = 7 * 86_400_000
 REF_PREFIX = "group:"
 RATE_LIMITED = "rate_limited"
+UNKNOWN_KEYS = "unknown_group_keys"  # drop code: a key for an unknown group evicted the oldest
 NOT_FOUND = "not_found"
 NO_SUCH_ACCOUNT = "no_such_account"  # the 1:1 code (Device.fetch_contact)
 ref_of = gs.ref_of
@@ -1100,7 +1102,24 @@ class Groups:
             raise MalformedEnvelope("the group key does not match its session id")
         if self._inbound(db, sender_device, sid) is None:
             self._save_inbound(db, sender, inb)
+            if row is None:
+                self._bound_unknown_keys(db)
         return self.retry_pending(db, sender_device, sid, now)
+
+    def _bound_unknown_keys(self, db: Any) -> None:
+        """Keys for groups we do not know (their state may still be on its way) are kept, but
+        at most UNKNOWN_KEYS_MAX of them: anyone with an Olm session with us could otherwise
+        fill the store with keys for random group ids. Beyond it the oldest go, counted
+        ``unknown_group_keys``."""
+        unknown = "FROM group_inbound WHERE gid NOT IN (SELECT gid FROM groups)"
+        (n,) = db.execute(f"SELECT count(*) {unknown}").fetchone()
+        if n > UNKNOWN_KEYS_MAX:
+            db.execute(
+                f"DELETE FROM group_inbound WHERE rowid IN (SELECT rowid {unknown} "
+                "ORDER BY rowid LIMIT ?)",
+                (n - UNKNOWN_KEYS_MAX,),
+            )
+            self.drop(UNKNOWN_KEYS)
 
     def retry_pending(
         self, db: Any, sender_device: str, sid: str, now: int
