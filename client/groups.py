@@ -238,6 +238,7 @@ class Groups:
         self._lists: dict[tuple[str, ...], tuple[float, bytes, Resolved]] = {}
         self._listed: set[str] = set()  # device ids in the reused lists
         self.list_queries = 0  # member key queries made (reused lists ask nothing)
+        self.state_jumps = 0  # changes taken without their parent (an admin vouched)
 
     def begin_batch(self) -> None:
         """Keep groups loaded while one delivered batch is stored (one book load per group)."""
@@ -1044,7 +1045,7 @@ class Groups:
         signed = SignedState.decode(inner.data)
         st = signed.open()
         self._retried = []
-        res, _ = self._accept(db, signed, now)
+        res, prev = self._accept(db, signed, now)
         retried, self._retried = self._retried, []
         if res.outcome == "unknown_signer":
             raise GroupError("the signer of a group change is unknown", code=gs.FORGED)
@@ -1059,18 +1060,24 @@ class Groups:
             return []
         ref = ref_of(st.gid)
         lost = " (superseded)" if res.outcome == "superseded" else ""
-        out = [
-            ReceivedMessage(
-                s.by,
-                gs.describe(_parent_state(db, self, s), s) + lost,
-                s.at,
-                gs.state_digest(s.blob())[:16],
-                "group_state",
-                ref,
-                chat=ref,
+        if res.jumped:
+            self.state_jumps += 1
+            log.info("a group change was taken without the versions before it (state_jump)")
+        out: list[ReceivedMessage] = []
+        for i, s in enumerate(res.accepted):
+            # a jump's parent never came: it is told against the state we had before
+            parent = prev if res.jumped and i == 0 else _parent_state(db, self, s)
+            out.append(
+                ReceivedMessage(
+                    s.by,
+                    gs.describe(parent, s) + lost,
+                    s.at,
+                    gs.state_digest(s.blob())[:16],
+                    "group_state",
+                    ref,
+                    chat=ref,
+                )
             )
-            for s in res.accepted
-        ]
         return out + retried
 
     def apply_key(
