@@ -330,3 +330,29 @@ async def test_keys_for_unknown_groups_are_bounded(
     assert bob.state.db.execute(unknown).fetchone() == (before + 2,)
     assert +after == Counter({"unknown_group_keys": 1})
     assert bob.group(w.gid) is not None and bob.group(w.gid).active  # type: ignore[union-attr]
+
+
+async def test_a_device_that_missed_changes_takes_an_admins_later_one(world: World) -> None:
+    """Last in the module: bob's book moves ahead of alice's own."""
+    w, bob, alice, mallory = world, world.bob, world.devs["alice"], world.devs["mallory"]
+    cur, _ = current(w)
+    ahead = replace(  # versions cur+1 .. cur+11 never reached bob (expired on the way)
+        cur, version=cur.version + 12, parent=os.urandom(32), name="caught up", at=cur.at + 1
+    )
+    by_mallory = replace(ahead, by=mallory.address)  # a non-admin's word is not enough: kept aside
+    await refused(
+        w, "mallory", state_inner(mallory, gs.sign_state(by_mallory, mallory.identity())), None
+    )
+    jumps = bob.groups_engine.state_jumps
+    await inject(w, "alice", state_inner(alice, gs.sign_state(ahead, alice.identity())))
+    got = [m for m in await bob.receive(wait_s=0.5) if m.chat]
+    g = bob.group(w.gid)
+    assert g is not None and (g.version, g.name, g.members) == (
+        ahead.version,
+        "caught up",
+        cur.members,
+    )
+    assert bob.groups_engine.state_jumps == jumps + 1
+    assert [(m.kind, m.text) for m in got] == [
+        ("group_state", f"{alice.address} renamed the group")
+    ]
