@@ -499,13 +499,21 @@ class Groups:
                 [replace(t, devices=list(t.devices), claimed={}) for t in hit[2].targets]
             )
         res = await self.resolve_members(conn, members)
-        if res.warnings or res.unreachable:
-            self._lists.pop(key, None)
-        else:
-            self._lists[key] = (now + LIST_TTL_S, self._own_mark(), res)
-            self._listed.update(d.device_id for _, d in res.devices())
+        if self._remember(members, res):
             res = Resolved([replace(t, devices=list(t.devices), claimed={}) for t in res.targets])
         return res
+
+    def _remember(self, members: list[str] | tuple[str, ...], res: Resolved) -> bool:
+        """Keep freshly verified lists of ``members`` (and ours) for reuse; not when they came
+        with warnings. Returns whether they were kept."""
+        key = tuple(sorted(set(members) | {self.dev.address}))
+        if res.warnings or res.unreachable:
+            self._lists.pop(key, None)
+            return False
+        targets = [t for t in res.targets if t.address in key]
+        self._lists[key] = (time.monotonic() + LIST_TTL_S, self._own_mark(), Resolved(targets))
+        self._listed.update(d.device_id for t in targets for d in t.devices)
+        return True
 
     async def resolve_members(self, conn: NodeConnection, members: list[str]) -> Resolved:
         """Every member's verified device list (and ours, for our other devices), verified
@@ -804,6 +812,7 @@ class Groups:
             self._accept(db, signed, now, local=True)
             row = self._load(st.gid, db)
             handoff = row.book.handoff() if row is not None else [signed]
+        self._remember(st.members, res)  # asked just now, after the change: the next send's lists
         me, key = self.dev.address, self.dev.curve_key
         newcomers = set(st.members) - set(before) - {me}
         old = {t.address for t in res.targets} - newcomers
