@@ -84,9 +84,9 @@ FALLBACK_IN_FLIGHT = 16  # ``query_keys`` in flight at once on a home node witho
 # home node without ``multi``, one rate-limited (20/s) query per remote member. Reuse is
 # dropped at once after any group state change, when our own device list changed, when a
 # group copy or key comes from a device of a member we do not have listed, after a failed
-# send, and whenever the lists came with warnings. The cost: a device a member removes (or
-# links) may be missed (or still addressed) by our sends for up to LIST_TTL_S, the same
-# delay a contact's device change has until its lists are next fetched (docs/protocol.md §11).
+# send, and whenever the lists came with warnings. The cost: for up to LIST_TTL_S after a
+# member unlinks (or links) a device, our sends may still address it (or miss the new one):
+# docs/protocol.md §11.2, "Reused member lists".
 LIST_TTL_S = 60.0
 UNKNOWN_KEYS_MAX = 256  # session keys kept for groups we do not know yet (the oldest go first)
 PENDING_MAX = 5000  # group copies waiting for their session key (the oldest go first)
