@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgpack
 import pytest
@@ -143,3 +144,16 @@ def test_send_frames_are_bounded_by_bytes_and_count() -> None:
         assert len(frame) <= groups_mod.SEND_FRAME_BYTES
     assert [len(c) for c in send_chunks([item(100) for _ in range(450)])] == [200, 200, 50]
     assert send_chunks([]) == []
+
+
+def test_a_device_not_on_the_reused_lists_drops_them() -> None:
+    engine = Groups.__new__(Groups)  # only the reuse bookkeeping is exercised
+    engine.dev = SimpleNamespace(curve_key="me")  # type: ignore[assignment]
+    engine._lists, engine._listed = {}, set()
+    engine._lists[("a@x",)] = (float("inf"), b"", Resolved())
+    engine._listed.update({"dev-a", "dev-b"})
+    for known in ("dev-a", "me"):  # a listed device, or our own: the lists stay
+        engine.seen_device(known)
+        assert engine._lists
+    engine.seen_device("dev-new")  # a member linked a device we do not know: ask again
+    assert engine._lists == {} and engine._listed == set()
