@@ -93,7 +93,9 @@ class SendWarning:
     used), ``no_keys_left`` (a device of the contact had no one-time or fallback key; skipped),
     ``device_list_stale`` (the contact's node could not be reached, so the last verified list
     was used; devices linked since get the message only if one of the contact's devices on
-    that list forwards it, docs/protocol.md §3.2).
+    that list forwards it, docs/protocol.md §3.2), ``members_unreachable`` (group sends: the
+    keys of that many members could not be fetched or claimed now, e.g. still ``rate_limited``
+    after the retries; a later send tries again; ``peer`` is the group's ref).
     ``peer`` is the address host (or node id) for ``peer_key_changed``, else the address.
     """
 

@@ -384,7 +384,9 @@ class AddResult:
     state the book started from: valid, not news; ``accepted`` lists only changes that were
     waiting on it), ``pending`` (parent unknown: kept
     aside, code ``stale_state``), ``old`` (below the kept window: ignored), ``unknown_signer``
-    (no pinned identity key for the signer yet: fetch it and add again), or a refusal with
+    (no pinned identity key for the signer yet: fetch it and add again; ``current`` with
+    ``jumped``: a later version whose parent we lack, signed by an admin of our current state,
+    accepted as it is), or a refusal with
     ``code``: ``forged`` (``forged_state``), ``stale`` (``stale_state``: version is not
     parent + 1), ``unknown_group``, ``malformed`` / ``too_many_members``.
     """
@@ -394,6 +396,7 @@ class AddResult:
     current: GroupState | None = None
     changed: bool = False
     accepted: tuple[GroupState, ...] = ()  # states that became valid, in order
+    jumped: bool = False  # accepted without its parent: an admin of our current state vouched
 
     @property
     def ok(self) -> bool:
@@ -461,8 +464,10 @@ class StateBook:
     def superseded(self) -> tuple[dict[str, Any], ...]:
         """Valid changes that lost: ``{"version", "by", "at", "change"}``, newest first."""
         chain = self._chain()
+        # below a gap in the chain (a jump, :meth:`_jump`) states are history, not rivals
+        bottom = min((self._valid[d].state.version for d in chain), default=1)
         lost = sorted(
-            (v for d, v in self._valid.items() if d not in chain),
+            (v for d, v in self._valid.items() if d not in chain and v.state.version >= bottom),
             key=lambda v: v.rank(),
             reverse=True,
         )[:MAX_SUPERSEDED_SHOWN]
@@ -521,7 +526,8 @@ class StateBook:
             )
         parent = self._valid.get(state.parent)
         if parent is None:
-            return self._keep_pending(signed, state, digest)
+            jump = self._jump(signed, state, identity_key_of)
+            return jump if jump is not None else self._keep_pending(signed, state, digest)
         before = self._current
         res = self._validate(signed, state, parent, identity_key_of)
         if res is not None:
@@ -567,6 +573,31 @@ class StateBook:
         resolved = tuple(self._resolve(signed.digest, identity_key_of))
         changed = self._current != before
         return AddResult("current" if changed else "ancestor", "", self.current, changed, resolved)
+
+    def _jump(
+        self, signed: SignedState, state: GroupState, identity_key_of: IdentityKeyOf
+    ) -> AddResult | None:
+        """A state whose parent we lack, of a version above our current one, signed by an
+        admin of our current state: the signer vouches for the versions we missed (they may
+        never come: expired on the way, or older than any book keeps), so it is taken as it
+        is (docs/protocol.md §11.1). None: not such a state (it waits as pending). A skipped
+        parent that still comes is taken as an ancestor; states below the gap are not shown as
+        superseded (:meth:`superseded`)."""
+        cur = self._valid.get(self._current)
+        if cur is None or state.version <= cur.state.version or state.by not in cur.state.admins:
+            return None
+        key = identity_key_of(state.by)
+        if key is None:
+            return AddResult("unknown_signer", "", self.current)
+        try:
+            signed.verify(key)
+        except GroupError as exc:
+            return AddResult("forged", exc.code, self.current)
+        self._pending.pop(signed.digest, None)
+        self._insert(_Valid(signed, state, key))
+        accepted = [state, *self._resolve(signed.digest, identity_key_of)]
+        self._prune()
+        return AddResult("current", "", self.current, True, tuple(accepted), jumped=True)
 
     def _keep_pending(self, signed: SignedState, state: GroupState, digest: bytes) -> AddResult:
         if digest not in self._pending:

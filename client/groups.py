@@ -28,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
+import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from federation import frames as F
@@ -70,12 +72,31 @@ log = logging.getLogger("haven.groups")
 
 MAX_GROUP_DEVICES = gs.MAX_GROUP_DEVICES  # recipient devices per group (members' and ours)
 SEND_CHUNK = 200  # items per ``send`` frame (key shares, the per-device fallback)
+SEND_FRAME_BYTES = 3_670_016  # 3.5 MiB: a ``send`` frame stays well under the 4 MiB frame limit
+ITEM_OVERHEAD = 96  # bytes a ``send`` item adds to its body and node id (ids, expiry, msgpack)
+RETRY_DELAY_S = (0.25, 1.0)  # between rounds of rate-limited key queries (docs/protocol.md §6)
+RETRY_STALLS = 3  # rounds in a row without one answer before the rest count as unreachable
+RETRY_BUDGET_S = 60.0  # at most this long retrying rate-limited key queries for one call
 QUERY_CHUNK = 1000  # addresses per ``query_keys_multi``
 FALLBACK_IN_FLIGHT = 16  # ``query_keys`` in flight at once on a home node without ``multi``
+# Verified member device lists are reused for LIST_TTL_S by sends and read receipts: asking
+# for every member's keys on every message costs ~25 bytes per member on the upload and, on a
+# home node without ``multi``, one rate-limited (20/s) query per remote member. Reuse is
+# dropped at once after any group state change, when our own device list changed, when a
+# group copy or key comes from a device of a member we do not have listed, after a failed
+# send, and whenever the lists came with warnings. The cost: for up to LIST_TTL_S after a
+# member unlinks (or links) a device, our sends may still address it (or miss the new one):
+# docs/protocol.md §11.2, "Reused member lists".
+LIST_TTL_S = 60.0
+UNKNOWN_KEYS_MAX = 256  # session keys kept for groups we do not know yet (the oldest go first)
 PENDING_MAX = 5000  # group copies waiting for their session key (the oldest go first)
 DEFAULT_TTL_MS = 7 * 86_400_000
 INVITE_TTL_MS = 7 * 86_400_000
 REF_PREFIX = "group:"
+RATE_LIMITED = "rate_limited"
+UNKNOWN_KEYS = "unknown_group_keys"  # drop code: a key for an unknown group evicted the oldest
+NOT_FOUND = "not_found"
+NO_SUCH_ACCOUNT = "no_such_account"  # the 1:1 code (Device.fetch_contact)
 ref_of = gs.ref_of
 
 
@@ -140,6 +161,9 @@ class Resolved:
 
     targets: list[Target] = field(default_factory=list)
     warnings: list[SendWarning] = field(default_factory=list)
+    unreachable: set[str] = field(default_factory=set)  # members nothing could reach now
+    refused: dict[str, str] = field(default_factory=dict)  # address -> code of a failed claim
+    no_account: set[str] = field(default_factory=set)  # addresses whose node has no such account
 
     def devices(self, only: set[str] | None = None) -> list[tuple[str, DeviceInfo]]:
         """``(node_id, device)`` of every target (or of the addresses in ``only``)."""
@@ -160,6 +184,26 @@ class _Row:
     book: StateBook
     marks: Watermarks
     since: dict[str, int]
+
+
+def send_chunks(
+    items: list[tuple[str, Envelope]],
+) -> list[tuple[tuple[str, Envelope], ...]]:
+    """``items`` cut into ``send`` frames of at most SEND_CHUNK items and SEND_FRAME_BYTES
+    encoded bytes (200 state copies of 64 KiB would be a 13 MB frame, which a node refuses)."""
+    out: list[tuple[tuple[str, Envelope], ...]] = []
+    cur: list[tuple[str, Envelope]] = []
+    size = 0
+    for node_id, env in items:
+        n = len(env.body) + len(node_id) + ITEM_OVERHEAD
+        if cur and (len(cur) >= SEND_CHUNK or size + n > SEND_FRAME_BYTES):
+            out.append(tuple(cur))
+            cur, size = [], 0
+        cur.append((node_id, env))
+        size += n
+    if cur:
+        out.append(tuple(cur))
+    return out
 
 
 def multi_supported(conn: NodeConnection) -> bool:
@@ -190,6 +234,11 @@ class Groups:
         self._after: list[tuple[bytes, str]] = []  # (gid, joiner) to add once a batch is stored
         self._retried: list[ReceivedMessage] = []  # waiting copies a new group's state opened
         self._cache: dict[bytes, _Row] | None = None  # groups loaded during one batch
+        # reused verified member lists: member addresses -> (expires, our list's sig, lists)
+        self._lists: dict[tuple[str, ...], tuple[float, bytes, Resolved]] = {}
+        self._listed: set[str] = set()  # device ids in the reused lists
+        self.list_queries = 0  # member key queries made (reused lists ask nothing)
+        self.state_jumps = 0  # changes taken without their parent (an admin vouched)
 
     def begin_batch(self) -> None:
         """Keep groups loaded while one delivered batch is stored (one book load per group)."""
@@ -380,19 +429,91 @@ class Groups:
                 for addr, node_id, signed, claimed, code in ans.results:
                     out[str(addr)] = (str(node_id), signed, dict(claimed), str(code))
             return out
+        # Without ``multi`` the node charges each remote address to ``remotekeys:<account>``
+        # (20/s, burst 200): a large group runs it dry. Rate-limited addresses are asked again
+        # in rounds 0.25-1 s apart while the rounds make progress (bounded: RETRY_STALLS rounds
+        # without an answer, RETRY_BUDGET_S in all); what is left keeps ``rate_limited``.
         gate = asyncio.Semaphore(FALLBACK_IN_FLIGHT)
+        todo = list(addresses)
+        stalls = 0
+        deadline = time.monotonic() + RETRY_BUDGET_S
 
-        async def one(addr: str) -> None:
+        async def one(addr: str, limited: list[str], answered: list[int]) -> None:
             async with gate:
+                if limited:  # the budget is empty: wait for the next round
+                    limited.append(addr)
+                    return
                 try:
                     frame = F.QueryKeys(conn.next_rid(), addr, claim)
                     keys = expect(await conn.request(frame), F.Keys)
                     out[addr] = (keys.node_id, keys.device_list, dict(keys.claimed), "")
+                    answered.append(1)
                 except RemoteProtocolError as exc:
-                    out[addr] = ("", None, {}, exc.code)
+                    if exc.code == RATE_LIMITED:
+                        limited.append(addr)
+                    else:  # a remote node's not_found comes back inside keys_unavailable
+                        code = NOT_FOUND if f"({NOT_FOUND})" in str(exc) else exc.code
+                        out[addr] = ("", None, {}, code)
+                        answered.append(1)
 
-        await asyncio.gather(*(one(a) for a in addresses))
+        while todo:
+            limited: list[str] = []
+            answered: list[int] = []
+            await asyncio.gather(*(one(a, limited, answered) for a in todo))
+            todo = limited
+            stalls = 0 if answered else stalls + 1
+            if todo and (stalls >= RETRY_STALLS or time.monotonic() >= deadline):
+                break
+            if todo:
+                await asyncio.sleep(random.uniform(*RETRY_DELAY_S))
+        for addr in todo:
+            out[addr] = ("", None, {}, RATE_LIMITED)
+        if todo:
+            log.warning("key queries for %d group members stayed rate-limited", len(todo))
         return out
+
+    def forget_lists(self) -> None:
+        """Drop the reused member device lists: the next send asks for them again."""
+        self._lists.clear()
+        self._listed.clear()
+
+    def seen_device(self, device_id: str) -> None:
+        """A group copy or key came from ``device_id``: a device not in the reused lists
+        means a member's list changed, so the next send asks again."""
+        if self._lists and device_id not in self._listed and device_id != self.dev.curve_key:
+            self.forget_lists()
+
+    def _own_mark(self) -> bytes:
+        own = self.dev.state.contact(self.dev.address)
+        return b"" if own is None else bytes(own.sig)
+
+    async def members_for(self, conn: NodeConnection, members: list[str]) -> Resolved:
+        """:meth:`resolve_members`, reusing the lists of the last LIST_TTL_S seconds (see
+        LIST_TTL_S for when they are dropped). Each caller gets its own copy (claims and
+        warnings are per send)."""
+        key = tuple(sorted(set(members) | {self.dev.address}))
+        hit = self._lists.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now and hit[1] == self._own_mark():
+            return Resolved(
+                [replace(t, devices=list(t.devices), claimed={}) for t in hit[2].targets]
+            )
+        res = await self.resolve_members(conn, members)
+        if self._remember(members, res):
+            res = Resolved([replace(t, devices=list(t.devices), claimed={}) for t in res.targets])
+        return res
+
+    def _remember(self, members: list[str] | tuple[str, ...], res: Resolved) -> bool:
+        """Keep freshly verified lists of ``members`` (and ours) for reuse; not when they came
+        with warnings. Returns whether they were kept."""
+        key = tuple(sorted(set(members) | {self.dev.address}))
+        if res.warnings or res.unreachable:
+            self._lists.pop(key, None)
+            return False
+        targets = [t for t in res.targets if t.address in key]
+        self._lists[key] = (time.monotonic() + LIST_TTL_S, self._own_mark(), Resolved(targets))
+        self._listed.update(d.device_id for t in targets for d in t.devices)
+        return True
 
     async def resolve_members(self, conn: NodeConnection, members: list[str]) -> Resolved:
         """Every member's verified device list (and ours, for our other devices), verified
@@ -405,6 +526,7 @@ class Groups:
         me = self.dev.address
         addrs = sorted(set(members) | {me})
         res = Resolved()
+        self.list_queries += 1
         answers = await self._query(conn, addrs, False)
         with self.dev.state.tx() as db:
             for addr in addrs:
@@ -428,6 +550,8 @@ class Groups:
     ) -> Target | None:
         dev = self.dev
         known = dev.state.contact(addr)
+        if signed is None and code == NOT_FOUND:
+            res.no_account.add(addr)
         try:
             if signed is None:
                 raise KeysUnavailable(f"keys for {addr} unavailable ({code or 'none'})")
@@ -448,6 +572,7 @@ class Groups:
                 res.warnings.append(
                     _warning("keys_unavailable", addr, f"no verified keys for {addr}; skipped")
                 )
+                res.unreachable.add(addr)
                 log.warning("no keys for a group member (%s)", exc.code)
                 return None
             dl = SignedDeviceList(known.device_list, known.sig).open(expected_address=addr)
@@ -481,8 +606,9 @@ class Groups:
             return
         answers = await self._query(conn, [t.address for t in lacking], True)
         for t in lacking:
-            _, signed, claimed, _ = answers.get(t.address, ("", None, {}, ""))
+            _, signed, claimed, code = answers.get(t.address, ("", None, {}, "keys_unavailable"))
             if signed is None:
+                res.refused[t.address] = code or "keys_unavailable"
                 continue
             try:
                 dl = signed.open(expected_address=t.address)
@@ -526,8 +652,7 @@ class Groups:
         return len(items)
 
     async def _send_items(self, conn: NodeConnection, items: list[tuple[str, Envelope]]) -> None:
-        for start in range(0, len(items), SEND_CHUNK):
-            chunk = tuple(items[start : start + SEND_CHUNK])
+        for chunk in send_chunks(items):
             _check_accepted(expect(await conn.request(F.Send(conn.next_rid(), chunk)), F.Accepted))
 
     # ---- key distribution ------------------------------------------------------------------
@@ -546,6 +671,9 @@ class Groups:
                 if d.device_id not in need:
                     continue
                 olm = dev._encrypt_for(db, d, t.claimed.get(d.device_id), data, now)
+                if olm is None and t.address in res.refused:  # the claim itself failed
+                    res.unreachable.add(t.address)
+                    continue
                 if olm is None:
                     res.warnings.append(
                         _warning(
@@ -592,7 +720,7 @@ class Groups:
                 await self.dev.release(c)
         row, st, _ = self._member_row(gid)
         me = self.dev.address
-        res = await self.resolve_members(conn, [me] if only_own else list(st.members))
+        res = await self.members_for(conn, [me] if only_own else list(st.members))
         now = self.dev.clock.now_ms()
         member_devs = {d.device_id for _, d in res.devices()}
         out = self._outbound(gid)
@@ -637,11 +765,14 @@ class Groups:
                 await self._send_items(conn, key_items)
             n = await self.submit(conn, inner, res.devices(), ttl_ms)
         except HavenError:
+            self.forget_lists()
             if record is not None:  # not accepted: don't show it as sent
                 with self.dev.state.tx() as db:
                     self.dev.state.delete_history(db, payload.id)
             raise
-        return SendResult(payload.id, counts, n + len(key_items), tuple(res.warnings))
+        return SendResult(
+            payload.id, counts, n + len(key_items), tuple(_with_unreachable(res, ref_of(gid)))
+        )
 
     async def send_text(
         self,
@@ -671,10 +802,17 @@ class Groups:
         st = signed.open()
         now = self.dev.clock.now_ms()
         res = await self.resolve_members(conn, sorted(set(before) | set(st.members)))
+        nobody = sorted(res.no_account & (set(st.members) - set(before)))
+        if nobody:  # refused before anything is stored or sent
+            raise KeysUnavailable(
+                f"there is no account {nobody[0]} (its node is reachable; check the name)",
+                code=NO_SUCH_ACCOUNT,
+            )
         with self.dev.state.tx() as db:
             self._accept(db, signed, now, local=True)
             row = self._load(st.gid, db)
             handoff = row.book.handoff() if row is not None else [signed]
+        self._remember(st.members, res)  # asked just now, after the change: the next send's lists
         me, key = self.dev.address, self.dev.curve_key
         newcomers = set(st.members) - set(before) - {me}
         old = {t.address for t in res.targets} - newcomers
@@ -718,6 +856,7 @@ class Groups:
         if not res.ok or row.book.current is None:
             return res, prev
         if res.changed:
+            self.forget_lists()
             self._follow(row, prev, row.book.current)
         self._save(db, row)
         if new_group and not local:  # messages that came before the group's state
@@ -823,6 +962,7 @@ class Groups:
     def apply_copy(self, db: Any, inner: GroupInner, now: int) -> list[ReceivedMessage]:
         """Phase 2: apply one opened group copy inside the batch's transaction. Raises
         HavenError (a stable code) to drop it; a copy whose key has not come yet waits."""
+        self.seen_device(inner.sender_device)
         if inner.kind == INNER_STATE:
             return self._apply_state(db, inner, now)
         if inner.kind != INNER_MEGOLM:
@@ -914,7 +1054,7 @@ class Groups:
         signed = SignedState.decode(inner.data)
         st = signed.open()
         self._retried = []
-        res, _ = self._accept(db, signed, now)
+        res, prev = self._accept(db, signed, now)
         retried, self._retried = self._retried, []
         if res.outcome == "unknown_signer":
             raise GroupError("the signer of a group change is unknown", code=gs.FORGED)
@@ -929,18 +1069,24 @@ class Groups:
             return []
         ref = ref_of(st.gid)
         lost = " (superseded)" if res.outcome == "superseded" else ""
-        out = [
-            ReceivedMessage(
-                s.by,
-                gs.describe(_parent_state(db, self, s), s) + lost,
-                s.at,
-                gs.state_digest(s.blob())[:16],
-                "group_state",
-                ref,
-                chat=ref,
+        if res.jumped:
+            self.state_jumps += 1
+            log.info("a group change was taken without the versions before it (state_jump)")
+        out: list[ReceivedMessage] = []
+        for i, s in enumerate(res.accepted):
+            # a jump's parent never came: it is told against the state we had before
+            parent = prev if res.jumped and i == 0 else _parent_state(db, self, s)
+            out.append(
+                ReceivedMessage(
+                    s.by,
+                    gs.describe(parent, s) + lost,
+                    s.at,
+                    gs.state_digest(s.blob())[:16],
+                    "group_state",
+                    ref,
+                    chat=ref,
+                )
             )
-            for s in res.accepted
-        ]
         return out + retried
 
     def apply_key(
@@ -954,6 +1100,7 @@ class Groups:
         """A ``group_key`` (1:1 Olm, from ``sender_device`` of ``sender``): store the inbound
         session, then open the copies that were waiting for it. A key is bound to the Olm
         sender device that brought it; a message is accepted only from a current member."""
+        self.seen_device(sender_device)
         try:
             obj = unpackb(p.gkey, max_len=len(p.gkey))
             gid, sid, key = bytes(obj["g"]), str(obj["s"]), str(obj["k"])
@@ -971,7 +1118,24 @@ class Groups:
             raise MalformedEnvelope("the group key does not match its session id")
         if self._inbound(db, sender_device, sid) is None:
             self._save_inbound(db, sender, inb)
+            if row is None:
+                self._bound_unknown_keys(db)
         return self.retry_pending(db, sender_device, sid, now)
+
+    def _bound_unknown_keys(self, db: Any) -> None:
+        """Keys for groups we do not know (their state may still be on its way) are kept, but
+        at most UNKNOWN_KEYS_MAX of them: anyone with an Olm session with us could otherwise
+        fill the store with keys for random group ids. Beyond it the oldest go, counted
+        ``unknown_group_keys``."""
+        unknown = "FROM group_inbound WHERE gid NOT IN (SELECT gid FROM groups)"
+        (n,) = db.execute(f"SELECT count(*) {unknown}").fetchone()
+        if n > UNKNOWN_KEYS_MAX:
+            db.execute(
+                f"DELETE FROM group_inbound WHERE rowid IN (SELECT rowid {unknown} "
+                "ORDER BY rowid LIMIT ?)",
+                (n - UNKNOWN_KEYS_MAX,),
+            )
+            self.drop(UNKNOWN_KEYS)
 
     def retry_pending(
         self, db: Any, sender_device: str, sid: str, now: int
@@ -1066,15 +1230,16 @@ class Groups:
         return len(unread)
 
     def counts(self, gid: bytes) -> dict[bytes, tuple[tuple[str, ...], int]]:
-        """``msg_id -> (unread_members, receipts_hidden)`` for every message of the group."""
+        """``msg_id -> (unread_members, receipts_hidden)`` for every message of the group.
+        Reads only each row's id, sender and sent_at: no message text is opened."""
         row = self._load(gid)
         if row is None or row.book.current is None:
             raise GroupError("no such group on this device", code=gs.UNKNOWN_GROUP)
         members = row.book.current.members
         out: dict[bytes, tuple[tuple[str, ...], int]] = {}
-        for r in self.dev.state.history(ref_of(gid)):
-            u = count_unread(r.sender, r.sent_at, members, row.marks, row.since)
-            out[r.msg_id] = (u.unread_members, u.receipts_hidden)
+        for msg_id, sender, sent_at in self.dev.state.history_keys(ref_of(gid)):
+            u = count_unread(sender, sent_at, members, row.marks, row.since)
+            out[msg_id] = (u.unread_members, u.receipts_hidden)
         return out
 
     async def readers(
@@ -1114,6 +1279,21 @@ def _parent_of(row: _Row, state: GroupState) -> GroupState | None:
 def _parent_state(db: Any, groups: Groups, state: GroupState) -> GroupState | None:
     row = groups._load(state.gid, db)
     return None if row is None else _parent_of(row, state)
+
+
+def _with_unreachable(res: Resolved, ref: str) -> list[SendWarning]:
+    """The send's warnings, plus one ``members_unreachable`` with the count of members (or
+    devices of members) nothing reached now: never a silent drop. Their devices get the
+    session key on a later send (it is shared with every device that lacks it)."""
+    if not res.unreachable:
+        return list(res.warnings)
+    n = len(res.unreachable)
+    codes = sorted(set(res.refused.values())) or ["keys_unavailable"]
+    text = (
+        f"{n} member{'s' if n != 1 else ''} could not be reached now ({', '.join(codes)}): "
+        "a later send tries again"
+    )
+    return [*res.warnings, _warning("members_unreachable", ref, text)]
 
 
 def _counts(res: Resolved) -> dict[str, dict[str, int]]:

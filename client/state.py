@@ -455,6 +455,14 @@ class DeviceState:
         ).fetchall()
         return [self._row(r) for r in rows]
 
+    def history_keys(self, peer: str) -> list[tuple[bytes, str, int]]:
+        """``(msg_id, sender, sent_at)`` of a conversation's rows in local order, without
+        opening any text (what the group counter needs)."""
+        rows = self.db.execute(
+            "SELECT msg_id, sender, sent_at FROM history WHERE peer=? ORDER BY seq", (peer,)
+        ).fetchall()
+        return [(bytes(r[0]), str(r[1]), int(r[2])) for r in rows]
+
     def all_history(self) -> list[HistoryRow]:
         rows = self.db.execute(f"SELECT {self._READ_COLS} FROM history ORDER BY seq").fetchall()
         return [self._row(r) for r in rows]

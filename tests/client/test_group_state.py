@@ -167,11 +167,15 @@ def test_each_result_says_what_happened() -> None:
     assert first.outcome == "current" and first.changed and first.current == v1.open()
     assert book.add(v1, key_of).outcome == "duplicate"
     v3 = signed(changed(v2, by="alice@a", at=3, add=["erin@b"]))
-    early = book.add(v3, key_of)  # parent v2 not here yet: kept aside
+    by_dave = signed(replace(changed(v2, by="alice@a", at=3, rename="d"), by="dave@a"))
+    early = book.add(by_dave, key_of)  # parent v2 not here yet, and dave is no admin: kept aside
     assert (early.outcome, early.code, early.current) == ("pending", "stale_state", v1.open())
-    late = book.add(v2, key_of)
-    assert late.outcome == "current" and late.current == v3.open()
-    assert late.accepted == (v2.open(), v3.open())
+    late = book.add(v2, key_of)  # it comes, and the change waiting on it is judged: forged
+    assert late.outcome == "current" and late.current == v2.open() and late.accepted == (v2.open(),)
+    book = book_of(v1)
+    jump = book.add(v3, key_of)  # parent v2 not here: alice, an admin of v1, vouches for it
+    assert (jump.outcome, jump.jumped, jump.current) == ("current", True, v3.open())
+    assert book.add(v2, key_of).outcome == "ancestor" and book.current == v3.open()
     skip = signed(replace(v3.open(), version=5, parent=v3.digest))
     assert book.add(skip, key_of).code == "stale_state" and book.current == v3.open()
 
@@ -270,12 +274,35 @@ def test_a_new_member_follows_from_the_handoff_and_sees_the_race() -> None:
     assert joiner.add(refound, key_of).code == "forged_state"
 
 
+def test_a_device_that_missed_many_versions_catches_up_on_an_admins_word() -> None:
+    v1, v2 = base()
+    chain = [v1, v2]
+    for i in range(3, 15):  # v3..v14: more than the KEEP_VERSIONS any book keeps
+        chain.append(signed(changed(chain[-1], by="bob@b", at=i, rename=f"n{i}")))
+    book = book_of(v1, v2)  # this device missed v3..v13 for good
+    assert book.add(signed(replace(chain[-1].open(), by="dave@a")), key_of).code == "stale_state"
+    forged = SignedState(chain[-1].blob, bytes(64))
+    assert book.add(forged, key_of).code == "forged_state"
+    assert book.current == v2.open()  # a non-admin's or a forged jump changes nothing
+    res = book.add(chain[-1], key_of)  # bob, an admin of v2, vouches for the jump
+    assert (res.outcome, res.jumped, res.changed) == ("current", True, True)
+    assert book.current_signed == chain[-1] and res.accepted == (chain[-1].open(),)
+    assert book.superseded() == ()  # the versions below are history, not lost changes
+    nxt = signed(changed(chain[-1], by="alice@a", at=20, add=["erin@b"]))
+    assert book.add(nxt, key_of).outcome == "current" and book.current == nxt.open()
+    assert book.add(chain[3], key_of).outcome == "old"  # below the kept window now
+    lower = signed(replace(chain[5].open(), parent=os.urandom(32), version=9))
+    assert book.add(lower, key_of).outcome == "pending"  # no jump backwards
+    back = StateBook.load(book.dump())
+    assert back.current_signed == nxt and back.superseded() == ()
+
+
 def test_a_book_survives_dump_and_load() -> None:
     v1, v2 = base()
     by_bob = signed(changed(v2, by="bob@b", at=3, add=["erin@b"]))
     by_carol = signed(changed(v2, by="carol@c", at=3, rename="two"))
-    ahead = signed(changed(by_bob, by="bob@b", at=9, remove=["dave@a"]))
-    ahead = signed(replace(ahead.open(), version=5, parent=os.urandom(32)))
+    ahead = signed(changed(by_bob, by="bob@b", at=9, remove=["erin@b"]))
+    ahead = signed(replace(ahead.open(), version=5, parent=os.urandom(32), by="dave@a"))
     book = book_of(v1, v2, by_bob, by_carol, ahead)
     back = StateBook.load(book.dump())
     assert back.current_signed == book.current_signed and back.superseded() == book.superseded()

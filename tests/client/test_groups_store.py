@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgpack
 import pytest
 
 from client import devicedb
-from client.groups import GroupInfo, gid_of_ref
+from client import groups as groups_mod
+from client.groups import GroupInfo, Groups, Resolved, _with_unreachable, gid_of_ref, send_chunks
 from client.payload import Payload
 from client.state import DeviceState
-from federation.errors import MalformedEnvelope
+from federation import frames as F
+from federation.errors import MalformedEnvelope, RateLimited
+from federation.ids import new_envelope_id
+from federation.wire import Envelope
 
 V5_TABLES = {"groups", "group_outbound", "group_inbound", "group_invites", "group_pending"}
 
@@ -81,3 +87,73 @@ def test_group_info_shapes() -> None:
         "superseded": [],
     }
     assert gid_of_ref("group:zz") is None and gid_of_ref("a@x") is None
+
+
+class RateLimitedLink:
+    """Answers ``query_keys`` like a home node without ``multi`` whose ``remotekeys`` budget
+    is empty: each address is refused ``rate_limited`` its first ``refusals`` times."""
+
+    challenge = None  # no ``multi`` feature
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.asked: Counter[str] = Counter()
+        self._rid = 0
+
+    def next_rid(self) -> int:
+        self._rid += 1
+        return self._rid
+
+    async def request(self, frame: F.Frame) -> F.Frame:
+        assert isinstance(frame, F.QueryKeys)
+        self.asked[frame.address] += 1
+        if self.asked[frame.address] <= self.refusals:
+            raise RateLimited("too many remote key queries")
+        return F.Keys(frame.rid, "node-b", None, {})
+
+
+async def test_rate_limited_key_queries_are_retried_then_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(groups_mod, "RETRY_DELAY_S", (0.001, 0.002))
+    engine = Groups.__new__(Groups)  # _query uses only the connection
+    addrs = [f"m{i}@b.example" for i in range(5)]
+    link = RateLimitedLink(refusals=1)
+    got = await engine._query(link, addrs, True)  # type: ignore[arg-type]
+    assert {a: got[a][0] for a in addrs} == dict.fromkeys(addrs, "node-b")
+    assert all(got[a][3] == "" for a in addrs) and set(link.asked.values()) == {2}
+    stuck = RateLimitedLink(refusals=10**6)  # never refills: bounded, then reported
+    got = await engine._query(stuck, addrs, True)  # type: ignore[arg-type]
+    assert {got[a][3] for a in addrs} == {"rate_limited"}
+    assert sum(stuck.asked.values()) == groups_mod.RETRY_STALLS  # one try per stalled round
+    res = Resolved(unreachable=set(addrs[:3]), refused={a: "rate_limited" for a in addrs})
+    (w,) = _with_unreachable(res, "group:" + "ab" * 16)
+    assert w.code == "members_unreachable" and w.peer == "group:" + "ab" * 16
+    assert w.message.startswith("3 members could not be reached now (rate_limited)")
+
+
+def test_send_frames_are_bounded_by_bytes_and_count() -> None:
+    def item(size: int) -> tuple[str, Envelope]:
+        return ("node-b", Envelope(new_envelope_id(), os.urandom(16), 1, b"x" * size))
+
+    big = [item(64 * 1024) for _ in range(200)]  # 200 state copies of a 1,000-member group
+    chunks = send_chunks(big)
+    assert [len(c) for c in chunks] == [55, 55, 55, 35]
+    for c in chunks:
+        frame = F.Send(1, c).encode()
+        assert len(frame) <= groups_mod.SEND_FRAME_BYTES
+    assert [len(c) for c in send_chunks([item(100) for _ in range(450)])] == [200, 200, 50]
+    assert send_chunks([]) == []
+
+
+def test_a_device_not_on_the_reused_lists_drops_them() -> None:
+    engine = Groups.__new__(Groups)  # only the reuse bookkeeping is exercised
+    engine.dev = SimpleNamespace(curve_key="me")  # type: ignore[assignment]
+    engine._lists, engine._listed = {}, set()
+    engine._lists[("a@x",)] = (float("inf"), b"", Resolved())
+    engine._listed.update({"dev-a", "dev-b"})
+    for known in ("dev-a", "me"):  # a listed device, or our own: the lists stay
+        engine.seen_device(known)
+        assert engine._lists
+    engine.seen_device("dev-new")  # a member linked a device we do not know: ask again
+    assert engine._lists == {} and engine._listed == set()

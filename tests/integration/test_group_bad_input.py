@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -26,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from client import group_state as gs
+from client import groups as groups_mod
 from client.device import Device
 from client.group_state import GroupError
 from client.megolm import Outbound
@@ -304,3 +306,53 @@ async def test_the_group_still_works(world: World) -> None:
     got = await w.bob.receive(wait_s=0.5)
     assert [m.text for m in got if m.chat] == ["still here"]
     assert not any(m.text.startswith("oscar") for m in w.bob.group_history(w.gid))
+
+
+async def test_keys_for_unknown_groups_are_bounded(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w, bob, mallory = world, world.bob, world.devs["mallory"]
+    unknown = "SELECT count(*) FROM group_inbound WHERE gid NOT IN (SELECT gid FROM groups)"
+    (before,) = bob.state.db.execute(unknown).fetchone()
+    monkeypatch.setattr(groups_mod, "UNKNOWN_KEYS_MAX", before + 2)
+    drops = Counter(bob.groups_engine.drops)
+    for _ in range(3):  # three keys for random group ids, each a valid 1:1 group_key
+        out = Outbound.new(mallory.clock.now_ms())
+        gkey = packb({"g": os.urandom(16), "s": out.session_id, "k": out.session_key()})
+        p = Payload(os.urandom(16), "group_key", bob.address, mallory.clock.now_ms(), gkey=gkey)
+        await mallory.send_payload(bob.address, p, include_self=False)
+    deadline = time.monotonic() + 20
+    after = Counter()
+    while after[groups_mod.UNKNOWN_KEYS] < 1 and time.monotonic() < deadline:
+        await bob.receive(wait_s=0.3)
+        after = Counter(bob.groups_engine.drops)
+        after.subtract(drops)
+    assert bob.state.db.execute(unknown).fetchone() == (before + 2,)
+    assert +after == Counter({"unknown_group_keys": 1})
+    assert bob.group(w.gid) is not None and bob.group(w.gid).active  # type: ignore[union-attr]
+
+
+async def test_a_device_that_missed_changes_takes_an_admins_later_one(world: World) -> None:
+    """Last in the module: bob's book moves ahead of alice's own."""
+    w, bob, alice, mallory = world, world.bob, world.devs["alice"], world.devs["mallory"]
+    cur, _ = current(w)
+    ahead = replace(  # versions cur+1 .. cur+11 never reached bob (expired on the way)
+        cur, version=cur.version + 12, parent=os.urandom(32), name="caught up", at=cur.at + 1
+    )
+    by_mallory = replace(ahead, by=mallory.address)  # a non-admin's word is not enough: kept aside
+    await refused(
+        w, "mallory", state_inner(mallory, gs.sign_state(by_mallory, mallory.identity())), None
+    )
+    jumps = bob.groups_engine.state_jumps
+    await inject(w, "alice", state_inner(alice, gs.sign_state(ahead, alice.identity())))
+    got = [m for m in await bob.receive(wait_s=0.5) if m.chat]
+    g = bob.group(w.gid)
+    assert g is not None and (g.version, g.name, g.members) == (
+        ahead.version,
+        "caught up",
+        cur.members,
+    )
+    assert bob.groups_engine.state_jumps == jumps + 1
+    assert [(m.kind, m.text) for m in got] == [
+        ("group_state", f"{alice.address} renamed the group")
+    ]
