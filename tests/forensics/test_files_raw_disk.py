@@ -44,7 +44,7 @@ from client.device import Device
 from federation import frames as F
 
 from ..conftest import LONG
-from ..integration.harness import NodeProc
+from ..integration.harness import NodeProc, linked, new_device
 from .disk import LoopImage, allocated_paths, tools_missing, unallocated
 from .examine import (
     Scan,
@@ -54,7 +54,7 @@ from .examine import (
     sample_windows,
     windows_found,
 )
-from .workload import ClockNode, linked, new_device
+from .workload import ClockNode
 
 SIZE = (100 if LONG else 20) * 1000 * 1000
 IMAGE_MB = 352 if LONG else 192  # data file + 64 MiB blob reserve + 32 MiB ballast + margin

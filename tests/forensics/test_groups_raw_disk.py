@@ -48,6 +48,7 @@ from client.device import Device
 from federation import frames as F
 
 from ..conftest import LONG
+from ..integration.harness import linked, new_device
 from .carve import carve
 from .disk import LoopImage, tools_missing
 from .examine import (
@@ -62,7 +63,7 @@ from .examine import (
     sample_windows,
     sealed_rows,
 )
-from .workload import ClockNode, linked, new_device, read_epoch_keys
+from .workload import ClockNode, read_epoch_keys
 
 N = 8 if LONG else 1  # messages per member and phase
 IMAGE_MB = 128 if LONG else 64

@@ -45,6 +45,7 @@ from federation.clock import SystemClock
 from tests import pgcluster
 
 from ..conftest import LONG
+from ..integration.harness import linked, new_device
 from .carve import Record
 from .disk import LoopImage, files_named, nonzero_blocks, tools_missing, unallocated
 from .examine import (
@@ -58,7 +59,7 @@ from .examine import (
 )
 from .pgcarve import HEAP, TOAST, Layout, TupleHead, carve_pg
 from .test_raw_disk import NODE_ZERO, World, _tick, drain_all, status, text, wait_flushed
-from .workload import ClockNode, linked, new_device, read_epoch_keys, tap
+from .workload import ClockNode, read_epoch_keys, tap
 
 N = 10 if LONG else 3  # messages per conversation and phase
 IMAGE_MB = 256 if LONG else 128  # PostgreSQL's cluster is ~40 MB (one 16 MB WAL segment)

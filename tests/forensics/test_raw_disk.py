@@ -28,7 +28,7 @@ from client.device import Device
 from federation.clock import SystemClock
 
 from ..conftest import LONG
-from ..integration.harness import NodeProc
+from ..integration.harness import NodeProc, linked, new_device
 from .carve import carve
 from .disk import LoopImage, files_named, tools_missing
 from .examine import (
@@ -41,7 +41,7 @@ from .examine import (
     parse_epoch_keys,
     sealed_rows,
 )
-from .workload import ClockNode, linked, new_device, read_epoch_keys, tap
+from .workload import ClockNode, read_epoch_keys, tap
 
 N = 12 if LONG else 3  # messages per conversation and phase
 ACCOUNTS = {"alice": "alicezq", "carol": "carolvk", "bob": "bobxw", "dave": "davejt"}

@@ -8,18 +8,14 @@ ground truth the examination is scored against; nothing in the node or client co
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from client.connection import NodeConnection
-from client.device import Device
-from client.linking import link_device
 from federation import frames as F
 
 from ..integration.harness import ROOT, NodeProc, wait_until
@@ -81,18 +77,3 @@ def read_epoch_keys(home: Path, ledger: Ledger) -> None:
         return
     for epoch, key in parse_epoch_keys(data):
         ledger.oracle_keys.setdefault(key, epoch)
-
-
-async def new_device(node: NodeProc, home: Path, name: str, **kw: Any) -> Device:
-    dev = Device(str(home), **kw)
-    await dev.join(node.invite(name), name=f"{name}-phone")
-    return dev
-
-
-async def linked(dev: Device, home: Path, name: str, **kw: Any) -> Device:
-    code: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    linker = asyncio.create_task(link_device(dev, code.set_result, timeout_s=30))
-    new = Device(str(home), **kw)
-    await new.join(await code, name=name)
-    await linker
-    return new

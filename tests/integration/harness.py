@@ -16,9 +16,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
+
+if TYPE_CHECKING:
+    from client.device import Device
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -178,3 +181,26 @@ def join(node: NodeProc, base: Path, name: str) -> tuple[Path, str]:
 def recv(home: Path, wait: float = 1.0) -> list[dict[str, Any]]:
     out = haven("recv", "--home", str(home), "--wait", str(wait), "--json").stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+async def new_device(node: NodeProc, home: Path, name: str, **kw: Any) -> Device:
+    """A device of a new account ``name`` on ``node`` (joined with a fresh invite); ``kw`` goes
+    to :class:`client.device.Device` (a clock, for instance)."""
+    from client.device import Device
+
+    dev = Device(str(home), **kw)
+    await dev.join(node.invite(name), name=f"{name}-phone")
+    return dev
+
+
+async def linked(dev: Device, home: Path, name: str, **kw: Any) -> Device:
+    """A second device of ``dev``'s account, linked end to end (docs/protocol.md §3.5)."""
+    from client.device import Device
+    from client.linking import link_device
+
+    code: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    linker = asyncio.create_task(link_device(dev, code.set_result, timeout_s=30))
+    new = Device(str(home), **kw)
+    await new.join(await code, name=name)
+    await linker
+    return new

@@ -18,11 +18,10 @@ import pytest
 
 from client.connection import NodeConnection, expect
 from client.device import OTK_TARGET, Device
-from client.linking import link_device
 from federation import frames as F
 from federation.signing import device_auth_message
 
-from .harness import NodeProc, wait_until
+from .harness import NodeProc, linked, new_device, wait_until
 
 N_AWAY = 25  # the figure: 25 messages sent while the recipient's node was down
 
@@ -33,21 +32,6 @@ def pair(tmp_path: Path, nodes: list[NodeProc]) -> tuple[NodeProc, NodeProc]:
     b = NodeProc.create(tmp_path, "B").start()
     nodes += [a, b]
     return a, b
-
-
-async def new_device(node: NodeProc, home: Path, name: str) -> Device:
-    dev = Device(str(home))
-    await dev.join(node.invite(name), name=f"{name}-phone")
-    return dev
-
-
-async def linked(dev: Device, home: Path, name: str) -> Device:
-    code: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    linker = asyncio.create_task(link_device(dev, code.set_result, timeout_s=30))
-    new = Device(str(home))
-    await new.join(await code, name=name)
-    await linker
-    return new
 
 
 def incoming(dev: Device, peer: str) -> list[str]:

@@ -23,7 +23,7 @@ from federation.ids import new_envelope_id, new_mailbox_id
 from federation.sealing import SealedContent, seal
 from federation.wire import Envelope
 
-from .harness import NodeProc, haven
+from .harness import NodeProc, haven, linked, new_device
 
 
 @pytest.fixture
@@ -32,23 +32,6 @@ def pair(tmp_path: Path, nodes: list[NodeProc]) -> tuple[NodeProc, NodeProc]:
     b = NodeProc.create(tmp_path, "B").start()
     nodes += [a, b]
     return a, b
-
-
-async def new_device(
-    node: NodeProc, home: Path, name: str, clock: FakeClock | None = None
-) -> Device:
-    dev = Device(str(home), clock=clock)
-    await dev.join(node.invite(name), name=f"{name}-phone")
-    return dev
-
-
-async def linked(dev: Device, home: Path, name: str) -> Device:
-    code: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    linker = asyncio.create_task(link_device(dev, code.set_result, timeout_s=30))
-    new = Device(str(home))
-    await new.join(await code, name=name)
-    await linker
-    return new
 
 
 def texts(dev: Device, peer: str) -> list[str]:
@@ -222,8 +205,8 @@ async def test_disappearing_messages_vanish_from_history_and_files(
 ) -> None:
     a, b = pair
     clock = FakeClock(start_ms=SystemClock().now_ms())
-    alice = await new_device(a, tmp_path / "a", "alice", clock)
-    bob = await new_device(b, tmp_path / "b", "bob", clock)
+    alice = await new_device(a, tmp_path / "a", "alice", clock=clock)
+    bob = await new_device(b, tmp_path / "b", "bob", clock=clock)
     try:
         await alice.send(bob.address, "keep me")
         await alice.send(bob.address, "burn after an hour", expires_in=3_600_000)

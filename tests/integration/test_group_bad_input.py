@@ -37,7 +37,7 @@ from federation.ids import new_envelope_id
 from federation.multi import INNER_MEGOLM, INNER_STATE, GroupInner, seal_multi
 from federation.wire import Envelope, packb
 
-from .harness import NodeProc
+from .harness import NodeProc, new_device
 
 TTL_MS = 3_600_000
 
@@ -53,12 +53,6 @@ class World:
         return self.devs["bob"]
 
 
-async def _new(node: NodeProc, home: Path, name: str) -> Device:
-    dev = Device(str(home))
-    await dev.join(node.invite(name), name=f"{name}-phone")
-    return dev
-
-
 async def _drain(w: World) -> None:
     for d in w.devs.values():
         await d.receive(wait_s=0.4)
@@ -67,7 +61,7 @@ async def _drain(w: World) -> None:
 async def _build(base: Path, node: NodeProc) -> World:
     devs: dict[str, Device] = {}
     for name in ("alice", "bob", "mallory", "rita", "oscar"):
-        devs[name] = await _new(node, base / name, name)
+        devs[name] = await new_device(node, base / name, name)
     members = [devs[n].address for n in ("bob", "mallory", "rita")]
     info = await devs["alice"].group_create("bad-input", members)
     w = World(node, devs, info.gid)

@@ -23,14 +23,14 @@ import pytest
 from client.device import Device
 from client.group_receipts import count_unread
 from client.groups import Groups
-from client.linking import link_device, remove_device
+from client.linking import remove_device
 from client.megolm import Inbound
 from client.trust import verify
 from federation.errors import HavenError
 from federation.multi import INNER_MEGOLM, GroupInner
 from federation.wire import Envelope, unpackb
 
-from .harness import NodeProc
+from .harness import NodeProc, linked, new_device
 from .rawpeer import set_node_config
 
 
@@ -45,30 +45,15 @@ class World:
         return [self.addr[n] for n in ("alice", "bob", "carol", "dave", "erin", "frank")]
 
 
-async def _new(node: NodeProc, home: Path, name: str) -> Device:
-    dev = Device(str(home))
-    await dev.join(node.invite(name), name=f"{name}-phone")
-    return dev
-
-
-async def _linked(dev: Device, home: Path, name: str) -> Device:
-    code: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    linker = asyncio.create_task(link_device(dev, code.set_result, timeout_s=30))
-    new = Device(str(home))
-    await new.join(await code, name=name)
-    await linker
-    return new
-
-
 async def _build(base: Path, nodes: list[NodeProc]) -> World:
     a, b, c = nodes
     devs: dict[str, Device] = {}
     for name, node in (("alice", a), ("bob", b), ("carol", c), ("dave", a), ("erin", b)):
-        devs[name] = await _new(node, base / name, name)
+        devs[name] = await new_device(node, base / name, name)
     for name, node in (("frank", c), ("gina", c)):
-        devs[name] = await _new(node, base / name, name)
-    devs["alice2"] = await _linked(devs["alice"], base / "alice2", "alice-laptop")
-    devs["bob2"] = await _linked(devs["bob"], base / "bob2", "bob-laptop")
+        devs[name] = await new_device(node, base / name, name)
+    devs["alice2"] = await linked(devs["alice"], base / "alice2", "alice-laptop")
+    devs["bob2"] = await linked(devs["bob"], base / "bob2", "bob-laptop")
     addr = {n: d.address for n, d in devs.items() if not n.endswith("2")}
     return World(nodes, devs, addr)
 
