@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from .harness import wait_until
 from .natns import NETNS_ETC, NatWorld, NsNode, nat_world
 
 CONNECT_TIMEOUT = 1.0  # a dropped SYN is never answered: fail fast
@@ -97,3 +98,22 @@ def test_close_removes_everything_even_on_failure(tmp_path: Path) -> None:
     assert not [n for n in names if n in listed.split()]
     assert not any(d.exists() for d in dirs)
     assert sleeper.poll() is not None
+
+
+def test_home_sends_out_but_nothing_comes_in(world: NatWorld, nodes: dict[str, NsNode]) -> None:
+    home, peer = nodes["home"], nodes["peer"]
+    alice, bob = home.join("alice"), peer.join("bob")
+    assert alice.address == f"alice@home.test:{home.port}"
+    # out: the home node pins the peer by name and its envelope arrives there
+    alice.send(bob.address, "out through the NAT")
+    assert home.peers()[f"peer.test:{peer.port}"]["reachable"] == "public"
+    wait_until(
+        lambda: peer.stats()["events"].get("federation.envelopes_in") == 1,
+        30,
+        "the peer node to take the home node's envelope",
+    )
+    # in: the peer's node cannot even fetch alice's keys from the home node (its connection
+    # attempts to home.test time out: a few seconds, the price of a real negative control)
+    p = world.haven("peer", "send", "--home", str(bob.home), alice.address, "in", check=False)
+    assert p.returncode != 0 and "keys_unavailable" in p.stderr, p
+    assert f"home.test:{home.port}" not in peer.peers()  # never verified: unreachable
