@@ -3,14 +3,19 @@
 A relay (docs/protocol.md §12) only moves a peer's federation request to its client and the
 client's answer back: method, raw target, ``Content-Type`` and ``Haven-*`` headers, body. This
 forwarder does exactly that between a peer and a node whose ``public_url`` points at it, and
-can be switched at any time to the misbehaviour a relay is capable of:
+can be switched at any time (``mode``, or ``plan``: one mode for each of the next batch
+requests) to the misbehaviour a relay is capable of:
 
 - ``alter_request``: flip one byte of every request body on the way in;
 - ``replay``: forward every request, answer the peer, then send the same request again;
 - ``drop_response``: forward every request but answer the peer ``502`` with no body;
 - ``alter_response``: forward every request, flip one byte of the node's answer body;
 - ``forge_accept``: never forward a batch; answer it with the node's last signed batch answer
-  (a real signature by the node, for another request).
+  (a real signature by the node, for another request);
+- ``forge_held``: never forward a batch; answer "all accepted", signed by the relay's own key
+  as a held-mode relay does (§12.4), with a ``Haven-Relay`` statement that is not a valid one
+  for it: none, one it signed itself, one of the node's that expired, one of the node's that
+  names another relay (in turn; the last two need the node's key, ``client_key``).
 
 The node and the peer must refuse each of them with their ordinary checks; the forwarder
 holds no keys, so it cannot do better than this. It runs an aiohttp server on its own event
@@ -21,13 +26,27 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
-MODES = ("pass", "alter_request", "replay", "drop_response", "alter_response", "forge_accept")
+from federation.errors import HavenError
+from federation.relayauth import H_RELAY, RELAY_AUTH_TAG, RelayAuth, header_value
+from federation.signing import H_SIG, NodeKey, SignedRequest, sign_response
+from federation.wire import Batch, BatchResult, packb
+
+MODES = (
+    "pass",
+    "alter_request",
+    "replay",
+    "drop_response",
+    "alter_response",
+    "forge_accept",
+    "forge_held",
+)
 
 
 def _kept(headers: object) -> list[tuple[str, str]]:
@@ -52,6 +71,9 @@ class EvilRelay:
     port: int
     target: str
     mode: str = "pass"
+    plan: list[str] = field(default_factory=list)  # modes for the next batches, then ``mode``
+    client_key: NodeKey | None = None  # the node's key, for forged statements (test only)
+    key: NodeKey = field(default_factory=NodeKey.generate)
     seen: Counter[str] = field(default_factory=Counter)
     replay_codes: list[int] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
@@ -135,16 +157,18 @@ class EvilRelay:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._websocket(request)
-        mode = self.mode
         body = await request.read()
         headers = _kept(request.headers)
         target = request.raw_path
         is_batch = request.method == "POST" and target.split("?")[0].endswith(("/batch", "/multi"))
-        if is_batch and mode != "pass":
+        mode = self.plan.pop(0) if is_batch and self.plan else self.mode
+        if is_batch:
             self.seen[mode] += 1
         if is_batch and mode == "forge_accept" and self._last_batch_answer is not None:
             status, rheaders, rbody = self._last_batch_answer
             return web.Response(status=status, body=rbody, headers=rheaders)
+        if is_batch and mode == "forge_held":
+            return self._forged_held(request, body)
         if is_batch and mode == "alter_request":
             body = _flip(body)
         status, rheaders, rbody = await self._forward(request.method, target, headers, body)
@@ -158,3 +182,31 @@ class EvilRelay:
         if is_batch and mode == "alter_response":
             rbody = _flip(rbody)
         return web.Response(status=status, body=rbody, headers=rheaders)
+
+    def _forged_held(self, request: web.Request, body: bytes) -> web.Response:
+        """ "All accepted", signed by this relay, with a statement that does not authorise it."""
+        req = SignedRequest.from_headers(request.headers)
+        try:
+            ids = tuple(e.id for e in Batch.decode(body).envelopes)
+        except HavenError:  # /multi: another shape; an empty acceptance is forged all the same
+            ids = ()
+        answer = BatchResult(accepted=ids).encode()
+        headers = {
+            "Content-Type": "application/msgpack",
+            H_SIG: sign_response(self.key, req.origin, req.nonce, answer),
+        }
+        variant = (self.seen["forge_held"] - 1) % 4  # counted above
+        dest = req.destination
+        now = int(time.time() * 1000)
+        until = now + 86_400_000
+        if variant == 1:  # "the node authorises me", signed by me
+            msg = RELAY_AUTH_TAG + packb([dest, self.key.node_id, until])
+            forged = RelayAuth(dest, self.key.node_id, until, self.key.sign(msg))
+            headers[H_RELAY] = header_value(forged)
+        elif variant == 2 and self.client_key is not None:  # the node's own, expired
+            old = RelayAuth.make(self.client_key, self.key.node_id, now - 60_000)
+            headers[H_RELAY] = header_value(old)
+        elif variant == 3 and self.client_key is not None:  # the node's own, for another relay
+            other = RelayAuth.make(self.client_key, NodeKey.generate().node_id, until)
+            headers[H_RELAY] = header_value(other)
+        return web.Response(status=200, body=answer, headers=headers)

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from node.config import NodeConfig
+from node.nodekey import load_key
+
 from .evil_relay import EvilRelay
 from .harness import NodeProc, free_port, haven, join, recv, wait_until
 
@@ -42,7 +45,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         *("--public-url", f"http://127.0.0.1:{relay_port}", "--listen", f"127.0.0.1:{b_port}"),
     )
     b = NodeProc(base / "B", b_port)
-    relay = EvilRelay(relay_port, b.url)
+    b_key = load_key(str(b.home), NodeConfig.load(str(b.home)))
+    relay = EvilRelay(relay_port, b.url, client_key=b_key)
     try:
         relay.start()
         a.start()
@@ -60,18 +64,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         relay.stop()
 
 
-def _misbehave_then_recover(w: World, mode: str, text: str) -> None:
-    """Send ``text`` while the relay misbehaves in ``mode``; let A retry at least once; then
-    let the relay behave and check bob gets the message exactly once."""
-    w.relay.mode = mode
-    w.relay.seen[mode] = 0
-    haven("send", "--home", str(w.alice), w.bob_addr, text)
-    wait_until(lambda: w.relay.seen[mode] >= 2, timeout=60, what=f"A to retry under {mode}")
-    assert w.a.status()["outbox_envelopes"] >= 1  # refused, so still A's to deliver
+def _misbehave_then_recover(w: World, plan: list[str], text: str) -> None:
+    """Send ``text`` while the relay misbehaves once per batch request as ``plan`` says; then
+    check A retried after the last misbehaviour (it did not take a forged or lost answer for
+    an acceptance) and bob got the message exactly once."""
     w.relay.mode = "pass"
+    passed = w.relay.seen["pass"]
+    w.relay.plan = list(plan)
+    haven("send", "--home", str(w.alice), w.bob_addr, text)
+    wait_until(lambda: not w.relay.plan, timeout=60, what=f"A to retry through {plan}")
     wait_until(
-        lambda: w.a.status()["outbox_envelopes"] == 0, timeout=60, what=f"A's outbox after {mode}"
+        lambda: w.a.status()["outbox_envelopes"] == 0, timeout=60, what=f"A's outbox after {plan}"
     )
+    assert w.relay.seen["pass"] > passed  # A sent again once the relay behaved
     got = recv(w.bob)
     assert [m["text"] for m in got] == [text]  # nothing lost
     assert recv(w.bob, wait=0.3) == []  # nothing twice
@@ -83,10 +88,12 @@ def _history_once(w: World, text: str) -> None:
     assert out.count(json.dumps(text)) == 1  # bob's history holds the message once
 
 
-def test_altered_bodies_are_refused_and_retried(world: World) -> None:
+def test_altered_bodies_and_dropped_answers(world: World) -> None:
+    # an altered request is refused by B; a request B stored whose answer the relay drops is
+    # sent again, and B keeps each envelope id once
     before = world.b.error_count("federation.bad_signature")
-    _misbehave_then_recover(world, "alter_request", "through a relay that alters")
-    assert world.b.error_count("federation.bad_signature") >= before + 2
+    _misbehave_then_recover(world, ["alter_request", "drop_response"], "altered, then dropped")
+    assert world.b.error_count("federation.bad_signature") >= before + 1
 
 
 def test_replayed_requests_are_refused(world: World) -> None:
@@ -105,21 +112,23 @@ def test_replayed_requests_are_refused(world: World) -> None:
     _history_once(world, "once only")
 
 
-def test_dropped_responses_are_retried_without_duplicates(world: World) -> None:
-    # B stores the envelope every time but A never hears so: A resends the same envelope ids,
-    # B keeps each once, bob sees the message once.
-    _misbehave_then_recover(world, "drop_response", "answer lost on the way back")
-
-
-def test_altered_answers_are_refused_by_the_peer(world: World) -> None:
+def test_altered_and_replayed_answers_are_refused_by_the_peer(world: World) -> None:
+    # B stores the envelope and answers; the relay alters that answer, then answers A's retry
+    # with B's genuine earlier acceptance (of this very envelope, for the earlier request)
+    # without forwarding: the answer signature binds the request nonce, so A refuses both.
     before = world.a.error_count("outbox.bad_signature")
-    _misbehave_then_recover(world, "alter_response", "answer altered on the way back")
+    _misbehave_then_recover(world, ["alter_response", "forge_accept"], "answers tampered with")
     assert world.a.error_count("outbox.bad_signature") >= before + 2
 
 
-def test_a_replayed_acceptance_is_not_an_acceptance(world: World) -> None:
-    # The relay keeps B's last real, signed acceptance and answers new batches with it without
-    # forwarding them: the signature binds the request nonce, so A refuses it and retries.
+def test_a_held_acceptance_needs_the_nodes_valid_statement(world: World) -> None:
+    # The relay answers "all accepted" signed by its own key, as a held-mode relay does, but
+    # with no statement, a statement it signed itself, one of B's that expired and one of B's
+    # for another relay: A refuses every one (bad_signature) and keeps the envelope. Two
+    # messages, two forgeries each: every delivery resets A's backoff.
     before = world.a.error_count("outbox.bad_signature")
-    _misbehave_then_recover(world, "forge_accept", "acceptance forged from an old one")
-    assert world.a.error_count("outbox.bad_signature") >= before + 2
+    world.relay.seen["forge_held"] = 0
+    for text in ("no forged acceptance", "nor this one"):
+        _misbehave_then_recover(world, ["forge_held", "forge_held"], text)
+    assert world.relay.seen["forge_held"] == 4
+    assert world.a.error_count("outbox.bad_signature") >= before + 4
