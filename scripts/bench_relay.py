@@ -171,6 +171,7 @@ async def relay(args: argparse.Namespace, base: Path) -> dict[str, Any]:
             await devs[n].join(inv)
         direct = await _pair_run(args, [a, b], devs["alice"], devs["bob"], "relay: direct")
         relayed = await _pair_run(args, [a, r, c], devs["alice"], devs["carol"], "relay: relayed")
+        rows = json.loads(haven("node", "relay-clients", "--home", str(r.home), "--json"))
         ratio = relayed["msgs_per_s"] / direct["msgs_per_s"] if direct["msgs_per_s"] else None
         return {
             "direct": direct | {"nodes": ["A (sender's home)", "B (recipient's home)"]},
@@ -178,6 +179,8 @@ async def relay(args: argparse.Namespace, base: Path) -> dict[str, Any]:
             "throughput_ratio": round(ratio, 3) if ratio is not None else None,
             "added_p50_ms": round(relayed["p50_ms"] - direct["p50_ms"], 3),
             "added_p99_ms": round(relayed["p99_ms"] - direct["p99_ms"], 3),
+            # what the relay forwarded to its client (proof the relayed run went through it)
+            "relay_bytes_in": sum(int(row["bytes_in"]) for row in rows),
             "note": "127.0.0.1 only; A resolves <label>.relay.test via a private /etc/hosts",
         }
     finally:
