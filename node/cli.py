@@ -545,6 +545,10 @@ def init_from_args(args: argparse.Namespace) -> NodeConfig:
             raise LocalProtocolError("--via-relay takes the public URL from the code")
         info = RelayInfo.from_invite(parse_invite(args.via_relay))
         public_url = info.public_url()
+        if not args.client_url:  # the relay forwards federation only: devices come direct
+            host, _, port = args.listen.rpartition(":")
+            host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+            args.client_url = f"http://{host}:{port}"
     elif not public_url:
         raise LocalProtocolError("give --public-url URL (or --via-relay CODE)")
     config = init_node(
