@@ -274,9 +274,22 @@ class RelayLink:
                 ssl=False,  # our own listener: its certificate names the public host
                 timeout=aiohttp.ClientTimeout(total=LOCAL_TIMEOUT_S),
             ) as r:
-                body = await r.content.read(MAX_BODY + 1)
-                if len(body) > MAX_BODY:
+                body = await _read_capped(r.content, MAX_BODY)
+                if body is None:
                     return Res(id=req.id, s=502, h=(), b=b"")
                 return Res(id=req.id, s=r.status, h=forwarded_headers(r.headers.items()), b=body)
         except (aiohttp.ClientError, OSError, TimeoutError):
             return Res(id=req.id, s=503, h=(), b=b"")
+
+
+async def _read_capped(stream: aiohttp.StreamReader, cap: int) -> bytes | None:
+    """The whole body, or None if it is longer than ``cap`` (a single ``read(n)`` returns
+    whatever has arrived so far, not the whole body)."""
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await stream.read(1 << 16):
+        size += len(chunk)
+        if size > cap:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
