@@ -108,7 +108,7 @@ def test_home_and_peer_talk_through_the_relay(world: NatWorld, nodes: dict[str, 
 
     wait_until(pete_got_file, 60, "pete to receive hana's file")
     row = files[0]
-    path = row["file"]["path"]  # small: fetched during recv (a 1 MiB-padded chunk, one req)
+    path = row["file"]["path"]  # small: fetched during recv
     assert path is not None, row
     assert Path(path).read_bytes() == src.read_bytes()
 
