@@ -650,7 +650,7 @@ class Node:
                 await self.relay.load()
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
                 self.session = session
-                self.transport = PeerTransport(self.key, session)
+                self.transport = PeerTransport(self.key, session, now_ms=self.clock.now_ms)
                 self._peers = PeerDirectory(
                     self.store, self.transport, self.clock, self.metrics, self._peer_seen
                 )
