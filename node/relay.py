@@ -39,6 +39,7 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 
 from federation.errors import HavenError, LocalProtocolError, RemoteProtocolError, Unavailable
+from federation.relayauth import RelayAuth
 from federation.relaylink import (
     MAX_BODY,
     MAX_IN_FLIGHT,
@@ -56,7 +57,6 @@ from federation.relaylink import (
     encode_invite,
     forwarded_headers,
     new_label,
-    open_statement,
     valid_label,
     verify_hello,
 )
@@ -340,13 +340,14 @@ class RelayService:
         if code is not None:
             await self._refuse(ws, code, "this node may not use that label")
             return None
-        if hello.auth:
+        if hello.auth:  # kept for held mode (§12.4) if valid for this client and this relay
             try:
-                client, relay, _until = open_statement(hello.auth)
-            except RemoteProtocolError:
-                client, relay = "", ""
-            if client == hello.node and relay == self.node.key.node_id:
+                RelayAuth.decode(hello.auth).check(
+                    hello.node, self.node.key.node_id, self.node.clock.now_ms()
+                )
                 self.statements[hello.node] = hello.auth
+            except RemoteProtocolError:
+                pass
         link = Link(ws=ws, client=hello.node, label=hello.label)
         old = self.links.get(hello.label)
         self.links[hello.label] = link  # a newer link replaces the older one

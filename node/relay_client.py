@@ -23,8 +23,8 @@ import aiohttp
 from yarl import URL
 
 from federation.errors import LocalProtocolError, RemoteProtocolError
+from federation.relayauth import AUTH_VALID_MS, RelayAuth
 from federation.relaylink import (
-    AUTH_DAYS_MS,
     LINK_PATH,
     MAX_BODY,
     MAX_IN_FLIGHT,
@@ -37,7 +37,6 @@ from federation.relaylink import (
     Res,
     decode_link_frame,
     forwarded_headers,
-    make_statement,
     sign_hello,
 )
 from federation.signing import b64d, b64e
@@ -189,8 +188,8 @@ class RelayLink:
             challenge = decode_link_frame(msg.data)
             if not isinstance(challenge, Challenge) or challenge.node != self.info.node:
                 raise LinkRefused("wrong_relay")
-            until = self.node.clock.now_ms() + AUTH_DAYS_MS
-            auth = make_statement(self.node.key, self.info.node, until)
+            until = self.node.clock.now_ms() + AUTH_VALID_MS
+            auth = RelayAuth.make(self.node.key, self.info.node, until).encode()
             hello = sign_hello(
                 self.node.key,
                 self.info.node,
