@@ -300,6 +300,8 @@ class RelayService:
             await self._serve_link(link)
         except (ConnectionError, RemoteProtocolError) as exc:
             log.debug("relay link closed: %s", type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - client input: no traceback in the log
+            log.error("relay link failed (internal: %s)", type(exc).__name__)
         finally:
             if link is not None:
                 link.fail_all()

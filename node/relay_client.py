@@ -170,6 +170,9 @@ class RelayLink:
                 except (aiohttp.ClientError, OSError, TimeoutError, RemoteProtocolError) as exc:
                     log.info("relay link down (%s)", type(exc).__name__)
                     failures += 1
+                except Exception as exc:  # noqa: BLE001 - a link bug must not stop the node
+                    log.error("relay link failed (internal: %s)", type(exc).__name__)
+                    failures += 1
                 finally:
                     self.connected.clear()
                 ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(failures, 10))
