@@ -6,8 +6,8 @@ msgpack maps tagged by ``t``, declared once below as frozen msgspec structs (as 
 :class:`Req` and gets the client's answer back as a :class:`Res`; neither side parses the
 forwarded request: signatures stay end to end between the federating nodes.
 
-Also here: the authorisation statement a client signs for its relay (§12.4; sent in every
-hello) and the ``haven:relay:`` invite code (§12.2).
+Also here: the ``haven:relay:`` invite code (§12.2). The authorisation statement a hello
+carries (§12.4) is :class:`federation.relayauth.RelayAuth`.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from typing import Annotated, Any, ClassVar, Final, Union
 
 import msgspec
 
-from .errors import MalformedFrame, RemoteProtocolError, TooLarge
+from .errors import MalformedFrame, TooLarge
 from .ids import key_from_node_id
+from .relayauth import STATEMENT_MAX
 from .signing import NodeKey, b64d, b64e, verify_detached
-from .wire import packb, translate, unpackb
+from .wire import packb, translate
 
 LINK_PATH = "/haven/v1/relay/link"
 HELLO_TAG = b"haven-relay-link-v1\x00"
-AUTH_TAG = b"haven-relay-auth-v1\x00"
 INVITE_PREFIX = "haven:relay:"
 TOKEN_LEN = 24
 NONCE_LEN = 32
@@ -34,8 +34,6 @@ MAX_BODY = 4 * 1024 * 1024  # a forwarded body (the client's max federation body
 MAX_LINK_FRAME = MAX_BODY + 64 * 1024  # a req/res frame: body plus target and headers
 MAX_HEADERS = 32
 MAX_IN_FLIGHT = 64  # forwarded requests in flight per link
-STATEMENT_MAX = 512
-AUTH_DAYS_MS = 7 * 86_400_000  # a statement's ``until`` = now + this, renewed on each link
 
 NodeIdText = Annotated[str, msgspec.Meta(max_length=64)]
 Label = Annotated[str, msgspec.Meta(min_length=LABEL_LEN, max_length=LABEL_LEN)]
@@ -66,7 +64,7 @@ class Hello(LinkFrame, frozen=True, tag="hello"):
     node: NodeIdText  # the client's node id
     label: Label
     token: Annotated[bytes, msgspec.Meta(max_length=TOKEN_LEN)]  # b"" once bound
-    auth: Annotated[bytes, msgspec.Meta(max_length=STATEMENT_MAX)]  # §12.4 statement
+    auth: Annotated[bytes, msgspec.Meta(max_length=STATEMENT_MAX)]  # §12.4 (RelayAuth)
     sig: Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
 
 
@@ -141,31 +139,6 @@ def verify_hello(hello: Hello, relay_id: str, nonce: bytes) -> None:
     """Raise BadSignature/MalformedFrame unless the hello is signed by its node id's key."""
     msg = hello_message(relay_id, nonce, hello.node, hello.label)
     verify_detached(key_from_node_id(hello.node), msg, hello.sig)
-
-
-# ---- the authorisation statement (§12.4) ------------------------------------------------------
-
-
-def make_statement(key: NodeKey, relay_id: str, until: int) -> bytes:
-    """``msgpack([client id, relay id, until, sig])``: "relay may accept for me until ``until``"."""
-    sig = key.sign(AUTH_TAG + packb([key.node_id, relay_id, until]))
-    return packb([key.node_id, relay_id, until, sig])
-
-
-def open_statement(data: bytes) -> tuple[str, str, int]:
-    """Verify a statement by its own client id's key: ``(client id, relay id, until)``.
-    Raises MalformedFrame or BadSignature."""
-    try:
-        obj = unpackb(data, max_len=STATEMENT_MAX)
-        client, relay, until, sig = obj
-        if not (isinstance(client, str) and isinstance(relay, str) and isinstance(sig, bytes)):
-            raise ValueError("types")
-        if not isinstance(until, int) or isinstance(until, bool):
-            raise ValueError("until")
-    except (ValueError, TypeError, RemoteProtocolError) as exc:
-        raise MalformedFrame("malformed relay statement") from exc
-    verify_detached(key_from_node_id(client), AUTH_TAG + packb([client, relay, until]), sig)
-    return client, relay, until
 
 
 # ---- relay invites (§12.2) --------------------------------------------------------------------

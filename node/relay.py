@@ -17,10 +17,15 @@ Hooks for the other relay parts:
   client id, request, body)`` for a request to a known client without a link and returns the
   response; the default answers ``503 unavailable``. Held mode replaces it.
 - **The relay's own requests to a client** (held envelopes forwarded on reconnect):
-  :meth:`RelayService.request` sends any signed federation request over the client's link and
-  returns ``(status, headers, body)``, raising :class:`federation.errors.Unavailable` when the
-  client has no link. :meth:`RelayService.wait_linked` waits for a client's link, and
-  :attr:`RelayService.on_link` is called with the client id each time a link comes up.
+  :meth:`RelayService.post_signed` signs a federation POST as the relay, sends it over the
+  client's link and returns the answer once the client's signature verifies;
+  :meth:`RelayService.request` sends any request as given and returns ``(status, headers,
+  body)``. Both raise :class:`federation.errors.Unavailable` when the client has no link. (An
+  ordinary :class:`federation.transport.PeerTransport` posting to the client's public URL also
+  works when the relay resolves its own wildcard names to itself: the request enters through
+  its own listener and is routed by Host like any other.) :meth:`RelayService.wait_linked`
+  waits for a client's link, and :attr:`RelayService.on_link` is called with the client id
+  each time a link comes up.
 """
 
 from __future__ import annotations
@@ -38,7 +43,14 @@ from urllib.parse import urlsplit
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 
-from federation.errors import HavenError, LocalProtocolError, RemoteProtocolError, Unavailable
+from federation.errors import (
+    HavenError,
+    LocalProtocolError,
+    MalformedFrame,
+    RemoteProtocolError,
+    Unavailable,
+)
+from federation.relayauth import RelayAuth
 from federation.relaylink import (
     MAX_BODY,
     MAX_IN_FLIGHT,
@@ -56,11 +68,12 @@ from federation.relaylink import (
     encode_invite,
     forwarded_headers,
     new_label,
-    open_statement,
     valid_label,
     verify_hello,
 )
-from federation.wire import packb
+from federation.signing import H_SIG, sign_request, verify_response
+from federation.transport import CONTENT_TYPE, RemoteError
+from federation.wire import ErrorBody, packb
 
 from . import guard
 from .sqlite_store import SqliteStore
@@ -272,6 +285,27 @@ class RelayService:
                 link.pending.pop(rid, None)
         return res.s, forwarded_headers(res.h), res.b
 
+    async def post_signed(self, client: str, path: str, body: bytes, created: int) -> bytes:
+        """A signed federation POST from this relay (origin = relay id) to ``client`` over its
+        link; returns the answer body once its signature by ``client`` verifies. ``created``
+        is in the client's clock (§4.3). Raises Unavailable (no link, no answer),
+        :class:`federation.transport.RemoteError` for a refusal, BadSignature or
+        MalformedFrame for an unsigned or badly signed answer."""
+        req = sign_request(self.node.key, "POST", path, client, body, created)
+        headers = (("Content-Type", CONTENT_TYPE), *req.to_headers().items())
+        status, got_headers, answer = await self.request(client, "POST", path, headers, body)
+        if status >= 400:
+            try:
+                err = ErrorBody.decode(answer)
+            except HavenError:
+                raise Unavailable(f"client answered HTTP {status}") from None
+            raise RemoteError(err.code, err.message, err.now)
+        sig = dict((k.lower(), v) for k, v in got_headers).get(H_SIG.lower())
+        if sig is None:
+            raise MalformedFrame("unsigned response")
+        verify_response(client, self.node.key.node_id, req.nonce, answer, sig)
+        return answer
+
     async def wait_linked(self, client: str, within_s: float) -> bool:
         """Wait until ``client`` has a link (True) or ``within_s`` seconds pass (False)."""
         try:
@@ -300,6 +334,8 @@ class RelayService:
             await self._serve_link(link)
         except (ConnectionError, RemoteProtocolError) as exc:
             log.debug("relay link closed: %s", type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - client input: no traceback in the log
+            log.error("relay link failed (internal: %s)", type(exc).__name__)
         finally:
             if link is not None:
                 link.fail_all()
@@ -340,13 +376,14 @@ class RelayService:
         if code is not None:
             await self._refuse(ws, code, "this node may not use that label")
             return None
-        if hello.auth:
+        if hello.auth:  # kept for held mode (§12.4) if valid for this client and this relay
             try:
-                client, relay, _until = open_statement(hello.auth)
-            except RemoteProtocolError:
-                client, relay = "", ""
-            if client == hello.node and relay == self.node.key.node_id:
+                RelayAuth.decode(hello.auth).check(
+                    hello.node, self.node.key.node_id, self.node.clock.now_ms()
+                )
                 self.statements[hello.node] = hello.auth
+            except RemoteProtocolError:
+                pass
         link = Link(ws=ws, client=hello.node, label=hello.label)
         old = self.links.get(hello.label)
         self.links[hello.label] = link  # a newer link replaces the older one

@@ -23,8 +23,8 @@ import aiohttp
 from yarl import URL
 
 from federation.errors import LocalProtocolError, RemoteProtocolError
+from federation.relayauth import AUTH_VALID_MS, RelayAuth
 from federation.relaylink import (
-    AUTH_DAYS_MS,
     LINK_PATH,
     MAX_BODY,
     MAX_IN_FLIGHT,
@@ -37,7 +37,6 @@ from federation.relaylink import (
     Res,
     decode_link_frame,
     forwarded_headers,
-    make_statement,
     sign_hello,
 )
 from federation.signing import b64d, b64e
@@ -171,6 +170,9 @@ class RelayLink:
                 except (aiohttp.ClientError, OSError, TimeoutError, RemoteProtocolError) as exc:
                     log.info("relay link down (%s)", type(exc).__name__)
                     failures += 1
+                except Exception as exc:  # noqa: BLE001 - a link bug must not stop the node
+                    log.error("relay link failed (internal: %s)", type(exc).__name__)
+                    failures += 1
                 finally:
                     self.connected.clear()
                 ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(failures, 10))
@@ -189,8 +191,8 @@ class RelayLink:
             challenge = decode_link_frame(msg.data)
             if not isinstance(challenge, Challenge) or challenge.node != self.info.node:
                 raise LinkRefused("wrong_relay")
-            until = self.node.clock.now_ms() + AUTH_DAYS_MS
-            auth = make_statement(self.node.key, self.info.node, until)
+            until = self.node.clock.now_ms() + AUTH_VALID_MS
+            auth = RelayAuth.make(self.node.key, self.info.node, until).encode()
             hello = sign_hello(
                 self.node.key,
                 self.info.node,
@@ -274,9 +276,22 @@ class RelayLink:
                 ssl=False,  # our own listener: its certificate names the public host
                 timeout=aiohttp.ClientTimeout(total=LOCAL_TIMEOUT_S),
             ) as r:
-                body = await r.content.read(MAX_BODY + 1)
-                if len(body) > MAX_BODY:
+                body = await _read_capped(r.content, MAX_BODY)
+                if body is None:
                     return Res(id=req.id, s=502, h=(), b=b"")
                 return Res(id=req.id, s=r.status, h=forwarded_headers(r.headers.items()), b=body)
         except (aiohttp.ClientError, OSError, TimeoutError):
             return Res(id=req.id, s=503, h=(), b=b"")
+
+
+async def _read_capped(stream: aiohttp.StreamReader, cap: int) -> bytes | None:
+    """The whole body, or None if it is longer than ``cap`` (a single ``read(n)`` returns
+    whatever has arrived so far, not the whole body)."""
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await stream.read(1 << 16):
+        size += len(chunk)
+        if size > cap:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)

@@ -22,9 +22,7 @@ from federation.relaylink import (
     encode_invite,
     forwarded_headers,
     hello_message,
-    make_statement,
     new_label,
-    open_statement,
     parse_invite,
     sign_hello,
     valid_label,
@@ -94,18 +92,6 @@ def test_hello_is_bound_to_relay_nonce_client_and_label() -> None:
         verify_hello(hello, relay.node_id, os.urandom(32))  # another challenge: no replay
     with pytest.raises(BadSignature):
         verify_hello(hello, other.node_id, nonce)  # signed for another relay
-
-
-def test_statement_names_client_relay_and_until() -> None:
-    client, relay = NodeKey.generate(), NodeKey.generate()
-    st = make_statement(client, relay.node_id, 123_456)
-    assert open_statement(st) == (client.node_id, relay.node_id, 123_456)
-    parts = msgpack.unpackb(st)
-    parts[2] = 999_999
-    with pytest.raises(BadSignature):
-        open_statement(msgpack.packb(parts))
-    with pytest.raises(MalformedFrame):
-        open_statement(b"\x93\x01\x02\x03")
 
 
 def test_invite_codes_round_trip_and_refuse_garbage() -> None:

@@ -4,13 +4,15 @@ One NAT world (tests/integration/natns.py): the relay node in ``relay``, the hom
 ``home`` behind the router (no inbound connection possible), a public node in ``peer``. The home
 node is made with ``haven node init --via-relay CODE`` and keeps one outbound link to the relay;
 its public host ``<label>.relay.test:8080`` resolves to the relay, which routes by Host over the
-link. Real CLI devices on home and peer exchange 1:1 and group messages both ways.
+link. Real CLI devices on home and peer exchange 1:1 and group messages both ways and a file.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -90,6 +92,25 @@ def test_home_and_peer_talk_through_the_relay(world: NatWorld, nodes: dict[str, 
     grp: list[dict[str, Any]] = []
     wait_until(lambda: _texts(hana, grp), 40, "hana to receive the group message")
     assert [(m["chat"], m["text"]) for m in grp] == [("group:" + gid, "group hello")]
+
+    # a file (attachments): pete's node fetches hana's blob from the home node via the relay
+    src = world.base / "photo.bin"
+    src.write_bytes(os.urandom(300_000))
+    hana.haven("send", pete.address, "--file", str(src))
+    save = world.base / "pete-files"
+    files: list[dict[str, Any]] = []
+
+    def pete_got_file() -> bool:
+        out = pete.haven("recv", "--wait", "0.5", "--json", "--save-dir", str(save), timeout=120)
+        rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+        files.extend(r for r in rows if r.get("kind") == "file")
+        return bool(files)
+
+    wait_until(pete_got_file, 60, "pete to receive hana's file")
+    row = files[0]
+    path = row["file"]["path"]  # small: fetched during recv
+    assert path is not None, row
+    assert Path(path).read_bytes() == src.read_bytes()
 
     # the operator's view: the client, its traffic, nothing about its peers
     rows = _clients(relay)

@@ -18,6 +18,7 @@ import aiohttp
 import msgpack
 from yarl import URL
 
+from federation.relayauth import RelayAuth
 from federation.relaylink import (
     LINK_PATH,
     Challenge,
@@ -27,7 +28,6 @@ from federation.relaylink import (
     Req,
     Res,
     decode_link_frame,
-    make_statement,
     parse_invite,
     sign_hello,
 )
@@ -42,7 +42,7 @@ async def _hello(
     ws = await s.ws_connect(url + LINK_PATH)
     ch = decode_link_frame((await ws.receive()).data)
     assert isinstance(ch, Challenge) and len(ch.nonce) == 32
-    auth = make_statement(key, ch.node, 2**40)
+    auth = RelayAuth.make(key, ch.node, 2**42).encode()
     hello = sign_hello(key, ch.node, ch.nonce, label, token, auth)
     if bad:
         hello = Hello(node=hello.node, label=label, token=token, auth=auth, sig=bytes(64))
