@@ -28,44 +28,18 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from federation.ids import key_from_node_id
 
 from ..conftest import LONG
-from ..integration.harness import ROOT, NodeProc, free_port, haven, join, recv, wait_until
+from ..integration.harness import NodeProc, free_port, haven, join, recv, wait_until
+from ..integration.hostsns import HostsNode, hosts_file
 from .disk import LoopImage, tools_missing
 from .examine import Scan, node_epoch_keys, present, sealed_rows, texts_in
 
 N = 20 if LONG else 3  # messages per phase
 IMAGE_MB = 128 if LONG else 64
-HOSTS_WRAPPER = 'mount --bind "$0" /etc/hosts && exec "$@"'
-
-
-class HostsNode(NodeProc):
-    """A node whose process sees its own ``/etc/hosts`` (``unshare -m``, a bind mount)."""
-
-    hosts: Path | None = None
-
-    def start(self) -> NodeProc:
-        assert self.hosts is not None
-        logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            [
-                *("unshare", "-m", "--propagation", "private", "sh", "-c", HOSTS_WRAPPER),
-                str(self.hosts),
-                *(sys.executable, "-m", "client.cli", "node", "serve", "--home", str(self.home)),
-            ],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env=os.environ | {"PYTHONPATH": str(ROOT)},
-        )
-        logf.close()
-        wait_until(self._listening, 20, f"node {self.home.name} to listen")
-        return self
 
 
 def _text(phase: str, i: int) -> str:
@@ -107,11 +81,8 @@ def test_a_seized_relay_keeps_no_conversation(tmp_path: Path) -> None:
             *("--listen", f"127.0.0.1:{c_port}", "--no-lan"),
         )
         c = NodeProc(tmp_path / "C", c_port)
-        hosts = tmp_path / "A.hosts"
-        hosts.write_text(f"127.0.0.1 localhost\n127.0.0.1 {host.rsplit(':', 1)[0]}\n")
-        a0 = NodeProc.create(tmp_path, "A", "--no-lan")
-        a = HostsNode(a0.home, a0.port)
-        a.hosts = hosts
+        hosts = hosts_file(tmp_path / "A.hosts", host)
+        a = HostsNode.of(NodeProc.create(tmp_path, "A", "--no-lan"), hosts)
         for n in (r, c, a):
             n.start()
             nodes.append(n)

@@ -1,5 +1,9 @@
 """A malicious relay for tests: a forwarder that sits where a relay sits and misbehaves.
 
+In front of a real relay (``keep_host``: the peer's ``Host`` goes on, so the relay routes it
+to its client's link as usual), it is the relay's own front door: whatever it does to a request
+or an answer, the relay could do in its place.
+
 A relay (docs/protocol.md §12) only moves a peer's federation request to its client and the
 client's answer back: method, raw target, ``Content-Type`` and ``Haven-*`` headers, body. This
 forwarder does exactly that between a peer and a node whose ``public_url`` points at it, and
@@ -72,6 +76,7 @@ class EvilRelay:
     target: str
     mode: str = "pass"
     plan: list[str] = field(default_factory=list)  # modes for the next batches, then ``mode``
+    keep_host: bool = False  # forward the peer's Host header (in front of a real relay)
     client_key: NodeKey | None = None  # the node's key, for forged statements (test only)
     key: NodeKey = field(default_factory=NodeKey.generate)
     seen: Counter[str] = field(default_factory=Counter)
@@ -171,6 +176,8 @@ class EvilRelay:
             return self._forged_held(request, body)
         if is_batch and mode == "alter_request":
             body = _flip(body)
+        if self.keep_host:
+            headers = [("Host", request.host), *headers]
         status, rheaders, rbody = await self._forward(request.method, target, headers, body)
         if is_batch and status == 200:
             self._last_batch_answer = (status, rheaders, rbody)
