@@ -268,21 +268,20 @@ class RelayService:
         if link is None:
             raise Unavailable("no link")
         stats = self.stats.setdefault(link.label, ClientStats())
-        async with link.slots:
-            rid = link.next_id
-            link.next_id += 1
-            fut: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
-            link.pending[rid] = fut
-            try:
+        rid = link.next_id
+        link.next_id += 1
+        try:  # the 10 s include waiting for one of the link's 64 slots
+            async with asyncio.timeout(REQUEST_TIMEOUT_S), link.slots:
+                fut: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
+                link.pending[rid] = fut
                 frame = Req(id=rid, m=method, p=target, h=headers, b=body).encode()
                 await link.ws.send_bytes(frame)
                 stats.bytes_in += len(frame)
-                async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                    res = await fut
-            except (TimeoutError, ConnectionError, RuntimeError) as exc:
-                raise Unavailable("no answer over the relay link") from exc
-            finally:
-                link.pending.pop(rid, None)
+                res = await fut
+        except (TimeoutError, ConnectionError, RuntimeError) as exc:
+            raise Unavailable("no answer over the relay link") from exc
+        finally:
+            link.pending.pop(rid, None)
         return res.s, forwarded_headers(res.h), res.b
 
     async def post_signed(self, client: str, path: str, body: bytes, created: int) -> bytes:

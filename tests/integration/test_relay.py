@@ -67,6 +67,11 @@ def test_home_and_peer_talk_through_the_relay(world: NatWorld, nodes: dict[str, 
     assert "token" not in relay_json and relay_json["host"] == home.public_url[len("http://") :]
     assert (home.home / "relay.json").stat().st_mode & 0o777 == 0o600
 
+    # from outside, only federation paths of the home node answer through the relay
+    via = "http://" + relay_json["host"]
+    assert world.get("peer", via + "/.well-known/haven/node")["status"] == 200
+    assert world.get("peer", via + "/haven/v1/stats")["status"] == 404
+
     hana, pete = home.join("hana"), peer.join("pete")
     assert hana.address.endswith("@" + relay_json["host"])
     hana.send(pete.address, "hello from behind NAT")
