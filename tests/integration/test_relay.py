@@ -67,6 +67,11 @@ def test_home_and_peer_talk_through_the_relay(world: NatWorld, nodes: dict[str, 
     assert "token" not in relay_json and relay_json["host"] == home.public_url[len("http://") :]
     assert (home.home / "relay.json").stat().st_mode & 0o777 == 0o600
 
+    # from outside, only federation paths of the home node answer through the relay
+    via = "http://" + relay_json["host"]
+    assert world.get("peer", via + "/.well-known/haven/node")["status"] == 200
+    assert world.get("peer", via + "/haven/v1/stats")["status"] == 404
+
     hana, pete = home.join("hana"), peer.join("pete")
     assert hana.address.endswith("@" + relay_json["host"])
     hana.send(pete.address, "hello from behind NAT")
@@ -124,5 +129,17 @@ def test_home_and_peer_talk_through_the_relay(world: NatWorld, nodes: dict[str, 
     pinned = peer.peers()[relay_json["host"]]
     assert pinned["node_id"] == home_id
     assert relay.status()["node_id"] not in json.dumps(peer.peers())
+    # the relay is killed and restarts: the home node links again (backoff), reachable as before
+    relay.kill()
+    relay.start()
+    wait_until(lambda: any(c["connected"] for c in _clients(relay)), 60, "the link to return")
+    pete.send(hana.address, "after the relay restarted")
+    again: list[dict[str, Any]] = []
+    wait_until(lambda: _texts(hana, again), 40, "hana to receive after the restart")
+    assert [m["text"] for m in again] == ["after the relay restarted"]
+    home_log = home.log.read_text()
+    assert home_log.count("relay link up") >= 2 and "Traceback" not in home_log
+    assert world.ip("relay") not in home_log and "relay.test" not in home_log.split("/metrics")[-1]
+
     log = relay.log.read_text()
     assert "Traceback" not in log and world.ip("peer") not in log and world.ip("home") not in log
