@@ -83,13 +83,16 @@ def error_response(node: Node, exc: HavenError) -> web.Response:
 
 
 async def authenticate(
-    node: Node, request: web.Request, max_len: int
+    node: Node, request: web.Request, max_len: int, destination: str | None = None
 ) -> tuple[SignedRequest, bytes]:
-    """Run every pre-storage check on a signed request; return it with its body."""
+    """Run every pre-storage check on a signed request; return it with its body.
+
+    ``destination``: the node id the request must name, this node's own unless a relay holds
+    for an offline client (docs/protocol.md §12.4)."""
     if request.content_length is not None and request.content_length > max_len:
         raise TooLarge("request body too large")
     req = SignedRequest.from_headers(request.headers)  # version + shape
-    if req.destination != node.key.node_id:
+    if req.destination != (destination or node.key.node_id):
         raise WrongDestination("request is for another node")
     now = node.clock.now_ms()
     node.nonces.check_fresh(req.created, now)
