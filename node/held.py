@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,6 +37,7 @@ from .federation_api import authenticate, error_response
 
 if TYPE_CHECKING:
     from .app import Node
+    from .relay import RelayService
 
 DEFAULT_QUOTA = 64 * 1024 * 1024  # bytes of held envelopes per client (relay_quota_mb)
 
@@ -44,6 +45,7 @@ DEFAULT_QUOTA = 64 * 1024 * 1024  # bytes of held envelopes per client (relay_qu
 @dataclass(slots=True)
 class _Client:
     quota: int
+    quota_read: bool = False  # read from the relay_clients row (node/relay.py)
     auth: RelayAuth | None = None  # the latest statement, from the client's last hello
     link: LinkSend | None = None
     held_bytes: int = 0
@@ -53,31 +55,28 @@ class _Client:
 class HeldClients:
     """The relay's clients as held mode sees them: statement, link, quota and held bytes.
 
-    r-live's link code calls :meth:`register` once a label is bound, :meth:`linked` on each
-    accepted hello (with the hello's statement) and :meth:`unlinked` when the link closes.
+    :func:`attach` connects it to the relay service (node/relay.py): its statements, links and
+    the clients' quotas.
     """
 
     clients: dict[str, _Client] = field(default_factory=dict)
-    hosts: dict[str, str] = field(default_factory=dict)  # client host (lower case) -> id
     _rows: dict[bytes, tuple[str, int]] = field(default_factory=dict)  # id -> client, bytes
     _expiry: list[tuple[int, bytes]] = field(default_factory=list)
     wake: Callable[[str], None] | None = None  # the node's "peer reachable": starts its outbox
+    known: Callable[[str], bool] | None = None  # whether a node id is a bound client here
 
-    def register(self, client_id: str, host: str, quota: int = DEFAULT_QUOTA) -> None:
-        """A bound client: its host routes here; ``quota`` bytes of held envelopes."""
+    def register(self, client_id: str, quota: int = DEFAULT_QUOTA) -> None:
+        """A bound client, allowed ``quota`` bytes of held envelopes."""
         c = self.clients.setdefault(client_id, _Client(quota))
         c.quota = quota
-        self.hosts[host.lower()] = client_id
 
-    def client_for_host(self, host: str) -> str | None:
-        """The client id a ``Host`` header names (with or without its port), if any."""
-        host = host.lower()
-        return self.hosts.get(host) or self.hosts.get(host.rsplit(":", 1)[0])
+    def authorised(self, client_id: str, auth: RelayAuth) -> None:
+        """The client's latest statement (checked by the caller: by the client, for us)."""
+        self.clients.setdefault(client_id, _Client(DEFAULT_QUOTA)).auth = auth
 
-    def linked(self, client_id: str, auth: RelayAuth, link: LinkSend) -> None:
-        """A link is up (the caller has checked the hello and its statement)."""
-        c = self.clients[client_id]
-        c.auth, c.link = auth, link
+    def linked(self, client_id: str, link: LinkSend) -> None:
+        """A link is up: the client's outbox worker starts forwarding at once."""
+        self.clients.setdefault(client_id, _Client(DEFAULT_QUOTA)).link = link
         if self.wake is not None:
             self.wake(client_id)
 
@@ -96,9 +95,9 @@ class HeldClients:
                 posting to its public host would come back here).
         """
         c = self.clients.get(dest)
-        if c is None:
+        if c is None and (self.known is None or not self.known(dest)):
             return None
-        if c.link is None:
+        if c is None or c.link is None:
             raise TransportError("relay client offline")
         return c.link
 
@@ -147,9 +146,10 @@ def unavailable(node: Node) -> web.Response:
 
 
 async def answer(
-    node: Node, held: HeldClients, request: web.Request, client_id: str
+    node: Node, held: HeldClients, request: web.Request, client_id: str, body: bytes
 ) -> web.Response:
-    """Answer a request for the host of ``client_id``, which has no link (§12.4)."""
+    """Answer a request for the host of ``client_id``, which has no link (§12.4); ``body`` is
+    the request body, already read (at most the relay's 4 MiB)."""
     c = held.clients.get(client_id)
     now = node.clock.now_ms()
     if (
@@ -163,10 +163,10 @@ async def answer(
     auth = c.auth
     try:
         if request.raw_path == BATCH_PATH:
-            req, body = await authenticate(node, request, MAX_BATCH_BYTES, client_id)
+            req, _ = await authenticate(node, request, MAX_BATCH_BYTES, client_id, body)
             envs = list(Batch.decode(body).envelopes)
         else:
-            req, body = await authenticate(node, request, MULTI_BODY_MAX, client_id)
+            req, _ = await authenticate(node, request, MULTI_BODY_MAX, client_id, body)
             envs = MultiBatch.decode(body).envelopes()
             check_envelopes(envs)
     except HavenError as exc:
@@ -201,19 +201,44 @@ async def answer(
     return web.Response(body=out, content_type="application/msgpack", headers=headers)
 
 
-def middleware(node: Node, held: HeldClients) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Route requests for an offline client's host to :func:`answer`; all else as before.
+def attach(node: Node, service: RelayService) -> None:
+    """Held mode for the relay service's clients: it answers for a client without a link
+    (:attr:`RelayService.offline`), and a new link starts forwarding what is held for it
+    (:attr:`RelayService.on_link`), over that link (:meth:`RelayService.request`)."""
+    held = node.held
 
-    A linked client's requests are r-live's (node/relay.py); this only takes the offline case.
-    """
-
-    @web.middleware
-    async def mw(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    async def offline(
+        label: str, client: str, request: web.Request, body: bytes
     ) -> web.StreamResponse:
-        client_id = held.client_for_host(request.host) if held.clients else None
-        if client_id is None or held.clients[client_id].link is not None:
-            return await handler(request)
-        return await answer(node, held, request, client_id)
+        c = held.clients.get(client)
+        if c is None or not c.quota_read:
+            quota = next(
+                (q for lb, _, _, q, _ in await service.store.relay_clients() if lb == label),
+                DEFAULT_QUOTA,
+            )
+            held.register(client, quota)
+            held.clients[client].quota_read = True
+        raw = service.statements.get(client)
+        if raw is not None:  # checked when the hello came: by this client, for this relay
+            held.authorised(client, RelayAuth.decode(raw))
+        return await answer(node, held, request, client, body)
 
-    return mw
+    def link_to(client: str) -> LinkSend:
+        async def send(
+            method: str, path: str, headers: list[tuple[str, str]], body: bytes
+        ) -> tuple[int, list[tuple[str, str]], bytes]:
+            status, got, out = await service.request(client, method, path, tuple(headers), body)
+            return status, list(got), out
+
+        return send
+
+    before = service.on_link
+
+    def on_link(client: str) -> None:
+        held.linked(client, link_to(client))  # raises Unavailable once the link is gone
+        if before is not None:
+            before(client)
+
+    service.offline = offline
+    service.on_link = on_link
+    held.known = lambda node_id: node_id in service.labels.values()

@@ -1,7 +1,7 @@
 """Held mode (docs/protocol.md §12.4) on real nodes in this process, over 127.0.0.1.
 
-A relay node and its client node (whose public host ``localhost:RELAYPORT`` routes to the
-relay); a peer posts with the real :class:`PeerTransport` and checks every answer. The client
+A relay node (relay service on, routing by Host as in production) and its client node (public
+host ``heldclient.relay.test:PORT``, resolved to 127.0.0.1 by the peer's resolver); a peer posts with the real :class:`PeerTransport` and checks every answer. The client
 goes offline (stopped); the relay holds what the peer sends, signed as itself with the
 client's statement; the client comes back, and the relay's outbox forwards the held rows over
 the link (here: the client's own listener, as the client serves a link's ``req`` frames, §12.3),
@@ -11,7 +11,9 @@ whose first answer is lost mid-batch. The client ends with every envelope once, 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -33,14 +35,36 @@ from .harness import async_wait_until, free_port
 N = 24
 BODY = 1000
 MARK = b"held-in-clear-"
+LABEL = "heldclient"
+
+
+class Loopback(aiohttp.abc.AbstractResolver):
+    """Every name is 127.0.0.1 (the relay's wildcard DNS, for this test's peer)."""
+
+    async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[dict[str, object]]:
+        return [
+            {
+                "hostname": host,
+                "host": "127.0.0.1",
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": 0,
+            }
+        ]
+
+    async def close(self) -> None:
+        pass
 
 
 async def start(
-    home: Path, public_url: str, port: int, fresh: bool = True
+    home: Path, public_url: str, port: int, fresh: bool = True, relay: bool = False
 ) -> tuple[Node, asyncio.Event, asyncio.Task[None]]:
     if fresh:
         init_node(str(home), public_url, f"127.0.0.1:{port}", 7 * 86_400_000, False)
     config = NodeConfig.load(str(home))
+    if relay:
+        config = dataclasses.replace(config, relay=True, relay_domain="relay.test")
     node = Node(
         str(home), config, load_node_key(str(home)), SystemClock(), open_store(str(home), config)
     )
@@ -62,9 +86,11 @@ def _files_holding(home: Path, needle: bytes) -> list[str]:
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[dict[str, object]]:
     rport, cport = free_port(), free_port()
-    relay, rstop, rtask = await start(tmp_path / "relay", f"http://127.0.0.1:{rport}", rport)
+    relay, rstop, rtask = await start(
+        tmp_path / "relay", f"http://relay.test:{rport}", rport, relay=True
+    )
     chome = tmp_path / "client"
-    client, cstop, ctask = await start(chome, f"http://localhost:{rport}", cport)
+    client, cstop, ctask = await start(chome, f"http://{LABEL}.relay.test:{rport}", cport)
     stops = {"relay": (rstop, rtask), "client": (cstop, ctask)}
     try:
         yield {
@@ -91,12 +117,20 @@ async def test_held_while_offline_then_forwarded_once_in_order(world: dict[str, 
     await client.store.add_device("bob", mailbox, os.urandom(32))
     await client.refresh_accounts()
 
-    host = f"localhost:{rport}"
-    relay.held.register(cid, host, quota=N * BODY + BODY // 2)
+    host = f"{LABEL}.relay.test:{rport}"
     now = SystemClock().now_ms()
+    # the label as a used invite leaves it (bound to the client), with a small quota
+    store = relay.store
+    await store.add_relay_client(LABEL, b"t" * 32, N * BODY + BODY // 2, now + 86_400_000, 0)  # type: ignore[attr-defined]
+    assert await store.bind_relay_client(LABEL, b"t" * 32, cid, now)  # type: ignore[attr-defined]
+    assert relay.relay is not None
+    await relay.relay.load()
     auth = RelayAuth.make(client.key, relay.key.node_id, now + AUTH_VALID_MS)
+    relay.relay.statements[cid] = auth.encode()  # as the client's last hello left it
 
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(resolver=Loopback())
+    ) as session:
         link_calls = {"n": 0}
 
         async def link(
@@ -116,10 +150,8 @@ async def test_held_while_offline_then_forwarded_once_in_order(world: dict[str, 
                 raise TransportError("link closed")
             return out
 
-        # the client links once (statement stored), then goes offline: its node stops
-        relay.held.linked(cid, auth, link)
+        # the client goes offline: its node stops (it never had a link here)
         cstop, ctask = world["stops"]["client"]  # type: ignore[index]
-        relay.held.unlinked(cid)
         cstop.set()
         await ctask
 
@@ -156,7 +188,7 @@ async def test_held_while_offline_then_forwarded_once_in_order(world: dict[str, 
         # the client comes back and links again: the relay forwards, the first answer is lost
         client2, cstop2, ctask2 = await start(world["chome"], "", cport, fresh=False)  # type: ignore[arg-type]
         world["stops"]["client"] = (cstop2, ctask2)  # type: ignore[index]
-        relay.held.linked(cid, auth, link)
+        relay.held.linked(cid, link)
 
         async def all_there() -> bool:
             rows = await client2.store.pending_for(mailbox, 4 * N)
