@@ -120,6 +120,27 @@ def port_suffix(public_url: str) -> str:
     return f":{parts.port}" if parts.port and parts.port != default else ""
 
 
+def host_suffixes(public_url: str) -> tuple[str, ...]:
+    """The ``:port`` a client's Host header may end with: the relay's public port (spelled out
+    even when it is the default one)."""
+    parts = urlsplit(public_url)
+    return (f":{parts.port or (443 if parts.scheme == 'https' else 80)}",)
+
+
+def label_of_host(host: str, domain: str, suffixes: tuple[str, ...]) -> str | None:
+    """The label a ``Host`` header names (``label.domain``, optionally with one of
+    ``suffixes``), lowercased; None for any other host."""
+    host = host.lower()
+    for suffix in suffixes:
+        if host.endswith(suffix):
+            host = host[: -len(suffix)]
+            break
+    label, dot, rest = host.partition(".")
+    if not dot or rest != domain or not valid_label(label):
+        return None
+    return label
+
+
 def forwardable(target: str) -> bool:
     """Whether a raw request target is one a relay forwards (federation paths only)."""
     return target.startswith(FORWARDED_PREFIXES)
@@ -162,7 +183,7 @@ class RelayService:
         self.node = node
         self.store = relay_store(node.store)
         self.domain = relay_domain(node.config)
-        self.suffix = port_suffix(node.config.public_url)
+        self.suffixes = host_suffixes(node.config.public_url)
         self.labels: dict[str, str] = {}  # label -> bound client id ("" until bound)
         self._labels_read = 0.0
         self.links: dict[str, Link] = {}  # label -> live link
@@ -183,13 +204,7 @@ class RelayService:
 
     def label_of_host(self, host: str) -> str | None:
         """The label a ``Host`` header names (``label.domain[:port]``), or None."""
-        host = host.lower()
-        if self.suffix and host.endswith(self.suffix):
-            host = host[: -len(self.suffix)]
-        label, dot, rest = host.partition(".")
-        if not dot or rest != self.domain or not valid_label(label):
-            return None
-        return label
+        return label_of_host(host, self.domain, self.suffixes)
 
     def client_of(self, label: str) -> str:
         return self.labels.get(label, "")

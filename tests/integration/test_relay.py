@@ -129,7 +129,7 @@ def test_home_and_peer_talk_through_the_relay(world: NatWorld, nodes: dict[str, 
     pinned = peer.peers()[relay_json["host"]]
     assert pinned["node_id"] == home_id
     assert relay.status()["node_id"] not in json.dumps(peer.peers())
-    # the relay is killed and restarts: the home node links again (backoff) and is reachable as before
+    # the relay is killed and restarts: the home node links again (backoff), reachable as before
     relay.kill()
     relay.start()
     wait_until(lambda: any(c["connected"] for c in _clients(relay)), 60, "the link to return")

@@ -11,6 +11,7 @@ import aiohttp
 
 from federation.relaylink import RelayInvite, Req, new_label
 from federation.signing import NodeKey
+from node.relay import host_suffixes, label_of_host
 from node.relay_client import RelayInfo, RelayLink, link_url
 
 
@@ -53,3 +54,23 @@ async def test_only_federation_targets_reach_the_local_listener() -> None:
         # a federation target is replayed; nothing listens on port 1, so 503
         res = await link.replay(s, Req(id=5, m="POST", p="/haven/v1/federation/batch", h=(), b=b""))
         assert (res.id, res.s) == (5, 503)
+
+
+def test_host_routing_names_a_label_under_the_relay_domain_only() -> None:
+    https = host_suffixes("https://relay.example")
+    assert https == (":443",)
+    assert label_of_host("abcdefghij.relay.example", "relay.example", https) == "abcdefghij"
+    assert label_of_host("ABCDEFGHIJ.Relay.Example:443", "relay.example", https) == "abcdefghij"
+    for other in (
+        "abcdefghij.relay.example:8443",  # another port
+        "relay.example",  # the relay itself
+        "abcdefghi1.relay.example",  # not base32
+        "abcdefghijk.relay.example",  # 11 characters
+        "x.abcdefghij.relay.example",
+        "abcdefghij.relay.example.evil",
+    ):
+        assert label_of_host(other, "relay.example", https) is None, other
+    test = host_suffixes("http://127.0.0.1:8080")
+    assert label_of_host("abcdefghij.relay.test:8080", "relay.test", test) == "abcdefghij"
+    assert label_of_host("abcdefghij.relay.test", "relay.test", test) == "abcdefghij"
+    assert label_of_host("abcdefghij.relay.test:80", "relay.test", test) is None
