@@ -2,10 +2,11 @@
 
 A relay node (relay service on, routing by Host as in production) and its client node (public
 host ``heldclient.relay.test:PORT``, resolved to 127.0.0.1 by the peer's resolver); a peer
-posts with the real :class:`PeerTransport` and checks every answer. The client goes offline (stopped); the relay holds what the peer sends, signed as itself with the
-client's statement; the client comes back, and the relay's outbox forwards the held rows over
-the link (here: the client's own listener, as the client serves a link's ``req`` frames, §12.3),
-whose first answer is lost mid-batch. The client ends with every envelope once, in order.
+posts with the real :class:`PeerTransport` and checks every answer. The client goes offline
+(stopped); the relay holds what the peer sends, signed as itself with the client's statement;
+the client comes back, and the relay's outbox forwards the held rows over the link (here: the
+client's own listener, as the client serves a link's ``req`` frames, §12.3), whose first
+answer is lost mid-batch. The client ends with every envelope once, in order.
 """
 
 from __future__ import annotations
