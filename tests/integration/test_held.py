@@ -30,6 +30,7 @@ from federation.wire import Batch, Envelope
 from node.app import Node, load_node_key, open_store
 from node.cli import init_node
 from node.config import NodeConfig
+from node.relay import describe_clients
 
 from .harness import async_wait_until, free_port
 
@@ -171,6 +172,8 @@ async def test_held_while_offline_then_forwarded_once_in_order(world: dict[str, 
         assert got.rejected == ((over.id, "quota_exceeded"),)
         assert (await relay.store.outbox_counts()).get(cid) == N
         assert relay.held.held(cid) == N * BODY
+        shown = await describe_clients(store, relay.relay)  # haven node relay-clients
+        assert [(r["label"], r["held"], r["connected"]) for r in shown] == [(LABEL, N, False)]
 
         # only batches are held: a key query or the descriptor is 503 unavailable
         with pytest.raises(RemoteError) as exc:
