@@ -18,8 +18,11 @@ values opened with every epoch key on the image):
   its client (its own client table names the client; that is what its config must hold);
 - after delivery and the restart, no carved record opens with any key on the image.
 
-Positive controls: the client's node id and label are found (the relay's client table is on
-the image, so the scan does see the store), and a planted free-space canary is found.
+A copy taken while the relay holds the offline client's envelopes shows the same zeros, except
+that the live epoch key on it opens the held rows (positive control: the examiner sees them
+where they exist). Positive controls on the last copy: the client's node id and label are found
+(the relay's client table is on the image, so the scan does see the store), and a planted
+free-space canary is found.
 """
 
 from __future__ import annotations
@@ -106,10 +109,13 @@ def test_a_seized_relay_keeps_no_conversation(tmp_path: Path) -> None:
         away = [_text("away", i) for i in range(N)]
         for t in away:
             haven("send", "--home", str(alice), carol_addr, t)
+        # held mode: the relay accepted them for its client, as sealed outbox rows
+        wait_until(lambda: r.status()["outbox_envelopes"] == N, 60, "the relay to hold them")
+        held = Scan.of("R-held", img.snapshot(tmp_path / "R-held.img"))
         c.start()
         wait_until(lambda: _connected(r), 60, "the client's link again")
-        # without held mode at the relay, A backs off while C is away (up to minutes): C's
-        # next request to A tells A that C is back, as any contact from a peer does
+        # carol writes back at once (whatever the relay did not hold, A backs off for, up to
+        # minutes; C's request tells A that C is back, as any contact from a peer does)
         back = _text("back", 0)
         haven("send", "--home", str(carol), alice_addr, back)
         try:
@@ -128,27 +134,26 @@ def test_a_seized_relay_keeps_no_conversation(tmp_path: Path) -> None:
         img.unmount()
 
     workload = {t.encode() for t in [*texts, reply, *away, back]}
-    keys = node_epoch_keys(scan.path)
-    opener = sealed_rows()
-    opened = [pt for rec in scan.records for _, pt in opener(rec, keys)]
-    corpus = [scan.raw, *opened]
-    figures = {
-        "texts": len(texts_in(corpus) & workload),
-        "names": sorted(n.decode() for n in present(scan.raw, [b"alicezq", b"carolvk"])),
-        "peer_id": a_id.encode() in scan.raw,
-        "peer_key": key_from_node_id(a_id) in scan.raw,
-        "peer_host": a.host.encode() in scan.raw,
-        "opened_rows": len(opened),
-    }
-    # positive controls: the scan sees the store and the free space
+
+    def figures_of(scan: Scan) -> dict[str, object]:
+        keys = node_epoch_keys(scan.path)
+        opened = [pt for rec in scan.records for _, pt in sealed_rows()(rec, keys)]
+        corpus = [scan.raw, *opened]
+        return {
+            "texts": len(texts_in(corpus) & workload),
+            "names": sorted(n.decode() for n in present(scan.raw, [b"alicezq", b"carolvk"])),
+            "peer_id": a_id.encode() in scan.raw,
+            "peer_key": key_from_node_id(a_id) in scan.raw,
+            "peer_host": a.host.encode() in scan.raw,
+            "opened_rows": len(opened),
+        }
+
+    # positive controls: the scan sees the store, the free space and (while held) the rows
     assert scan.found(c_id.encode()), "the relay's client table is on the image"
     assert scan.found(label.encode())
     assert canary in scan.free
-    assert figures == {
-        "texts": 0,
-        "names": [],
-        "peer_id": False,
-        "peer_key": False,
-        "peer_host": False,
-        "opened_rows": 0,
-    }, figures
+    while_held, after = figures_of(held), figures_of(scan)
+    assert while_held["opened_rows"] >= N, while_held  # the live key opens the held rows
+    nothing = {"texts": 0, "names": [], "peer_id": False, "peer_key": False, "peer_host": False}
+    assert {k: v for k, v in while_held.items() if k != "opened_rows"} == nothing, while_held
+    assert after == nothing | {"opened_rows": 0}, after
