@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import yarl
 
+from .clock import SystemClock
 from .errors import (
     BadSignature,
     ClockSkew,
@@ -29,6 +31,7 @@ from .fanout import (
     KeysMultiAnswer,
     KeysMultiQuery,
 )
+from .relayauth import H_RELAY, verify_answer
 from .signing import H_SIG, Descriptor, NodeKey, b64e, sign_request, verify_response
 from .wire import (
     MAX_BATCH_BYTES,
@@ -48,6 +51,12 @@ BLOB_PATH = "/haven/v1/federation/blob"
 BLOB_DONE_PATH = "/haven/v1/federation/blob_done"
 DESCRIPTOR_PATH = "/.well-known/haven/node"
 CONTENT_TYPE = "application/msgpack"
+LINK_URL = "relay-link:"  # the base URL a request over a relay link is posted to (ignored)
+# A relay's link to a client (§12.3): (method, raw target, headers, body) -> (status, headers,
+# body). Raises TransportError when the link is gone or does not answer.
+LinkSend = Callable[
+    [str, str, list[tuple[str, str]], bytes], Awaitable[tuple[int, list[tuple[str, str]], bytes]]
+]
 OFF_LOOP_BYTES = 64 * 1024  # larger bodies are hashed for their signature in a worker thread
 
 
@@ -68,10 +77,21 @@ class FetchedDescriptor:
 class PeerTransport:
     """Signed requests from this node to peer nodes, over one shared aiohttp session."""
 
-    def __init__(self, key: NodeKey, session: aiohttp.ClientSession, timeout_s: float = 10) -> None:
+    def __init__(
+        self,
+        key: NodeKey,
+        session: aiohttp.ClientSession,
+        timeout_s: float = 10,
+        now_ms: Callable[[], int] | None = None,
+    ) -> None:
         self.key = key
         self.session = session
         self.timeout_s = timeout_s
+        # our clock, for the expiry of a relay's held-mode statement (§12.4)
+        self.now_ms = now_ms or SystemClock().now_ms
+        # On a relay: a node id -> the link to that client, None for other nodes (plain HTTP);
+        # raises TransportError for a client without a link (node/held.py).
+        self.route: Callable[[str], LinkSend | None] | None = None
 
     async def fetch_descriptor(self, base_url: str, now_ms: Any) -> FetchedDescriptor:
         """GET the signed descriptor with a fresh challenge; measure the peer's clock offset.
@@ -97,13 +117,13 @@ class PeerTransport:
     ) -> BatchResult:
         """POST an already encoded :class:`Batch`: a retry (another locator, a re-stamped
         clock) signs the same bytes again with a fresh nonce, and encodes nothing."""
-        data = await self._signed_post(base_url, BATCH_PATH, dest, created, body)
+        data = await self._signed_post(base_url, BATCH_PATH, dest, created, body, relayed=True)
         return BatchResult.decode(data)
 
     async def post_multi(self, base_url: str, dest: str, created: int, body: bytes) -> BatchResult:
         """POST an encoded :class:`federation.fanout.MultiBatch` (§11.4); the answer has the
         shape of a batch's. A retry signs the same bytes again with a fresh nonce."""
-        data = await self._signed_post(base_url, MULTI_PATH, dest, created, body)
+        data = await self._signed_post(base_url, MULTI_PATH, dest, created, body, relayed=True)
         return BatchResult.decode(data)
 
     async def query_keys_multi(
@@ -149,16 +169,27 @@ class PeerTransport:
         created: int,
         body: bytes,
         max_answer: int = MAX_BATCH_BYTES,
+        relayed: bool = False,
     ) -> bytes:
+        """One signed POST; the answer must be signed by ``dest``, or (``relayed``: batches and
+        fan-out only) by the relay that ``dest`` authorised to hold for it (§12.4)."""
         # Sign the request target exactly as sent: ``path`` goes on the wire unchanged
         # (encoded=True stops any re-quoting), and the receiver verifies its raw path (§4.4).
         req = sign_request(self.key, "POST", path, dest, body, created)
         headers = req.to_headers() | {"Content-Type": CONTENT_TYPE}
-        url = yarl.URL(base_url + path, encoded=True)
-        data, resp_sig = await self._request_with_sig("POST", url, body, headers, max_answer)
+        link = self.route(dest) if self.route is not None else None
+        if link is not None:  # a relay's own request to its linked client (§12.4)
+            data, resp_sig, relay = await self._via_link(link, path, headers, body, max_answer)
+        else:
+            url = yarl.URL(base_url + path, encoded=True)
+            data, resp_sig, relay = await self._request_with_sig(
+                "POST", url, body, headers, max_answer
+            )
         if resp_sig is None:
             raise MalformedFrame("unsigned response")
-        if len(data) > OFF_LOOP_BYTES:  # a blob chunk: hashing 1 MiB would stall the loop
+        if relayed:  # small answers: checked on the loop
+            verify_answer(dest, self.key.node_id, req.nonce, data, resp_sig, relay, self.now_ms())
+        elif len(data) > OFF_LOOP_BYTES:  # a blob chunk: hashing 1 MiB would stall the loop
             await asyncio.to_thread(
                 verify_response, dest, self.key.node_id, req.nonce, data, resp_sig
             )
@@ -166,10 +197,27 @@ class PeerTransport:
             verify_response(dest, self.key.node_id, req.nonce, data, resp_sig)
         return data
 
+    async def _via_link(
+        self, link: LinkSend, path: str, headers: dict[str, str], body: bytes, max_answer: int
+    ) -> tuple[bytes, str | None, str | None]:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                status, got, data = await link("POST", path, list(headers.items()), body)
+        except TimeoutError as exc:
+            raise TransportError(
+                f"peer unreachable (no answer within {self.timeout_s:g} s)"
+            ) from exc
+        if len(data) > max_answer:
+            raise MalformedFrame("response too large")
+        if status >= 400:
+            raise _remote_error(status, data)
+        named = {k.lower(): v for k, v in got}
+        return data, named.get(H_SIG.lower()), named.get(H_RELAY.lower())
+
     async def _request(
         self, method: str, url: str | yarl.URL, body: bytes | None, headers: Any
     ) -> bytes:
-        data, _ = await self._request_with_sig(method, url, body, headers)
+        data, _, _ = await self._request_with_sig(method, url, body, headers)
         return data
 
     async def _request_with_sig(
@@ -179,7 +227,7 @@ class PeerTransport:
         body: bytes | None,
         headers: Any,
         max_answer: int = MAX_BATCH_BYTES,
-    ) -> tuple[bytes, str | None]:
+    ) -> tuple[bytes, str | None, str | None]:
         try:
             async with asyncio.timeout(self.timeout_s):
                 timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=3)
@@ -189,7 +237,7 @@ class PeerTransport:
                     data = await _read_all(resp.content, max_answer)
                     if resp.status >= 400:
                         raise _remote_error(resp.status, data)
-                    return data, resp.headers.get(H_SIG)
+                    return data, resp.headers.get(H_SIG), resp.headers.get(H_RELAY)
         except HavenError:
             raise
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:

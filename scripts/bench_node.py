@@ -1029,6 +1029,10 @@ async def amain(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 from bench_group import group
 
                 result[section] = await group(args, base)
+            elif section == "relay":
+                from bench_relay import relay
+
+                result[section] = await relay(args, base)
             else:
                 from bench_sections import SECTIONS
 
@@ -1065,12 +1069,14 @@ NEW_SECTIONS = ("per_message", "offline_store", "federated", "connections", "gro
 ORG_SECTIONS = ("org",)  # issue 13: scripts/bench_org.py
 FILE_SECTIONS = ("files",)  # attachments (issue 11; bench_sections.files)
 GROUP_SECTIONS = ("group",)  # issue 10: scripts/bench_group.py
+RELAY_SECTIONS = ("relay",)  # issue 14: scripts/bench_relay.py (direct vs through a relay)
 ALL_SECTIONS = (
     *OLD_SECTIONS[:3],
     *NEW_SECTIONS,
     *ORG_SECTIONS,
     *FILE_SECTIONS,
     *GROUP_SECTIONS,
+    *RELAY_SECTIONS,
     *OLD_SECTIONS[3:],
 )
 DEFAULT_SECTIONS = "node_only,one_node,two_nodes"

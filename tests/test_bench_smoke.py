@@ -63,7 +63,7 @@ GROUP_FIGURES = (
     "setup_s", "upload_bytes_per_msg", "per_recipient_bytes", "fed_requests", "deliver_s_p50",
     "deliver_s_max", "receipt_bytes", "receipt_envelopes",
 )  # fmt: skip
-SEPARATE = ("group",)  # run below at a tiny size of their own
+SEPARATE = ("group", "relay")  # run below at a tiny size of their own
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +132,24 @@ def test_group_section_reports_its_figures() -> None:
     got = [v for k, v in fallback.items() if k.endswith("ratios_5")]
     assert got and all(sane(r["upload_bytes_fallback_over_multi"]) for r in got), fallback
     assert all(r["upload_bytes_fallback_over_multi"] > 1 for r in got), fallback
+
+
+def test_relay_section_reports_direct_and_relayed_figures() -> None:
+    """Direct federation and federation through a relay, in one tiny run: both report every
+    figure, and the comparison is there (no threshold: the bench measures, the suite checks
+    it still works)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_node.py"), "--quick", "--sections",
+         "relay", "--pm-n", "200", "--pm-warmup", "20"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    relay = json.loads(proc.stdout)["relay"]
+    assert "skipped" not in relay and "error" not in relay, relay
+    problems = check("relay.direct", relay["direct"], REQUIRED)
+    problems += check("relay.relayed", relay["relayed"], REQUIRED)
+    assert not problems, "\n".join(problems)
+    assert len(relay["relayed"]["rss_mb"]) == 3  # sender's home, relay, relay's client
+    assert relay["relay_bytes_in"] > 200 * 1024  # the relayed envelopes went through the relay
+    assert sane(relay["throughput_ratio"])
+    assert isinstance(relay["added_p50_ms"], float) and isinstance(relay["added_p99_ms"], float)
