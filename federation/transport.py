@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import yarl
 
+from .clock import SystemClock
 from .errors import (
     BadSignature,
     ClockSkew,
@@ -29,6 +31,7 @@ from .fanout import (
     KeysMultiAnswer,
     KeysMultiQuery,
 )
+from .relayauth import H_RELAY, verify_answer
 from .signing import (
     H_SIG,
     Descriptor,
@@ -78,10 +81,18 @@ class FetchedDescriptor:
 class PeerTransport:
     """Signed requests from this node to peer nodes, over one shared aiohttp session."""
 
-    def __init__(self, key: NodeKey, session: aiohttp.ClientSession, timeout_s: float = 10) -> None:
+    def __init__(
+        self,
+        key: NodeKey,
+        session: aiohttp.ClientSession,
+        timeout_s: float = 10,
+        now_ms: Callable[[], int] | None = None,
+    ) -> None:
         self.key = key
         self.session = session
         self.timeout_s = timeout_s
+        # our clock, for the expiry of a relay's held-mode statement (§12.4)
+        self.now_ms = now_ms or SystemClock().now_ms
 
     async def fetch_descriptor(self, base_url: str, now_ms: Any) -> FetchedDescriptor:
         """GET the signed descriptor with a fresh challenge; measure the peer's clock offset.
@@ -107,13 +118,13 @@ class PeerTransport:
     ) -> BatchResult:
         """POST an already encoded :class:`Batch`: a retry (another locator, a re-stamped
         clock) signs the same bytes again with a fresh nonce, and encodes nothing."""
-        data = await self._signed_post(base_url, BATCH_PATH, dest, created, body)
+        data = await self._signed_post(base_url, BATCH_PATH, dest, created, body, relayed=True)
         return BatchResult.decode(data)
 
     async def post_multi(self, base_url: str, dest: str, created: int, body: bytes) -> BatchResult:
         """POST an encoded :class:`federation.fanout.MultiBatch` (§11.4); the answer has the
         shape of a batch's. A retry signs the same bytes again with a fresh nonce."""
-        data = await self._signed_post(base_url, MULTI_PATH, dest, created, body)
+        data = await self._signed_post(base_url, MULTI_PATH, dest, created, body, relayed=True)
         return BatchResult.decode(data)
 
     async def query_keys_multi(
@@ -168,16 +179,21 @@ class PeerTransport:
         created: int,
         body: bytes,
         max_answer: int = MAX_BATCH_BYTES,
+        relayed: bool = False,
     ) -> bytes:
+        """One signed POST; the answer must be signed by ``dest``, or (``relayed``: batches and
+        fan-out only) by the relay that ``dest`` authorised to hold for it (§12.4)."""
         # Sign the request target exactly as sent: ``path`` goes on the wire unchanged
         # (encoded=True stops any re-quoting), and the receiver verifies its raw path (§4.4).
         req = sign_request(self.key, "POST", path, dest, body, created)
         headers = req.to_headers() | {"Content-Type": CONTENT_TYPE}
         url = yarl.URL(base_url + path, encoded=True)
-        data, resp_sig = await self._request_with_sig("POST", url, body, headers, max_answer)
+        data, resp_sig, relay = await self._request_with_sig("POST", url, body, headers, max_answer)
         if resp_sig is None:
             raise MalformedFrame("unsigned response")
-        if len(data) > OFF_LOOP_BYTES:  # a blob chunk: hashing 1 MiB would stall the loop
+        if relayed:  # small answers: checked on the loop
+            verify_answer(dest, self.key.node_id, req.nonce, data, resp_sig, relay, self.now_ms())
+        elif len(data) > OFF_LOOP_BYTES:  # a blob chunk: hashing 1 MiB would stall the loop
             await asyncio.to_thread(
                 verify_response, dest, self.key.node_id, req.nonce, data, resp_sig
             )
@@ -188,7 +204,7 @@ class PeerTransport:
     async def _request(
         self, method: str, url: str | yarl.URL, body: bytes | None, headers: Any
     ) -> bytes:
-        data, _ = await self._request_with_sig(method, url, body, headers)
+        data, _, _ = await self._request_with_sig(method, url, body, headers)
         return data
 
     async def _request_with_sig(
@@ -198,7 +214,7 @@ class PeerTransport:
         body: bytes | None,
         headers: Any,
         max_answer: int = MAX_BATCH_BYTES,
-    ) -> tuple[bytes, str | None]:
+    ) -> tuple[bytes, str | None, str | None]:
         try:
             async with asyncio.timeout(self.timeout_s):
                 timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=3)
@@ -208,7 +224,7 @@ class PeerTransport:
                     data = await _read_all(resp.content, max_answer)
                     if resp.status >= 400:
                         raise _remote_error(resp.status, data)
-                    return data, resp.headers.get(H_SIG)
+                    return data, resp.headers.get(H_SIG), resp.headers.get(H_RELAY)
         except HavenError:
             raise
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:

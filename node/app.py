@@ -52,6 +52,8 @@ from .peer_admission import NewPeerBudget
 from .peers import PeerDirectory
 from .pg_store import PgStore
 from .quotas import OutboxQuotas
+from .relay import RelayService, clients_view
+from .relay_client import RelayInfo, RelayLink
 from .sqlite_store import SqliteStore
 from .store import Store
 from .sweeper import Sweeper
@@ -208,6 +210,11 @@ class Node:
         self._accounts_wanted = 0
         self._accounts_applied = 0
         self.role: WorkerRole | None = None  # one of several workers (node/workers.py)
+        # relay service for nodes behind NAT (node/relay.py), and this node's own relay link
+        # when it is one of them (node/relay_client.py, HOME/relay.json)
+        self.relay: RelayService | None = RelayService(self) if config.relay else None
+        info = RelayInfo.load(home)
+        self.relay_link: RelayLink | None = RelayLink(self, info) if info is not None else None
 
     @property
     def blobs_enabled(self) -> bool:
@@ -472,10 +479,13 @@ class Node:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def web_app(self) -> web.Application:
-        app = web.Application(
-            client_max_size=MAX_BATCH_BYTES + 1024,
-            middlewares=[guard.middleware(self.admission)],
-        )
+        middlewares = [guard.middleware(self.admission)]
+        if self.relay is not None:  # <label>.relay_domain goes over that client's link
+            middlewares.append(self.relay.middleware())
+        app = web.Application(client_max_size=MAX_BATCH_BYTES + 1024, middlewares=middlewares)
+        if self.relay is not None:
+            app.router.add_get("/haven/v1/relay/link", self.relay.link_ws)
+            app.router.add_get("/haven/v1/relay/clients", partial(clients_view, self.relay))
         app.router.add_get("/.well-known/haven/node", partial(federation_api.descriptor, self))
         app.router.add_post("/haven/v1/federation/batch", partial(federation_api.batch, self))
         app.router.add_post("/haven/v1/federation/keys", partial(federation_api.keys, self))
@@ -640,9 +650,11 @@ class Node:
             self.known_peers = {p.node_id for p in await self.store.all_peers()}
             self.pending_load = await self._load()
             self.quotas.resync(await self.store.outbox_counts(), {})
+            if self.relay is not None:
+                await self.relay.load()
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
                 self.session = session
-                self.transport = PeerTransport(self.key, session)
+                self.transport = PeerTransport(self.key, session, now_ms=self.clock.now_ms)
                 self._peers = PeerDirectory(
                     self.store, self.transport, self.clock, self.metrics, self._peer_seen
                 )
@@ -721,6 +733,8 @@ class Node:
                 tasks.append(tg.create_task(self._sample_gauges()))
                 if self.lan_enabled:
                     tasks.append(tg.create_task(self._run_lan()))
+                if self.relay_link is not None and (self.role is None or self.role.leader):
+                    tasks.append(tg.create_task(self.relay_link.run()))
                 if self.moves and (self.role is None or self.role.leader):
                     tasks.append(tg.create_task(self._push_moves()))
                 self.ready.set()

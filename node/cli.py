@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from federation.clock import SystemClock, parse_duration
 from federation.errors import HavenError, KeyChanged, LocalProtocolError
 from federation.ids import key_from_node_id, valid_name
+from federation.relaylink import parse_invite
 from federation.signing import NodeKey, Rotation, b64d, b64e
 from federation.wire import packb, unpackb
 
@@ -33,6 +34,8 @@ from .config import (
     validate_store,
 )
 from .pg_store import prepare_database
+from .relay import list_clients, mint_invite
+from .relay_client import RelayInfo
 from .store import PeerRecord
 
 DAY_MS = 86_400_000
@@ -62,6 +65,7 @@ def init_node(
     admin_listen: str = admin.DEFAULT_ADMIN_LISTEN,
     store: str = "",
     open_registration: bool = False,
+    relay: bool = False,
 ) -> NodeConfig:
     """Create the node identity, config and store in ``home``.
 
@@ -100,7 +104,10 @@ def init_node(
         admin_listen=admin_listen,
         store=store,
         open_registration=open_registration,
+        relay=relay,
     )
+    if relay and store:
+        raise LocalProtocolError("--relay needs the SQLite store (not --store)")
     if bool(tls_cert) != bool(tls_key):
         raise LocalProtocolError("--tls-cert and --tls-key go together")
     nodekey.create_key_file(home, config, NodeKey.generate())
@@ -189,6 +196,7 @@ async def serve(
     admin_listen: str = "",
     log_json: bool = False,
     open_registration: bool | None = None,
+    relay: bool | None = None,
 ) -> None:
     node = build(home, SystemClock(clock_offset_ms) if clock_offset_ms else None)
     # No addresses, ids or tracebacks from peer input; bounded lines (node/logs.py).
@@ -204,6 +212,11 @@ async def serve(
         node.config = replace(node.config, lan_interfaces=interfaces)
     if open_registration is not None:
         node.config = replace(node.config, open_registration=open_registration)
+    if relay is not None and relay != node.config.relay:
+        from .relay import RelayService
+
+        node.config = replace(node.config, relay=relay)
+        node.relay = RelayService(node) if relay else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -350,8 +363,20 @@ def add_commands(sub: Any) -> None:
     i.add_argument("--home", help=NODE_HOME_HELP)
     i.add_argument(
         "--public-url",
-        required=True,
-        help="URL peers and devices reach, e.g. https://haven.example.org",
+        default="",
+        help="URL peers and devices reach, e.g. https://haven.example.org (required unless "
+        "--via-relay)",
+    )
+    i.add_argument(
+        "--via-relay",
+        default="",
+        metavar="CODE",
+        help="behind NAT: be reachable through the relay that printed this haven:relay: code",
+    )
+    i.add_argument(
+        "--relay",
+        action="store_true",
+        help="offer relay service to nodes behind NAT (relay = true; docs/operations.md)",
     )
     i.add_argument(
         "--listen", default="127.0.0.1:8765", help="HOST:PORT to bind (default 127.0.0.1:8765)"
@@ -429,6 +454,12 @@ def add_commands(sub: Any) -> None:
         help="comma-separated interfaces (names or IPv4 addresses) for LAN discovery",
     )
     s.add_argument("--admin-listen", default="", help=ADMIN_HELP + " (overrides the config)")
+    s.add_argument(
+        "--relay",
+        action="store_true",
+        default=None,
+        help="offer relay service to nodes behind NAT (overrides the config)",
+    )
     s.add_argument("--log-json", action="store_true", help="log one JSON object per line on stderr")
     s.add_argument(
         "--clock-offset", default="", help=argparse.SUPPRESS
@@ -466,6 +497,9 @@ def add_commands(sub: Any) -> None:
     v.add_argument("--expires", default="7d", help="invite lifetime (default 7d)")
     v.add_argument("--uses", type=int, default=1, help="redemptions allowed (default 1)")
     cmd("status", "counts read from the store (running or not), and the metrics URL")
+    ri = cmd("relay-invite", "relay: print a code a node behind NAT uses with init --via-relay")
+    ri.add_argument("--quota", type=int, default=None, help="held-envelope quota in bytes")
+    cmd("relay-clients", "relay: the nodes using this relay (no ids of their peers)")
     cmd("remove-account", "delete an account and purge its mailboxes").add_argument("name")
     accounts_cli.add_commands(nsub, NODE_HOME_HELP)
 
@@ -507,9 +541,22 @@ def init_from_args(args: argparse.Namespace) -> NodeConfig:
     """``haven node init`` from parsed arguments (LAN defaults to on for personal nodes)."""
     if args.owner and not valid_name(args.owner):
         raise LocalProtocolError("--owner must be 1-32 of a-z 0-9 . _ -")
-    return init_node(
+    info: RelayInfo | None = None
+    public_url = args.public_url
+    if args.via_relay:
+        if args.public_url or args.relay:
+            raise LocalProtocolError("--via-relay takes the public URL from the code")
+        info = RelayInfo.from_invite(parse_invite(args.via_relay))
+        public_url = info.public_url()
+        if not args.client_url:  # the relay forwards federation only: devices come direct
+            host, _, port = args.listen.rpartition(":")
+            host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+            args.client_url = f"http://{host}:{port}"
+    elif not public_url:
+        raise LocalProtocolError("give --public-url URL (or --via-relay CODE)")
+    config = init_node(
         args.home,
-        args.public_url,
+        public_url,
         args.listen,
         parse_duration(args.ttl),
         args.lan if args.lan is not None else bool(args.owner),
@@ -523,7 +570,11 @@ def init_from_args(args: argparse.Namespace) -> NodeConfig:
         admin_listen=args.admin_listen,
         store=args.store,
         open_registration=args.open_registration,
+        relay=args.relay,
     )
+    if info is not None:
+        info.save(args.home)
+    return config
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -585,6 +636,7 @@ def _run(args: argparse.Namespace) -> int:
                     admin_listen=args.admin_listen,
                     log_json=args.log_json,
                     open_registration=args.open_registration,
+                    relay=args.relay,
                 )
             )
         return 0
@@ -643,6 +695,26 @@ def _run(args: argparse.Namespace) -> int:
             uses = "single use" if args.uses == 1 else f"{args.uses} uses"
             print(f"invite for {args.name} ({uses}); redeem with: haven join INVITE --home DIR")
             print(invite)
+        return 0
+    if cmd == "relay-invite":
+        code, inv = asyncio.run(mint_invite(args.home, args.quota))
+        if args.json:
+            print(json.dumps({"code": code, "label": inv.label, "host": inv.host}))
+        else:
+            print(f"relay invite for {inv.host}; use with: haven node init --via-relay CODE")
+            print(code)
+        return 0
+    if cmd == "relay-clients":
+        rows = asyncio.run(list_clients(args.home))
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            for r in rows:
+                state = "connected" if r["connected"] else "offline"
+                print(
+                    f"{r['label']}  {r['client'] or '(invite unused)'}  {state}  "
+                    f"in={r['bytes_in']} out={r['bytes_out']} held={r['held']} quota={r['quota']}"
+                )
         return 0
     if cmd == "status":
         status = asyncio.run(node_status(args.home))

@@ -83,6 +83,10 @@ class NodeConfig:
     log_format: str = "text"  # "text" or "json": one JSON object per line (node/logs.py)
     # admin listener: /metrics, /healthz, /readyz (node/admin.py); port 0 = the kernel picks
     admin_listen: str = "127.0.0.1:0"
+    # relay service (node/relay.py; docs/operations.md "Relays"): route <label>.relay_domain
+    relay: bool = False
+    relay_domain: str = ""  # "" = the host part of public_url
+    relay_quota_mb: int = 64  # default quota of held envelopes per client
 
     @property
     def device_url(self) -> str:

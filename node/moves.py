@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -22,20 +21,19 @@ from functools import partial
 from urllib.parse import urlsplit
 
 from federation.errors import HavenError, LocalProtocolError, MalformedFrame
-from federation.ids import key_from_node_id
-from federation.signing import LocatorChange, NodeKey, b64d, b64e, decode_moves
+from federation.relaylink import parse_invite
+from federation.signing import LocatorChange, NodeKey, decode_moves
 from federation.transport import PeerTransport
 from federation.wire import packb, unpackb
 
 from .config import NodeConfig, validate_public_url
 from .peers import PeerDirectory
+from .relay_client import RelayInfo
 from .store import Store
 
 log = logging.getLogger("haven.moves")
 
 LOCATORS_NAME = "locators.bin"
-RELAY_NAME = "relay.json"  # the relay this node uses (docs/cli.md ``init --via-relay``)
-RELAY_CODE_PREFIX = "haven:relay:"
 PUSH_TRIES = 6  # per peer per start: 2 s doubling (about two minutes in all)
 PUSH_FIRST_DELAY_S = 2.0
 
@@ -86,57 +84,25 @@ def move_to(home: str, key: NodeKey, new_public_url: str, now_ms: int) -> Locato
     return change
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class RelayCode:
-    """A decoded relay invite."""
-
-    url: str  # the relay's public_url
-    node: str  # the relay's node id
-    label: str
-    host: str  # the client host under the relay: the node's new public host
-    token: bytes
-
-
-def decode_relay_code(code: str) -> RelayCode:
-    """The fields of a relay invite (``haven:relay:...``, docs/protocol.md §12.2): ``url``,
-    ``node``, ``t`` (24-byte token), ``label`` and ``host``. Raises LocalProtocolError with a
-    line for the user when the code is not one."""
-    if not code.startswith(RELAY_CODE_PREFIX):
-        raise LocalProtocolError("that is not a relay invite (it starts with haven:relay:)")
-    try:
-        obj = unpackb(b64d(code[len(RELAY_CODE_PREFIX) :]), max_len=4096)
-        if not isinstance(obj, dict):
-            raise MalformedFrame("bad relay invite")
-        url, node, token = obj.get("url"), obj.get("node"), obj.get("t")
-        label, host = obj.get("label"), obj.get("host")
-        if not (isinstance(url, str) and isinstance(node, str) and isinstance(label, str)):
-            raise MalformedFrame("bad relay invite")
-        if not isinstance(host, str) or not host or not isinstance(token, bytes):
-            raise MalformedFrame("bad relay invite")
-        if len(token) != 24:
-            raise MalformedFrame("bad relay invite")
-        key_from_node_id(node)
-    except HavenError as exc:
-        raise LocalProtocolError("that relay invite is damaged; ask for a new one") from exc
-    return RelayCode(url, node, label, host.lower(), token)
-
-
 def move_relay(home: str, key: NodeKey, code: str, now_ms: int) -> LocatorChange:
-    """``haven node move-relay CODE``: use the relay of ``code`` from now on. Writes
-    ``relay.json`` (mode 0600; the link made at the next serve binds the token), signs the
-    locator change to the client host the code names and makes it the ``public_url``."""
-    relay = decode_relay_code(code)
-    scheme = urlsplit(relay.url).scheme or "https"
-    change = move_to(home, key, f"{scheme}://{relay.host}", now_ms)
-    body = dataclasses.asdict(relay) | {"token": b64e(relay.token)}
-    path = os.path.join(home, RELAY_NAME)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(body, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """``haven node move-relay CODE``: use the relay of ``code`` from now on. Signs the locator
+    change to the client host the code names, makes it the ``public_url`` and replaces
+    ``relay.json`` (the link made at the next serve binds the invite's token).
+
+    Raises:
+        LocalProtocolError: the code is not a relay invite, or names the current host.
+    """
+    try:
+        info = RelayInfo.from_invite(parse_invite(code))
+    except MalformedFrame as exc:
+        raise LocalProtocolError(str(exc)) from exc
+    config = NodeConfig.load(home)
+    if not config.client_url:  # the relay forwards federation only: devices come direct
+        host = "127.0.0.1" if config.listen_host in ("0.0.0.0", "") else config.listen_host
+        device_url = f"http://{host}:{config.listen_port}"
+        dataclasses.replace(config, client_url=device_url).save(home)
+    change = move_to(home, key, info.public_url(), now_ms)
+    info.save(home)
     return change
 
 

@@ -157,7 +157,14 @@ MIGRATIONS: list[str] = [
     ALTER TABLE accounts ADD COLUMN quota INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE invites ADD COLUMN uses INTEGER NOT NULL DEFAULT 1;
     """,
-    # version 5: hosts a peer had before a signed locator change (docs/protocol.md §12.5)
+    # version 5: relay service (node/relay.py): one row per label; ``client`` is "" until the
+    # invite's token (only its hash is kept) is used, then the bound client node id
+    """
+    CREATE TABLE relay_clients (label TEXT PRIMARY KEY, token_hash BLOB NOT NULL,
+                                client TEXT NOT NULL DEFAULT '', quota INTEGER NOT NULL,
+                                expires INTEGER NOT NULL, created INTEGER NOT NULL);
+    """,
+    # version 6: hosts a peer had before a signed locator change (docs/protocol.md §12.5)
     """
     CREATE TABLE peer_hosts (host TEXT PRIMARY KEY, node_id TEXT NOT NULL);
     """,
@@ -571,6 +578,34 @@ class SqliteStore(PagedReads):
             except sqlite3.Error as exc:
                 raise storage_error("write failed", exc) from exc
         return int(n)
+
+    # ---- relay clients (node/relay.py) ---------------------------------------------------------
+
+    async def add_relay_client(
+        self, label: str, token_hash: bytes, quota: int, expires: int, created_day: int
+    ) -> None:
+        """A new relay invite: ``label`` reserved for whoever first links with the token."""
+        await self._exec(
+            "INSERT INTO relay_clients (label, token_hash, quota, expires, created) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (label, token_hash, quota, expires, created_day),
+        )
+
+    async def relay_clients(self) -> list[tuple[str, bytes, str, int, int]]:
+        """Every relay row: ``(label, token hash, client id or "", quota, expires)``."""
+        rows = await self._all(
+            "SELECT label, token_hash, client, quota, expires FROM relay_clients ORDER BY label"
+        )
+        return [(str(r[0]), bytes(r[1]), str(r[2]), int(r[3]), int(r[4])) for r in rows]
+
+    async def bind_relay_client(self, label: str, token_hash: bytes, client: str, now: int) -> bool:
+        """Bind an unbound, unexpired label to ``client`` if ``token_hash`` matches (once)."""
+        n = await self._exec(
+            "UPDATE relay_clients SET client = ?, token_hash = x'' WHERE label = ? "
+            "AND client = '' AND token_hash = ? AND expires > ?",
+            (client, label, token_hash, now),
+        )
+        return n == 1
 
     # ---- accounts, invites, devices ----------------------------------------------------------
 
