@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +61,12 @@ BLOB_DONE_PATH = "/haven/v1/federation/blob_done"
 DESCRIPTOR_PATH = "/.well-known/haven/node"
 MOVED_PATH = "/haven/v1/federation/moved"
 CONTENT_TYPE = "application/msgpack"
+LINK_URL = "relay-link:"  # the base URL a request over a relay link is posted to (ignored)
+# A relay's link to a client (§12.3): (method, raw target, headers, body) -> (status, headers,
+# body). Raises TransportError when the link is gone or does not answer.
+LinkSend = Callable[
+    [str, str, list[tuple[str, str]], bytes], Awaitable[tuple[int, list[tuple[str, str]], bytes]]
+]
 OFF_LOOP_BYTES = 64 * 1024  # larger bodies are hashed for their signature in a worker thread
 
 
@@ -93,6 +99,9 @@ class PeerTransport:
         self.timeout_s = timeout_s
         # our clock, for the expiry of a relay's held-mode statement (§12.4)
         self.now_ms = now_ms or SystemClock().now_ms
+        # On a relay: a node id -> the link to that client, None for other nodes (plain HTTP);
+        # raises TransportError for a client without a link (node/held.py).
+        self.route: Callable[[str], LinkSend | None] | None = None
 
     async def fetch_descriptor(self, base_url: str, now_ms: Any) -> FetchedDescriptor:
         """GET the signed descriptor with a fresh challenge; measure the peer's clock offset.
@@ -187,8 +196,14 @@ class PeerTransport:
         # (encoded=True stops any re-quoting), and the receiver verifies its raw path (§4.4).
         req = sign_request(self.key, "POST", path, dest, body, created)
         headers = req.to_headers() | {"Content-Type": CONTENT_TYPE}
-        url = yarl.URL(base_url + path, encoded=True)
-        data, resp_sig, relay = await self._request_with_sig("POST", url, body, headers, max_answer)
+        link = self.route(dest) if self.route is not None else None
+        if link is not None:  # a relay's own request to its linked client (§12.4)
+            data, resp_sig, relay = await self._via_link(link, path, headers, body, max_answer)
+        else:
+            url = yarl.URL(base_url + path, encoded=True)
+            data, resp_sig, relay = await self._request_with_sig(
+                "POST", url, body, headers, max_answer
+            )
         if resp_sig is None:
             raise MalformedFrame("unsigned response")
         if relayed:  # small answers: checked on the loop
@@ -200,6 +215,23 @@ class PeerTransport:
         else:
             verify_response(dest, self.key.node_id, req.nonce, data, resp_sig)
         return data
+
+    async def _via_link(
+        self, link: LinkSend, path: str, headers: dict[str, str], body: bytes, max_answer: int
+    ) -> tuple[bytes, str | None, str | None]:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                status, got, data = await link("POST", path, list(headers.items()), body)
+        except TimeoutError as exc:
+            raise TransportError(
+                f"peer unreachable (no answer within {self.timeout_s:g} s)"
+            ) from exc
+        if len(data) > max_answer:
+            raise MalformedFrame("response too large")
+        if status >= 400:
+            raise _remote_error(status, data)
+        named = {k.lower(): v for k, v in got}
+        return data, named.get(H_SIG.lower()), named.get(H_RELAY.lower())
 
     async def _request(
         self, method: str, url: str | yarl.URL, body: bytes | None, headers: Any

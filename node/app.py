@@ -33,7 +33,7 @@ from federation.signing import Descriptor, NodeKey, Rotation
 from federation.transport import PeerTransport, RemoteError
 from federation.wire import MAX_BATCH_BYTES, PROTOCOL_VERSION, Envelope, packb, unpackb
 
-from . import admin, admission, blobfiles, client_api, federation_api, guard
+from . import admin, admission, blobfiles, client_api, federation_api, guard, held
 from .atrest import EpochKeys
 from .ballast import DiskGuard
 from .blob_api import FEATURE as BLOBS_FEATURE
@@ -173,6 +173,9 @@ class Node:
         self.known_peers: set[str] = set()
         self.link_tokens = LinkTokens(client_api.LINK_TTL_MS)  # memory only
         self.quotas = OutboxQuotas(config.max_outbox_per_destination, config.max_outbox_per_account)
+        # a relay's offline clients (held mode, node/held.py): empty on other nodes
+        self.held = held.HeldClients(wake=self._peer_seen)
+        self.quotas.also_left = self.held.left
         self.mailboxes = Mailboxes(store, clock, on_outbox=self._outbox_ready)
         store.set_activity(lambda: self.mailboxes.activity)
         self.mailboxes.disk = DiskGuard(home, config.ballast_mb)  # disk full: node/ballast.py
@@ -215,6 +218,8 @@ class Node:
         self.relay: RelayService | None = RelayService(self) if config.relay else None
         info = RelayInfo.load(home)
         self.relay_link: RelayLink | None = RelayLink(self, info) if info is not None else None
+        if self.relay is not None:  # offline clients: held mode (node/held.py)
+            held.attach(self, self.relay)
 
     @property
     def blobs_enabled(self) -> bool:
@@ -655,6 +660,7 @@ class Node:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
                 self.session = session
                 self.transport = PeerTransport(self.key, session, now_ms=self.clock.now_ms)
+                self.transport.route = self.held.route
                 self._peers = PeerDirectory(
                     self.store, self.transport, self.clock, self.metrics, self._peer_seen
                 )

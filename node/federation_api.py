@@ -85,13 +85,20 @@ def error_response(node: Node, exc: HavenError) -> web.Response:
 
 
 async def authenticate(
-    node: Node, request: web.Request, max_len: int
+    node: Node,
+    request: web.Request,
+    max_len: int,
+    destination: str | None = None,
+    body: bytes | None = None,
 ) -> tuple[SignedRequest, bytes]:
-    """Run every pre-storage check on a signed request; return it with its body."""
+    """Run every pre-storage check on a signed request; return it with its body.
+
+    ``destination``: the node id the request must name, this node's own unless a relay holds
+    for an offline client (docs/protocol.md §12.4), who has read ``body`` already."""
     if request.content_length is not None and request.content_length > max_len:
         raise TooLarge("request body too large")
     req = SignedRequest.from_headers(request.headers)  # version + shape
-    if req.destination != node.key.node_id:
+    if req.destination != (destination or node.key.node_id):
         raise WrongDestination("request is for another node")
     now = node.clock.now_ms()
     node.nonces.check_fresh(req.created, now)
@@ -100,7 +107,10 @@ async def authenticate(
     # bucket is charged once the origin is proven.
     if not node.rates.take("fedverify:*", now):
         raise RateLimited("too many federation requests")
-    body = await read_body(request, max_len)
+    if body is None:
+        body = await read_body(request, max_len)
+    elif len(body) > max_len:
+        raise TooLarge("request body too large")
     # The raw request target (path + query as sent, still percent-encoded): §4.4.
     verify_request(req, request.method, request.raw_path, body)
     admit_origin(node.rates.new_peers, node.known_peers, req.origin, now)  # unpinned: shared

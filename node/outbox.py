@@ -40,7 +40,7 @@ from federation.clock import Clock
 from federation.errors import ClockSkew, HavenError, RateLimited
 from federation.fanout import MultiBatch
 from federation.multi import COPY_OVERHEAD, EPH_LEN, FEATURE, MAX_RECIPIENTS
-from federation.transport import PeerTransport, RemoteError
+from federation.transport import LINK_URL, PeerTransport, RemoteError
 from federation.wire import MAX_BATCH_BYTES, Batch, BatchResult, Envelope
 
 from .mailbox import Mailboxes
@@ -644,14 +644,22 @@ class OutboxSender:
         async def post(url: str) -> BatchResult:
             return await method(url, dest, self.peers.stamp(dest), body)
 
+        async def over_link(
+            node_id: str, fn: Callable[[str], Awaitable[BatchResult]]
+        ) -> BatchResult:
+            return await fn(LINK_URL)  # a relay's client: its link, not its public host (§12.4)
+
         try:
+            route = getattr(self.transport, "route", None)  # test doubles have none
+            # raises TransportError for a relay client without a link: back off until it links
+            call = over_link if route is not None and route(dest) is not None else self.peers.call
             try:
-                result = await self.peers.call(dest, post)
+                result = await call(dest, post)
             except RemoteError as exc:
                 if exc.code == ClockSkew.code and exc.peer_now is not None:
                     self.peers.correct_clock(dest, exc.peer_now)  # re-measured; retry at once
                     self.metrics.request("out", exc.code)
-                    result = await self.peers.call(dest, post)
+                    result = await call(dest, post)
                 else:
                     if exc.code == "wrong_destination":
                         self.peers.invalidate(dest)  # someone else answers there: re-check

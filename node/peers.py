@@ -362,6 +362,10 @@ class PeerDirectory:
                 fetched = await self.transport.fetch_descriptor(url, self.clock.now_ms)
             except (TransportError, RemoteProtocolError) as exc:
                 last = exc
+                if kind == "public" and isinstance(exc, RemoteError) and exc.code == "unavailable":
+                    # A relay holding for this pinned node while it is offline (§12.4): batches
+                    # go there unmeasured (our clock; clock_skew re-stamps), measured on return.
+                    return
                 continue
             if fetched.descriptor.node_id != node_id:
                 rec = await self.store.get_peer(node_id)

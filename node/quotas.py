@@ -40,6 +40,7 @@ class OutboxQuotas:
         self.by_account: dict[str, int] = {}
         self._rows: dict[bytes, _Row] = {}  # envelope id -> sender account: memory only
         self._expiry: list[tuple[int, bytes]] = []  # heap; entries of departed rows go stale
+        self.also_left: Callable[[list[bytes]], None] | None = None  # a relay's held bytes
 
     def resync(self, stored: dict[str, int], uncommitted: dict[str, int]) -> None:
         """Per-destination counts from the store plus rows not yet committed."""
@@ -74,6 +75,8 @@ class OutboxQuotas:
 
     def left(self, ids: list[bytes]) -> None:
         """These rows left the outbox (accepted by the peer, dropped, or never committed)."""
+        if self.also_left is not None:
+            self.also_left(ids)
         for eid in ids:
             row = self._rows.pop(eid, None)
             if row is not None:

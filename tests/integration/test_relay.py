@@ -145,6 +145,37 @@ def test_home_and_peer_talk_through_the_relay(world: NatWorld, nodes: dict[str, 
     assert "Traceback" not in log and world.ip("peer") not in log and world.ip("home") not in log
 
 
+def test_home_offline_gets_everything_held_once_in_order(
+    world: NatWorld, nodes: dict[str, NsNode]
+) -> None:
+    """Held mode (§12.4): the home node stops; the peer's messages are held at the relay
+    (``relay-clients`` shows them, the peer's node deletes its copies on the relay-signed
+    answer); the home node comes back and its device gets each message once, in order."""
+    relay, home, peer = nodes["relay"], nodes["home"], nodes["peer"]
+    wait_until(lambda: any(c["connected"] for c in _clients(relay)), 60, "the relay link")
+    hiro, paul = home.join("hiro"), peer.join("paul")
+    paul.send(hiro.address, "before")  # keys, session and the peer's measurement, while online
+    first: list[dict[str, Any]] = []
+    wait_until(lambda: _texts(hiro, first), 40, "hiro to receive the first message")
+    assert [m["text"] for m in first] == ["before"]
+
+    home.stop()
+    wait_until(lambda: not any(c["connected"] for c in _clients(relay)), 30, "the link to drop")
+    texts = [f"held {i}" for i in range(5)]
+    for text in texts:
+        paul.send(hiro.address, text)
+    wait_until(lambda: _clients(relay)[0]["held"] == len(texts), 60, "the relay to hold them")
+    # the peer took the relay's signed answers as delivery: its outbox is empty
+    wait_until(lambda: peer.stats()["counts"]["outbox_envelopes"] == 0, 30, "the peer's outbox")
+
+    home.start()
+    got: list[dict[str, Any]] = []
+    wait_until(lambda: len(_texts(hiro, got)) >= len(texts), 60, "hiro to get the held messages")
+    assert [m["text"] for m in got] == texts
+    assert _texts(hiro, got)[len(texts) :] == []  # nothing twice
+    wait_until(lambda: _clients(relay)[0]["held"] == 0, 30, "the relay to forget them")
+
+
 def test_home_moves_to_a_second_relay_and_stays_reachable(
     world: NatWorld, nodes: dict[str, NsNode]
 ) -> None:

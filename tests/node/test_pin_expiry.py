@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any, cast
 
+import pytest
+
 from federation.clock import FakeClock
+from federation.errors import TransportError
+from federation.transport import RemoteError
 from federation.wire import Envelope
 from node.mailbox import Mailboxes
 from node.metrics import Metrics
@@ -70,3 +74,27 @@ async def test_contact_refreshes_the_stored_day_once_per_day(store: SqliteStore)
     assert len(writes) == 1  # one write per peer per day, however many contacts
     rec = await store.get_peer("p")
     assert rec is not None and rec.last_seen == clock.now_ms() - clock.now_ms() % DAY
+
+
+async def test_a_pinned_peer_held_by_its_relay_is_used_unmeasured(store: SqliteStore) -> None:
+    """Descriptor ``unavailable`` (a relay holding for the offline peer, docs/protocol.md §12.4):
+    the batch may go, unmeasured; any other refusal still makes the peer unreachable."""
+    clock = FakeClock()
+    answers = {"code": "unavailable"}
+
+    class Relay:
+        async def fetch_descriptor(self, url: str, now_ms: Any) -> Any:
+            raise RemoteError(answers["code"], "offline")
+
+    peers = PeerDirectory(store, cast(Any, Relay()), clock, Metrics(), lambda _: None)
+    await store.upsert_peer(PeerRecord("p", "http://p", "p", clock.now_ms()))
+    await peers.ensure_measured("p")
+    assert not peers.st("p").measured  # measured once it is back
+    assert await peers.call("p", _echo) == "http://p"
+    answers["code"] = "bad_signature"
+    with pytest.raises(TransportError):
+        await peers.ensure_measured("p")
+
+
+async def _echo(url: str) -> str:
+    return url
