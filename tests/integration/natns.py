@@ -56,6 +56,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import msgpack
+
 from .harness import ROOT, wait_until
 
 NETNS_ETC = Path("/etc/netns")
@@ -485,7 +487,7 @@ class NsNode:
             *self.serve_args,
             log=self.log,
         )
-        wait_until(lambda: self._listening(size), 30, f"node {self.home.name} to listen")
+        wait_until(lambda: self._listening(size), 60, f"node {self.home.name} to listen")
         return self
 
     def _listening(self, size: int) -> bool:
@@ -537,8 +539,6 @@ class NsNode:
 
     def stats(self) -> dict[str, Any]:
         """Counters of the running node (``GET /haven/v1/stats`` from inside the namespace)."""
-        import msgpack
-
         got = self.world.get(self.role, self.local_url + "/haven/v1/stats", timeout=10)
         if got.get("status") != 200:
             raise AssertionError(f"stats of {self.home.name}: {got}")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from .harness import wait_until
 from .natns import NETNS_ETC, NatWorld, NsNode, nat_world
 
 CONNECT_TIMEOUT = 1.0  # a dropped SYN is never answered: fail fast
@@ -49,10 +50,9 @@ def test_peer_cannot_reach_home_but_home_reaches_peer(
     assert world.connect("home", world.ip("home"), home.port)
     assert peer.public_url.encode() in _descriptor(world, "home", f"http://peer.test:{peer.port}")
     # negative control: the peer has a route to 198.51.100.0/24 via the router, which drops it
-    assert not world.connect("peer", world.ip("home"), home.port, CONNECT_TIMEOUT)
     assert not world.connect("peer", "home.test", home.port, CONNECT_TIMEOUT)
-    assert not world.get("peer", home.url, timeout=CONNECT_TIMEOUT)["ok"]
-    # the relays cannot either; home reaches both of their addresses' segment
+    assert not world.get("peer", home.url, timeout=CONNECT_TIMEOUT)["ok"]  # 198.51.100.2
+    # nor can the relay, on the same public segment
     assert not world.connect("relay", world.ip("home"), home.port, CONNECT_TIMEOUT)
 
 
@@ -97,3 +97,22 @@ def test_close_removes_everything_even_on_failure(tmp_path: Path) -> None:
     assert not [n for n in names if n in listed.split()]
     assert not any(d.exists() for d in dirs)
     assert sleeper.poll() is not None
+
+
+def test_home_sends_out_but_nothing_comes_in(world: NatWorld, nodes: dict[str, NsNode]) -> None:
+    home, peer = nodes["home"], nodes["peer"]
+    alice, bob = home.join("alice"), peer.join("bob")
+    assert alice.address == f"alice@home.test:{home.port}"
+    # out: the home node pins the peer by name and its envelope arrives there
+    alice.send(bob.address, "out through the NAT")
+    assert home.peers()[f"peer.test:{peer.port}"]["reachable"] == "public"
+    wait_until(
+        lambda: peer.stats()["events"].get("federation.envelopes_in") == 1,
+        30,
+        "the peer node to take the home node's envelope",
+    )
+    # in: the peer's node cannot even fetch alice's keys from the home node (its connection
+    # attempts to home.test time out: a few seconds, the price of a real negative control)
+    p = world.haven("peer", "send", "--home", str(bob.home), alice.address, "in", check=False)
+    assert p.returncode != 0 and "keys_unavailable" in p.stderr, p
+    assert f"home.test:{home.port}" not in peer.peers()  # never verified: unreachable
