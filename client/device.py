@@ -225,6 +225,13 @@ class Device:
         return self._get_str("address")
 
     @property
+    def former_addresses(self) -> tuple[str, ...]:
+        """Our addresses before the home node moved (§12.5): still ours for messages sent to
+        them by contacts that have not followed yet."""
+        v = self.state.get("former_addresses")
+        return tuple(v.decode().split("\n")) if v else ()
+
+    @property
     def node_url(self) -> str:
         return self._get_str("node_url")
 
@@ -455,6 +462,8 @@ class Device:
                 await self._follow_rotation(ch.node_id)
             sig = self._sign(device_auth_message(ch.node_id, ch.nonce, self.mailbox))
             ok = expect(await conn.request(F.Auth(conn.next_rid(), self.mailbox, sig)), F.AuthOk)
+            if ok.address != self.address:
+                await self._follow_move(conn, ok.address)
             await self._top_up(conn, ok.otk_count)
         except BaseException:
             await conn.__aexit__(None, None, None)
@@ -483,6 +492,37 @@ class Device:
         with self.state.tx() as db:
             self.state.put(db, "node_id", new_id.encode())
         log.warning("home node rotated its key (signed by the old key); following it")
+
+    async def _follow_move(self, conn: NodeConnection, new_address: str) -> None:
+        """The home node moved to another host (docs/protocol.md §12.5): same node id (checked
+        by the challenge) and account, new host. Re-sign our device list for the new address
+        (unless another of our devices already did) and take the address as ours."""
+        old, new = Address.parse(self.address), Address.parse(new_address)
+        if old.name != new.name:
+            raise UntrustedKey("the home node names another account for this device")
+        own = self.state.contact(self.address)
+        if own is None:
+            raise UntrustedKey("this device has no signed list of its own to move")
+        dl = SignedDeviceList(own.device_list, own.sig).open(expected_address=self.address)
+        keys = expect(await conn.request(F.QueryKeys(conn.next_rid(), new_address, False)), F.Keys)
+        signed = keys.device_list
+        try:
+            served = signed.open(expected_address=new_address)
+        except HavenError:
+            served = None
+        if served is None or served.identity_key != dl.identity_key:
+            version = max(dl.version, served.version if served else 0) + 1
+            signed = DeviceList(new_address, dl.identity_key, version, dl.devices).sign(
+                self.identity()
+            )
+            expect(await conn.request(F.PublishKeys(conn.next_rid(), (), (), signed)), F.Ok)
+        moved = replace(own, address=new_address, device_list=signed.blob, sig=signed.signature)
+        formers = "\n".join(dict.fromkeys((*self.former_addresses, self.address)))
+        with self.state.tx() as db:
+            self.state.save_contact(db, moved)
+            self.state.put(db, "address", new_address.encode())
+            self.state.put(db, "former_addresses", formers.encode())
+        log.warning("home node moved to another host; this device follows it")
 
     # ---- contacts and keys -------------------------------------------------------------------
 
@@ -1018,7 +1058,7 @@ class Device:
         payload_bytes = self._decrypt_cached(sc, cache)
         p = Payload.decode(payload_bytes)
         own = sc.sender == me
-        if not own and p.to != me:
+        if not own and p.to != me and p.to not in self.former_addresses:
             raise UntrustedKey("message was addressed to someone else")
         if p.kind == "sync":
             if not own:

@@ -27,6 +27,8 @@ REQ_TAG = b"haven-fed-req-v1\x00"
 RESP_TAG = b"haven-fed-resp-v1\x00"
 DESC_TAG = b"haven-descriptor-v1\x00"
 ROT_TAG = b"haven-rotate-v1\x00"
+LOC_TAG = b"haven-locator-v1\x00"
+HOST_MAX = 255  # a host (with port) named in a locator change (§12.5)
 AUTH_TAG = b"haven-device-auth-v1\x00"
 NONCE_LEN = 16
 SIG_LEN = 64
@@ -242,6 +244,85 @@ class Rotation:
 
 
 @dataclass(frozen=True, slots=True)
+class LocatorChange:
+    """A statement, signed by the node key, that the node moved from ``old_host`` to
+    ``new_host`` (e.g. to another relay: docs/protocol.md §12.5). The node id stays."""
+
+    node_id: str
+    old_host: str
+    new_host: str
+    created: int
+    signature: bytes
+
+    @staticmethod
+    def _message(node_id: str, old_host: str, new_host: str, created: int) -> bytes:
+        return LOC_TAG + packb([node_id, old_host, new_host, created])
+
+    @classmethod
+    def make(cls, key: NodeKey, old_host: str, new_host: str, created: int) -> LocatorChange:
+        """Sign a move of ``key``'s node from ``old_host`` to ``new_host`` (lower-cased)."""
+        old, new = old_host.lower(), new_host.lower()
+        sig = key.sign(cls._message(key.node_id, old, new, created))
+        return cls(key.node_id, old, new, created, sig)
+
+    def verify(self) -> None:
+        """Raise BadSignature unless the node key named by ``node_id`` signed this."""
+        msg = self._message(self.node_id, self.old_host, self.new_host, self.created)
+        verify_detached(key_from_node_id(self.node_id), msg, self.signature)
+
+    def to_wire(self) -> list[Any]:
+        return [self.node_id, self.old_host, self.new_host, self.created, self.signature]
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> LocatorChange:
+        """Decode ``[node id, old host, new host, created, sig]``; MalformedFrame otherwise."""
+        if (
+            not isinstance(obj, list)
+            or len(obj) != 5
+            or not all(isinstance(v, str) for v in obj[:3])
+            or not isinstance(obj[3], int)
+            or isinstance(obj[3], bool)
+            or not isinstance(obj[4], bytes)
+            or len(obj[4]) != SIG_LEN
+        ):
+            raise MalformedFrame("bad locator change")
+        node_id, old, new = obj[0], obj[1], obj[2]
+        if not (0 < len(old) <= HOST_MAX and 0 < len(new) <= HOST_MAX) or old == new:
+            raise MalformedFrame("bad locator change hosts")
+        if old != old.lower() or new != new.lower():
+            raise MalformedFrame("bad locator change hosts")
+        key_from_node_id(node_id)  # canonical id; raises MalformedFrame
+        return cls(node_id, old, new, obj[3], obj[4])
+
+
+MOVES_MAX = 64  # locator changes a descriptor or a ``/moved`` request may carry
+
+
+def decode_moves(obj: Any) -> tuple[LocatorChange, ...]:
+    """An array of locator changes (descriptor ``moves``, ``/moved`` body); MalformedFrame
+    for anything else or more than MOVES_MAX."""
+    if not isinstance(obj, list) or len(obj) > MOVES_MAX:
+        raise MalformedFrame("bad locator changes")
+    return tuple(LocatorChange.from_wire(m) for m in obj)
+
+
+MOVED_BODY_MAX = 64 * 1024
+
+
+def encode_moved(moves: tuple[LocatorChange, ...]) -> bytes:
+    """The body of ``POST /haven/v1/federation/moved``: ``{"moves": [statement, ...]}``."""
+    return packb({"moves": [m.to_wire() for m in moves]})
+
+
+def decode_moved(body: bytes) -> tuple[LocatorChange, ...]:
+    """Decode a ``/moved`` body (signatures not yet checked); MalformedFrame otherwise."""
+    obj = unpackb(body, max_len=MOVED_BODY_MAX)
+    if not isinstance(obj, dict) or set(obj) != {"moves"}:
+        raise MalformedFrame("bad moved request")
+    return decode_moves(obj["moves"])
+
+
+@dataclass(frozen=True, slots=True)
 class Descriptor:
     """The signed node descriptor served at ``GET /.well-known/haven/node`` (§4.1)."""
 
@@ -253,10 +334,15 @@ class Descriptor:
     rotations: tuple[Rotation, ...] = ()
     challenge: bytes = b""  # echoed from ``?c=``: proves the key holder answered *now*
     features: tuple[str, ...] = ()  # optional protocol parts this node serves, e.g. "blobs"
+    moves: tuple[LocatorChange, ...] = ()  # its signed host changes, oldest first (§12.5)
 
     def sign(self, key: NodeKey) -> bytes:
+        fields: dict[str, Any] = {}
+        if self.moves:  # absent for nodes that never moved: their descriptors are unchanged
+            fields["moves"] = [m.to_wire() for m in self.moves]
         inner = packb(
-            {
+            fields
+            | {
                 "node_id": self.node_id,
                 "public_url": self.public_url,
                 "version": self.version,
@@ -291,6 +377,7 @@ class Descriptor:
                 rotations=tuple(Rotation.from_wire(r) for r in d.get("rotations", [])),
                 challenge=bytes(d.get("challenge", b"")),
                 features=tuple(str(f)[:64] for f in list(d.get("features", []))[:64]),
+                moves=decode_moves(d.get("moves", [])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedFrame("bad descriptor fields") from exc

@@ -32,7 +32,16 @@ from .fanout import (
     KeysMultiQuery,
 )
 from .relayauth import H_RELAY, verify_answer
-from .signing import H_SIG, Descriptor, NodeKey, b64e, sign_request, verify_response
+from .signing import (
+    H_SIG,
+    Descriptor,
+    LocatorChange,
+    NodeKey,
+    b64e,
+    encode_moved,
+    sign_request,
+    verify_response,
+)
 from .wire import (
     MAX_BATCH_BYTES,
     Batch,
@@ -50,6 +59,7 @@ KEYS_PATH = "/haven/v1/federation/keys"
 BLOB_PATH = "/haven/v1/federation/blob"
 BLOB_DONE_PATH = "/haven/v1/federation/blob_done"
 DESCRIPTOR_PATH = "/.well-known/haven/node"
+MOVED_PATH = "/haven/v1/federation/moved"
 CONTENT_TYPE = "application/msgpack"
 LINK_URL = "relay-link:"  # the base URL a request over a relay link is posted to (ignored)
 # A relay's link to a client (§12.3): (method, raw target, headers, body) -> (status, headers,
@@ -160,6 +170,15 @@ class PeerTransport:
     ) -> None:
         """Tell ``dest`` that the device holding ``release.token`` has the whole file."""
         await self._signed_post(base_url, BLOB_DONE_PATH, dest, created, release.encode())
+
+    async def post_moved(
+        self, base_url: str, dest: str, created: int, moves: tuple[LocatorChange, ...]
+    ) -> None:
+        """Tell ``dest`` this node's signed locator changes (§12.5); the answer is signed."""
+        data = await self._signed_post(base_url, MOVED_PATH, dest, created, encode_moved(moves))
+        obj = unpackb(data, max_len=1024)
+        if not isinstance(obj, dict) or obj.get("ok") is not True:
+            raise MalformedFrame("bad moved answer")
 
     async def _signed_post(
         self,

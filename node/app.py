@@ -45,6 +45,7 @@ from .lan import LanService
 from .linktokens import LinkTokens
 from .mailbox import Mailboxes
 from .metrics import GaugeSample, Metrics
+from .moves import load_locators, push_moves
 from .nodekey import load_key
 from .outbox import OutboxSender
 from .peer_admission import NewPeerBudget
@@ -164,6 +165,7 @@ class Node:
         self.nonces = NonceWindow(not_before=self.started_ms)
         self.rates = Rates(config)
         self.rotations = load_rotations(home)
+        self.moves = load_locators(home)  # signed host changes (node/moves.py, §12.5)
         self.known_mailboxes: set[bytes] = set()  # mailboxes here, minus disabled accounts'
         self.disabled_accounts: set[str] = set()
         self.mailbox_quota: dict[bytes, int] = {}  # per-account quotas, by mailbox
@@ -417,6 +419,7 @@ class Node:
             },
             rotations=self.rotations,
             challenge=challenge,
+            moves=self.moves,
             features=self.features,
         ).sign(self.key)
 
@@ -492,6 +495,7 @@ class Node:
         app.router.add_post("/haven/v1/federation/batch", partial(federation_api.batch, self))
         app.router.add_post("/haven/v1/federation/keys", partial(federation_api.keys, self))
         app.router.add_post("/haven/v1/federation/multi", partial(federation_api.multi, self))
+        app.router.add_post("/haven/v1/federation/moved", partial(federation_api.moved, self))
         app.router.add_post(
             "/haven/v1/federation/keys_multi", partial(federation_api.keys_multi, self)
         )
@@ -737,6 +741,8 @@ class Node:
                     tasks.append(tg.create_task(self._run_lan()))
                 if self.relay_link is not None and (self.role is None or self.role.leader):
                     tasks.append(tg.create_task(self.relay_link.run()))
+                if self.moves and (self.role is None or self.role.leader):
+                    tasks.append(tg.create_task(self._push_moves()))
                 self.ready.set()
                 log.info("node %s serving", self.key.node_id)
                 await stop.wait()
@@ -754,6 +760,10 @@ class Node:
             for exc in eg.exceptions:
                 log.error("background task failed: %s", getattr(exc, "code", "internal"))
             raise
+
+    async def _push_moves(self) -> None:
+        """Tell every pinned peer where this node moved (once per start: node/moves.py)."""
+        await push_moves(self.moves, self.store, self.peers, self.transport_or_fail())
 
 
 def _bound_port(site: web.TCPSite) -> int | None:

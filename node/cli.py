@@ -22,7 +22,7 @@ from federation.relaylink import parse_invite
 from federation.signing import NodeKey, Rotation, b64d, b64e
 from federation.wire import packb, unpackb
 
-from . import accounts_cli, admin, logs, nodekey
+from . import accounts_cli, admin, logs, moves, nodekey
 from .app import ROTATIONS_NAME, build, load_node_key, load_rotations
 from .client_api import invite_hash
 from .config import (
@@ -486,6 +486,9 @@ def add_commands(sub: Any) -> None:
         return c
 
     cmd("rotate-key", "replace the node key; peers and devices follow a signed rotation")
+    cmd(
+        "move-relay", "move this node to another relay; peers and contacts follow a signed change"
+    ).add_argument("code", help="the new relay's invite (haven:relay:...)")
     cmd("peers", "list peer nodes and how each is reachable")
     cmd("lan-invite", "print a contact card (text and QR) for pinning")
     cmd("pin", "pin a peer node from its contact card").add_argument("card")
@@ -643,6 +646,17 @@ def _run(args: argparse.Namespace) -> int:
             json.dumps({"old_node_id": old_id, "node_id": new_id})
             if args.json
             else f"node key rotated: {old_id} -> {new_id} (restart the node)"
+        )
+        return 0
+    if cmd == "move-relay":
+        change = moves.move_relay(
+            args.home, load_node_key(args.home), args.code, SystemClock().now_ms()
+        )
+        print(
+            json.dumps({"old_host": change.old_host, "host": change.new_host})
+            if args.json
+            else f"node moved: {change.old_host} -> {change.new_host} "
+            "(restart the node; it tells its peers)"
         )
         return 0
     if cmd == "peers":

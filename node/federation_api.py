@@ -31,7 +31,9 @@ from federation.fanout import (
 )
 from federation.signing import (
     H_SIG,
+    MOVED_BODY_MAX,
     SignedRequest,
+    decode_moved,
     descriptor_challenge,
     sign_response,
     verify_request,
@@ -207,6 +209,19 @@ async def _take(node: Node, req: SignedRequest, envs: list[Envelope]) -> web.Res
     node.metrics.event("federation.envelopes_in", len(accepted))
     node.metrics.request("in", "ok")
     return signed(node, req, BatchResult(tuple(accepted), tuple(rejected)).encode())
+
+
+async def moved(node: Node, request: web.Request) -> web.Response:
+    """A peer's signed locator changes (§12.5): authenticated like a batch, then followed if
+    they start at the host we pinned for it and verify with its key."""
+    try:
+        req, body = await authenticate(node, request, MOVED_BODY_MAX)
+        moves = decode_moved(body)
+        await node.peers.follow_moves(req.origin, moves)
+    except HavenError as exc:
+        return error_response(node, exc)
+    node.metrics.request("in", "ok")
+    return signed(node, req, packb({"ok": True}))
 
 
 async def keys(node: Node, request: web.Request) -> web.Response:

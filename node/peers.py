@@ -32,13 +32,14 @@ from urllib.parse import urlsplit
 
 from federation.clock import Clock
 from federation.errors import (
+    BadSignature,
     KeyChanged,
     RateLimited,
     RemoteProtocolError,
     StorageError,
     TransportError,
 )
-from federation.signing import rotation_chain_allows
+from federation.signing import LocatorChange, rotation_chain_allows
 from federation.transport import FetchedDescriptor, PeerTransport, RemoteError
 
 from .metrics import Metrics
@@ -275,12 +276,50 @@ class PeerDirectory:
             self._drop_pin_copy(pinned.node_id, desc.node_id)
             self.on_seen(desc.node_id)  # its queue moved: drain it under the new id
         else:
+            if desc.moves:  # known under another host? follow its signed moves (keeps aliases)
+                await self.follow_moves(desc.node_id, desc.moves)
             await self.store.upsert_peer(record)
             self._drop_pin_copy(desc.node_id)
         self._measured(desc.node_id, fetched)
         self._ok(desc.node_id, "public")
         self._stored_day[desc.node_id] = day(record.last_seen)
         return record
+
+    async def follow_moves(self, node_id: str, moves: Iterable[LocatorChange]) -> bool:
+        """Follow ``node_id``'s signed locator changes (docs/protocol.md §12.5), oldest first.
+
+        Each statement must name ``node_id``, start at the host it is pinned to now and verify
+        with its key (the pinned key of that host: the node id *is* the key). Then the new host
+        is pinned to the same node id, with its URL (same scheme) as the locator, and the old
+        host is kept as an alias of that node id, so addresses at the old host keep working.
+        Statements that do not apply are skipped (already followed, or another chain); bad
+        signatures are counted. Returns True when the pin moved.
+        """
+        rec = await self.store.get_peer(node_id)
+        if rec is None:
+            return False
+        moved = False
+        for change in moves:
+            if change.node_id != node_id or change.old_host != rec.host.lower():
+                continue
+            try:
+                change.verify()
+            except BadSignature:
+                self.metrics.error("peers", "bad_locator_change")
+                continue
+            scheme = urlsplit(rec.url).scheme or "https"
+            new = PeerRecord(
+                node_id, f"{scheme}://{change.new_host}", change.new_host, rec.last_seen
+            )
+            await self.store.add_peer_host(rec.host, node_id)
+            await self.store.upsert_peer(new)
+            rec, moved = new, True
+        if moved:
+            log.info("peer %s moved to another host; followed its signed locator change", node_id)
+            self.metrics.event("peers.moved")
+            self._drop_pin_copy(node_id)
+            self.on_seen(node_id)  # its queue drains to the new locator at once
+        return moved
 
     def _key_changed(self, node_id: str) -> None:
         """Count every refusal; log (and start warning senders) once per change."""
@@ -334,7 +373,10 @@ class PeerDirectory:
                     continue  # a LAN address now answers for someone else: not this peer
                 await self._pin(rec.host, rec, fetched, url)  # KeyChanged unless rotated
                 raise TransportError("peer identity rotated; queue moved")
-            if kind == "public":
+            moved = bool(fetched.descriptor.moves) and await self.follow_moves(
+                node_id, fetched.descriptor.moves
+            )
+            if kind == "public" and not moved:
                 self._check_public_url(node_id, fetched.descriptor.public_url, url)
             self._measured(node_id, fetched)
             self._ok(node_id, kind)

@@ -201,8 +201,22 @@ class PgAccounts(PgBase):
         return None if row is None else PeerRecord(*row)
 
     async def peer_by_host(self, host: str) -> PeerRecord | None:
-        row = await self._one("SELECT node_id, url, host, last_seen FROM peers WHERE host=$1", host)
+        row = await self._one(
+            "SELECT node_id, url, host, last_seen FROM peers WHERE host=$1 UNION ALL "
+            "SELECT p.node_id, p.url, p.host, p.last_seen FROM peer_hosts a "
+            "JOIN peers p ON p.node_id = a.node_id WHERE a.host=$1 LIMIT 1",
+            host,
+        )
         return None if row is None else PeerRecord(*row)
+
+    async def add_peer_host(self, host: str, node_id: str) -> None:
+        """Keep ``host`` (a peer's former host) routed to ``node_id`` (§12.5)."""
+        await self._exec(
+            "INSERT INTO peer_hosts VALUES ($1, $2) ON CONFLICT (host) DO UPDATE SET "
+            "node_id=excluded.node_id",
+            host,
+            node_id,
+        )
 
     async def upsert_peer(self, peer: PeerRecord) -> None:
         """Pin (or update) a peer; ``last_seen`` is stored as its UTC day."""

@@ -92,6 +92,10 @@ MIGRATIONS: list[str] = [
                         last_seen bigint NOT NULL);
     CREATE INDEX peers_host ON peers(host);
     """,
+    # version 2: hosts a peer had before a signed locator change (docs/protocol.md §12.5)
+    """
+    CREATE TABLE peer_hosts (host text PRIMARY KEY, node_id text NOT NULL);
+    """,
 ]
 
 

@@ -672,6 +672,9 @@ class PgStore(PagedReads, PgAccounts):
                 new.host,
                 day(new.last_seen),
             )
+            await conn.execute(
+                "UPDATE peer_hosts SET node_id=$1 WHERE node_id=$2", new.node_id, old_id
+            )
             owner = list(hashes(self.keys, OBX_DEST, old_id.encode()))
             rows = await conn.fetch(
                 "SELECT idh, sealed FROM outbox WHERE dh = ANY($1::bytea[]) FOR UPDATE", owner

@@ -164,6 +164,10 @@ MIGRATIONS: list[str] = [
                                 client TEXT NOT NULL DEFAULT '', quota INTEGER NOT NULL,
                                 expires INTEGER NOT NULL, created INTEGER NOT NULL);
     """,
+    # version 6: hosts a peer had before a signed locator change (docs/protocol.md §12.5)
+    """
+    CREATE TABLE peer_hosts (host TEXT PRIMARY KEY, node_id TEXT NOT NULL);
+    """,
 ]
 
 V3_CREATE = """
@@ -1199,7 +1203,10 @@ class SqliteStore(PagedReads):
 
     async def peer_by_host(self, host: str) -> PeerRecord | None:
         row = await self._one(
-            "SELECT node_id, url, host, last_seen FROM peers WHERE host=?", (host,)
+            "SELECT node_id, url, host, last_seen FROM peers WHERE host=? UNION ALL "
+            "SELECT p.node_id, p.url, p.host, p.last_seen FROM peer_hosts a "
+            "JOIN peers p ON p.node_id = a.node_id WHERE a.host=? LIMIT 1",
+            (host, host),
         )
         return (
             None if row is None else PeerRecord(str(row[0]), str(row[1]), str(row[2]), int(row[3]))
@@ -1213,6 +1220,14 @@ class SqliteStore(PagedReads):
             (peer.node_id, peer.url, peer.host, day(peer.last_seen)),
         )
 
+    async def add_peer_host(self, host: str, node_id: str) -> None:
+        """Keep ``host`` (a peer's former host) routed to ``node_id`` (§12.5)."""
+        await self._exec(
+            "INSERT INTO peer_hosts VALUES (?, ?) ON CONFLICT(host) DO UPDATE SET "
+            "node_id=excluded.node_id",
+            (host, node_id),
+        )
+
     async def drop_stale_peers(self, before: int, keep: Collection[str] = ()) -> list[str]:
         """Delete pins last seen before ``before`` (ms), except ``keep``; the ids dropped."""
         async with self._write_lock:
@@ -1220,7 +1235,10 @@ class SqliteStore(PagedReads):
             stale = [str(r[0]) for r in rows if str(r[0]) not in keep]
             if stale:
                 sql = "DELETE FROM peers WHERE node_id=? AND last_seen < ?"
-                await self._tx_locked([(sql, [(n, before) for n in stale])])
+                aliases = "DELETE FROM peer_hosts WHERE node_id=?"
+                await self._tx_locked(
+                    [(sql, [(n, before) for n in stale]), (aliases, [(n,) for n in stale])]
+                )
         return stale
 
     async def rename_peer(self, old_id: str, new: PeerRecord) -> None:
@@ -1233,6 +1251,7 @@ class SqliteStore(PagedReads):
                     "INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?)",
                     [(new.node_id, new.url, new.host, day(new.last_seen))],
                 ),
+                ("UPDATE peer_hosts SET node_id=? WHERE node_id=?", [(new.node_id, old_id)]),
             ]
         )
         owner = self._hashes(OBX_DEST, old_id.encode())

@@ -174,3 +174,43 @@ def test_home_offline_gets_everything_held_once_in_order(
     assert [m["text"] for m in got] == texts
     assert _texts(hiro, got)[len(texts) :] == []  # nothing twice
     wait_until(lambda: _clients(relay)[0]["held"] == 0, 30, "the relay to forget them")
+
+
+def test_home_moves_to_a_second_relay_and_stays_reachable(
+    world: NatWorld, nodes: dict[str, NsNode]
+) -> None:
+    """``haven node move-relay`` (docs/protocol.md §12.5): the home node on relay 1 moves to
+    relay 2; the peer follows the signed move it pushes, keeps the old host as an alias (an
+    address at it still arrives), and the home user's device follows the new address."""
+    home, peer = nodes["home"], nodes["peer"]
+    home_id = home.status()["node_id"]
+    relay2 = NsNode.create(world, "relay2", "node-relay2", "--relay").start()
+    code = json.loads(relay2.node("relay-invite", "--json"))
+    world.add_host(code["host"].rsplit(":", 1)[0], world.ip("relay2"))
+    hm, pm = home.join("hm"), peer.join("pm")
+    hm.send(pm.address, "before the move")  # the home node pins the peer: it is told
+    first: list[dict[str, Any]] = []
+    wait_until(lambda: _texts(pm, first), 40, "pm to receive hm's message")
+    old_address = hm.address
+
+    home.stop()
+    out = json.loads(home.node("move-relay", code["code"], "--json"))
+    assert out["host"] == code["host"] and old_address.endswith("@" + out["old_host"])
+    home.public_url = "http://" + code["host"]
+    home.start()
+    wait_until(lambda: any(c["connected"] for c in _clients(relay2)), 30, "the new relay link")
+    wait_until(
+        lambda: peer.peers().get(code["host"], {}).get("node_id") == home_id, 40, "the re-pin"
+    )
+
+    pm.send(old_address, "to the old address")  # the peer's alias: the old host is this node
+    got: list[dict[str, Any]] = []
+    wait_until(lambda: _texts(hm, got), 40, "hm to receive at the old address")
+    assert [m["text"] for m in got] == ["to the old address"]
+    who = json.loads(hm.haven("whoami", "--json"))
+    assert who["address"] == "hm@" + code["host"]
+    pm.send(who["address"], "to the new address")
+    new: list[dict[str, Any]] = []
+    wait_until(lambda: _texts(hm, new), 40, "hm to receive at the new address")
+    assert [m["text"] for m in new] == ["to the new address"]
+    assert "Traceback" not in home.log.read_text()
