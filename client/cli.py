@@ -217,6 +217,8 @@ def _msg_json(m: ReceivedMessage) -> dict[str, Any]:
     }
     if m.target:
         out["target"] = m.target.hex()
+    if m.kind == "moved":  # a contact's new address (docs/protocol.md §12.5)
+        out["old"], out["new"] = m.sender, m.peer
     return out
 
 
@@ -228,11 +230,13 @@ async def cmd_recv(args: argparse.Namespace, dev: Device, out: Out) -> int:
         if m.kind == "file":
             files.append(m)  # printed once downloaded (or not: too large)
             return
-        if m.kind not in ("text", "edit", "delete", "group_state"):
+        if m.kind not in ("text", "edit", "delete", "group_state", "moved"):
             return  # receipts, profiles and timers are applied, not printed
         chat = getattr(m, "chat", "")
         if args.json:
             out.line(json.dumps(_msg_json(m)))
+        elif m.kind == "moved":
+            out.line(f"{m.sender}'s address changed to {m.peer}")
         elif chat:
             from .group_cli import recv_line
 
@@ -248,7 +252,7 @@ async def cmd_recv(args: argparse.Namespace, dev: Device, out: Out) -> int:
     if files:
         await _auto_download(args, dev, out, files)
     mark_printed(dev, getattr(args, "client", None) or "cli")
-    if not any(m.kind in ("text", "file", "group_state") for m in msgs) and not args.json:
+    if not any(m.kind in ("text", "file", "group_state", "moved") for m in msgs) and not args.json:
         out.err("no new messages")
     return 0
 

@@ -26,6 +26,7 @@ import os
 import random
 import sqlite3
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -203,6 +204,7 @@ class Device:
         # connections the provider lent us: never closed here
         self._borrowed: weakref.WeakSet[NodeConnection] = weakref.WeakSet()
         self.groups_engine = Groups(self)  # groups: client/groups.py
+        self.move_drops: Counter[str] = Counter()  # refused ``moved`` notices, by code
         self.state.purge_expired(self.clock.now_ms())
 
     def close(self) -> None:
@@ -462,9 +464,15 @@ class Device:
                 await self._follow_rotation(ch.node_id)
             sig = self._sign(device_auth_message(ch.node_id, ch.nonce, self.mailbox))
             ok = expect(await conn.request(F.Auth(conn.next_rid(), self.mailbox, sig)), F.AuthOk)
-            if ok.address != self.address:
+            moved = ok.address != self.address
+            if moved:
                 await self._follow_move(conn, ok.address)
             await self._top_up(conn, ok.otk_count)
+            if moved:  # the ``moved`` notices to our contacts (queued by _follow_move)
+                try:
+                    await self.flush_outbox(conn)
+                except HavenError as exc:
+                    log.info("address-change notices queued for later (%s)", exc.code)
         except BaseException:
             await conn.__aexit__(None, None, None)
             raise
@@ -496,7 +504,8 @@ class Device:
     async def _follow_move(self, conn: NodeConnection, new_address: str) -> None:
         """The home node moved to another host (docs/protocol.md §12.5): same node id (checked
         by the challenge) and account, new host. Re-sign our device list for the new address
-        (unless another of our devices already did) and take the address as ours."""
+        (unless another of our devices already did), take the address as ours and queue a
+        ``moved`` notice to each contact (sealed as from the old address, which they pinned)."""
         old, new = Address.parse(self.address), Address.parse(new_address)
         if old.name != new.name:
             raise UntrustedKey("the home node names another account for this device")
@@ -518,10 +527,17 @@ class Device:
             expect(await conn.request(F.PublishKeys(conn.next_rid(), (), (), signed)), F.Ok)
         moved = replace(own, address=new_address, device_list=signed.blob, sig=signed.signature)
         formers = "\n".join(dict.fromkeys((*self.former_addresses, self.address)))
+        old_address, now = self.address, self.clock.now_ms()
+        peers = [
+            c.address for c in self.state.contacts() if c.address not in (old_address, new_address)
+        ]
         with self.state.tx() as db:
             self.state.save_contact(db, moved)
             self.state.put(db, "address", new_address.encode())
             self.state.put(db, "former_addresses", formers.encode())
+            for peer in peers:
+                p = Payload(os.urandom(16), "moved", peer, now, text=new_address, old=old_address)
+                self.state.queue(db, OutboxItem(p.id, peer, p.encode(), DEFAULT_TTL_MS, now))
         log.warning("home node moved to another host; this device follows it")
 
     # ---- contacts and keys -------------------------------------------------------------------
@@ -769,6 +785,8 @@ class Device:
             )
             payload = replace(payload, devs=reach)
         data = payload.encode()
+        # a ``moved`` notice comes from the address the contact pinned (§12.5)
+        sender = payload.old if payload.kind == "moved" else self.address
         file_secret = payload.file.token if payload.file is not None else b""
 
         def data_for(dev: DeviceInfo) -> bytes:
@@ -796,7 +814,7 @@ class Device:
                             )
                         )
                         continue
-                    body = seal(dev.sealing, SealedContent(self.address, self.curve_key, *olm))
+                    body = seal(dev.sealing, SealedContent(sender, self.curve_key, *olm))
                     env = Envelope(new_envelope_id(), dev.mailbox, now + ttl_ms, body)
                     items.append((node_id, env))
                     reached += 1
@@ -955,9 +973,14 @@ class Device:
         """
         new: list[ReceivedMessage] = []
         forwards: list[tuple[str, Payload, bytes]] = []
+        moves: list[Payload] = []
         opened = await self._unseal_batch(conn, envs)
         if opened:
-            new = self._store_batch(opened, forwards)
+            new = self._store_batch(opened, forwards, moves)
+        for p in moves:  # best effort too: fetching the new address's list needs the network
+            notice = await self._follow_contact_move(conn, p)
+            if notice is not None:
+                new.append(notice)
         if forwards:  # best effort, before the ack (a crash in between loses only the forward)
             await self._forward_missed(conn, forwards)
         await conn.ack([env.id for env in envs])
@@ -1005,7 +1028,10 @@ class Device:
         return out
 
     def _store_batch(
-        self, opened: list[SealedContent | GroupInner], forwards: list[tuple[str, Payload, bytes]]
+        self,
+        opened: list[SealedContent | GroupInner],
+        forwards: list[tuple[str, Payload, bytes]],
+        moves: list[Payload] | None = None,
     ) -> list[ReceivedMessage]:
         """Phase 2: decrypt and apply in order, one transaction, one savepoint per envelope;
         each touched session (and the account, if a pre-key message used a one-time key) is
@@ -1023,7 +1049,7 @@ class Device:
                         if isinstance(sc, GroupInner):
                             msgs = self.groups_engine.apply_copy(db, sc, now)
                         else:
-                            msgs = self._open_one(db, sc, me, now, cache, forwards)
+                            msgs = self._open_one(db, sc, me, now, cache, forwards, moves)
                     except HavenError as exc:
                         db.execute("ROLLBACK TO envelope")
                         self.groups_engine.forget()
@@ -1052,9 +1078,11 @@ class Device:
         now: int,
         cache: SessionCache,
         forwards: list[tuple[str, Payload, bytes]],
+        moves: list[Payload] | None = None,
     ) -> list[ReceivedMessage]:
         """Decrypt and apply one envelope. A payload from someone else that names the devices
-        it reached (``devs``) is appended to ``forwards`` for :meth:`_forward_missed`."""
+        it reached (``devs``) is appended to ``forwards`` for :meth:`_forward_missed`; a
+        contact's ``moved`` notice to ``moves`` for :meth:`_follow_contact_move`."""
         payload_bytes = self._decrypt_cached(sc, cache)
         p = Payload.decode(payload_bytes)
         own = sc.sender == me
@@ -1067,6 +1095,15 @@ class Device:
             return [] if synced is None else [synced]
         if p.kind in ("group_key", "group_join"):
             return self._apply_group_1to1(db, sc, p, now)
+        if p.kind == "moved":
+            if own:
+                return []  # our own devices follow the move themselves
+            if p.old != sc.sender:
+                self.move_drops[UntrustedKey.code] += 1
+                raise UntrustedKey("an address-change notice must come from the old address")
+            if moves is not None:
+                moves.append(p)
+            return []
         msg = self._apply(db, sc.sender, own, p, now)
         if not own and p.devs:
             forwards.append((sc.sender, p, payload_bytes))
@@ -1147,6 +1184,35 @@ class Device:
                 return dl
         _, dl, _ = await self.fetch_contact(conn, sender, claim=False)
         return dl
+
+    async def _follow_contact_move(
+        self, conn: NodeConnection, p: Payload
+    ) -> ReceivedMessage | None:
+        """A contact's home node moved (docs/protocol.md §12.5): ``p`` came, Olm-authenticated,
+        from a device on the signed list of ``p.old``. Follow it only if the new address's
+        signed list has the identity key pinned for the old one; then the contact and its
+        conversation take the new address (verification and profile kept). A refusal is
+        counted in :attr:`move_drops` and changes nothing."""
+        old, new = p.old, p.text
+        pinned = self.state.contact(old)
+        if pinned is None or new == old:
+            return None  # already followed (a notice delivered twice), or not a contact
+        try:
+            Address.parse(new)
+            keys = expect(await conn.request(F.QueryKeys(conn.next_rid(), new, False)), F.Keys)
+            if keys.device_list.open(expected_address=new).identity_key != pinned.identity_key:
+                raise UntrustedKey("the new address has another identity key")
+            with self.state.tx() as db:
+                self.pin_list(new, keys.node_id, keys.device_list, db=db)
+                self.state.rename_contact(db, old, new)
+        except (HavenError, ValueError) as exc:
+            code = exc.code if isinstance(exc, HavenError) else "malformed"
+            if isinstance(exc, IdentityChanged):
+                code = UntrustedKey.code  # a row for the new address with another key
+            self.move_drops[code] += 1
+            log.warning("refused a contact's address-change notice (%s)", code)
+            return None
+        return ReceivedMessage(old, f"{old} → {new}", p.sent_at, p.id, "moved", new)
 
     def _apply_sync(self, db: sqlite3.Connection, p: Payload, now: int) -> ReceivedMessage | None:
         """Apply a payload our own device forwarded: as if ``p.origin`` had sent it to us.
@@ -1488,7 +1554,9 @@ class Device:
                     self.state.unqueue(db, item.msg_id)
                 continue
             try:
-                res = await self.send_payload(item.peer, p, ttl_ms=item.ttl_ms, conn=conn)
+                res = await self.send_payload(
+                    item.peer, p, ttl_ms=item.ttl_ms, conn=conn, include_self=p.kind != "moved"
+                )
             except HavenError as exc:
                 verdict = _send_failure(exc)
                 if verdict == "stop":

@@ -8,7 +8,9 @@ missed (an outdated device list), ``profile`` (the sender's display name, ``name
 ``file`` (an attachment: :class:`FileRef`, with ``text`` as its caption). Groups
 (client/groups.py) add ``group_key`` (a Megolm session key, ``gkey``) and ``group_join`` (an
 invite secret, ``gkey``), both 1:1, and inside Megolm (``to = "group:<hex>"``) ``text`` and
-``read`` with ``wm`` (per-sender read watermarks) or ``hide`` (read receipts off). Every
+``read`` with ``wm`` (per-sender read watermarks) or ``hide`` (read receipts off). ``moved``
+(1:1, docs/protocol.md §12.5): the sender's home node moved; ``old`` is the address it had
+(the sealed sender), ``text`` the new one. Every
 field, timers and names included, travels inside the encryption; nodes never see any of it.
 
 A kind this version does not know (a newer device's: groups, attachments) still decodes, with
@@ -39,6 +41,7 @@ KINDS = frozenset(
         "file",
         "group_key",
         "group_join",
+        "moved",
     }
 )
 GKEY_MAX = 4096  # group_key / group_join: the msgpack map in ``gkey``
@@ -147,6 +150,7 @@ class Payload:
     wm: dict[str, int] = field(default_factory=dict)
     hide: bool = False  # group read: "my read receipts are off" (counted as hidden)
     gkey: bytes = b""  # group_key / group_join: a msgpack map (client/groups.py)
+    old: str = ""  # moved: the sender's former address (``text``: the new one)
 
     @property
     def known(self) -> bool:
@@ -163,6 +167,8 @@ class Payload:
             extra["hide"] = True
         if self.gkey:
             extra["gkey"] = self.gkey
+        if self.old:
+            extra["old"] = self.old
         return packb(
             {
                 **extra,
@@ -207,6 +213,7 @@ class Payload:
                 wm=_watermarks(obj.get("wm", {})),
                 hide=bool(obj.get("hide", False)),
                 gkey=bytes(obj.get("gkey", b"")),
+                old=str(obj.get("old", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedEnvelope("bad payload") from exc
@@ -220,6 +227,10 @@ class Payload:
             raise MalformedEnvelope("file payloads, and only they, carry a file")
         if len(p.gkey) > GKEY_MAX or (p.kind in ("group_key", "group_join")) != bool(p.gkey):
             raise MalformedEnvelope("group key payloads, and only they, carry gkey")
+        if (p.kind == "moved") != bool(p.old) or len(p.old) > ADDRESS_MAX:
+            raise MalformedEnvelope("moved payloads, and only they, carry old")
+        if p.kind == "moved" and not 0 < len(p.text) <= ADDRESS_MAX:
+            raise MalformedEnvelope("a moved payload names the new address")
         return p
 
 

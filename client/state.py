@@ -319,6 +319,28 @@ class DeviceState:
         cur = db.execute(f"UPDATE contacts SET {sets} WHERE address=?", (*values, address))
         return bool(cur.rowcount == 1)
 
+    def rename_contact(self, db: Any, old: str, new: str) -> None:
+        """A contact moved to address ``new`` (docs/protocol.md §12.5; its row for ``new`` is
+        pinned already): it keeps the old row's verification, timer and profile fields, the
+        conversation (history rows and queued payloads) moves to ``new``, the old row goes."""
+        c = self.contact(old)
+        if c is None:
+            return
+        self.update_contact(
+            db,
+            new,
+            verified=c.verified,
+            timer_ms=c.timer_ms,
+            timer_at=c.timer_at,
+            display_name=c.display_name,
+            nickname=c.nickname,
+            profile_sent=c.profile_sent,
+        )
+        db.execute("UPDATE history SET peer=? WHERE peer=?", (new, old))
+        db.execute("UPDATE history SET sender=? WHERE sender=?", (new, old))
+        db.execute("UPDATE outbox SET peer=? WHERE peer=?", (new, old))
+        db.execute("DELETE FROM contacts WHERE address=?", (old,))
+
     # ---- sessions ----------------------------------------------------------------------------
 
     def sessions(self, peer_key: str) -> list[tuple[str, str]]:

@@ -4,14 +4,21 @@ Node A signs a locator change from its host ``127.0.0.1:PORT`` to ``localhost:PO
 ``haven node move-relay`` does with a relay's host; here the same listener answers both). At
 its next start it pushes the change to its pinned peers (B: alice wrote to bob), which re-pin:
 the new host names A, the old host stays an alias of A (B does not re-pin it), and B's queue
-for A drains. Alice's device follows the new address and re-signs her device list for it.
+for A drains. Alice's device follows the new address and re-signs her device list for it, and
+tells bob (a ``moved`` notice): his contact and conversation take the new address, and a
+forged notice (an address with another identity key) is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import time
 from pathlib import Path
 
+from client.device import Device
+from client.payload import Payload
 from node.app import load_node_key
 from node.moves import load_locators, move_to
 
@@ -61,5 +68,62 @@ def test_peer_and_devices_follow_a_signed_move_and_the_old_host_keeps_working(
     assert got == ["before the move", "queued during the move", "to the old address"]
     who = json.loads(haven("whoami", "--home", str(alice), "--json").stdout)
     assert who["address"] == f"alice@{new_host}"
-    haven("send", "--home", str(bob), f"alice@{new_host}", "to the new address")
+    alice_new = f"alice@{new_host}"
+
+    # her device told bob: one notice, then his contact and conversation use the new address
+    notices: list[dict[str, object]] = []
+
+    def notice() -> bool:
+        notices.extend(m for m in recv(bob) if m["kind"] == "moved")
+        return bool(notices)
+
+    wait_until(notice, timeout=60, what="the address-change notice")
+    assert [(m["old"], m["new"], m["from"]) for m in notices] == [(alice_old, alice_new, alice_old)]
+    assert [c["address"] for c in chats(bob)] == [alice_new]
+    before = ["before the move", "queued during the move", "to the old address", "hello"]
+    assert [m["text"] for m in history(bob, alice_new)] == before
+    assert history(bob, alice_old) == []
+
+    haven("send", "--home", str(bob), alice_new, "to the new address")
     assert [m["text"] for m in recv(alice, wait=5)] == ["to the new address"]
+    haven("send", "--home", str(alice), bob_addr, "after the move")
+    wait_until(lambda: [m["text"] for m in recv(bob)] == ["after the move"], what="to bob")
+    assert [c["address"] for c in chats(bob)] == [alice_new]
+    texts = [m["text"] for m in history(bob, alice_new)]
+    assert texts == [*before, "to the new address", "after the move"]
+
+    # a forged notice from alice's device: "moved to carol" (another identity key) is refused
+    _, carol_addr = join(a, tmp_path, "carol")
+    drops = asyncio.run(forge_and_receive(alice, bob, bob_addr, carol_addr))
+    assert drops == {"untrusted_key": 1}
+    assert [c["address"] for c in chats(bob)] == [alice_new]
+    assert len(history(bob, alice_new)) == len(before) + 2
+
+
+def chats(home: Path) -> list[dict[str, object]]:
+    return list(json.loads(haven("chats", "--home", str(home), "--json").stdout))
+
+
+def history(home: Path, address: str) -> list[dict[str, object]]:
+    out = haven("history", address, "--home", str(home), "--json", "--no-mark-read").stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+async def forge_and_receive(sender: Path, receiver: Path, to: str, fake_new: str) -> dict[str, int]:
+    """``sender``'s device sends ``to`` a ``moved`` notice naming ``fake_new``; the receiver
+    takes it in; returns the receiver's refusals (and checks nothing else changed)."""
+    dev = Device(str(sender))
+    try:
+        p = Payload(os.urandom(16), "moved", to, dev.clock.now_ms(), text=fake_new, old=dev.address)
+        await dev.send_payload(to, p, include_self=False)
+    finally:
+        dev.close()
+    rx = Device(str(receiver))
+    try:
+        deadline = time.monotonic() + 60
+        while not rx.move_drops and time.monotonic() < deadline:
+            assert [m for m in await rx.receive(wait_s=1) if m.kind == "moved"] == []
+        assert rx.state.contact(fake_new) is None
+        return dict(rx.move_drops)
+    finally:
+        rx.close()
