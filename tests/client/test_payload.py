@@ -49,3 +49,15 @@ def test_bad_forwarding_fields_are_refused(change: dict[str, object]) -> None:
     obj = msgpack.unpackb(base) | change
     with pytest.raises(MalformedEnvelope):
         Payload.decode(msgpack.packb(obj, use_bin_type=True))
+
+
+def test_moved_round_trips_and_only_it_carries_old() -> None:
+    moved = Payload(os.urandom(16), "moved", "bob@b", 7, text="alice@new", old="alice@old")
+    assert Payload.decode(moved.encode()) == moved
+    for bad in (
+        Payload(os.urandom(16), "moved", "bob@b", 7, text="alice@new"),  # no old
+        Payload(os.urandom(16), "moved", "bob@b", 7, old="alice@old"),  # no new address
+        Payload(os.urandom(16), "text", "bob@b", 7, text="hi", old="alice@old"),
+    ):
+        with pytest.raises(MalformedEnvelope):
+            Payload.decode(bad.encode())
