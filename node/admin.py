@@ -56,6 +56,7 @@ import logging
 import os
 import shutil
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, values
@@ -288,3 +289,26 @@ class AdminServer:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+
+
+async def loopback_view(config: Any, path: str) -> list[Any] | None:
+    """The running node's answer to ``GET path`` on its own listener (a loopback-only operator
+    view such as ``/haven/v1/peers``), or None when no node answers there: the caller then reads
+    the store. Our own certificate names the public host, not 127.0.0.1, so TLS is not
+    verified on this loopback call."""
+    import aiohttp
+
+    from federation.wire import unpackb
+
+    scheme = "https" if config.tls_cert else "http"
+    url = f"{scheme}://127.0.0.1:{config.listen_port}{path}"
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(url, timeout=aiohttp.ClientTimeout(5), ssl=False) as r,
+        ):
+            if r.status == 200:
+                return list(unpackb(await r.read(), max_len=1 << 22))
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        pass
+    return None

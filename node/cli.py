@@ -303,21 +303,9 @@ async def pin_card(home: str, card: str) -> str:
 
 async def list_peers(home: str) -> list[dict[str, Any]]:
     """Live view from the running node (loopback admin endpoint), else what the store knows."""
-    import aiohttp
-
-    config = NodeConfig.load(home)
-    scheme = "https" if config.tls_cert else "http"
-    url = f"{scheme}://127.0.0.1:{config.listen_port}/haven/v1/peers"
-    try:
-        # Loopback to our own node: its certificate names the public host, not 127.0.0.1.
-        async with (
-            aiohttp.ClientSession() as s,
-            s.get(url, timeout=aiohttp.ClientTimeout(5), ssl=False) as r,
-        ):
-            if r.status == 200:
-                return list(unpackb(await r.read(), max_len=1 << 22))
-    except (aiohttp.ClientError, OSError, TimeoutError):
-        pass
+    live = await admin.loopback_view(NodeConfig.load(home), "/haven/v1/peers")
+    if live is not None:
+        return live
     node = build(home)
     await node.store.open()
     try:

@@ -504,25 +504,13 @@ async def mint_invite(home: str, quota: int | None = None) -> tuple[str, RelayIn
 
 async def list_clients(home: str) -> list[dict[str, Any]]:
     """``haven node relay-clients``: the running node's live view, else the stored rows."""
-    import aiohttp
-
+    from . import admin
     from .app import build
     from .config import NodeConfig
 
-    config = NodeConfig.load(home)
-    scheme = "https" if config.tls_cert else "http"
-    url = f"{scheme}://127.0.0.1:{config.listen_port}/haven/v1/relay/clients"
-    try:
-        async with (
-            aiohttp.ClientSession() as s,
-            s.get(url, timeout=aiohttp.ClientTimeout(5), ssl=False) as r,
-        ):
-            if r.status == 200:
-                from federation.wire import unpackb
-
-                return list(unpackb(await r.read(), max_len=1 << 22))
-    except (aiohttp.ClientError, OSError, TimeoutError):
-        pass
+    live = await admin.loopback_view(NodeConfig.load(home), "/haven/v1/relay/clients")
+    if live is not None:
+        return live
     node = build(home)
     store = relay_store(node.store)
     await store.open()
