@@ -4,7 +4,9 @@ A relay node (relay service on, routing by Host as in production) and its client
 host ``heldclient.relay.test:PORT``, resolved to 127.0.0.1 by the peer's resolver); a peer
 posts with the real :class:`PeerTransport` and checks every answer. The client goes offline
 (stopped); the relay holds what the peer sends, signed as itself with the client's statement;
-the client comes back, and the relay's outbox forwards the held rows over the link (here: the
+the relay restarts meanwhile (its stored statement and held bytes carry over) and a ``/multi``
+for two of the client's mailboxes is held per recipient; the client comes back, and the
+relay's outbox forwards the held rows over the link (here: the
 client's own listener, as the client serves a link's ``req`` frames, §12.3), whose first
 answer is lost mid-batch. The client ends with every envelope once, in order.
 """
@@ -23,6 +25,8 @@ import pytest
 
 from federation.clock import SystemClock
 from federation.errors import BadSignature, TransportError
+from federation.fanout import MultiBatch
+from federation.multi import EPH_LEN, HEADER_LEN
 from federation.relayauth import AUTH_VALID_MS, RelayAuth
 from federation.signing import NodeKey
 from federation.transport import DESCRIPTOR_PATH, PeerTransport, RemoteError
@@ -109,29 +113,45 @@ async def world(tmp_path: Path) -> AsyncIterator[dict[str, object]]:
             await task
 
 
-async def test_held_while_offline_then_forwarded_once_in_order(world: dict[str, object]) -> None:
+async def test_held_while_offline_then_forwarded_once_in_order(
+    world: dict[str, object], tmp_path: Path
+) -> None:
     relay, client = world["relay"], world["client"]
     assert isinstance(relay, Node) and isinstance(client, Node)
     rport, cport = world["rport"], world["cport"]
     cid = client.key.node_id
-    mailbox = os.urandom(16)
+    mailbox, other = os.urandom(16), os.urandom(16)
     await client.store.create_account("bob", SystemClock().now_ms())
     await client.store.add_device("bob", mailbox, os.urandom(32))
+    await client.store.create_account("carol", SystemClock().now_ms())
+    await client.store.add_device("carol", other, os.urandom(32))
     await client.refresh_accounts()
+    multi = MultiBatch(
+        os.urandom(EPH_LEN),
+        SystemClock().now_ms() + 3_600_000,
+        (MARK + b"multi").ljust(BODY, b"."),
+        (
+            (os.urandom(16), mailbox, os.urandom(HEADER_LEN)),
+            (os.urandom(16), other, b"h" * HEADER_LEN),
+        ),
+    )
+    multi_bytes = sum(len(e.body) for e in multi.envelopes())
 
     host = f"{LABEL}.relay.test:{rport}"
     now = SystemClock().now_ms()
     # the label as a used invite leaves it (bound to the client), with a small quota
     store = relay.store
-    await store.add_relay_client(LABEL, b"t" * 32, N * BODY + BODY // 2, now + 86_400_000, 0)  # type: ignore[attr-defined]
+    quota = N * BODY + multi_bytes + BODY // 2
+    await store.add_relay_client(LABEL, b"t" * 32, quota, now + 86_400_000, 0)  # type: ignore[attr-defined]
     assert await store.bind_relay_client(LABEL, b"t" * 32, cid, now)  # type: ignore[attr-defined]
     assert relay.relay is not None
     await relay.relay.load()
     auth = RelayAuth.make(client.key, relay.key.node_id, now + AUTH_VALID_MS)
     relay.relay.statements[cid] = auth.encode()  # as the client's last hello left it
+    await relay.relay._keep_statement(cid, auth.encode())
 
     async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(resolver=Loopback())
+        connector=aiohttp.TCPConnector(resolver=Loopback(), force_close=True)
     ) as session:
         link_calls = {"n": 0}
 
@@ -161,19 +181,32 @@ async def test_held_while_offline_then_forwarded_once_in_order(world: dict[str, 
         base = f"http://{host}"
         sent: list[bytes] = []
         for start_at in range(0, N, 8):
+            if start_at == 16:  # the relay restarts while the client is offline
+                rstop, rtask = world["stops"]["relay"]  # type: ignore[index]
+                rstop.set()
+                await rtask
+                relay, rstop, rtask = await start(
+                    tmp_path / "relay", "", rport, fresh=False, relay=True
+                )
+                world["stops"]["relay"] = (rstop, rtask)  # type: ignore[index]
+                store = relay.store
+                assert relay.held.held(cid) == 16 * BODY  # recounted from the stored rows
             envs = [envelope(mailbox, i) for i in range(start_at, start_at + 8)]
             got = await peer.post_batch(base, cid, SystemClock().now_ms(), Batch(tuple(envs)))
             assert got.accepted == tuple(e.id for e in envs) and got.rejected == ()
             sent += [e.id for e in envs]
+        # one /multi for two of the client's mailboxes: held per recipient
+        got = await peer.post_multi(base, cid, SystemClock().now_ms(), multi.encode())
+        assert got.accepted == tuple(r[0] for r in multi.recips) and got.rejected == ()
         again = await peer.post_batch(base, cid, SystemClock().now_ms(), Batch(tuple([envs[-1]])))
         assert again.accepted == (envs[-1].id,)  # a resend: accepted, held once
         over = envelope(mailbox, N)
         got = await peer.post_batch(base, cid, SystemClock().now_ms(), Batch((over,)))
         assert got.rejected == ((over.id, "quota_exceeded"),)
-        assert (await relay.store.outbox_counts()).get(cid) == N
-        assert relay.held.held(cid) == N * BODY
+        assert (await relay.store.outbox_counts()).get(cid) == N + 2
+        assert relay.held.held(cid) == N * BODY + multi_bytes
         shown = await describe_clients(store, relay.relay)  # haven node relay-clients
-        assert [(r["label"], r["held"], r["connected"]) for r in shown] == [(LABEL, N, False)]
+        assert [(r["label"], r["held"], r["connected"]) for r in shown] == [(LABEL, N + 2, False)]
 
         # only batches are held: a key query or the descriptor is 503 unavailable
         with pytest.raises(RemoteError) as exc:
@@ -196,10 +229,12 @@ async def test_held_while_offline_then_forwarded_once_in_order(world: dict[str, 
 
         async def all_there() -> bool:
             rows = await client2.store.pending_for(mailbox, 4 * N)
-            return len(rows) >= N and not (await relay.store.outbox_counts()).get(cid)
+            return len(rows) >= N + 1 and not (await relay.store.outbox_counts()).get(cid)
 
         await async_wait_until(all_there, timeout=60, what="the held envelopes to be forwarded")
         rows = await client2.store.pending_for(mailbox, 4 * N)
-        assert [e.id for e in rows] == sent  # each once, in order
+        (bob_multi, carol_multi) = multi.envelopes()
+        assert [e.id for e in rows] == [*sent, bob_multi.id]  # each once, in order
+        assert await client2.store.pending_for(other, 4) == [carol_multi]
         assert link_calls["n"] >= 2  # the lost answer was retried
         assert relay.held.held(cid) == 0
