@@ -421,6 +421,7 @@ class Node:
             challenge=challenge,
             moves=self.moves,
             features=self.features,
+            relay=self.relay_link.statement if self.relay_link is not None else b"",
         ).sign(self.key)
 
     @property
