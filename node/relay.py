@@ -8,9 +8,8 @@ nodes: the relay parses neither; it only limits sizes, requests in flight and ti
 
 What the relay keeps: the ``relay_clients`` table (label, token hash until bound, bound client
 node id, quota, expiry, created day, the client's latest authorisation statement) in its
-SQLite store; PostgreSQL nodes refuse
-``relay = true``. Traffic figures (bytes in and out per client) are memory only, and nothing
-about the clients' peers is kept or logged.
+SQLite store; PostgreSQL nodes refuse ``relay = true``. Traffic figures (bytes in and out per
+client) are memory only, and nothing about the clients' peers is kept or logged.
 
 Hooks for the other relay parts:
 
