@@ -16,13 +16,13 @@ from typing import Any
 
 from .errors import BadSignature, HavenError, MalformedFrame
 from .ids import key_from_node_id
-from .signing import NodeKey, b64d_exact, b64e, verify_detached, verify_response
+from .signing import DESC_RELAY_MAX, NodeKey, b64d_exact, b64e, verify_detached, verify_response
 from .wire import packb, unpackb
 
 RELAY_AUTH_TAG = b"haven-relay-auth-v1\x00"
 H_RELAY = "Haven-Relay"
 AUTH_VALID_MS = 7 * 86_400_000  # ``until`` = now + 7 days, renewed on each link (§12.4)
-STATEMENT_MAX = 256  # two 52-char ids, an int, 64 bytes of signature, msgpack framing
+STATEMENT_MAX = DESC_RELAY_MAX  # two 52-char ids, an int, 64 bytes of signature, framing
 
 
 def _message(client_id: str, relay_id: str, until: int) -> bytes:

@@ -26,6 +26,9 @@ from .wire import PROTOCOL_VERSION, packb, unpackb
 REQ_TAG = b"haven-fed-req-v1\x00"
 RESP_TAG = b"haven-fed-resp-v1\x00"
 DESC_TAG = b"haven-descriptor-v1\x00"
+# the longest relay statement (federation/relayauth.py), e.g. in the descriptor's ``relay``:
+# two 52-char ids, an int, 64 bytes of signature, msgpack framing
+DESC_RELAY_MAX = 256
 ROT_TAG = b"haven-rotate-v1\x00"
 LOC_TAG = b"haven-locator-v1\x00"
 HOST_MAX = 255  # a host (with port) named in a locator change (§12.5)
@@ -335,11 +338,15 @@ class Descriptor:
     challenge: bytes = b""  # echoed from ``?c=``: proves the key holder answered *now*
     features: tuple[str, ...] = ()  # optional protocol parts this node serves, e.g. "blobs"
     moves: tuple[LocatorChange, ...] = ()  # its signed host changes, oldest first (§12.5)
+    # its relay authorisation statement, encoded (§12.4): b"" for nodes without a relay
+    relay: bytes = b""
 
     def sign(self, key: NodeKey) -> bytes:
         fields: dict[str, Any] = {}
         if self.moves:  # absent for nodes that never moved: their descriptors are unchanged
             fields["moves"] = [m.to_wire() for m in self.moves]
+        if self.relay:  # absent for nodes without a relay, likewise
+            fields["relay"] = self.relay
         inner = packb(
             fields
             | {
@@ -367,6 +374,9 @@ class Descriptor:
         d = unpackb(inner_bytes, max_len=64 * 1024)
         if not isinstance(d, dict):
             raise MalformedFrame("bad descriptor")
+        relay = d.get("relay", b"")
+        if not isinstance(relay, bytes) or len(relay) > DESC_RELAY_MAX:
+            raise MalformedFrame("bad descriptor relay statement")
         try:
             desc = cls(
                 node_id=str(d["node_id"]),
@@ -378,6 +388,7 @@ class Descriptor:
                 challenge=bytes(d.get("challenge", b"")),
                 features=tuple(str(f)[:64] for f in list(d.get("features", []))[:64]),
                 moves=decode_moves(d.get("moves", [])),
+                relay=relay,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedFrame("bad descriptor fields") from exc

@@ -421,6 +421,7 @@ class Node:
             challenge=challenge,
             moves=self.moves,
             features=self.features,
+            relay=self.relay_link.statement if self.relay_link is not None else b"",
         ).sign(self.key)
 
     @property
@@ -657,6 +658,7 @@ class Node:
             self.quotas.resync(await self.store.outbox_counts(), {})
             if self.relay is not None:
                 await self.relay.load()
+                await held.restore(self, self.relay)  # statements, held bytes (§12.4)
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
                 self.session = session
                 self.transport = PeerTransport(self.key, session, now_ms=self.clock.now_ms)

@@ -12,8 +12,9 @@ client is ``503 unavailable``.
 When the client links again, the relay's ordinary outbox worker for that destination sends
 the rows over the link (:meth:`HeldClients.route` gives the transport a link sender in place
 of HTTP), in order, with its usual backoff and splitting; the client stores each envelope id
-once. Held bytes per client are counted in memory (like the outbox quotas); the per-peer
-figures a relay could derive are never stored.
+once. The latest statement per client is kept in the ``relay_clients`` row, and held bytes per
+client are counted in memory (like the outbox quotas), recounted from the stored rows at start
+(:func:`restore`); the per-peer figures a relay could derive are never stored.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class HeldClients:
         return c.link
 
     def held(self, client_id: str) -> int:
-        """Bytes of envelopes held for ``client_id`` (in memory since start)."""
+        """Bytes of envelopes held for ``client_id`` (counted from the store at start)."""
         c = self.clients.get(client_id)
         return 0 if c is None else c.held_bytes
 
@@ -120,6 +121,15 @@ class HeldClients:
         self._rows[env.id] = (client_id, size)
         heapq.heappush(self._expiry, (env.expires, env.id))
         return None
+
+    def restored(self, client_id: str, env: Envelope) -> None:
+        """A row already held in the store at start counts towards the client's quota."""
+        if env.id in self._rows:
+            return
+        c = self.clients.setdefault(client_id, _Client(DEFAULT_QUOTA))
+        c.held_bytes += len(env.body)
+        self._rows[env.id] = (client_id, len(env.body))
+        heapq.heappush(self._expiry, (env.expires, env.id))
 
     def left(self, ids: list[bytes]) -> None:
         """These rows left the outbox (forwarded, refused for good, or never committed)."""
@@ -199,6 +209,30 @@ async def answer(
         H_RELAY: header_value(auth),
     }
     return web.Response(body=out, content_type="application/msgpack", headers=headers)
+
+
+RESTORE_PAGE = 256  # held rows read per query at start
+
+
+async def restore(node: Node, service: RelayService) -> None:
+    """At start: the statements the store keeps (:meth:`RelayService.load_statements`), each
+    bound client's quota, and the bytes already held for it, counted from its outbox rows (read
+    once, page by page: at most its quota per client), so neither the 503s nor the quota start
+    from nothing after a restart."""
+    held = node.held
+    await service.load_statements()
+    for client, raw in service.statements.items():
+        held.authorised(client, RelayAuth.decode(raw))
+    for _, _, client, quota, _ in await service.store.relay_clients():
+        if not client:
+            continue
+        held.register(client, quota)
+        held.clients[client].quota_read = True
+        after = 0
+        while page := await service.store.outbox_page(client, after, RESTORE_PAGE):
+            for _, env in page:
+                held.restored(client, env)
+            after = page[-1][0]
 
 
 def attach(node: Node, service: RelayService) -> None:

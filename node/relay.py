@@ -7,9 +7,9 @@ whose ``Host`` is ``<label>.<relay_domain>[:port]`` to that client over its link
 nodes: the relay parses neither; it only limits sizes, requests in flight and time.
 
 What the relay keeps: the ``relay_clients`` table (label, token hash until bound, bound client
-node id, quota, expiry, created day) in its SQLite store; PostgreSQL nodes refuse
-``relay = true``. Traffic figures (bytes in and out per client) are memory only, and nothing
-about the clients' peers is kept or logged.
+node id, quota, expiry, created day, the client's latest authorisation statement) in its
+SQLite store; PostgreSQL nodes refuse ``relay = true``. Traffic figures (bytes in and out per
+client) are memory only, and nothing about the clients' peers is kept or logged.
 
 Hooks for the other relay parts:
 
@@ -395,9 +395,11 @@ class RelayService:
                 RelayAuth.decode(hello.auth).check(
                     hello.node, self.node.key.node_id, self.node.clock.now_ms()
                 )
-                self.statements[hello.node] = hello.auth
             except RemoteProtocolError:
                 pass
+            else:
+                self.statements[hello.node] = hello.auth
+                await self._keep_statement(hello.node, hello.auth)
         link = Link(ws=ws, client=hello.node, label=hello.label)
         old = self.links.get(hello.label)
         self.links[hello.label] = link  # a newer link replaces the older one
@@ -412,6 +414,24 @@ class RelayService:
             self.on_link(hello.node)
         log.info("relay client linked")
         return link
+
+    async def _keep_statement(self, client: str, auth: bytes) -> None:
+        """Store the latest statement, so held mode survives a restart of this relay."""
+        try:
+            await self.store.set_relay_auth(client, auth)
+        except HavenError as exc:  # held mode still works until this relay restarts
+            log.warning("relay statement not stored (%s)", type(exc).__name__)
+
+    async def load_statements(self) -> None:
+        """At start: the statements the store keeps that are still valid (by their client,
+        for this relay, not expired); a newer one from a hello since then stays."""
+        now = self.node.clock.now_ms()
+        for client, raw in (await self.store.relay_auths()).items():
+            try:
+                RelayAuth.decode(raw).check(client, self.node.key.node_id, now)
+            except RemoteProtocolError:
+                continue
+            self.statements.setdefault(client, raw)
 
     async def _bind(self, hello: Hello) -> str | None:
         """None if ``hello.node`` may use ``hello.label`` (binding it with the token on first

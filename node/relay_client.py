@@ -140,6 +140,9 @@ class RelayLink:
         self.rng = random.Random()
         self.links_made = 0
         self.last_refusal = ""
+        # the statement the relay last accepted (§12.4), published in the descriptor's
+        # ``relay``; b"" until a link came up
+        self.statement = b""
 
     def local_base(self) -> str:
         """This node's own listener, as the relay's requests are replayed to it."""
@@ -210,6 +213,7 @@ class RelayLink:
                 raise LinkRefused(answer.code[:40])
             if not isinstance(answer, Ok):
                 raise RemoteProtocolError("unexpected answer to hello")
+            self.statement = auth
             if self.info.token:  # bound now: the token is spent
                 self.info = RelayInfo(
                     url=self.info.url,

@@ -168,6 +168,11 @@ MIGRATIONS: list[str] = [
     """
     CREATE TABLE peer_hosts (host TEXT PRIMARY KEY, node_id TEXT NOT NULL);
     """,
+    # version 7: a relay client's latest authorisation statement (docs/protocol.md §12.4), kept
+    # so held mode works after a relay restart before the client links again; x'' for none
+    """
+    ALTER TABLE relay_clients ADD COLUMN auth BLOB NOT NULL DEFAULT x'';
+    """,
 ]
 
 V3_CREATE = """
@@ -606,6 +611,19 @@ class SqliteStore(PagedReads):
             (client, label, token_hash, now),
         )
         return n == 1
+
+    async def set_relay_auth(self, client: str, auth: bytes) -> None:
+        """Keep ``auth``, the latest valid statement of the bound ``client`` (§12.4)."""
+        await self._exec(
+            "UPDATE relay_clients SET auth = ? WHERE client = ? AND client != ''", (auth, client)
+        )
+
+    async def relay_auths(self) -> dict[str, bytes]:
+        """The kept statements: bound client id -> encoded statement (none: absent)."""
+        rows = await self._all(
+            "SELECT client, auth FROM relay_clients WHERE client != '' AND length(auth) > 0"
+        )
+        return {str(r[0]): bytes(r[1]) for r in rows}
 
     # ---- accounts, invites, devices ----------------------------------------------------------
 

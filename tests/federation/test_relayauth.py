@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import aiohttp
 import pytest
 from aiohttp import web
@@ -18,9 +20,16 @@ from federation.relayauth import (
     parse_header,
     verify_answer,
 )
-from federation.signing import H_SIG, NodeKey, SignedRequest, sign_response
+from federation.signing import (
+    DESC_TAG,
+    H_SIG,
+    Descriptor,
+    NodeKey,
+    SignedRequest,
+    sign_response,
+)
 from federation.transport import PeerTransport
-from federation.wire import Batch, BatchResult
+from federation.wire import Batch, BatchResult, packb, unpackb
 
 NOW = 1_700_000_000_000
 client, relay, peer, other = (NodeKey.generate() for _ in range(4))
@@ -137,3 +146,33 @@ async def test_transport_accepts_relay_answers_only_for_batches() -> None:
 def test_header_with_wrong_shape_is_malformed() -> None:
     with pytest.raises(MalformedFrame):
         parse_header("AAAA")
+
+
+def test_descriptor_publishes_the_statement_under_relay_only_when_there_is_one() -> None:
+    auth = RelayAuth.make(client, relay.node_id, NOW + 1000).encode()
+    base = Descriptor(client.node_id, "https://l.relay.example", 1, NOW, {})
+    got = Descriptor.verify_decode(dataclasses.replace(base, relay=auth).sign(client))
+    assert RelayAuth.decode(got.relay) == RelayAuth.decode(auth)
+    plain = base.sign(client)  # a node without a relay: as descriptors were before
+    assert "relay" not in unpackb(unpackb(plain, max_len=1 << 16)["d"], max_len=1 << 16)
+    assert Descriptor.verify_decode(plain).relay == b""
+
+
+@pytest.mark.parametrize("bad", ["text", 5, b"x" * 257])
+def test_descriptor_with_a_malformed_relay_is_refused(bad: object) -> None:
+    inner = packb(
+        {
+            "node_id": client.node_id,
+            "public_url": "https://l.relay.example",
+            "version": 1,
+            "now": NOW,
+            "limits": {},
+            "rotations": [],
+            "challenge": b"",
+            "features": [],
+            "relay": bad,
+        }
+    )
+    signed = packb({"d": inner, "sig": client.sign(DESC_TAG + inner)})
+    with pytest.raises(MalformedFrame):
+        Descriptor.verify_decode(signed)

@@ -9,8 +9,13 @@ from typing import Any, cast
 
 import aiohttp
 
+from federation.clock import SystemClock
+from federation.relayauth import RelayAuth
 from federation.relaylink import RelayInvite, Req, new_label
-from federation.signing import NodeKey
+from federation.signing import Descriptor, NodeKey
+from node.app import Node, load_node_key, open_store
+from node.cli import init_node
+from node.config import NodeConfig
 from node.relay import host_suffixes, label_of_host
 from node.relay_client import RelayInfo, RelayLink, link_url
 
@@ -74,3 +79,19 @@ def test_host_routing_names_a_label_under_the_relay_domain_only() -> None:
     assert label_of_host("abcdefghij.relay.test:8080", "relay.test", test) == "abcdefghij"
     assert label_of_host("abcdefghij.relay.test", "relay.test", test) == "abcdefghij"
     assert label_of_host("abcdefghij.relay.test:80", "relay.test", test) is None
+
+
+def test_the_descriptor_publishes_the_statement_the_relay_last_accepted(tmp_path: Path) -> None:
+    """``relay`` in the node's descriptor: absent before a link, then the link's statement."""
+    home = str(tmp_path / "n")
+    init_node(home, "http://l.relay.test:1", "127.0.0.1:1", 7 * 86_400_000, False)
+    config = NodeConfig.load(home)
+    node = Node(home, config, load_node_key(home), SystemClock(), open_store(home, config))
+    assert Descriptor.verify_decode(node.descriptor_bytes()).relay == b""  # no relay
+    relay = NodeKey.generate().node_id
+    node.relay_link = RelayLink(node, RelayInfo("http://relay.test:1", relay, "l", "h"))
+    assert Descriptor.verify_decode(node.descriptor_bytes()).relay == b""  # not linked yet
+    auth = RelayAuth.make(node.key, relay, SystemClock().now_ms() + 1000)
+    node.relay_link.statement = auth.encode()
+    got = RelayAuth.decode(Descriptor.verify_decode(node.descriptor_bytes()).relay)
+    got.check(node.key.node_id, relay, SystemClock().now_ms())
