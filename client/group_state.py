@@ -164,12 +164,7 @@ class GroupState:
     @classmethod
     def from_blob(cls, blob: bytes) -> GroupState:
         """Decode and check a blob; raises GroupError (``malformed`` / ``too_many_members``)."""
-        if len(blob) > MAX_STATE_BYTES:
-            raise GroupError("group state too large", code=TOO_MANY)
-        try:
-            obj = unpackb(blob, max_len=MAX_STATE_BYTES)
-        except (MalformedEnvelope, MalformedFrame) as exc:
-            raise GroupError("bad group state", code=MALFORMED) from exc
+        obj = _unpack(blob, MAX_STATE_BYTES, "bad group state")
         keys = {"v", "g", "ver", "name", "members", "admins", "by", "parent", "at"}
         if not isinstance(obj, dict) or set(obj) != keys or obj["v"] != STATE_VERSION:
             raise GroupError("bad group state (unknown version)", code=MALFORMED)
@@ -196,6 +191,17 @@ class GroupState:
         return ref_of(self.gid)
 
 
+def _unpack(raw: bytes, limit: int, what: str) -> Any:
+    """msgpack-decode at most ``limit`` bytes; too long is ``too_many_members``, undecodable is
+    ``malformed`` (``what`` names it)."""
+    if len(raw) > limit:
+        raise GroupError("group state too large", code=TOO_MANY)
+    try:
+        return unpackb(raw, max_len=limit)
+    except (MalformedEnvelope, MalformedFrame) as exc:
+        raise GroupError(what, code=MALFORMED) from exc
+
+
 @dataclass(frozen=True, slots=True)
 class SignedState:
     """``[blob, signature]``: a group state as it travels and as it is stored."""
@@ -209,12 +215,7 @@ class SignedState:
     @classmethod
     def decode(cls, raw: bytes) -> SignedState:
         """Parse the wire form (sizes first). Raises GroupError: malformed, too_many_members."""
-        if len(raw) > MAX_SIGNED_BYTES:
-            raise GroupError("group state too large", code=TOO_MANY)
-        try:
-            obj = unpackb(raw, max_len=MAX_SIGNED_BYTES)
-        except (MalformedEnvelope, MalformedFrame) as exc:
-            raise GroupError("bad signed group state", code=MALFORMED) from exc
+        obj = _unpack(raw, MAX_SIGNED_BYTES, "bad signed group state")
         if (
             not isinstance(obj, list)
             or len(obj) != 2
