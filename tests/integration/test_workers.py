@@ -185,15 +185,23 @@ async def _poll(pred, what: str, timeout: float = 30) -> None:  # type: ignore[n
         await asyncio.sleep(0.05)
 
 
-async def test_device_on_worker_0_gets_what_worker_1_accepted(
-    tmp_path: Path, org_and_peer: tuple[OrgNode, NodeProc]
-) -> None:
-    a, b = org_and_peer
-    alice_home, alice_addr = join(a, tmp_path, "alice")
+def _trio(a: OrgNode, b: NodeProc, tmp_path: Path) -> tuple[Device, Device, Device]:
+    """alice on the org node (worker 0 by default), carol on it through worker 1's own port,
+    bob on the peer node."""
+    alice_home, _ = join(a, tmp_path, "alice")
     carol_home, _ = join(a, tmp_path, "carol")
     use_worker(carol_home, a.worker_url(1))
     bob_home, _ = join(b, tmp_path, "bob")
     alice, carol, bob = (Device(str(h)) for h in (alice_home, carol_home, bob_home))
+    return alice, carol, bob
+
+
+async def test_device_on_worker_0_gets_what_worker_1_accepted(
+    tmp_path: Path, org_and_peer: tuple[OrgNode, NodeProc]
+) -> None:
+    a, b = org_and_peer
+    alice, carol, bob = _trio(a, b, tmp_path)
+    alice_addr = alice.address
     try:
         conn = await alice.connect()  # worker 0, and it stays connected
         try:
@@ -296,11 +304,8 @@ async def test_kill9_one_worker_mid_traffic_loses_and_repeats_nothing(
     tmp_path: Path, org_and_peer: tuple[OrgNode, NodeProc]
 ) -> None:
     a, b = org_and_peer
-    alice_home, alice_addr = join(a, tmp_path, "alice")
-    carol_home, _ = join(a, tmp_path, "carol")
-    use_worker(carol_home, a.worker_url(1))
-    bob_home, _ = join(b, tmp_path, "bob")
-    alice, carol, bob = (Device(str(h)) for h in (alice_home, carol_home, bob_home))
+    alice, carol, bob = _trio(a, b, tmp_path)
+    alice_addr = alice.address
     sent: dict[str, list[str]] = {"carol": [], "bob": []}
     got: list[tuple[str, str]] = []
     try:
