@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from client.connection import NodeConnection  # noqa: E402
 from client.device import Device  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 from federation import frames as F  # noqa: E402
 from federation.errors import HavenError  # noqa: E402
 from federation.wire import Envelope, packb  # noqa: E402
@@ -79,12 +80,6 @@ _children: list[subprocess.Popen[bytes]] = []
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ``--node-tracebacks``: serve through this wrapper, which prints the traceback of an error that

@@ -21,13 +21,14 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+
+from .ports import free_port
 
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 START_TIMEOUT_S = 60.0
@@ -40,12 +41,6 @@ def pg_bin() -> str:
         if os.path.exists(os.path.join(d, "initdb")):
             return d
     raise RuntimeError("PostgreSQL server not installed (apt-get install postgresql)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _as_postgres(cmd: list[str]) -> list[str]:

@@ -20,16 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from ..ports import free_port
+
 if TYPE_CHECKING:
     from client.device import Device
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["free_port"]  # re-exported: tests import it from here
 
 
 def haven(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:

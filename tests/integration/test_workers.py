@@ -23,6 +23,7 @@ from federation.errors import HavenError
 from federation.signing import Descriptor, b64d, b64e
 from federation.wire import Batch, packb, unpackb
 
+from ..ports import free_port_run
 from .harness import NodeProc, free_port, haven, join, wait_until
 from .rawpeer import BATCH_PATH, RawPeer, envelope, stats
 from .test_admin import admin_url, get, scrape, value
@@ -31,27 +32,6 @@ from .test_federated_exchange import test_exchange_both_ways_offline_and_drained
 from .test_federated_exchange import test_kill9_and_restart_lose_nothing_acked as _kill9_restart
 
 WORKERS = 2
-
-
-def free_port_run(n: int) -> int:
-    """A base port with ``n`` consecutive free ports."""
-    for _ in range(100):
-        base = free_port()
-        if base + n > 65535:
-            continue
-        socks = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise AssertionError("no run of free ports")
 
 
 class OrgNode(NodeProc):
