@@ -136,7 +136,7 @@ def start(
         "unix_socket_directories": sock,
         "fsync": "on",
         "synchronous_commit": "on",
-        "max_connections": "200",
+        "max_connections": "400",  # three test workers at once (scripts/test -n 3)
         "shared_buffers": "64MB",
         "log_min_messages": "warning",
         **(settings or {}),
