@@ -14,7 +14,9 @@ Receiving opens a delivered batch in two phases (unseal and check senders, then 
 for the whole batch), so a backlog costs one fsync per batch, not per message. Sending can be
 durable first: :meth:`Device.queue_text` stores a ``pending`` row and its outbox entry, and
 :meth:`Device.flush_outbox` sends the queue when the home node is reachable (docs/protocol.md
-§3.1). A daemon lends the device its one connection with :meth:`Device.use_connection`.
+§3.1); a group text is queued as its payload and Megolm-encrypted only when it is flushed
+(:meth:`Device.queue_group_text`). A daemon lends the device its one connection with
+:meth:`Device.use_connection`.
 """
 
 from __future__ import annotations
