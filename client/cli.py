@@ -344,6 +344,8 @@ def _row_json(r: HistoryRow, att: Attachment | None = None) -> dict[str, Any]:
     if r.outgoing:
         out["status"] = STATUS_NAMES[r.status]
         out["devices"] = {"total": r.devices_total, "verified": r.devices_verified}
+        if r.error:
+            out["error"] = r.error
     else:
         out["read"] = r.read
     if att is not None:
@@ -780,6 +782,7 @@ def report_error(args: argparse.Namespace, exc: Exception, out: Out) -> int:
 async def _run(args: argparse.Namespace) -> int:
     out = Out()
     dev = open_device(args.home, create=args.cmd == "join", out=out)
+    dev.flush_on_connect = True  # a command that connects sends what an earlier one queued
     try:
         return await COMMANDS[args.cmd](args, dev, out)
     finally:

@@ -14,7 +14,9 @@ Receiving opens a delivered batch in two phases (unseal and check senders, then 
 for the whole batch), so a backlog costs one fsync per batch, not per message. Sending can be
 durable first: :meth:`Device.queue_text` stores a ``pending`` row and its outbox entry, and
 :meth:`Device.flush_outbox` sends the queue when the home node is reachable (docs/protocol.md
-§3.1). A daemon lends the device its one connection with :meth:`Device.use_connection`.
+§3.1); a group text is queued as its payload and Megolm-encrypted only when it is flushed
+(:meth:`Device.queue_group_text`). A daemon lends the device its one connection with
+:meth:`Device.use_connection`.
 """
 
 from __future__ import annotations
@@ -56,11 +58,13 @@ from federation.sealing import SealedContent, opener, seal, unseal
 from federation.signing import b64d, device_auth_message
 from federation.wire import Envelope, unpackb
 
+from . import group_state as gs
 from .applying import APPLIERS, SessionCache
 from .applying import ReceivedMessage as ReceivedMessage  # re-exported: the public API
 from .attachments import file_token
 from .connection import NodeConnection, expect
-from .groups import GroupInfo, Groups
+from .group_state import GroupError
+from .groups import GroupInfo, Groups, gid_of_ref, ref_of
 from .payload import Payload, device_tag
 from .state import (
     STATUS_PENDING,
@@ -205,6 +209,8 @@ class Device:
         self._borrowed: weakref.WeakSet[NodeConnection] = weakref.WeakSet()
         self.groups_engine = Groups(self)  # groups: client/groups.py
         self.move_drops: Counter[str] = Counter()  # refused ``moved`` notices, by code
+        # the standalone CLI: every command that connects sends what is queued first
+        self.flush_on_connect = False
         self.state.purge_expired(self.clock.now_ms())
 
     def close(self) -> None:
@@ -468,11 +474,13 @@ class Device:
             if moved:
                 await self._follow_move(conn, ok.address)
             await self._top_up(conn, ok.otk_count)
-            if moved:  # the ``moved`` notices to our contacts (queued by _follow_move)
+            # the ``moved`` notices to our contacts (queued by _follow_move), and in the
+            # standalone CLI what an earlier command queued (docs/protocol.md §3.1)
+            if moved or (self.flush_on_connect and self.state.has_queued()):
                 try:
                     await self.flush_outbox(conn)
                 except HavenError as exc:
-                    log.info("address-change notices queued for later (%s)", exc.code)
+                    log.info("queued payloads left for later (%s)", exc.code)
         except BaseException:
             await conn.__aexit__(None, None, None)
             raise
@@ -1403,6 +1411,58 @@ class Device:
         """Send a text to every member device, one upload (docs/protocol.md §11.3)."""
         return await self.groups_engine.send_text(gid, text, conn=conn, ttl_ms=ttl_ms)
 
+    def queue_group_text(
+        self, gid: bytes, text: str, *, ttl_ms: int = DEFAULT_TTL_MS
+    ) -> HistoryRow:
+        """Queue a group text: a ``pending`` row and its outbox entry, as :meth:`queue_text`.
+
+        Only the payload is queued: :meth:`flush_outbox` Megolm-encrypts it when it sends it,
+        so the rotation and the membership of that moment apply (docs/protocol.md §3.1).
+
+        Raises:
+            GroupError: ``unknown_group`` or ``not_member`` (nothing is queued).
+        """
+        self.groups_engine.check_member(gid)
+        p = Payload(os.urandom(16), "text", ref_of(gid), self.clock.now_ms(), text=text)
+        return self._queue_payload(p, text, ttl_ms)
+
+    async def group_send_or_queue(
+        self,
+        gid: bytes,
+        text: str,
+        *,
+        conn: NodeConnection | None = None,
+        ttl_ms: int = DEFAULT_TTL_MS,
+    ) -> SendResult | HistoryRow:
+        """Send a group text now, or keep it queued when the home node cannot take it.
+
+        Returns the :class:`SendResult` when it was sent at once, else its history row:
+        ``pending`` (queued: the node is unreachable, busy or rate limiting; the next flush
+        sends it), ``sent`` (an earlier text of the group was still queued, so this one went
+        through the queue behind it, keeping the group's order) or ``pending`` with ``error``
+        (failed for good). A permanent failure of a direct send is raised as it is.
+        """
+        ref = ref_of(gid)
+        if not self.state.has_queued(ref):
+            self.groups_engine.check_member(gid)
+            p = Payload(os.urandom(16), "text", ref, self.clock.now_ms(), text=text)
+            try:
+                return await self.groups_engine.send_payload(
+                    gid, p, conn=conn, ttl_ms=ttl_ms, record=text
+                )
+            except HavenError as exc:
+                if isinstance(exc, GroupError) or _send_failure(exc) == "drop":
+                    raise
+                log.info("group text queued until the home node takes it (%s)", exc.code)
+            # the same payload id: members that got a partial submission store it once
+            return self._queue_payload(p, text, ttl_ms)
+        row = self.queue_group_text(gid, text, ttl_ms=ttl_ms)
+        try:
+            await self._flush_with(conn)
+        except HavenError as exc:
+            log.info("group text queued until the home node takes it (%s)", exc.code)
+        return self.state.message(row.msg_id) or row
+
     def group_history(self, gid: bytes) -> list[HistoryRow]:
         """A group's messages (``peer`` = ``group:<hex>``)."""
         self.state.purge_expired(self.clock.now_ms())
@@ -1501,22 +1561,28 @@ class Device:
             expires_in = c.timer_ms if c else 0
         now = self.clock.now_ms()
         p = Payload(os.urandom(16), "text", address, now, text=text, expires_in=expires_in)
+        return self._queue_payload(p, text, ttl_ms)
+
+    def _queue_payload(self, p: Payload, text: str, ttl_ms: int) -> HistoryRow:
+        """The ``pending`` row of ``p`` (to ``p.to``: a contact or a group ref) and its
+        outbox entry, one transaction; the stored row."""
+        now = self.clock.now_ms()
         row = HistoryRow(
             p.id,
-            address,
+            p.to,
             True,
             self.address,
             text,
-            now,
+            p.sent_at,
             now,
             status=STATUS_PENDING,
             read=True,
-            expires_in=expires_in,
-            expire_at=now + expires_in if expires_in else None,
+            expires_in=p.expires_in,
+            expire_at=now + p.expires_in if p.expires_in else None,
         )
         with self.state.tx() as db:
             self.state.add_history(db, row)
-            self.state.queue(db, OutboxItem(p.id, address, p.encode(), ttl_ms, now))
+            self.state.queue(db, OutboxItem(p.id, p.to, p.encode(), ttl_ms, now))
         stored = self.state.message(p.id)
         return row if stored is None else stored
 
@@ -1553,10 +1619,16 @@ class Device:
                 with self.state.tx() as db:
                     self.state.unqueue(db, item.msg_id)
                 continue
+            gid = gid_of_ref(item.peer)
             try:
-                res = await self.send_payload(
-                    item.peer, p, ttl_ms=item.ttl_ms, conn=conn, include_self=p.kind != "moved"
-                )
+                if gid is not None:  # Megolm-encrypted now: today's members and session
+                    res = await self.groups_engine.send_payload(
+                        gid, p, conn=conn, ttl_ms=item.ttl_ms
+                    )
+                else:
+                    res = await self.send_payload(
+                        item.peer, p, ttl_ms=item.ttl_ms, conn=conn, include_self=p.kind != "moved"
+                    )
             except HavenError as exc:
                 verdict = _send_failure(exc)
                 if verdict == "stop":
@@ -1571,7 +1643,7 @@ class Device:
                 note(item.msg_id)
                 continue
             ttl_at = self.clock.now_ms() + item.ttl_ms
-            counts = res.devices.get(item.peer, {"total": 0, "verified": 0})
+            counts = self._readable_by(item.peer, res)
             with self.state.tx() as db:
                 db.execute(
                     "UPDATE history SET status=max(status, ?), ttl_at=?, devices_total=?, "
@@ -1580,8 +1652,20 @@ class Device:
                 )
                 self.state.unqueue(db, item.msg_id)
             note(item.msg_id)
-            await self._profile_after_send(conn, item.peer)
+            if gid is None:
+                await self._profile_after_send(conn, item.peer)
         return changed
+
+    def _readable_by(self, peer: str, res: SendResult) -> dict[str, int]:
+        """The devices a sent item is readable by: the contact's, or (a group) every other
+        member's."""
+        if gid_of_ref(peer) is None:
+            return res.devices.get(peer, {"total": 0, "verified": 0})
+        others = [v for a, v in res.devices.items() if a != self.address]
+        return {
+            "total": sum(v["total"] for v in others),
+            "verified": sum(v["verified"] for v in others),
+        }
 
     # ---- daemon mode -------------------------------------------------------------------------
 
@@ -1606,6 +1690,11 @@ _PERMANENT = frozenset(
         "unknown_destination",
         "too_large",
         "malformed",
+        # a queued group text whose group changed meanwhile (docs/protocol.md §3.1)
+        gs.UNKNOWN_GROUP,
+        gs.NOT_MEMBER,
+        gs.TOO_MANY,
+        gs.TOO_LARGE,
     }
 )
 # Failures of one contact's node or quota: that contact's items wait, the others go on.

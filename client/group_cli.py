@@ -23,6 +23,7 @@ from .cli import Out, _row_json, history_line
 from .device import Device
 from .group_state import GroupError, parse_invite_code, ref_of
 from .groups import GroupInfo
+from .state import STATUS_PENDING, HistoryRow
 
 GROUP_HELP = "group:<id>, a unique prefix of the id, or a unique group name"
 INVITE_DEFAULT_TTL = "7d"
@@ -211,7 +212,9 @@ async def send(args: argparse.Namespace, dev: Device, out: Out, gid: bytes) -> i
         )
     if not args.text:
         raise LocalProtocolError("give the message text", code="bad_argument")
-    res = await dev.group_send(gid, args.text, ttl_ms=parse_duration(args.ttl))
+    res = await dev.group_send_or_queue(gid, args.text, ttl_ms=parse_duration(args.ttl))
+    if isinstance(res, HistoryRow):
+        return _queued(args, dev, out, gid, res)
     for w in res.warnings:
         out.err(f"warning: {w.message}")
     total = sum(d.get("total", 0) for d in res.devices.values())
@@ -229,6 +232,29 @@ async def send(args: argparse.Namespace, dev: Device, out: Out, gid: bytes) -> i
         f"member(s) ({verified} verified)"
     )
     out.emit(args, obj, text)
+    return 0
+
+
+def _queued(args: argparse.Namespace, dev: Device, out: Out, gid: bytes, row: HistoryRow) -> int:
+    """The answer for a group text that went through the device's outbox: ``queued`` as a
+    1:1 text through the app (docs/cli.md), ``sent to …``, or its failure code."""
+    if row.error:
+        raise LocalProtocolError(f"the message to {ref_of(gid)} could not be sent", code=row.error)
+    obj: dict[str, Any] = {"msg_id": row.msg_id.hex(), "to": ref_of(gid), "chat": ref_of(gid)}
+    if row.status == STATUS_PENDING:
+        out.err(
+            f"warning: the home node at {dev.node_url} is unreachable or busy; the message "
+            "is queued on this device and is sent then"
+        )
+        out.emit(args, obj | {"status": "queued"}, "queued")
+        return 0
+    devices = {"total": row.devices_total, "verified": row.devices_verified}
+    out.emit(
+        args,
+        obj | {"status": "sent", "devices": devices},
+        f"sent to {ref_of(gid)[:14]}…: readable by {row.devices_total} device(s) "
+        f"({row.devices_verified} verified)",
+    )
     return 0
 
 

@@ -398,6 +398,10 @@ class Groups:
             raise GroupError("no such group on this device", code=gs.UNKNOWN_GROUP)
         return found.pop()
 
+    def check_member(self, gid: bytes) -> None:
+        """Raise GroupError ``unknown_group`` / ``not_member`` unless we are in the group."""
+        self._member_row(gid)
+
     def _member_row(self, gid: bytes) -> tuple[_Row, GroupState, SignedState]:
         row = self._load(gid)
         if row is None or row.book.current is None or row.book.current_signed is None:

@@ -635,6 +635,14 @@ class DeviceState:
             (item.msg_id, item.peer, sealed, item.ttl_ms, item.created),
         )
 
+    def has_queued(self, peer: str | None = None) -> bool:
+        """Whether anything (or anything to ``peer``) is queued, without opening the queue."""
+        if peer is None:
+            r = self.db.execute("SELECT 1 FROM outbox LIMIT 1").fetchone()
+        else:
+            r = self.db.execute("SELECT 1 FROM outbox WHERE peer=? LIMIT 1", (peer,)).fetchone()
+        return r is not None
+
     def unqueue(self, db: Any, msg_id: bytes) -> None:
         db.execute("DELETE FROM outbox WHERE msg_id=?", (msg_id,))
 

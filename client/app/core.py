@@ -10,11 +10,11 @@ then ``offline`` once an attempt failed, and it redials with exponential backoff
 (0.25 s doubling to a 10 s cap, reset once a link lasted 5 s): the daemon never silently stops
 receiving. The API's operations themselves are in :mod:`client.app.actions`.
 
-Sending is durable first: a text is queued on the device (``Device.queue_text``, one
-transaction) and shown ``pending``; the flusher sends the queue on every (re)connect and on
-each new text, one flush at a time. Every change is published to subscribers (the WebSocket
-clients) as the events of docs/app.md. Every background task belongs to one TaskGroup that
-:meth:`AppCore.close` cancels.
+Sending is durable first: a text (1:1 or group) is queued on the device (``Device.queue_text``,
+``Device.queue_group_text``; one transaction) and shown ``pending``; the flusher sends the
+queue on every (re)connect and on each new text, one flush at a time. Every change is
+published to subscribers (the WebSocket clients) as the events of docs/app.md. Every
+background task belongs to one TaskGroup that :meth:`AppCore.close` cancels.
 """
 
 from __future__ import annotations

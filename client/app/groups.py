@@ -296,20 +296,19 @@ class Groups(CoreParts):
         return {"group_id": res.get("group_id"), "name": res.get("name"), "status": "requested"}
 
     async def group_send(self, ref: Any, text: Any) -> Obj:
-        """Send a text to the group (one upload; the nodes fan it out); its ``Message``."""
+        """Queue a text to the group durably (``pending``), as a 1:1 text: the daemon's flush
+        Megolm-encrypts and submits it once the link allows (one upload; the nodes fan it
+        out), and its ``update`` event brings ``sent``. Its ``Message``."""
         dev = self.require()
         gid = group_id(ref)
         if not isinstance(text, str) or not text.strip():
             raise LocalProtocolError("the message is empty", code="bad_request")
-        conn = await self.conn()
         async with self.lock:
-            res = await dev.group_send(gid, text, conn=conn)
-        row = dev.state.message(res.msg_id)
-        if row is None:
-            raise LocalProtocolError("the message was not stored", code="internal")
-        msg = self._group_message(row, dev.group_counts(gid).get(res.msg_id), self._names())
+            row = dev.queue_group_text(gid, text)
+        msg = self._group_message(row, None, self._names())
         self._publish(event("message", message=msg))
         self._publish(event("chat", chat=self.group_chat(gid)))
+        self._kick.set()
         return msg
 
     async def group_mark_read(self, ref: Any) -> int:

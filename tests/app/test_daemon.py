@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from client.app.core import SUBSCRIBER_BACKLOG, AppCore
 from federation.clock import FakeClock
@@ -76,6 +77,14 @@ async def test_live_exchange_ticks_outage_and_recovery(alice_bob: Pair) -> None:
         ping = p.bob.send(p.alice_addr, "ping")
         await a_ws.next(lambda e: e["type"] == "message" and e["message"]["id"] == ping["id"])
 
+        # a group with bob (its state reaches his device before the outage)
+        _, grp = p.alice.api(
+            "POST", "/api/groups", {"name": "outage", "members": [p.bob_addr]}, timeout=60
+        )
+        gref = grp["ref"]
+        gpath = f"/api/chats/{quote(gref, safe='')}/messages"
+        wait_until(lambda: p.bob.api("GET", gpath, expect=None)[0] == 200, 30, "bob's group")
+
         # alice's home node dies (SIGKILL): she sees it, and what she types waits, pending
         p.a.kill()
         await a_ws.next(
@@ -88,6 +97,8 @@ async def test_live_exchange_ticks_outage_and_recovery(alice_bob: Pair) -> None:
         assert row["status"] == "pending"
         _, read = p.alice.api("POST", f"/api/chats/{p.bob_addr}/read")  # read while offline
         assert read == {"count": 1}
+        gqueued = p.alice.send(gref, "group text during the outage")  # queued like a 1:1 text
+        assert (gqueued["status"], gqueued["group"], gqueued["error"]) == ("pending", True, None)
 
         # back on the same port: the queue is sent, bob receives it once
         p.a.start()
@@ -123,6 +134,10 @@ async def test_live_exchange_ticks_outage_and_recovery(alice_bob: Pair) -> None:
     wait_message(
         p.alice, p.bob_addr, lambda m: m["id"] == queued["id"] and m["status"] != "pending"
     )
+    # the group text went out on the reconnect too: sent, and bob has it once
+    wait_message(p.alice, gref, lambda m: m["id"] == gqueued["id"] and m["status"] == "sent")
+    wait_message(p.bob, gref, lambda m: m["id"] == gqueued["id"], timeout=30)
+    assert [m["id"] for m in p.bob.messages(gref)] == [gqueued["id"]]
 
 
 def test_locked_home_unlocks_through_the_api(

@@ -12,6 +12,7 @@ import pytest
 
 from client.connection import NodeConnection
 from client.device import Device
+from client.group_state import GroupError
 from client.state import STATUS_PENDING, STATUS_SENT, DeviceState, HistoryRow, OutboxItem
 from federation.errors import TransportError
 from tests.integration.harness import NodeProc
@@ -163,5 +164,44 @@ async def test_daemon_mode_never_closes_the_lent_connection(
         alice.use_connection(None)
         await lent.__aexit__(None, None, None)  # the daemon closes its own link
     await settle([bob], lambda: incoming(bob, alice.address)[-1:] == ["queued"])
+    alice.close()
+    bob.close()
+
+
+async def test_queued_group_texts_keep_their_order_and_a_left_group_fails_with_its_code(
+    tmp_path: Path, node_a: NodeProc
+) -> None:
+    _node, (alice, bob) = await node_with(node_a, tmp_path, "alice", "bob")
+    info = await alice.group_create("queued", [bob.address])
+    await settle([bob], lambda: bob.group(info.gid) is not None)
+    queued = [alice.queue_group_text(info.gid, f"typed offline {i}") for i in range(2)]
+    assert [(r.status, r.peer) for r in queued] == [(STATUS_PENDING, info.ref)] * 2
+    # Only the payload is queued, sealed under the row's key: no Megolm message exists yet.
+    assert alice.groups_engine._outbound(info.gid) is None
+    conn = await alice.connect()
+    try:
+        changed = await alice.flush_outbox(conn)
+    finally:
+        await alice.release(conn)
+    assert [r.msg_id for r in changed] == [r.msg_id for r in queued]
+    assert all(r.status == STATUS_SENT and r.devices_total == 1 for r in changed)
+    await settle([bob], lambda: len(bob.group_history(info.gid)) == 2)
+    assert [r.text for r in bob.group_history(info.gid)] == ["typed offline 0", "typed offline 1"]
+
+    # bob queues a text, then leaves before it is sent: it fails with a stable code, kept
+    late = bob.queue_group_text(info.gid, "typed before I left")
+    await bob.group_leave(info.gid)
+    conn = await bob.connect()
+    try:
+        failed = await bob.flush_outbox(conn)
+    finally:
+        await bob.release(conn)
+    assert [(r.msg_id, r.status, r.error) for r in failed] == [
+        (late.msg_id, STATUS_PENDING, "not_member")
+    ]
+    assert bob.state.outbox() == [] and bob.state.message(late.msg_id) == failed[0]
+    with pytest.raises(GroupError) as exc:  # and nothing more is queued for it
+        bob.queue_group_text(info.gid, "again")
+    assert exc.value.code == "not_member"
     alice.close()
     bob.close()

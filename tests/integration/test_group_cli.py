@@ -4,7 +4,8 @@ two real nodes (docs/cli.md, "haven group").
 One world: alice and carol on node A, bob and dave on node B. Alice creates a group with bob and
 carol, sends to it by name, and watches the counter of her message fall as bob reads (carol has
 read receipts off: hidden). Then the error codes a user meets (a non-admin's change, an
-ambiguous name, a bad invite), and an invite redeemed by dave.
+ambiguous name, a bad invite), and an invite redeemed by dave. In between, alice's home node
+is stopped: her texts are queued on her device and sent by her next command once it is back.
 """
 
 from __future__ import annotations
@@ -98,6 +99,39 @@ def test_group_commands_end_to_end(tmp_path: Path, nodes: list[NodeProc]) -> Non
         20,
         "the counter to fall to 0 with carol hidden",
     )
+
+    # alice's home node is down: the text is queued on her device (as a 1:1 text through the
+    # app), and the next command that connects sends it; every member gets it once
+    a.stop()
+    queued = haven("send", "team", "typed while A is down", *al, "--json")
+    assert json.loads(queued.stdout)["status"] == "queued", queued.stdout
+    assert "queued on this device" in queued.stderr and "Traceback" not in queued.stderr
+    assert haven("send", "team", "and a second one", *al).stdout.strip() == "queued"
+    pending = _lines("history", ref, *al, "--no-mark-read")[-2:]
+    assert [(r["text"], r["status"]) for r in pending] == [
+        ("typed while A is down", "pending"),
+        ("and a second one", "pending"),
+    ]
+    a.start()
+    haven("recv", *al, "--wait", "0")  # connects: flushes the queue first
+    flushed = _lines("history", ref, *al, "--no-mark-read")[-2:]
+    assert [r["status"] for r in flushed] == ["sent", "sent"] and flushed[0]["devices"]["total"]
+    want = ["typed while A is down", "and a second one"]
+    for home in (bob_h, carol_h):
+        texts: list[str] = []
+
+        def member_got(h: Path = home, texts: list[str] = texts) -> bool:
+            texts.extend(
+                r["text"]
+                for r in _lines("recv", "--home", str(h), "--wait", "0.3")
+                if r["kind"] == "text"
+            )
+            return len(texts) >= 2
+
+        wait_until(member_got, 30, "the members to receive the queued texts")
+        haven("recv", "--home", str(home), "--wait", "0.3")  # nothing more (a duplicate) comes
+        rows = [r for r in _lines("history", ref, "--home", str(home)) if r["from"] == alice]
+        assert [r["text"] for r in rows] == ["hello, team", *want] and texts == want
 
     # errors a user meets: a non-admin's change, an ambiguous name, a bad invite
     assert _code(haven("group", "add", "team", dave, *bo, "--json", check=False)) == "not_admin"
