@@ -974,8 +974,8 @@ class Groups:
     def apply_copy(self, db: Any, inner: GroupInner, now: int) -> list[ReceivedMessage]:
         """Phase 2: apply one opened group copy inside the batch's transaction. Raises
         HavenError (a stable code) to drop it; a copy whose key has not come yet waits."""
-        self.seen_device(inner.sender_device)
         if inner.kind == INNER_STATE:
+            self.seen_device(inner.sender_device)
             return self._apply_state(db, inner, now)
         if inner.kind != INNER_MEGOLM:
             log.debug("ignored a group body of a kind this version does not know")
@@ -1033,6 +1033,8 @@ class Groups:
             raise GroupError("a group message for another group", code=gs.UNKNOWN_GROUP)
         if inner.sender not in row.book.current.members:
             raise GroupError("the sender is not a member of this group", code=gs.NOT_MEMBER)
+        # only a member's device may make us ask for the lists again (not a non-member's)
+        self.seen_device(inner.sender_device)
         self._save_inbound(db, key_sender, inb)  # the seen index, before anything applies
         own = inner.sender == self.dev.address
         if p.kind == "text":
@@ -1115,7 +1117,6 @@ class Groups:
         """A ``group_key`` (1:1 Olm, from ``sender_device`` of ``sender``): store the inbound
         session, then open the copies that were waiting for it. A key is bound to the Olm
         sender device that brought it; a message is accepted only from a current member."""
-        self.seen_device(sender_device)
         try:
             obj = unpackb(p.gkey, max_len=len(p.gkey))
             gid, sid, key = bytes(obj["g"]), str(obj["s"]), str(obj["k"])
@@ -1128,6 +1129,7 @@ class Groups:
         if row is not None and row.book.current is not None:
             if sender not in row.book.current.members:
                 raise GroupError("a group key from a non-member", code=gs.NOT_MEMBER)
+            self.seen_device(sender_device)
         inb = Inbound.from_key(key, sender_device=sender_device, gid=gid)
         if inb.session_id != sid:
             raise MalformedEnvelope("the group key does not match its session id")
