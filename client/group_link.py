@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from federation.errors import HavenError, MalformedEnvelope
 from federation.wire import packb
@@ -43,6 +44,7 @@ MAX_LINK_GROUPS = 1000  # groups handed to a new device (the most recently joine
 # 64 KiB bucket less the length prefix and the seal, §3.3); the chunk map adds under 32
 GROUP_CHUNK_BYTES = 65_000
 NOTICE = "devices"
+T = TypeVar("T")
 
 
 def _meta_item(row: Any) -> list[Any] | None:
@@ -69,18 +71,24 @@ def handover_items(dev: Device) -> list[list[Any]]:
     return items
 
 
-def group_chunks(items: list[list[Any]]) -> list[list[list[Any]]]:
-    """``items`` cut into link messages of at most GROUP_CHUNK_BYTES packed bytes each."""
-    chunks: list[list[list[Any]]] = [[]]
+def cut_by_size(items: Iterable[T], cost: Callable[[T], int], limit: int) -> list[list[T]]:
+    """``items`` in order, cut into runs whose ``cost`` adds up to at most ``limit`` (an item
+    above ``limit`` alone makes a run of one). Link messages are cut with it (§3.5)."""
+    chunks: list[list[T]] = [[]]
     size = 0
     for item in items:
-        n = len(packb(item))
-        if size + n > GROUP_CHUNK_BYTES and chunks[-1]:
+        n = cost(item)
+        if size + n > limit and chunks[-1]:
             chunks.append([])
             size = 0
         chunks[-1].append(item)
         size += n
     return [c for c in chunks if c]
+
+
+def group_chunks(items: list[list[Any]]) -> list[list[list[Any]]]:
+    """``items`` cut into link messages of at most GROUP_CHUNK_BYTES packed bytes each."""
+    return cut_by_size(items, lambda item: len(packb(item)), GROUP_CHUNK_BYTES)
 
 
 def _parse(items: list[Any]) -> tuple[dict[bytes, list[SignedState]], dict[bytes, list[Any]]]:

@@ -257,12 +257,8 @@ HISTORY_CHUNK_BYTES = 40_000
 
 def _history_chunks(dev: Device) -> list[list[list[Any]]]:
     """Local history as rows that fit in one 64 KiB link message each."""
-    chunks: list[list[list[Any]]] = [[]]
-    size = 0
-    for r in dev.state.all_history():
-        if r.status == STATUS_PENDING:
-            continue  # not sent yet: the new device gets it with the send (our own copy)
-        row = [
+    rows = [
+        [
             r.msg_id,
             r.peer,
             r.outgoing,
@@ -276,13 +272,15 @@ def _history_chunks(dev: Device) -> list[list[list[Any]]]:
             r.expires_in,
             r.expire_at,
         ]
-        cost = len(r.text.encode()) + len(r.peer) + len(r.sender) + 80
-        if size + cost > HISTORY_CHUNK_BYTES and chunks[-1]:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(row)
-        size += cost
-    return [c for c in chunks if c]
+        for r in dev.state.all_history()
+        if r.status != STATUS_PENDING  # not sent yet: the new device gets it with the send
+    ]
+    return group_link.cut_by_size(rows, _row_cost, HISTORY_CHUNK_BYTES)
+
+
+def _row_cost(row: list[Any]) -> int:
+    """About what a history row adds to a link message: its text, peer and sender, and 80."""
+    return len(str(row[4]).encode()) + len(str(row[1])) + len(str(row[3])) + 80
 
 
 MAX_CHUNKS = 100_000  # link messages of one kind a hand-over may announce
