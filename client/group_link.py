@@ -30,7 +30,7 @@ from federation.errors import HavenError, MalformedEnvelope
 from federation.wire import packb
 
 from .group_receipts import Watermarks
-from .group_state import SignedState
+from .group_state import GroupError, SignedState
 from .payload import Payload
 
 if TYPE_CHECKING:
@@ -97,9 +97,12 @@ def _parse(items: list[Any]) -> tuple[dict[bytes, list[SignedState]], dict[bytes
     try:
         for item in items:
             if item[0] == "s":
-                states.setdefault(bytes(item[1]), []).append(SignedState.decode(bytes(item[2])))
+                signed = SignedState.decode(bytes(item[2]))
+                signed.open()  # the blob's own checks (sizes, sorted lists), once, here
+                states.setdefault(bytes(item[1]), []).append(signed)
             elif item[0] == "g":
-                metas[bytes(item[1])] = [int(item[2]), bytes(item[3]), dict(item[4])]
+                since = {str(m): int(t) for m, t in dict(item[4]).items()}
+                metas[bytes(item[1])] = [int(item[2]), bytes(item[3]), since]
     except (HavenError, IndexError, TypeError, ValueError) as exc:
         raise MalformedEnvelope("bad group hand-over") from exc
     return states, metas
@@ -135,9 +138,12 @@ async def import_groups(dev: Device, conn: NodeConnection, items: list[Any]) -> 
                 joined_at, marks, since = metas[gid]
                 row.joined_at = joined_at
                 if marks:
-                    row.marks = Watermarks.load(marks)
+                    try:
+                        row.marks = Watermarks.load(marks)
+                    except GroupError as exc:  # the counters fill again from new receipts
+                        log.info("handed-over watermarks were not usable (%s)", exc.code)
                 members = set(row.book.current.members)
-                row.since.update({str(m): int(t) for m, t in since.items() if m in members})
+                row.since.update({m: t for m, t in since.items() if m in members})
                 eng._save(db, row)
             stored += 1
     eng._retried = []  # copies that waited for these states are stored; nobody to tell

@@ -197,3 +197,24 @@ def test_group_hand_over_chunks_fit_one_link_message_each() -> None:
         assert sum(len(packb(it)) for it in c) <= GROUP_CHUNK_BYTES or len(c) == 1
         msg = {"gchunk": i, "items": c}
         assert _open(k, _seal(k, msg)) == msg  # one 64 KiB bucket at most
+
+
+def test_a_bad_group_hand_over_is_refused_with_one_code() -> None:
+    import nacl.signing
+
+    from client import group_state as gs
+    from client.group_link import _parse
+
+    key = nacl.signing.SigningKey.generate()
+    gid = gs.new_gid()
+    signed = gs.sign_state(gs.create(gid, "g", ["b@x"], "a@x", at=1), key)
+    states, metas = _parse([["s", gid, signed.encode()], ["g", gid, 5, b"", {"b@x": 1}]])
+    assert states == {gid: [signed]} and metas == {gid: [5, b"", {"b@x": 1}]}
+    for bad in (
+        [["s", gid, b"\x00" * 40]],  # not a signed state
+        [["s", gid]],  # too short
+        [["g", gid, "soon", b"", {}]],  # not a time
+        [["g", gid, 5, b"", {"b@x": "x"}]],  # not a join time
+    ):
+        with pytest.raises(MalformedEnvelope):
+            _parse(bad)
