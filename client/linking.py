@@ -56,9 +56,15 @@ def _open(k: bytes, body: bytes) -> Any:
 
 
 async def _await_link_message(
-    dev: Device, conn: NodeConnection, k: bytes, timeout_s: float
+    dev: Device,
+    conn: NodeConnection,
+    k: bytes,
+    timeout_s: float,
+    deferred: list[Envelope] | None = None,
 ) -> tuple[Envelope, Any]:
-    """Wait for the next envelope sealed with ``k``; process everything else normally.
+    """Wait for the next envelope sealed with ``k``; process everything else normally (or,
+    with ``deferred``, keep it there for the caller to process once the hand-over is stored:
+    a new device gets group keys and notices right behind it, §11.6).
 
     Link messages that arrive together are kept (on the connection) for the next call.
     """
@@ -79,7 +85,9 @@ async def _await_link_message(
                 held.append((env, _open(k, env.body)))
             except HavenError:
                 others.append(env)
-        if others:
+        if others and deferred is not None:
+            deferred.extend(others)
+        elif others:
             await dev.process(conn, others)
         if held:
             await conn.ack([env.id for env, _ in held])
@@ -185,7 +193,8 @@ async def join_link(dev: Device, inv: dict[str, Any], name: str, timeout_s: floa
         body = _seal(k, {"device": info.to_wire(), "name": name})
         env = Envelope(new_envelope_id(), inv["mb"], dev.clock.now_ms() + LINK_TTL_MS, body)
         expect(await conn.request(F.Send(conn.next_rid(), ((inv["node"], env),))), F.Accepted)
-        _env, msg = await _await_link_message(dev, conn, k, timeout_s)
+        deferred: list[Envelope] = []
+        _env, msg = await _await_link_message(dev, conn, k, timeout_s, deferred)
         try:
             signed = SignedDeviceList.from_wire(msg["list"])
             seed, addr = bytes(msg["seed"]), str(msg["address"])
@@ -200,10 +209,12 @@ async def join_link(dev: Device, inv: dict[str, Any], name: str, timeout_s: floa
             "chunk": int(msg.get("history_chunks", 0)),
             "gchunk": int(msg.get("group_chunks", 0)),
         }
-        got = await _receive_chunks(dev, conn, k, want, timeout_s)
+        got = await _receive_chunks(dev, conn, k, want, timeout_s, deferred)
         _store_history(dev, got["chunk"])
         items = [it for i in sorted(got["gchunk"]) for it in got["gchunk"][i]]
         await group_link.import_groups(dev, conn, items)
+        if deferred:  # what came with the hand-over, now that we hold the identity and groups
+            await dev.process(conn, deferred)
     return address
 
 
@@ -287,7 +298,12 @@ MAX_CHUNKS = 100_000  # link messages of one kind a hand-over may announce
 
 
 async def _receive_chunks(
-    dev: Device, conn: NodeConnection, k: bytes, want: dict[str, int], timeout_s: float
+    dev: Device,
+    conn: NodeConnection,
+    k: bytes,
+    want: dict[str, int],
+    timeout_s: float,
+    deferred: list[Envelope],
 ) -> dict[str, dict[int, list[Any]]]:
     """The hand-over's follow-up link messages, ``{kind: {index: list}}``: ``want[kind]`` of
     each kind (``chunk``: history rows, ``gchunk``: group items), in any order."""
@@ -296,7 +312,7 @@ async def _receive_chunks(
     got: dict[str, dict[int, list[Any]]] = {kind: {} for kind in want}
     field = {"chunk": "rows", "gchunk": "items"}
     while any(len(got[kind]) < n for kind, n in want.items()):
-        _env, msg = await _await_link_message(dev, conn, k, timeout_s)
+        _env, msg = await _await_link_message(dev, conn, k, timeout_s, deferred)
         if not isinstance(msg, dict):
             continue
         for kind in want:
