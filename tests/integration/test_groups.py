@@ -399,10 +399,13 @@ async def test_group_world(world: World) -> None:
     now_in = [n for n in ALL if n != "bob2"] + ["gina"]
     await until(w, ["alice"], lambda: engine.device_notices > notices + 1, "dave's notice")
     await d["alice"].group_send(gid, "after dave's link")
+    await d["dave"].group_send(gid, "from dave's phone")  # its key came right behind the link
     await until(
         w,
         ["dave2"],
-        lambda: [t for _, t in texts(dave2, gid)] == ["after dave's link"],
+        lambda: (
+            sorted(t for _, t in texts(dave2, gid)) == ["after dave's link", "from dave's phone"]
+        ),
         "the new device to read the group",
     )
     await dave2.group_send(gid, "from dave's laptop")
