@@ -462,18 +462,39 @@ class StateBook:
             d = self._valid[d].state.parent
         return out
 
-    def superseded(self) -> tuple[dict[str, Any], ...]:
-        """Valid changes that lost: ``{"version", "by", "at", "change"}``, newest first."""
+    def _lost(self) -> list[_Valid]:
+        """The valid changes off the current chain that are shown as superseded, newest first."""
         chain = self._chain()
         # below a gap in the chain (a jump, :meth:`_jump`) states are history, not rivals
         bottom = min((self._valid[d].state.version for d in chain), default=1)
-        lost = sorted(
+        return sorted(
             (v for d, v in self._valid.items() if d not in chain and v.state.version >= bottom),
             key=lambda v: v.rank(),
             reverse=True,
         )[:MAX_SUPERSEDED_SHOWN]
+
+    def transfer(self) -> list[SignedState]:
+        """What a newly linked device of a member needs to show this book (docs/protocol.md
+        §11.6): the current state (its root), the chain below it down to the parents of the
+        superseded changes (at least the parent: ancestors), then those changes, oldest first
+        (each validates against a parent it already holds)."""
+        cur = self._valid.get(self._current)
+        if cur is None:
+            return []
+        lost = self._lost()
+        floor = min((v.state.version - 1 for v in lost), default=cur.state.version - 1)
+        out: list[SignedState] = []
+        d, seen = self._current, set()
+        while d in self._valid and d not in seen and self._valid[d].state.version >= floor:
+            seen.add(d)
+            out.append(self._valid[d].signed)
+            d = self._valid[d].state.parent
+        return out + [v.signed for v in reversed(lost)]
+
+    def superseded(self) -> tuple[dict[str, Any], ...]:
+        """Valid changes that lost: ``{"version", "by", "at", "change"}``, newest first."""
         out = []
-        for v in lost:
+        for v in self._lost():
             parent = self._valid.get(v.state.parent)
             out.append(
                 {

@@ -84,9 +84,10 @@ FALLBACK_IN_FLIGHT = 16  # ``query_keys`` in flight at once on a home node witho
 # home node without ``multi``, one rate-limited (20/s) query per remote member. Reuse is
 # dropped at once after any group state change, when our own device list changed, when a
 # group copy or key comes from a device of a member we do not have listed, after a failed
-# send, and whenever the lists came with warnings. The cost: for up to LIST_TTL_S after a
-# member unlinks (or links) a device, our sends may still address it (or miss the new one):
-# docs/protocol.md §11.2, "Reused member lists".
+# send, whenever the lists came with warnings, and for one member when it sends a ``devices``
+# notice (it linked or removed a device: client/group_link.py). Without the notice (an older
+# member device), for up to LIST_TTL_S after a member unlinks (or links) a device, our sends
+# may still address it (or miss the new one): docs/protocol.md §11.2, "Reused member lists".
 LIST_TTL_S = 60.0
 UNKNOWN_KEYS_MAX = 256  # session keys kept for groups we do not know yet (the oldest go first)
 PENDING_MAX = 5000  # group copies waiting for their session key (the oldest go first)
@@ -239,6 +240,7 @@ class Groups:
         self._listed: set[str] = set()  # device ids in the reused lists
         self.list_queries = 0  # member key queries made (reused lists ask nothing)
         self.state_jumps = 0  # changes taken without their parent (an admin vouched)
+        self.device_notices = 0  # ``devices`` notices applied (a member's device list changed)
 
     def begin_batch(self) -> None:
         """Keep groups loaded while one delivered batch is stored (one book load per group)."""
@@ -480,6 +482,16 @@ class Groups:
         """Drop the reused member device lists: the next send asks for them again."""
         self._lists.clear()
         self._listed.clear()
+
+    def member_devices_changed(self, address: str) -> None:
+        """A member told its group that its device list changed (a ``devices`` notice, §11.6):
+        drop the reused lists that include it, so the next send asks for its list again."""
+        self.device_notices += 1
+        for key in [k for k in self._lists if address in k]:
+            del self._lists[key]
+        self._listed = {
+            d.device_id for _, _, r in self._lists.values() for t in r.targets for d in t.devices
+        }
 
     def seen_device(self, device_id: str) -> None:
         """A group copy or key came from ``device_id``: a device not in the reused lists
@@ -966,8 +978,8 @@ class Groups:
     def apply_copy(self, db: Any, inner: GroupInner, now: int) -> list[ReceivedMessage]:
         """Phase 2: apply one opened group copy inside the batch's transaction. Raises
         HavenError (a stable code) to drop it; a copy whose key has not come yet waits."""
-        self.seen_device(inner.sender_device)
         if inner.kind == INNER_STATE:
+            self.seen_device(inner.sender_device)
             return self._apply_state(db, inner, now)
         if inner.kind != INNER_MEGOLM:
             log.debug("ignored a group body of a kind this version does not know")
@@ -1025,6 +1037,8 @@ class Groups:
             raise GroupError("a group message for another group", code=gs.UNKNOWN_GROUP)
         if inner.sender not in row.book.current.members:
             raise GroupError("the sender is not a member of this group", code=gs.NOT_MEMBER)
+        # only a member's device may make us ask for the lists again (not a non-member's)
+        self.seen_device(inner.sender_device)
         self._save_inbound(db, key_sender, inb)  # the seen index, before anything applies
         own = inner.sender == self.dev.address
         if p.kind == "text":
@@ -1044,6 +1058,9 @@ class Groups:
                 self._mark_local(db, ref, p.wm)
             self._save_marks(db, row)
             return [ReceivedMessage(inner.sender, "", p.sent_at, p.id, "read", ref, chat=ref)]
+        if p.kind == "devices":  # the sender's device list changed (§11.6)
+            self.member_devices_changed(inner.sender)
+            return []
         log.debug("ignored a group payload of a kind this version does not know")
         return []
 
@@ -1104,7 +1121,6 @@ class Groups:
         """A ``group_key`` (1:1 Olm, from ``sender_device`` of ``sender``): store the inbound
         session, then open the copies that were waiting for it. A key is bound to the Olm
         sender device that brought it; a message is accepted only from a current member."""
-        self.seen_device(sender_device)
         try:
             obj = unpackb(p.gkey, max_len=len(p.gkey))
             gid, sid, key = bytes(obj["g"]), str(obj["s"]), str(obj["k"])
@@ -1117,6 +1133,7 @@ class Groups:
         if row is not None and row.book.current is not None:
             if sender not in row.book.current.members:
                 raise GroupError("a group key from a non-member", code=gs.NOT_MEMBER)
+            self.seen_device(sender_device)
         inb = Inbound.from_key(key, sender_device=sender_device, gid=gid)
         if inb.session_id != sid:
             raise MalformedEnvelope("the group key does not match its session id")

@@ -5,8 +5,10 @@
 2. The new device redeems the token (the node creates its mailbox; it is not yet on the signed
    list) and sends its public device entry to the linking device, sealed with ``k``.
 3. The linking device re-signs the device list with the new entry, publishes it, and sends the
-   identity key material back, sealed with ``k``. Only holders of the code can read either
-   message; the node relays two opaque envelopes. History is not copied.
+   identity key material back, sealed with ``k``, then (on request) the history and always
+   the account's groups (:mod:`client.group_link`) in further link messages. Only holders of
+   the code can read them; the node relays opaque envelopes. The account's groups are then
+   told of the new device with a ``devices`` notice, as they are after a device is removed.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from federation.sealing import SEAL_OVERHEAD, pad, unpad
 from federation.signing import b64e
 from federation.wire import Envelope, packb, unpackb
 
+from . import group_link
 from .connection import NodeConnection, expect
 from .device import Device
+from .groups import send_chunks
 from .state import STATUS_PENDING, HistoryRow
 
 _FILL = SEAL_OVERHEAD - 40  # sealed box overhead minus SecretBox nonce+MAC
@@ -52,9 +56,15 @@ def _open(k: bytes, body: bytes) -> Any:
 
 
 async def _await_link_message(
-    dev: Device, conn: NodeConnection, k: bytes, timeout_s: float
+    dev: Device,
+    conn: NodeConnection,
+    k: bytes,
+    timeout_s: float,
+    deferred: list[Envelope] | None = None,
 ) -> tuple[Envelope, Any]:
-    """Wait for the next envelope sealed with ``k``; process everything else normally.
+    """Wait for the next envelope sealed with ``k``; process everything else normally (or,
+    with ``deferred``, keep it there for the caller to process once the hand-over is stored:
+    a new device gets group keys and notices right behind it, §11.6).
 
     Link messages that arrive together are kept (on the connection) for the next call.
     """
@@ -75,7 +85,9 @@ async def _await_link_message(
                 held.append((env, _open(k, env.body)))
             except HavenError:
                 others.append(env)
-        if others:
+        if others and deferred is not None:
+            deferred.extend(others)
+        elif others:
             await dev.process(conn, others)
         if held:
             await conn.ack([env.id for env, _ in held])
@@ -134,26 +146,38 @@ async def link_device(
         names[new.device_id] = new_name
         dev.adopt_identity(bytes(dev.identity()), dev.address, dev.node_id, signed, names)
         chunks = _history_chunks(dev) if with_history else []
+        group_items = group_link.handover_items(dev)
+        gchunks = group_link.group_chunks(group_items)
         handover = {
             "seed": bytes(dev.identity()),
             "address": dev.address,
             "list": signed.to_wire(),
             "names": names,
             "history_chunks": len(chunks),
+            "group_chunks": len(gchunks),
         }
         expires = dev.clock.now_ms() + LINK_TTL_MS
+        msgs = [
+            handover,
+            *({"chunk": i, "rows": c} for i, c in enumerate(chunks)),
+            *({"gchunk": i, "items": c} for i, c in enumerate(gchunks)),
+        ]
         items = [
             (dev.node_id, Envelope(new_envelope_id(), new.mailbox, expires, _seal(k, m)))
-            for m in [handover, *({"chunk": i, "rows": c} for i, c in enumerate(chunks))]
+            for m in msgs
         ]
-        ans = expect(await conn.request(F.Send(conn.next_rid(), tuple(items))), F.Accepted)
-        if ans.rejected:
-            raise LocalProtocolError("the node refused the key hand-over")
+        for frame in send_chunks(items):
+            ans = expect(await conn.request(F.Send(conn.next_rid(), frame)), F.Accepted)
+            if ans.rejected:
+                raise LocalProtocolError("the node refused the key hand-over")
+        # the account's groups learn of the new device now, not within LIST_TTL_S (§11.6)
+        await group_link.announce_devices(dev, conn)
         return {
             "id": new.device_id,
             "name": new_name,
             "added_at": new.added_at,
             "history_messages": sum(len(c) for c in chunks),
+            "groups": len({bytes(i[1]) for i in group_items}),
         }
     finally:
         await dev.release(conn)
@@ -169,7 +193,8 @@ async def join_link(dev: Device, inv: dict[str, Any], name: str, timeout_s: floa
         body = _seal(k, {"device": info.to_wire(), "name": name})
         env = Envelope(new_envelope_id(), inv["mb"], dev.clock.now_ms() + LINK_TTL_MS, body)
         expect(await conn.request(F.Send(conn.next_rid(), ((inv["node"], env),))), F.Accepted)
-        _env, msg = await _await_link_message(dev, conn, k, timeout_s)
+        deferred: list[Envelope] = []
+        _env, msg = await _await_link_message(dev, conn, k, timeout_s, deferred)
         try:
             signed = SignedDeviceList.from_wire(msg["list"])
             seed, addr = bytes(msg["seed"]), str(msg["address"])
@@ -180,7 +205,16 @@ async def join_link(dev: Device, inv: dict[str, Any], name: str, timeout_s: floa
         if addr != address or not any(d.device_id == info.device_id for d in dl.devices):
             raise MalformedEnvelope("the hand-over does not list this device")
         dev.adopt_identity(seed, address, inv["node"], signed, names)
-        await _receive_history(dev, conn, k, int(msg.get("history_chunks", 0)), timeout_s)
+        want = {
+            "chunk": int(msg.get("history_chunks", 0)),
+            "gchunk": int(msg.get("group_chunks", 0)),
+        }
+        got = await _receive_chunks(dev, conn, k, want, timeout_s, deferred)
+        _store_history(dev, got["chunk"])
+        items = [it for i in sorted(got["gchunk"]) for it in got["gchunk"][i]]
+        await group_link.import_groups(dev, conn, items)
+        if deferred:  # what came with the hand-over, now that we hold the identity and groups
+            await dev.process(conn, deferred)
     return address
 
 
@@ -234,12 +268,8 @@ HISTORY_CHUNK_BYTES = 40_000
 
 def _history_chunks(dev: Device) -> list[list[list[Any]]]:
     """Local history as rows that fit in one 64 KiB link message each."""
-    chunks: list[list[list[Any]]] = [[]]
-    size = 0
-    for r in dev.state.all_history():
-        if r.status == STATUS_PENDING:
-            continue  # not sent yet: the new device gets it with the send (our own copy)
-        row = [
+    rows = [
+        [
             r.msg_id,
             r.peer,
             r.outgoing,
@@ -253,23 +283,46 @@ def _history_chunks(dev: Device) -> list[list[list[Any]]]:
             r.expires_in,
             r.expire_at,
         ]
-        cost = len(r.text.encode()) + len(r.peer) + len(r.sender) + 80
-        if size + cost > HISTORY_CHUNK_BYTES and chunks[-1]:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(row)
-        size += cost
-    return [c for c in chunks if c]
+        for r in dev.state.all_history()
+        if r.status != STATUS_PENDING  # not sent yet: the new device gets it with the send
+    ]
+    return group_link.cut_by_size(rows, _row_cost, HISTORY_CHUNK_BYTES)
 
 
-async def _receive_history(
-    dev: Device, conn: NodeConnection, k: bytes, n: int, timeout_s: float
-) -> None:
-    got: dict[int, list[Any]] = {}
-    while len(got) < n:
-        _env, msg = await _await_link_message(dev, conn, k, timeout_s)
-        if isinstance(msg, dict) and isinstance(msg.get("chunk"), int):
-            got[msg["chunk"]] = list(msg.get("rows", []))
+def _row_cost(row: list[Any]) -> int:
+    """About what a history row adds to a link message: its text, peer and sender, and 80."""
+    return len(str(row[4]).encode()) + len(str(row[1])) + len(str(row[3])) + 80
+
+
+MAX_CHUNKS = 100_000  # link messages of one kind a hand-over may announce
+
+
+async def _receive_chunks(
+    dev: Device,
+    conn: NodeConnection,
+    k: bytes,
+    want: dict[str, int],
+    timeout_s: float,
+    deferred: list[Envelope],
+) -> dict[str, dict[int, list[Any]]]:
+    """The hand-over's follow-up link messages, ``{kind: {index: list}}``: ``want[kind]`` of
+    each kind (``chunk``: history rows, ``gchunk``: group items), in any order."""
+    if any(not 0 <= n <= MAX_CHUNKS for n in want.values()):
+        raise MalformedEnvelope("bad key hand-over")
+    got: dict[str, dict[int, list[Any]]] = {kind: {} for kind in want}
+    field = {"chunk": "rows", "gchunk": "items"}
+    while any(len(got[kind]) < n for kind, n in want.items()):
+        _env, msg = await _await_link_message(dev, conn, k, timeout_s, deferred)
+        if not isinstance(msg, dict):
+            continue
+        for kind in want:
+            i = msg.get(kind)
+            if isinstance(i, int) and 0 <= i < want[kind]:
+                got[kind][i] = list(msg.get(field[kind], []))
+    return got
+
+
+def _store_history(dev: Device, got: dict[int, list[Any]]) -> None:
     with dev.state.tx() as db:
         for i in sorted(got):
             for row in got[i]:
@@ -337,5 +390,8 @@ async def remove_device(dev: Device, device_id: str) -> None:
         dev.adopt_identity(bytes(dev.identity()), dev.address, dev.node_id, signed, names)
         with dev.state.tx() as db:
             db.execute("DELETE FROM device_names WHERE device_id=?", (device_id,))
+        # members drop their reused lists of us now and rotate on their next send (§11.6); our
+        # own session rotates with this notice (the removed device is off our list)
+        await group_link.announce_devices(dev, conn)
     finally:
         await dev.release(conn)

@@ -41,6 +41,7 @@ KINDS = frozenset(
         "file",
         "group_key",
         "group_join",
+        "devices",
         "moved",
     }
 )

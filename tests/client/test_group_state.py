@@ -274,6 +274,28 @@ def test_a_new_member_follows_from_the_handoff_and_sees_the_race() -> None:
     assert joiner.add(refound, key_of).code == "forged_state"
 
 
+def test_a_linked_device_rebuilds_the_book_from_its_transfer() -> None:
+    v1, v2 = base()
+    book = book_of(v1, v2)
+    add = signed(changed(v2, by="alice@a", at=3, add=["erin@b"]))
+    rival = signed(changed(v2, by="carol@c", at=3, rename="other"))
+    for s in (add, rival):
+        book.add(s, key_of)
+    later = signed(changed(book.current_signed, by="alice@a", at=4, rename="later"))  # type: ignore[arg-type]
+    for extra in ((), (later,)):  # the race at the top, then one version below the top
+        for s in extra:
+            assert book.add(s, key_of).outcome == "current"
+        sent = book.transfer()
+        assert sent[0] == book.current_signed and len(sent) == len(set(sent))
+        linked = StateBook(GID)
+        assert linked.add(sent[0], key_of, root=True).outcome == "current"
+        for s in sent[1:]:
+            assert linked.add(s, key_of).ok
+        assert linked.current_signed == book.current_signed
+        assert len(linked.superseded()) == 1 and linked.superseded() == book.superseded()
+    assert StateBook(GID).transfer() == []
+
+
 def test_a_device_that_missed_many_versions_catches_up_on_an_admins_word() -> None:
     v1, v2 = base()
     chain = [v1, v2]

@@ -12,13 +12,22 @@ import pytest
 
 from client import devicedb
 from client import groups as groups_mod
-from client.groups import GroupInfo, Groups, Resolved, _with_unreachable, gid_of_ref, send_chunks
+from client.groups import (
+    GroupInfo,
+    Groups,
+    Resolved,
+    Target,
+    _with_unreachable,
+    gid_of_ref,
+    send_chunks,
+)
 from client.payload import Payload
 from client.state import DeviceState
 from federation import frames as F
+from federation.devicelist import DeviceInfo
 from federation.errors import MalformedEnvelope, RateLimited
 from federation.ids import new_envelope_id
-from federation.wire import Envelope
+from federation.wire import Envelope, packb
 
 V5_TABLES = {"groups", "group_outbound", "group_inbound", "group_invites", "group_pending"}
 
@@ -157,3 +166,55 @@ def test_a_device_not_on_the_reused_lists_drops_them() -> None:
         assert engine._lists
     engine.seen_device("dev-new")  # a member linked a device we do not know: ask again
     assert engine._lists == {} and engine._listed == set()
+
+
+def test_a_devices_notice_drops_only_the_lists_with_its_member() -> None:
+    engine = Groups.__new__(Groups)
+    engine.dev = SimpleNamespace(curve_key="me")  # type: ignore[assignment]
+    engine._lists, engine._listed, engine.device_notices = {}, set(), 0
+    dev = DeviceInfo("dev-c", b"e" * 32, b"s" * 32, b"m" * 16, 0)
+    engine._lists[("a@x", "me@x")] = (float("inf"), b"", Resolved())
+    kept = Resolved([Target("c@x", "n", [dev], True, b"", 1)])
+    engine._lists[("c@x", "me@x")] = (float("inf"), b"", kept)
+    engine._listed.update({"dev-a", "dev-c"})
+    engine.member_devices_changed("a@x")
+    assert list(engine._lists) == [("c@x", "me@x")] and engine._listed == {"dev-c"}
+    assert engine.device_notices == 1
+
+
+def test_group_hand_over_chunks_fit_one_link_message_each() -> None:
+    from client.group_link import GROUP_CHUNK_BYTES, group_chunks
+    from client.linking import _open, _seal
+
+    k = os.urandom(32)
+    items = [["s", os.urandom(16), os.urandom(n)] for n in (64_600, 28_000, 100, 40_000)]
+    since = {f"m{i}@x": i for i in range(50)}
+    items += [["g", os.urandom(16), 1, b"", since] for _ in range(1000)]
+    chunks = group_chunks(items)
+    assert [it for c in chunks for it in c] == items
+    assert len(chunks) > 4
+    for i, c in enumerate(chunks):
+        assert sum(len(packb(it)) for it in c) <= GROUP_CHUNK_BYTES or len(c) == 1
+        msg = {"gchunk": i, "items": c}
+        assert _open(k, _seal(k, msg)) == msg  # one 64 KiB bucket at most
+
+
+def test_a_bad_group_hand_over_is_refused_with_one_code() -> None:
+    import nacl.signing
+
+    from client import group_state as gs
+    from client.group_link import _parse
+
+    key = nacl.signing.SigningKey.generate()
+    gid = gs.new_gid()
+    signed = gs.sign_state(gs.create(gid, "g", ["b@x"], "a@x", at=1), key)
+    states, metas = _parse([["s", gid, signed.encode()], ["g", gid, 5, b"", {"b@x": 1}]])
+    assert states == {gid: [signed]} and metas == {gid: [5, b"", {"b@x": 1}]}
+    for bad in (
+        [["s", gid, b"\x00" * 40]],  # not a signed state
+        [["s", gid]],  # too short
+        [["g", gid, "soon", b"", {}]],  # not a time
+        [["g", gid, 5, b"", {"b@x": "x"}]],  # not a join time
+    ):
+        with pytest.raises(MalformedEnvelope):
+            _parse(bad)

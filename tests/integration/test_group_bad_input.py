@@ -271,6 +271,20 @@ async def test_removed_members_late_message(world: World) -> None:
     assert g is not None and rita.address not in g.members
     late = megolm_inner(rita, kept, gs.ref_of(w.gid), "rita, after her removal")
     await refused(w, "rita", late, "not_member")
+    # nor may she make bob's device drop its reused member lists (a ``devices`` notice)
+    engine = w.bob.groups_engine
+    await w.bob.group_send(w.gid, "bob reuses these lists")
+    lists, notices = dict(engine._lists), engine.device_notices
+    assert lists
+    p = Payload(os.urandom(16), "devices", gs.ref_of(w.gid), rita.clock.now_ms())
+    notice = GroupInner(
+        INNER_MEGOLM,
+        rita.address,
+        rita.curve_key,
+        packb([kept.session_id, kept.encrypt(p.encode())]),
+    )
+    await refused(w, "rita", notice, "not_member")
+    assert engine._lists == lists and engine.device_notices == notices
 
 
 async def test_non_member_message(world: World) -> None:

@@ -39,6 +39,7 @@ class World:
     nodes: list[NodeProc]
     devs: dict[str, Device]  # alice, alice2, bob, bob2, carol, dave, erin, frank, gina
     addr: dict[str, str]  # account name -> address
+    base: Path
     sent: list[GroupInner] = field(default_factory=list)  # what alice's devices submitted
 
     def members(self) -> list[str]:
@@ -55,7 +56,7 @@ async def _build(base: Path, nodes: list[NodeProc]) -> World:
     devs["alice2"] = await linked(devs["alice"], base / "alice2", "alice-laptop")
     devs["bob2"] = await linked(devs["bob"], base / "bob2", "bob-laptop")
     addr = {n: d.address for n, d in devs.items() if not n.endswith("2")}
-    return World(nodes, devs, addr)
+    return World(nodes, devs, addr, base)
 
 
 @pytest.fixture(scope="module")
@@ -330,15 +331,25 @@ async def test_group_world(world: World) -> None:
 
     # 8. bob removes his second device: alice's next message starts a new session that the
     # removed device never gets, and "who can read this" flags bob's changed list
+    # bob's device tells the group (a ``devices`` notice, in a session of its own that bob2
+    # never gets); alice's device drops its reused list of bob at once, not within 60 s
+    bob_out = d["bob"].groups_engine._outbound(gid)
+    assert bob_out is not None
+    notices = engine.device_notices
+    await d["alice"].group_send(gid, "before bob's device left")  # alice reuses this list
+    assert any(addr["bob"] in key for key in engine._lists)
     await remove_device(d["bob"], d["bob2"].curve_key)
-    # nothing tells alice's device of another account's device change: its reused lists
-    # would see it within LIST_TTL_S (60 s); the test does not wait that out
-    engine.forget_lists()
+    bob_new = d["bob"].groups_engine._outbound(gid)
+    assert bob_new is not None and bob_new.session_id != bob_out.session_id
+    assert d["bob2"].curve_key not in bob_new.shared_with
+    await until(w, ["alice"], lambda: engine.device_notices > notices, "bob's devices notice")
+    assert not any(addr["bob"] in key for key in engine._lists)
     w.sent.clear()
     await d["alice"].group_send(gid, "after bob's device left")
     rotated = [i for i in w.sent if i.kind == INNER_MEGOLM][-1]
-    sid2, _ = unpackb(rotated.data, max_len=len(rotated.data))
+    sid2, message2 = unpackb(rotated.data, max_len=len(rotated.data))
     assert sid2 != sid  # rotated: a device was removed since the key was shared
+    assert not _can_decrypt(d["bob2"], rotated.sender_device, message2)
     bob_rows = [r for r in await d["alice"].group_readers(gid) if r["address"] == addr["bob"]]
     assert len(bob_rows) == 1 and bob_rows[0]["changed"] and bob_rows[0]["verified"]
     assert d["bob2"].state.db.execute(
@@ -377,7 +388,38 @@ async def test_group_world(world: World) -> None:
     await until(w, ["frank"], back, "frank back in the group")
     assert "after removal" not in [t for _, t in texts(d["frank"], gid)]
 
-    # 11. both submission paths ran: A used send_multi (and /federation/multi to B); C, the v1
+    # 11. dave links a laptop: it gets the group in the hand-over (the superseded rename
+    # too), reads what is sent after the link (not before) and sends to everyone once
+    d["dave2"] = dave2 = await linked(d["dave"], w.base / "dave2", "dave-laptop")
+    g1, g2 = d["dave"].group(gid), dave2.group(gid)
+    assert g1 is not None and g2 is not None and g2.active
+    assert (g2.name, g2.version, g2.members) == (g1.name, g1.version, g1.members)
+    assert len(g2.superseded) == 1 and g2.superseded == g1.superseded
+    assert dave2.group_counts(gid) == {}  # no history: nothing sent before the link
+    now_in = [n for n in ALL if n != "bob2"] + ["gina"]
+    await until(w, ["alice"], lambda: engine.device_notices > notices + 1, "dave's notice")
+    await d["alice"].group_send(gid, "after dave's link")
+    await d["dave"].group_send(gid, "from dave's phone")  # its key came right behind the link
+    await until(
+        w,
+        ["dave2"],
+        lambda: (
+            sorted(t for _, t in texts(dave2, gid)) == ["after dave's link", "from dave's phone"]
+        ),
+        "the new device to read the group",
+    )
+    await dave2.group_send(gid, "from dave's laptop")
+    await until(
+        w,
+        now_in,
+        lambda: all("from dave's laptop" in [t for _, t in texts(d[n], gid)] for n in now_in),
+        "the new device's message everywhere",
+    )
+    for n in now_in:
+        assert [t for _, t in texts(d[n], gid)].count("from dave's laptop") == 1
+    assert dave2.groups_engine.drops == {} and engine.drops["unknown_group"] == 0
+
+    # 12. both submission paths ran: A used send_multi (and /federation/multi to B); C, the v1
     # peer, got per-device envelopes and its devices (whose reads counted above) sent their own
     a, b, c = (n.stats()["events"] for n in w.nodes)
     assert a.get("multi.submissions", 0) > 0 and a.get("multi.requests_out", 0) > 0
