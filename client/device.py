@@ -56,6 +56,7 @@ from federation.sealing import SealedContent, opener, seal, unseal
 from federation.signing import b64d, device_auth_message
 from federation.wire import Envelope, unpackb
 
+from . import pending_moves
 from .applying import APPLIERS, SessionCache
 from .applying import ReceivedMessage as ReceivedMessage  # re-exported: the public API
 from .attachments import file_token
@@ -945,17 +946,18 @@ class Device:
         out: list[ReceivedMessage] = []
         conn = await self.connect()
         try:
+            new = await self.retry_moves(conn)  # notices kept from an earlier try
             while True:
+                for m in new:
+                    if on_message is not None:
+                        on_message(m)
+                out.extend(new)
                 try:
                     async with asyncio.timeout(wait_s):
                         envs = await conn.deliveries.get()
                 except TimeoutError:
                     break
                 new = await self.process(conn, envs)
-                for m in new:
-                    if on_message is not None:
-                        on_message(m)
-                out.extend(new)
         finally:
             await self.release(conn)
         self.state.purge_expired(self.clock.now_ms())
@@ -977,6 +979,8 @@ class Device:
         opened = await self._unseal_batch(conn, envs)
         if opened:
             new = self._store_batch(opened, forwards, moves)
+        if envs:
+            new.extend(await self.retry_moves(conn))
         for p in moves:  # best effort too: fetching the new address's list needs the network
             notice = await self._follow_contact_move(conn, p)
             if notice is not None:
@@ -1186,13 +1190,14 @@ class Device:
         return dl
 
     async def _follow_contact_move(
-        self, conn: NodeConnection, p: Payload
+        self, conn: NodeConnection, p: Payload, received_at: int | None = None
     ) -> ReceivedMessage | None:
         """A contact's home node moved (docs/protocol.md §12.5): ``p`` came, Olm-authenticated,
         from a device on the signed list of ``p.old``. Follow it only if the new address's
         signed list has the identity key pinned for the old one; then the contact and its
         conversation take the new address (verification and profile kept). A refusal is
-        counted in :attr:`move_drops` and changes nothing."""
+        counted in :attr:`move_drops` and changes nothing; a failure that may pass (the new
+        host unreachable) keeps the notice for :meth:`retry_moves` (client/pending_moves.py)."""
         old, new = p.old, p.text
         pinned = self.state.contact(old)
         if pinned is None or new == old:
@@ -1209,10 +1214,39 @@ class Device:
             code = exc.code if isinstance(exc, HavenError) else "malformed"
             if isinstance(exc, IdentityChanged):
                 code = UntrustedKey.code  # a row for the new address with another key
+            if code not in pending_moves.FINAL_CODES:
+                self._keep_move(p, self.clock.now_ms() if received_at is None else received_at)
+                log.info("a contact's address-change notice kept for another try (%s)", code)
+                return None
             self.move_drops[code] += 1
             log.warning("refused a contact's address-change notice (%s)", code)
             return None
         return ReceivedMessage(old, f"{old} → {new}", p.sent_at, p.id, "moved", new)
+
+    def _keep_move(self, p: Payload, received_at: int) -> None:
+        """Keep ``p`` (a ``moved`` notice that came at ``received_at``, our clock) for
+        :meth:`retry_moves`."""
+        now = self.clock.now_ms()
+        kept = pending_moves.live(pending_moves.decode(self.state.get(pending_moves.KV_KEY)), now)
+        kept = pending_moves.add(kept, pending_moves.PendingMove(received_at, p))
+        with self.state.tx() as db:
+            self.state.put(db, pending_moves.KV_KEY, pending_moves.encode(kept))
+
+    async def retry_moves(self, conn: NodeConnection) -> list[ReceivedMessage]:
+        """Try the kept ``moved`` notices again (docs/protocol.md §12.5 "Contacts"): each is
+        followed, refused or kept again (until a week old); returns the notices followed."""
+        blob = self.state.get(pending_moves.KV_KEY)
+        if not blob:
+            return []
+        kept = pending_moves.live(pending_moves.decode(blob), self.clock.now_ms())
+        with self.state.tx() as db:  # each one kept again below only if it fails again
+            self.state.put(db, pending_moves.KV_KEY, b"")
+        out: list[ReceivedMessage] = []
+        for item in kept:
+            notice = await self._follow_contact_move(conn, item.payload, item.received_at)
+            if notice is not None:
+                out.append(notice)
+        return out
 
     def _apply_sync(self, db: sqlite3.Connection, p: Payload, now: int) -> ReceivedMessage | None:
         """Apply a payload our own device forwarded: as if ``p.origin`` had sent it to us.
