@@ -26,6 +26,7 @@ from federation.signing import LocatorChange, NodeKey
 from federation.transport import PeerTransport
 from node.app import load_node_key
 from node.moves import load_locators, move_to
+from tests.app.daemon import DaemonProc
 
 from .harness import NodeProc, haven, join, recv, wait_until
 
@@ -85,15 +86,21 @@ def test_peer_and_devices_follow_a_signed_move_and_the_old_host_keeps_working(
     assert kept_moves(bob) == (1, [alice_old, bob_addr])
     a.start()
 
-    # once A is back the kept notice is followed: one notice, then his contact and
-    # conversation use the new address
+    # once A is back, bob's app (his daemon) follows the kept notice when it connects, and
+    # ``recv`` through it prints the notice once; then his contact and conversation use the
+    # new address
     notices: list[dict[str, object]] = []
 
     def notice() -> bool:
         notices.extend(m for m in recv(bob) if m["kind"] == "moved")
         return bool(notices)
 
-    wait_until(notice, timeout=60, what="the address-change notice")
+    daemon = DaemonProc(bob).start()
+    try:
+        wait_until(notice, timeout=60, what="the address-change notice")
+        assert [m for m in recv(bob) if m["kind"] == "moved"] == []  # printed once
+    finally:
+        daemon.stop()
     assert [(m["old"], m["new"], m["from"]) for m in notices] == [(alice_old, alice_new, alice_old)]
     assert kept_moves(bob) == (0, sorted([alice_new, bob_addr]))
     haven("send", "--home", str(bob), alice_new, "to the new address")
