@@ -6,7 +6,10 @@ its next start it pushes the change to its pinned peers (B: alice wrote to bob),
 the new host names A, the old host stays an alias of A (B does not re-pin it), and B's queue
 for A drains. Alice's device follows the new address and re-signs her device list for it, and
 tells bob (a ``moved`` notice): his contact and conversation take the new address, and a
-forged notice (an address with another identity key) is refused.
+forged notice (an address with another identity key) is refused. A notice that arrives while
+the new host is unreachable is kept and followed once later (through bob's app, then through
+his plain ``recv``), and after A moves back an older statement pushed again leaves B's pin
+where it is (docs/protocol.md §12.5.1–12.5.2).
 """
 
 from __future__ import annotations
@@ -128,6 +131,24 @@ def test_peer_and_devices_follow_a_signed_move_and_the_old_host_keeps_working(
     asyncio.run(push_moves(key, b, (change,)))
     assert [(p["node_id"], p["host"]) for p in peers_of(b)] == [(a_id, a.host)]
     assert b.stats()["events"].get("peers.stale_locator_change") == 1
+
+    # alice's device follows the move back and tells bob; A is down when his own ``recv``
+    # (no app this time) takes the notice in: kept, then followed by a later ``recv``, once
+    recv(alice)
+    wait_until(lambda: a.status()["outbox_envelopes"] == 0, timeout=60, what="A's queue drains")
+    a.stop()
+    assert [m for m in recv(bob) if m["kind"] == "moved"] == []
+    assert kept_moves(bob) == (1, sorted([alice_new, bob_addr]))
+    a.start()
+    back_notices: list[tuple[object, object]] = []
+
+    def notice_back() -> bool:
+        back_notices.extend((m["old"], m["new"]) for m in recv(bob) if m["kind"] == "moved")
+        return bool(back_notices)
+
+    wait_until(notice_back, timeout=60, what="the kept notice, followed")
+    assert back_notices == [(alice_new, alice_old)]
+    assert kept_moves(bob) == (0, sorted([alice_old, bob_addr]))
 
 
 def kept_moves(home: Path) -> tuple[int, list[str]]:
