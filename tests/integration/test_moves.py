@@ -9,7 +9,7 @@ tells bob (a ``moved`` notice): his contact and conversation take the new addres
 forged notice (an address with another identity key) is refused. A notice that arrives while
 the new host is unreachable is kept and followed once later (through bob's app, then through
 his plain ``recv``), and after A moves back an older statement pushed again leaves B's pin
-where it is (docs/protocol.md §12.5.1–12.5.2).
+where it is (docs/protocol.md §12.5.1 and §12.5.2).
 """
 
 from __future__ import annotations
