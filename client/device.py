@@ -206,6 +206,7 @@ class Device:
         self._borrowed: weakref.WeakSet[NodeConnection] = weakref.WeakSet()
         self.groups_engine = Groups(self)  # groups: client/groups.py
         self.move_drops: Counter[str] = Counter()  # refused ``moved`` notices, by code
+        self._moves_retry_at = 0  # kept notices: the next try after a batch (retry_moves)
         self.state.purge_expired(self.clock.now_ms())
 
     def close(self) -> None:
@@ -980,7 +981,7 @@ class Device:
         if opened:
             new = self._store_batch(opened, forwards, moves)
         if envs:
-            new.extend(await self.retry_moves(conn))
+            new.extend(await self.retry_moves(conn, after_batch=True))
         for p in moves:  # best effort too: fetching the new address's list needs the network
             notice = await self._follow_contact_move(conn, p)
             if notice is not None:
@@ -1232,12 +1233,18 @@ class Device:
         with self.state.tx() as db:
             self.state.put(db, pending_moves.KV_KEY, pending_moves.encode(kept))
 
-    async def retry_moves(self, conn: NodeConnection) -> list[ReceivedMessage]:
-        """Try the kept ``moved`` notices again (docs/protocol.md §12.5 "Contacts"): each is
-        followed, refused or kept again (until a week old); returns the notices followed."""
+    async def retry_moves(
+        self, conn: NodeConnection, after_batch: bool = False
+    ) -> list[ReceivedMessage]:
+        """Try the kept ``moved`` notices again (docs/protocol.md §12.5.2): each is followed,
+        refused or kept again (until a week old); returns the notices followed. After a
+        batch (``after_batch``) at most once per :data:`pending_moves.RETRY_GAP_MS`, so a
+        busy conversation does not spend the node's key-query budget on an unreachable host."""
         blob = self.state.get(pending_moves.KV_KEY)
-        if not blob:
+        now = self.clock.now_ms()
+        if not blob or (after_batch and now < self._moves_retry_at):
             return []
+        self._moves_retry_at = now + pending_moves.RETRY_GAP_MS
         kept = pending_moves.live(pending_moves.decode(blob), self.clock.now_ms())
         with self.state.tx() as db:  # each one kept again below only if it fails again
             self.state.put(db, pending_moves.KV_KEY, b"")

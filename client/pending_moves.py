@@ -20,6 +20,7 @@ from .payload import Payload
 KV_KEY = "pending_moves"
 KEEP_MS = 7 * 24 * 3600 * 1000  # a week: after that, the old address is what the user has
 MAX_PENDING = 32
+RETRY_GAP_MS = 60_000  # between tries after received batches (every connect tries at once)
 # refusals: retrying cannot change the answer (the new list has another key, or is garbage)
 FINAL_CODES = frozenset({"untrusted_key", "malformed", "bad_signature"})
 
