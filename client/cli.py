@@ -222,6 +222,14 @@ def _msg_json(m: ReceivedMessage) -> dict[str, Any]:
     return out
 
 
+def show_moved(args: argparse.Namespace, out: Out, m: ReceivedMessage) -> None:
+    """Print a contact's address-change notice (docs/cli.md ``recv``): direct or via the app."""
+    if args.json:
+        out.line(json.dumps(_msg_json(m)))
+    else:
+        out.line(f"{m.sender}'s address changed to {m.peer}")
+
+
 async def cmd_recv(args: argparse.Namespace, dev: Device, out: Out) -> int:
     files: list[ReceivedMessage] = []
     await _resume_uploads(dev)
@@ -233,10 +241,10 @@ async def cmd_recv(args: argparse.Namespace, dev: Device, out: Out) -> int:
         if m.kind not in ("text", "edit", "delete", "group_state", "moved"):
             return  # receipts, profiles and timers are applied, not printed
         chat = getattr(m, "chat", "")
-        if args.json:
+        if m.kind == "moved":
+            show_moved(args, out, m)
+        elif args.json:
             out.line(json.dumps(_msg_json(m)))
-        elif m.kind == "moved":
-            out.line(f"{m.sender}'s address changed to {m.peer}")
         elif chat:
             from .group_cli import recv_line
 

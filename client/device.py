@@ -59,6 +59,7 @@ from federation.signing import b64d, device_auth_message
 from federation.wire import Envelope, unpackb
 
 from . import group_state as gs
+from . import pending_moves
 from .applying import APPLIERS, SessionCache
 from .applying import ReceivedMessage as ReceivedMessage  # re-exported: the public API
 from .attachments import file_token
@@ -211,6 +212,7 @@ class Device:
         self.move_drops: Counter[str] = Counter()  # refused ``moved`` notices, by code
         # the standalone CLI: every command that connects sends what is queued first
         self.flush_on_connect = False
+        self._moves_retry_at = 0  # kept notices: the next try after a batch (retry_moves)
         self.state.purge_expired(self.clock.now_ms())
 
     def close(self) -> None:
@@ -953,17 +955,18 @@ class Device:
         out: list[ReceivedMessage] = []
         conn = await self.connect()
         try:
+            new = await self.retry_moves(conn)  # notices kept from an earlier try
             while True:
+                for m in new:
+                    if on_message is not None:
+                        on_message(m)
+                out.extend(new)
                 try:
                     async with asyncio.timeout(wait_s):
                         envs = await conn.deliveries.get()
                 except TimeoutError:
                     break
                 new = await self.process(conn, envs)
-                for m in new:
-                    if on_message is not None:
-                        on_message(m)
-                out.extend(new)
         finally:
             await self.release(conn)
         self.state.purge_expired(self.clock.now_ms())
@@ -985,6 +988,8 @@ class Device:
         opened = await self._unseal_batch(conn, envs)
         if opened:
             new = self._store_batch(opened, forwards, moves)
+        if envs:
+            new.extend(await self.retry_moves(conn, after_batch=True))
         for p in moves:  # best effort too: fetching the new address's list needs the network
             notice = await self._follow_contact_move(conn, p)
             if notice is not None:
@@ -1194,13 +1199,14 @@ class Device:
         return dl
 
     async def _follow_contact_move(
-        self, conn: NodeConnection, p: Payload
+        self, conn: NodeConnection, p: Payload, received_at: int | None = None
     ) -> ReceivedMessage | None:
         """A contact's home node moved (docs/protocol.md §12.5): ``p`` came, Olm-authenticated,
         from a device on the signed list of ``p.old``. Follow it only if the new address's
         signed list has the identity key pinned for the old one; then the contact and its
         conversation take the new address (verification and profile kept). A refusal is
-        counted in :attr:`move_drops` and changes nothing."""
+        counted in :attr:`move_drops` and changes nothing; a failure that may pass (the new
+        host unreachable) keeps the notice for :meth:`retry_moves` (client/pending_moves.py)."""
         old, new = p.old, p.text
         pinned = self.state.contact(old)
         if pinned is None or new == old:
@@ -1217,10 +1223,58 @@ class Device:
             code = exc.code if isinstance(exc, HavenError) else "malformed"
             if isinstance(exc, IdentityChanged):
                 code = UntrustedKey.code  # a row for the new address with another key
+            if code not in pending_moves.FINAL_CODES:
+                self._keep_move(p, self.clock.now_ms() if received_at is None else received_at)
+                log.info("a contact's address-change notice kept for another try (%s)", code)
+                return None
             self.move_drops[code] += 1
             log.warning("refused a contact's address-change notice (%s)", code)
             return None
         return ReceivedMessage(old, f"{old} → {new}", p.sent_at, p.id, "moved", new)
+
+    def _keep_move(self, p: Payload, received_at: int) -> None:
+        """Keep ``p`` (a ``moved`` notice that came at ``received_at``, our clock) for
+        :meth:`retry_moves`."""
+        now = self.clock.now_ms()
+        kept = pending_moves.live(pending_moves.decode(self.state.get(pending_moves.KV_KEY)), now)
+        kept = pending_moves.add(kept, pending_moves.PendingMove(received_at, p))
+        with self.state.tx() as db:
+            self.state.put(db, pending_moves.KV_KEY, pending_moves.encode(kept))
+
+    async def retry_moves(
+        self, conn: NodeConnection, after_batch: bool = False
+    ) -> list[ReceivedMessage]:
+        """Try the kept ``moved`` notices again (docs/protocol.md §12.5.2): each is followed,
+        refused or kept again (until a week old); returns the notices followed. After a
+        batch (``after_batch``) at most once per :data:`pending_moves.RETRY_GAP_MS`, so a
+        busy conversation does not spend the node's key-query budget on an unreachable host."""
+        blob = self.state.get(pending_moves.KV_KEY)
+        now = self.clock.now_ms()
+        if not blob or (after_batch and now < self._moves_retry_at):
+            return []
+        self._moves_retry_at = now + pending_moves.RETRY_GAP_MS
+        kept = pending_moves.live(pending_moves.decode(blob), now)
+        with self.state.tx() as db:  # the week-old ones go; the rest stay until settled
+            self.state.put(db, pending_moves.KV_KEY, pending_moves.encode(kept))
+        out: list[ReceivedMessage] = []
+        for item in kept:
+            drops = self.move_drops.total()
+            notice = await self._follow_contact_move(conn, item.payload, item.received_at)
+            if notice is not None:
+                out.append(notice)
+            # followed, refused, or nothing left to follow: settled (a failure that may pass
+            # left it kept); removed only now, so a crash mid-way loses no notice
+            settled = notice is not None or self.move_drops.total() != drops
+            if settled or self.state.contact(item.payload.old) is None:
+                self._settle_move(item.payload.id)
+        return out
+
+    def _settle_move(self, notice_id: bytes) -> None:
+        """Drop the kept notice ``notice_id`` (followed or refused)."""
+        kept = pending_moves.decode(self.state.get(pending_moves.KV_KEY))
+        rest = [m for m in kept if m.payload.id != notice_id]
+        with self.state.tx() as db:
+            self.state.put(db, pending_moves.KV_KEY, pending_moves.encode(rest))
 
     def _apply_sync(self, db: sqlite3.Connection, p: Payload, now: int) -> ReceivedMessage | None:
         """Apply a payload our own device forwarded: as if ``p.origin`` had sent it to us.

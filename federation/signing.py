@@ -13,6 +13,7 @@ import base64
 import hashlib
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,6 +297,47 @@ class LocatorChange:
             raise MalformedFrame("bad locator change hosts")
         key_from_node_id(node_id)  # canonical id; raises MalformedFrame
         return cls(node_id, old, new, obj[3], obj[4])
+
+
+@dataclass(frozen=True, slots=True)
+class MovePlan:
+    """What :func:`plan_moves` found in a set of locator changes."""
+
+    follow: tuple[LocatorChange, ...]  # to follow, in order
+    bad: int  # statements that start at the pinned host but do not verify
+    replayed: int  # statements at the pinned host not newer than the last one followed
+
+
+def plan_moves(
+    moves: Iterable[LocatorChange], node_id: str, host: str, last_created: int
+) -> MovePlan:
+    """The chain of ``node_id``'s locator changes to follow from its pinned ``host``
+    (docs/protocol.md §12.5): oldest first, each starting at the host the previous one
+    reached, verifying under the node key and *newer* than the last statement followed
+    (``last_created``, 0 for none). An older statement is skipped: after A→B then B→A, the
+    public A→B statement must not move the pin back. It counts as ``replayed`` unless the set
+    also holds the last statement followed (a descriptor's full history is not a replay)."""
+    moves = tuple(moves)
+    follow: list[LocatorChange] = []
+    bad = stale = 0
+    current, after = host.lower(), last_created
+    for change in moves:
+        if change.node_id != node_id or change.old_host != current:
+            continue
+        try:
+            change.verify()
+        except BadSignature:
+            bad += 1
+            continue
+        if change.created <= after:
+            stale += 1
+            continue
+        follow.append(change)
+        current, after = change.new_host, change.created
+    history = last_created > 0 and any(
+        m.node_id == node_id and m.created == last_created for m in moves
+    )
+    return MovePlan(tuple(follow), bad, 0 if history else stale)
 
 
 MOVES_MAX = 64  # locator changes a descriptor or a ``/moved`` request may carry

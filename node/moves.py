@@ -54,9 +54,17 @@ def host_of(url: str) -> str:
 
 def record_move(home: str, key: NodeKey, old_url: str, new_url: str, now_ms: int) -> LocatorChange:
     """Sign a move from ``old_url``'s host to ``new_url``'s and append it to locators.bin
-    (written atomically, mode 0600). Returns the statement."""
+    (written atomically, mode 0600). Returns the statement.
+
+    Raises:
+        LocalProtocolError: ``now_ms`` is not after the last statement's ``created`` (peers
+            skip a statement not newer than the last they followed: docs/protocol.md §12.5).
+    """
+    before = load_locators(home)
+    if before and now_ms <= before[-1].created:
+        raise LocalProtocolError("the clock is not past the node's last move; check the time")
     change = LocatorChange.make(key, host_of(old_url), host_of(new_url), now_ms)
-    moves = (*load_locators(home), change)
+    moves = (*before, change)
     path = os.path.join(home, LOCATORS_NAME)
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -32,14 +32,13 @@ from urllib.parse import urlsplit
 
 from federation.clock import Clock
 from federation.errors import (
-    BadSignature,
     KeyChanged,
     RateLimited,
     RemoteProtocolError,
     StorageError,
     TransportError,
 )
-from federation.signing import LocatorChange, rotation_chain_allows
+from federation.signing import LocatorChange, plan_moves, rotation_chain_allows
 from federation.transport import FetchedDescriptor, PeerTransport, RemoteError
 
 from .metrics import Metrics
@@ -288,38 +287,38 @@ class PeerDirectory:
     async def follow_moves(self, node_id: str, moves: Iterable[LocatorChange]) -> bool:
         """Follow ``node_id``'s signed locator changes (docs/protocol.md §12.5), oldest first.
 
-        Each statement must name ``node_id``, start at the host it is pinned to now and verify
-        with its key (the pinned key of that host: the node id *is* the key). Then the new host
+        Each statement must name ``node_id``, start at the host it is pinned to now, verify
+        with its key (the pinned key of that host: the node id *is* the key) and be newer than
+        the last statement followed (:func:`federation.signing.plan_moves`). Then the new host
         is pinned to the same node id, with its URL (same scheme) as the locator, and the old
         host is kept as an alias of that node id, so addresses at the old host keep working.
         Statements that do not apply are skipped (already followed, or another chain); bad
-        signatures are counted. Returns True when the pin moved.
+        signatures and replayed older statements are counted. Returns True when the pin moved.
         """
         rec = await self.store.get_peer(node_id)
         if rec is None:
             return False
-        moved = False
-        for change in moves:
-            if change.node_id != node_id or change.old_host != rec.host.lower():
-                continue
-            try:
-                change.verify()
-            except BadSignature:
-                self.metrics.error("peers", "bad_locator_change")
-                continue
+        plan = plan_moves(moves, node_id, rec.host, await self.store.peer_moved_at(node_id))
+        for _ in range(plan.bad):
+            self.metrics.error("peers", "bad_locator_change")
+        if plan.replayed:
+            self.metrics.event("peers.stale_locator_change", plan.replayed)
+            log.info("peer %s: an older locator change than the one followed; skipped", node_id)
+        for change in plan.follow:
             scheme = urlsplit(rec.url).scheme or "https"
             new = PeerRecord(
                 node_id, f"{scheme}://{change.new_host}", change.new_host, rec.last_seen
             )
             await self.store.add_peer_host(rec.host, node_id)
             await self.store.upsert_peer(new)
-            rec, moved = new, True
-        if moved:
+            await self.store.set_peer_moved_at(node_id, change.created)
+            rec = new
+        if plan.follow:
             log.info("peer %s moved to another host; followed its signed locator change", node_id)
             self.metrics.event("peers.moved")
             self._drop_pin_copy(node_id)
             self.on_seen(node_id)  # its queue drains to the new locator at once
-        return moved
+        return bool(plan.follow)
 
     def _key_changed(self, node_id: str) -> None:
         """Count every refusal; log (and start warning senders) once per change."""

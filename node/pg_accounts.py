@@ -221,12 +221,24 @@ class PgAccounts(PgBase):
     async def upsert_peer(self, peer: PeerRecord) -> None:
         """Pin (or update) a peer; ``last_seen`` is stored as its UTC day."""
         await self._exec(
-            "INSERT INTO peers VALUES ($1, $2, $3, $4) ON CONFLICT (node_id) DO UPDATE SET "
+            "INSERT INTO peers (node_id, url, host, last_seen) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (node_id) DO UPDATE SET "
             "url=excluded.url, host=excluded.host, last_seen=excluded.last_seen",
             peer.node_id,
             peer.url,
             peer.host,
             day(peer.last_seen),
+        )
+
+    async def peer_moved_at(self, node_id: str) -> int:
+        """``created`` of the last locator change followed for ``node_id`` (0: none)."""
+        row = await self._one("SELECT moved FROM peers WHERE node_id=$1", node_id)
+        return 0 if row is None else int(row[0])
+
+    async def set_peer_moved_at(self, node_id: str, created: int) -> None:
+        """Note the last locator change followed for ``node_id`` (never lowered)."""
+        await self._exec(
+            "UPDATE peers SET moved=$2 WHERE node_id=$1 AND moved < $2", node_id, created
         )
 
     async def drop_stale_peers(self, before: int, keep: Collection[str] = ()) -> list[str]:

@@ -96,6 +96,11 @@ MIGRATIONS: list[str] = [
     """
     CREATE TABLE peer_hosts (host text PRIMARY KEY, node_id text NOT NULL);
     """,
+    # version 3: ``created`` of the last locator change followed for the peer (0: none), so an
+    # older statement replayed later cannot move the pin back (docs/protocol.md §12.5)
+    """
+    ALTER TABLE peers ADD COLUMN moved bigint NOT NULL DEFAULT 0;
+    """,
 ]
 
 

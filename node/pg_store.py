@@ -665,7 +665,8 @@ class PgStore(PagedReads, PgAccounts):
         async with self._tx(exclusive=False) as conn:
             await conn.execute("DELETE FROM peers WHERE node_id=$1", old_id)
             await conn.execute(
-                "INSERT INTO peers VALUES ($1, $2, $3, $4) ON CONFLICT (node_id) DO UPDATE SET "
+                "INSERT INTO peers (node_id, url, host, last_seen) VALUES ($1, $2, $3, $4) "
+                "ON CONFLICT (node_id) DO UPDATE SET "
                 "url=excluded.url, host=excluded.host, last_seen=excluded.last_seen",
                 new.node_id,
                 new.url,

@@ -173,6 +173,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE relay_clients ADD COLUMN auth BLOB NOT NULL DEFAULT x'';
     """,
+    # version 8: ``created`` of the last locator change followed for the peer (0: none), so an
+    # older statement replayed later cannot move the pin back (docs/protocol.md §12.5)
+    """
+    ALTER TABLE peers ADD COLUMN moved INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 V3_CREATE = """
@@ -1233,7 +1238,8 @@ class SqliteStore(PagedReads):
     async def upsert_peer(self, peer: PeerRecord) -> None:
         """Pin (or update) a peer; ``last_seen`` is stored as its UTC day."""
         await self._exec(
-            "INSERT INTO peers VALUES (?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET "
+            "INSERT INTO peers (node_id, url, host, last_seen) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(node_id) DO UPDATE SET "
             "url=excluded.url, host=excluded.host, last_seen=excluded.last_seen",
             (peer.node_id, peer.url, peer.host, day(peer.last_seen)),
         )
@@ -1244,6 +1250,17 @@ class SqliteStore(PagedReads):
             "INSERT INTO peer_hosts VALUES (?, ?) ON CONFLICT(host) DO UPDATE SET "
             "node_id=excluded.node_id",
             (host, node_id),
+        )
+
+    async def peer_moved_at(self, node_id: str) -> int:
+        """``created`` of the last locator change followed for ``node_id`` (0: none)."""
+        row = await self._one("SELECT moved FROM peers WHERE node_id=?", (node_id,))
+        return 0 if row is None else int(row[0])
+
+    async def set_peer_moved_at(self, node_id: str, created: int) -> None:
+        """Note the last locator change followed for ``node_id`` (never lowered)."""
+        await self._exec(
+            "UPDATE peers SET moved=? WHERE node_id=? AND moved < ?", (created, node_id, created)
         )
 
     async def drop_stale_peers(self, before: int, keep: Collection[str] = ()) -> list[str]:
@@ -1266,7 +1283,8 @@ class SqliteStore(PagedReads):
             [
                 ("DELETE FROM peers WHERE node_id=?", [(old_id,)]),
                 (
-                    "INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO peers (node_id, url, host, last_seen) "
+                    "VALUES (?, ?, ?, ?)",
                     [(new.node_id, new.url, new.host, day(new.last_seen))],
                 ),
                 ("UPDATE peer_hosts SET node_id=? WHERE node_id=?", [(new.node_id, old_id)]),

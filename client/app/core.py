@@ -40,7 +40,7 @@ from federation.errors import (
 )
 
 from .actions import Actions, clean_name, qr_matrix
-from .events import Obj, event
+from .events import MovedNotices, Obj, event
 from .files import AUTO_DOWNLOAD_MB, Files, default_save_dir
 from .groups import group_id, is_group_ref
 
@@ -111,6 +111,7 @@ class AppCore(Actions, Files):
         # per message last shown: (status, read, edited, not_delivered)
         self._shown: dict[bytes, tuple[int, bool, bool, bool]] = {}
         self._gshown: dict[bytes, tuple[int, int, int, bool]] = {}
+        self.moved = MovedNotices()  # for ``haven recv`` through the daemon (client/app/ipc.py)
         self._profile_due = False
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -325,6 +326,9 @@ class AppCore(Actions, Files):
             self._online.set()
             self._set_connection("online")
             self._kick.set()
+            async with self.lock:  # contacts' address changes kept from an earlier try
+                kept = await self.require().retry_moves(conn)
+            self._publish_received(kept)
             loop = asyncio.get_running_loop()
             up_since = loop.time()
             try:
@@ -473,6 +477,10 @@ class AppCore(Actions, Files):
                     self._publish(event("contact", contact=self._contact(c)))
                 chats.add(m.peer)
             elif m.kind == "timer":
+                chats.add(m.peer)
+            elif m.kind == "moved":  # a contact's new address: its chat, and ``recv`` prints it
+                self.moved.add(m)
+                self._publish(event("moved", old=m.sender, new=m.peer))
                 chats.add(m.peer)
         for address in chats:
             self._publish_chat(address)

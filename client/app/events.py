@@ -61,3 +61,28 @@ def chat_obj(address: str, c: Contact | None, last: Obj | None, unread: int) -> 
 def event(kind: str, **fields: Any) -> Obj:
     """One WebSocket event: ``{"type": kind, ...fields}``."""
     return {"type": kind, **fields}
+
+
+class MovedNotices:
+    """Contacts' address changes the daemon followed (docs/protocol.md §12.5), kept in memory
+    so ``haven recv`` through the daemon prints each once per reader, as the direct path does.
+    A notice is not a history row: the newest :data:`MOVED_KEEP` stay while the daemon runs."""
+
+    def __init__(self) -> None:
+        self._seq = 0
+        self._kept: list[tuple[int, Any]] = []  # (seq, ReceivedMessage of kind "moved")
+        self._cursor: dict[str, int] = {}
+
+    def add(self, notice: Any) -> None:
+        """Keep one followed notice (a ``ReceivedMessage`` of kind ``moved``)."""
+        self._seq += 1
+        self._kept = [*self._kept, (self._seq, notice)][-MOVED_KEEP:]
+
+    def take(self, client: str) -> list[Any]:
+        """The notices ``client`` has not been given yet, oldest first."""
+        after = self._cursor.get(client, 0)
+        self._cursor[client] = self._seq
+        return [m for seq, m in self._kept if seq > after]
+
+
+MOVED_KEEP = 64

@@ -558,7 +558,7 @@ async def _recv(core: Any, args: argparse.Namespace, dev: Any, out: Any) -> int:
     q = core.subscribe()
     files: list[Any] = []
     try:
-        printed = _print_new(dev, client, args, out, files)
+        printed = _print_moved(core, client, args, out) + _print_new(dev, client, args, out, files)
         await _files(core, dev, args, out, files)
         loop = asyncio.get_running_loop()
         deadline = math.inf if math.isinf(wait) else loop.time() + wait
@@ -575,8 +575,10 @@ async def _recv(core: Any, args: argparse.Namespace, dev: Any, out: Any) -> int:
                 printed += _print_new(dev, client, args, out, files)
                 await _files(core, dev, args, out, files)
                 break
-            if isinstance(ev, dict) and ev.get("type") == "message":
-                n = _print_new(dev, client, args, out, files)
+            if isinstance(ev, dict) and ev.get("type") in ("message", "moved"):
+                n = _print_moved(core, client, args, out) + _print_new(
+                    dev, client, args, out, files
+                )
                 await _files(core, dev, args, out, files)
                 if n and not math.isinf(wait):
                     deadline = loop.time() + wait
@@ -619,6 +621,17 @@ async def _files(core: Any, dev: Any, args: argparse.Namespace, out: Any, rows: 
             out.line(json.dumps(obj))
         else:
             out.line(cli.file_line(r.sender, att, r.text))
+
+
+def _print_moved(core: Any, client: str, args: argparse.Namespace, out: Any) -> int:
+    """Print the contacts' address changes the daemon followed that ``client`` has not seen
+    (held in memory by the daemon: client/app/events.py ``MovedNotices``); how many."""
+    from client import cli
+
+    notices = core.moved.take(client)
+    for m in notices:
+        cli.show_moved(args, out, m)
+    return len(notices)
 
 
 def _print_new(

@@ -6,7 +6,10 @@ its next start it pushes the change to its pinned peers (B: alice wrote to bob),
 the new host names A, the old host stays an alias of A (B does not re-pin it), and B's queue
 for A drains. Alice's device follows the new address and re-signs her device list for it, and
 tells bob (a ``moved`` notice): his contact and conversation take the new address, and a
-forged notice (an address with another identity key) is refused.
+forged notice (an address with another identity key) is refused. A notice that arrives while
+the new host is unreachable is kept and followed once later (through bob's app, then through
+his plain ``recv``), and after A moves back an older statement pushed again leaves B's pin
+where it is (docs/protocol.md §12.5.1 and §12.5.2).
 """
 
 from __future__ import annotations
@@ -17,10 +20,16 @@ import os
 import time
 from pathlib import Path
 
+import aiohttp
+
+from client import pending_moves
 from client.device import Device
 from client.payload import Payload
+from federation.signing import LocatorChange, NodeKey
+from federation.transport import PeerTransport
 from node.app import load_node_key
 from node.moves import load_locators, move_to
+from tests.app.daemon import DaemonProc
 
 from .harness import NodeProc, haven, join, recv, wait_until
 
@@ -70,15 +79,33 @@ def test_peer_and_devices_follow_a_signed_move_and_the_old_host_keeps_working(
     assert who["address"] == f"alice@{new_host}"
     alice_new = f"alice@{new_host}"
 
-    # her device told bob: one notice, then his contact and conversation use the new address
+    # her device told bob, but A is down when bob takes the notice in: his node cannot fetch
+    # the new address's list, so the notice is kept (not dropped) and the contact stays
+    wait_until(lambda: a.status()["outbox_envelopes"] == 0, timeout=60, what="A's queue drains")
+    a.stop()
+    first = recv(bob)
+    assert "hello" in [m["text"] for m in first]
+    assert [m for m in first if m["kind"] == "moved"] == []
+    assert kept_moves(bob) == (1, [alice_old, bob_addr])
+    a.start()
+
+    # once A is back, bob's app (his daemon) follows the kept notice when it connects, and
+    # ``recv`` through it prints the notice once; then his contact and conversation use the
+    # new address
     notices: list[dict[str, object]] = []
 
     def notice() -> bool:
         notices.extend(m for m in recv(bob) if m["kind"] == "moved")
         return bool(notices)
 
-    wait_until(notice, timeout=60, what="the address-change notice")
+    daemon = DaemonProc(bob).start()
+    try:
+        wait_until(notice, timeout=60, what="the address-change notice")
+        assert [m for m in recv(bob) if m["kind"] == "moved"] == []  # printed once
+    finally:
+        daemon.stop()
     assert [(m["old"], m["new"], m["from"]) for m in notices] == [(alice_old, alice_new, alice_old)]
+    assert kept_moves(bob) == (0, sorted([alice_new, bob_addr]))
     haven("send", "--home", str(bob), alice_new, "to the new address")
     assert [m["text"] for m in recv(alice, wait=5)] == ["to the new address"]
     haven("send", "--home", str(alice), bob_addr, "after the move")
@@ -92,6 +119,53 @@ def test_peer_and_devices_follow_a_signed_move_and_the_old_host_keeps_working(
     assert seen["chats"] == [alice_new]  # one conversation, before and after the move
     before = ["before the move", "queued during the move", "to the old address", "hello"]
     assert seen["history"] == [*before, "to the new address", "after the move"]
+
+    # A moves back (a newer statement): B follows; the older, public statement pushed again
+    # by A's key (a replay) does not move the pin back, and is counted
+    a.stop()
+    key = load_node_key(str(a.home))
+    back = move_to(str(a.home), key, a.url, 2_000)
+    assert (back.old_host, back.new_host) == (new_host, a.host)
+    a.start()
+    wait_until(lambda: [p["host"] for p in peers_of(b)] == [a.host], timeout=60, what="back")
+    asyncio.run(push_moves(key, b, (change,)))
+    assert [(p["node_id"], p["host"]) for p in peers_of(b)] == [(a_id, a.host)]
+    assert b.stats()["events"].get("peers.stale_locator_change") == 1
+
+    # alice's device follows the move back and tells bob; A is down when his own ``recv``
+    # (no app this time) takes the notice in: kept, then followed by a later ``recv``, once
+    recv(alice)
+    wait_until(lambda: a.status()["outbox_envelopes"] == 0, timeout=60, what="A's queue drains")
+    a.stop()
+    assert [m for m in recv(bob) if m["kind"] == "moved"] == []
+    assert kept_moves(bob) == (1, sorted([alice_new, bob_addr]))
+    a.start()
+    back_notices: list[tuple[object, object]] = []
+
+    def notice_back() -> bool:
+        back_notices.extend((m["old"], m["new"]) for m in recv(bob) if m["kind"] == "moved")
+        return bool(back_notices)
+
+    wait_until(notice_back, timeout=60, what="the kept notice, followed")
+    assert back_notices == [(alice_new, alice_old)]
+    assert kept_moves(bob) == (0, sorted([alice_old, bob_addr]))
+
+
+def kept_moves(home: Path) -> tuple[int, list[str]]:
+    """How many ``moved`` notices the device keeps for another try, and its contacts."""
+    dev = Device(str(home))
+    try:
+        kept = pending_moves.decode(dev.state.get(pending_moves.KV_KEY))
+        return len(kept), sorted(c.address for c in dev.state.contacts())
+    finally:
+        dev.close()
+
+
+async def push_moves(key: NodeKey, to: NodeProc, moves: tuple[LocatorChange, ...]) -> None:
+    """``POST /federation/moved`` to ``to``, signed now by ``key`` (as the moving node)."""
+    async with aiohttp.ClientSession() as session:
+        dest = to.status()["node_id"]
+        await PeerTransport(key, session).post_moved(to.url, dest, int(time.time() * 1000), moves)
 
 
 async def forge_and_receive(

@@ -203,6 +203,19 @@ async def test_peer_last_seen_is_a_day_and_stale_pins_drop(store: Store) -> None
     assert (await store.get_peer("fresh2")).last_seen == 20_029 * day  # type: ignore[union-attr]
 
 
+async def test_the_last_locator_change_followed_is_kept_with_the_pin_and_never_lowered(
+    store: Store,
+) -> None:
+    await store.upsert_peer(PeerRecord("n", "http://a", "a", 1))
+    assert await store.peer_moved_at("n") == 0
+    await store.set_peer_moved_at("n", 20)
+    await store.upsert_peer(PeerRecord("n", "http://b", "b", 2))  # a re-pin keeps it
+    await store.set_peer_moved_at("n", 10)  # never lowered
+    assert await store.peer_moved_at("n") == 20
+    await store.set_peer_moved_at("unpinned", 5)
+    assert await store.peer_moved_at("unpinned") == 0
+
+
 # ---- at rest (schema v3) ---------------------------------------------------------------------
 
 
