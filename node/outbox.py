@@ -526,10 +526,16 @@ class OutboxSender:
     async def _failed(self, dest: str, d: _Dest, exc: HavenError) -> None:
         """A whole request failed: wait out the destination's backoff."""
         # rate_limited: a budget that refills within a second (§4.4), not a dead peer
+        now = self.clock.now_ms()
         if exc.code == RateLimited.code:
             delay = d.backoff.rng.randint(250, 1000)
+        elif now < d.backoff.next_attempt:
+            # an early retry (new rows woke the wait) that failed too: wait out what is left
+            # of the same backoff; only a retry when it was due lengthens it, so a dead peer's
+            # backoff grows with time, not with the number of messages queued meanwhile
+            delay = d.backoff.next_attempt - now
         else:
-            delay = d.backoff.failed(self.clock.now_ms())
+            delay = d.backoff.failed(now)
             if not d.failing:
                 d.failing = True
                 queued = self.quotas.by_dest.get(dest, 0) if self.quotas else 0

@@ -423,3 +423,44 @@ async def test_rows_in_flight_at_shutdown_are_resealed_and_sent_after_the_restar
     finally:
         await _stop(tasks)
         await store.close()
+
+
+class DeadTransport(EncodedBatches):
+    """A peer that is down: every request fails as a whole."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def post_batch(self, url: str, dest: str, created: int, batch: Batch) -> BatchResult:
+        self.calls += 1
+        raise RemoteError("unreachable", "connection refused")
+
+
+async def test_rows_queued_for_a_dead_peer_do_not_lengthen_its_backoff(tmp_path: Path) -> None:
+    """Each new row wakes the worker for an early try (docs/protocol.md §6), but only a try
+    made when the backoff was due counts: the fake clock never advances here, so however many
+    rows are queued meanwhile, the destination has failed once."""
+    clock = FakeClock()
+    store = SqliteStore(str(tmp_path / "s.db"), EpochKeys(str(tmp_path / "e.key")))
+    await store.open()
+    sender: OutboxSender | None = None
+    mailboxes = Mailboxes(store, clock, on_outbox=lambda d: sender.wake(d) if sender else None)
+    transport = DeadTransport()
+    sender = OutboxSender(store, mailboxes, FakePeers(), transport, clock, Metrics())  # type: ignore[arg-type]
+    tasks = [asyncio.create_task(mailboxes.run()), asyncio.create_task(sender.run())]
+    try:
+        for i in range(20):
+            env = Envelope(os.urandom(16), os.urandom(16), 10**14, b"m%d" % i)
+            await asyncio.gather(*mailboxes.submit_outbox([("peer", env)]))
+            async with asyncio.timeout(20):  # each new row: one early try, which fails
+                while transport.calls <= i:
+                    await asyncio.sleep(0.005)
+        assert transport.calls >= 20
+        backoff = sender.dests["peer"].backoff
+        assert backoff.failures == 1, backoff
+        assert (await store.counts())["outbox_envelopes"] == 20  # nothing lost meanwhile
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await store.close()
