@@ -365,11 +365,13 @@ def _slot_keys(path: str) -> set[bytes]:
 
 
 async def _sender(
-    store: SqliteStore, clock: FakeClock, transport: HeldTransport
+    store: SqliteStore, clock: FakeClock, transport: EncodedBatches, inflight: int = 4
 ) -> tuple[Mailboxes, OutboxSender, list[asyncio.Task[None]]]:
+    """A running mailbox committer and outbox sender (peer "peer" behind ``transport``)."""
     sender: OutboxSender | None = None
     mailboxes = Mailboxes(store, clock, on_outbox=lambda d: sender.wake(d) if sender else None)
-    sender = OutboxSender(store, mailboxes, FakePeers(4), transport, clock, Metrics())  # type: ignore[arg-type]
+    peers = FakePeers(inflight)
+    sender = OutboxSender(store, mailboxes, peers, transport, clock, Metrics())  # type: ignore[arg-type]
     return (
         mailboxes,
         sender,
@@ -443,11 +445,8 @@ async def test_rows_queued_for_a_dead_peer_do_not_lengthen_its_backoff(tmp_path:
     clock = FakeClock()
     store = SqliteStore(str(tmp_path / "s.db"), EpochKeys(str(tmp_path / "e.key")))
     await store.open()
-    sender: OutboxSender | None = None
-    mailboxes = Mailboxes(store, clock, on_outbox=lambda d: sender.wake(d) if sender else None)
     transport = DeadTransport()
-    sender = OutboxSender(store, mailboxes, FakePeers(), transport, clock, Metrics())  # type: ignore[arg-type]
-    tasks = [asyncio.create_task(mailboxes.run()), asyncio.create_task(sender.run())]
+    mailboxes, sender, tasks = await _sender(store, clock, transport, inflight=1)
     try:
         for i in range(20):
             env = Envelope(os.urandom(16), os.urandom(16), 10**14, b"m%d" % i)
@@ -460,7 +459,5 @@ async def test_rows_queued_for_a_dead_peer_do_not_lengthen_its_backoff(tmp_path:
         assert backoff.failures == 1, backoff
         assert (await store.counts())["outbox_envelopes"] == 20  # nothing lost meanwhile
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _stop(tasks)
         await store.close()
