@@ -93,6 +93,12 @@ UNKNOWN_KEYS_MAX = 256  # session keys kept for groups we do not know yet (the o
 PENDING_MAX = 5000  # group copies waiting for their session key (the oldest go first)
 DEFAULT_TTL_MS = 7 * 86_400_000
 INVITE_TTL_MS = 7 * 86_400_000
+# Invites we redeemed whose hand-off has not come yet (docs/protocol.md §11.1, "Joining by
+# invite"): one sealed ``kv`` row, at most JOINS_MAX entries (the oldest go first), each kept
+# for JOIN_TTL_MS (an invite's default lifetime: the code itself carries no expiry).
+JOINS_KEY = "group_joins"
+JOINS_MAX = 64
+JOIN_TTL_MS = INVITE_TTL_MS
 REF_PREFIX = "group:"
 RATE_LIMITED = "rate_limited"
 UNKNOWN_KEYS = "unknown_group_keys"  # drop code: a key for an unknown group evicted the oldest
@@ -263,6 +269,41 @@ class Groups:
             return bytes(self.dev.identity().verify_key)
         c = self.dev.state.contact(address)
         return None if c is None else bytes(c.identity_key)
+
+    def _joins(self, now: int) -> dict[bytes, tuple[str, bytes, int]]:
+        """Pending joins, unexpired: gid -> (inviting admin, its pinned identity key, expires)."""
+        raw = self.dev.state.get(JOINS_KEY)
+        if raw is None:
+            return {}
+        items = unpackb(raw, max_len=len(raw))
+        out = {bytes(g): (str(a), bytes(k), int(e)) for g, a, k, e in items}
+        return {g: v for g, v in out.items() if v[2] > now}
+
+    def _save_joins(self, db: Any, joins: dict[bytes, tuple[str, bytes, int]]) -> None:
+        keep = sorted(joins.items(), key=lambda kv: kv[1][2])[-JOINS_MAX:]
+        self.dev.state.put(db, JOINS_KEY, packb([[g, a, k, e] for g, (a, k, e) in keep]))
+
+    def pending_join(self, gid: bytes) -> tuple[str, bytes] | None:
+        """The inviting admin (address, pinned identity key) of an unanswered join, if any."""
+        got = self._joins(self.dev.clock.now_ms()).get(gid)
+        return None if got is None else (got[0], got[1])
+
+    def _root_allowed(self, signed: SignedState, now: int) -> bool:
+        """A root for a group we asked to join (a pending join) must come from the inviting
+        admin: signed by the identity key pinned when the join was sent, listing that admin as
+        an admin. Without a pending join any valid root is taken (trust on first use)."""
+        st = signed.open()
+        want = self._joins(now).get(st.gid)
+        if want is None:
+            return True
+        admin, key, _ = want
+        if st.by != admin or admin not in st.admins:
+            return False
+        try:
+            signed.verify(key)
+        except GroupError:
+            return False
+        return True
 
     def _load(self, gid: bytes, db: Any = None) -> _Row | None:
         if self._cache is not None and gid in self._cache:
@@ -854,13 +895,20 @@ class Groups:
             if not local and self.dev.address not in st.members:
                 # a group we are not in (the parent in a newcomer's hand-off): nothing to keep
                 return gs.AddResult("ignored"), None
+            if not local and not self._root_allowed(signed, now):
+                return gs.AddResult("forged", gs.FORGED), None
             prev = None
             row = _Row(st.gid, now, True, False, StateBook(st.gid), Watermarks(), {})
             res = row.book.add(signed, self._identity_of, root=True)
         else:
             prev = row.book.current
             res = row.book.add(signed, self._identity_of)
-            if res.outcome == "pending" and not row.active and self.dev.address in st.members:
+            if (
+                res.outcome == "pending"
+                and not row.active
+                and self.dev.address in st.members
+                and self._root_allowed(signed, now)
+            ):
                 # added back after a removal: the hand-off starts the book over, as for any
                 # newcomer (the changes made while we were out never reached us)
                 fresh = StateBook(st.gid)
@@ -875,6 +923,8 @@ class Groups:
             self.forget_lists()
             self._follow(row, prev, row.book.current)
         self._save(db, row)
+        if row.active and prev is None:
+            self._joined(db, st.gid, now)
         if new_group and not local:  # messages that came before the group's state
             for dev_id, sid in db.execute(
                 "SELECT sender_device, session_id FROM group_inbound WHERE gid=?", (st.gid,)
@@ -949,12 +999,27 @@ class Groups:
         return gs.invite_code(gid, me, secret, st.name)
 
     async def join(self, code: str, *, conn: NodeConnection | None = None) -> dict[str, Any]:
-        """Ask the inviting admin's devices to add us (a 1:1 ``group_join`` payload)."""
+        """Ask the inviting admin's devices to add us (a 1:1 ``group_join`` payload), and
+        remember the request: the group's first state must then come from that admin."""
         inv = gs.parse_invite_code(code)
         gkey = packb({"g": inv.gid, "k": inv.secret})
-        p = Payload(os.urandom(16), "group_join", inv.admin, self.dev.clock.now_ms(), gkey=gkey)
+        now = self.dev.clock.now_ms()
+        p = Payload(os.urandom(16), "group_join", inv.admin, now, gkey=gkey)
         await self.dev.send_payload(inv.admin, p, conn=conn, include_self=False)
+        key = self._identity_of(inv.admin)  # pinned by send_payload (it fetched the list)
+        row = self._load(inv.gid)
+        if key is not None and (row is None or not row.active):
+            with self.dev.state.tx() as db:
+                joins = self._joins(now)
+                joins[inv.gid] = (inv.admin, key, now + JOIN_TTL_MS)
+                self._save_joins(db, joins)
         return {"group_id": inv.gid.hex(), "name": inv.name, "status": "requested"}
+
+    def _joined(self, db: Any, gid: bytes, now: int) -> None:
+        """The group's root was taken: its pending join, if any, is answered."""
+        joins = self._joins(now)
+        if joins.pop(gid, None) is not None:
+            self._save_joins(db, joins)
 
     # ---- receiving -----------------------------------------------------------------------------
 

@@ -88,9 +88,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         node.stop()
 
 
-async def inject(w: World, src: str, inner: GroupInner) -> None:
-    """Seal ``inner`` to bob's device and submit it from ``src``'s device in a raw ``send``."""
-    dev, bob = w.devs[src], w.bob
+async def inject(w: World, src: str, inner: GroupInner, to: str = "bob") -> None:
+    """Seal ``inner`` to ``to``'s device and submit it from ``src``'s device in a raw ``send``."""
+    dev, bob = w.devs[src], w.devs[to]
     conn = await dev.connect()
     try:
         _, dl, _ = await dev.fetch_contact(conn, bob.address, claim=False)
@@ -338,6 +338,50 @@ async def test_keys_for_unknown_groups_are_bounded(
     assert bob.state.db.execute(unknown).fetchone() == (before + 2,)
     assert +after == Counter({"unknown_group_keys": 1})
     assert bob.group(w.gid) is not None and bob.group(w.gid).active  # type: ignore[union-attr]
+
+
+async def test_a_joiner_takes_its_first_state_only_from_the_inviting_admin(
+    world: World,
+) -> None:
+    """A member who races the admin's hand-off with a chain of its own is refused."""
+    w = world
+    alice, mallory, oscar = w.devs["alice"], w.devs["mallory"], w.devs["oscar"]
+    info = await alice.group_create("invite-only", [mallory.address])
+    await mallory.receive(wait_s=0.4)
+    code = await alice.group_invite(info.gid)
+    await oscar.group_join(code)
+    pending = oscar.groups_engine.pending_join(info.gid)
+    assert pending is not None and pending[0] == alice.address
+    st = mallory.groups_engine._load(info.gid)
+    assert st is not None and st.book.current_signed is not None
+    cur, digest = st.book.current_signed.open(), st.book.current_signed.digest
+    forged = replace(  # mallory's own "add" of oscar, with mallory as admin
+        cur,
+        version=cur.version + 1,
+        members=tuple(sorted({*cur.members, oscar.address})),
+        admins=tuple(sorted({*cur.admins, mallory.address})),
+        by=mallory.address,
+        parent=digest,
+        at=mallory.clock.now_ms(),
+    )
+    drops = Counter(oscar.groups_engine.drops)
+    signed = gs.sign_state(forged, mallory.identity())
+    await inject(w, "mallory", state_inner(mallory, signed), to="oscar")
+    got = await oscar.receive(wait_s=0.5)
+    after = Counter(oscar.groups_engine.drops)
+    after.subtract(drops)
+    assert +after == Counter({"forged_state": 1}), dict(+after)
+    assert [m for m in got if m.chat] == [] and oscar.group(info.gid) is None
+    assert oscar.groups_engine.pending_join(info.gid) is not None
+    # the real admin redeems the code and hands oscar the chain: taken
+    deadline = time.monotonic() + 20
+    while oscar.group(info.gid) is None and time.monotonic() < deadline:
+        await alice.receive(wait_s=0.2)
+        await oscar.receive(wait_s=0.2)
+    g = oscar.group(info.gid)
+    assert g is not None and g.active and oscar.address in g.members
+    assert g.admins == (alice.address,) and mallory.address in g.members
+    assert oscar.groups_engine.pending_join(info.gid) is None
 
 
 async def test_a_device_that_missed_changes_takes_an_admins_later_one(world: World) -> None:
