@@ -8,9 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import msgpack
+import nacl.signing
 import pytest
 
 from client import devicedb
+from client import group_state as gs
 from client import groups as groups_mod
 from client.groups import (
     GroupInfo,
@@ -218,3 +220,35 @@ def test_a_bad_group_hand_over_is_refused_with_one_code() -> None:
     ):
         with pytest.raises(MalformedEnvelope):
             _parse(bad)
+
+
+def test_pending_joins_are_sealed_bounded_and_bind_the_first_state(tmp_path: Path) -> None:
+    s = DeviceState(str(tmp_path / "dev"))
+    clock = SimpleNamespace(now_ms=lambda: 1_000)
+    engine = Groups(SimpleNamespace(state=s, clock=clock, address="me@a.example"))  # type: ignore[arg-type]
+    admin, other = nacl.signing.SigningKey.generate(), nacl.signing.SigningKey.generate()
+    gid = gs.new_gid()
+    joins = {gid: ("ann@a.example", bytes(admin.verify_key), 5_000)}
+    joins |= {
+        gs.new_gid(): ("ann@a.example", bytes(admin.verify_key), 6_000 + i)
+        for i in range(groups_mod.JOINS_MAX)
+    }
+    with s.tx() as db:
+        engine._save_joins(db, joins)
+    (raw,) = s.db.execute("SELECT v FROM kv WHERE k=?", (groups_mod.JOINS_KEY,)).fetchone()
+    assert b"ann@a.example" not in raw  # sealed like the other rows
+    kept = engine._joins(1_000)
+    assert len(kept) == groups_mod.JOINS_MAX and gid not in kept  # the oldest went
+    with s.tx() as db:
+        engine._save_joins(db, {gid: joins[gid]})
+    assert engine.pending_join(gid) == ("ann@a.example", bytes(admin.verify_key))
+    assert engine._joins(5_000) == {}  # expired with the invite's lifetime
+
+    st = gs.create(gid, "g", ["me@a.example"], "ann@a.example", at=1)
+    assert engine._root_allowed(gs.sign_state(st, admin), 1_000)
+    assert not engine._root_allowed(gs.sign_state(st, other), 1_000)  # not the pinned key
+    by_other = gs.create(gid, "g", ["me@a.example", "ann@a.example"], "eve@a.example", at=1)
+    assert not engine._root_allowed(gs.sign_state(by_other, other), 1_000)  # not the admin
+    unasked = gs.create(gs.new_gid(), "g", ["me@a.example"], "eve@a.example", at=1)
+    assert engine._root_allowed(gs.sign_state(unasked, other), 1_000)  # no join: TOFU
+    s.close()
