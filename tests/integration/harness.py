@@ -109,10 +109,17 @@ class NodeProc:
         )
         return cls(home, port, scheme=scheme)
 
+    def launcher(self) -> list[str]:
+        """What runs before ``python -m client.cli node serve`` (nothing here; a subclass may
+        wrap the node, e.g. in a mount namespace)."""
+        return []
+
     def start(self) -> NodeProc:
+        prefix = self.launcher()
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [
+                *prefix,
                 sys.executable,
                 *("-m", "client.cli", "node", "serve", "--home", str(self.home)),
                 *self.serve_args,

@@ -8,12 +8,9 @@ only the peer's node in a mount namespace whose ``/etc/hosts`` is a bind-mounted
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from .harness import ROOT, NodeProc, wait_until
+from .harness import NodeProc
 
 HOSTS_WRAPPER = 'mount --bind "$0" /etc/hosts && exec "$@"'
 
@@ -37,22 +34,8 @@ class HostsNode(NodeProc):
         out.hosts = hosts
         return out
 
-    def start(self) -> NodeProc:
+    def launcher(self) -> list[str]:
         if self.hosts is None:
             raise AssertionError("HostsNode needs a hosts file")
-        logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            [
-                *("unshare", "-m", "--propagation", "private", "sh", "-c", HOSTS_WRAPPER),
-                str(self.hosts),
-                *(sys.executable, "-m", "client.cli", "node", "serve", "--home", str(self.home)),
-                *self.serve_args,
-            ],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env=os.environ | {"PYTHONPATH": str(ROOT)},
-        )
-        logf.close()
-        wait_until(self._listening, 20, f"node {self.home.name} to listen")
-        return self
+        unshare = ["unshare", "-m", "--propagation", "private", "sh", "-c", HOSTS_WRAPPER]
+        return [*unshare, str(self.hosts)]
