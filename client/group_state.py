@@ -564,16 +564,11 @@ class StateBook:
     def _add_root(
         self, signed: SignedState, state: GroupState, identity_key_of: IdentityKeyOf
     ) -> AddResult:
-        key = identity_key_of(state.by)
-        if key is None:
-            return AddResult("unknown_signer", "", None)
         if state.by not in state.admins and state.by in state.members:
             return AddResult("forged", FORGED, None)
-        try:
-            signed.verify(key)
-        except GroupError as exc:
-            return AddResult("forged", exc.code, None)
-        self._insert(_Valid(signed, state, key))
+        refused = self._admit(signed, state, identity_key_of)
+        if refused is not None:
+            return refused
         accepted = [state, *self._resolve(signed.digest, identity_key_of)]
         return AddResult("current", "", self.current, True, tuple(accepted))
 
@@ -583,15 +578,10 @@ class StateBook:
         """The parent of a state we started from (a handoff's root). Its content is bound by
         the root's ``parent`` digest; the signature is checked anyway, and the signer's key
         ranks it against its siblings."""
-        key = identity_key_of(state.by)
-        if key is None:
-            return AddResult("unknown_signer", "", self.current)
-        try:
-            signed.verify(key)
-        except GroupError as exc:
-            return AddResult("forged", exc.code, self.current)
         before = self._current
-        self._insert(_Valid(signed, state, key))
+        refused = self._admit(signed, state, identity_key_of)
+        if refused is not None:
+            return refused
         resolved = tuple(self._resolve(signed.digest, identity_key_of))
         changed = self._current != before
         return AddResult("current" if changed else "ancestor", "", self.current, changed, resolved)
@@ -608,15 +598,10 @@ class StateBook:
         cur = self._valid.get(self._current)
         if cur is None or state.version <= cur.state.version or state.by not in cur.state.admins:
             return None
-        key = identity_key_of(state.by)
-        if key is None:
-            return AddResult("unknown_signer", "", self.current)
-        try:
-            signed.verify(key)
-        except GroupError as exc:
-            return AddResult("forged", exc.code, self.current)
+        refused = self._admit(signed, state, identity_key_of)
+        if refused is not None:
+            return refused
         self._pending.pop(signed.digest, None)
-        self._insert(_Valid(signed, state, key))
         accepted = [state, *self._resolve(signed.digest, identity_key_of)]
         self._prune()
         return AddResult("current", "", self.current, True, tuple(accepted), jumped=True)
@@ -642,6 +627,13 @@ class StateBook:
             return AddResult("stale", STALE, self.current)
         if state.by not in p.admins and not _is_own_leave(p, state):
             return AddResult("forged", FORGED, self.current)
+        return self._admit(signed, state, identity_key_of)
+
+    def _admit(
+        self, signed: SignedState, state: GroupState, identity_key_of: IdentityKeyOf
+    ) -> AddResult | None:
+        """Insert ``state`` if it verifies under its signer's pinned key (None), else the
+        refusal: ``unknown_signer`` (no key yet: fetch it and add again) or ``forged``."""
         key = identity_key_of(state.by)
         if key is None:
             return AddResult("unknown_signer", "", self.current)
