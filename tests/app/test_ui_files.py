@@ -219,11 +219,13 @@ def test_image_attached_in_one_ui_shows_as_preview_in_the_other(world: World) ->
 def test_html_file_arrives_as_a_download_and_is_never_rendered(world: World) -> None:
     alice, bob = world.alice, world.bob
     bob.open_chat(world.alice_addr)
+    alice.open_chat(world.bob_addr)  # the attach input sends to the open chat
     alice.page.set_input_files(
         "[data-testid=attach-input]",
         files=[{"name": HOSTILE_HTML_NAME, "mimeType": "text/html", "buffer": HOSTILE_HTML}],
     )
     shown = safe_name(HOSTILE_HTML_NAME)
+    assert wait_file_message(world.alice_d, world.bob_addr, shown)["outgoing"]  # sent, first
     got = wait_file_message(world.bob_d, world.alice_addr, shown)
     assert got["file"]["mime"] == "text/html" and got["file"]["preview"] is False
     sel = file_el(bob, got["id"])
